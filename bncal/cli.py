@@ -1,0 +1,249 @@
+"""The ``bncal`` command line: a thin layer over the library.
+
+Heavy modules (torch, onnx, onnxruntime) are imported inside the commands, so ``--help``
+stays fast. User-facing errors (:class:`bncal.errors.BncalError`) print one line and exit 1;
+``-v`` shows the traceback. Usage errors exit 2 (click's convention).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+
+import click
+
+from .errors import BncalError
+
+
+class _State:
+    verbose = False
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+def handle_errors(func):
+    """Turn exceptions into one-line messages with exit status 1 (tracebacks with -v)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except BncalError as exc:
+            if _State.verbose:
+                traceback.print_exc()
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            _fail("interrupted")
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
+            raise
+        except Exception as exc:  # an unexpected failure still gets one line, and no partial output
+            if _State.verbose:
+                traceback.print_exc()
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            _fail(f"{type(exc).__name__}: {first} (run with -v for the traceback)")
+
+    return wrapper
+
+
+# Reusable option groups, shared by the subcommands.
+def model_options(func):
+    options = [
+        click.option("--weights", type=click.Path(dir_okay=False), help="Weights: .safetensors, or a .pt/.pth state dict (read with weights_only=True)."),
+        click.option("--model-kwargs", metavar="JSON", help="Keyword arguments for the model factory, as a JSON object."),
+        click.option("--allow-pickle", is_flag=True, help="Allow loading files that execute code (pickled modules, pickled checkpoints). Only for files you trust."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def data_options(func):
+    options = [
+        click.option("--data", "data_spec", metavar="DATA", help="Calibration data: .npy, .npz (arrays by input name), an image folder, or file.py:func / module:func."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
+        click.option("--max-samples", type=click.IntRange(min=1), help="Use at most this many samples."),
+        click.option("--image-size", nargs=2, type=int, metavar="H W", help="Resize images to H x W (image folders)."),
+        click.option("--channels", type=click.Choice(["1", "3"]), default="3", show_default=True, help="Image channels (image folders)."),
+        click.option("--mean", "norm_mean", metavar="M[,M,M]", default="0", show_default=True, help="Per-channel mean after scaling to [0, 1] (image folders)."),
+        click.option("--std", "norm_std", metavar="S[,S,S]", default="1", show_default=True, help="Per-channel std (image folders)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def report_options(func):
+    func = click.option("--report-json", type=click.Path(dir_okay=False), help="Also write the report as JSON to this path.")(func)
+    return func
+
+
+def _image_options(image_size, channels, norm_mean, norm_std):
+    from .data import ImageOptions
+
+    def floats(text, name):
+        try:
+            return tuple(float(v) for v in text.split(","))
+        except ValueError:
+            raise BncalError(f"{name} takes comma-separated numbers, not {text!r}") from None
+
+    return ImageOptions(size=tuple(image_size) if image_size else None, channels=int(channels),
+                        mean=floats(norm_mean, "--mean"), std=floats(norm_std, "--std"))
+
+
+def _write_json(path, value) -> None:
+    from ._io import atomic_output
+    from .report import to_jsonable
+
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(to_jsonable(value), indent=2) + "\n")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
+@click.version_option(package_name="bncal")
+def main(verbose: bool) -> None:
+    """bncal: make BatchNorm networks safe to deploy.
+
+    Recalibrate moving statistics exactly, fold BN and export to ONNX with proof of parity
+    in onnxruntime, check train-mode vs inference-mode agreement, and diagnose BN setups.
+    """
+    _State.verbose = verbose
+
+
+@main.command()
+@click.argument("model")
+@model_options
+@data_options
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the recalibrated weights (.safetensors or .pt) or model (.onnx).")
+@click.option("--mode", type=click.Choice(["train", "eval"]), default="train", show_default=True,
+              help="train: BN uses batch statistics during the pass (PreciseBN). eval: inference-consistent fixed point.")
+@click.option("--tol", type=float, default=1e-5, show_default=True, help="eval mode: stop when statistics change less than this (relative).")
+@click.option("--max-passes", type=click.IntRange(min=1), default=8, show_default=True, help="eval mode: at most this many passes over the data.")
+@click.option("--device", default=None, help="Device for the PyTorch pass (cpu, cuda, cuda:1); default: cuda:LOCAL_RANK under torchrun with CUDA, else cpu.")
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a per-layer PNG of mean shift and variance ratio (needs the 'plot' extra).")
+@report_options
+@click.option("-q", "--quiet", is_flag=True, help="Print no table.")
+@handle_errors
+def recalibrate(model, weights, model_kwargs, allow_pickle, data_spec, batch_size, max_samples, image_size, channels,
+                norm_mean, norm_std, output, mode, tol, max_passes, device, force, plot, report_json, quiet):
+    """Recompute the moving statistics of MODEL's BatchNorm layers from calibration data.
+
+    MODEL is a factory spec (package.module:factory or path/file.py:factory, with --weights)
+    or an .onnx file. Under torchrun, each rank reads its shard of the data, the statistics
+    are combined exactly across ranks, and rank 0 writes OUTPUT.
+    """
+    from ._io import check_output_path
+    from .loading import is_onnx_path
+
+    if not data_spec:
+        raise BncalError("--data is required: the calibration data to compute statistics from")
+    image_options = _image_options(image_size, channels, norm_mean, norm_std)
+    check_output_path(output, force=force, inputs=[model, weights, data_spec])
+    if is_onnx_path(model):
+        report = _recalibrate_onnx(model, data_spec, output, batch_size, max_samples, image_options, mode, tol, max_passes)
+        rank = 0
+    else:
+        report, rank = _recalibrate_torch(model, weights, model_kwargs, allow_pickle, data_spec, batch_size, max_samples,
+                                          image_options, output, mode, tol, max_passes, device)
+    if rank != 0:
+        return
+    if not quiet:
+        click.echo(report.table())
+        summary = f"recalibrated {len(report.layers)} BatchNorm layers from {report.samples} samples in {report.batches} batches"
+        summary += f", {report.passes} pass{'es' if report.passes != 1 else ''}"
+        if report.world_size > 1:
+            summary += f" on {report.world_size} ranks"
+        if mode == "eval":
+            summary += f" ({'converged' if report.converged else 'NOT converged'}: last change {report.max_rel_change:.2e})"
+        click.echo(summary)
+        click.echo(f"wrote {output}")
+    if report_json:
+        _write_json(report_json, report)
+    if plot:
+        from .plot import plot_recalibration
+
+        plot_recalibration(report, plot)
+
+
+def _recalibrate_torch(model_spec, weights, model_kwargs, allow_pickle, data_spec, batch_size, max_samples, image_options,
+                       output, mode, tol, max_passes, device):
+    import torch
+
+    from .data import TorchBatches, load_data
+    from .loading import load_model, save_state_dict
+    from .recalibration import recalibrate as run_recalibration
+
+    if weights is None:
+        click.echo("warning: no --weights given; recalibrating the factory's freshly initialised model", err=True)
+    distributed = _init_distributed(device)
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+    try:
+        net = load_model(model_spec, weights=weights, model_kwargs=model_kwargs, allow_pickle=allow_pickle)
+        if device is None and distributed and torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        if device is not None:
+            net.to(device)
+        dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
+        batches = TorchBatches(load_data(data_spec, batch_size=batch_size, rank=rank, world_size=world,
+                                         image_options=image_options), dtype)
+        interactive = sys.stderr.isatty() and rank == 0
+        report = run_recalibration(net, batches, mode=mode, max_samples=_shard_limit(max_samples, rank, world),
+                                   tol=tol, max_passes=max_passes, progress=interactive)
+        if rank == 0:
+            net.to("cpu")
+            if str(output).lower().endswith(".onnx"):
+                raise BncalError("a PyTorch model's recalibrated weights go to .safetensors or .pt; use fold-export for ONNX")
+            save_state_dict(net, output)
+        return report, rank
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
+
+
+def _shard_limit(max_samples, rank, world):
+    if max_samples is None:
+        return None
+    return max_samples * (rank + 1) // world - max_samples * rank // world
+
+
+def _init_distributed(device) -> bool:
+    """Join the torchrun process group when launched with more than one rank."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return True
+    use_cuda = (device or "").startswith("cuda") or (device is None and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return True
+
+
+def _recalibrate_onnx(model_path, data_spec, output, batch_size, max_samples, image_options, mode, tol, max_passes):
+    from ._io import atomic_output
+    from .data import load_data
+    from .onnx_io import load_onnx, save_onnx
+    from .onnx_recalibrate import recalibrate_onnx
+
+    if not str(output).lower().endswith(".onnx"):
+        raise BncalError("an .onnx model is recalibrated into an .onnx file; give -o OUT.onnx")
+    proto = load_onnx(model_path)
+    batches = load_data(data_spec, batch_size=batch_size, image_options=image_options)
+    new_model, report = recalibrate_onnx(proto, batches, mode=mode, tol=tol, max_passes=max_passes,
+                                         max_samples=max_samples, progress=sys.stderr.isatty())
+    save_onnx(new_model, output)
+    return report
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

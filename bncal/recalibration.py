@@ -1,0 +1,435 @@
+"""Exact recalibration of BatchNorm moving statistics in PyTorch models.
+
+Why: the moving statistics a BN uses at inference are an exponential average of batch
+statistics computed while the weights were still changing, or were never updated at all
+(frozen BN, a forgotten update op, pruning or quantisation afterwards). Recomputing them from
+calibration data with the final weights fixes the model (Wu & Johnson 2021, "Rethinking
+'Batch' in BatchNorm", section on PreciseBN).
+
+What is exact here: every element of every calibration sample counts once, the moments are
+merged in float64 (:mod:`bncal.stats`), so the statistics do not depend on the batch split.
+Unlike ``torch.optim.swa_utils.update_bn``, every non-BN module runs in eval mode (dropout
+off), and batches are weighted by their sample count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import types
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .errors import BncalError
+from .report import LayerRecalibration, LayerStats, RecalibrationReport, SkippedLayer, summarize_shift
+from .stats import ChannelMoments, fixed_point_passes
+
+__all__ = ["recalibrate", "batchnorm_layers", "default_forward"]
+
+
+def batchnorm_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
+    """Every BatchNorm module of ``model`` (BatchNorm1d/2d/3d, SyncBatchNorm, lazy BN, subclasses)."""
+    return [(name or "<root>", m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+
+
+def default_forward(model: nn.Module, batch):
+    """Call ``model`` on one batch: a tensor as one input, a tuple/list as positional inputs,
+    a dict as keyword inputs. For ``(inputs, labels)`` loaders pass ``forward_fn``."""
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def recalibrate(
+    model: nn.Module,
+    data: Iterable,
+    *,
+    mode: str = "train",
+    forward_fn: Callable | None = None,
+    max_samples: int | None = None,
+    device: torch.device | str | None = None,
+    tol: float = 1e-5,
+    max_passes: int = 8,
+    progress: bool | Callable = False,
+    process_group=None,
+) -> RecalibrationReport:
+    """Recompute the moving statistics of every BatchNorm in ``model`` from ``data``, in place.
+
+    Args:
+        model: the model; its BN buffers ``running_mean``, ``running_var`` and
+            ``num_batches_tracked`` are overwritten. Weights, train/eval modes, momenta and
+            hooks are left as they were, also when the pass raises (then the buffers too).
+        data: an iterable of batches (re-iterable for ``mode="eval"``: a list, a DataLoader).
+            Each batch is passed to ``forward_fn(model, batch)``, by default
+            :func:`default_forward`. Tensors in the batch are moved to ``device``.
+        mode: ``"train"``: each BN normalises with its batch statistics during the pass, as
+            in training (PreciseBN); the right choice when the model will be fine-tuned
+            further or was trained with these batch sizes. ``"eval"``: inference-consistent
+            statistics, each BN's being those of its input when every earlier BN already
+            uses its new statistics, i.e. what one train-mode forward over the whole
+            calibration set as one batch would use; the right choice before deployment,
+            and for small calibration batches. Reached by repeated passes (``passes`` in the
+            report) until the largest relative change is at most ``tol``.
+        max_samples: stop after this many samples (the last batch is cut to fit).
+        device: where batches go; default: the device of the model's first parameter.
+        progress: True for a tqdm bar on stderr, or a callable ``progress(batches_done)``.
+        process_group: a ``torch.distributed`` group. When the default group is initialised
+            and has more than one rank, each rank passes its own shard of the data and the
+            moments are combined across ranks after every pass, so every rank ends with the
+            statistics one process would compute over the union of the shards.
+
+    The stored ``running_var`` is the population (biased) variance, see :mod:`bncal.stats`.
+    ``num_batches_tracked`` grows by the number of batches seen (over all ranks), as one
+    training epoch over the data would make it.
+
+    Raises:
+        BncalError: no BN layer to recalibrate, no data, non-finite data, a train-mode batch
+            with one value per channel, or a forward that fails on the data.
+    """
+    if mode not in ("train", "eval"):
+        raise BncalError(f"mode must be 'train' or 'eval', not {mode!r}")
+    if mode == "eval" and _is_one_shot(data):
+        raise BncalError("mode 'eval' passes over the data several times; give a list or a DataLoader, not an iterator")
+    forward_fn = forward_fn or default_forward
+    layers, skipped = [], []
+    for name, bn in batchnorm_layers(model):
+        if not bn.track_running_stats or bn.running_mean is None:
+            skipped.append(SkippedLayer(name, "created with track_running_stats=False: it has no moving statistics"))
+        else:
+            layers.append((name, bn))
+    if not layers:
+        raise BncalError("the model has no BatchNorm layer with moving statistics; nothing to recalibrate")
+    if device is None:
+        device = next(iter(model.parameters()), next(iter(model.buffers()), torch.empty(0))).device
+    group = _process_group(process_group)
+
+    before = {name: _layer_stats(bn) for name, bn in layers}
+    run = _Run(model, layers, data, forward_fn, max_samples, torch.device(device), progress, group)
+    with run.prepared():
+        moments, passes, converged, change = fixed_point_passes(
+            run.train_pass, run.eval_pass, mode=mode, tol=tol, max_passes=max_passes)
+        updated = run.write(moments)
+    for name, _ in layers:
+        if name not in updated:
+            skipped.append(SkippedLayer(name, "never reached by the data: its statistics were left as they were"))
+    entries, notes = [], []
+    for name, bn in layers:
+        if name not in updated:
+            continue
+        calls = run.calls_per_forward.get(name, 0)
+        if calls > 1:
+            notes.append(f"{name} is called {calls} times per forward: its statistics pool the inputs of every call")
+        m = moments[name]
+        old = before[name]
+        shift, ratio = summarize_shift(old.mean, old.var, m.mean, m.variance, bn.eps)
+        entries.append(LayerRecalibration(
+            name=name, channels=m.channels, samples=m.count, calls_per_forward=calls,
+            before=old, after=LayerStats(m.mean.copy(), m.variance.copy()), mean_shift=shift, var_ratio=ratio))
+    return RecalibrationReport(
+        mode=mode, batches=run.batches, samples=run.samples, passes=passes, converged=converged,
+        max_rel_change=change, layers=entries, skipped=skipped, world_size=_world_size(group), notes=notes)
+
+
+def _layer_stats(bn: _BatchNorm) -> LayerStats:
+    if isinstance(bn.running_mean, nn.parameter.UninitializedBuffer):
+        return LayerStats(np.full(0, np.nan), np.full(0, np.nan))
+    return LayerStats(bn.running_mean.detach().double().cpu().numpy().copy(),
+                      bn.running_var.detach().double().cpu().numpy().copy())
+
+
+def _is_one_shot(data) -> bool:
+    return iter(data) is data
+
+
+def _process_group(group):
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    if dist.get_world_size(group) <= 1:
+        return None
+    return group if group is not None else dist.group.WORLD
+
+
+def _world_size(group) -> int:
+    if group is None:
+        return 1
+    import torch.distributed as dist
+
+    return dist.get_world_size(group)
+
+
+@dataclass
+class _Pending:
+    """Per-batch moments recorded on the device, merged into the core at the end of a pass
+    (one device-to-host copy per pass instead of one per layer and batch)."""
+
+    counts: list = field(default_factory=list)
+    means: list = field(default_factory=list)
+    variances: list = field(default_factory=list)
+
+    def flush(self, channels: int) -> ChannelMoments:
+        moments = ChannelMoments.empty(channels)
+        if not self.counts:
+            return moments
+        means = torch.stack(self.means).double().cpu().numpy()
+        variances = torch.stack(self.variances).double().cpu().numpy()
+        for count, mean, var in zip(self.counts, means, variances):
+            moments.add_batch(count, mean, var)
+        return moments
+
+
+class _Run:
+    """The state of one recalibration: the model prepared for it, and its passes."""
+
+    def __init__(self, model, layers, data, forward_fn, max_samples, device, progress, group):
+        self.model, self.layers, self.data = model, layers, data
+        self.forward_fn, self.max_samples, self.device = forward_fn, max_samples, device
+        self.progress, self.group = progress, group
+        self.pending: dict[str, _Pending] = {}
+        self.calls: dict[str, int] = {}
+        self.calls_per_forward: dict[str, int] = {}
+        self.batches = self.samples = 0
+        self.train_mode_pass = True
+
+    @contextlib.contextmanager
+    def prepared(self):
+        """Every module in eval mode (dropout off), BN layers set up per pass; all restored after."""
+        modes = {m: m.training for m in self.model.modules()}
+        self.saved = saved = {name: (bn.momentum, bn.running_mean.detach().clone(), bn.running_var.detach().clone(),
+                        None if bn.num_batches_tracked is None else bn.num_batches_tracked.detach().clone())
+                 for name, bn in self.layers if not isinstance(bn.running_mean, nn.parameter.UninitializedBuffer)}
+        handles = [bn.register_forward_hook(self._hook(name), with_kwargs=False) for name, bn in self.layers]
+        handles += [bn.register_forward_pre_hook(self._pre_hook(name)) for name, bn in self.layers]
+        patched = []
+        for _, bn in self.layers:
+            if isinstance(bn, nn.SyncBatchNorm):
+                # The pass needs per-rank batch statistics (moments are combined exactly after
+                # the pass), and SyncBatchNorm refuses CPU tensors: run it as a plain BN.
+                bn.forward = types.MethodType(_BatchNorm.forward, bn)
+                patched.append(bn)
+        self.model.eval()
+        ok = False
+        try:
+            yield self
+            ok = True
+        finally:
+            for h in handles:
+                h.remove()
+            for bn in patched:
+                del bn.forward
+            for m, training in modes.items():
+                m.training = training
+            for name, bn in self.layers:
+                if name not in saved:
+                    continue
+                momentum, mean, var, tracked = saved[name]
+                bn.momentum = momentum
+                if not ok:
+                    with torch.no_grad():
+                        bn.running_mean.copy_(mean)
+                        bn.running_var.copy_(var)
+                        if tracked is not None:
+                            bn.num_batches_tracked.copy_(tracked)
+
+    def _pre_hook(self, name):
+        def hook(module, args):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            if not self.train_mode_pass:
+                x = args[0].detach()
+                dims = [0] + list(range(2, x.dim()))
+                var, mean = torch.var_mean(x, dim=dims, correction=0)
+                self._record(name, x.numel() // x.shape[1], mean, var)
+        return hook
+
+    def _hook(self, name):
+        def hook(module, args, output):
+            if self.train_mode_pass:
+                # With momentum 1 the BN's own update leaves exactly this batch's mean and
+                # unbiased variance in its buffers: reuse them instead of reducing again.
+                x = args[0]
+                count = x.numel() // x.shape[1]
+                var = module.running_var.detach() * ((count - 1) / count)
+                self._record(name, count, module.running_mean.detach().clone(), var)
+        return hook
+
+    def _record(self, name, count, mean, var):
+        pending = self.pending.setdefault(name, _Pending())
+        pending.counts.append(count)
+        pending.means.append(mean)
+        pending.variances.append(var)
+
+    def train_pass(self):
+        self.train_mode_pass = True
+        for _, bn in self.layers:
+            bn.train()
+            bn.momentum = 1.0
+            if not isinstance(bn.running_mean, nn.parameter.UninitializedBuffer):
+                with torch.no_grad():  # stale NaN/Inf would survive 0 * old in the update
+                    bn.running_mean.zero_()
+                    bn.running_var.fill_(1.0)
+        return self._pass()
+
+    def eval_pass(self, stats):
+        self.train_mode_pass = False
+        for name, bn in self.layers:
+            bn.eval()
+            if name in stats and stats[name].count:
+                self._load(bn, stats[name])
+        return self._pass()
+
+    def _pass(self):
+        self.pending.clear()
+        batches = samples = 0
+        bar = _progress_bar(self.progress)
+        try:
+            with torch.no_grad():
+                for batch in self.data:
+                    if self.max_samples is not None and samples >= self.max_samples:
+                        break
+                    batch, size = _prepare(batch, self.device, None if self.max_samples is None else self.max_samples - samples)
+                    self.calls.clear()
+                    self._forward(batch, batches)
+                    for name, n in self.calls.items():
+                        self.calls_per_forward[name] = max(self.calls_per_forward.get(name, 0), n)
+                    batches += 1
+                    samples += size
+                    if bar is not None:
+                        bar(1)
+        finally:
+            if bar is not None:
+                bar(None)
+        if batches == 0:
+            raise BncalError("the calibration data is empty; give at least one batch")
+        self.batches, self.samples = batches, samples
+        moments = {name: self.pending[name].flush(bn.num_features if bn.num_features else 0)
+                   for name, bn in self.layers if name in self.pending}
+        if self.group is not None:
+            moments, self.batches, self.samples = _combine_across_ranks(moments, self.layers, batches, samples, self.group)
+        return moments
+
+    def _forward(self, batch, index):
+        try:
+            self.forward_fn(self.model, batch)
+        except BncalError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if "Expected more than 1 value per channel when training" in msg:
+                raise BncalError("a batch gives a BatchNorm only one value per channel, so its batch statistics are "
+                                 "undefined in mode 'train'; use a batch size of 2 or more, or --mode eval") from exc
+            raise BncalError(f"the model failed on calibration batch {index} (input {_describe(batch)}): {msg}") from exc
+
+    def _load(self, bn, moments: ChannelMoments):
+        with torch.no_grad():
+            bn.running_mean.copy_(torch.from_numpy(moments.mean))
+            bn.running_var.copy_(torch.from_numpy(moments.variance))
+
+    def write(self, moments) -> set[str]:
+        """Store the final statistics; returns the names of the layers updated."""
+        updated = set()
+        for name, bn in self.layers:
+            m = moments.get(name)
+            if m is None or m.count == 0:
+                if name in self.saved:  # never reached: put back what the pass reset
+                    with torch.no_grad():
+                        bn.running_mean.copy_(self.saved[name][1])
+                        bn.running_var.copy_(self.saved[name][2])
+                continue
+            if not (np.isfinite(m.mean).all() and np.isfinite(m.m2).all()):
+                raise BncalError(f"BatchNorm {name} got non-finite statistics from the data "
+                                 "(an overflow in the model?); check the data's scale and the weights")
+            self._load(bn, m)
+            if bn.num_batches_tracked is not None:
+                # The train pass counted its own batches; count each batch once in all.
+                start = self.saved[name][3] if name in self.saved and self.saved[name][3] is not None else 0
+                bn.num_batches_tracked.fill_(int(start) + self.batches)
+            updated.add(name)
+        return updated
+
+
+def _combine_across_ranks(moments, layers, batches, samples, group):
+    """All-gather every rank's moments and merge them in rank order, identically on every rank."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    backend = dist.get_backend(group)
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    parts = []
+    for name, bn in layers:
+        m = moments.get(name) or ChannelMoments.empty(bn.num_features)
+        parts.append(m.to_array())
+    local = torch.from_numpy(np.concatenate(parts + [np.array([batches, samples], np.float64)])).to(device)
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local, group=group)
+    gathered = [g.cpu().numpy() for g in gathered]
+    combined, offset = {}, 0
+    for name, bn in layers:
+        width = 1 + 2 * bn.num_features
+        merged = ChannelMoments.combine(ChannelMoments.from_array(g[offset:offset + width]) for g in gathered)
+        offset += width
+        if merged.count:
+            combined[name] = merged
+    total_batches = int(sum(g[offset] for g in gathered))
+    total_samples = int(sum(g[offset + 1] for g in gathered))
+    return combined, total_batches, total_samples
+
+
+def _prepare(batch, device, limit):
+    """Move tensors to ``device``, check they are finite, cut to ``limit`` samples; return (batch, size)."""
+    sizes = []
+
+    def visit(x):
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(x)
+        if isinstance(x, torch.Tensor):
+            if x.dim() > 0 and limit is not None and x.shape[0] > limit:
+                x = x[:limit]
+            if x.dim() > 0:
+                sizes.append(x.shape[0])
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                raise BncalError("the calibration data contains NaN or Inf values; clean or filter it first")
+            return x.to(device, non_blocking=True)
+        if isinstance(x, dict):
+            return {k: visit(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(visit(v) for v in x)
+        return x
+
+    batch = visit(batch)
+    return batch, (sizes[0] if sizes else 1)
+
+
+def _describe(batch) -> str:
+    if isinstance(batch, torch.Tensor):
+        return f"shape {tuple(batch.shape)}"
+    if isinstance(batch, dict):
+        return ", ".join(f"{k}: {_describe(v)}" for k, v in batch.items())
+    if isinstance(batch, (list, tuple)):
+        return ", ".join(_describe(v) for v in batch)
+    return type(batch).__name__
+
+
+def _progress_bar(progress):
+    """A callable ``bar(n)`` (``bar(None)`` closes it), or None."""
+    if not progress:
+        return None
+    if callable(progress) and progress is not True:
+        count = [0]
+
+        def report(n):
+            if n is not None:
+                count[0] += n
+                progress(count[0])
+        return report
+    from tqdm.auto import tqdm
+
+    bar = tqdm(unit="batch", leave=False, dynamic_ncols=True)
+    return lambda n: bar.close() if n is None else bar.update(n)

@@ -1,0 +1,184 @@
+"""The statistics core: exact per-channel population moments, shared by every path.
+
+Both recalibration paths (PyTorch in :mod:`bncal.recalibration`, ONNX in
+:mod:`bncal.onnx_recalibrate`) reduce what they see to per-batch, per-channel
+``(count, mean, biased variance)`` triples and hand them to :class:`ChannelMoments`, which
+merges them in float64 with Chan et al.'s pairwise update::
+
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    mean = mean_a + delta * n_b / n
+    M2 = M2_a + M2_b + delta**2 * n_a * n_b / n          (M2 = sum of squared deviations)
+
+This never forms E[x^2] - E[x]^2, so it does not lose precision when the mean is large
+against the spread, and the result does not depend on how the data was split into batches
+(up to float64 rounding): an unequal last batch counts exactly as many samples as it has.
+
+Every element of a channel counts as one sample: a BatchNorm2d input of shape (N, C, H, W)
+contributes N*H*W samples per channel, as BatchNorm itself computes its batch statistics.
+
+The variance that bncal stores as a BN's moving variance is the *population* (biased)
+variance, ``M2 / n``. That is the variance a train-mode BN normalises with, so a model in
+eval mode with these statistics computes exactly what a train-mode forward of the whole
+calibration set as one batch would (PyTorch's own running update uses the unbiased batch
+variance; over calibration-set sizes the factor n/(n-1) is below 1e-6 anyway).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["ChannelMoments", "batch_moments", "max_relative_change", "fixed_point_passes"]
+
+
+@dataclass
+class ChannelMoments:
+    """Running per-channel count, mean and sum of squared deviations, in float64.
+
+    ``count`` is the number of samples per channel (the same for every channel).
+    """
+
+    count: int
+    mean: np.ndarray
+    m2: np.ndarray
+
+    @classmethod
+    def empty(cls, channels: int) -> "ChannelMoments":
+        return cls(0, np.zeros(channels, np.float64), np.zeros(channels, np.float64))
+
+    @property
+    def channels(self) -> int:
+        return int(self.mean.shape[0])
+
+    @property
+    def variance(self) -> np.ndarray:
+        """Population (biased) variance ``M2 / n``: what BatchNorm normalises with."""
+        if self.count == 0:
+            raise ValueError("no samples accumulated")
+        return self.m2 / self.count
+
+    @property
+    def unbiased_variance(self) -> np.ndarray:
+        """Sample variance ``M2 / (n - 1)``."""
+        if self.count < 2:
+            raise ValueError("the unbiased variance needs at least 2 samples")
+        return self.m2 / (self.count - 1)
+
+    def add_batch(self, count: int, mean, biased_var) -> "ChannelMoments":
+        """Merge one batch given by its per-channel mean and biased variance over ``count``."""
+        mean = np.asarray(mean, np.float64).reshape(-1)
+        m2 = np.asarray(biased_var, np.float64).reshape(-1) * count
+        return self.merge(ChannelMoments(int(count), mean, m2))
+
+    def add_array(self, x, channel_axis: int = 1) -> "ChannelMoments":
+        """Merge every element of ``x`` (a numpy array), channels along ``channel_axis``."""
+        count, mean, var = batch_moments(x, channel_axis)
+        return self.add_batch(count, mean, var)
+
+    def merge(self, other: "ChannelMoments") -> "ChannelMoments":
+        """Merge ``other`` into ``self`` in place (Chan's update) and return ``self``."""
+        if other.channels != self.channels:
+            raise ValueError(f"cannot merge {other.channels} channels into {self.channels}")
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            self.count, self.mean, self.m2 = other.count, other.mean.copy(), other.m2.copy()
+            return self
+        n = self.count + other.count
+        delta = other.mean - self.mean
+        self.mean = self.mean + delta * (other.count / n)
+        self.m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / n)
+        self.count = n
+        return self
+
+    def copy(self) -> "ChannelMoments":
+        return ChannelMoments(self.count, self.mean.copy(), self.m2.copy())
+
+    @staticmethod
+    def combine(parts) -> "ChannelMoments":
+        """Merge an ordered sequence of moments into a new object (deterministic order)."""
+        parts = list(parts)
+        if not parts:
+            raise ValueError("nothing to combine")
+        out = ChannelMoments.empty(parts[0].channels)
+        for part in parts:
+            out.merge(part)
+        return out
+
+    def to_array(self) -> np.ndarray:
+        """Pack as one float64 vector ``[count, mean..., m2...]`` (for collective ops)."""
+        return np.concatenate([[float(self.count)], self.mean, self.m2])
+
+    @classmethod
+    def from_array(cls, packed) -> "ChannelMoments":
+        packed = np.asarray(packed, np.float64)
+        channels = (packed.shape[0] - 1) // 2
+        return cls(int(round(packed[0])), packed[1 : 1 + channels].copy(), packed[1 + channels :].copy())
+
+
+def batch_moments(x, channel_axis: int = 1):
+    """Per-channel ``(count, mean, biased variance)`` of a numpy array, computed in float64.
+
+    Two passes over the batch (mean, then squared deviations), so the result is as exact as
+    float64 allows whatever the offset of the data.
+    """
+    x = np.asarray(x)
+    if x.ndim < 2:
+        raise ValueError(f"expected an array with a channel axis, got shape {x.shape}")
+    x = np.moveaxis(x, channel_axis, 0).reshape(x.shape[channel_axis], -1).astype(np.float64)
+    count = x.shape[1]
+    mean = x.mean(axis=1)
+    var = np.square(x - mean[:, None]).mean(axis=1)
+    return count, mean, var
+
+
+def max_relative_change(old: dict, new: dict, eps: float = 1e-12) -> float:
+    """Largest relative change of mean or std between two ``{layer: ChannelMoments}`` maps.
+
+    Mean changes are measured in units of the new standard deviation (a mean near zero has
+    no meaningful relative change); variance changes relative to the new variance.
+    """
+    worst = 0.0
+    for name, b in new.items():
+        a = old.get(name)
+        if a is None:
+            return float("inf")
+        sd = np.sqrt(b.variance + eps)
+        worst = max(worst,
+                    float(np.max(np.abs(b.mean - a.mean) / sd, initial=0.0)),
+                    float(np.max(np.abs(b.variance - a.variance) / (b.variance + eps), initial=0.0)))
+    return worst
+
+
+def fixed_point_passes(train_pass, eval_pass, *, mode: str, tol: float, max_passes: int):
+    """Drive a recalibration: one train-mode pass, then (``eval`` mode) eval passes to a fixed point.
+
+    ``train_pass()`` returns ``{layer: ChannelMoments}`` with every BN normalising with its
+    batch statistics (the PreciseBN definition). ``eval_pass(stats)`` returns the moments of
+    every BN's input when every BN normalises with ``stats`` (its moving statistics). In
+    ``eval`` mode the map ``stats -> eval_pass(stats)`` is iterated from the train-mode result
+    until the largest relative change (:func:`max_relative_change`) is at most ``tol``, or
+    ``max_passes`` passes in all have run. The train-mode result is a good start: it is exact
+    for every BN whose input no other BN affects, and off elsewhere only by the second-order
+    effect of batch-to-batch noise, so a few passes suffice where one pass per BN depth would
+    be the naive bound.
+
+    Returns ``(moments, passes, converged, last_change)``.
+    """
+    if mode not in ("train", "eval"):
+        raise ValueError(f"mode must be 'train' or 'eval', not {mode!r}")
+    moments = train_pass()
+    passes, change = 1, 0.0
+    if mode == "train":
+        return moments, passes, True, change
+    change = float("inf")
+    while passes < max_passes:
+        new = eval_pass(moments)
+        passes += 1
+        change = max_relative_change(moments, new)
+        moments = new
+        if change <= tol:
+            return moments, passes, True, change
+    return moments, passes, False, change
