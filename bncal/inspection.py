@@ -1,0 +1,735 @@
+"""Check a BatchNorm network against what is known about training and deploying BN.
+
+:func:`inspect_model` takes a PyTorch module or an ONNX model and returns an
+:class:`InspectReport`: one row per BN layer and a list of :class:`Finding` values, each with a
+stable rule id, the evidence, and a fix. Nothing is printed; ``report.table()`` renders text
+and :func:`bncal.report.to_jsonable` turns the report into JSON.
+
+Rules (severity, trigger):
+
+=====  ========  ===========================================================================
+BN001  error     moving statistics never updated: running mean all 0 and running var all 1
+BN002  error     degenerate statistics: a variance <= 0 or non-finite, a non-finite mean
+BN003  warning   momentum 0 (PyTorch) / 1 (TF, ONNX): the moving statistics cannot change
+BN004  warning   track_running_stats=False: inference normalises with each batch's statistics
+BN005  error     ONNX BatchNormalization with training_mode=1 in a graph meant for inference
+BN010  info/w.   momentum does not fit batch and dataset size (:func:`bncal.momentum.suggest_momentum`)
+BN020  info      affine BN directly after a nonlinearity: scale/shift redundant with the next layer
+BN021  warning   non-affine BN directly before a nonlinearity: scale/shift needed
+BN030  warning   dropout upstream of a BN through non-BN ops (variance shift, Li et al. 2019)
+BN040  info      batch size <= 32 per device: batch renormalisation (Ioffe 2017)
+BN050  info      BN that cannot be folded, with the folding pass's reason
+=====  ========  ===========================================================================
+
+The graph rules (BN020, BN021, BN030) look at producer/consumer relations. For PyTorch these
+come from ``torch.fx`` (BN, dropout and activation modules kept as leaves); when tracing fails
+the leaf modules are chained in execution order (if ``example_inputs`` are given) or in
+registration order, and the report says so in its notes. For ONNX they come from the graph.
+Shape-only ops (flatten, reshape, view, squeeze, transpose, identity) count as transparent when
+deciding what is "directly" before or after a BN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
+
+from .errors import BncalError
+from .momentum import suggest_momentum
+from .report import FoldDecision, format_table
+
+__all__ = ["inspect_model", "InspectReport", "BNLayer", "Finding", "RULES",
+           "RECALIBRATE_COMMAND"]
+
+RECALIBRATE_COMMAND = "bncal recalibrate MODEL --data DATA -o OUT"
+
+SEVERITIES = ("info", "warning", "error")
+
+#: rule id -> (default severity, short title). Ids are stable; BN010's severity varies.
+RULES = {
+    "BN001": ("error", "moving statistics never updated"),
+    "BN002": ("error", "degenerate moving statistics"),
+    "BN003": ("warning", "momentum freezes the moving statistics"),
+    "BN004": ("warning", "no moving statistics (track_running_stats=False)"),
+    "BN005": ("error", "training-mode BatchNormalization in an inference graph"),
+    "BN010": ("warning", "momentum does not fit batch and dataset size"),
+    "BN020": ("info", "affine BN directly after a nonlinearity"),
+    "BN021": ("warning", "non-affine BN directly before a nonlinearity"),
+    "BN030": ("warning", "dropout upstream of a BN"),
+    "BN040": ("info", "small batches: batch renormalisation"),
+    "BN050": ("info", "BN cannot be folded"),
+}
+
+#: Window mismatch (factor) above which BN010 fires, and above which it is a warning.
+MOMENTUM_INFO_FACTOR = 3.0
+MOMENTUM_WARNING_FACTOR = 10.0
+#: Per-device batch size at or below which batch renormalisation is suggested.
+SMALL_BATCH = 32
+
+PLAUSIBLE = "plausible"
+NEVER_UPDATED = "never updated"
+DEGENERATE = "degenerate"
+NOT_TRACKED = "not tracked"
+NOT_CONSTANT = "not constant"
+
+
+@dataclasses.dataclass
+class Finding:
+    """One rule that fired: ``severity`` is ``"info"``, ``"warning"`` or ``"error"``."""
+
+    rule_id: str
+    severity: str
+    layers: list[str]
+    evidence: str
+    fix: str
+
+
+@dataclasses.dataclass
+class BNLayer:
+    """One BatchNorm layer as the inspection saw it.
+
+    ``momentum_torch`` is None for PyTorch's cumulative average (``momentum=None``);
+    ``momentum_tf`` is then None too. ``stats`` is one of ``"plausible"``, ``"never updated"``,
+    ``"degenerate"``, ``"not tracked"`` (no running statistics) or ``"not constant"`` (ONNX
+    statistics that are not initializers); ``stats_detail`` says why. ``fold`` is
+    ``"into <target>"`` or ``"no: <reason>"`` when fold decisions were given.
+    """
+
+    name: str
+    type: str
+    channels: int | None
+    momentum_torch: float | None
+    momentum_tf: float | None
+    affine: bool
+    track_running_stats: bool
+    eps: float
+    stats: str
+    stats_detail: str | None = None
+    fold: str | None = None
+    training_mode: bool = False
+    renorm: bool = False
+
+
+@dataclasses.dataclass
+class InspectReport:
+    """Result of :func:`inspect_model`: BN layers, findings (worst first) and notes.
+
+    ``source`` is ``"pytorch"`` or ``"onnx"``; ``graph`` says where producer/consumer relations
+    came from (``"torch.fx"``, ``"execution order"``, ``"module order"`` or ``"onnx"``).
+    """
+
+    source: str
+    graph: str
+    layers: list[BNLayer]
+    findings: list[Finding]
+    notes: list[str]
+
+    def max_severity(self) -> str | None:
+        """The worst severity among the findings, or None when there are none."""
+        if not self.findings:
+            return None
+        return max((f.severity for f in self.findings), key=SEVERITIES.index)
+
+    def by_rule(self, rule_id: str) -> list[Finding]:
+        return [f for f in self.findings if f.rule_id == rule_id]
+
+    def table(self) -> str:
+        """The layer table, then one block per finding, then the notes."""
+        rows = [(l.name, l.type, l.channels,
+                 "cumulative" if l.momentum_torch is None else l.momentum_torch,
+                 l.momentum_tf, "yes" if l.affine else "no", "yes" if l.track_running_stats else "no",
+                 l.eps, l.stats, l.fold) for l in self.layers]
+        text = format_table(rows, ["layer", "type", "channels", "momentum (torch)", "momentum (tf)",
+                                   "affine", "running stats", "eps", "statistics", "fold"])
+        if self.findings:
+            text += "\n"
+            for f in self.findings:
+                text += (f"\n{f.rule_id} {f.severity}: {RULES[f.rule_id][1]} ({', '.join(f.layers)})"
+                         f"\n  {f.evidence}\n  fix: {f.fix}")
+        else:
+            text += "\n\nno findings"
+        for note in self.notes:
+            text += f"\nnote: {note}"
+        return text
+
+
+# ---------------------------------------------------------------------------------------------
+# The graph both front ends reduce to.
+
+@dataclasses.dataclass
+class _Node:
+    """``kind``: bn, act, dropout, pass (shape-only), output, other. ``inputs[0]`` is the data."""
+
+    key: str
+    kind: str
+    label: str
+    inputs: list[str]
+    layer: str | None = None  # BN layer name for kind "bn"
+
+
+class _Graph:
+    def __init__(self, nodes: Iterable[_Node]):
+        self.nodes = {n.key: n for n in nodes}
+        self.users: dict[str, list[str]] = {k: [] for k in self.nodes}
+        for node in self.nodes.values():
+            for src in node.inputs:
+                if src in self.users:
+                    self.users[src].append(node.key)
+
+    def producer(self, key: str) -> _Node | None:
+        """The op feeding ``key``'s data input, looking through shape-only ops."""
+        node = self.nodes[key]
+        while node.inputs and node.inputs[0] in self.nodes:
+            node = self.nodes[node.inputs[0]]
+            if node.kind != "pass":
+                return node
+        return None
+
+    def consumers(self, key: str) -> list[_Node]:
+        """Ops reading ``key``'s output, looking through shape-only ops."""
+        found, queue, seen = [], deque(self.users[key]), set()
+        while queue:
+            user = queue.popleft()
+            if user in seen:
+                continue
+            seen.add(user)
+            node = self.nodes[user]
+            if node.kind == "pass":
+                queue.extend(self.users[user])
+            else:
+                found.append(node)
+        return found
+
+    def upstream_dropouts(self, key: str) -> list[_Node]:
+        """Dropout ops reaching ``key`` through any path that crosses no other BN."""
+        found, queue, seen = [], deque(self.nodes[key].inputs), set()
+        while queue:
+            src = queue.popleft()
+            if src in seen or src not in self.nodes:
+                continue
+            seen.add(src)
+            node = self.nodes[src]
+            if node.kind == "bn":
+                continue
+            if node.kind == "dropout":
+                found.append(node)
+            queue.extend(node.inputs)
+        return found
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch front end.
+
+_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU,
+                nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Mish, nn.PReLU,
+                nn.Softplus, nn.RReLU)
+_ACT_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.gelu, F.silu, F.leaky_relu,
+                  F.leaky_relu_, F.elu, F.elu_, F.selu, F.celu, F.hardswish, F.hardsigmoid,
+                  F.hardtanh, F.mish, F.prelu, F.softplus, F.rrelu, F.sigmoid, F.tanh,
+                  torch.sigmoid, torch.tanh, torch.selu}
+_ACT_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
+_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                      F.feature_alpha_dropout, torch.dropout, torch.alpha_dropout,
+                      torch.feature_dropout, torch.feature_alpha_dropout}
+_PASS_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity)
+_PASS_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
+                   torch.transpose}
+_PASS_METHODS = {"view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze", "permute",
+                 "transpose"}
+
+
+def _module_kind(module: nn.Module) -> str:
+    if isinstance(module, _BatchNorm):
+        return "bn"
+    if isinstance(module, _DropoutNd):
+        return "dropout" if module.p > 0 else "pass"
+    if isinstance(module, _ACT_MODULES):
+        return "act"
+    if isinstance(module, _PASS_MODULES):
+        return "pass"
+    return "other"
+
+
+class _LeafTracer(fx.Tracer):
+    # BatchRenorm and other BN subclasses live outside torch.nn: keep them whole too.
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return _module_kind(m) != "other" or super().is_leaf_module(m, qualname)
+
+
+def _function_name(fn) -> str:
+    module = getattr(fn, "__module__", None) or ""
+    prefix = "F." if module.endswith("functional") else "torch."
+    return prefix + getattr(fn, "__name__", str(fn))
+
+
+def _dropout_p_is_zero(node: fx.Node) -> bool:
+    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else None)
+    return isinstance(p, (int, float)) and p == 0
+
+
+def _fx_graph(model: nn.Module) -> _Graph:
+    graph = _LeafTracer().trace(model)
+    nodes = []
+    for node in graph.nodes:
+        inputs = [n.name for n in node.all_input_nodes]
+        kind, label, layer = "other", node.name, None
+        if node.op == "call_module":
+            kind = _module_kind(model.get_submodule(node.target))
+            label = str(node.target)
+            layer = label if kind == "bn" else None
+        elif node.op == "call_function":
+            label = f"{_function_name(node.target)} ({node.name})"
+            if node.target in _ACT_FUNCTIONS:
+                kind = "act"
+            elif node.target in _DROPOUT_FUNCTIONS:
+                kind = "pass" if _dropout_p_is_zero(node) else "dropout"
+            elif node.target in _PASS_FUNCTIONS:
+                kind = "pass"
+        elif node.op == "call_method":
+            label = f".{node.target}() ({node.name})"
+            if node.target in _ACT_METHODS:
+                kind = "act"
+            elif node.target in _PASS_METHODS:
+                kind = "pass"
+        elif node.op == "output":
+            kind, label = "output", "model output"
+        nodes.append(_Node(node.name, kind, label, inputs, layer))
+    return _Graph(nodes)
+
+
+def _leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules with no children, or BN/dropout/activation modules (kept whole), in order."""
+    leaves, inside = [], None
+    for name, module in model.named_modules():
+        if inside is not None and name.startswith(inside):
+            continue
+        if _module_kind(module) != "other" or not any(True for _ in module.children()):
+            if name:
+                leaves.append((name, module))
+            if any(True for _ in module.children()):
+                inside = name + "."
+    return leaves
+
+
+def _chain_graph(model: nn.Module, order: list[str]) -> _Graph:
+    nodes, previous = [], []
+    for i, name in enumerate(order):
+        kind = _module_kind(model.get_submodule(name))
+        key = f"{name}#{i}"
+        nodes.append(_Node(key, kind, name, previous, name if kind == "bn" else None))
+        previous = [key]
+    nodes.append(_Node("output", "output", "model output", previous))
+    return _Graph(nodes)
+
+
+def _execution_order(model: nn.Module, example_inputs) -> list[str]:
+    """Names of the leaf modules in the order a forward pass (eval mode, no grad) calls them."""
+    order, handles = [], []
+    modes = {m: m.training for m in model.modules()}
+    for name, module in _leaf_modules(model):
+        handles.append(module.register_forward_pre_hook(lambda m, a, name=name: order.append(name)))
+    try:
+        model.eval()
+        inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+    return order
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def _torch_graph(model: nn.Module, example_inputs, notes: list[str]) -> tuple[_Graph, str]:
+    try:
+        return _fx_graph(model), "torch.fx"
+    except Exception as error:  # fx raises many types (TraceError, TypeError, ...)
+        reason = _first_line(error)
+    if example_inputs is not None:
+        try:
+            order = _execution_order(model, example_inputs)
+            notes.append(f"torch.fx could not trace the model ({reason}); producer/consumer relations "
+                         "are guessed from the order one forward pass calls the leaf modules, so graph "
+                         "rules (BN020, BN021, BN030) can miss functional ops and branches")
+            return _chain_graph(model, order), "execution order"
+        except Exception as run_error:
+            reason += f"; running example_inputs failed too ({_first_line(run_error)})"
+    notes.append(f"torch.fx could not trace the model ({reason}); producer/consumer relations are "
+                 "guessed from the registration order of the leaf modules, so graph rules (BN020, "
+                 "BN021, BN030) can be wrong; pass example_inputs for the execution order")
+    return _chain_graph(model, [name for name, _ in _leaf_modules(model)]), "module order"
+
+
+def _stats_status(mean: np.ndarray, var: np.ndarray, counter: int | None) -> tuple[str, str | None]:
+    bad_var = ~np.isfinite(var) | (var <= 0)
+    if bad_var.any() or not np.isfinite(mean).all():
+        parts = []
+        if bad_var.any():
+            parts.append(f"{int(bad_var.sum())} of {var.size} variances are zero, negative or non-finite")
+        if not np.isfinite(mean).all():
+            parts.append(f"{int((~np.isfinite(mean)).sum())} of {mean.size} means are non-finite")
+        return DEGENERATE, "; ".join(parts)
+    if np.all(mean == 0) and np.all(var == 1):
+        detail = "running mean all 0 and running var all 1 (initial values)"
+        if counter is not None:
+            detail += f", num_batches_tracked {counter}"
+        return NEVER_UPDATED, detail
+    if counter == 0:
+        # Statistics ported from another framework often come without the counter.
+        return PLAUSIBLE, "num_batches_tracked is 0 but the statistics differ from their initial values"
+    return PLAUSIBLE, None
+
+
+def _torch_layers(model: nn.Module) -> list[BNLayer]:
+    from .nn import _BatchRenorm  # local: bncal.nn imports nothing from here, but keep it light
+
+    layers = []
+    for name, m in model.named_modules():
+        if not isinstance(m, _BatchNorm):
+            continue
+        momentum = None if m.momentum is None else float(m.momentum)
+        if m.track_running_stats and m.running_mean is not None:
+            counter = None if m.num_batches_tracked is None else int(m.num_batches_tracked)
+            stats, detail = _stats_status(m.running_mean.detach().double().cpu().numpy(),
+                                          m.running_var.detach().double().cpu().numpy(), counter)
+        else:
+            stats, detail = NOT_TRACKED, "no running statistics: inference uses batch statistics"
+        layers.append(BNLayer(
+            name=name or type(m).__name__, type=type(m).__name__, channels=int(m.num_features),
+            momentum_torch=momentum, momentum_tf=None if momentum is None else 1.0 - momentum,
+            affine=bool(m.affine), track_running_stats=bool(m.track_running_stats), eps=float(m.eps),
+            stats=stats, stats_detail=detail, renorm=isinstance(m, _BatchRenorm)))
+    return layers
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX front end.
+
+_ONNX_ACTS = {"Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "Sigmoid", "HardSigmoid",
+              "HardSwish", "Tanh", "Softplus", "Softsign", "Mish", "ThresholdedRelu", "Clip"}
+_ONNX_PASS = {"Flatten", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Transpose"}
+
+
+def _onnx_constants(graph) -> dict:
+    from onnx import numpy_helper
+
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    constants[node.output[0]] = numpy_helper.to_array(attr.t)
+    return constants
+
+
+def _onnx_attr(node, name, default):
+    from onnx import helper
+
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
+def _onnx_graph_and_layers(model) -> tuple[_Graph, list[BNLayer]]:
+    graph = model.graph
+    constants = _onnx_constants(graph)
+    keys, producer_of = [], {}
+    for i, node in enumerate(graph.node):
+        key = node.name or f"{node.op_type}_{i}"
+        if key in producer_of.values():
+            key = f"{key}_{i}"
+        keys.append(key)
+        for out in node.output:
+            producer_of[out] = key
+    by_output = {out: node for node in graph.node for out in node.output}
+
+    nodes, layers = [], []
+    for key, node in zip(keys, graph.node):
+        if node.op_type == "Constant":
+            continue
+        data_inputs = [name for name in node.input if name and name in producer_of]
+        inputs = [producer_of[name] for name in data_inputs]
+        kind, label, layer = "other", f"{node.op_type} {key}", None
+        if node.op_type == "BatchNormalization":
+            kind, layer = "bn", key
+            layers.append(_onnx_layer(key, node, constants))
+        elif node.op_type in _ONNX_ACTS:
+            kind = "act"
+        elif node.op_type in _ONNX_PASS:
+            kind = "pass"
+        elif node.op_type == "Dropout":
+            ratio = constants.get(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+            if ratio is None:
+                ratio = _onnx_attr(node, "ratio", 0.5)
+            kind = "pass" if float(np.asarray(ratio)) == 0 else "dropout"
+        elif node.op_type == "Mul" and len(node.input) == 2:
+            # SiLU exports as x * Sigmoid(x): treat the Mul as the activation.
+            for i in (0, 1):
+                src = by_output.get(node.input[i])
+                if src is not None and src.op_type == "Sigmoid" and src.input[0] == node.input[1 - i]:
+                    kind, label = "act", f"SiLU (Mul {key})"
+                    inputs = [producer_of[node.input[1 - i]]] if node.input[1 - i] in producer_of else []
+        nodes.append(_Node(key, kind, label, inputs, layer))
+    outputs = [producer_of[o.name] for o in graph.output if o.name in producer_of]
+    nodes.append(_Node("__output__", "output", "model output", outputs))
+    return _Graph(nodes), layers
+
+
+def _onnx_layer(key: str, node, constants: dict) -> BNLayer:
+    momentum_tf = float(_onnx_attr(node, "momentum", 0.9))
+    training = bool(_onnx_attr(node, "training_mode", 0))
+    scale, bias, mean, var = (constants.get(name) for name in (list(node.input) + [""] * 5)[1:5])
+    if mean is not None and var is not None:
+        stats, detail = _stats_status(np.asarray(mean, np.float64).reshape(-1),
+                                      np.asarray(var, np.float64).reshape(-1), None)
+    else:
+        stats, detail = NOT_CONSTANT, "mean or variance is not an initializer"
+    # An affine=False PyTorch BN exports scale 1 and bias 0: that is no scale/shift at all.
+    affine = not (scale is not None and bias is not None and np.all(scale == 1) and np.all(bias == 0))
+    channels = next((int(np.asarray(t).size) for t in (scale, mean) if t is not None), None)
+    return BNLayer(name=key, type="BatchNormalization", channels=channels,
+                   momentum_torch=1.0 - momentum_tf, momentum_tf=momentum_tf, affine=affine,
+                   track_running_stats=True, eps=float(_onnx_attr(node, "epsilon", 1e-5)),
+                   stats=stats, stats_detail=detail, training_mode=training)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules.
+
+def _list(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _statistics_findings(layers: list[BNLayer]) -> list[Finding]:
+    findings = []
+    never = [l for l in layers if l.stats == NEVER_UPDATED]
+    if never:
+        findings.append(Finding(
+            "BN001", "error", [l.name for l in never],
+            f"{len(never)} of {len(layers)} BN layers still hold the initial statistics "
+            f"(running mean 0, running var 1): {_list([l.name for l in never])}; inference would "
+            "normalise with values no data produced.",
+            f"estimate the statistics on training data: {RECALIBRATE_COMMAND}"))
+    degenerate = [l for l in layers if l.stats == DEGENERATE]
+    if degenerate:
+        findings.append(Finding(
+            "BN002", "error", [l.name for l in degenerate],
+            "; ".join(f"{l.name}: {l.stats_detail}" for l in degenerate[:6]),
+            f"re-estimate the statistics ({RECALIBRATE_COMMAND}); if it recurs, look for dead "
+            "channels or overflow in the layers before"))
+    # An ONNX inference graph's momentum attribute is inert (exporters write 1 for momentum=None).
+    frozen = [l for l in layers if l.track_running_stats and l.momentum_torch == 0
+              and (l.type != "BatchNormalization" or l.training_mode)]
+    if frozen:
+        findings.append(Finding(
+            "BN003", "warning", [l.name for l in frozen],
+            f"momentum 0 (PyTorch) / 1 (TF, ONNX) in {_list([l.name for l in frozen])}: training never "
+            "moves the moving statistics away from what they were.",
+            "set a momentum above 0 (bncal.momentum.suggest_momentum) or re-estimate the statistics "
+            f"after training: {RECALIBRATE_COMMAND}"))
+    untracked = [l for l in layers if not l.track_running_stats]
+    if untracked:
+        findings.append(Finding(
+            "BN004", "warning", [l.name for l in untracked],
+            f"{_list([l.name for l in untracked])} keep no moving statistics: in eval mode they "
+            "normalise each batch with its own statistics, so outputs depend on the batch and a "
+            "single sample cannot be normalised.",
+            "construct the layers with track_running_stats=True and estimate the statistics: "
+            + RECALIBRATE_COMMAND))
+    training = [l for l in layers if l.training_mode]
+    if training:
+        findings.append(Finding(
+            "BN005", "error", [l.name for l in training],
+            f"{_list([l.name for l in training])} have training_mode=1: onnxruntime normalises with "
+            "each batch's statistics and outputs depend on the batch.",
+            "re-export from model.eval() with the default training=TrainingMode.EVAL"))
+    return findings
+
+
+def _momentum_findings(layers, batch_size, dataset_size, epochs, notes) -> list[Finding]:
+    suggestion = suggest_momentum(batch_size, dataset_size, epochs)
+    notes.append(f"momentum for batch {batch_size}, {dataset_size} samples, {epochs:g} epoch(s): "
+                 f"{suggestion.tf:.3g} (TF) / {suggestion.torch:.3g} (PyTorch); schedule: "
+                 f"{suggestion.schedule}. {suggestion.rationale}")
+    groups: dict = {}
+    for layer in layers:
+        if not layer.track_running_stats or layer.momentum_torch == 0 or layer.training_mode:
+            continue
+        # PyTorch's cumulative average (momentum None) spans the whole run.
+        window = suggestion.total_steps if layer.momentum_torch is None else 1.0 / layer.momentum_torch
+        factor = window / suggestion.window_steps
+        if 1 / MOMENTUM_INFO_FACTOR <= factor <= MOMENTUM_INFO_FACTOR:
+            continue
+        groups.setdefault((layer.momentum_torch, window, factor), []).append(layer.name)
+    findings = []
+    for (momentum, window, factor), names in groups.items():
+        within = 1 / MOMENTUM_WARNING_FACTOR <= factor <= MOMENTUM_WARNING_FACTOR
+        severity = "info" if within else "warning"
+        current = ("the cumulative average (momentum None)" if momentum is None else
+                   f"momentum {momentum:.3g} (PyTorch) / {1 - momentum:.3g} (TF)")
+        effect = ("lags behind the changing weights" if factor > 1 else
+                  "averages too few batches and stays noisy")
+        fix = f"set momentum to {suggestion.torch:.3g} (PyTorch) / {suggestion.tf:.3g} (TF, ONNX)"
+        if suggestion.use_schedule:
+            fix += f", or better use {suggestion.schedule}"
+        findings.append(Finding(
+            "BN010", severity, names,
+            f"{current} averages about {window:.3g} steps; at batch {batch_size} over {dataset_size} "
+            f"samples ({suggestion.steps_per_epoch} steps per epoch) about {suggestion.window_steps:.3g} "
+            f"steps fits, so the moving average {effect}.",
+            fix))
+    return findings
+
+
+def _graph_findings(graph: _Graph, layers: dict[str, BNLayer]) -> list[Finding]:
+    findings, seen = [], set()
+    for node in graph.nodes.values():
+        if node.kind != "bn" or node.layer not in layers:
+            continue
+        layer = layers[node.layer]
+        producer = graph.producer(node.key)
+        consumers = graph.consumers(node.key)
+        act_consumers = [c for c in consumers if c.kind == "act"]
+        if (layer.affine and producer is not None and producer.kind == "act" and consumers
+                and not act_consumers and all(c.kind == "other" for c in consumers)
+                and ("BN020", layer.name) not in seen):
+            seen.add(("BN020", layer.name))
+            findings.append(Finding(
+                "BN020", "info", [layer.name],
+                f"{layer.name} normalises the output of {producer.label} and feeds "
+                f"{_list([c.label for c in consumers])} with no nonlinearity in between, so that "
+                "layer can absorb the BN's scale and shift.",
+                "construct the BN with affine=False, or fold its scale and shift into the next "
+                "layer (bncal fold)"))
+        if not layer.affine and act_consumers and ("BN021", layer.name) not in seen:
+            seen.add(("BN021", layer.name))
+            findings.append(Finding(
+                "BN021", "warning", [layer.name],
+                f"{layer.name} has no scale and shift and feeds {_list([c.label for c in act_consumers])}: "
+                "the nonlinearity only ever sees zero-mean, unit-variance inputs (Ioffe & Szegedy "
+                "2015, section 3: scale and shift restore what the layer can represent).",
+                "construct the BN with affine=True"))
+        dropouts = graph.upstream_dropouts(node.key)
+        if dropouts and ("BN030", layer.name) not in seen:
+            seen.add(("BN030", layer.name))
+            findings.append(Finding(
+                "BN030", "warning", [layer.name],
+                f"{_list(sorted({d.label for d in dropouts}))} reaches {layer.name} without another BN "
+                "in between: the BN's statistics are gathered with dropout on, but at inference dropout "
+                "is off and the variance it sees differs (Li et al. 2019).",
+                "move dropout after the last BN, or re-estimate the statistics with dropout off: "
+                f"{RECALIBRATE_COMMAND}"))
+    return findings
+
+
+def _small_batch_findings(layers: list[BNLayer], batch_size: int, source: str) -> list[Finding]:
+    plain = [l.name for l in layers if not l.renorm and l.track_running_stats]
+    if not plain:
+        return []
+    where = "" if source == "pytorch" else "in the PyTorch training code, "
+    return [Finding(
+        "BN040", "info", plain,
+        f"batch size {batch_size} per device: batch statistics of {batch_size} samples are noisy and "
+        "differ from the moving statistics used at inference (Ioffe 2017).",
+        f"{where}train with batch renormalisation (bncal.nn.convert_to_batchrenorm(model)), or a "
+        "larger per-device batch / synchronised BN")]
+
+
+def _fold_findings(decisions: list[FoldDecision], layers: list[BNLayer], notes) -> list[Finding]:
+    by_name = {l.name: l for l in layers}
+    refusals: dict[str, list[str]] = {}
+    unknown = []
+    for decision in decisions:
+        layer = by_name.get(decision.bn)
+        if layer is None:
+            unknown.append(decision.bn)
+            continue
+        if decision.folded:
+            layer.fold = f"into {decision.target}"
+        else:
+            reason = decision.reason or "no reason given"
+            layer.fold = f"no: {reason}"
+            refusals.setdefault(reason, []).append(decision.bn)
+    if unknown:
+        notes.append(f"fold decisions name layers that are not BNs of this model: {_list(unknown)}")
+    return [Finding("BN050", "info", names, f"{_list(names)} cannot be folded: {reason}",
+                    "keep it as a standalone BatchNormalization (latency, not accuracy), or place it "
+                    "directly after a Conv/Linear so it can be folded")
+            for reason, names in refusals.items()]
+
+
+def inspect_model(model, *, batch_size: int | None = None, dataset_size: int | None = None,
+                  epochs: float = 1, example_inputs=None,
+                  fold_decisions: list[FoldDecision] | Callable | None = None) -> InspectReport:
+    """Inspect the BatchNorm layers of ``model`` (a PyTorch module, an ONNX ModelProto or the
+    path of an ``.onnx`` file) and return an :class:`InspectReport`.
+
+    ``batch_size`` (per device) enables BN040, and with ``dataset_size`` and ``epochs`` BN010.
+    ``example_inputs`` (a tensor or tuple) is only used when ``torch.fx`` cannot trace the
+    model: one eval-mode forward without gradients records the order of the modules, and the
+    model's train/eval flags are restored. ``fold_decisions`` is a list of
+    :class:`bncal.report.FoldDecision` or a callable producing one, called as
+    ``fold_decisions(model)``, or ``fold_decisions(model, example_inputs)`` when example inputs
+    are given (so ``bncal.fold.analyze_foldability`` can be passed as it is).
+    The model is not modified.
+    """
+    notes: list[str] = []
+    if isinstance(model, (str, Path)):
+        import onnx
+
+        path = Path(model)
+        if not path.is_file():
+            raise BncalError(f"{path} is not a file; give an .onnx model or pass a torch.nn.Module")
+        model = onnx.load(str(path))
+
+    if isinstance(model, nn.Module):
+        source = "pytorch"
+        layers = _torch_layers(model)
+        if layers:
+            graph, graph_source = _torch_graph(model, example_inputs, notes)
+        else:
+            graph, graph_source = _Graph([]), "torch.fx"
+    elif type(model).__name__ == "ModelProto":
+        source, graph_source = "onnx", "onnx"
+        graph, layers = _onnx_graph_and_layers(model)
+    else:
+        raise BncalError(f"cannot inspect a {type(model).__name__}; give a torch.nn.Module or an ONNX model")
+
+    findings: list[Finding] = []
+    if not layers:
+        notes.append("the model has no BatchNorm layers")
+    findings += _statistics_findings(layers)
+    if layers and batch_size is not None and dataset_size is not None:
+        findings += _momentum_findings(layers, batch_size, dataset_size, epochs, notes)
+    elif layers and (batch_size is None) != (dataset_size is None):
+        notes.append("BN010 (momentum fit) needs both batch_size and dataset_size")
+    findings += _graph_findings(graph, {l.name: l for l in layers})
+    if layers and batch_size is not None and batch_size <= SMALL_BATCH:
+        findings += _small_batch_findings(layers, batch_size, source)
+    if fold_decisions is not None:
+        if callable(fold_decisions):
+            args = (model,) if example_inputs is None else (model, example_inputs)
+            decisions = fold_decisions(*args)
+        else:
+            decisions = fold_decisions
+        findings += _fold_findings(list(decisions), layers, notes)
+
+    findings.sort(key=lambda f: (-SEVERITIES.index(f.severity), f.rule_id))
+    return InspectReport(source=source, graph=graph_source, layers=layers, findings=findings, notes=notes)

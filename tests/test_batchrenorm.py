@@ -1,0 +1,287 @@
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from bncal.errors import BncalError
+from bncal.nn import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, convert_to_batchnorm, convert_to_batchrenorm
+
+MNIST_NPZ = Path(__file__).resolve().parents[1] / "models" / "mnist5k.npz"
+
+
+def _paired(num_features=5, momentum=0.1, **kw):
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(num_features, momentum=momentum).double()
+    renorm = BatchRenorm2d(num_features, momentum=momentum, **kw).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.uniform_(-1, 1)
+    renorm.load_state_dict(bn.state_dict())
+    return bn, renorm
+
+
+def test_is_a_batchnorm_with_identical_state_dict_keys():
+    for cls, ref in [(BatchRenorm1d, nn.BatchNorm1d), (BatchRenorm2d, nn.BatchNorm2d), (BatchRenorm3d, nn.BatchNorm3d)]:
+        layer = cls(4)
+        assert isinstance(layer, _BatchNorm)
+        assert list(layer.state_dict()) == list(ref(4).state_dict())
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_equals_batchnorm_when_rmax_1_and_dmax_0(momentum):
+    bn, renorm = _paired(momentum=momentum, rmax=1.0, dmax=0.0, warmup_start=0,
+                         rmax_warmup_end=0, dmax_warmup_end=0)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x = (torch.randn(6, 5, 3, 3, generator=gen, dtype=torch.float64) * 3 + 2).requires_grad_(True)
+        x2 = x.detach().clone().requires_grad_(True)
+        grad = torch.randn(6, 5, 3, 3, generator=gen, dtype=torch.float64)
+        y_bn, y_rn = bn(x), renorm(x2)
+        torch.testing.assert_close(y_rn, y_bn, rtol=1e-12, atol=1e-12)
+        y_bn.backward(grad)
+        y_rn.backward(grad)
+        torch.testing.assert_close(x2.grad, x.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(renorm.weight.grad, bn.weight.grad)
+    for name, buf in bn.named_buffers():
+        torch.testing.assert_close(getattr(renorm, name), buf, rtol=1e-12, atol=1e-12)
+    bn.eval(), renorm.eval()
+    x = torch.randn(2, 5, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(renorm(x), bn(x), rtol=1e-12, atol=1e-12)
+
+
+def _reference_step(x, weight, bias, mean, var, eps, momentum, rmax, dmax):
+    """Ioffe 2017, Algorithm 1, in float64 numpy, channels on axis 1."""
+    axes = (0,) + tuple(range(2, x.ndim))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    mu_b = x.mean(axis=axes)
+    var_b = x.var(axis=axes)
+    sigma_b = np.sqrt(var_b + eps)
+    sigma = np.sqrt(var + eps)
+    r_raw = sigma_b / sigma
+    d_raw = (mu_b - mean) / sigma
+    r = np.clip(r_raw, 1 / rmax, rmax)
+    d = np.clip(d_raw, -dmax, dmax)
+    x_hat = (x - mu_b.reshape(shape)) / sigma_b.reshape(shape) * r.reshape(shape) + d.reshape(shape)
+    y = x_hat * weight.reshape(shape) + bias.reshape(shape)
+    n = x.size // x.shape[1]
+    new_mean = (1 - momentum) * mean + momentum * mu_b
+    new_var = (1 - momentum) * var + momentum * var_b * n / (n - 1)
+    return y, new_mean, new_var, (r != r_raw), (d != d_raw)
+
+
+def test_matches_float64_reference_with_clipping_active():
+    rng = np.random.default_rng(0)
+    channels, rmax, dmax, momentum = 8, 1.5, 0.5, 0.2
+    layer = BatchRenorm2d(channels, momentum=momentum, rmax=rmax, dmax=dmax, warmup_start=0,
+                          rmax_warmup_end=0, dmax_warmup_end=0).double()
+    mean = rng.normal(0, 2, channels)
+    var = rng.uniform(0.05, 20, channels)
+    weight, bias = rng.uniform(0.5, 2, channels), rng.normal(0, 1, channels)
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.from_numpy(mean))
+        layer.running_var.copy_(torch.from_numpy(var))
+        layer.weight.copy_(torch.from_numpy(weight))
+        layer.bias.copy_(torch.from_numpy(bias))
+    r_clipped, d_clipped = np.zeros(channels, bool), np.zeros(channels, bool)
+    for _ in range(3):
+        x = rng.normal(1.0, 2.0, (4, channels, 5, 5))
+        y_ref, mean, var, rc, dc = _reference_step(x, weight, bias, mean, var, 1e-5, momentum, rmax, dmax)
+        r_clipped |= rc
+        d_clipped |= dc
+        y = layer(torch.from_numpy(x)).detach().numpy()
+        np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(layer.running_mean.numpy(), mean, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(layer.running_var.numpy(), var, rtol=1e-12, atol=1e-12)
+    # The test means something only if both clipped and unclipped channels occurred.
+    assert r_clipped.any() and not r_clipped.all()
+    assert d_clipped.any() and not d_clipped.all()
+    assert int(layer.num_batches_tracked) == 3
+
+
+def test_warmup_relaxes_bounds_linearly():
+    layer = BatchRenorm1d(2, rmax=3.0, dmax=5.0, warmup_start=10, rmax_warmup_end=20, dmax_warmup_end=30)
+    assert [layer.current_rmax(s) for s in (0, 10, 15, 20, 100)] == [1.0, 1.0, 2.0, 3.0, 3.0]
+    assert [layer.current_dmax(s) for s in (0, 10, 20, 30, 100)] == [0.0, 0.0, 2.5, 5.0, 5.0]
+    defaults = BatchRenorm1d(2)  # the paper's ImageNet schedule
+    assert (defaults.momentum, defaults.rmax, defaults.dmax) == (0.01, 3.0, 5.0)
+    assert (defaults.warmup_start, defaults.rmax_warmup_end, defaults.dmax_warmup_end) == (5000, 40000, 25000)
+
+
+def _formula_with_constant_r_d(x, weight, bias, mean, var, eps, rmax, dmax, detach):
+    mu_b = x.mean(dim=(0, 2, 3), keepdim=True)
+    sigma_b = torch.sqrt(x.var(dim=(0, 2, 3), unbiased=False, keepdim=True) + eps)
+    sigma = torch.sqrt(var.view(1, -1, 1, 1) + eps)
+    r = (sigma_b / sigma).clamp(1 / rmax, rmax)
+    d = ((mu_b - mean.view(1, -1, 1, 1)) / sigma).clamp(-dmax, dmax)
+    if detach:
+        r, d = r.detach(), d.detach()
+    return ((x - mu_b) / sigma_b * r + d) * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+
+
+def test_no_gradient_flows_through_r_and_d():
+    torch.manual_seed(0)
+    layer = BatchRenorm2d(4, rmax=2.0, dmax=1.0, warmup_start=0, rmax_warmup_end=0, dmax_warmup_end=0).double()
+    with torch.no_grad():
+        layer.running_mean.uniform_(-0.5, 0.5)
+        layer.running_var.uniform_(0.5, 2.0)
+        layer.weight.uniform_(0.5, 2.0)
+    mean, var = layer.running_mean.clone(), layer.running_var.clone()
+    x = torch.randn(3, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(3, 4, 4, 4, dtype=torch.float64)
+    layer(x).backward(upstream)
+
+    grads = {}
+    for detach in (True, False):
+        xr = x.detach().clone().requires_grad_(True)
+        w = layer.weight.detach().clone().requires_grad_(True)
+        b = layer.bias.detach().clone().requires_grad_(True)
+        _formula_with_constant_r_d(xr, w, b, mean, var, layer.eps, 2.0, 1.0, detach).backward(upstream)
+        grads[detach] = (xr.grad, w.grad, b.grad)
+    torch.testing.assert_close(x.grad, grads[True][0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(layer.weight.grad, grads[True][1], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(layer.bias.grad, grads[True][2], rtol=1e-10, atol=1e-12)
+    # With r and d differentiable the input gradient would differ: the check above has teeth.
+    assert not torch.allclose(grads[False][0], grads[True][0], rtol=1e-6, atol=1e-8)
+
+
+def test_eval_forward_is_plain_batch_norm():
+    layer = BatchRenorm1d(3)
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        layer.running_var.copy_(torch.tensor([0.25, 4.0, 1.0]))
+        layer.weight.copy_(torch.tensor([2.0, 0.5, 1.0]))
+    layer.eval()
+    x = torch.randn(7, 3)
+    expected = F.batch_norm(x, layer.running_mean, layer.running_var, layer.weight, layer.bias, False, 0.0, layer.eps)
+    assert torch.equal(layer(x), expected)
+    assert int(layer.num_batches_tracked) == 0
+
+
+def test_rejects_a_single_value_per_channel_in_training():
+    with pytest.raises(ValueError, match="more than 1 value"):
+        BatchRenorm1d(3)(torch.randn(1, 3))
+
+
+def _digits():
+    """(x, y) from the repository's MNIST subset, 14x14 average-pooled; synthetic if absent."""
+    if MNIST_NPZ.exists():
+        data = np.load(MNIST_NPZ)
+        x = torch.from_numpy(data["images"][data["calib_idx"]]).float() / 255
+        y = torch.from_numpy(data["labels"][data["calib_idx"]]).long()
+        return F.avg_pool2d(x, 2).flatten(1), y
+    gen = torch.Generator().manual_seed(0)  # ten Gaussian clusters in 196 dimensions
+    centres = torch.randn(10, 196, generator=gen)
+    y = torch.randint(0, 10, (4000,), generator=gen)
+    return centres[y] + 1.5 * torch.randn(4000, 196, generator=gen), y
+
+
+@pytest.fixture
+def one_thread():
+    # Tiny batches: a second thread only adds contention on a shared machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_trains_at_batch_size_4(one_thread):
+    x, y = _digits()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(196, 64, bias=False),
+                          BatchRenorm1d(64, warmup_start=50, rmax_warmup_end=200, dmax_warmup_end=150),
+                          nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for step in range(600):
+        idx = order[step * 4:(step + 1) * 4]
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-100:]) < 0.5 * np.mean(losses[:100])
+    model.eval()
+    held = order[2400:3400]  # not trained on
+    with torch.no_grad():
+        accuracy = (model(x[held]).argmax(1) == y[held]).float().mean().item()
+    assert accuracy > 0.7
+
+
+def _mixed_model():
+    return nn.Sequential(
+        nn.BatchNorm2d(3),
+        nn.Conv2d(3, 4, 3),
+        nn.Sequential(nn.BatchNorm2d(4), nn.ReLU()),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 5),
+        nn.BatchNorm1d(5, momentum=0.3),
+    )
+
+
+def _train_a_little(model):
+    torch.manual_seed(1)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 3, 8, 8) * 2 + 1)
+    return model
+
+
+def test_convert_round_trip_keeps_weights_and_statistics():
+    model = _train_a_little(_mixed_model())
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    renorm = convert_to_batchrenorm(model, rmax=2.0)
+    assert [type(m) for m in renorm.modules() if isinstance(m, _BatchNorm)] == [BatchRenorm2d, BatchRenorm2d, BatchRenorm1d]
+    assert all(type(m) is not BatchRenorm2d for m in model.modules())  # the original is a copy source only
+    assert renorm[5].momentum == 0.3 and renorm[2][0].rmax == 2.0 and renorm.training
+    back = convert_to_batchnorm(renorm)
+    assert [type(m) for m in back.modules() if isinstance(m, _BatchNorm)] == [nn.BatchNorm2d, nn.BatchNorm2d, nn.BatchNorm1d]
+    for converted in (renorm, back):
+        state = converted.state_dict()
+        assert list(state) == list(original)
+        for key, value in original.items():
+            assert torch.equal(state[key], value), key
+    x = torch.randn(2, 3, 8, 8)
+    outputs = [m.eval()(x) for m in (model, renorm, back)]
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+
+
+def test_convert_in_place_and_refusals():
+    model = _mixed_model()
+    assert convert_to_batchrenorm(model, inplace=True) is model
+    assert isinstance(model[0], BatchRenorm2d)
+    assert isinstance(convert_to_batchrenorm(nn.BatchNorm1d(3)), BatchRenorm1d)
+
+    class BatchNormAct(nn.BatchNorm2d):  # a subclass with its own forward is left alone
+        def forward(self, x):
+            return F.relu(super().forward(x))
+
+    assert type(convert_to_batchrenorm(nn.Sequential(BatchNormAct(3)))[0]) is BatchNormAct
+    with pytest.raises(BncalError, match="track_running_stats"):
+        convert_to_batchrenorm(nn.BatchNorm1d(3, track_running_stats=False))
+
+
+def test_exports_to_onnx_as_batchnormalization_with_parity():
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    model = convert_to_batchrenorm(_train_a_little(_mixed_model())).eval()
+    x = torch.randn(4, 3, 8, 8)
+    buffer = io.BytesIO()
+    with pytest.warns(DeprecationWarning):  # the TorchScript exporter is deprecated but 20x faster
+        torch.onnx.export(model, (x,), buffer, dynamo=False, input_names=["x"])
+    proto = onnx.load_from_string(buffer.getvalue())
+    bns = [n for n in proto.graph.node if n.op_type == "BatchNormalization"]
+    # The exporter folds the Conv+BN pair; the BN before the Conv and the BN after Linear remain.
+    assert len(bns) == 2
+    momenta = sorted(a.f for n in bns for a in n.attribute if a.name == "momentum")
+    assert momenta == pytest.approx([0.7, 0.9])  # ONNX = 1 - PyTorch momentum
+    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"x": x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-5)
