@@ -245,5 +245,84 @@ def _recalibrate_onnx(model_path, data_spec, output, batch_size, max_samples, im
     return report
 
 
+def input_shape_option(func):
+    return click.option("--input-shape", "input_shapes", multiple=True, metavar="N,C,H,W",
+                        help="Shape of a model input for seeded random inputs (repeat for several inputs).")(func)
+
+
+def _parse_shapes(input_shapes) -> list[tuple[int, ...]]:
+    shapes = []
+    for text in input_shapes:
+        try:
+            shape = tuple(int(v) for v in text.replace("x", ",").split(","))
+        except ValueError:
+            raise BncalError(f"--input-shape takes comma-separated integers such as 1,3,224,224, not {text!r}") from None
+        if not shape or any(d < 1 for d in shape):
+            raise BncalError(f"--input-shape {text!r} needs positive dimensions")
+        shapes.append(shape)
+    return shapes
+
+
+def _example_inputs(batches, input_shapes, seed: int = 0) -> tuple:
+    """Example inputs for tracing/export: the first data batch, or seeded random tensors."""
+    import torch
+
+    if batches is not None:
+        for batch in batches:
+            if isinstance(batch, dict):
+                return tuple(batch.values())
+            return tuple(batch) if isinstance(batch, (list, tuple)) else (batch,)
+        raise BncalError("the calibration data is empty; give at least one batch")
+    shapes = _parse_shapes(input_shapes)
+    if not shapes:
+        raise BncalError("give --data or --input-shape so the model can be traced")
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(shape, generator=generator) for shape in shapes)
+
+
+@main.command("inspect")
+@click.argument("model")
+@model_options
+@click.option("--batch-size", type=click.IntRange(min=1), help="Training batch size per device (momentum and batch renormalisation rules).")
+@click.option("--dataset-size", type=click.IntRange(min=1), help="Training samples per epoch (momentum rule).")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
+@input_shape_option
+@click.option("--strict", type=click.Choice(["info", "warning", "error"]), default=None,
+              help="Exit 1 when a finding reaches this severity.")
+@report_options
+@handle_errors
+def inspect_command(model, weights, model_kwargs, allow_pickle, batch_size, dataset_size, epochs, input_shapes, strict, report_json):
+    """Diagnose MODEL's BatchNorm layers: statistics, momentum, scale/shift, dropout order, folding.
+
+    MODEL is an .onnx file or a factory spec (with --weights). With --input-shape, a PyTorch
+    model's foldability is analysed too.
+    """
+    from .inspection import SEVERITIES, inspect_model
+    from .loading import is_onnx_path
+
+    if is_onnx_path(model):
+        from .onnx_fold import fold_onnx
+        from .onnx_io import load_onnx
+
+        target = load_onnx(model)
+        decisions = fold_onnx(target)[1]
+        example = None
+    else:
+        from .fold import analyze_foldability
+        from .loading import load_model
+
+        target = load_model(model, weights=weights, model_kwargs=model_kwargs, allow_pickle=allow_pickle)
+        example = _example_inputs(None, input_shapes) if input_shapes else None
+        decisions = analyze_foldability(target, example) if example is not None else None
+    report = inspect_model(target, batch_size=batch_size, dataset_size=dataset_size, epochs=epochs,
+                           example_inputs=example, fold_decisions=decisions)
+    click.echo(report.table())
+    if report_json:
+        _write_json(report_json, report)
+    worst = report.max_severity()
+    if strict and worst is not None and SEVERITIES.index(worst) >= SEVERITIES.index(strict):
+        sys.exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
