@@ -89,7 +89,9 @@ def population(x):
 
 
 def fixed_point(model, x):
-    ref = copy.deepcopy(model).double().train()
+    ref = copy.deepcopy(model).double().eval()  # dropout off, as during recalibration
+    for _, bn in batchnorm_layers(ref):
+        bn.train()
     inputs = []
     hooks = [bn.register_forward_pre_hook(lambda m, a: inputs.append(a[0])) for _, bn in batchnorm_layers(ref)]
     with torch.no_grad():
