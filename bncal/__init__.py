@@ -5,6 +5,8 @@ its heavy dependencies lazily, so ``import bncal`` is cheap::
 
     import bncal
     report = bncal.recalibrate(model, loader)          # exact moving statistics, in place
+    result = bncal.fold(model, (example,))              # BN folded into neighbouring ops
+    proto, report = bncal.fold_export_torch(model, (example,), "model.onnx")  # export + parity proof
 """
 
 from __future__ import annotations
@@ -25,6 +27,26 @@ _EXPORTS = {
     "load_state_dict": "loading",
     "save_state_dict": "loading",
     "load_data": "data",
+    "fold": "folding",
+    "analyze_foldability": "folding",
+    "FoldResult": "folding",
+    "export_onnx": "export",
+    "fold_onnx": "onnx_fold",
+    "compare_outputs": "verify",
+    "fold_export_torch": "fold_export",
+    "fold_export_onnx": "fold_export",
+    "recalibrate_onnx": "onnx_recalibrate",
+    "make_train_graph": "onnx_graphs",
+    "make_stats_graph": "onnx_graphs",
+    "check_onnx": "check",
+    "CheckThresholds": "check",
+    "inspect_model": "inspection",
+    "suggest_momentum": "momentum",
+    "torch_to_tf": "momentum",
+    "tf_to_torch": "momentum",
+    "InverseDecayMomentum": "momentum",
+    "convert_to_batchrenorm": "nn",
+    "convert_to_batchnorm": "nn",
 }
 
 __all__ = ["BncalError", "VerificationError", "__version__", *_EXPORTS]

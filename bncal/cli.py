@@ -308,7 +308,7 @@ def inspect_command(model, weights, model_kwargs, allow_pickle, batch_size, data
         decisions = fold_onnx(target)[1]
         example = None
     else:
-        from .fold import analyze_foldability
+        from .folding import analyze_foldability
         from .loading import load_model
 
         target = load_model(model, weights=weights, model_kwargs=model_kwargs, allow_pickle=allow_pickle)
@@ -322,6 +322,125 @@ def inspect_command(model, weights, model_kwargs, allow_pickle, batch_size, data
     worst = report.max_severity()
     if strict and worst is not None and SEVERITIES.index(worst) >= SEVERITIES.index(strict):
         sys.exit(1)
+
+
+def _names_list(text):
+    return [n.strip() for n in text.split(",") if n.strip()] if text else None
+
+
+@main.command("fold-export")
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the folded ONNX model.")
+@model_options
+@data_options
+@input_shape_option
+@click.option("--verify-batches", type=click.IntRange(min=1), default=3, show_default=True, help="Batches of --data to verify on.")
+@click.option("--atol", type=float, default=1e-5, show_default=True)
+@click.option("--rtol", type=float, default=1e-4, show_default=True)
+@click.option("--opset", type=int, help="ONNX opset for the export (default: the exporter's).")
+@click.option("--input-names", help="Comma-separated graph input names.")
+@click.option("--output-names", help="Comma-separated graph output names.")
+@click.option("--static-batch", is_flag=True, help="Export a fixed batch size instead of a dynamic batch axis.")
+@click.option("--bn-to-affine", is_flag=True, help="Turn BNs that cannot be folded into Mul + Add.")
+@click.option("--keep-failed", is_flag=True, help="If verification fails, keep the model as <stem>.FAILED-VERIFICATION.onnx.")
+@click.option("--check/--no-check", "run_check", default=True, show_default=True,
+              help="With --data: also check train-mode vs inference-mode agreement in onnxruntime.")
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@report_options
+@handle_errors
+def fold_export(model, output, weights, model_kwargs, allow_pickle, data_spec, batch_size, max_samples, image_size, channels,
+                norm_mean, norm_std, input_shapes, verify_batches, atol, rtol, opset, input_names, output_names, static_batch,
+                bn_to_affine, keep_failed, run_check, force, report_json):
+    """Fold BatchNorm into neighbouring ops, export to ONNX, and prove parity in onnxruntime.
+
+    MODEL is a factory spec (with --weights) or an .onnx file. The folded model is compared
+    with the original on --data batches (or seeded random --input-shape inputs); OUTPUT is
+    written only if every output matches within --atol/--rtol, else the exit status is 1.
+    """
+    from itertools import islice
+
+    from ._io import check_output_path
+    from .errors import VerificationError
+    from .loading import is_onnx_path
+
+    check_output_path(output, force=force, inputs=[model, weights, data_spec])
+    image_options = _image_options(image_size, channels, norm_mean, norm_std)
+    data = None
+    if data_spec:
+        from .data import load_data
+
+        data = load_data(data_spec, batch_size=batch_size, image_options=image_options)
+    check_report = None
+    try:
+        if is_onnx_path(model):
+            from .fold_export import fold_export_onnx
+            from .onnx_io import load_onnx
+
+            proto = load_onnx(model)
+            feeds = None
+            if data is not None:
+                names = [i.name for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
+                feeds = [_as_feeds(b, names) for b in islice(data, verify_batches)]
+            elif input_shapes:
+                names = [i.name for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
+                feeds = [{n: x.numpy() for n, x in zip(names, _example_inputs(None, input_shapes, seed=s))} for s in range(2)]
+            folded, report = fold_export_onnx(proto, output, verify_feeds=feeds, atol=atol, rtol=rtol,
+                                              bn_to_affine=bn_to_affine, keep_failed=keep_failed)
+            if data is not None and run_check:
+                check_report = _check_onnx_model(proto, data, max_samples)
+        else:
+            import torch
+
+            from .data import TorchBatches
+            from .fold_export import fold_export_torch
+            from .loading import load_model
+
+            net = load_model(model, weights=weights, model_kwargs=model_kwargs, allow_pickle=allow_pickle)
+            dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
+            batches = [_as_tuple(b) for b in islice(TorchBatches(data, dtype), verify_batches)] if data is not None else None
+            example = batches[0] if batches else _example_inputs(None, input_shapes)
+            folded, report = fold_export_torch(
+                net, example, output, verify_batches=batches, atol=atol, rtol=rtol, opset=opset,
+                input_names=_names_list(input_names), output_names=_names_list(output_names),
+                dynamic_batch=not static_batch, bn_to_affine=bn_to_affine, keep_failed=keep_failed)
+            if data is not None and run_check:
+                from .export import export_onnx
+
+                check_report = _check_onnx_model(export_onnx(net, example, keep_batchnorm=True), data, max_samples)
+    except VerificationError as exc:
+        click.echo(exc.report.table())
+        raise
+    click.echo(report.table())
+    click.echo(f"wrote {output} ({report.bytes_after} bytes) in {report.seconds:.2f} s")
+    if check_report is not None:
+        click.echo("\ntrain-mode vs inference-mode check (onnxruntime, original model):")
+        click.echo(check_report.table())
+    if report_json:
+        _write_json(report_json, {"fold_export": report, "check": check_report})
+    if check_report is not None and not check_report.passed:
+        raise BncalError("the exported model's moving statistics do not match its batch statistics "
+                         "(see the check above); recalibrate it first: bncal recalibrate MODEL --data DATA -o OUT")
+
+
+def _as_tuple(batch):
+    if isinstance(batch, dict):
+        return tuple(batch.values())
+    return tuple(batch) if isinstance(batch, (list, tuple)) else (batch,)
+
+
+def _as_feeds(batch, names):
+    import numpy as np
+
+    if isinstance(batch, dict):
+        return {k: np.asarray(v) for k, v in batch.items()}
+    values = batch if isinstance(batch, (list, tuple)) else (batch,)
+    return {n: np.asarray(v) for n, v in zip(names, values)}
+
+
+def _check_onnx_model(proto, data, max_samples):
+    from .check import check_onnx
+
+    return check_onnx(proto, data, max_samples=max_samples)
 
 
 if __name__ == "__main__":  # pragma: no cover

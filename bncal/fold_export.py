@@ -1,0 +1,280 @@
+"""Fold BatchNorm, export to ONNX, and prove in onnxruntime that nothing changed.
+
+The path for a PyTorch model: fold in PyTorch (:func:`bncal.folding.fold`, which sees the real
+data flow), export the folded model, fold whatever the graph still offers
+(:func:`bncal.onnx_fold.fold_onnx`), ``onnx.checker``, then compare the folded ONNX model in
+onnxruntime against the *original* PyTorch model in eval mode on several batches. For an
+``.onnx`` input: graph folding, then the folded graph against the original graph, both in
+onnxruntime. The output file is written only when the comparison passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ._io import atomic_output
+from .errors import BncalError, VerificationError
+from .report import FoldDecision, format_table
+
+__all__ = ["FoldExportReport", "fold_export_torch", "fold_export_onnx"]
+
+
+@dataclasses.dataclass
+class FoldExportReport:
+    """What fold-export did: per-BN decisions, before/after figures, and the parity comparison.
+
+    ``decisions`` covers every BN of the original model: PyTorch-level decisions for a
+    PyTorch model, graph-level ones for an ONNX model; ``graph_decisions`` are those of the
+    graph pass over the exported model. ``latency_ms`` maps ``"original"``/``"folded"`` to
+    ``{batch size: median ms}`` in onnxruntime at the same optimisation level.
+    """
+
+    source: str
+    output: Path | None
+    decisions: list[FoldDecision]
+    graph_decisions: list[FoldDecision]
+    ops_before: dict[str, int]
+    ops_after: dict[str, int]
+    bytes_before: int
+    bytes_after: int
+    latency_ms: dict[str, dict[int, float]]
+    comparison: object
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.comparison.passed)
+
+    @property
+    def bn_left(self) -> int:
+        return self.ops_after.get("BatchNormalization", 0)
+
+    def table(self) -> str:
+        ops = sorted(set(self.ops_before) | set(self.ops_after), key=lambda k: (-self.ops_before.get(k, 0), k))
+        rows = [(op, self.ops_before.get(op, 0), self.ops_after.get(op, 0)) for op in ops]
+        rows.append(("file size (bytes)", self.bytes_before, self.bytes_after))
+        for batch in sorted(self.latency_ms.get("folded", {})):
+            rows.append((f"ORT latency batch {batch} (ms)", self.latency_ms["original"].get(batch),
+                         self.latency_ms["folded"][batch]))
+        parts = [format_table(rows, ["", "original", "folded"])]
+        refused = [d for d in self.decisions if not d.folded]
+        folded = len(self.decisions) - len(refused)
+        parts.append(f"\nfolded {folded} of {len(self.decisions)} BatchNorm layers; "
+                     f"{self.bn_left} BatchNormalization left in the ONNX graph")
+        parts += [f"  kept {d.bn}: {d.reason}" for d in refused]
+        parts.append("")
+        parts.append(self.comparison.table())
+        return "\n".join(parts)
+
+
+def _compare_latency(original, folded, feeds_by_batch, optimization_level, rounds: int = 5) -> dict:
+    """Median onnxruntime latency of both models per batch size, measured in alternation so
+    that machine noise hits both alike."""
+    import statistics
+
+    from .verify import measure_latency, ort_session
+
+    if not feeds_by_batch:
+        return {}
+    sessions = {"original": ort_session(original, optimization_level=optimization_level),
+                "folded": ort_session(folded, optimization_level=optimization_level)}
+    out = {label: {} for label in sessions}
+    for batch, feeds in feeds_by_batch.items():
+        samples = {label: [] for label in sessions}
+        for _ in range(rounds):
+            for label, session in sessions.items():
+                samples[label].append(measure_latency(session, feeds, warmup=1, repeat=5)["median_ms"])
+        for label in sessions:
+            out[label][batch] = round(statistics.median(samples[label]), 3)
+    return out
+
+
+def _random_feeds(model, batch_sizes, seed=0) -> dict[int, dict[str, np.ndarray]]:
+    """Seeded random feeds for the graph inputs, for latency only."""
+    from .verify import input_specs
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for b in batch_sizes:
+        feeds = {}
+        for name, dtype, dims in input_specs(model):
+            if dims is None:
+                raise BncalError(f"input {name} has no known shape; latency needs static dims besides the batch")
+            shape = [b if i == 0 else d for i, d in enumerate(dims)]
+            if any(not isinstance(d, int) for d in shape):
+                return {}
+            feeds[name] = rng.standard_normal(shape).astype(dtype)
+        out[b] = feeds
+    return out
+
+
+def _write_verified(proto, output, comparison, keep_failed: bool):
+    from .onnx_io import save_onnx
+
+    if comparison.passed:
+        return save_onnx(proto, output)
+    if keep_failed:
+        failed = Path(output).with_name(Path(output).stem + ".FAILED-VERIFICATION.onnx")
+        save_onnx(proto, failed)
+    return None
+
+
+def fold_export_torch(
+    model,
+    example_inputs: tuple,
+    output=None,
+    *,
+    verify_batches: list[tuple] | None = None,
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+    opset: int | None = None,
+    input_names=None,
+    output_names=None,
+    dynamic_batch: bool = True,
+    bn_to_affine: bool = False,
+    keep_failed: bool = False,
+    latency_batches=(1, 32),
+    optimization_level: str = "basic",
+    fold_fn=None,
+) -> tuple[object, FoldExportReport]:
+    """Fold and export a PyTorch model; returns ``(folded ONNX ModelProto, report)``.
+
+    ``verify_batches`` are tuples of input tensors (default: ``example_inputs`` and a batch of
+    a different size made from it, which also exercises the dynamic batch axis). The original
+    model is never modified. When the comparison fails, nothing is written to ``output``
+    (with ``keep_failed``, the failed model goes to ``<stem>.FAILED-VERIFICATION.onnx``) and
+    :class:`VerificationError` is raised after the report is built (``exc.report``).
+    ``fold_fn`` replaces :func:`bncal.folding.fold` (for tests that corrupt a fold on purpose).
+    """
+    import torch
+
+    from .export import export_onnx
+    from .folding import fold
+    from .onnx_fold import fold_onnx, op_counts
+    from .verify import compare_outputs, ort_session, run_onnx
+
+    start = time.perf_counter()
+    example_inputs = tuple(example_inputs)
+    folded = (fold_fn or fold)(model, example_inputs, bn_to_affine=bn_to_affine)
+    names = dict(opset=opset, input_names=input_names, output_names=output_names, dynamic_batch=dynamic_batch)
+    original_proto = export_onnx(model, example_inputs, keep_batchnorm=True, **names)
+    exported = export_onnx(folded.model, example_inputs, **names)
+    proto, graph_decisions = fold_onnx(exported, bn_to_affine=bn_to_affine)
+
+    if verify_batches is None:
+        verify_batches = [example_inputs]
+        if dynamic_batch and all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in example_inputs):
+            g = torch.Generator().manual_seed(1)
+            size = example_inputs[0].shape[0] + 2
+            verify_batches.append(tuple(torch.randn((size, *x.shape[1:]), generator=g).to(x.dtype) if x.is_floating_point()
+                                        else x[:1].expand(size, *x.shape[1:]).clone() for x in example_inputs))
+    graph_inputs = [i.name for i in proto.graph.input]
+    session = ort_session(proto, optimization_level=optimization_level)
+    reference, actual = {}, {}
+    eval_model = model
+    modes = {m: m.training for m in model.modules()}
+    try:
+        eval_model.eval()
+        with torch.no_grad():
+            for batch in verify_batches:
+                batch = tuple(batch)
+                expected = _flatten_outputs(eval_model(*batch))
+                feeds = {name: x.detach().cpu().numpy() for name, x in zip(graph_inputs, batch)}
+                got = run_onnx(session, feeds)
+                for name, value in zip([o.name for o in proto.graph.output], expected):
+                    reference.setdefault(name, []).append(value)
+                    actual.setdefault(name, []).append(got[name])
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    comparison = compare_outputs(reference, actual, atol=atol, rtol=rtol)
+
+    feeds_by_batch = _random_feeds(original_proto, latency_batches) if latency_batches else {}
+    latency = _compare_latency(original_proto, proto, feeds_by_batch, optimization_level)
+    written = _write_verified(proto, output, comparison, keep_failed) if output is not None else None
+    report = FoldExportReport(
+        source="pytorch", output=written, decisions=folded.decisions, graph_decisions=graph_decisions,
+        ops_before=op_counts(original_proto), ops_after=op_counts(proto),
+        bytes_before=original_proto.ByteSize(), bytes_after=proto.ByteSize(), latency_ms=latency,
+        comparison=comparison, seconds=time.perf_counter() - start)
+    _raise_if_failed(report)
+    return proto, report
+
+
+def fold_export_onnx(
+    model,
+    output=None,
+    *,
+    verify_feeds: list[dict] | None = None,
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+    bn_to_affine: bool = False,
+    keep_failed: bool = False,
+    latency_batches=(1, 32),
+    optimization_level: str = "basic",
+    treat_initializer_inputs_as_constant: bool = False,
+    fold_fn=None,
+) -> tuple[object, FoldExportReport]:
+    """Fold the BatchNorms of an ONNX model and verify the result against the original in onnxruntime.
+
+    ``verify_feeds`` are ``{input name: array}`` dicts (default: seeded random inputs of
+    batch sizes 1 and 3 where the input shapes are known). Output and failure handling as
+    in :func:`fold_export_torch`.
+    """
+    from .onnx_fold import fold_onnx, op_counts
+    from .verify import compare_outputs, ort_session, run_onnx
+
+    start = time.perf_counter()
+    proto, decisions = (fold_fn or fold_onnx)(model, bn_to_affine=bn_to_affine,
+                                              treat_initializer_inputs_as_constant=treat_initializer_inputs_as_constant)
+    if verify_feeds is None:
+        verify_feeds = [f for f in _random_feeds(model, (1, 3), seed=0).values()]
+        if not verify_feeds:
+            raise BncalError("the model's inputs have dynamic dimensions besides the batch; "
+                             "give --data or --input-shape to verify the folded model")
+    original_session = ort_session(model, optimization_level="disable")
+    folded_session = ort_session(proto, optimization_level=optimization_level)
+    reference, actual = {}, {}
+    for feeds in verify_feeds:
+        expected, got = run_onnx(original_session, feeds), run_onnx(folded_session, feeds)
+        for name in expected:
+            reference.setdefault(name, []).append(expected[name])
+            actual.setdefault(name, []).append(got.get(name))
+    comparison = compare_outputs(reference, actual, atol=atol, rtol=rtol)
+    feeds_by_batch = _random_feeds(model, latency_batches) if latency_batches else {}
+    latency = _compare_latency(model, proto, feeds_by_batch, optimization_level)
+    written = _write_verified(proto, output, comparison, keep_failed) if output is not None else None
+    report = FoldExportReport(
+        source="onnx", output=written, decisions=decisions, graph_decisions=[],
+        ops_before=op_counts(model), ops_after=op_counts(proto), bytes_before=model.ByteSize(),
+        bytes_after=proto.ByteSize(), latency_ms=latency, comparison=comparison,
+        seconds=time.perf_counter() - start)
+    _raise_if_failed(report)
+    return proto, report
+
+
+def _raise_if_failed(report: FoldExportReport) -> None:
+    if not report.passed:
+        worst = max(report.comparison.outputs, key=lambda o: o.required_atol if o.required_atol == o.required_atol else 0)
+        error = VerificationError(
+            f"the folded model does not match the original (output {worst.name}: max abs error "
+            f"{worst.max_abs_error:.3g}, would need atol {worst.required_atol:.3g}); nothing was written")
+        error.report = report
+        raise error
+
+
+def _flatten_outputs(value) -> list[np.ndarray]:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return [value.detach().cpu().numpy()]
+    if isinstance(value, dict):
+        value = list(value.values())
+    out = []
+    for item in value:
+        out.extend(_flatten_outputs(item))
+    return out

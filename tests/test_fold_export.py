@@ -1,0 +1,151 @@
+"""fold-export: parity proven in onnxruntime, failures caught, nothing written on failure."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import helper, numpy_helper
+from torch import nn
+
+import bncal.folding
+from bncal.cli import main
+from bncal.errors import VerificationError
+from bncal.fold_export import fold_export_onnx, fold_export_torch
+from models import zoo
+
+
+def _randomize_bn(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(c, generator=g) * 0.3)
+    return model.eval()
+
+
+def _make_corrupting(original_fold):
+    """A fold that gets one conv's bias slightly wrong: verification must catch it."""
+    def corrupting(model, example_inputs, bn_to_affine=False):
+        result = original_fold(model, example_inputs, bn_to_affine=bn_to_affine)
+        conv = next(m for m in result.model.modules() if isinstance(m, nn.Conv2d))
+        with torch.no_grad():
+            conv.bias.add_(0.05)
+        return result
+    return corrupting
+
+
+_corrupting_fold = _make_corrupting(bncal.folding.fold)
+
+
+@pytest.mark.parametrize("factory", [zoo.resnet_small, zoo.mobilenet_small])
+def test_torch_models_fold_completely_and_match(tmp_path, factory):
+    model = _randomize_bn(factory())
+    x = torch.randn(2, 3, 32, 32)
+    out = tmp_path / "m.onnx"
+    proto, report = fold_export_torch(model, (x,), out, latency_batches=(1,))
+    assert report.passed and out.exists()
+    assert report.bn_left == 0 and all(d.folded for d in report.decisions)
+    assert report.ops_before["BatchNormalization"] == len(report.decisions)
+    onnx.checker.check_model(onnx.load(out))
+    worst = max(o.max_abs_error / o.scale for o in report.comparison.outputs)
+    assert worst <= 1e-5
+    assert "PASSED" in report.table()
+
+
+def test_corrupted_fold_is_caught_and_nothing_is_written(tmp_path):
+    model = _randomize_bn(zoo.resnet_small())
+    out = tmp_path / "m.onnx"
+    with pytest.raises(VerificationError, match="does not match") as info:
+        fold_export_torch(model, (torch.randn(2, 3, 32, 32),), out, fold_fn=_corrupting_fold, latency_batches=())
+    assert not out.exists()
+    assert not info.value.report.passed and "FAILED" in info.value.report.table()
+    with pytest.raises(VerificationError):
+        fold_export_torch(model, (torch.randn(2, 3, 32, 32),), out, fold_fn=_corrupting_fold, latency_batches=(),
+                          keep_failed=True)
+    assert not out.exists() and (tmp_path / "m.FAILED-VERIFICATION.onnx").exists()
+
+
+def _gemm_bn_model():
+    """Gemm (alpha, beta, transB) -> BN: what onnxruntime leaves unfused."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 4)).astype(np.float32)
+    c = rng.standard_normal(6).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(c, "C")]
+    for name, value in [("s", rng.random(6) + 0.5), ("b", rng.standard_normal(6)), ("m", rng.standard_normal(6)),
+                        ("v", rng.random(6) + 0.5)]:
+        inits.append(numpy_helper.from_array(value.astype(np.float32), name))
+    nodes = [helper.make_node("Gemm", ["x", "W", "C"], ["g"], alpha=0.7, beta=1.3, transB=1),
+             helper.make_node("BatchNormalization", ["g", "s", "b", "m", "v"], ["y"], name="bn")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 6])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_onnx_input_folds_gemm_bn_and_verifies(tmp_path):
+    model = _gemm_bn_model()
+    feeds = [{"x": np.random.default_rng(i).standard_normal((5, 4)).astype(np.float32)} for i in range(2)]
+    out = tmp_path / "f.onnx"
+    folded, report = fold_export_onnx(model, out, verify_feeds=feeds, latency_batches=())
+    assert report.passed and report.bn_left == 0 and report.decisions[0].target
+    assert [n.op_type for n in onnx.load(out).graph.node] == ["Gemm"]
+
+
+def test_onnx_corrupted_fold_caught(tmp_path):
+    from bncal.onnx_fold import fold_onnx
+
+    def corrupt(model, **kw):
+        proto, decisions = fold_onnx(model, **kw)
+        for init in proto.graph.initializer:
+            if init.name not in ("W",) and len(init.dims) == 1:
+                arr = numpy_helper.to_array(init).copy()
+                arr[0] += 1.0
+                init.CopyFrom(numpy_helper.from_array(arr, init.name))
+                break
+        return proto, decisions
+
+    out = tmp_path / "f.onnx"
+    feeds = [{"x": np.ones((3, 4), np.float32)}]
+    with pytest.raises(VerificationError):
+        fold_export_onnx(_gemm_bn_model(), out, verify_feeds=feeds, fold_fn=corrupt, latency_batches=())
+    assert not out.exists()
+
+
+def _write_model_file(tmp_path):
+    (tmp_path / "net.py").write_text(
+        "import sys\nsys.path.insert(0, %r)\nfrom models import zoo\n"
+        "def build():\n    return zoo.resnet_small(width=8)\n" % str(zoo.Path(zoo.__file__).resolve().parents[1]))
+    model = _randomize_bn(zoo.resnet_small(width=8))
+    from safetensors.torch import save_file
+
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((12, 3, 32, 32)).astype(np.float32))
+
+
+def test_cli_fold_export_with_data_and_json(tmp_path):
+    _write_model_file(tmp_path)
+    out = tmp_path / "m.onnx"
+    result = CliRunner().invoke(main, ["fold-export", str(tmp_path / "net.py:build"), "--weights", str(tmp_path / "w.safetensors"),
+                                       "--data", str(tmp_path / "x.npy"), "--batch-size", "4", "--no-check", "-o", str(out),
+                                       "--report-json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    assert "PASSED" in result.output and out.exists()
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["fold_export"]["ops_after"].get("BatchNormalization", 0) == 0
+
+
+def test_cli_corrupted_fold_exits_1_without_output(tmp_path, monkeypatch):
+    _write_model_file(tmp_path)
+    monkeypatch.setattr(bncal.folding, "fold", _corrupting_fold)
+    out = tmp_path / "m.onnx"
+    result = CliRunner().invoke(main, ["fold-export", str(tmp_path / "net.py:build"), "--weights", str(tmp_path / "w.safetensors"),
+                                       "--input-shape", "2,3,32,32", "-o", str(out)])
+    assert result.exit_code == 1
+    assert "FAILED" in result.output and result.output.strip().splitlines()[-1].startswith("error: the folded model does not match")
+    assert not out.exists()
+
