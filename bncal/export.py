@@ -5,7 +5,7 @@ on a ResNet-like CNN (11 Conv + 11 BN, 3x64x64, 2 shared CPU cores, torch 2.13, 
 0.7.2): the default ``torch.onnx.export`` takes 4.8-6.3 s for the first export in a process and
 0.9-2.4 s afterwards; ``optimize=False`` is no faster and leaves shape arithmetic behind; the
 TorchScript exporter (``dynamo=False``) takes 0.2-0.8 s warm but is deprecated and leaves
-Identity nodes. :func:`bncal.fold.fold` costs 0.03-0.07 s warm (shapes on the meta device), so
+Identity nodes. :func:`bncal.folding.fold` costs 0.03-0.07 s warm (shapes on the meta device), so
 fold + export measured 1.0-1.1x the default export alone. ``optimize=True`` would also fold any
 BN still present (onnxscript's rules); bncal folds in PyTorch first so that the result does not
 depend on the onnxscript version.
@@ -26,7 +26,7 @@ from torch import nn
 
 from ._io import atomic_output
 from .errors import BncalError
-from .fold import as_tuple, check_initialized, meta_clone, one_line
+from .folding import as_tuple, check_initialized, meta_clone, one_line
 
 __all__ = ["export_onnx", "export_train_mode_onnx"]
 

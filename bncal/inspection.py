@@ -687,7 +687,7 @@ def inspect_model(model, *, batch_size: int | None = None, dataset_size: int | N
     model's train/eval flags are restored. ``fold_decisions`` is a list of
     :class:`bncal.report.FoldDecision` or a callable producing one, called as
     ``fold_decisions(model)``, or ``fold_decisions(model, example_inputs)`` when example inputs
-    are given (so ``bncal.fold.analyze_foldability`` can be passed as it is).
+    are given (so ``bncal.folding.analyze_foldability`` can be passed as it is).
     The model is not modified.
     """
     notes: list[str] = []

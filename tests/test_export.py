@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from bncal.errors import BncalError
 from bncal.export import export_onnx, export_train_mode_onnx
-from bncal.fold import fold
+from bncal.folding import fold
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -15,7 +15,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from bncal.errors import BncalError
-from bncal.fold import ChannelAffine, analyze_foldability, fold
+from bncal.folding import ChannelAffine, analyze_foldability, fold
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
