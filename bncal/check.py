@@ -1,0 +1,288 @@
+"""Check an ONNX model's BatchNorm statistics against its data, in onnxruntime.
+
+A BN computes one thing in training (normalise with the batch's statistics) and another at
+inference (normalise with the stored moving statistics). The two agree only when the moving
+statistics are those of the data the BN sees. :func:`check_onnx` runs the inference graph and
+the train-mode graph (:func:`bncal.onnx_graphs.make_train_graph`, statistics exposed) on the
+same calibration batches and reports:
+
+- per BN layer (exact, the primary test): the moving statistics against the population
+  statistics of the layer's input over all batches (merged exactly by
+  :class:`bncal.stats.ChannelMoments`): the largest mean shift in units of
+  ``sqrt(population var + eps)`` and the variance ratio ``(moving var + eps) / (population var
+  + eps)`` farthest from 1. Both are measured in the units that matter: how much the BN's
+  normalised output moves.
+- per model output: agreement of inference-mode and train-mode outputs. Even perfect moving
+  statistics leave differences from batch-to-batch noise of the batch statistics, so this
+  part uses loose thresholds (see :class:`CheckThresholds`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import BncalError
+from .onnx_graphs import find_batchnorms, make_train_graph
+from .onnx_recalibrate import BatchStream, quiet_session, run_session
+from .report import SkippedLayer, format_table, summarize_shift
+from .stats import ChannelMoments
+
+__all__ = ["CheckThresholds", "LayerCheck", "OutputCheck", "CheckReport", "check_onnx"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckThresholds:
+    """Limits for :func:`check_onnx`; a model passes when every layer and output is within them.
+
+    ``max_mean_shift`` (0.1): largest per-channel ``|moving mean - population mean| /
+    sqrt(population var + eps)``: the BN output moves by that many of its own standard
+    deviations (times ``|scale|``). Stale statistics are typically off by 0.3 to several units
+    (the shipped stale MNIST CNN: 6).
+
+    ``max_var_log_ratio`` (0.2): largest per-channel ``|log((moving var + eps) / (population
+    var + eps))|``, i.e. the moving variance within -18 % / +22 % of the population one (the
+    BN output's scale within about 10 %). The stale MNIST CNN: 2.9.
+
+    ``noise_allowance`` (3.0): the population statistics are themselves estimated from the
+    check's n values per channel, with standard errors ``1/sqrt(n)`` (mean shift, in sd) and
+    ``sqrt(2/n)`` (log variance). Each layer's limits are widened by this many standard errors,
+    so checking on held-out data does not fail layers that see few values: a BatchNorm1d
+    recalibrated on 1024 MNIST digits and checked on 512 others measures a shift of 0.12 and
+    a log variance ratio of 0.17 from sampling alone (limits there: 0.23 and 0.39); a conv
+    layer with 25,000 values per channel gets 0.12 and 0.23.
+
+    ``min_top1_agreement`` (0.8): for ``(N, classes)`` float outputs, the fraction of samples
+    whose arg-max is the same in inference and train mode. Train mode itself depends on the
+    batch, so a perfect model does not reach 1: measured 0.98 to 1.0 for the recalibrated
+    MNIST CNN at batch sizes 16 to 64, 0.91 for a randomly initialised ResNet at batch 32
+    (its logits have tiny margins); 0.0 to 0.21 for stale models.
+
+    ``max_output_rel_error`` (0.5): ``rms(inference - train output) / rms(train output)`` over
+    all batches. Measured 0.12 to 0.24 (MNIST CNN, batch 64 to 16) and 0.06 (ResNet, batch
+    32) once recalibrated, 0.97 and 1.2 when stale.
+
+    The layer test is the precise one; the output tests catch what it cannot see (a BN bncal
+    had to skip, a wrong graph) and need batches drawn at random from the data: batches that
+    each hold one class have batch statistics far from the population, and train mode then
+    disagrees with any inference model.
+    """
+
+    max_mean_shift: float = 0.1
+    max_var_log_ratio: float = 0.2
+    noise_allowance: float = 3.0
+    min_top1_agreement: float = 0.8
+    max_output_rel_error: float = 0.5
+
+
+@dataclasses.dataclass
+class LayerCheck:
+    """One BN layer: moving statistics against the population statistics of its input.
+
+    ``shift_limit`` and ``log_ratio_limit`` are the thresholds after the noise allowance for
+    this layer's ``samples`` (values per channel).
+    """
+
+    name: str
+    channels: int
+    samples: int
+    mean_shift: float
+    var_ratio: float
+    shift_limit: float
+    log_ratio_limit: float
+    passed: bool
+
+
+@dataclasses.dataclass
+class OutputCheck:
+    """One model output: inference mode against train mode.
+
+    ``rel_error`` is ``rms(inference - train) / rms(train)``; ``max_abs_error`` the largest
+    element difference; ``top1_agreement`` is None unless the output is ``(N, classes)``.
+    """
+
+    name: str
+    max_abs_error: float
+    rel_error: float
+    top1_agreement: float | None
+    passed: bool
+
+
+@dataclasses.dataclass
+class CheckReport:
+    """The outcome of :func:`check_onnx`: ``passed``, the ``reasons`` it failed, the details."""
+
+    passed: bool
+    reasons: list[str]
+    layers: list[LayerCheck]
+    outputs: list[OutputCheck]
+    skipped: list[SkippedLayer]
+    thresholds: CheckThresholds
+    batches: int
+    samples: int
+
+    @property
+    def verdict(self) -> str:
+        return "PASSED" if self.passed else "FAILED"
+
+    def table(self) -> str:
+        """Layer table, output table, skipped layers, thresholds, then the verdict line."""
+        t = self.thresholds
+        layer_rows = [(l.name, l.channels, l.samples, l.mean_shift, l.shift_limit, l.var_ratio,
+                       f"{math.exp(-l.log_ratio_limit):.3g}..{math.exp(l.log_ratio_limit):.3g}",
+                       "pass" if l.passed else "FAIL") for l in self.layers]
+        output_rows = [(o.name, o.max_abs_error, o.rel_error, o.top1_agreement, "pass" if o.passed else "FAIL")
+                       for o in self.outputs]
+        parts = [
+            format_table(layer_rows, ["layer", "channels", "samples", "max |shift| (sd)", "limit", "var ratio",
+                                      "allowed", "result"]),
+            "",
+            format_table(output_rows, ["output", "max abs err", "rel err (rms)", "top-1 agree", "result"]),
+        ]
+        parts += [f"skipped {s.name}: {s.reason}" for s in self.skipped]
+        parts.append(
+            f"thresholds: shift <= {t.max_mean_shift:g} sd, |log var ratio| <= {t.max_var_log_ratio:g} "
+            f"(+ {t.noise_allowance:g} standard errors of the check's own estimate), "
+            f"top-1 agreement >= {t.min_top1_agreement:g}, output rel error <= {t.max_output_rel_error:g} "
+            f"({self.batches} batches, {self.samples} samples)")
+        parts.append(self.verdict if self.passed else f"FAILED: {'; '.join(self.reasons)}")
+        return "\n".join(parts)
+
+
+def check_onnx(
+    model: onnx.ModelProto,
+    batches: Iterable,
+    *,
+    thresholds: CheckThresholds = CheckThresholds(),
+    max_samples: int | None = None,
+    providers: list[str] | None = None,
+    progress: bool | Callable[[int], None] = False,
+) -> CheckReport:
+    """Compare ``model``'s moving BN statistics and inference outputs with train mode on ``batches``.
+
+    One pass over the data (a one-shot iterator is fine); batches as for
+    :func:`bncal.onnx_recalibrate.recalibrate_onnx`. Batches should be drawn at random and
+    hold 16 or more samples for the output tests to be meaningful (see :class:`CheckThresholds`).
+
+    Raises:
+        BncalError: no BN to check, data not matching the model, NaN/Inf in the data, or a
+            batch giving a BN one value per channel (train mode is undefined there).
+    """
+    if not isinstance(model, onnx.ModelProto):
+        raise BncalError(f"expected an onnx.ModelProto, got {type(model).__name__}; load the file with onnx.load first")
+    infos = find_batchnorms(model)
+    skipped = [SkippedLayer(i.name, i.skip_reason) for i in infos if not i.handled]
+    if not any(i.handled for i in infos):
+        detail = f" ({'; '.join(f'{s.name}: {s.reason}' for s in skipped)})" if skipped else ""
+        raise BncalError(f"the model has no inference BatchNormalization to check{detail}")
+    stream = BatchStream(model, batches, max_samples=max_samples, reiterable=False, progress=progress)
+    train_model, train_infos = make_train_graph(model, expose_stats=True)
+    handled = [i for i in train_infos if i.handled]
+    inference = quiet_session(model, providers)
+    train = quiet_session(train_model, providers)
+    output_names = [o.name for o in model.graph.output]
+    stat_names = [n for i in handled for n in (i.mean_output, i.var_output, i.count_output)]
+
+    moments = {i.name: ChannelMoments.empty(i.channels) for i in handled}
+    outputs = {name: _OutputAccumulator() for name in output_names}
+    for index, feeds in stream:
+        inferred = run_session(inference, output_names, feeds, index)
+        trained = run_session(train, output_names + stat_names, feeds, index)
+        for name, a, b in zip(output_names, inferred, trained):
+            outputs[name].add(a, b)
+        stats = trained[len(output_names):]
+        for k, info in enumerate(handled):
+            mean, var, size = stats[3 * k: 3 * k + 3]
+            count = int(size) // info.channels
+            if count < 2:
+                raise BncalError(f"batch {index} gives BatchNorm {info.name} only {count} value per channel, so "
+                                 "train mode is undefined; check with batches of 2 or more samples (32+ is better)")
+            moments[info.name].add_batch(count, mean, var)
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    reasons, layers = [], []
+    for info in handled:
+        m = moments[info.name]
+        moving_mean = numpy_helper.to_array(initializers[info.mean_initializer]).astype(np.float64).reshape(-1)
+        moving_var = numpy_helper.to_array(initializers[info.var_initializer]).astype(np.float64).reshape(-1)
+        shift, ratio = _layer_distance(moving_mean, moving_var, m.mean, m.variance, info.epsilon)
+        shift_limit = thresholds.max_mean_shift + thresholds.noise_allowance / math.sqrt(m.count)
+        log_ratio_limit = thresholds.max_var_log_ratio + thresholds.noise_allowance * math.sqrt(2.0 / m.count)
+        finite = math.isfinite(shift) and math.isfinite(ratio) and ratio > 0
+        ok = finite and shift <= shift_limit and abs(math.log(ratio)) <= log_ratio_limit
+        layers.append(LayerCheck(info.name, info.channels, m.count, shift, ratio, shift_limit, log_ratio_limit, ok))
+    bad = [l for l in layers if not l.passed]
+    if bad:
+        worst = max(bad, key=lambda l: l.mean_shift if math.isfinite(l.mean_shift) else math.inf)
+        reasons.append(f"{len(bad)} of {len(layers)} BatchNorm layers have moving statistics off their data "
+                       f"(worst {worst.name}: mean shift {worst.mean_shift:.3g} sd, var ratio {worst.var_ratio:.3g}); "
+                       "recalibrate them")
+    checks = []
+    for name in output_names:
+        acc = outputs[name]
+        rel, agreement = acc.rel_error, acc.top1_agreement
+        ok = math.isfinite(rel) and rel <= thresholds.max_output_rel_error
+        if agreement is not None:
+            ok = ok and agreement >= thresholds.min_top1_agreement
+        checks.append(OutputCheck(name, acc.max_abs_error, rel, agreement, ok))
+        if not ok:
+            detail = f"relative error {rel:.3g}" + ("" if agreement is None else f", top-1 agreement {agreement:.3g}")
+            reasons.append(f"output {name} differs between inference and train mode ({detail})")
+    return CheckReport(passed=not reasons, reasons=reasons, layers=layers, outputs=checks, skipped=skipped,
+                       thresholds=thresholds, batches=stream.batches, samples=stream.samples)
+
+
+def _layer_distance(moving_mean, moving_var, mean, var, eps) -> tuple[float, float]:
+    """``(max |shift| in population sd, var ratio farthest from 1)``; NaN/Inf statistics count as infinitely far."""
+    if not (np.isfinite(moving_mean).all() and np.isfinite(moving_var).all()) or (moving_var + eps <= 0).any():
+        return math.inf, math.inf
+    return summarize_shift(moving_mean, moving_var, mean, var, eps)
+
+
+class _OutputAccumulator:
+    """Streaming error measures of one output over all batches."""
+
+    def __init__(self):
+        self.max_abs_error = 0.0
+        self.diff_sq = self.ref_sq = 0.0
+        self.count = 0
+        self.agree = self.rows = 0
+        self.classifier = True
+        self.finite = True
+
+    def add(self, inferred, trained):
+        a = np.asarray(inferred, np.float64)
+        b = np.asarray(trained, np.float64)
+        if not (np.isfinite(a).all() and np.isfinite(b).all()):
+            self.finite = False
+        diff = np.abs(a - b)
+        if diff.size:
+            worst = math.inf if np.isnan(diff).any() else float(diff.max())
+            self.max_abs_error = max(self.max_abs_error, worst)
+        self.diff_sq += float(np.sum(np.square(diff)))
+        self.ref_sq += float(np.sum(np.square(b)))
+        self.count += diff.size
+        if a.ndim == 2 and a.shape[1] >= 2 and np.issubdtype(np.asarray(inferred).dtype, np.floating):
+            self.agree += int(np.sum(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
+            self.rows += a.shape[0]
+        else:
+            self.classifier = False
+
+    @property
+    def rel_error(self) -> float:
+        if not self.finite:
+            return math.inf
+        if self.count == 0:
+            return 0.0
+        scale = math.sqrt(self.ref_sq / self.count)
+        error = math.sqrt(self.diff_sq / self.count)
+        return error / scale if scale > 0 else (0.0 if error == 0 else math.inf)
+
+    @property
+    def top1_agreement(self) -> float | None:
+        return self.agree / self.rows if self.classifier and self.rows else None

@@ -1,0 +1,130 @@
+"""bncal.check: stale statistics fail, recalibrated ones pass, and the report says why."""
+
+import dataclasses
+import io
+import math
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from bncal.check import CheckThresholds, check_onnx
+from bncal.errors import BncalError
+from bncal.onnx_graphs import find_batchnorms
+from bncal.onnx_recalibrate import recalibrate_onnx
+
+
+def export(net, shape):
+    """TorchScript export keeping BN nodes (``TrainingMode.PRESERVE``; the default folds Conv+BN)."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net.eval(), (torch.zeros(*shape),), buffer, dynamo=False,
+                          training=torch.onnx.TrainingMode.PRESERVE, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "n"}})
+    return onnx.load_from_string(buffer.getvalue())
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    """The shipped stale MNIST CNN as ONNX, and shuffled calibration / held-out images."""
+    from models import zoo
+
+    model = export(zoo.mnist_cnn_stale(), (2, 1, 28, 28))
+    rng = np.random.default_rng(0)
+    calib = zoo.mnist_arrays("calib")[0].numpy()
+    test = zoo.mnist_arrays("test")[0].numpy()
+    calib = calib[rng.permutation(len(calib))[:1024]]
+    test = test[rng.permutation(len(test))[:512]]
+    return model, [calib[i:i + 64] for i in range(0, len(calib), 64)], [test[i:i + 64] for i in range(0, len(test), 64)]
+
+
+def small_cnn(stale: bool):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6))
+    with torch.no_grad():
+        for bn in (net[1], net[4]):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+            bn.running_mean.uniform_(-0.5, 0.5) if stale else bn.running_mean.zero_()
+            bn.running_var.uniform_(0.5, 2.0)
+    return net
+
+
+def test_stale_model_fails_and_passes_after_recalibration(mnist):
+    model, calib, test = mnist
+    stale = check_onnx(model, calib)
+    assert not stale.passed and stale.verdict == "FAILED"
+    assert all(not layer.passed for layer in stale.layers)
+    assert stale.outputs[0].top1_agreement < 0.5 and not stale.outputs[0].passed
+    assert len(stale.reasons) == 2 and "recalibrate" in stale.reasons[0]
+    for mode in ("train", "eval"):
+        fixed, _ = recalibrate_onnx(model, calib, mode=mode)
+        for data in (calib, test):  # the calibration data itself, and held-out digits
+            report = check_onnx(fixed, data)
+            assert report.passed, report.table()
+            assert report.outputs[0].top1_agreement > 0.95
+        on_calibration_data = check_onnx(fixed, calib)
+        assert max(layer.mean_shift for layer in on_calibration_data.layers) < 0.02
+
+
+def test_table_shows_layers_outputs_thresholds_and_verdict(mnist):
+    model, calib, _ = mnist
+    report = check_onnx(model, calib[:4])
+    text = report.table()
+    assert report.layers[0].name in text and "top-1 agree" in text and "thresholds:" in text
+    assert text.splitlines()[-1].startswith("FAILED: ")
+    assert report.batches == 4 and report.samples == 256
+
+
+def test_layer_test_uses_population_statistics_exactly():
+    net = small_cnn(stale=True)
+    model = export(net, (2, 3, 8, 8))
+    x = np.random.default_rng(0).normal(0.5, 2, (64, 3, 8, 8)).astype(np.float32)
+    report = check_onnx(model, [x[:40], x[40:]])
+    # The first BN's input is the first conv's output: its population moments in float64.
+    with torch.no_grad():
+        conv_out = net[0](torch.from_numpy(x).double().float()).double().numpy()
+    mean, var = conv_out.mean((0, 2, 3)), conv_out.var((0, 2, 3))
+    first = find_batchnorms(model)[0]
+    inits = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    moving_mean, moving_var = inits[first.mean_initializer], inits[first.var_initializer]
+    expected_shift = np.max(np.abs(moving_mean - mean) / np.sqrt(var + first.epsilon))
+    assert report.layers[0].mean_shift == pytest.approx(expected_shift, rel=1e-5)
+    ratios = (moving_var + first.epsilon) / (var + first.epsilon)
+    worst = ratios[np.argmax(np.abs(np.log(ratios)))]
+    assert report.layers[0].var_ratio == pytest.approx(worst, rel=1e-5)
+    assert report.layers[0].samples == 64 * 36
+    assert report.outputs[0].top1_agreement is None  # (N, C, H, W) output: no arg-max test
+
+
+def test_non_finite_statistics_fail_without_crashing():
+    model = export(small_cnn(stale=False), (2, 3, 8, 8))
+    var_name = find_batchnorms(model)[0].var_initializer
+    for t in model.graph.initializer:
+        if t.name == var_name:
+            t.CopyFrom(numpy_helper.from_array(np.full(4, np.nan, np.float32), var_name))
+    x = np.random.default_rng(0).normal(0, 1, (32, 3, 8, 8)).astype(np.float32)
+    report = check_onnx(model, iter([x]))  # a one-shot iterator is fine: one pass
+    assert not report.passed and not report.layers[0].passed
+    assert math.isinf(report.layers[0].mean_shift)
+    assert not report.outputs[0].passed and math.isinf(report.outputs[0].rel_error)
+
+
+def test_thresholds_are_applied(mnist):
+    model, calib, _ = mnist
+    fixed, _ = recalibrate_onnx(model, calib)
+    strict = dataclasses.replace(CheckThresholds(), max_output_rel_error=0.0)
+    report = check_onnx(fixed, calib, thresholds=strict)
+    assert not report.passed and len(report.reasons) == 1 and report.reasons[0].startswith("output y differs")
+    assert all(layer.passed for layer in report.layers)
+
+
+def test_one_value_per_channel_is_refused(mnist):
+    model, calib, _ = mnist
+    with pytest.raises(BncalError, match="only 1 value per channel"):
+        check_onnx(model, [calib[0][:1]])

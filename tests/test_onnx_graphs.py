@@ -1,0 +1,319 @@
+"""bncal.onnx_graphs: derived graphs against the ONNX reference evaluator, PyTorch and numpy float64."""
+
+import copy
+import io
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+from torch import nn
+
+from bncal.errors import BncalError
+from bncal.onnx_graphs import find_batchnorms, make_stats_graph, make_train_graph, write_statistics
+
+
+def export(net: nn.Module, shape, *, dynamic_spatial=False) -> onnx.ModelProto:
+    """TorchScript export that keeps BatchNorm nodes.
+
+    The default eval-mode export folds Conv+BN; ``training=TrainingMode.PRESERVE`` keeps every
+    BatchNormalization (inference mode, since the module is in eval mode).
+    """
+    axes = {0: "n", 2: "h", 3: "w"} if dynamic_spatial else {0: "n"}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net.eval(), (torch.zeros(*shape),), buffer, dynamo=False,
+                          training=torch.onnx.TrainingMode.PRESERVE, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": axes})
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def randomize_bn(net: nn.Module, seed=0) -> nn.Module:
+    """Distinct, non-default BN parameters and statistics (so no two initializers are equal)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                c = m.num_features
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(c, generator=g) - 0.5)
+                m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    return net
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    return randomize_bn(nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 3 * 3, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 5)))
+
+
+def session(model):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def run(model, feeds):
+    s = session(model)
+    return dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
+
+
+def bn_inputs(net, x, train: bool):
+    """Inputs of every BN of ``net`` on ``x`` (float64 forward of a copy), in order."""
+    net = copy.deepcopy(net).double().train(train)
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().numpy().copy()))
+             for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        net(torch.from_numpy(x).double())
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def moments64(a):
+    axes = tuple(i for i in range(a.ndim) if i != 1)
+    a = a.astype(np.float64)
+    return a.mean(axes), a.var(axes), a.size // a.shape[1]
+
+
+def bn_graph(opset, rank=4, channels=3, ir_version=8, params_as_inputs=False):
+    """x -> BatchNormalization -> Relu, built by hand at the given opset, params as initializers."""
+    rng = np.random.default_rng(opset)
+    params = {
+        "scale": rng.uniform(0.5, 1.5, channels), "bias": rng.uniform(-0.5, 0.5, channels),
+        "mean": rng.uniform(-0.5, 0.5, channels), "var": rng.uniform(0.5, 1.5, channels),
+    }
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in params.items()]
+    dims = ["n", channels] + [f"s{i}" for i in range(rank - 2)]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)]
+    if params_as_inputs:  # IR < 4: every initializer is listed as a graph input too
+        inputs += [helper.make_tensor_value_info(k, TensorProto.FLOAT, [channels]) for k in params]
+    nodes = [helper.make_node("BatchNormalization", ["x", "scale", "bias", "mean", "var"], ["bn"], name="bn",
+                              epsilon=1e-3),
+             helper.make_node("Relu", ["bn"], ["y"])]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
+    return model, {k: v.astype(np.float32) for k, v in params.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def test_export_keeps_batchnorm_and_input_is_not_mutated():
+    model = export(small_cnn(), (2, 3, 8, 8))
+    assert [n.op_type for n in model.graph.node].count("BatchNormalization") == 3
+    before = model.SerializeToString()
+    make_train_graph(model, expose_stats=True)
+    make_stats_graph(model)
+    assert model.SerializeToString() == before
+    infos = find_batchnorms(model)
+    assert [i.channels for i in infos] == [6, 8, 16] and all(i.handled for i in infos)
+
+
+def test_train_graph_matches_reference_evaluator_and_torch_train_mode():
+    net = small_cnn()
+    model = export(net, (2, 3, 8, 8))
+    train_model, infos = make_train_graph(model, expose_stats=True)
+    onnx.checker.check_model(train_model, full_check=True)
+    x = np.random.default_rng(1).normal(0.3, 2.0, (5, 3, 8, 8)).astype(np.float32)
+    got = run(train_model, {"x": x})
+    expected = ReferenceEvaluator(train_model).run(None, {"x": x})
+    for name, value in zip([o.name for o in train_model.graph.output], expected):
+        np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-5, err_msg=name)
+
+    with torch.no_grad():
+        torch_train = copy.deepcopy(net).train()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got["y"], torch_train, rtol=1e-5, atol=1e-5)
+    # The exposed statistics are the batch mean and *biased* variance of each BN's input.
+    for info, inp in zip(infos, bn_inputs(net, x, train=True)):
+        mean, var, count = moments64(inp)
+        sd = np.sqrt(var)
+        assert np.max(np.abs(got[info.mean_output] - mean) / sd) < 1e-5
+        np.testing.assert_allclose(got[info.var_output], var, rtol=1e-5)
+        assert int(got[info.count_output]) // info.channels == count
+
+
+def test_stats_graph_same_outputs_and_float64_moments():
+    net = small_cnn()
+    model = export(net, (2, 3, 8, 8))
+    stats_model, infos = make_stats_graph(model)
+    onnx.checker.check_model(stats_model, full_check=True)
+    x = np.random.default_rng(2).normal(-1.0, 3.0, (7, 3, 8, 8)).astype(np.float32)
+    got = run(stats_model, {"x": x})
+    # Inference unchanged (up to onnxruntime fusing Conv+BN in the original only).
+    np.testing.assert_allclose(got["y"], run(model, {"x": x})["y"], rtol=1e-5, atol=1e-6)
+    for info, inp in zip(infos, bn_inputs(net, x, train=False)):
+        mean, var, count = moments64(inp)
+        assert np.max(np.abs(got[info.mean_output] - mean) / np.sqrt(var)) < 1e-5
+        np.testing.assert_allclose(got[info.var_output], var, rtol=1e-5)
+        assert int(got[info.count_output]) == count * info.channels
+
+
+def test_stats_graph_feeds_override_moving_statistics():
+    net = small_cnn()
+    model = export(net, (2, 3, 8, 8))
+    stats_model, infos = make_stats_graph(model, keep_model_outputs=True)
+    x = np.random.default_rng(3).normal(0, 1, (4, 3, 8, 8)).astype(np.float32)
+    rng = np.random.default_rng(4)
+    feeds, bns = {"x": x}, [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for info, bn in zip(infos, bns):
+        mean = rng.normal(0, 1, info.channels).astype(np.float32)
+        var = rng.uniform(0.5, 2, info.channels).astype(np.float32)
+        feeds[info.mean_feed], feeds[info.var_feed] = mean, var
+        bn.running_mean.copy_(torch.from_numpy(mean))
+        bn.running_var.copy_(torch.from_numpy(var))
+    with torch.no_grad():
+        expected = net.eval()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(run(stats_model, feeds)["y"], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("opset", [9, 13, 14, 15, 18, 21])
+@pytest.mark.parametrize("rank", [2, 3, 5])
+def test_training_form_at_every_opset_and_rank(opset, rank):
+    model, p = bn_graph(opset, rank)
+    train_model, (info,) = make_train_graph(model, expose_stats=True)
+    onnx.checker.check_model(train_model)
+    shape = (6, 3, 4, 3, 2)[:rank]
+    x = np.random.default_rng(rank).normal(2.0, 0.5, shape).astype(np.float32)
+    got = run(train_model, {"x": x})
+    mean, var, count = moments64(x)
+    assert np.max(np.abs(got[info.mean_output] - mean) / np.sqrt(var)) < 1e-6
+    np.testing.assert_allclose(got[info.var_output], var, rtol=1e-6)
+    assert int(got[info.count_output]) == count * 3
+    bshape = (1, 3) + (1,) * (rank - 2)
+    y = (x - mean.reshape(bshape)) / np.sqrt(var.reshape(bshape) + 1e-3) * p["scale"].reshape(bshape) \
+        + p["bias"].reshape(bshape)
+    np.testing.assert_allclose(got["y"], np.maximum(y, 0), rtol=1e-5, atol=1e-5)
+    if opset >= 14:  # the reference evaluator knows only the training_mode form
+        ref = ReferenceEvaluator(train_model).run(None, {"x": x})
+        np.testing.assert_allclose(ref[0], got["y"], rtol=1e-5, atol=1e-5)
+
+
+def test_opset_below_9_is_refused():
+    model, _ = bn_graph(9)
+    model.opset_import[0].version = 8
+    with pytest.raises(BncalError, match="opset 8.*convert_version"):
+        make_train_graph(model)
+
+
+def test_dynamic_spatial_size():
+    net = small_cnn()[:6]  # convolutional part only: any H, W
+    model = export(net, (2, 3, 8, 8), dynamic_spatial=True)
+    stats_model, infos = make_stats_graph(model, keep_model_outputs=False)
+    train_model, train_infos = make_train_graph(model, expose_stats=True, keep_model_outputs=False)
+    for h, w in ((8, 8), (13, 6)):
+        x = np.random.default_rng(h).normal(0, 1, (3, 3, h, w)).astype(np.float32)
+        for derived, derived_infos, train in ((stats_model, infos, False), (train_model, train_infos, True)):
+            got = run(derived, {"x": x})
+            for info, inp in zip(derived_infos, bn_inputs(net, x, train=train)):
+                mean, var, count = moments64(inp)
+                assert int(got[info.count_output]) == count * info.channels
+                np.testing.assert_allclose(got[info.var_output], var, rtol=1e-5)
+
+
+def test_ir3_graph_with_parameters_as_inputs_is_handled():
+    model, _ = bn_graph(9, ir_version=3, params_as_inputs=True)
+    (info,) = find_batchnorms(model)
+    assert info.handled and info.mean_initializer == "mean"
+    train_model, (info,) = make_train_graph(model, expose_stats=True)
+    assert [i.name for i in train_model.graph.input] == ["x"]
+    x = np.random.default_rng(0).normal(0, 1, (4, 3, 2, 2)).astype(np.float32)
+    np.testing.assert_allclose(run(train_model, {"x": x})[info.var_output], moments64(x)[1], rtol=1e-6)
+
+
+def test_parameter_graph_input_without_default_is_skipped_with_reason():
+    model, _ = bn_graph(15)
+    model.graph.initializer.pop(2)  # "mean"
+    model.graph.input.append(helper.make_tensor_value_info("mean", TensorProto.FLOAT, [3]))
+    (info,) = find_batchnorms(model)
+    assert not info.handled and "graph input 'mean'" in info.skip_reason
+
+
+def test_training_mode_batchnorm_is_left_alone():
+    model, _ = bn_graph(15)
+    bn = model.graph.node[0]
+    bn.attribute.append(helper.make_attribute("training_mode", 1))
+    bn.output.extend(["rm", "rv"])
+    (info,) = find_batchnorms(model)
+    assert "training mode" in info.skip_reason
+    train_model, _ = make_train_graph(model, expose_stats=True)
+    assert train_model.graph.node[0] == bn
+
+
+def test_shared_statistics_are_unshared_when_written():
+    # Fresh BNs (mean 0, var 1 = weight) exported by TorchScript: equal initializers are
+    # deduplicated, so the statistics are Identity nodes of tensors other nodes read too.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+    model = export(net, (2, 3, 8, 8))
+    assert any(n.op_type == "Identity" for n in model.graph.node)
+    infos = find_batchnorms(model)
+    assert all(i.handled for i in infos)
+    rng = np.random.default_rng(0)
+    stats = {i.name: (rng.normal(0, 1, 4), rng.uniform(0.5, 2, 4)) for i in infos}
+    new, notes = write_statistics(model, stats)
+    onnx.checker.check_model(new, full_check=True)
+    assert notes and all("initializer" in n for n in notes)
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    for info, bn in zip(infos, bns):
+        bn.running_mean.copy_(torch.from_numpy(stats[info.name][0]))
+        bn.running_var.copy_(torch.from_numpy(stats[info.name][1]))
+    x = np.random.default_rng(1).normal(0, 1, (2, 3, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        expected = net.eval()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(run(new, {"x": x})["y"], expected, rtol=1e-5, atol=1e-5)
+    # Tensors the statistics were deduplicated with (e.g. a BN's scale of ones) keep their values.
+    old = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for t in new.graph.initializer:
+        if t.name in old and not t.name.endswith(("running_mean", "running_var")):
+            np.testing.assert_array_equal(numpy_helper.to_array(t), old[t.name], err_msg=t.name)
+
+
+def test_write_statistics_in_place_changes_only_those_initializers():
+    model = export(small_cnn(), (2, 3, 8, 8))
+    infos = find_batchnorms(model)
+    stats = {i.name: (np.full(i.channels, 0.25), np.full(i.channels, 4.0)) for i in infos}
+    new, notes = write_statistics(model, stats)
+    assert notes == []
+    changed = {n for i in infos for n in (i.mean_initializer, i.var_initializer)}
+    strip = lambda m: [t for t in m.graph.initializer if t.name not in changed]
+    assert strip(new) == strip(model)
+    assert [t.name for t in new.graph.initializer] == [t.name for t in model.graph.initializer]
+    assert new.graph.node == model.graph.node
+    values = {t.name: numpy_helper.to_array(t) for t in new.graph.initializer}
+    for i in infos:
+        assert values[i.var_initializer].dtype == np.float32
+        np.testing.assert_array_equal(values[i.var_initializer], np.full(i.channels, 4.0, np.float32))
+
+
+def test_statistics_shared_directly_by_two_batchnorms():
+    c = 2
+    inits = [numpy_helper.from_array(v, k) for k, v in {
+        "one": np.ones(c, np.float32), "zero": np.zeros(c, np.float32)}.items()]
+    nodes = [helper.make_node("BatchNormalization", ["x", "one", "zero", "zero", "one"], ["a"], name="bn1"),
+             helper.make_node("BatchNormalization", ["a", "one", "zero", "zero", "one"], ["y"], name="bn2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", c])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", c])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    stats = {"bn1": (np.array([1.0, 2.0]), np.array([4.0, 9.0])),
+             "bn2": (np.array([-1.0, 0.5]), np.array([0.25, 1.0]))}
+    new, notes = write_statistics(model, stats)
+    onnx.checker.check_model(new, full_check=True)
+    # Every statistics slot reads a tensor that scale or bias read too: each gets its own.
+    assert len(notes) == 4
+    assert {t.name for t in new.graph.initializer} == {
+        "one", "zero", "bn1.running_mean", "bn1.running_var", "bn2.running_mean", "bn2.running_var"}
+    x = np.array([[3.0, 5.0], [1.0, 2.0]], np.float32)
+    a = (x - stats["bn1"][0]) / np.sqrt(stats["bn1"][1] + 1e-5)
+    y = (a - stats["bn2"][0]) / np.sqrt(stats["bn2"][1] + 1e-5)
+    np.testing.assert_allclose(run(new, {"x": x})["y"], y, rtol=1e-5)
