@@ -230,7 +230,6 @@ def _init_distributed(device) -> bool:
 
 
 def _recalibrate_onnx(model_path, data_spec, output, batch_size, max_samples, image_options, mode, tol, max_passes):
-    from ._io import atomic_output
     from .data import load_data
     from .onnx_io import load_onnx, save_onnx
     from .onnx_recalibrate import recalibrate_onnx
@@ -441,6 +440,78 @@ def _check_onnx_model(proto, data, max_samples):
     from .check import check_onnx
 
     return check_onnx(proto, data, max_samples=max_samples)
+
+
+@main.command("check")
+@click.argument("model")
+@model_options
+@data_options
+@click.option("--max-mean-shift", type=float, default=0.1, show_default=True,
+              help="Largest |moving mean - data mean| per channel, in data standard deviations.")
+@click.option("--max-var-log-ratio", type=float, default=0.2, show_default=True,
+              help="Largest |log(moving var / data var)| per channel.")
+@click.option("--min-top1-agreement", type=float, default=0.8, show_default=True,
+              help="Smallest fraction of samples whose arg-max agrees between inference and train mode.")
+@click.option("--max-output-rel-error", type=float, default=0.5, show_default=True,
+              help="Largest rms(inference - train) / rms(train) per output.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a per-layer PNG of mean shift and variance ratio.")
+@report_options
+@handle_errors
+def check(model, weights, model_kwargs, allow_pickle, data_spec, batch_size, max_samples, image_size, channels, norm_mean,
+          norm_std, max_mean_shift, max_var_log_ratio, min_top1_agreement, max_output_rel_error, plot, report_json):
+    """Check in onnxruntime that MODEL's moving statistics match the batch statistics of DATA.
+
+    Per BN layer: mean shift and variance ratio of the moving statistics against the data's;
+    per output: inference mode against train mode. Exit 1 when the statistics are stale.
+    MODEL is an .onnx file or a factory spec (exported with its BatchNorms kept; the report
+    then also shows PyTorch-eval vs onnxruntime parity). Use batches of 32 or more.
+    """
+    from itertools import islice
+
+    from .check import CheckThresholds, check_onnx
+    from .data import NumpyBatches, load_data
+    from .loading import is_onnx_path
+
+    if not data_spec:
+        raise BncalError("--data is required: the data whose batch statistics the model is checked against")
+    data = NumpyBatches(load_data(data_spec, batch_size=batch_size,
+                                  image_options=_image_options(image_size, channels, norm_mean, norm_std)))
+    thresholds = CheckThresholds(max_mean_shift=max_mean_shift, max_var_log_ratio=max_var_log_ratio,
+                                 min_top1_agreement=min_top1_agreement, max_output_rel_error=max_output_rel_error)
+    parity = None
+    if is_onnx_path(model):
+        from .onnx_io import load_onnx
+
+        proto = load_onnx(model)
+    else:
+        import torch
+
+        from .data import TorchBatches
+        from .export import export_onnx
+        from .fold_export import torch_onnx_parity
+        from .loading import load_model
+
+        net = load_model(model, weights=weights, model_kwargs=model_kwargs, allow_pickle=allow_pickle)
+        dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
+        batches = [_as_tuple(b) for b in islice(TorchBatches(data, dtype), 3)]
+        if not batches:
+            raise BncalError("the calibration data is empty; give at least one batch")
+        proto = export_onnx(net, batches[0], keep_batchnorm=True)
+        parity = torch_onnx_parity(net, proto, batches)
+    report = check_onnx(proto, data, thresholds=thresholds, max_samples=max_samples, progress=sys.stderr.isatty())
+    if parity is not None:
+        click.echo("PyTorch eval vs onnxruntime (exported graph):")
+        click.echo(parity.table())
+        click.echo("")
+    click.echo(report.table())
+    if report_json:
+        _write_json(report_json, {"check": report, "parity": parity})
+    if plot:
+        from .plot import plot_check
+
+        plot_check({"moving vs data": report}, plot)
+    if not report.passed or (parity is not None and not parity.passed):
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -26,7 +26,7 @@ import numpy as np
 from .errors import BncalError
 from .loading import resolve_callable
 
-__all__ = ["ArrayBatches", "FunctionBatches", "TorchBatches", "ImageOptions", "load_data", "IMAGE_SUFFIXES"]
+__all__ = ["ArrayBatches", "FunctionBatches", "TorchBatches", "NumpyBatches", "ImageOptions", "load_data", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -209,6 +209,29 @@ class TorchBatches:
             if isinstance(x, (list, tuple)):
                 return type(x)(convert(v) for v in x)
             return x
+
+        for batch in self.batches:
+            yield convert(batch)
+
+
+class NumpyBatches:
+    """Wrap batches (numpy or torch) as numpy arrays for onnxruntime (re-iterable)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        def convert(x):
+            if isinstance(x, dict):
+                return {k: convert(v) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return type(x)(convert(v) for v in x)
+            if hasattr(x, "detach"):  # a torch tensor, without importing torch here
+                return x.detach().cpu().numpy()
+            return np.asarray(x)
 
         for batch in self.batches:
             yield convert(batch)

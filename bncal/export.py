@@ -92,7 +92,29 @@ def export_onnx(
         except Exception as exc:
             hint = "; if the model fixes its batch size, pass dynamic_batch=False" if dynamic_batch else ""
             raise BncalError(f"torch.onnx.export failed: {one_line(exc)}{hint}") from exc
+    _name_batchnorms_after_modules(proto)
     return _check_and_save(proto, path)
+
+
+def _name_batchnorms_after_modules(proto: onnx.ModelProto) -> None:
+    """Rename BatchNormalization nodes to the PyTorch module they came from (``layer1.0.bn1``),
+    so reports on the ONNX graph speak the model's language. The dynamo exporter records the
+    module path in each node's ``pkg.torch.onnx.name_scopes``; names stay unique."""
+    import ast
+
+    taken = {n.name for n in proto.graph.node}
+    for node in proto.graph.node:
+        if node.op_type != "BatchNormalization":
+            continue
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
+        try:
+            module = ast.literal_eval(scopes)[-2] if scopes else ""
+        except (ValueError, SyntaxError, IndexError):
+            continue
+        if module and module not in taken:
+            taken.discard(node.name)
+            node.name = module
+            taken.add(module)
 
 
 def export_train_mode_onnx(

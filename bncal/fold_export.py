@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ._io import atomic_output
 from .errors import BncalError, VerificationError
 from .report import FoldDecision, format_table
 
-__all__ = ["FoldExportReport", "fold_export_torch", "fold_export_onnx"]
+__all__ = ["FoldExportReport", "fold_export_torch", "fold_export_onnx", "torch_onnx_parity"]
 
 
 @dataclasses.dataclass
@@ -155,7 +154,7 @@ def fold_export_torch(
     from .export import export_onnx
     from .folding import fold
     from .onnx_fold import fold_onnx, op_counts
-    from .verify import compare_outputs, ort_session, run_onnx
+
 
     start = time.perf_counter()
     example_inputs = tuple(example_inputs)
@@ -172,26 +171,8 @@ def fold_export_torch(
             size = example_inputs[0].shape[0] + 2
             verify_batches.append(tuple(torch.randn((size, *x.shape[1:]), generator=g).to(x.dtype) if x.is_floating_point()
                                         else x[:1].expand(size, *x.shape[1:]).clone() for x in example_inputs))
-    graph_inputs = [i.name for i in proto.graph.input]
-    session = ort_session(proto, optimization_level=optimization_level)
-    reference, actual = {}, {}
-    eval_model = model
-    modes = {m: m.training for m in model.modules()}
-    try:
-        eval_model.eval()
-        with torch.no_grad():
-            for batch in verify_batches:
-                batch = tuple(batch)
-                expected = _flatten_outputs(eval_model(*batch))
-                feeds = {name: x.detach().cpu().numpy() for name, x in zip(graph_inputs, batch)}
-                got = run_onnx(session, feeds)
-                for name, value in zip([o.name for o in proto.graph.output], expected):
-                    reference.setdefault(name, []).append(value)
-                    actual.setdefault(name, []).append(got[name])
-    finally:
-        for m, training in modes.items():
-            m.training = training
-    comparison = compare_outputs(reference, actual, atol=atol, rtol=rtol)
+    comparison = torch_onnx_parity(model, proto, verify_batches, atol=atol, rtol=rtol,
+                                   optimization_level=optimization_level)
 
     feeds_by_batch = _random_feeds(original_proto, latency_batches) if latency_batches else {}
     latency = _compare_latency(original_proto, proto, feeds_by_batch, optimization_level)
@@ -203,6 +184,35 @@ def fold_export_torch(
         comparison=comparison, seconds=time.perf_counter() - start)
     _raise_if_failed(report)
     return proto, report
+
+
+def torch_onnx_parity(model, proto, batches, *, atol: float = 1e-5, rtol: float = 1e-4,
+                      optimization_level: str = "basic"):
+    """Compare ``model`` in eval mode (PyTorch) with ``proto`` in onnxruntime on ``batches``
+    (tuples of input tensors). The model's train/eval flags are restored afterwards."""
+    import torch
+
+    from .verify import compare_outputs, ort_session, run_onnx
+
+    graph_inputs = [i.name for i in proto.graph.input]
+    output_names = [o.name for o in proto.graph.output]
+    session = ort_session(proto, optimization_level=optimization_level)
+    reference, actual = {}, {}
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in batches:
+                batch = tuple(batch)
+                expected = _flatten_outputs(model(*batch))
+                got = run_onnx(session, {name: x.detach().cpu().numpy() for name, x in zip(graph_inputs, batch)})
+                for name, value in zip(output_names, expected):
+                    reference.setdefault(name, []).append(value)
+                    actual.setdefault(name, []).append(got[name])
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return compare_outputs(reference, actual, atol=atol, rtol=rtol)
 
 
 def fold_export_onnx(

@@ -64,7 +64,6 @@ def resolve_callable(spec: str, what: str = "factory"):
 
 def load_model(spec: str, *, weights=None, model_kwargs: str | dict | None = None, allow_pickle: bool = False):
     """Build the model named by ``spec`` and load ``weights`` into it (strictly). Returns it in eval mode."""
-    import torch
     from torch import nn
 
     path = Path(spec)

@@ -245,7 +245,6 @@ def write_statistics(model: onnx.ModelProto, statistics) -> tuple[onnx.ModelProt
     """
     new = onnx.ModelProto()
     new.CopyFrom(model)
-    graph = new.graph
     infos = {info.name: info for info in find_batchnorms(new) if info.handled}
     unknown = [name for name in statistics if name not in infos]
     if unknown:

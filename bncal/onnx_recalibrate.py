@@ -160,21 +160,9 @@ def quiet_session(model: onnx.ModelProto, providers=None):
     The derived graphs deliberately list initializers as overridable inputs, which
     onnxruntime would warn about on stderr at its default log level.
     """
-    import onnxruntime as ort
+    from .verify import ort_session
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    providers = list(providers or ["CPUExecutionProvider"])
-    missing = [p for p in providers if p not in ort.get_available_providers()]
-    if missing:
-        raise BncalError(f"onnxruntime provider {', '.join(missing)} is not available here "
-                         f"(available: {', '.join(ort.get_available_providers())})")
-    try:
-        return ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=providers)
-    except Exception as error:  # onnxruntime raises its own exception types on load
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise BncalError(f"onnxruntime cannot load the model: {first}") from error
+    return ort_session(model, optimization_level="all", providers=providers, log_severity=3)
 
 
 def run_session(session, names, feeds, index):

@@ -15,7 +15,6 @@ off), and batches are weighted by their sample count.
 from __future__ import annotations
 
 import contextlib
-import math
 import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field

@@ -49,13 +49,14 @@ def ort_session(
     optimization_level: str = "basic",
     threads: int | None = None,
     providers: list[str] | None = None,
+    log_severity: int | None = None,
 ) -> ort.InferenceSession:
     """An onnxruntime session for ``model`` (a proto or a path).
 
     ``optimization_level`` is ``"disable"``, ``"basic"``, ``"extended"`` or ``"all"``; ``threads``
     sets the intra-op thread count (None: onnxruntime's default). ``providers`` defaults to the
     CPU provider; asking for one that this onnxruntime lacks (e.g. CUDA) is an error. Pass a
-    path, not a proto, for a model over 2 GB.
+    path, not a proto, for a model over 2 GB. ``log_severity`` is onnxruntime's (3: errors only).
     """
     if optimization_level not in _LEVELS:
         raise BncalError(f"unknown optimization level {optimization_level!r}; use one of {', '.join(_LEVELS)}")
@@ -63,6 +64,8 @@ def ort_session(
     options.graph_optimization_level = _LEVELS[optimization_level]
     if threads is not None:
         options.intra_op_num_threads = threads
+    if log_severity is not None:
+        options.log_severity_level = log_severity
     providers = list(providers or ["CPUExecutionProvider"])
     missing = [p for p in providers if p not in ort.get_available_providers()]
     if missing:

@@ -2,9 +2,7 @@
 
 import os
 import subprocess
-import sys
 
-import pytest
 import torch
 
 import bncal

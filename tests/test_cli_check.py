@@ -1,0 +1,97 @@
+"""`bncal check` and ONNX `bncal recalibrate` from the command line, on the shipped stale MNIST model."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bncal.cli import main
+from bncal.export import export_onnx
+from models import zoo
+
+MODEL = str(zoo.Path(zoo.__file__).resolve().parent / "zoo.py") + ":mnist_cnn"
+WEIGHTS = str(zoo.MNIST_STALE_CKPT)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("check")
+    x, _ = zoo.mnist_arrays("calib")
+    idx = np.random.default_rng(0).permutation(len(x))[:512]
+    np.save(root / "calib.npy", x.numpy()[idx])
+    stale = zoo.mnist_cnn_stale()
+    onnx.save(export_onnx(stale, (torch.randn(2, 1, 28, 28),), keep_batchnorm=True), root / "stale.onnx")
+    return root
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def test_stale_onnx_fails_check_and_passes_after_onnx_recalibration(files):
+    code, output = run("check", files / "stale.onnx", "--data", files / "calib.npy", "--batch-size", 64)
+    assert code == 1 and "FAILED" in output and "7 of 7 BatchNorm layers" in output
+    out = files / "fixed.onnx"
+    code, output = run("recalibrate", files / "stale.onnx", "--data", files / "calib.npy", "-o", out, "--force")
+    assert code == 0, output
+    code, output = run("check", out, "--data", files / "calib.npy", "--batch-size", 64, "--report-json", files / "c.json")
+    assert code == 0, output
+    assert output.strip().splitlines()[-1] == "PASSED"
+    assert json.loads((files / "c.json").read_text())["check"]["passed"] is True
+    # Only the statistics changed: same nodes, same names.
+    a, b = onnx.load(files / "stale.onnx"), onnx.load(out)
+    assert [n.name for n in a.graph.node] == [n.name for n in b.graph.node]
+
+
+def test_stale_pytorch_fails_and_passes_after_recalibration_with_parity(files):
+    code, output = run("check", MODEL, "--weights", WEIGHTS, "--data", files / "calib.npy", "--batch-size", 64)
+    assert code == 1 and "PyTorch eval vs onnxruntime" in output and "FAILED" in output
+    fixed = files / "fixed.safetensors"
+    code, output = run("recalibrate", MODEL, "--weights", WEIGHTS, "--data", files / "calib.npy", "-o", fixed, "--force", "-q")
+    assert code == 0, output
+    code, output = run("check", MODEL, "--weights", fixed, "--data", files / "calib.npy", "--batch-size", 64)
+    assert code == 0, output
+    assert "0.1 " in output  # layers reported by their PyTorch module names
+
+
+def test_onnx_and_pytorch_recalibration_agree(files):
+    from safetensors.torch import load_file
+
+    torch_out, onnx_out = files / "agree.safetensors", files / "agree.onnx"
+    for model, out, extra in [(MODEL, torch_out, ["--weights", WEIGHTS]), (files / "stale.onnx", onnx_out, [])]:
+        code, output = run("recalibrate", model, *extra, "--data", files / "calib.npy", "--batch-size", 50, "-o", out, "--force")
+        assert code == 0, output
+    state = load_file(str(torch_out))
+    graph = onnx.load(onnx_out)
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in graph.graph.initializer}
+    bn = next(n for n in graph.graph.node if n.op_type == "BatchNormalization" and n.name == "0.1")
+    np.testing.assert_allclose(values[bn.input[3]], state["0.1.running_mean"].numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(values[bn.input[4]], state["0.1.running_var"].numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["truncated", "garbage", "wrong-shape", "wrong-rank"])
+def test_bad_onnx_inputs_one_line_and_no_output(files, tmp_path, case):
+    model, data = files / "stale.onnx", files / "calib.npy"
+    if case == "truncated":
+        model = tmp_path / "t.onnx"
+        model.write_bytes((files / "stale.onnx").read_bytes()[:5000])
+    elif case == "garbage":
+        model = tmp_path / "g.onnx"
+        model.write_bytes(b"not an onnx model at all")
+    elif case == "wrong-shape":
+        data = tmp_path / "d.npy"
+        np.save(data, np.zeros((8, 1, 30, 30), np.float32))
+    elif case == "wrong-rank":
+        data = tmp_path / "d.npy"
+        np.save(data, np.zeros((8, 28, 28), np.float32))
+    out = tmp_path / "out.onnx"
+    for command in (["recalibrate", model, "--data", data, "-o", out], ["check", model, "--data", data]):
+        code, output = run(*command)
+        assert code == 1, output
+        lines = output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), output
+    assert not out.exists()
