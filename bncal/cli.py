@@ -514,5 +514,23 @@ def check(model, weights, model_kwargs, allow_pickle, data_spec, batch_size, max
         sys.exit(1)
 
 
+@main.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="bncal-demo", show_default=True,
+              help="Folder for the demo's files (recalibrated weights, folded ONNX model).")
+@click.option("--models-dir", type=click.Path(file_okay=False, exists=True), help="The models/ folder (default: the checkout's).")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a per-layer PNG of the statistics before and after.")
+@report_options
+@handle_errors
+def demo(out_dir, models_dir, plot, report_json):
+    """Show on real data what bncal is for: a model with stale statistics, repaired and exported."""
+    from .demo import run_demo
+
+    result = run_demo(out_dir, models_dir=models_dir, plot=plot, echo=click.echo)
+    if report_json:
+        _write_json(report_json, result)
+    if not (result.fold_export_passed and result.check_after_passed):
+        raise BncalError("the demo did not end in a verified, consistent model; see the output above")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
