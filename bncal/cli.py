@@ -230,14 +230,14 @@ def _init_distributed(device) -> bool:
 
 
 def _recalibrate_onnx(model_path, data_spec, output, batch_size, max_samples, image_options, mode, tol, max_passes):
-    from .data import load_data
+    from .data import NumpyBatches, load_data
     from .onnx_io import load_onnx, save_onnx
     from .onnx_recalibrate import recalibrate_onnx
 
     if not str(output).lower().endswith(".onnx"):
         raise BncalError("an .onnx model is recalibrated into an .onnx file; give -o OUT.onnx")
     proto = load_onnx(model_path)
-    batches = load_data(data_spec, batch_size=batch_size, image_options=image_options)
+    batches = NumpyBatches(load_data(data_spec, batch_size=batch_size, image_options=image_options))
     new_model, report = recalibrate_onnx(proto, batches, mode=mode, tol=tol, max_passes=max_passes,
                                          max_samples=max_samples, progress=sys.stderr.isatty())
     save_onnx(new_model, output)

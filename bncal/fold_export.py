@@ -26,16 +26,14 @@ __all__ = ["FoldExportReport", "fold_export_torch", "fold_export_onnx", "torch_o
 class FoldExportReport:
     """What fold-export did: per-BN decisions, before/after figures, and the parity comparison.
 
-    ``decisions`` covers every BN of the original model: PyTorch-level decisions for a
-    PyTorch model, graph-level ones for an ONNX model; ``graph_decisions`` are those of the
-    graph pass over the exported model. ``latency_ms`` maps ``"original"``/``"folded"`` to
+    ``decisions`` has one entry per BatchNormalization of the original graph (for a PyTorch
+    model: of its export, named after the PyTorch modules). ``latency_ms`` maps ``"original"``/``"folded"`` to
     ``{batch size: median ms}`` in onnxruntime at the same optimisation level.
     """
 
     source: str
     output: Path | None
     decisions: list[FoldDecision]
-    graph_decisions: list[FoldDecision]
     ops_before: dict[str, int]
     ops_after: dict[str, int]
     bytes_before: int
@@ -140,30 +138,28 @@ def fold_export_torch(
     optimization_level: str = "basic",
     fold_fn=None,
 ) -> tuple[object, FoldExportReport]:
-    """Fold and export a PyTorch model; returns ``(folded ONNX ModelProto, report)``.
+    """Export a PyTorch model, fold its BatchNorms in the graph, and verify against PyTorch.
 
-    ``verify_batches`` are tuples of input tensors (default: ``example_inputs`` and a batch of
-    a different size made from it, which also exercises the dynamic batch axis). The original
-    model is never modified. When the comparison fails, nothing is written to ``output``
-    (with ``keep_failed``, the failed model goes to ``<stem>.FAILED-VERIFICATION.onnx``) and
-    :class:`VerificationError` is raised after the report is built (``exc.report``).
-    ``fold_fn`` replaces :func:`bncal.folding.fold` (for tests that corrupt a fold on purpose).
+    One export of the original eval-mode model with every BatchNormalization kept (so the
+    report's "original" column is what the exporter produced), then the graph fold pass
+    (:func:`bncal.onnx_fold.fold_onnx`, the same rules as :func:`bncal.folding.fold`), then the
+    folded graph in onnxruntime against the *original PyTorch model* on ``verify_batches``:
+    tuples of input tensors (default: ``example_inputs`` and a batch of another size, which
+    also exercises the dynamic batch axis). The model is never modified. When the comparison
+    fails, nothing is written to ``output`` (with ``keep_failed`` the failed model goes to
+    ``<stem>.FAILED-VERIFICATION.onnx``) and :class:`VerificationError` is raised with the
+    report as ``exc.report``. ``fold_fn`` replaces ``fold_onnx`` (tests corrupt a fold with it).
     """
     import torch
 
     from .export import export_onnx
-    from .folding import fold
     from .onnx_fold import fold_onnx, op_counts
-
 
     start = time.perf_counter()
     example_inputs = tuple(example_inputs)
-    folded = (fold_fn or fold)(model, example_inputs, bn_to_affine=bn_to_affine)
-    names = dict(opset=opset, input_names=input_names, output_names=output_names, dynamic_batch=dynamic_batch)
-    original_proto = export_onnx(model, example_inputs, keep_batchnorm=True, **names)
-    exported = export_onnx(folded.model, example_inputs, **names)
-    proto, graph_decisions = fold_onnx(exported, bn_to_affine=bn_to_affine)
-
+    original_proto = export_onnx(model, example_inputs, keep_batchnorm=True, opset=opset, input_names=input_names,
+                                 output_names=output_names, dynamic_batch=dynamic_batch)
+    proto, decisions = (fold_fn or fold_onnx)(original_proto, bn_to_affine=bn_to_affine)
     if verify_batches is None:
         verify_batches = [example_inputs]
         if dynamic_batch and all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in example_inputs):
@@ -173,12 +169,11 @@ def fold_export_torch(
                                         else x[:1].expand(size, *x.shape[1:]).clone() for x in example_inputs))
     comparison = torch_onnx_parity(model, proto, verify_batches, atol=atol, rtol=rtol,
                                    optimization_level=optimization_level)
-
     feeds_by_batch = _random_feeds(original_proto, latency_batches) if latency_batches else {}
     latency = _compare_latency(original_proto, proto, feeds_by_batch, optimization_level)
     written = _write_verified(proto, output, comparison, keep_failed) if output is not None else None
     report = FoldExportReport(
-        source="pytorch", output=written, decisions=folded.decisions, graph_decisions=graph_decisions,
+        source="pytorch", output=written, decisions=decisions,
         ops_before=op_counts(original_proto), ops_after=op_counts(proto),
         bytes_before=original_proto.ByteSize(), bytes_after=proto.ByteSize(), latency_ms=latency,
         comparison=comparison, seconds=time.perf_counter() - start)
@@ -259,7 +254,7 @@ def fold_export_onnx(
     latency = _compare_latency(model, proto, feeds_by_batch, optimization_level)
     written = _write_verified(proto, output, comparison, keep_failed) if output is not None else None
     report = FoldExportReport(
-        source="onnx", output=written, decisions=decisions, graph_decisions=[],
+        source="onnx", output=written, decisions=decisions,
         ops_before=op_counts(model), ops_after=op_counts(proto), bytes_before=model.ByteSize(),
         bytes_after=proto.ByteSize(), latency_ms=latency, comparison=comparison,
         seconds=time.perf_counter() - start)

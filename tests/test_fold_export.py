@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from onnx import helper, numpy_helper
 from torch import nn
 
-import bncal.folding
+import bncal.onnx_fold
 from bncal.cli import main
 from bncal.errors import VerificationError
 from bncal.fold_export import fold_export_onnx, fold_export_torch
@@ -30,17 +30,20 @@ def _randomize_bn(model, seed=0):
 
 
 def _make_corrupting(original_fold):
-    """A fold that gets one conv's bias slightly wrong: verification must catch it."""
-    def corrupting(model, example_inputs, bn_to_affine=False):
-        result = original_fold(model, example_inputs, bn_to_affine=bn_to_affine)
-        conv = next(m for m in result.model.modules() if isinstance(m, nn.Conv2d))
-        with torch.no_grad():
-            conv.bias.add_(0.05)
-        return result
+    """A graph fold that gets one folded bias slightly wrong: verification must catch it."""
+    def corrupting(model, **kwargs):
+        proto, decisions = original_fold(model, **kwargs)
+        for init in proto.graph.initializer:
+            if init.name.endswith("_bnfold") and len(init.dims) == 1:
+                values = numpy_helper.to_array(init).copy()
+                values[0] += 0.05
+                init.CopyFrom(numpy_helper.from_array(values, init.name))
+                return proto, decisions
+        raise AssertionError("no folded bias to corrupt")
     return corrupting
 
 
-_corrupting_fold = _make_corrupting(bncal.folding.fold)
+_corrupting_fold = _make_corrupting(bncal.onnx_fold.fold_onnx)
 
 
 @pytest.mark.parametrize("factory", [zoo.resnet_small, zoo.mobilenet_small])
@@ -97,22 +100,10 @@ def test_onnx_input_folds_gemm_bn_and_verifies(tmp_path):
 
 
 def test_onnx_corrupted_fold_caught(tmp_path):
-    from bncal.onnx_fold import fold_onnx
-
-    def corrupt(model, **kw):
-        proto, decisions = fold_onnx(model, **kw)
-        for init in proto.graph.initializer:
-            if init.name not in ("W",) and len(init.dims) == 1:
-                arr = numpy_helper.to_array(init).copy()
-                arr[0] += 1.0
-                init.CopyFrom(numpy_helper.from_array(arr, init.name))
-                break
-        return proto, decisions
-
     out = tmp_path / "f.onnx"
     feeds = [{"x": np.ones((3, 4), np.float32)}]
     with pytest.raises(VerificationError):
-        fold_export_onnx(_gemm_bn_model(), out, verify_feeds=feeds, fold_fn=corrupt, latency_batches=())
+        fold_export_onnx(_gemm_bn_model(), out, verify_feeds=feeds, fold_fn=_corrupting_fold, latency_batches=())
     assert not out.exists()
 
 
@@ -141,7 +132,7 @@ def test_cli_fold_export_with_data_and_json(tmp_path):
 
 def test_cli_corrupted_fold_exits_1_without_output(tmp_path, monkeypatch):
     _write_model_file(tmp_path)
-    monkeypatch.setattr(bncal.folding, "fold", _corrupting_fold)
+    monkeypatch.setattr(bncal.onnx_fold, "fold_onnx", _corrupting_fold)
     out = tmp_path / "m.onnx"
     result = CliRunner().invoke(main, ["fold-export", str(tmp_path / "net.py:build"), "--weights", str(tmp_path / "w.safetensors"),
                                        "--input-shape", "2,3,32,32", "-o", str(out)])
