@@ -78,10 +78,7 @@ def export_onnx(
                     opset_version=opset, input_names=input_names, output_names=output_names,
                     dynamic_shapes=dynamic_shapes)
                 if keep_batchnorm:
-                    import onnxscript.optimizer
-
-                    onnxscript.optimizer.fold_constants(program.model)
-                    onnxscript.optimizer.remove_unused_nodes(program.model)
+                    _optimize_keeping_batchnorm(program.model)
                 proto = program.model_proto
             else:
                 proto = _torchscript_export(work, inputs, opset, input_names, output_names,
@@ -94,6 +91,25 @@ def export_onnx(
             raise BncalError(f"torch.onnx.export failed: {one_line(exc)}{hint}") from exc
     _name_batchnorms_after_modules(proto)
     return _check_and_save(proto, path)
+
+
+def _optimize_keeping_batchnorm(model) -> None:
+    """What ``optimize=True`` does (constant folding, onnxscript's default rewrite rules, dead
+    node removal) minus the rules that fuse BatchNormalization, so the graph is as clean as the
+    exporter's default and every BN is still there. Falls back to folding constants only where
+    this onnxscript lacks the rule list."""
+    import onnxscript.optimizer
+
+    onnxscript.optimizer.fold_constants(model)
+    try:
+        from onnxscript import rewriter
+
+        rules = [r for r in rewriter._DEFAULT_REWRITE_RULES if "BatchNorm" not in str(getattr(r, "name", None) or type(r).__name__)]
+    except (ImportError, AttributeError):
+        rules = None
+    if rules:
+        rewriter.rewrite(model, pattern_rewrite_rules=rules)
+    onnxscript.optimizer.remove_unused_nodes(model)
 
 
 def _name_batchnorms_after_modules(proto: onnx.ModelProto) -> None:
