@@ -205,8 +205,7 @@ class _Run:
         self.saved = saved = {name: (bn.momentum, bn.running_mean.detach().clone(), bn.running_var.detach().clone(),
                         None if bn.num_batches_tracked is None else bn.num_batches_tracked.detach().clone())
                  for name, bn in self.layers if not isinstance(bn.running_mean, nn.parameter.UninitializedBuffer)}
-        handles = [bn.register_forward_hook(self._hook(name), with_kwargs=False) for name, bn in self.layers]
-        handles += [bn.register_forward_pre_hook(self._pre_hook(name)) for name, bn in self.layers]
+        handles = [bn.register_forward_hook(self._hook(name)) for name, bn in self.layers]
         patched = []
         for _, bn in self.layers:
             if isinstance(bn, nn.SyncBatchNorm):
@@ -238,25 +237,19 @@ class _Run:
                         if tracked is not None:
                             bn.num_batches_tracked.copy_(tracked)
 
-    def _pre_hook(self, name):
-        def hook(module, args):
-            self.calls[name] = self.calls.get(name, 0) + 1
-            if not self.train_mode_pass:
-                x = args[0].detach()
-                dims = [0] + list(range(2, x.dim()))
-                var, mean = torch.var_mean(x, dim=dims, correction=0)
-                self._record(name, x.numel() // x.shape[1], mean, var)
-        return hook
-
     def _hook(self, name):
         def hook(module, args, output):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            x = args[0].detach()
+            count = x.numel() // x.shape[1]
             if self.train_mode_pass:
                 # With momentum 1 the BN's own update leaves exactly this batch's mean and
                 # unbiased variance in its buffers: reuse them instead of reducing again.
-                x = args[0]
-                count = x.numel() // x.shape[1]
-                var = module.running_var.detach() * ((count - 1) / count)
-                self._record(name, count, module.running_mean.detach().clone(), var)
+                self._record(name, count, module.running_mean.detach().clone(),
+                             module.running_var.detach() * ((count - 1) / count))
+            else:
+                var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
+                self._record(name, count, mean, var)
         return hook
 
     def _record(self, name, count, mean, var):

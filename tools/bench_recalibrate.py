@@ -1,6 +1,7 @@
 """Benchmark and exactness figures for bncal.recalibrate (PyTorch path), measured side by side.
 
-Speed: wall time of ``bncal.recalibrate`` (train mode) and of torch's
+Speed: wall time of ``bncal.recalibrate`` (train mode), of a bare no_grad loop with BN in
+train mode (the floor: train-mode BN must reduce its input), and of torch's
 ``swa_utils.update_bn`` (and fvcore's ``update_bn_stats`` where installed), each divided by a
 plain ``torch.no_grad()`` eval forward over the same data; the runs are interleaved round by
 round so machine noise hits all alike, and the median ratio is reported.
@@ -38,6 +39,16 @@ def plain_forward(model, batches):
             model(x)
 
 
+def bare_train_mode_loop(model, batches):
+    """The floor for any exact train-mode method: a no_grad loop with only BN in train mode."""
+    model.eval()
+    for _, bn in batchnorm_layers(model):
+        bn.train()
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+
+
 def run_update_bn(model, batches):
     torch.optim.swa_utils.update_bn(batches, model)
 
@@ -62,7 +73,8 @@ def speed(rounds: int, n_batches: int, batch_size: int, size: int) -> dict[str, 
     torch.manual_seed(0)
     model = zoo.resnet18_like(num_classes=10)
     batches = [torch.randn(batch_size, 3, size, size) for _ in range(n_batches)]
-    runners = {"bncal.recalibrate": run_bncal, "swa_utils.update_bn": run_update_bn}
+    runners = {"bare train-mode BN loop": bare_train_mode_loop, "bncal.recalibrate": run_bncal,
+               "swa_utils.update_bn": run_update_bn}
     try:
         import fvcore.nn.precise_bn  # noqa: F401
 

@@ -1,0 +1,90 @@
+"""Keep the README true: run every command and code block it shows.
+
+Console blocks: each ``$ `` line runs in a shell, in order, in a scratch folder that holds the
+repository's ``models/`` (so relative paths work as from the repository root), with this
+environment's ``bncal``/``torchrun`` first on PATH. A command must exit 0; a documented
+``exit status: N`` line must match. Python blocks run as scripts in the same folder. The
+quickstart's two commands are checked against ``.ci/run`` and the demo is run.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests_support import ROOT
+
+README = (ROOT / "README.md").read_text()
+
+
+def _blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+
+
+def _env():
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    return env
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("readme")
+    (path / "models").symlink_to(ROOT / "models", target_is_directory=True)
+    return path
+
+
+def test_quickstart_is_two_commands_and_ci_runs_the_second(workdir):
+    quickstart = README.split("## Quickstart", 1)[1]
+    commands = [line for line in _blocks("sh")[0].splitlines() if line.strip()]
+    assert quickstart.index("```sh") < quickstart.index("##")
+    assert len(commands) == 2
+    setup, demo = commands[0].rsplit(" && ", 1)
+    assert commands[1].startswith(setup + " && ")
+    ci_lines = (ROOT / ".ci" / "run").read_text().strip().splitlines()
+    assert ci_lines[-1] == commands[1]
+    assert demo == ".venv/bin/bncal demo"
+    result = subprocess.run(["bncal", "demo", "--out", str(workdir / "demo")], cwd=workdir, env=_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "demo finished" in result.stdout
+
+
+def _console_commands():
+    out = []
+    for block in _blocks("console"):
+        lines = block.splitlines()
+        for i, line in enumerate(lines):
+            if line.startswith("$ "):
+                following = []
+                for rest in lines[i + 1:]:
+                    if rest.startswith("$ "):
+                        break
+                    following.append(rest)
+                out.append((line[2:], following))
+    return out
+
+
+def test_console_commands_run_as_documented(workdir):
+    commands = _console_commands()
+    assert len(commands) >= 6
+    for command, documented in commands:
+        result = subprocess.run(command, shell=True, cwd=workdir, env=_env(), capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        status = [l for l in documented if l.startswith("exit status:")]
+        if status:
+            assert status[0] in result.stdout, command
+        # The documented output's first line (a table header or summary) is what the command prints.
+        if documented and documented[0].strip():
+            assert result.stdout.splitlines()[0].split() == documented[0].split(), command
+
+
+def test_python_blocks_run(workdir):
+    for block in _blocks("python"):
+        result = subprocess.run([sys.executable, "-c", block], cwd=workdir, env=_env(), capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
