@@ -124,7 +124,8 @@ def main(verbose: bool) -> None:
 @click.option("--mode", type=click.Choice(["train", "eval"]), default="train", show_default=True,
               help="train: BN uses batch statistics during the pass (PreciseBN). eval: inference-consistent fixed point.")
 @click.option("--tol", type=float, default=1e-5, show_default=True, help="eval mode: stop when statistics change less than this (relative).")
-@click.option("--max-passes", type=click.IntRange(min=1), default=8, show_default=True, help="eval mode: at most this many passes over the data.")
+@click.option("--max-passes", type=click.IntRange(min=1), default=None,
+              help="eval mode: at most this many passes over the data (default: number of BN layers + 1, where the result is exact).")
 @click.option("--device", default=None, help="Device for the PyTorch pass (cpu, cuda, cuda:1); default: cuda:LOCAL_RANK under torchrun with CUDA, else cpu.")
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a per-layer PNG of mean shift and variance ratio (needs the 'plot' extra).")
@@ -403,9 +404,7 @@ def fold_export(model, output, weights, model_kwargs, allow_pickle, data_spec, b
                 input_names=_names_list(input_names), output_names=_names_list(output_names),
                 dynamic_batch=not static_batch, bn_to_affine=bn_to_affine, keep_failed=keep_failed)
             if data is not None and run_check:
-                from .export import export_onnx
-
-                check_report = _check_onnx_model(export_onnx(net, example, keep_batchnorm=True), data, max_samples)
+                check_report = _check_onnx_model(report.original, data, max_samples)
     except VerificationError as exc:
         click.echo(exc.report.table())
         raise

@@ -112,15 +112,19 @@ def _optimize_keeping_batchnorm(model) -> None:
     onnxscript.optimizer.remove_unused_nodes(model)
 
 
+_NAMED_AFTER_MODULES = ("BatchNormalization", "Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
 def _name_batchnorms_after_modules(proto: onnx.ModelProto) -> None:
-    """Rename BatchNormalization nodes to the PyTorch module they came from (``layer1.0.bn1``),
-    so reports on the ONNX graph speak the model's language. The dynamo exporter records the
-    module path in each node's ``pkg.torch.onnx.name_scopes``; names stay unique."""
+    """Rename BN, Conv and matrix-product nodes after the PyTorch module they came from
+    (``layer1.0.bn1``), so reports on the ONNX graph speak the model's language. The dynamo
+    exporter records the module path in each node's ``pkg.torch.onnx.name_scopes``; names stay
+    unique (a second node of the same module keeps its own name)."""
     import ast
 
     taken = {n.name for n in proto.graph.node}
     for node in proto.graph.node:
-        if node.op_type != "BatchNormalization":
+        if node.op_type not in _NAMED_AFTER_MODULES:
             continue
         scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
         try:

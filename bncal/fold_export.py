@@ -28,7 +28,8 @@ class FoldExportReport:
 
     ``decisions`` has one entry per BatchNormalization of the original graph (for a PyTorch
     model: of its export, named after the PyTorch modules). ``latency_ms`` maps ``"original"``/``"folded"`` to
-    ``{batch size: median ms}`` in onnxruntime at the same optimisation level.
+    ``{batch size: median ms}`` in onnxruntime at the same optimisation level. ``original``
+    is the unfolded ONNX model (not part of the JSON report).
     """
 
     source: str
@@ -41,6 +42,7 @@ class FoldExportReport:
     latency_ms: dict[str, dict[int, float]]
     comparison: object
     seconds: float
+    original: object = dataclasses.field(default=None, repr=False, metadata={"json": False})
 
     @property
     def passed(self) -> bool:
@@ -176,7 +178,7 @@ def fold_export_torch(
         source="pytorch", output=written, decisions=decisions,
         ops_before=op_counts(original_proto), ops_after=op_counts(proto),
         bytes_before=original_proto.ByteSize(), bytes_after=proto.ByteSize(), latency_ms=latency,
-        comparison=comparison, seconds=time.perf_counter() - start)
+        comparison=comparison, seconds=time.perf_counter() - start, original=original_proto)
     _raise_if_failed(report)
     return proto, report
 

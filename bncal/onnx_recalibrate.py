@@ -39,7 +39,7 @@ def recalibrate_onnx(
     *,
     mode: str = "train",
     tol: float = 1e-5,
-    max_passes: int = 10,
+    max_passes: int | None = None,
     max_samples: int | None = None,
     providers: list[str] | None = None,
     progress: bool | Callable[[int], None] = False,

@@ -55,7 +55,7 @@ def recalibrate(
     max_samples: int | None = None,
     device: torch.device | str | None = None,
     tol: float = 1e-5,
-    max_passes: int = 8,
+    max_passes: int | None = None,
     progress: bool | Callable = False,
     process_group=None,
 ) -> RecalibrationReport:
@@ -75,7 +75,9 @@ def recalibrate(
             uses its new statistics, i.e. what one train-mode forward over the whole
             calibration set as one batch would use; the right choice before deployment,
             and for small calibration batches. Reached by repeated passes (``passes`` in the
-            report) until the largest relative change is at most ``tol``.
+            report) until the largest relative change is at most ``tol``, or ``max_passes``
+            (default: one per BN layer plus one, where the result is exact; see
+            :func:`bncal.stats.fixed_point_passes`).
         max_samples: stop after this many samples (the last batch is cut to fit).
         device: where batches go; default: the device of the model's first parameter.
         progress: True for a tqdm bar on stderr, or a callable ``progress(batches_done)``.

@@ -152,7 +152,7 @@ def max_relative_change(old: dict, new: dict, eps: float = 1e-12) -> float:
     return worst
 
 
-def fixed_point_passes(train_pass, eval_pass, *, mode: str, tol: float, max_passes: int):
+def fixed_point_passes(train_pass, eval_pass, *, mode: str, tol: float, max_passes: int | None = None):
     """Drive a recalibration: one train-mode pass, then (``eval`` mode) eval passes to a fixed point.
 
     ``train_pass()`` returns ``{layer: ChannelMoments}`` with every BN normalising with its
@@ -160,10 +160,13 @@ def fixed_point_passes(train_pass, eval_pass, *, mode: str, tol: float, max_pass
     every BN's input when every BN normalises with ``stats`` (its moving statistics). In
     ``eval`` mode the map ``stats -> eval_pass(stats)`` is iterated from the train-mode result
     until the largest relative change (:func:`max_relative_change`) is at most ``tol``, or
-    ``max_passes`` passes in all have run. The train-mode result is a good start: it is exact
-    for every BN whose input no other BN affects, and off elsewhere only by the second-order
-    effect of batch-to-batch noise, so a few passes suffice where one pass per BN depth would
-    be the naive bound.
+    ``max_passes`` passes in all have run. The train-mode result is exact for every BN whose
+    input no other BN affects, and off elsewhere by the second-order effect of batch-to-batch
+    noise (about 1/values per channel per batch). Each eval pass makes the next BN depth exact,
+    but the error of the deeper layers shrinks little per pass (it is handed down the network
+    rather than damped), so the pass count approaches the BN depth when ``tol`` is below that
+    noise. ``max_passes=None`` means one pass per BN layer plus one: the bound at which the
+    iteration is exact whatever the graph.
 
     Returns ``(moments, passes, converged, last_change)``.
     """
@@ -173,6 +176,8 @@ def fixed_point_passes(train_pass, eval_pass, *, mode: str, tol: float, max_pass
     passes, change = 1, 0.0
     if mode == "train":
         return moments, passes, True, change
+    if max_passes is None:
+        max_passes = len(moments) + 1
     change = float("inf")
     while passes < max_passes:
         new = eval_pass(moments)

@@ -344,7 +344,7 @@ def print_summary(rows: list[dict], bncal_s, default_s, err_limit: float) -> Non
     ratios = [b / d for b, d in zip(bncal_s, default_s)]
     ratio = statistics.median(ratios)
     print(f"  export time on resnet_small, {len(ratios)} interleaved rounds after warm-up:")
-    print(f"    fold_export_torch (fold + 2 exports + graph fold + verification): median {statistics.median(bncal_s):.2f} s "
+    print(f"    fold_export_torch (export + graph fold + verification): median {statistics.median(bncal_s):.2f} s "
           f"[{', '.join(f'{t:.2f}' for t in bncal_s)}]")
     print(f"    torch.onnx.export default alone:                                  median {statistics.median(default_s):.2f} s "
           f"[{', '.join(f'{t:.2f}' for t in default_s)}]")
