@@ -44,6 +44,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
 from .errors import BncalError
+from .onnx_graphs import node_attribute
 from .momentum import suggest_momentum
 from .report import FoldDecision, format_table
 
@@ -437,15 +438,6 @@ def _onnx_constants(graph) -> dict:
     return constants
 
 
-def _onnx_attr(node, name, default):
-    from onnx import helper
-
-    for attr in node.attribute:
-        if attr.name == name:
-            return helper.get_attribute_value(attr)
-    return default
-
-
 def _onnx_graph_and_layers(model) -> tuple[_Graph, list[BNLayer]]:
     graph = model.graph
     constants = _onnx_constants(graph)
@@ -476,7 +468,7 @@ def _onnx_graph_and_layers(model) -> tuple[_Graph, list[BNLayer]]:
         elif node.op_type == "Dropout":
             ratio = constants.get(node.input[1]) if len(node.input) > 1 and node.input[1] else None
             if ratio is None:
-                ratio = _onnx_attr(node, "ratio", 0.5)
+                ratio = node_attribute(node, "ratio", 0.5)
             kind = "pass" if float(np.asarray(ratio)) == 0 else "dropout"
         elif node.op_type == "Mul" and len(node.input) == 2:
             # SiLU exports as x * Sigmoid(x): treat the Mul as the activation.
@@ -492,8 +484,8 @@ def _onnx_graph_and_layers(model) -> tuple[_Graph, list[BNLayer]]:
 
 
 def _onnx_layer(key: str, node, constants: dict) -> BNLayer:
-    momentum_tf = float(_onnx_attr(node, "momentum", 0.9))
-    training = bool(_onnx_attr(node, "training_mode", 0))
+    momentum_tf = float(node_attribute(node, "momentum", 0.9))
+    training = bool(node_attribute(node, "training_mode", 0))
     scale, bias, mean, var = (constants.get(name) for name in (list(node.input) + [""] * 5)[1:5])
     if mean is not None and var is not None:
         stats, detail = _stats_status(np.asarray(mean, np.float64).reshape(-1),
@@ -505,7 +497,7 @@ def _onnx_layer(key: str, node, constants: dict) -> BNLayer:
     channels = next((int(np.asarray(t).size) for t in (scale, mean) if t is not None), None)
     return BNLayer(name=key, type="BatchNormalization", channels=channels,
                    momentum_torch=1.0 - momentum_tf, momentum_tf=momentum_tf, affine=affine,
-                   track_running_stats=True, eps=float(_onnx_attr(node, "epsilon", 1e-5)),
+                   track_running_stats=True, eps=float(node_attribute(node, "epsilon", 1e-5)),
                    stats=stats, stats_detail=detail, training_mode=training)
 
 

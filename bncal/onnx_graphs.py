@@ -421,7 +421,8 @@ def _subgraph_batchnorms(graph) -> list[str]:
     return found
 
 
-def _attribute(node, name, default):
+def node_attribute(node, name, default):
+    """The value of attribute ``name`` of an ONNX node, or ``default`` when it is absent."""
     for attr in node.attribute:
         if attr.name == name:
             return helper.get_attribute_value(attr)
@@ -430,7 +431,7 @@ def _attribute(node, name, default):
 
 def _is_training_mode(node, opset) -> bool:
     if opset >= _TRAINING_MODE_OPSET:
-        return int(_attribute(node, "training_mode", 0)) == 1
+        return int(node_attribute(node, "training_mode", 0)) == 1
     return sum(1 for out in node.output if out) > 1
 
 
@@ -442,7 +443,7 @@ def _describe_bn(node, index, name, opset, initializers, producers, graph_inputs
         if tensor in initializers:
             channels = int(np.prod(initializers[tensor].dims))
             break
-    info = BNInfo(name, index, x, node.output[0], channels, float(_attribute(node, "epsilon", 1e-5)),
+    info = BNInfo(name, index, x, node.output[0], channels, float(node_attribute(node, "epsilon", 1e-5)),
                   scale, bias, mean, var)
 
     def skip(reason):

@@ -25,6 +25,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import BncalError
+from ._progress import progress_reporter
 from .onnx_graphs import BNInfo, find_batchnorms, make_stats_graph, make_train_graph, write_statistics
 from .report import LayerRecalibration, LayerStats, RecalibrationReport, SkippedLayer, summarize_shift
 from .stats import ChannelMoments, fixed_point_passes
@@ -217,7 +218,7 @@ class BatchStream:
         self.batches = self.samples = 0
 
     def __iter__(self):
-        bar = _progress(self.progress)
+        bar = progress_reporter(self.progress)
         batches = samples = 0
         try:
             for index, batch in enumerate(self._fresh()):
@@ -276,23 +277,3 @@ class BatchStream:
 def _format_shape(shape) -> str:
     dims = [str(d) if isinstance(d, int) and d > 0 else (d or "?") for d in shape]
     return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
-
-
-def _progress(progress):
-    """A callable ``bar(batches_done)`` (``bar(None)`` closes it), or None."""
-    if not progress:
-        return None
-    if callable(progress) and progress is not True:
-        return lambda n: None if n is None else progress(n)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(unit="batch", leave=False, dynamic_ncols=True)
-    done = [0]
-
-    def update(n):
-        if n is None:
-            bar.close()
-        else:
-            bar.update(n - done[0])
-            done[0] = n
-    return update

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ._progress import progress_reporter
 from .errors import BncalError
 from .report import LayerRecalibration, LayerStats, RecalibrationReport, SkippedLayer, summarize_shift
 from .stats import ChannelMoments, fixed_point_passes
@@ -282,7 +283,7 @@ class _Run:
     def _pass(self):
         self.pending.clear()
         batches = samples = 0
-        bar = _progress_bar(self.progress)
+        bar = progress_reporter(self.progress)
         try:
             with torch.no_grad():
                 for batch in self.data:
@@ -296,7 +297,7 @@ class _Run:
                     batches += 1
                     samples += size
                     if bar is not None:
-                        bar(1)
+                        bar(batches)
         finally:
             if bar is not None:
                 bar(None)
@@ -409,21 +410,3 @@ def _describe(batch) -> str:
     if isinstance(batch, (list, tuple)):
         return ", ".join(_describe(v) for v in batch)
     return type(batch).__name__
-
-
-def _progress_bar(progress):
-    """A callable ``bar(n)`` (``bar(None)`` closes it), or None."""
-    if not progress:
-        return None
-    if callable(progress) and progress is not True:
-        count = [0]
-
-        def report(n):
-            if n is not None:
-                count[0] += n
-                progress(count[0])
-        return report
-    from tqdm.auto import tqdm
-
-    bar = tqdm(unit="batch", leave=False, dynamic_ncols=True)
-    return lambda n: bar.close() if n is None else bar.update(n)
