@@ -1,11 +1,12 @@
 """Run under torchrun by test_distributed.py: recalibrate one shard per rank, save the result."""
 
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, sys.argv[2])
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_recalibrate import _cnn  # noqa: E402
 
 import bncal  # noqa: E402

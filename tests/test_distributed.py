@@ -14,7 +14,7 @@ from test_recalibrate import _cnn
 
 def test_two_ranks_match_one_process(tmp_path):
     prefix = str(tmp_path / "out")
-    cmd = torchrun_command(2) + [str(TESTS_DIR / "_distributed_worker.py"), prefix, str(TESTS_DIR)]
+    cmd = torchrun_command(2) + [str(TESTS_DIR / "_distributed_worker.py"), prefix]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     union, _ = shards()
