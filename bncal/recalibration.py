@@ -15,6 +15,7 @@ off), and batches are weighted by their sample count.
 from __future__ import annotations
 
 import contextlib
+import math
 import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ._progress import progress_reporter
 from .errors import BncalError
 from .report import LayerRecalibration, LayerStats, RecalibrationReport, SkippedLayer, summarize_shift
-from .stats import ChannelMoments, fixed_point_passes
+from .stats import ChannelMoments, anchored_statistics, fixed_point_passes
 
 __all__ = ["recalibrate", "batchnorm_layers", "default_forward"]
 
@@ -121,7 +122,7 @@ def recalibrate(
     for name, _ in layers:
         if name not in updated:
             skipped.append(SkippedLayer(name, "never reached by the data: its statistics were left as they were"))
-    entries, notes = [], []
+    entries, notes = [], list(run.notes)
     for name, bn in layers:
         if name not in updated:
             continue
@@ -200,6 +201,13 @@ class _Run:
         self.calls_per_forward: dict[str, int] = {}
         self.batches = self.samples = 0
         self.train_mode_pass = True
+        # Anchored eval passes: last eval pass's per-call moments and per-batch fingerprints.
+        self.previous: dict[str, _Pending] | None = None
+        self.fingerprints: list[float] = []
+        self.previous_fingerprints: list[float] | None = None
+        self.anchored = False
+        self.base: dict[str, tuple] = {}
+        self.notes: list[str] = []
 
     @contextlib.contextmanager
     def prepared(self):
@@ -209,6 +217,7 @@ class _Run:
                         None if bn.num_batches_tracked is None else bn.num_batches_tracked.detach().clone())
                  for name, bn in self.layers if not isinstance(bn.running_mean, nn.parameter.UninitializedBuffer)}
         handles = [bn.register_forward_hook(self._hook(name)) for name, bn in self.layers]
+        handles += [bn.register_forward_pre_hook(self._pre_hook(name)) for name, bn in self.layers]
         patched = []
         for _, bn in self.layers:
             if isinstance(bn, nn.SyncBatchNorm):
@@ -242,17 +251,34 @@ class _Run:
 
     def _hook(self, name):
         def hook(module, args, output):
-            self.calls[name] = self.calls.get(name, 0) + 1
-            x = args[0].detach()
-            count = x.numel() // x.shape[1]
             if self.train_mode_pass:
                 # With momentum 1 the BN's own update leaves exactly this batch's mean and
                 # unbiased variance in its buffers: reuse them instead of reducing again.
+                self.calls[name] = self.calls.get(name, 0) + 1
+                x = args[0]
+                count = x.numel() // x.shape[1]
                 self._record(name, count, module.running_mean.detach().clone(),
                              module.running_var.detach() * ((count - 1) / count))
-            else:
-                var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
-                self._record(name, count, mean, var)
+        return hook
+
+    def _pre_hook(self, name):
+        def hook(module, args):
+            if self.train_mode_pass:
+                return
+            self.calls[name] = self.calls.get(name, 0) + 1
+            x = args[0].detach()
+            var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
+            call = len(self.pending[name].counts) if name in self.pending else 0
+            self._record(name, x.numel() // x.shape[1], mean, var)
+            if name not in self.base:
+                return
+            base_mean, base_var = self.base[name]
+            previous = self.previous.get(name) if self.anchored else None
+            if previous is not None and call < len(previous.counts):
+                base_mean, base_var = anchored_statistics(base_mean, base_var, mean, var,
+                                                          previous.means[call], previous.variances[call])
+            module.running_mean.copy_(base_mean)
+            module.running_var.copy_(base_var)
         return hook
 
     def _record(self, name, count, mean, var):
@@ -273,15 +299,25 @@ class _Run:
         return self._pass()
 
     def eval_pass(self, stats):
+        """Moments of every BN input with every BN normalising with ``stats``, anchored
+        (:func:`bncal.stats.anchored_statistics`) from the second eval pass on, when the data
+        comes in the same order as in the previous pass."""
         self.train_mode_pass = False
+        self.base = {}
         for name, bn in self.layers:
             bn.eval()
             if name in stats and stats[name].count:
-                self._load(bn, stats[name])
-        return self._pass()
+                dtype, device = bn.running_mean.dtype, bn.running_mean.device
+                self.base[name] = (torch.from_numpy(stats[name].mean).to(device, dtype),
+                                   torch.from_numpy(stats[name].variance).to(device, dtype))
+        self.anchored = self.previous is not None
+        moments = self._pass()
+        self.previous, self.previous_fingerprints = dict(self.pending), list(self.fingerprints)
+        return moments
 
     def _pass(self):
-        self.pending.clear()
+        self.pending = {}
+        self.fingerprints = []
         batches = samples = 0
         bar = progress_reporter(self.progress)
         try:
@@ -289,7 +325,9 @@ class _Run:
                 for batch in self.data:
                     if self.max_samples is not None and samples >= self.max_samples:
                         break
-                    batch, size = _prepare(batch, self.device, None if self.max_samples is None else self.max_samples - samples)
+                    batch, size, fingerprint = _prepare(batch, self.device,
+                                                        None if self.max_samples is None else self.max_samples - samples)
+                    self._check_order(batches, fingerprint)
                     self.calls.clear()
                     self._forward(batch, batches)
                     for name, n in self.calls.items():
@@ -309,6 +347,20 @@ class _Run:
         if self.group is not None:
             moments, self.batches, self.samples = _combine_across_ranks(moments, self.layers, batches, samples, self.group)
         return moments
+
+    def _check_order(self, index, fingerprint):
+        """Anchoring pairs each batch with itself in the previous pass: stop it if the data
+        order changed (a shuffling loader)."""
+        self.fingerprints.append(fingerprint)
+        if not self.anchored:
+            return
+        previous = self.previous_fingerprints
+        if index >= len(previous) or not math.isclose(previous[index], fingerprint, rel_tol=1e-9, abs_tol=1e-9):
+            self.anchored = False
+            note = ("the data came in a different order in each pass (a shuffling loader?), so eval mode fell "
+                    "back to plain passes, which need more of them; give the batches in a fixed order")
+            if note not in self.notes:
+                self.notes.append(note)
 
     def _forward(self, batch, index):
         try:
@@ -378,8 +430,12 @@ def _combine_across_ranks(moments, layers, batches, samples, group):
 
 
 def _prepare(batch, device, limit):
-    """Move tensors to ``device``, check they are finite, cut to ``limit`` samples; return (batch, size)."""
-    sizes = []
+    """Move tensors to ``device``, check they are finite, cut to ``limit`` samples.
+
+    Returns ``(batch, size, fingerprint)``; the fingerprint (the sum of the first floating
+    tensor, in float64) tells whether a later pass sees the same batch in the same place.
+    """
+    sizes, sums = [], []
 
     def visit(x):
         if isinstance(x, np.ndarray):
@@ -389,8 +445,11 @@ def _prepare(batch, device, limit):
                 x = x[:limit]
             if x.dim() > 0:
                 sizes.append(x.shape[0])
-            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-                raise BncalError("the calibration data contains NaN or Inf values; clean or filter it first")
+            if x.is_floating_point():
+                total = float(x.sum(dtype=torch.float64))
+                if not math.isfinite(total) and not bool(torch.isfinite(x).all()):
+                    raise BncalError("the calibration data contains NaN or Inf values; clean or filter it first")
+                sums.append(total)
             return x.to(device, non_blocking=True)
         if isinstance(x, dict):
             return {k: visit(v) for k, v in x.items()}
@@ -399,7 +458,7 @@ def _prepare(batch, device, limit):
         return x
 
     batch = visit(batch)
-    return batch, (sizes[0] if sizes else 1)
+    return batch, (sizes[0] if sizes else 1), (sums[0] if sums else float(len(sizes)))
 
 
 def _describe(batch) -> str:

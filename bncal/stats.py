@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ChannelMoments", "batch_moments", "max_relative_change", "fixed_point_passes"]
+__all__ = ["ChannelMoments", "batch_moments", "max_relative_change", "fixed_point_passes", "anchored_statistics"]
 
 
 @dataclass
@@ -187,3 +187,23 @@ def fixed_point_passes(train_pass, eval_pass, *, mode: str, tol: float, max_pass
         if change <= tol:
             return moments, passes, True, change
     return moments, passes, False, change
+
+
+def anchored_statistics(base_mean, base_var, batch_mean, batch_var, previous_mean, previous_var):
+    """Statistics for one BN on one batch of an anchored eval pass: ``base`` moved by how much
+    this same batch's input moved since the previous pass.
+
+    Between two eval passes the statistics of every upstream BN change, and a BN's input
+    moves with them; that move is nearly the same for every batch (it comes from per-channel
+    affine changes upstream), so the batch's own move estimates the population's to second
+    order. Normalising each batch with ``base`` shifted by it makes a whole pass consistent
+    with the statistics every earlier BN is being given in this very pass (Gauss-Seidel),
+    instead of with last pass's (Jacobi, which hands errors one BN deeper per pass)::
+
+        mean = base_mean + (batch_mean - previous_mean)
+        var  = base_var * batch_var / previous_var
+
+    Works on numpy arrays and torch tensors alike (arithmetic only).
+    """
+    ratio = batch_var / (previous_var + (previous_var == 0))
+    return base_mean + (batch_mean - previous_mean), base_var * ratio
