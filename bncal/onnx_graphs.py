@@ -76,7 +76,8 @@ class BNInfo:
 
     In a derived graph: ``mean_output``/``var_output`` (batch mean and biased variance of the
     BN's input, shape ``(channels,)``) and ``count_output`` (``Size`` of the input, int64
-    scalar) are graph outputs when exposed; ``mean_feed``/``var_feed`` are the graph inputs
+    scalar) are graph outputs when exposed; ``mean_feed``/``var_feed`` (and, in an anchored
+    statistics graph, ``previous_mean_feed``/``previous_var_feed``) are the graph inputs
     that override the moving statistics (stats graph only).
     """
 
@@ -98,6 +99,8 @@ class BNInfo:
     count_output: str | None = None
     mean_feed: str | None = None
     var_feed: str | None = None
+    previous_mean_feed: str | None = None
+    previous_var_feed: str | None = None
 
     @property
     def handled(self) -> bool:
@@ -186,8 +189,8 @@ def make_train_graph(model: onnx.ModelProto, *, expose_stats: bool = False,
     return derived.model, result
 
 
-def make_stats_graph(model: onnx.ModelProto, *,
-                     keep_model_outputs: bool = True) -> tuple[onnx.ModelProto, list[BNInfo]]:
+def make_stats_graph(model: onnx.ModelProto, *, keep_model_outputs: bool = True,
+                     anchored: bool = False) -> tuple[onnx.ModelProto, list[BNInfo]]:
     """A copy of ``model`` that computes the same outputs and exposes every handled BN's input statistics.
 
     Each handled BN still normalises with moving statistics, read from the graph inputs
@@ -195,6 +198,11 @@ def make_stats_graph(model: onnx.ModelProto, *,
     to the model's values when not fed. Its input's batch mean, biased variance and size are
     the outputs ``mean_output``, ``var_output``, ``count_output``. ``keep_model_outputs=False``
     keeps only those outputs (and the nodes they need).
+
+    With ``anchored=True`` each BN normalises each batch with
+    :func:`bncal.stats.anchored_statistics` of the fed statistics, its input's batch
+    statistics, and the same batch's input statistics in the previous pass, fed as
+    ``previous_mean_feed``/``previous_var_feed`` (these must be fed for every batch).
 
     Raises:
         BncalError: the model's opset is older than 9.
@@ -225,12 +233,41 @@ def make_stats_graph(model: onnx.ModelProto, *,
         stats_node.output[0] = derived.fresh(f"{info.name}.unused_y")
         _make_training_form(stats_node, info, zeros, ones, mean_out, var_out, training_mode, derived)
         size_node = helper.make_node("Size", [info.input], [count_out], name=derived.fresh(f"{info.name}.Size"))
-        derived.insert_after(info.node_index, stats_node, size_node)
+        previous = {}
+        if anchored:
+            previous = _anchor(derived, node, info, dtype, mean_feed, var_feed, mean_out, var_out)
+            derived.insert_before(info.node_index, stats_node, size_node, *previous.pop("nodes"))
+        else:
+            derived.insert_after(info.node_index, stats_node, size_node)
         derived.add_stat_outputs(mean_out, var_out, count_out, dtype, info.channels)
         result.append(dataclasses.replace(info, mean_output=mean_out, var_output=var_out, count_output=count_out,
-                                          mean_feed=mean_feed, var_feed=var_feed))
+                                          mean_feed=mean_feed, var_feed=var_feed, **previous))
     derived.finish(keep_model_outputs)
     return derived.model, result
+
+
+def _anchor(derived, node, info, dtype, mean_feed, var_feed, batch_mean, batch_var) -> dict:
+    """Nodes computing :func:`bncal.stats.anchored_statistics` as the BN's mean and variance."""
+    channels = info.channels
+    previous_mean = derived.add_initializer(np.zeros(channels, dtype), f"{info.name}.previous_mean", as_input=True)
+    previous_var = derived.add_initializer(np.ones(channels, dtype), f"{info.name}.previous_var", as_input=True)
+    eps = derived.add_initializer(np.full(1, info.epsilon, dtype), f"{info.name}.eps")
+    t = {k: derived.fresh(f"{info.name}.anchor_{k}") for k in
+         ("shift", "mean", "batch_var_eps", "previous_var_eps", "ratio", "base_var_eps", "var_eps", "var")}
+    nodes = [
+        helper.make_node("Sub", [batch_mean, previous_mean], [t["shift"]]),
+        helper.make_node("Add", [mean_feed, t["shift"]], [t["mean"]]),
+        helper.make_node("Add", [batch_var, eps], [t["batch_var_eps"]]),
+        helper.make_node("Add", [previous_var, eps], [t["previous_var_eps"]]),
+        helper.make_node("Div", [t["batch_var_eps"], t["previous_var_eps"]], [t["ratio"]]),
+        helper.make_node("Add", [var_feed, eps], [t["base_var_eps"]]),
+        helper.make_node("Mul", [t["base_var_eps"], t["ratio"]], [t["var_eps"]]),
+        helper.make_node("Sub", [t["var_eps"], eps], [t["var"]]),
+    ]
+    for n in nodes:
+        n.name = derived.fresh(f"{info.name}.{n.op_type}")
+    node.input[3], node.input[4] = t["mean"], t["var"]
+    return {"nodes": nodes, "previous_mean_feed": previous_mean, "previous_var_feed": previous_var}
 
 
 def write_statistics(model: onnx.ModelProto, statistics) -> tuple[onnx.ModelProto, list[str]]:
@@ -533,6 +570,7 @@ class _DerivedGraph:
             self.taken.add(node.name)
         self.stat_outputs = []
         self.insertions = {}  # node index -> nodes to place right after it (keeps inputs' lifetimes short)
+        self.insertions_before = {}  # node index -> nodes it needs, placed right before it
 
     def fresh(self, hint: str) -> str:
         name = base = _PREFIX + hint
@@ -560,6 +598,9 @@ class _DerivedGraph:
     def insert_after(self, index: int, *new_nodes):
         self.insertions.setdefault(index, []).extend(new_nodes)
 
+    def insert_before(self, index: int, *new_nodes):
+        self.insertions_before.setdefault(index, []).extend(new_nodes)
+
     def add_stat_outputs(self, mean_out, var_out, count_out, dtype, channels):
         elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
         self.stat_outputs += [helper.make_tensor_value_info(mean_out, elem, [channels]),
@@ -569,6 +610,7 @@ class _DerivedGraph:
     def finish(self, keep_model_outputs: bool):
         nodes = []
         for index, node in enumerate(self.graph.node):
+            nodes.extend(self.insertions_before.get(index, []))
             nodes.append(node)
             nodes.extend(self.insertions.get(index, []))
         _replace_repeated(self.graph.node, nodes, onnx.NodeProto)

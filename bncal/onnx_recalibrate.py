@@ -96,22 +96,47 @@ def recalibrate_onnx(
     train_infos = [info for info in train_infos if info.handled]
 
     def train_pass():
-        return _collect(train_session, train_infos, stream, {}, one_value_ok=(mode == "eval"))
+        return _collect(train_session, train_infos, stream, lambda index, feeds: {}, one_value_ok=(mode == "eval"))[0]
 
-    stats_session = stats_infos = None
+    sessions = {}
+    previous = {"records": None, "fingerprints": None}
+    notes = []
 
     def eval_pass(current):
-        nonlocal stats_session, stats_infos
-        if stats_session is None:
-            stats_model, stats_infos = make_stats_graph(model, keep_model_outputs=False)
-            stats_session = quiet_session(stats_model, providers)
-            stats_infos = [info for info in stats_infos if info.handled]
-        feeds = {}
-        for info in stats_infos:
+        # From the second eval pass on, anchored: each batch is normalised with the current
+        # statistics moved by how far its own input moved since the last pass (Gauss-Seidel).
+        anchored = previous["records"] is not None
+        if anchored not in sessions:
+            stats_model, infos_ = make_stats_graph(model, keep_model_outputs=False, anchored=anchored)
+            sessions[anchored] = (quiet_session(stats_model, providers), [i for i in infos_ if i.handled])
+        session, infos_ = sessions[anchored]
+        base = {}
+        for info in infos_:
             dtype = _stats_dtype(model, info)
-            feeds[info.mean_feed] = current[info.name].mean.astype(dtype)
-            feeds[info.var_feed] = current[info.name].variance.astype(dtype)
-        return _collect(stats_session, stats_infos, stream, feeds, one_value_ok=True)
+            base[info.mean_feed] = current[info.name].mean.astype(dtype)
+            base[info.var_feed] = current[info.name].variance.astype(dtype)
+        if not anchored:
+            feeds_for = lambda index, feeds: base  # noqa: E731
+        else:
+            records, fingerprints = previous["records"], previous["fingerprints"]
+
+            def feeds_for(index, feeds):
+                if index >= len(fingerprints) or not _same(fingerprints[index], _fingerprint(feeds)):
+                    raise _OrderChanged
+                extra = dict(base)
+                for info in infos_:
+                    extra[info.previous_mean_feed], extra[info.previous_var_feed] = records[info.name][index]
+                return extra
+        try:
+            moments, records, fingerprints = _collect(session, infos_, stream, feeds_for, one_value_ok=True)
+        except _OrderChanged:
+            notes.append("the data came in a different order in each pass, so eval mode fell back to plain "
+                         "passes, which need more of them; give the batches in a fixed order")
+            previous["records"] = None
+            return eval_pass(current)
+        if not any("different order" in n for n in notes):
+            previous["records"], previous["fingerprints"] = records, fingerprints
+        return moments
 
     moments, passes, converged, change = fixed_point_passes(
         train_pass, eval_pass, mode=mode, tol=tol, max_passes=max_passes)
@@ -121,7 +146,7 @@ def recalibrate_onnx(
             raise BncalError(f"BatchNorm {info.name} got non-finite statistics from the data "
                              "(an overflow in the model?); check the data's scale and the weights")
 
-    new_model, notes = write_statistics(model, {info.name: (moments[info.name].mean, moments[info.name].variance)
+    new_model, write_notes = write_statistics(model, {info.name: (moments[info.name].mean, moments[info.name].variance)
                                                 for info in handled})
     layers = []
     for info in handled:
@@ -134,16 +159,36 @@ def recalibrate_onnx(
             after=LayerStats(m.mean.copy(), m.variance.copy()), mean_shift=shift, var_ratio=ratio))
     report = RecalibrationReport(mode=mode, batches=stream.batches, samples=stream.samples, passes=passes,
                                  converged=converged, max_rel_change=change, layers=layers, skipped=skipped,
-                                 notes=notes)
+                                 notes=notes + write_notes)
     return new_model, report
 
 
-def _collect(session, infos: list[BNInfo], stream: "BatchStream", extra_feeds: dict, *, one_value_ok: bool):
-    """One pass over the data: merge every BN's per-batch moments into a ChannelMoments."""
+class _OrderChanged(Exception):
+    """The data came in another order than in the previous pass (anchoring is then invalid)."""
+
+
+def _fingerprint(feeds) -> float:
+    first = next(iter(feeds.values()))
+    return float(np.sum(first, dtype=np.float64))
+
+
+def _same(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-9 * max(1.0, abs(a), abs(b))
+
+
+def _collect(session, infos: list[BNInfo], stream: "BatchStream", feeds_for, *, one_value_ok: bool):
+    """One pass over the data: merge every BN's per-batch moments into a ChannelMoments.
+
+    ``feeds_for(index, feeds)`` gives the extra feeds for each batch. Returns the moments,
+    every BN's per-batch ``(mean, var)`` and the per-batch fingerprints (for anchoring).
+    """
     names = [name for info in infos for name in (info.mean_output, info.var_output, info.count_output)]
     moments = {info.name: ChannelMoments.empty(info.channels) for info in infos}
+    records = {info.name: [] for info in infos}
+    fingerprints = []
     for index, feeds in stream:
-        values = run_session(session, names, {**feeds, **extra_feeds}, index)
+        values = run_session(session, names, {**feeds, **feeds_for(index, feeds)}, index)
+        fingerprints.append(_fingerprint(feeds))
         for k, info in enumerate(infos):
             mean, var, size = values[3 * k: 3 * k + 3]
             count = int(size) // info.channels
@@ -152,7 +197,8 @@ def _collect(session, infos: list[BNInfo], stream: "BatchStream", extra_feeds: d
                     f"batch {index} gives BatchNorm {info.name} only {count} value per channel, so its batch "
                     "statistics are undefined in mode 'train'; use batches of 2 or more samples, or mode 'eval'")
             moments[info.name].add_batch(count, mean, var)
-    return moments
+            records[info.name].append((mean, var))
+    return moments, records, fingerprints
 
 
 def quiet_session(model: onnx.ModelProto, providers=None):

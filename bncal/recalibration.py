@@ -275,8 +275,8 @@ class _Run:
             base_mean, base_var = self.base[name]
             previous = self.previous.get(name) if self.anchored else None
             if previous is not None and call < len(previous.counts):
-                base_mean, base_var = anchored_statistics(base_mean, base_var, mean, var,
-                                                          previous.means[call], previous.variances[call])
+                base_mean, base_var = anchored_statistics(base_mean, base_var, mean, var, previous.means[call],
+                                                          previous.variances[call], module.eps)
             module.running_mean.copy_(base_mean)
             module.running_var.copy_(base_var)
         return hook

@@ -317,3 +317,41 @@ def test_statistics_shared_directly_by_two_batchnorms():
     a = (x - stats["bn1"][0]) / np.sqrt(stats["bn1"][1] + 1e-5)
     y = (a - stats["bn2"][0]) / np.sqrt(stats["bn2"][1] + 1e-5)
     np.testing.assert_allclose(run(new, {"x": x})["y"], y, rtol=1e-5)
+
+
+def test_anchored_stats_graph_normalises_with_the_core_formula():
+    """The anchored graph's BN uses exactly bncal.stats.anchored_statistics of its feeds."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bncal.onnx_graphs import make_stats_graph
+    from bncal.stats import anchored_statistics
+
+    rng = np.random.default_rng(0)
+    c, eps = 3, 1e-3
+    params = {k: rng.random(c).astype(np.float32) + 0.5 for k in ("scale", "bias", "mean", "var")}
+    graph = helper.make_graph(
+        [helper.make_node("BatchNormalization", ["x", "scale", "bias", "mean", "var"], ["y"], epsilon=eps, name="bn")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, 4])],
+        [numpy_helper.from_array(v, k) for k, v in params.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    derived, infos = make_stats_graph(model, anchored=True)
+    info = infos[0]
+    x = rng.standard_normal((5, c, 4)).astype(np.float32) * 2 + 1
+    feeds = {"x": x, info.mean_feed: rng.standard_normal(c).astype(np.float32),
+             info.var_feed: rng.random(c).astype(np.float32) + 0.1,
+             info.previous_mean_feed: rng.standard_normal(c).astype(np.float32),
+             info.previous_var_feed: np.array([0.0, 0.5, 2.0], np.float32)}
+    session = ort.InferenceSession(derived.SerializeToString(), providers=["CPUExecutionProvider"])
+    y, batch_mean, batch_var = session.run(["y", info.mean_output, info.var_output], feeds)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(batch_mean, x64.mean(axis=(0, 2)), rtol=1e-5)
+    np.testing.assert_allclose(batch_var, x64.var(axis=(0, 2)), rtol=1e-5)
+    mean, var = anchored_statistics(feeds[info.mean_feed].astype(np.float64), feeds[info.var_feed].astype(np.float64),
+                                    x64.mean(axis=(0, 2)), x64.var(axis=(0, 2)),
+                                    feeds[info.previous_mean_feed].astype(np.float64),
+                                    feeds[info.previous_var_feed].astype(np.float64), eps)
+    expected = ((x64 - mean[None, :, None]) / np.sqrt(var[None, :, None] + eps) * params["scale"][None, :, None]
+                + params["bias"][None, :, None])
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)

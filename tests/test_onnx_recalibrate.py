@@ -352,3 +352,33 @@ assert "torch" not in sys.modules, "torch was imported"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=root)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "" and result.stderr == ""  # the library prints nothing
+
+
+def test_eval_mode_anchored_passes_and_shuffled_fallback():
+    """Eval mode converges in a few anchored passes; a loader that reorders batches falls back."""
+    import torch
+
+    import bncal
+    from bncal.onnx_recalibrate import recalibrate_onnx
+    from models import zoo
+
+    model = onnx.load(zoo.Path(zoo.__file__).with_name("mnist_cnn_stale.onnx"))
+    x = torch.cat(zoo.calibration_batches())[:512]
+    batches = [b.numpy() for b in x.split(64)]
+    new, report = recalibrate_onnx(model, batches, mode="eval", tol=1e-5)
+    assert report.converged and report.passes <= 6, report.passes
+    torch_model = zoo.mnist_cnn_stale()
+    bncal.recalibrate(torch_model, list(x.split(64)), mode="eval", tol=1e-5)
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in new.graph.initializer}
+    bn = next(n for n in new.graph.node if n.op_type == "BatchNormalization" and n.name == "1.3")
+    np.testing.assert_allclose(values[bn.input[3]], torch_model[1][3].running_mean.numpy(), rtol=1e-5, atol=2e-5)
+
+    epoch = [0]
+
+    def reshuffled():
+        epoch[0] += 1
+        order = np.random.default_rng(epoch[0]).permutation(len(batches))
+        return [batches[i] for i in order]
+
+    _, shuffled = recalibrate_onnx(model, reshuffled, mode="eval", tol=1e-5)
+    assert any("different order" in n for n in shuffled.notes)
