@@ -171,21 +171,28 @@ def _world_size(group) -> int:
 
 @dataclass
 class _Pending:
-    """Per-batch moments recorded on the device, merged into the core at the end of a pass
-    (one device-to-host copy per pass instead of one per layer and batch)."""
+    """Per-call moments recorded on the device as ``(2, C)`` tensors (mean, variance), merged
+    into the core at the end of a pass: one device-to-host copy per pass, and one small tensor
+    op per BN call while the pass runs. ``unbiased`` marks variances that still carry
+    Bessel's correction (those a train-mode BN leaves in its buffer)."""
 
+    unbiased: bool
     counts: list = field(default_factory=list)
-    means: list = field(default_factory=list)
-    variances: list = field(default_factory=list)
+    moments: list = field(default_factory=list)
+
+    def mean(self, call: int):
+        return self.moments[call][0]
+
+    def variance(self, call: int):
+        return self.moments[call][1]
 
     def flush(self, channels: int) -> ChannelMoments:
         moments = ChannelMoments.empty(channels)
         if not self.counts:
             return moments
-        means = torch.stack(self.means).double().cpu().numpy()
-        variances = torch.stack(self.variances).double().cpu().numpy()
-        for count, mean, var in zip(self.counts, means, variances):
-            moments.add_batch(count, mean, var)
+        stacked = torch.stack(self.moments).double().cpu().numpy()
+        for count, (mean, var) in zip(self.counts, stacked):
+            moments.add_batch(count, mean, var * ((count - 1) / count) if self.unbiased else var)
         return moments
 
 
@@ -256,9 +263,8 @@ class _Run:
                 # unbiased variance in its buffers: reuse them instead of reducing again.
                 self.calls[name] = self.calls.get(name, 0) + 1
                 x = args[0]
-                count = x.numel() // x.shape[1]
-                self._record(name, count, module.running_mean.detach().clone(),
-                             module.running_var.detach() * ((count - 1) / count))
+                self._record(name, x.numel() // x.shape[1],
+                             torch.stack((module.running_mean.detach(), module.running_var.detach())))
         return hook
 
     def _pre_hook(self, name):
@@ -269,23 +275,24 @@ class _Run:
             x = args[0].detach()
             var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
             call = len(self.pending[name].counts) if name in self.pending else 0
-            self._record(name, x.numel() // x.shape[1], mean, var)
+            self._record(name, x.numel() // x.shape[1], torch.stack((mean, var)))
             if name not in self.base:
                 return
             base_mean, base_var = self.base[name]
             previous = self.previous.get(name) if self.anchored else None
             if previous is not None and call < len(previous.counts):
-                base_mean, base_var = anchored_statistics(base_mean, base_var, mean, var, previous.means[call],
-                                                          previous.variances[call], module.eps)
+                base_mean, base_var = anchored_statistics(base_mean, base_var, mean, var, previous.mean(call),
+                                                          previous.variance(call), module.eps)
             module.running_mean.copy_(base_mean)
             module.running_var.copy_(base_var)
         return hook
 
-    def _record(self, name, count, mean, var):
-        pending = self.pending.setdefault(name, _Pending())
+    def _record(self, name, count, moments):
+        pending = self.pending.get(name)
+        if pending is None:
+            pending = self.pending[name] = _Pending(unbiased=self.train_mode_pass)
         pending.counts.append(count)
-        pending.means.append(mean)
-        pending.variances.append(var)
+        pending.moments.append(moments)
 
     def train_pass(self):
         self.train_mode_pass = True
