@@ -38,8 +38,10 @@ def test_stale_onnx_fails_check_and_passes_after_onnx_recalibration(files):
     out = files / "fixed.onnx"
     code, output = run("recalibrate", files / "stale.onnx", "--data", files / "calib.npy", "-o", out, "--force")
     assert code == 0, output
-    code, output = run("check", out, "--data", files / "calib.npy", "--batch-size", 64, "--report-json", files / "c.json")
+    code, output = run("check", out, "--data", files / "calib.npy", "--batch-size", 64, "--report-json", files / "c.json",
+                       "--plot", files / "c.png")
     assert code == 0, output
+    assert (files / "c.png").read_bytes()[:4] == b"\x89PNG"
     assert output.strip().splitlines()[-1] == "PASSED"
     assert json.loads((files / "c.json").read_text())["check"]["passed"] is True
     # Only the statistics changed: same nodes, same names.

@@ -73,9 +73,10 @@ def test_npy_data_end_to_end_with_json_report(project):
 def test_function_data_eval_mode_and_pt_output(project):
     out = project / "out.pt"
     code, output = run("recalibrate", project / "tiny.py:build", "--weights", project / "w.pt",
-                       "--data", project / "tiny.py:batches", "--mode", "eval", "-o", out)
+                       "--data", project / "tiny.py:batches", "--mode", "eval", "-o", out, "--plot", project / "p.png")
     assert code == 0, output
     assert "converged" in output
+    assert (project / "p.png").read_bytes()[:4] == b"\x89PNG"
     state = torch.load(out, weights_only=True)
     assert int(state["1.num_batches_tracked"]) == 3
 
