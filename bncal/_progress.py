@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["progress_reporter"]
+__all__ = ["progress_reporter", "DataPass"]
 
 
 def progress_reporter(progress):
@@ -27,3 +27,40 @@ def progress_reporter(progress):
             bar.update(done - shown[0])
             shown[0] = done
     return update
+
+
+class DataPass:
+    """One pass over calibration batches, shared by the PyTorch and ONNX paths.
+
+    Iterating yields ``(index, prepared)`` for each batch, where ``prepare(batch, index,
+    remaining)`` returns ``(prepared, samples in it)`` and ``remaining`` is how many samples
+    ``max_samples`` still allows (None: no limit). Progress is reported per batch. After the
+    pass ``batches`` and ``samples`` hold its counts; an empty pass raises BncalError.
+    """
+
+    def __init__(self, data, prepare, *, max_samples=None, progress=None):
+        self.data, self.prepare, self.max_samples, self.progress = data, prepare, max_samples, progress
+        self.batches = self.samples = 0
+
+    def __iter__(self):
+        from .errors import BncalError
+
+        report = progress_reporter(self.progress)
+        batches = samples = 0
+        try:
+            for index, batch in enumerate(self.data):
+                if self.max_samples is not None and samples >= self.max_samples:
+                    break
+                remaining = None if self.max_samples is None else self.max_samples - samples
+                prepared, size = self.prepare(batch, index, remaining)
+                yield index, prepared
+                batches += 1
+                samples += size
+                if report is not None:
+                    report(batches)
+        finally:
+            if report is not None:
+                report(None)
+        if batches == 0:
+            raise BncalError("the calibration data is empty; give at least one batch")
+        self.batches, self.samples = batches, samples

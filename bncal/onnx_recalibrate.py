@@ -25,7 +25,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import BncalError
-from ._progress import progress_reporter
+from ._progress import DataPass
 from .onnx_graphs import BNInfo, find_batchnorms, make_stats_graph, make_train_graph, write_statistics
 from .report import LayerRecalibration, LayerStats, RecalibrationReport, SkippedLayer, summarize_shift
 from .stats import ChannelMoments, fixed_point_passes
@@ -264,25 +264,9 @@ class BatchStream:
         self.batches = self.samples = 0
 
     def __iter__(self):
-        bar = progress_reporter(self.progress)
-        batches = samples = 0
-        try:
-            for index, batch in enumerate(self._fresh()):
-                if self.max_samples is not None and samples >= self.max_samples:
-                    break
-                remaining = None if self.max_samples is None else self.max_samples - samples
-                feeds, size = self._validate(batch, index, remaining)
-                yield index, feeds
-                batches += 1
-                samples += size
-                if bar is not None:
-                    bar(batches)
-        finally:
-            if bar is not None:
-                bar(None)
-        if batches == 0:
-            raise BncalError("the calibration data is empty; give at least one batch")
-        self.batches, self.samples = batches, samples
+        current = DataPass(self._fresh(), self._validate, max_samples=self.max_samples, progress=self.progress)
+        yield from current
+        self.batches, self.samples = current.batches, current.samples
 
     def _validate(self, batch, index, remaining):
         names = [name for name, _, _ in self.specs]

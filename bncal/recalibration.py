@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._progress import progress_reporter
+from ._progress import DataPass
 from .errors import BncalError
 from .report import LayerRecalibration, LayerStats, RecalibrationReport, SkippedLayer, summarize_shift
 from .stats import ChannelMoments, anchored_statistics, fixed_point_passes
@@ -325,30 +325,16 @@ class _Run:
     def _pass(self):
         self.pending = {}
         self.fingerprints = []
-        batches = samples = 0
-        bar = progress_reporter(self.progress)
-        try:
-            with torch.no_grad():
-                for batch in self.data:
-                    if self.max_samples is not None and samples >= self.max_samples:
-                        break
-                    batch, size, fingerprint = _prepare(batch, self.device,
-                                                        None if self.max_samples is None else self.max_samples - samples)
-                    self._check_order(batches, fingerprint)
-                    self.calls.clear()
-                    self._forward(batch, batches)
-                    for name, n in self.calls.items():
-                        self.calls_per_forward[name] = max(self.calls_per_forward.get(name, 0), n)
-                    batches += 1
-                    samples += size
-                    if bar is not None:
-                        bar(batches)
-        finally:
-            if bar is not None:
-                bar(None)
-        if batches == 0:
-            raise BncalError("the calibration data is empty; give at least one batch")
-        self.batches, self.samples = batches, samples
+        current = DataPass(self.data, lambda batch, index, remaining: _prepare(batch, self.device, remaining),
+                           max_samples=self.max_samples, progress=self.progress)
+        with torch.no_grad():
+            for index, (batch, fingerprint) in current:
+                self._check_order(index, fingerprint)
+                self.calls.clear()
+                self._forward(batch, index)
+                for name, n in self.calls.items():
+                    self.calls_per_forward[name] = max(self.calls_per_forward.get(name, 0), n)
+        batches, samples = self.batches, self.samples = current.batches, current.samples
         moments = {name: self.pending[name].flush(bn.num_features if bn.num_features else 0)
                    for name, bn in self.layers if name in self.pending}
         if self.group is not None:
@@ -439,7 +425,7 @@ def _combine_across_ranks(moments, layers, batches, samples, group):
 def _prepare(batch, device, limit):
     """Move tensors to ``device``, check they are finite, cut to ``limit`` samples.
 
-    Returns ``(batch, size, fingerprint)``; the fingerprint (the sum of the first floating
+    Returns ``((batch, fingerprint), size)``; the fingerprint (the sum of the first floating
     tensor, in float64) tells whether a later pass sees the same batch in the same place.
     """
     sizes, sums = [], []
@@ -465,7 +451,7 @@ def _prepare(batch, device, limit):
         return x
 
     batch = visit(batch)
-    return batch, (sizes[0] if sizes else 1), (sums[0] if sums else float(len(sizes)))
+    return (batch, sums[0] if sums else float(len(sizes))), (sizes[0] if sizes else 1)
 
 
 def _describe(batch) -> str:
