@@ -343,6 +343,8 @@ def _names_list(text):
 @click.option("--static-batch", is_flag=True, help="Export a fixed batch size instead of a dynamic batch axis.")
 @click.option("--bn-to-affine", is_flag=True, help="Turn BNs that cannot be folded into Mul + Add.")
 @click.option("--keep-failed", is_flag=True, help="If verification fails, keep the model as <stem>.FAILED-VERIFICATION.onnx.")
+@click.option("--constant-initializer-inputs", is_flag=True,
+              help="ONNX input: fold parameters that are also graph inputs (IR < 4 files), treating them as constants.")
 @click.option("--check/--no-check", "run_check", default=True, show_default=True,
               help="With --data: also check train-mode vs inference-mode agreement in onnxruntime.")
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
@@ -350,7 +352,7 @@ def _names_list(text):
 @handle_errors
 def fold_export(model, output, weights, model_kwargs, allow_pickle, data_spec, batch_size, max_samples, image_size, channels,
                 norm_mean, norm_std, input_shapes, verify_batches, atol, rtol, opset, input_names, output_names, static_batch,
-                bn_to_affine, keep_failed, run_check, force, report_json):
+                bn_to_affine, keep_failed, constant_initializer_inputs, run_check, force, report_json):
     """Fold BatchNorm into neighbouring ops, export to ONNX, and prove parity in onnxruntime.
 
     MODEL is a factory spec (with --weights) or an .onnx file. The folded model is compared
@@ -385,7 +387,8 @@ def fold_export(model, output, weights, model_kwargs, allow_pickle, data_spec, b
                 names = [i.name for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
                 feeds = [{n: x.numpy() for n, x in zip(names, _example_inputs(None, input_shapes, seed=s))} for s in range(2)]
             folded, report = fold_export_onnx(proto, output, verify_feeds=feeds, atol=atol, rtol=rtol,
-                                              bn_to_affine=bn_to_affine, keep_failed=keep_failed)
+                                              bn_to_affine=bn_to_affine, keep_failed=keep_failed,
+                                              treat_initializer_inputs_as_constant=constant_initializer_inputs)
             if data is not None and run_check:
                 check_report = _check_onnx_model(proto, data, max_samples)
         else:

@@ -278,8 +278,8 @@ class _Folder:
             old_ir = " (IR < 4 model)" if self.model.ir_version < 4 else ""
             raise _Refused(
                 f"parameter '{value.name}' is also a graph input{old_ir}, so it can be overridden at run time; "
-                "re-save with initializers removed from inputs (strip_initializer_inputs) "
-                "or pass treat_initializer_inputs_as_constant=True"
+                "if it never is, treat such inputs as constants (fold-export --constant-initializer-inputs, "
+                "treat_initializer_inputs_as_constant=True) or re-save without them (strip_initializer_inputs)"
             )
         return value.const_value.numpy()
 
