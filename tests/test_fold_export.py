@@ -140,3 +140,22 @@ def test_cli_corrupted_fold_exits_1_without_output(tmp_path, monkeypatch):
     assert "FAILED" in result.output and result.output.strip().splitlines()[-1].startswith("error: the folded model does not match")
     assert not out.exists()
 
+
+
+def test_cli_ir3_file_parameters_as_inputs(tmp_path):
+    """An IR 3 file lists initializers as inputs: left with a reason, folded when declared constant."""
+    model = onnx.load(zoo.Path(zoo.__file__).with_name("mnist_cnn_stale.onnx"))
+    inputs = {i.name for i in model.graph.input}
+    for init in model.graph.initializer:
+        if init.name not in inputs:
+            model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    model.ir_version = 3
+    onnx.save(model, tmp_path / "ir3.onnx")
+    out = tmp_path / "folded.onnx"
+    result = CliRunner().invoke(main, ["fold-export", str(tmp_path / "ir3.onnx"), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "7 BatchNormalization left" in result.output and "also a graph input (IR < 4 model)" in result.output
+    result = CliRunner().invoke(main, ["fold-export", str(tmp_path / "ir3.onnx"), "-o", str(out), "--force",
+                                       "--constant-initializer-inputs"])
+    assert result.exit_code == 0, result.output
+    assert "0 BatchNormalization left" in result.output and "PASSED" in result.output
