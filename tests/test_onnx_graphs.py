@@ -15,6 +15,7 @@ from torch import nn
 
 from bncal.errors import BncalError
 from bncal.onnx_graphs import find_batchnorms, make_stats_graph, make_train_graph, write_statistics
+from tests_support import randomize_bn
 
 
 def export(net: nn.Module, shape, *, dynamic_spatial=False) -> onnx.ModelProto:
@@ -31,20 +32,6 @@ def export(net: nn.Module, shape, *, dynamic_spatial=False) -> onnx.ModelProto:
                           training=torch.onnx.TrainingMode.PRESERVE, input_names=["x"], output_names=["y"],
                           dynamic_axes={"x": axes})
     return onnx.load_from_string(buffer.getvalue())
-
-
-def randomize_bn(net: nn.Module, seed=0) -> nn.Module:
-    """Distinct, non-default BN parameters and statistics (so no two initializers are equal)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                c = m.num_features
-                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(c, generator=g) - 0.5)
-                m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-    return net
 
 
 def small_cnn():

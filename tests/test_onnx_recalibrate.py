@@ -18,6 +18,7 @@ from torch import nn
 from bncal.errors import BncalError
 from bncal.onnx_graphs import find_batchnorms, make_train_graph
 from bncal.onnx_recalibrate import recalibrate_onnx
+from tests_support import randomize_bn
 
 
 def export(net, args, names=("x",), dynamic_spatial=False):
@@ -38,22 +39,10 @@ def bn_modules(net):
     return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def randomized(net, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in bn_modules(net):
-            c = m.num_features
-            m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-            m.bias.copy_(torch.rand(c, generator=g) - 0.5)
-            m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-    return net
-
-
 def first_bn_net():
     """The first BN sees the raw input; then conv/BN/ReLU stages and a BatchNorm1d head."""
     torch.manual_seed(0)
-    return randomized(nn.Sequential(
+    return randomize_bn(nn.Sequential(
         nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
         nn.Conv2d(4, 4, 3, stride=2), nn.BatchNorm2d(4), nn.ReLU(),
         nn.Flatten(), nn.Linear(4 * 3 * 3, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)))
@@ -226,7 +215,7 @@ def test_multi_input_model():
         def forward(self, a, b):
             return self.head(torch.cat([self.bn_a(a).mean((2, 3)), torch.relu(self.bn_b(b))], 1))
 
-    model = export(randomized(TwoInputs()), [(2, 2, 4, 4), (2, 3)], names=("a", "b"))
+    model = export(randomize_bn(TwoInputs()), [(2, 2, 4, 4), (2, 3)], names=("a", "b"))
     rng = np.random.default_rng(0)
     a = rng.normal(2, 3, (40, 2, 4, 4)).astype(np.float32)
     b = rng.normal(-1, 0.5, (40, 3)).astype(np.float32)
@@ -241,7 +230,7 @@ def test_multi_input_model():
 
 def test_dynamic_spatial_size():
     torch.manual_seed(0)
-    net = randomized(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+    net = randomize_bn(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
                                    nn.AdaptiveAvgPool2d(1), nn.Flatten()))
     model = export(net, [(2, 3, 8, 8)], dynamic_spatial=True)
     rng = np.random.default_rng(0)

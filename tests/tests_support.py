@@ -13,3 +13,20 @@ def torchrun_command(nproc: int) -> list[str]:
     exe = Path(sys.executable).with_name("torchrun")
     base = [str(exe)] if exe.exists() else [shutil.which("torchrun") or "torchrun"]
     return base + ["--standalone", f"--nproc-per-node={nproc}"]
+
+
+def randomize_bn(net, seed=0):
+    """Distinct, non-default BN parameters and statistics (so no two initializers are equal)."""
+    import torch
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                c = m.num_features
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(c, generator=g) - 0.5)
+                m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    return net
