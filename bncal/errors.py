@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["BncalError", "VerificationError"]
+__all__ = ["BncalError", "VerificationError", "first_line", "one_line"]
 
 
 class BncalError(Exception):
@@ -15,3 +15,15 @@ class BncalError(Exception):
 
 class VerificationError(BncalError):
     """An exported or folded model did not match its reference within tolerance."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type name when the message is empty."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``, for reasons and error messages."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
