@@ -53,6 +53,9 @@ class DataPass:
                     break
                 remaining = None if self.max_samples is None else self.max_samples - samples
                 prepared, size = self.prepare(batch, index, remaining)
+                if size == 0:
+                    raise BncalError(f"batch {index} holds no samples (its first dimension is 0); "
+                                     "give batches of one sample or more")
                 yield index, prepared
                 batches += 1
                 samples += size

@@ -15,12 +15,26 @@ from pathlib import Path
 
 from .errors import BncalError
 
-__all__ = ["DemoResult", "run_demo", "default_models_dir"]
+__all__ = ["DemoResult", "run_demo", "default_models_dir", "demo_inputs", "demo_outputs"]
+
+_RECALIBRATED = "mnist_cnn_recalibrated.safetensors"
+_FOLDED = "mnist_cnn_folded.onnx"
 
 
 def default_models_dir() -> Path:
     """The repository's ``models/`` folder (the demo runs from a source checkout)."""
     return Path(__file__).resolve().parents[1] / "models"
+
+
+def demo_inputs(models_dir=None) -> list[Path]:
+    """The files the demo reads: the model source, its checkpoint and the MNIST digits."""
+    models_dir = Path(models_dir) if models_dir else default_models_dir()
+    return [models_dir / "zoo.py", models_dir / "mnist_cnn_stale.safetensors", models_dir / "mnist5k.npz"]
+
+
+def demo_outputs(out_dir) -> list[Path]:
+    """The files the demo writes into ``out_dir``: the recalibrated weights and the folded ONNX model."""
+    return [Path(out_dir) / _RECALIBRATED, Path(out_dir) / _FOLDED]
 
 
 @dataclasses.dataclass
@@ -77,17 +91,18 @@ def run_demo(out_dir, *, models_dir=None, plot: str | Path | None = None, echo: 
     from .folding import analyze_foldability
     from .inspection import RULES, inspect_model
     from .loading import load_model, resolve_callable, save_state_dict
+    from .outputs import staged_size
     from .recalibration import recalibrate
 
     start = time.perf_counter()
     models_dir = Path(models_dir) if models_dir else default_models_dir()
-    zoo_file = models_dir / "zoo.py"
-    weights = models_dir / "mnist_cnn_stale.safetensors"
+    zoo_file, weights, _ = demo_inputs(models_dir)
     if not zoo_file.is_file() or not weights.is_file():
         raise BncalError(f"the demo needs models/zoo.py and models/mnist_cnn_stale.safetensors (looked in {models_dir}); "
                          "run it from a source checkout or pass --models-dir")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    weights_path, onnx_path = demo_outputs(out_dir)
     generator = torch.Generator().manual_seed(0)
 
     mnist_arrays = resolve_callable(f"{zoo_file}:mnist_arrays", "data")
@@ -122,7 +137,7 @@ def run_demo(out_dir, *, models_dir=None, plot: str | Path | None = None, echo: 
          f"mean shift {worst.mean_shift:.2f} sd, variance ratio {worst.var_ratio:.2f}\n")
 
     report = recalibrate(model, calib_batches)
-    weights_out = save_state_dict(model, out_dir / "mnist_cnn_recalibrated.safetensors")
+    weights_out = save_state_dict(model, weights_path)
     echo(f"4. bncal recalibrate: {len(report.layers)} BN layers from {report.samples} calibration digits "
          f"({report.batches} batches, dropout off, one pass):")
     echo("\n".join("   " + line for line in report.table().splitlines()))
@@ -130,7 +145,6 @@ def run_demo(out_dir, *, models_dir=None, plot: str | Path | None = None, echo: 
     echo(f"\n   held-out accuracy, eval mode, recalibrated:         {acc_fixed:6.1%}   "
          f"(batch statistics gave {acc_train:.1%})\n")
 
-    onnx_path = out_dir / "mnist_cnn_folded.onnx"
     verify = [tuple([b]) for b in x_test[:300].split(100)]
     _, folded = fold_export_torch(model, example, onnx_path, verify_batches=verify, latency_batches=(1, 32))
     echo(f"5. bncal fold-export -> {onnx_path.name}: folded {sum(d.folded for d in folded.decisions)} of "
@@ -151,7 +165,7 @@ def run_demo(out_dir, *, models_dir=None, plot: str | Path | None = None, echo: 
 
         plot_check({"stale statistics": check_before, "recalibrated": check_after}, plot)
         echo(f"   per-layer plot: {plot}")
-    files = {p.name: p.stat().st_size for p in (weights, weights_out, onnx_path)}
+    files = {p.name: staged_size(p) for p in (weights, weights_out, onnx_path)}
     seconds = time.perf_counter() - start
     echo("\nfiles: " + ", ".join(f"{name} {size / 1024:.0f} KiB" for name, size in files.items()))
     echo(f"demo finished in {seconds:.1f} s")

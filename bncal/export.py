@@ -24,11 +24,11 @@ import onnx
 import torch
 from torch import nn
 
-from ._io import atomic_output
+from .outputs import atomic_output
 from .errors import BncalError
 from .folding import as_tuple, check_initialized, meta_clone, one_line
 
-__all__ = ["export_onnx", "export_train_mode_onnx"]
+__all__ = ["export_onnx", "export_train_mode_onnx", "supported_opsets"]
 
 _PROTOBUF_LIMIT = 2**31 - 1
 _BATCH_AXIS = "batch"
@@ -80,6 +80,7 @@ def export_onnx(
                 if keep_batchnorm:
                     _optimize_keeping_batchnorm(program.model)
                 proto = program.model_proto
+                _check_opset(proto, opset)
             else:
                 proto = _torchscript_export(work, inputs, opset, input_names, output_names,
                                             dynamic_batch, torch.onnx.TrainingMode.EVAL,
@@ -91,6 +92,22 @@ def export_onnx(
             raise BncalError(f"torch.onnx.export failed: {one_line(exc)}{hint}") from exc
     _name_batchnorms_after_modules(proto)
     return _check_and_save(proto, path)
+
+
+def supported_opsets() -> range:
+    """The opsets :func:`export_onnx` may be asked for: torch's lowest to the newest this onnx knows.
+    Below the exporter's own (18) onnx's version converter is used, which can fail for a model."""
+    from torch.onnx import _constants
+
+    return range(_constants.ONNX_MIN_OPSET, onnx.defs.onnx_opset_version() + 1)
+
+
+def _check_opset(proto, opset) -> None:
+    """Never hand back a different opset than asked for (the exporter falls back silently)."""
+    got = next((i.version for i in proto.opset_import if i.domain in ("", "ai.onnx")), None)
+    if opset is not None and got != opset:
+        raise BncalError(f"the exporter could not produce opset {opset} for this model (onnx's version converter "
+                         f"failed, it gave opset {got}); ask for opset {got} or leave the opset out")
 
 
 def _optimize_keeping_batchnorm(model) -> None:
@@ -235,10 +252,9 @@ def _check_and_save(proto: onnx.ModelProto, path) -> onnx.ModelProto:
             if large:
                 onnx.save_model(proto, tmp, save_as_external_data=True,
                                 all_tensors_to_one_file=True, location=f"{path.name}.data")
+                onnx.checker.check_model(str(tmp))
             else:
                 onnx.save_model(proto, tmp)
-        if large:
-            onnx.checker.check_model(str(path))
     return proto
 
 
@@ -252,12 +268,15 @@ def _byte_size(proto) -> int:
 @contextlib.contextmanager
 def _quiet():
     """Silence the exporters' progress prints, warnings and log lines; restore afterwards."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    # onnxscript's version converter logs a traceback when it cannot reach an opset; bncal says so itself.
+    loggers = {logging.getLogger("torch.onnx"): logging.ERROR, logging.getLogger("onnxscript"): logging.CRITICAL}
+    levels = {logger: logger.level for logger in loggers}
+    for logger, level in loggers.items():
+        logger.setLevel(level)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in levels.items():
+            logger.setLevel(level)

@@ -19,7 +19,7 @@ import numpy as np
 from .errors import BncalError, VerificationError
 from .report import FoldDecision, format_table
 
-__all__ = ["FoldExportReport", "fold_export_torch", "fold_export_onnx", "torch_onnx_parity"]
+__all__ = ["FoldExportReport", "fold_export_torch", "fold_export_onnx", "torch_onnx_parity", "failed_output_path"]
 
 
 @dataclasses.dataclass
@@ -111,14 +111,18 @@ def _random_feeds(model, batch_sizes, seed=0) -> dict[int, dict[str, np.ndarray]
     return out
 
 
+def failed_output_path(output) -> Path:
+    """Where ``keep_failed`` puts a model that failed verification: ``<stem>.FAILED-VERIFICATION.onnx``."""
+    return Path(output).with_name(Path(output).stem + ".FAILED-VERIFICATION.onnx")
+
+
 def _write_verified(proto, output, comparison, keep_failed: bool):
     from .onnx_io import save_onnx
 
     if comparison.passed:
         return save_onnx(proto, output)
     if keep_failed:
-        failed = Path(output).with_name(Path(output).stem + ".FAILED-VERIFICATION.onnx")
-        save_onnx(proto, failed)
+        save_onnx(proto, failed_output_path(output))
     return None
 
 

@@ -1,38 +1,81 @@
 """Loading models and weights, safely by default, and saving recalibrated weights atomically.
 
 A model is named by a *spec*: ``package.module:factory`` or ``path/to/file.py:factory``, a
-callable returning an ``nn.Module`` (the user's own code, run as written). Weights come from
-``.safetensors`` or from a ``.pt``/``.pth``/``.bin`` state dict read with
-``torch.load(weights_only=True)``. Whole pickled modules, TorchScript and ``.pt2`` archives
-execute code from the file when loaded: they are refused unless ``allow_pickle=True``.
+callable returning an ``nn.Module`` (the user's own code, run as written), or a model file
+(``.onnx``). Weights come from ``.safetensors`` or from a ``.pt``/``.pth``/``.bin`` state dict
+read with ``torch.load(weights_only=True)``. Whole pickled modules, TorchScript and ``.pt2``
+archives execute code from the file when loaded: they are refused unless ``allow_pickle=True``.
+
+Which kind of model a spec names is decided once, here (:func:`model_kind`), from the spec's text
+alone; :func:`load_any` loads it and says which files it read. Another kind (Keras, say) plugs in
+with :func:`register_model_kind`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from .errors import BncalError
-from ._io import atomic_output
+from .errors import BncalError, first_line, one_line
+from .outputs import write_bytes, atomic_output
 
-__all__ = ["resolve_callable", "load_model", "load_state_dict", "save_state_dict", "is_onnx_path"]
+__all__ = ["resolve_callable", "load_model", "load_state_dict", "save_state_dict", "is_onnx_path",
+           "spec_files", "ModelKind", "LoadedModel", "model_kind", "register_model_kind", "load_any"]
 
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
 def is_onnx_path(spec) -> bool:
     return str(spec).lower().endswith(".onnx")
 
 
+def _split_spec(spec: str) -> tuple[str, str, bool] | None:
+    """``(target, attribute, is_file)`` of a ``target:attribute`` spec, or None without a colon."""
+    if ":" not in spec:
+        return None
+    target, _, attr = spec.rpartition(":")
+    return target, attr, target.endswith(".py") or "/" in target or "\\" in target
+
+
+def spec_files(spec) -> list[Path]:
+    """The files a model or data spec names, found without running anything from them.
+
+    A path: that file, or every file inside a folder. ``file.py:func``: ``file.py``.
+    ``package.module:func``: the module's source file, where it can be found.
+    """
+    text = str(spec)
+    path = Path(text)
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    if path.exists():
+        return [path]
+    parts = _split_spec(text)
+    if parts is None:
+        return [path]
+    target, _, is_file = parts
+    if is_file:
+        return [Path(target)]
+    try:
+        found = importlib.util.find_spec(target)
+    except (ImportError, ValueError, AttributeError):
+        return []
+    origin = getattr(found, "origin", None)
+    return [Path(origin)] if origin and Path(origin).is_file() else []
+
+
 def resolve_callable(spec: str, what: str = "factory"):
     """Import ``module:attr`` or ``path/file.py:attr`` and return the attribute."""
-    if ":" not in spec:
+    parts = _split_spec(spec)
+    if parts is None:
         raise BncalError(f"{what} spec {spec!r} needs the form 'package.module:function' or 'path/file.py:function'")
-    target, _, attr = spec.rpartition(":")
-    if target.endswith(".py") or "/" in target or "\\" in target:
+    target, attr, is_file = parts
+    if is_file:
         path = Path(target)
         if not path.is_file():
             raise BncalError(f"{what} file {path} does not exist")
@@ -48,7 +91,7 @@ def resolve_callable(spec: str, what: str = "factory"):
                 spec_obj.loader.exec_module(module)
             except Exception as exc:
                 del sys.modules[module_name]
-                raise BncalError(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
+                raise BncalError(f"importing {path} (for {what} spec {spec}) failed: {one_line(exc)}") from exc
             finally:
                 sys.path.remove(str(path.resolve().parent))
     else:
@@ -56,10 +99,83 @@ def resolve_callable(spec: str, what: str = "factory"):
             module = importlib.import_module(target)
         except ImportError as exc:
             raise BncalError(f"cannot import module {target!r} for {what} spec {spec!r}: {exc}") from exc
+        except Exception as exc:
+            raise BncalError(f"importing module {target} (for {what} spec {spec}) failed: {one_line(exc)}") from exc
     try:
         return getattr(module, attr)
     except AttributeError:
         raise BncalError(f"{target} has no attribute {attr!r} (from {what} spec {spec!r})") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelKind:
+    """One kind of model bncal can load.
+
+    ``claims(spec)`` says from the spec's text alone (no imports) whether it names this kind;
+    ``files(spec, weights)`` lists the files loading would read (for the output policy; never
+    raises); ``load(spec, weights=, model_kwargs=, allow_pickle=)`` returns the model.
+    ``saves_as``: the suffixes a recalibrated copy of such a model can be written to.
+    """
+
+    name: str
+    claims: Callable[[str], bool]
+    files: Callable[[str, object], list[Path]]
+    load: Callable[..., object]
+    saves_as: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """What :func:`load_any` returns: the kind's name, the model, and the files it read."""
+
+    kind: str
+    model: object
+    spec: str
+    files: tuple[Path, ...]
+
+
+def _onnx_files(spec, weights) -> list[Path]:
+    from .onnx_io import onnx_files
+
+    return onnx_files(spec)
+
+
+def _load_onnx_kind(spec, *, weights=None, model_kwargs=None, allow_pickle=False):
+    from .onnx_io import load_onnx
+
+    if weights is not None or model_kwargs is not None:
+        raise BncalError(f"{spec} is an ONNX file, which holds its own weights; --weights and --model-kwargs "
+                         "apply to a PyTorch factory spec")
+    return load_onnx(spec)
+
+
+def _torch_files(spec, weights) -> list[Path]:
+    return spec_files(spec) + ([Path(weights)] if weights is not None else [])
+
+
+_KINDS: list[ModelKind] = [
+    ModelKind("onnx", is_onnx_path, _onnx_files, _load_onnx_kind, (".onnx",)),
+    ModelKind("torch", lambda spec: True, _torch_files, lambda spec, **kw: load_model(spec, **kw), WEIGHT_SUFFIXES),
+]
+
+
+def register_model_kind(kind: ModelKind) -> None:
+    """Add a model kind, consulted before the PyTorch kind (which takes every other spec)."""
+    _KINDS[:] = [k for k in _KINDS if k.name != kind.name]
+    _KINDS.insert(len(_KINDS) - 1, kind)
+
+
+def model_kind(spec) -> ModelKind:
+    """The kind of model ``spec`` names, decided from its text alone."""
+    return next(k for k in _KINDS if k.claims(str(spec)))
+
+
+def load_any(spec, *, weights=None, model_kwargs: str | dict | None = None, allow_pickle: bool = False) -> LoadedModel:
+    """Load the model ``spec`` names, whatever its kind: an ``nn.Module`` in eval mode (factory
+    spec or pickled file, with ``weights``) or an ``onnx.ModelProto`` (``.onnx`` file)."""
+    kind = model_kind(spec)
+    model = kind.load(str(spec), weights=weights, model_kwargs=model_kwargs, allow_pickle=allow_pickle)
+    return LoadedModel(kind.name, model, str(spec), tuple(kind.files(str(spec), weights)))
 
 
 def load_model(spec: str, *, weights=None, model_kwargs: str | dict | None = None, allow_pickle: bool = False):
@@ -77,13 +193,13 @@ def load_model(spec: str, *, weights=None, model_kwargs: str | dict | None = Non
     else:
         kwargs = _parse_kwargs(model_kwargs)
         factory = resolve_callable(spec, "model")
-        if isinstance(factory, type) and issubclass(factory, nn.Module) or callable(factory):
-            try:
-                model = factory(**kwargs)
-            except TypeError as exc:
-                raise BncalError(f"calling {spec} failed: {exc}; check --model-kwargs") from exc
-        else:
-            raise BncalError(f"{spec} is not callable")
+        if not callable(factory):
+            raise BncalError(f"{spec} is a {type(factory).__name__}, not a callable returning a torch.nn.Module")
+        try:
+            model = factory(**kwargs)
+        except Exception as exc:  # the user's own code: say that it failed, and how
+            hint = f"; check --model-kwargs {json.dumps(kwargs)}" if kwargs and isinstance(exc, TypeError) else ""
+            raise BncalError(f"the model factory {spec} failed: {one_line(exc)}{hint}") from exc
         if not isinstance(model, nn.Module):
             raise BncalError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     if weights is not None:
@@ -117,7 +233,7 @@ def _load_pickled_module(path: Path):
         except RuntimeError:
             return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise BncalError(f"cannot load model file {path}: {type(exc).__name__}: {exc}") from exc
+        raise BncalError(f"cannot load model file {path}: {one_line(exc)}") from exc
 
 
 def load_state_dict(path, *, allow_pickle: bool = False) -> dict:
@@ -143,7 +259,7 @@ def load_state_dict(path, *, allow_pickle: bool = False) -> dict:
         try:
             state = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
         except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError...
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            text = first_line(exc)
             if "weights_only" in str(exc) or "Unsupported global" in str(exc):
                 raise BncalError(f"{path} holds pickled objects that could execute code when loaded; save a plain "
                                  "state dict or safetensors, or pass --allow-pickle for a file you trust") from exc
@@ -199,17 +315,18 @@ def _first(items, n=3) -> str:
     return shown + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
-def save_state_dict(model, path, *, force: bool = False) -> Path:
-    """Write ``model.state_dict()`` atomically as ``.safetensors`` or, for other suffixes, ``torch.save``."""
+def save_state_dict(model, path) -> Path:
+    """Write ``model.state_dict()`` as ``.safetensors`` or, for other suffixes, ``torch.save``,
+    through the output policy (:func:`bncal.outputs.atomic_output`)."""
     import torch
 
     path = Path(path)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    with atomic_output(path) as tmp:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import save_file
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import save
 
-            save_file(state, str(tmp), metadata={"producer": "bncal"})
-        else:
-            torch.save(state, tmp)
+        # Serialised here, not by save_file, which writes a temporary file of its own beside the output.
+        return write_bytes(path, save(state, metadata={"producer": "bncal"}))
+    with atomic_output(path) as tmp:
+        torch.save(state, tmp)
     return path

@@ -1,13 +1,13 @@
-"""Reading and writing ONNX files with one-line errors and atomic output."""
+"""Reading and writing ONNX files with one-line errors, through the output policy."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ._io import atomic_output
-from .errors import BncalError
+from .errors import BncalError, first_line, one_line
+from .outputs import atomic_output
 
-__all__ = ["load_onnx", "save_onnx"]
+__all__ = ["load_onnx", "save_onnx", "onnx_files"]
 
 _TWO_GB = 2**31 - 1
 
@@ -22,27 +22,47 @@ def load_onnx(path):
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # protobuf DecodeError, missing external data...
-        raise BncalError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc}); is it truncated or corrupt?") from exc
+        raise BncalError(f"{path} is not a readable ONNX model ({one_line(exc)}); is it truncated or corrupt?") from exc
     if not model.graph.node:
         raise BncalError(f"{path} holds no graph nodes; is it truncated or corrupt?")
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise BncalError(f"{path} is not a valid ONNX model: {first}") from exc
+        raise BncalError(f"{path} is not a valid ONNX model: {first_line(exc)}") from exc
     return model
 
 
+def onnx_files(path) -> list[Path]:
+    """The files loading ``path`` reads: the model and its external data files (never raises:
+    an unreadable file is reported when it is loaded)."""
+    path = Path(path)
+    files = [path]
+    try:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return files
+    tensors = list(model.graph.initializer)
+    tensors += [a.t for n in model.graph.node for a in n.attribute if a.HasField("t")]
+    for tensor in tensors:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+            if location and path.parent.joinpath(location) not in files:
+                files.append(path.parent / location)
+    return files
+
+
 def save_onnx(model, path) -> Path:
-    """Write ``model`` atomically as one file (external data only above protobuf's 2 GB limit)."""
+    """Write ``model`` as one file (external data ``<name>.data`` beside it only above protobuf's
+    2 GB limit), through the output policy: both files appear together, or neither does."""
     import onnx
 
     path = Path(path)
     large = model.ByteSize() > _TWO_GB
-    if large:
-        # External data must sit beside the final file: write it under the final name.
-        onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data")
-        return path
     with atomic_output(path) as tmp:
-        onnx.save_model(model, str(tmp))
+        if large:  # the data file lands beside tmp, in the same staging folder, under its final name
+            onnx.save_model(model, str(tmp), save_as_external_data=True, location=path.name + ".data")
+        else:
+            onnx.save_model(model, str(tmp))
     return path

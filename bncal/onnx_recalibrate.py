@@ -202,14 +202,14 @@ def _collect(session, infos: list[BNInfo], stream: "BatchStream", feeds_for, *, 
 
 
 def quiet_session(model: onnx.ModelProto, providers=None):
-    """An onnxruntime session at full graph optimisation that logs errors only.
+    """An onnxruntime session at full graph optimisation that logs nothing (errors are raised).
 
     The derived graphs deliberately list initializers as overridable inputs, which
     onnxruntime would warn about on stderr at its default log level.
     """
     from .verify import ort_session
 
-    return ort_session(model, optimization_level="all", providers=providers, log_severity=3)
+    return ort_session(model, optimization_level="all", providers=providers, log_severity=4)
 
 
 def run_session(session, names, feeds, index):
@@ -270,6 +270,12 @@ class BatchStream:
 
     def _validate(self, batch, index, remaining):
         names = [name for name, _, _ in self.specs]
+        if isinstance(batch, (tuple, list)):  # positional inputs, e.g. an (inputs, labels) pair by mistake
+            if len(batch) != len(names):
+                raise BncalError(f"batch {index} is a {type(batch).__name__} of {len(batch)} items but the model has "
+                                 f"{len(names)} input(s) {names}; give one array per input (for (inputs, labels) "
+                                 "data, give the inputs only)")
+            batch = dict(zip(names, batch))
         if isinstance(batch, np.ndarray) or not isinstance(batch, dict):
             if len(names) != 1:
                 raise BncalError(f"batch {index} is a {type(batch).__name__}; the model has inputs {names}, "

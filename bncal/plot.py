@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ._io import atomic_output
+from .outputs import atomic_output
 from .errors import BncalError
 
 __all__ = ["plot_layer_series", "plot_recalibration", "plot_check"]

@@ -49,15 +49,16 @@ def ort_session(
     optimization_level: str = "basic",
     threads: int | None = None,
     providers: list[str] | None = None,
-    log_severity: int | None = 3,
+    log_severity: int | None = 4,
 ) -> ort.InferenceSession:
     """An onnxruntime session for ``model`` (a proto or a path).
 
     ``optimization_level`` is ``"disable"``, ``"basic"``, ``"extended"`` or ``"all"``; ``threads``
     sets the intra-op thread count (None: onnxruntime's default). ``providers`` defaults to the
     CPU provider; asking for one that this onnxruntime lacks (e.g. CUDA) is an error. Pass a
-    path, not a proto, for a model over 2 GB. ``log_severity`` is onnxruntime's (default 3: errors
-    only, so the library prints nothing of its own accord; None: onnxruntime's default).
+    path, not a proto, for a model over 2 GB. ``log_severity`` is onnxruntime's (default 4: fatal
+    only, so the library prints nothing of its own accord: errors are raised, not logged; None:
+    onnxruntime's default).
     """
     if optimization_level not in _LEVELS:
         raise BncalError(f"unknown optimization level {optimization_level!r}; use one of {', '.join(_LEVELS)}")

@@ -1,0 +1,116 @@
+"""The ``bncal`` command line: a thin layer over the library.
+
+One module per command (``recalibrate``, ``check``, ``fold_export``, ``inspect``, ``demo``), each
+a body over option groups (:mod:`bncal.cli.options`). This module holds the main group and the
+error handling every command shares (:func:`run_command`):
+
+* exit 0 success; 1 a user-facing error (one line, ``error: ...``, the traceback with ``-v``) or
+  a failed verification or check; 2 a usage error (click's convention, also for values that are
+  themselves wrong); 143 SIGTERM;
+* the run's outputs are planned and checked before any work and written only when it succeeds
+  (:class:`bncal.outputs.OutputPlan`); under torchrun every message names its rank.
+
+Heavy modules (torch, onnx, onnxruntime) are imported inside the commands, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import traceback
+
+import click
+
+from ..errors import BncalError, first_line
+from .options import VerbosityArgs
+
+__all__ = ["main", "run_command"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+             params=VerbosityArgs.options())
+@click.version_option(package_name="bncal")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
+    """bncal: make BatchNorm networks safe to deploy.
+
+    Recalibrate moving statistics exactly, fold BN and export to ONNX with proof of parity
+    in onnxruntime, check train-mode vs inference-mode agreement, and diagnose BN setups.
+    """
+    ctx.meta["bncal.verbose"], ctx.meta["bncal.quiet"] = verbose, quiet
+
+
+def run_command(body, args, groups) -> None:
+    """Run a command body: plan and check its outputs, run it, write its outputs, word its errors."""
+    from ..distributed import environment
+    from ..outputs import OutputPlan, Terminated, terminate_on_sigterm
+
+    ui = args.ui
+    try:
+        prefix = f"rank {environment().rank}: " if environment().distributed else ""
+    except BncalError:
+        prefix = ""
+    status = 0
+    try:
+        with terminate_on_sigterm():
+            plan = OutputPlan(force=args.output.force if hasattr(args, "output") else False)
+            for group in groups:
+                group.plan(getattr(args, group.name), plan, args)
+            plan.check()
+            args.plan = plan
+            with plan:
+                status = body(args) or 0
+        ui.committed()
+    except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        raise
+    except Terminated:
+        ui.error(f"{prefix}terminated (SIGTERM); nothing was written")
+        sys.exit(143)
+    except KeyboardInterrupt:
+        ui.error(f"{prefix}interrupted; nothing was written")
+        sys.exit(1)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one line
+        if ui.verbose:
+            traceback.print_exc()
+        ui.error(prefix + describe_error(exc, verbose=ui.verbose))
+        sys.exit(1)
+    if status:
+        sys.exit(status)
+
+
+_ORT_NODE = re.compile(r"running (\S+) node\. Name:'([^']*)' Status Message: (.*)")
+
+
+def describe_error(exc: BaseException, *, verbose: bool = False) -> str:
+    """One line for an error: a BncalError's own message; for anything else what failed and why."""
+    hint = "" if verbose else " (run with -v for the traceback)"
+    if isinstance(exc, BncalError):
+        # Where the message wraps another error (the user's code failing, say), -v shows where it came from.
+        cause = exc.__cause__
+        wraps_code = cause is not None and not isinstance(cause, (BncalError, OSError))
+        return str(exc) + (hint if wraps_code and "-v" not in str(exc) else "")
+    from ..distributed import peer_failure
+    from ..outputs import os_error_text
+
+    peer = peer_failure(exc)
+    if peer is not None:
+        return peer
+    if type(exc).__module__.startswith("onnxruntime"):
+        match = _ORT_NODE.search(str(exc))
+        if match:
+            op, node, reason = match.groups()
+            return f"onnxruntime refused to run node '{node}' ({op}) of the ONNX graph: {reason.strip()}{hint}"
+        return f"onnxruntime failed: {first_line(exc)}{hint}"
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {os_error_text(exc)}{hint}"
+    return f"{type(exc).__name__}: {first_line(exc)}{hint}"
+
+
+from . import check, demo, fold_export, inspect, recalibrate  # noqa: E402  (the commands register below)
+
+for _module in (inspect, check, recalibrate, fold_export, demo):
+    main.add_command(_module.command)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,643 @@
+"""Option groups: each adds its options to a command and parses them into one value.
+
+Polygraphy's pattern (``polygraphy/tools/args/``): a command lists the groups it uses
+(``ModelArgs(), DataArgs(...), OutputArgs(...)``) and its body receives one namespace holding
+each group's parsed value (``args.model``, ``args.data``, ``args.output``...), never twenty raw
+parameters. A value that is itself wrong (a negative tolerance, an opset the exporter cannot
+produce, a device this machine lacks, an output suffix) is a usage error (exit 2) raised while
+parsing, before any work. Groups that name files also take part in the run's output plan
+(:meth:`OptionGroup.plan`): inputs to protect, outputs to check up front.
+
+Nothing here imports torch, onnx or onnxruntime at module level: ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import types
+from pathlib import Path
+
+import click
+
+from ..errors import BncalError
+
+__all__ = [
+    "OptionGroup", "Args", "command", "VerbosityArgs", "ModelArgs", "DataArgs", "InputShapeArgs", "ToleranceArgs",
+    "ThresholdArgs", "DeviceArgs", "OutputArgs", "ReportArgs", "RecalibrationArgs", "ExportArgs", "FoldArgs",
+    "VerificationArgs", "TrainingArgs", "Options", "Console", "as_inputs", "torch_batches", "random_inputs",
+]
+
+
+# Parameter types: a wrong value fails while parsing, as a usage error naming the option. -----------------
+class FiniteFloat(click.ParamType):
+    """A finite number, at least ``min`` and at most ``max`` where given."""
+
+    name = "number"
+
+    def __init__(self, min: float | None = 0.0, max: float | None = None):
+        self.min, self.max = min, max
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            number = value
+        else:
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r}: give a finite number", param, ctx)
+        if self.min is not None and number < self.min:
+            self.fail(f"{value!r}: give a number of at least {self.min:g}", param, ctx)
+        if self.max is not None and number > self.max:
+            self.fail(f"{value!r}: give a number of at most {self.max:g}", param, ctx)
+        return number
+
+
+class ShapeType(click.ParamType):
+    """``N,C,H,W`` (or ``NxCxHxW``): positive integers."""
+
+    name = "shape"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            shape = tuple(int(v) for v in str(value).replace("x", ",").split(","))
+        except ValueError:
+            self.fail(f"{value!r}: give comma-separated integers such as 1,3,224,224", param, ctx)
+        if not shape or any(d < 1 for d in shape):
+            self.fail(f"{value!r}: every dimension must be a positive integer", param, ctx)
+        return shape
+
+
+class FloatListType(click.ParamType):
+    """``M`` or ``M,M,M``: finite numbers."""
+
+    name = "numbers"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            numbers = tuple(float(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r}: give comma-separated numbers such as 0.485,0.456,0.406", param, ctx)
+        if not all(math.isfinite(v) for v in numbers):
+            self.fail(f"{value!r}: give finite numbers", param, ctx)
+        return numbers
+
+
+class JSONObjectType(click.ParamType):
+    """A JSON object, such as ``{"width": 32}``."""
+
+    name = "json"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, dict):
+            return value
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as exc:
+            self.fail(f"not valid JSON ({exc.msg}); give an object such as '{{\"width\": 32}}'", param, ctx)
+        if not isinstance(parsed, dict):
+            self.fail("give a JSON object such as '{\"width\": 32}'", param, ctx)
+        return parsed
+
+
+class NamesType(click.ParamType):
+    """Comma-separated names."""
+
+    name = "names"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        names = [n.strip() for n in str(value).split(",") if n.strip()]
+        if not names:
+            self.fail("give one or more comma-separated names", param, ctx)
+        return names
+
+
+class OpsetType(click.ParamType):
+    """An ONNX opset the installed exporter can produce (checked when given, not at --help)."""
+
+    name = "opset"
+
+    def convert(self, value, param, ctx):
+        try:
+            opset = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not an integer", param, ctx)
+        from ..export import supported_opsets
+
+        opsets = supported_opsets()
+        if opset not in opsets:
+            self.fail(f"{opset}: the exporter here produces opsets {opsets.start} to {opsets.stop - 1}", param, ctx)
+        return opset
+
+
+class DeviceType(click.ParamType):
+    """A torch device that this machine has."""
+
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        from ..distributed import parse_device
+
+        try:
+            return parse_device(str(value))
+        except BncalError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def _usage_error(message: str, option: str | None = None):
+    ctx = click.get_current_context(silent=True)
+    if option:
+        return click.BadParameter(message, ctx=ctx, param_hint=f"'{option}'")
+    return click.UsageError(message, ctx=ctx)
+
+
+# The console: what a command prints, respecting -q. ---------------------------------------------------
+class Console:
+    """Where a command's words go: reports to stdout (none with ``quiet``), warnings and errors to
+    stderr. Lines that announce a written file wait until the run's outputs are in place."""
+
+    def __init__(self, verbose: bool = False, quiet: bool = False):
+        self.verbose, self.quiet = verbose, quiet
+        self._after_commit: list[str] = []
+
+    def echo(self, text: str = "") -> None:
+        if not self.quiet:
+            click.echo(text)
+
+    def warn(self, text: str) -> None:
+        click.echo(f"warning: {text}", err=True)
+
+    def error(self, text: str) -> None:
+        click.echo(f"error: {text}", err=True)
+
+    def echo_after_commit(self, text: str) -> None:
+        """Print ``text`` once every output of the run is in place (never if the run fails)."""
+        self._after_commit.append(text)
+
+    def committed(self) -> None:
+        for text in self._after_commit:
+            self.echo(text)
+        self._after_commit = []
+
+    @property
+    def interactive(self) -> bool:
+        """Whether a progress bar makes sense (stderr is a terminal and output is wanted)."""
+        return sys.stderr.isatty() and not self.quiet
+
+
+# Groups. -------------------------------------------------------------------------------------------
+class Args(types.SimpleNamespace):
+    """What a command body receives: one attribute per option group (and ``plan``, the run's outputs)."""
+
+
+class OptionGroup:
+    """Adds options to a command (:meth:`params`) and parses their values into one value (:meth:`parse`).
+
+    ``name`` is the attribute the value gets on :class:`Args`. Groups parse in the order a command
+    lists them, so a group may use the values of the groups before it.
+    """
+
+    name: str = ""
+
+    def params(self) -> list[click.Parameter]:
+        raise NotImplementedError
+
+    def parse(self, values: dict, args: Args):
+        raise NotImplementedError
+
+    def plan(self, value, plan, args: Args) -> None:
+        """Register the inputs this group names and the outputs it asks for (default: none)."""
+
+
+class Options(OptionGroup):
+    """A command's own options, parsed into a namespace by their names."""
+
+    def __init__(self, name: str, *params: click.Parameter):
+        self.name, self._params = name, list(params)
+
+    def params(self):
+        return self._params
+
+    def parse(self, values, args):
+        return types.SimpleNamespace(**values)
+
+
+class VerbosityArgs(OptionGroup):
+    """``-v``/``-q``, accepted before the subcommand (on ``bncal``) and after it (on every command)."""
+
+    name = "ui"
+
+    @staticmethod
+    def options() -> list[click.Option]:
+        return [
+            click.Option(["-v", "--verbose"], is_flag=True, help="Show the traceback of an error."),
+            click.Option(["-q", "--quiet"], is_flag=True, help="Print no report on stdout (errors and warnings still go to stderr)."),
+        ]
+
+    def params(self):
+        return self.options()
+
+    def parse(self, values, args):
+        ctx = click.get_current_context(silent=True)
+        root = ctx.find_root().meta if ctx is not None else {}
+        return Console(verbose=values["verbose"] or root.get("bncal.verbose", False),
+                       quiet=values["quiet"] or root.get("bncal.quiet", False))
+
+
+class ModelValue(types.SimpleNamespace):
+    """The parsed model options. ``kind`` is decided once, from the spec (:func:`bncal.loading.model_kind`)."""
+
+    def files(self) -> list[Path]:
+        return self.kind.files(self.spec, self.weights)
+
+    def load(self):
+        """Load the model: a :class:`bncal.loading.LoadedModel` (``.kind``, ``.model``, ``.files``)."""
+        from ..loading import load_any
+
+        return load_any(self.spec, weights=self.weights, model_kwargs=self.model_kwargs, allow_pickle=self.allow_pickle)
+
+
+class ModelArgs(OptionGroup):
+    """MODEL (an ``.onnx`` file or a factory spec) with ``--weights``, ``--model-kwargs``, ``--allow-pickle``."""
+
+    name = "model"
+
+    def params(self):
+        return [
+            click.Argument(["model"], metavar="MODEL"),
+            click.Option(["--weights"], type=click.Path(dir_okay=False),
+                         help="Weights for a factory spec: .safetensors, or a .pt/.pth state dict (read with weights_only=True)."),
+            click.Option(["--model-kwargs"], type=JSONObjectType(), metavar="JSON",
+                         help="Keyword arguments for the model factory, as a JSON object."),
+            click.Option(["--allow-pickle"], is_flag=True,
+                         help="Allow loading files that execute code (pickled modules, pickled checkpoints). Only for files you trust."),
+        ]
+
+    def parse(self, values, args):
+        from ..loading import model_kind
+
+        return ModelValue(spec=values["model"], kind=model_kind(values["model"]), weights=values["weights"],
+                          model_kwargs=values["model_kwargs"], allow_pickle=values["allow_pickle"])
+
+    def plan(self, value, plan, args):
+        plan.protect(value.files())
+
+
+class DataValue(types.SimpleNamespace):
+    """The parsed data options; :meth:`load` opens the data (this rank's shard under torchrun)."""
+
+    def files(self) -> list[Path]:
+        from ..loading import spec_files
+
+        return spec_files(self.spec) if self.spec else []
+
+    def load(self, *, rank: int = 0, world_size: int = 1):
+        from ..data import load_data
+
+        return load_data(self.spec, batch_size=self.batch_size, rank=rank, world_size=world_size,
+                         image_options=self.image_options)
+
+    def numpy_batches(self):
+        from ..data import NumpyBatches
+
+        return NumpyBatches(self.load())
+
+
+class DataArgs(OptionGroup):
+    """``--data`` and how it is read: batch size, sample limit, image decoding."""
+
+    name = "data"
+
+    def __init__(self, *, required: str | None = None, batch_help: str = "Batch size for the pass over --data."):
+        self.required, self.batch_help = required, batch_help
+
+    def params(self):
+        return [
+            click.Option(["--data", "data_spec"], metavar="DATA",
+                         help="Data: .npy, .npz (arrays by input name), an image folder, or file.py:func / module:func."),
+            click.Option(["--batch-size"], type=click.IntRange(min=1), default=32, show_default=True, help=self.batch_help),
+            click.Option(["--max-samples"], type=click.IntRange(min=1), help="Use at most this many samples of --data."),
+            click.Option(["--image-size"], nargs=2, type=click.IntRange(min=1), metavar="H W",
+                         help="Resize images to H x W (image folders)."),
+            click.Option(["--channels"], type=click.Choice(["1", "3"]), default="3", show_default=True,
+                         help="Image channels (image folders)."),
+            click.Option(["--mean", "norm_mean"], type=FloatListType(), metavar="M[,M,M]", default="0", show_default=True,
+                         help="Per-channel mean after scaling to [0, 1] (image folders)."),
+            click.Option(["--std", "norm_std"], type=FloatListType(), metavar="S[,S,S]", default="1", show_default=True,
+                         help="Per-channel standard deviation (image folders)."),
+        ]
+
+    def parse(self, values, args):
+        from ..data import ImageOptions
+
+        if self.required and not values["data_spec"]:
+            raise _usage_error(f"--data is required: {self.required}")
+        try:
+            image_options = ImageOptions(size=tuple(values["image_size"]) if values["image_size"] else None,
+                                         channels=int(values["channels"]), mean=values["norm_mean"], std=values["norm_std"])
+        except BncalError as exc:
+            raise _usage_error(str(exc)) from None
+        return DataValue(spec=values["data_spec"], batch_size=values["batch_size"], max_samples=values["max_samples"],
+                         image_options=image_options)
+
+    def plan(self, value, plan, args):
+        plan.protect(value.files())
+
+
+class InputShapeArgs(OptionGroup):
+    """``--input-shape``: shapes for seeded random example inputs."""
+
+    name = "shapes"
+
+    def params(self):
+        return [click.Option(["--input-shape", "input_shapes"], multiple=True, type=ShapeType(), metavar="N,C,H,W",
+                             help="Shape of a model input for seeded random inputs (repeat for several inputs).")]
+
+    def parse(self, values, args):
+        return list(values["input_shapes"])
+
+
+def random_inputs(shapes, seed: int = 0) -> tuple:
+    """Seeded standard-normal tensors of ``shapes`` (example inputs for tracing and export)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(shape, generator=generator) for shape in shapes)
+
+
+def torch_batches(batches, net):
+    """``batches`` as torch tensors, floating ones in the dtype of ``net``'s parameters."""
+    import torch
+
+    from ..data import TorchBatches
+
+    dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
+    return TorchBatches(batches, dtype)
+
+
+def as_inputs(batch) -> tuple:
+    """A batch as positional model inputs: a dict's values, a tuple's items, or the lone tensor."""
+    if isinstance(batch, dict):
+        return tuple(batch.values())
+    return tuple(batch) if isinstance(batch, (list, tuple)) else (batch,)
+
+
+class ToleranceArgs(OptionGroup):
+    """``--atol``/``--rtol``: the output comparison's tolerance, ``|a - r| <= atol + rtol * |r|``."""
+
+    name = "tolerance"
+
+    def params(self):
+        return [
+            click.Option(["--atol"], type=FiniteFloat(0), default=1e-5, show_default=True,
+                         help="Absolute tolerance of the output comparison (finite, >= 0)."),
+            click.Option(["--rtol"], type=FiniteFloat(0), default=1e-4, show_default=True,
+                         help="Relative tolerance of the output comparison (finite, >= 0)."),
+        ]
+
+    def parse(self, values, args):
+        return types.SimpleNamespace(atol=values["atol"], rtol=values["rtol"])
+
+
+class ThresholdArgs(OptionGroup):
+    """The limits of ``bncal check`` (:class:`bncal.check.CheckThresholds`), as keyword arguments."""
+
+    name = "thresholds"
+
+    def params(self):
+        return [
+            click.Option(["--max-mean-shift"], type=FiniteFloat(0), default=0.1, show_default=True,
+                         help="Largest |moving mean - data mean| per channel, in data standard deviations."),
+            click.Option(["--max-var-log-ratio"], type=FiniteFloat(0), default=0.2, show_default=True,
+                         help="Largest |log(moving var / data var)| per channel."),
+            click.Option(["--min-top1-agreement"], type=FiniteFloat(0, 1), default=0.8, show_default=True,
+                         help="Smallest fraction of samples whose arg-max agrees between inference and train mode."),
+            click.Option(["--max-output-rel-error"], type=FiniteFloat(0), default=0.5, show_default=True,
+                         help="Largest rms(inference - train) / rms(train) per output."),
+        ]
+
+    def parse(self, values, args):
+        return dict(values)
+
+
+class DeviceArgs(OptionGroup):
+    """``--device``, checked against this machine while parsing."""
+
+    name = "device"
+
+    def params(self):
+        return [click.Option(["--device"], type=DeviceType(), default=None,
+                             help="Device for the PyTorch pass (cpu, cuda, cuda:1, mps); default: cuda:LOCAL_RANK under "
+                                  "torchrun with CUDA, else where the model is (cpu).")]
+
+    def parse(self, values, args):
+        return values["device"]
+
+
+class OutputArgs(OptionGroup):
+    """``-o/--output`` (when the command has a main output) and ``--force``.
+
+    ``suffixes(args)`` returns the suffixes ``-o`` may have and a hint for a wrong one.
+    """
+
+    name = "output"
+
+    def __init__(self, help: str | None = None, suffixes=None):
+        self.help, self.suffixes = help, suffixes
+
+    def params(self):
+        params = []
+        if self.help:
+            params.append(click.Option(["-o", "--output"], required=True, type=click.Path(dir_okay=False), help=self.help))
+        params.append(click.Option(["--force"], is_flag=True, help="Replace existing output files."))
+        return params
+
+    def parse(self, values, args):
+        path = Path(values["output"]) if values.get("output") else None
+        if path is not None and self.suffixes is not None:
+            allowed, hint = self.suffixes(args)
+            if path.suffix.lower() not in allowed:
+                raise _usage_error(f"{path} does not end in {' or '.join(allowed)}; {hint}", "-o")
+        return types.SimpleNamespace(path=path, force=values["force"])
+
+    def plan(self, value, plan, args):
+        if value.path is not None:
+            plan.add(value.path, "-o")
+
+
+class ReportArgs(OptionGroup):
+    """``--report-json`` and (where a command draws one) ``--plot``."""
+
+    name = "report"
+
+    def __init__(self, *, plot: str | None = None):
+        self.plot_help = plot
+
+    def params(self):
+        params = [click.Option(["--report-json"], type=click.Path(dir_okay=False), help="Also write the report as JSON to this .json path.")]
+        if self.plot_help:
+            params.append(click.Option(["--plot"], type=click.Path(dir_okay=False), help=self.plot_help))
+        return params
+
+    def parse(self, values, args):
+        json_path = Path(values["report_json"]) if values["report_json"] else None
+        plot = Path(values["plot"]) if values.get("plot") else None
+        if json_path is not None and json_path.suffix.lower() != ".json":
+            raise _usage_error(f"{json_path} does not end in .json; give a path such as report.json", "--report-json")
+        if plot is not None and plot.suffix.lower() != ".png":
+            raise _usage_error(f"{plot} does not end in .png; the plot is a PNG image", "--plot")
+        return types.SimpleNamespace(json=json_path, plot=plot)
+
+    def plan(self, value, plan, args):
+        if value.json is not None:
+            plan.add(value.json, "--report-json")
+        if value.plot is not None:
+            plan.add(value.plot, "--plot")
+
+    @staticmethod
+    def write_json(path, value) -> None:
+        from ..outputs import write_text
+        from ..report import to_jsonable
+
+        write_text(path, json.dumps(to_jsonable(value), indent=2) + "\n")
+
+
+class RecalibrationArgs(OptionGroup):
+    """``--mode``, ``--tol``, ``--max-passes`` of recalibration."""
+
+    name = "recalibration"
+
+    def params(self):
+        return [
+            click.Option(["--mode"], type=click.Choice(["train", "eval"]), default="train", show_default=True,
+                         help="train: BN uses batch statistics during the pass (PreciseBN). eval: inference-consistent fixed point."),
+            click.Option(["--tol"], type=FiniteFloat(0), default=1e-5, show_default=True,
+                         help="eval mode: stop when statistics change less than this (relative; finite, >= 0)."),
+            click.Option(["--max-passes"], type=click.IntRange(min=1), default=None,
+                         help="eval mode: at most this many passes over the data (default: number of BN layers + 1, where the result is exact)."),
+        ]
+
+    def parse(self, values, args):
+        return types.SimpleNamespace(**values)
+
+
+class ExportArgs(OptionGroup):
+    """How a PyTorch model is exported: opset, names, batch axis."""
+
+    name = "export"
+
+    def params(self):
+        return [
+            click.Option(["--opset"], type=OpsetType(),
+                         help="ONNX opset for the export (default: the exporter's); an opset the exporter cannot produce is refused."),
+            click.Option(["--input-names"], type=NamesType(), help="Comma-separated graph input names."),
+            click.Option(["--output-names"], type=NamesType(), help="Comma-separated graph output names."),
+            click.Option(["--static-batch"], is_flag=True, help="Export a fixed batch size instead of a dynamic batch axis."),
+        ]
+
+    def parse(self, values, args):
+        return types.SimpleNamespace(**values)
+
+
+class FoldArgs(OptionGroup):
+    """What the graph fold may do beyond folding."""
+
+    name = "fold"
+
+    def params(self):
+        return [
+            click.Option(["--bn-to-affine"], is_flag=True, help="Turn BNs that cannot be folded into Mul + Add."),
+            click.Option(["--constant-initializer-inputs"], is_flag=True,
+                         help="ONNX input: fold parameters that are also graph inputs (IR < 4 files), treating them as constants."),
+        ]
+
+    def parse(self, values, args):
+        return types.SimpleNamespace(**values)
+
+
+class VerificationArgs(OptionGroup):
+    """How fold-export proves its output: batches, the train/inference check, and ``--keep-failed``."""
+
+    name = "verification"
+
+    def params(self):
+        return [
+            click.Option(["--verify-batches"], type=click.IntRange(min=1), default=3, show_default=True,
+                         help="Batches of --data to verify on."),
+            click.Option(["--keep-failed"], is_flag=True,
+                         help="If verification fails, keep the model as <stem>.FAILED-VERIFICATION.onnx (then exit 1)."),
+            click.Option(["--check/--no-check", "run_check"], default=True, show_default=True,
+                         help="With --data: also check train-mode vs inference-mode agreement in onnxruntime."),
+        ]
+
+    def parse(self, values, args):
+        return types.SimpleNamespace(**values)
+
+    def plan(self, value, plan, args):
+        if value.keep_failed:
+            from ..fold_export import failed_output_path
+
+            plan.add(failed_output_path(args.output.path), "--keep-failed", keep_on_failure=True)
+
+
+class TrainingArgs(OptionGroup):
+    """How the model is trained, for inspect's momentum and batch-size rules."""
+
+    name = "training"
+
+    def params(self):
+        return [
+            click.Option(["--train-batch-size"], type=click.IntRange(min=1),
+                         help="Training batch size per device (momentum and batch renormalisation rules)."),
+            click.Option(["--batch-size", "deprecated_batch_size"], type=click.IntRange(min=1), hidden=True,
+                         help="Deprecated name of --train-batch-size."),
+            click.Option(["--dataset-size"], type=click.IntRange(min=1), help="Training samples per epoch (momentum rule)."),
+            click.Option(["--epochs"], type=click.FloatRange(min=0, min_open=True), default=1, show_default=True,
+                         help="Training epochs (momentum rule)."),
+        ]
+
+    def parse(self, values, args):
+        batch = values["train_batch_size"]
+        old = values["deprecated_batch_size"]
+        if old is not None:
+            if batch is not None and batch != old:
+                raise _usage_error(f"--batch-size {old} and --train-batch-size {batch} disagree; give --train-batch-size only")
+            click.echo("warning: inspect --batch-size is deprecated; use --train-batch-size", err=True)
+            batch = old
+        return types.SimpleNamespace(batch_size=batch, dataset_size=values["dataset_size"], epochs=values["epochs"])
+
+
+# Commands. -----------------------------------------------------------------------------------------
+def command(name: str, *groups: OptionGroup):
+    """Make a click command of ``groups``; the decorated body gets an :class:`Args` and returns an exit status.
+
+    The body runs inside the run's output plan (every group's :meth:`OptionGroup.plan`, checked
+    before the body starts) and under the CLI's error handling (:func:`bncal.cli.run_command`).
+    """
+    def decorate(body):
+        by_group = [(group, group.params()) for group in groups]
+
+        def callback(**values):
+            from . import run_command
+
+            args = Args()
+            for group, params in by_group:
+                own = {p.name: values.pop(p.name) for p in params}
+                setattr(args, group.name, group.parse(own, args))
+            return run_command(body, args, groups)
+
+        params = [p for _, ps in by_group for p in ps]
+        doc = (body.__doc__ or "").strip()
+        return click.Command(name, callback=callback, params=params, help=doc,
+                             short_help=doc.splitlines()[0] if doc else None,
+                             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+    return decorate

@@ -1,0 +1,95 @@
+"""``bncal recalibrate``: exact moving statistics from calibration data (PyTorch or ONNX)."""
+
+from __future__ import annotations
+
+from ..errors import BncalError
+from .options import (DataArgs, DeviceArgs, ModelArgs, OutputArgs, RecalibrationArgs, ReportArgs, VerbosityArgs,
+                      command, torch_batches)
+
+
+def _recalibrated_suffixes(args):
+    kind = args.model.kind
+    if kind.name == "onnx":
+        return kind.saves_as, "an .onnx model is recalibrated into an .onnx file: give -o OUT.onnx"
+    return kind.saves_as, "a PyTorch model's recalibrated weights are a state dict; for an ONNX file use bncal fold-export"
+
+
+@command(
+    "recalibrate",
+    ModelArgs(),
+    DataArgs(required="the calibration data to compute statistics from", batch_help="Calibration batch size."),
+    RecalibrationArgs(),
+    DeviceArgs(),
+    OutputArgs(help="Where to write the recalibrated weights (.safetensors or .pt) or model (.onnx).",
+               suffixes=_recalibrated_suffixes),
+    ReportArgs(plot="Write a per-layer PNG of mean shift and variance ratio (needs the 'plot' extra)."),
+    VerbosityArgs(),
+)
+def command(args) -> int:
+    """Recompute the moving statistics of MODEL's BatchNorm layers from calibration data.
+
+    MODEL is a factory spec (package.module:factory or path/file.py:factory, with --weights)
+    or an .onnx file. Under torchrun, each rank reads its shard of the data, the statistics
+    are combined exactly across ranks, and rank 0 writes OUTPUT.
+    """
+    ui, output = args.ui, args.output.path
+    if args.model.kind.name == "onnx":
+        report, is_main = _recalibrate_onnx(args), True
+    else:
+        report, is_main = _recalibrate_torch(args)
+    if not is_main:
+        return 0
+    ui.echo(report.table())
+    summary = f"recalibrated {len(report.layers)} BatchNorm layers from {report.samples} samples in {report.batches} batches"
+    summary += f", {report.passes} pass{'es' if report.passes != 1 else ''}"
+    if report.world_size > 1:
+        summary += f" on {report.world_size} ranks"
+    if args.recalibration.mode == "eval":
+        summary += f" ({'converged' if report.converged else 'NOT converged'}: last change {report.max_rel_change:.2e})"
+    ui.echo(summary)
+    ui.echo_after_commit(f"wrote {output}")
+    if args.report.json:
+        ReportArgs.write_json(args.report.json, report)
+    if args.report.plot:
+        from ..plot import plot_recalibration
+
+        plot_recalibration(report, args.report.plot)
+    return 0
+
+
+def _recalibrate_torch(args):
+    from ..distributed import torchrun_process_group
+    from ..loading import save_state_dict
+    from ..recalibration import recalibrate
+
+    options = args.recalibration
+    with torchrun_process_group(args.device) as launch:
+        if args.model.weights is None and launch.is_main:
+            args.ui.warn("no --weights given; recalibrating the factory's freshly initialised model")
+        net = args.model.load().model
+        if launch.device is not None:
+            net.to(launch.device)
+        batches = torch_batches(args.data.load(rank=launch.rank, world_size=launch.world_size), net)
+        report = recalibrate(net, batches, mode=options.mode, max_samples=launch.shard_limit(args.data.max_samples),
+                             tol=options.tol, max_passes=options.max_passes,
+                             progress=args.ui.interactive and launch.is_main)
+        if launch.is_main:
+            net.to("cpu")
+            save_state_dict(net, args.output.path)
+    return report, launch.is_main
+
+
+def _recalibrate_onnx(args):
+    from ..distributed import environment
+    from ..onnx_io import save_onnx
+    from ..onnx_recalibrate import recalibrate_onnx
+
+    if environment().distributed:
+        raise BncalError("an .onnx model is recalibrated in one process, with onnxruntime; run bncal without torchrun")
+    options = args.recalibration
+    proto = args.model.load().model
+    new_model, report = recalibrate_onnx(proto, args.data.numpy_batches(), mode=options.mode, tol=options.tol,
+                                         max_passes=options.max_passes, max_samples=args.data.max_samples,
+                                         progress=args.ui.interactive)
+    save_onnx(new_model, args.output.path)
+    return report

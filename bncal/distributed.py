@@ -1,0 +1,151 @@
+"""Running under torchrun: join the process group the environment describes, pick each rank's
+device, split a sample limit across ranks, and word a rank's failure.
+
+The statistics themselves are combined by :func:`bncal.recalibrate` (``process_group``); this
+module only sets up the processes. Nothing here imports torch until it is needed, so reading the
+launch environment (:func:`environment`) is free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+
+from .errors import BncalError, first_line
+
+__all__ = ["Launch", "environment", "parse_device", "pick_device", "torchrun_process_group", "shard_limit",
+           "peer_failure"]
+
+_PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe", "socket closed",
+              "connection refused", "timed out")
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """This process's place in the run: ``rank`` of ``world_size`` (1 without torchrun),
+    ``local_rank`` on its machine, and the ``device`` its model runs on (None: leave it where it is)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str | None = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that prints and writes."""
+        return self.rank == 0
+
+    def shard_limit(self, max_samples: int | None) -> int | None:
+        return shard_limit(max_samples, self.rank, self.world_size)
+
+
+def environment() -> Launch:
+    """The launch torchrun describes in ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (a lone process without)."""
+    def number(name, default):
+        text = os.environ.get(name, "")
+        try:
+            return int(text) if text else default
+        except ValueError:
+            raise BncalError(f"the environment variable {name}={text!r} is not a number; is this a torchrun launch?") from None
+
+    return Launch(rank=number("RANK", 0), world_size=number("WORLD_SIZE", 1), local_rank=number("LOCAL_RANK", 0))
+
+
+def parse_device(text: str) -> str:
+    """Check a device name (``cpu``, ``cuda``, ``cuda:1``, ``mps``...) and that this machine has it.
+
+    Returns the name as torch spells it; BncalError says what is wrong and what exists instead.
+    """
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise BncalError(f"{text!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    kind = device.type
+    if kind == "cpu":
+        return str(device)
+    if kind == "meta":
+        raise BncalError("the meta device holds no data; use cpu, cuda, cuda:N or mps")
+    backend = getattr(torch, kind, None) if kind != "mps" else getattr(torch.backends, "mps", None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise BncalError(f"device {text!r}: this machine (this torch build) has no {kind.upper()} device; "
+                         "use --device cpu or leave --device out")
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and count is not None and device.index >= count():
+        raise BncalError(f"device {text!r}: this machine has {count()} {kind} device(s), numbered from 0")
+    return str(device)
+
+
+def pick_device(requested: str | None, launch: Launch) -> str | None:
+    """The device for this rank: the one asked for (``cuda`` means this rank's own GPU under
+    torchrun), else ``cuda:LOCAL_RANK`` under torchrun when CUDA is there, else None."""
+    if requested is not None:
+        if requested == "cuda" and launch.distributed:
+            return f"cuda:{launch.local_rank}"
+        return requested
+    if launch.distributed:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda:{launch.local_rank}"
+    return None
+
+
+def shard_limit(max_samples: int | None, rank: int, world_size: int) -> int | None:
+    """This rank's part of a run-wide ``max_samples`` (parts differ by at most one, sum exactly)."""
+    if max_samples is None:
+        return None
+    return max_samples * (rank + 1) // world_size - max_samples * rank // world_size
+
+
+@contextlib.contextmanager
+def torchrun_process_group(device: str | None = None):
+    """Join the process group of a torchrun launch (more than one rank) for the block's duration.
+
+    Yields the :class:`Launch`, with the device picked by :func:`pick_device`. nccl when the
+    ranks run on CUDA, else gloo. A group initialised by the caller is used and left alone.
+    """
+    launch = environment()
+    if not launch.distributed:
+        yield dataclasses.replace(launch, device=pick_device(device, launch))
+        return
+    import torch
+    import torch.distributed as dist
+
+    created = False
+    chosen = pick_device(device, launch)
+    if not dist.is_initialized():
+        use_cuda = chosen is not None and chosen.startswith("cuda")
+        if use_cuda:
+            torch.cuda.set_device(torch.device(chosen))
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        created = True
+    try:
+        yield Launch(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=launch.local_rank,
+                     device=chosen)
+    finally:
+        if created:
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+
+
+def peer_failure(exc: BaseException) -> str | None:
+    """A message for a collective that failed because another rank stopped, or None if ``exc``
+    is something else. The other rank prints its own error; this one says it lost contact."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    dist_error = getattr(dist, "DistError", None) if dist is not None else None
+    text = first_line(exc)
+    is_dist = dist_error is not None and isinstance(exc, dist_error)
+    if not is_dist and not (isinstance(exc, RuntimeError) and any(p in text.lower() for p in _PEER_GONE)):
+        return None
+    return ("another rank stopped, so this one lost contact with it (that rank's own error is printed above); "
+            f"the collective said: {text}")
