@@ -99,9 +99,14 @@ def pick_device(requested: str | None, launch: Launch) -> str | None:
 
 
 def shard_limit(max_samples: int | None, rank: int, world_size: int) -> int | None:
-    """This rank's part of a run-wide ``max_samples`` (parts differ by at most one, sum exactly)."""
+    """This rank's part of a run-wide ``max_samples`` (parts differ by at most one, sum exactly).
+
+    BncalError, on every rank alike, when the limit leaves a rank without samples."""
     if max_samples is None:
         return None
+    if max_samples < world_size:
+        raise BncalError(f"--max-samples {max_samples} is fewer than the {world_size} ranks, so some ranks would get "
+                         "no samples; give at least one sample per rank, or run fewer ranks")
     return max_samples * (rank + 1) // world_size - max_samples * rank // world_size
 
 

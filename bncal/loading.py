@@ -46,13 +46,11 @@ def _split_spec(spec: str) -> tuple[str, str, bool] | None:
 def spec_files(spec) -> list[Path]:
     """The files a model or data spec names, found without running anything from them.
 
-    A path: that file, or every file inside a folder. ``file.py:func``: ``file.py``.
-    ``package.module:func``: the module's source file, where it can be found.
+    A path: that file, or a folder (every file inside it is an input). ``file.py:func``:
+    ``file.py``. ``package.module:func``: the module's source file, where it can be found.
     """
     text = str(spec)
     path = Path(text)
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file())
     if path.exists():
         return [path]
     parts = _split_spec(text)

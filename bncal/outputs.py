@@ -68,6 +68,29 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _inside(path: Path, folder: Path) -> Path | None:
+    """The file of ``folder`` (searched recursively) that ``path`` is or links to, if any.
+
+    A path that resolves into the folder and exists is one of its files; a hard link from
+    elsewhere is found by its inode (looked for only when the file has several links)."""
+    if not (path.exists() or path.is_symlink()):
+        return None
+    resolved, root = path.resolve(), folder.resolve()
+    if resolved == root or root in resolved.parents:
+        return resolved
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    if stat.st_nlink > 1:
+        for candidate in root.rglob("*"):
+            with contextlib.suppress(OSError):
+                other = candidate.stat()
+                if (other.st_dev, other.st_ino) == (stat.st_dev, stat.st_ino):
+                    return candidate
+    return None
+
+
 @dataclasses.dataclass
 class _Staging:
     """One output's private temporary folder beside its destination."""
@@ -153,8 +176,19 @@ class OutputPlan:
 
     # planning -------------------------------------------------------------------------------
     def protect(self, files) -> None:
-        """Add input files: no output may be, or resolve to, one of them."""
+        """Add input files, or folders whose every file is an input: no output may be, or resolve to, one."""
         self.inputs.extend(Path(f) for f in files if f is not None)
+
+    def _input_conflict(self, path: Path) -> Path | None:
+        """The input ``path`` would overwrite, if any."""
+        for item in self.inputs:
+            if item.is_dir():
+                inside = _inside(path, item)
+                if inside is not None:
+                    return inside
+            elif _same_file(path, item):
+                return item
+        return None
 
     def add(self, path, option: str, *, keep_on_failure: bool = False) -> Path:
         """Plan an output named by ``option`` (for messages); checked by :meth:`check`."""
@@ -200,11 +234,11 @@ class OutputPlan:
 
     def _check_path(self, planned: _Planned) -> None:
         path, option = planned.path, planned.option
-        for item in self.inputs:
-            if _same_file(path, item):
-                same = "" if path == item else f" ({item})"
-                raise BncalError(f"{option} {path} is also an input of this run{same}; write to another "
-                                 "path (inputs are never overwritten)")
+        item = self._input_conflict(path)
+        if item is not None:
+            same = "" if path == item else f" ({item})"
+            raise BncalError(f"{option} {path} is also an input of this run{same}; write to another "
+                             "path (inputs are never overwritten)")
         for other in self.outputs:
             if other is not planned and other.staging is not None and _same_file(path, other.path):
                 raise BncalError(f"{option} {path} is also the path of {other.option}; give each output its own path")

@@ -147,6 +147,11 @@ def _hardlink(d):
     os.link(d / "w.safetensors", d / "hard.safetensors")
 
 
+def _links_into_data_folder(d):
+    os.link(d / "imgs" / "img1.png", d / "hard.png")
+    (d / "soft.png").symlink_to(d / "imgs" / "img2.png")
+
+
 def _bomb(d):
     from PIL import Image
 
@@ -167,6 +172,10 @@ CASES = [
     ("output-is-spec-file", R + ["--data", "{d}/data.npy", "-o", "{d}/tiny.py", "--force"], 2, "does not end in .safetensors", None),
     ("plot-is-data-image", ["check", "{d}/m.onnx", "--data", "{d}/imgs", "--plot", "{d}/imgs/img0.png", "--force"], 1,
      "is also an input", None),
+    ("plot-hardlink-into-data-folder", ["check", "{d}/m.onnx", "--data", "{d}/imgs", "--plot", "{d}/hard.png", "--force"], 1,
+     "is also an input of this run ({d}/imgs/img1.png)", _links_into_data_folder),
+    ("plot-symlink-into-data-folder", ["check", "{d}/m.onnx", "--data", "{d}/imgs", "--plot", "{d}/soft.png", "--force"], 1,
+     "is also an input of this run ({d}/imgs/img2.png)", _links_into_data_folder),
     ("output-symlink-to-weights", R + ["--data", "{d}/data.npy", "-o", "{d}/link.safetensors", "--force"], 1,
      "is also an input", _symlink),
     ("output-hardlink-to-weights", R + ["--data", "{d}/data.npy", "-o", "{d}/hard.safetensors", "--force"], 1,
@@ -423,3 +432,26 @@ def test_torchrun_empty_shard_and_failing_rank_are_named(project):
     after = snapshot(project)
     after.pop("one_batch.py"), before.pop("one_batch.py")
     assert after == before
+
+
+def test_sample_limits_split_across_ranks_exactly_or_refuse():
+    from bncal.distributed import shard_limit
+    from bncal.errors import BncalError
+
+    for total, world in [(10, 3), (7, 7), (1000, 8)]:
+        parts = [shard_limit(total, r, world) for r in range(world)]
+        assert sum(parts) == total and max(parts) - min(parts) <= 1 and min(parts) >= 1
+    assert shard_limit(None, 1, 2) is None
+    with pytest.raises(BncalError, match="fewer than the 2 ranks"):
+        shard_limit(1, 0, 2)
+
+
+def test_onnx_recalibration_under_torchrun_is_refused(project, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    before = snapshot(project)
+    code, output = run("recalibrate", project / "m.onnx", "--data", project / "data.npy", "-o", project / "out.onnx")
+    assert code == 1
+    assert error_line(code, output) == ("error: rank 1: an .onnx model is recalibrated in one process, with onnxruntime; "
+                                        "run bncal without torchrun")
+    assert snapshot(project) == before

@@ -47,13 +47,14 @@ def run_command(body, args, groups) -> None:
 
     ui = args.ui
     try:
-        prefix = f"rank {environment().rank}: " if environment().distributed else ""
+        launch = environment()
+        prefix = f"rank {launch.rank}: " if launch.distributed else ""
     except BncalError:
         prefix = ""
     status = 0
     try:
         with terminate_on_sigterm():
-            plan = OutputPlan(force=args.output.force if hasattr(args, "output") else False)
+            plan = OutputPlan(force=args.output.force)
             for group in groups:
                 group.plan(getattr(args, group.name), plan, args)
             plan.check()
