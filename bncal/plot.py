@@ -12,7 +12,18 @@ from pathlib import Path
 from .outputs import atomic_output
 from .errors import BncalError
 
-__all__ = ["plot_layer_series", "plot_recalibration", "plot_check"]
+__all__ = ["plot_layer_series", "plot_recalibration", "plot_check", "require_matplotlib"]
+
+
+_NEEDS_MATPLOTLIB = "--plot needs matplotlib: pip install 'bncal[plot]'"
+
+
+def require_matplotlib() -> None:
+    """BncalError now, before any work, when matplotlib is not installed (finding it imports nothing)."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise BncalError(_NEEDS_MATPLOTLIB)
 
 
 def _pyplot():
@@ -22,7 +33,7 @@ def _pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise BncalError("--plot needs matplotlib: pip install 'bncal[plot]'") from None
+        raise BncalError(_NEEDS_MATPLOTLIB) from None
     return plt
 
 

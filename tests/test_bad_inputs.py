@@ -455,3 +455,16 @@ def test_onnx_recalibration_under_torchrun_is_refused(project, monkeypatch):
     assert error_line(code, output) == ("error: rank 1: an .onnx model is recalibrated in one process, with onnxruntime; "
                                         "run bncal without torchrun")
     assert snapshot(project) == before
+
+
+def test_plot_without_matplotlib_is_refused_before_any_work(project, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    before = snapshot(project)
+    code, output = run("recalibrate", project / "tiny.py:build", "--weights", project / "w.safetensors",
+                       "--data", project / "tiny.py:failing_data", "-o", project / "out.safetensors", "--plot", project / "p.png")
+    assert code == 1  # the data function would fail too: refused before it is called
+    assert error_line(code, output) == "error: --plot needs matplotlib: pip install 'bncal[plot]'"
+    assert snapshot(project) == before

@@ -501,6 +501,9 @@ class ReportArgs(OptionGroup):
         if value.json is not None:
             plan.add(value.json, "--report-json")
         if value.plot is not None:
+            from ..plot import require_matplotlib
+
+            require_matplotlib()
             plan.add(value.plot, "--plot")
 
     @staticmethod
