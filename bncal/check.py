@@ -15,6 +15,10 @@ same calibration batches and reports:
 - per model output: agreement of inference-mode and train-mode outputs. Even perfect moving
   statistics leave differences from batch-to-batch noise of the batch statistics, so this
   part uses loose thresholds (see :class:`CheckThresholds`).
+
+The verdict needs neither onnx nor onnxruntime: :func:`assess_layer`, :class:`OutputAgreement`
+and :meth:`CheckReport.from_checks` take numbers from any framework; only :func:`check_onnx`
+imports the ONNX modules, when called.
 """
 
 from __future__ import annotations
@@ -24,16 +28,13 @@ import math
 from collections.abc import Callable, Iterable
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
 
 from .errors import BncalError
-from .onnx_graphs import find_batchnorms, make_train_graph
-from .onnx_recalibrate import BatchStream, quiet_session, run_session
 from .report import SkippedLayer, format_table, summarize_shift
 from .stats import ChannelMoments
 
-__all__ = ["CheckThresholds", "LayerCheck", "OutputCheck", "CheckReport", "check_onnx"]
+__all__ = ["CheckThresholds", "LayerCheck", "OutputCheck", "CheckReport", "OutputAgreement", "assess_layer",
+           "check_onnx"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +116,10 @@ class OutputCheck:
 
 @dataclasses.dataclass
 class CheckReport:
-    """The outcome of :func:`check_onnx`: ``passed``, the ``reasons`` it failed, the details."""
+    """The outcome of a check: ``passed``, the ``reasons`` it failed, the details.
+
+    Built by :meth:`from_checks` (by :func:`check_onnx`, and by any other framework's check).
+    """
 
     passed: bool
     reasons: list[str]
@@ -125,6 +129,27 @@ class CheckReport:
     thresholds: CheckThresholds
     batches: int
     samples: int
+
+    @classmethod
+    def from_checks(cls, layers: list[LayerCheck], outputs: list[OutputCheck], skipped: list[SkippedLayer],
+                    thresholds: CheckThresholds, batches: int, samples: int) -> "CheckReport":
+        """The verdict over per-layer (:func:`assess_layer`) and per-output
+        (:meth:`OutputAgreement.check`) results: passed when every one passed; one reason for
+        the failed layers (naming the worst), one per failed output."""
+        reasons = []
+        bad = [l for l in layers if not l.passed]
+        if bad:
+            worst = max(bad, key=lambda l: l.mean_shift if math.isfinite(l.mean_shift) else math.inf)
+            reasons.append(f"{len(bad)} of {len(layers)} BatchNorm layers have moving statistics off their data "
+                           f"(worst {worst.name}: mean shift {worst.mean_shift:.3g} sd, var ratio "
+                           f"{worst.var_ratio:.3g}); recalibrate them")
+        for o in outputs:
+            if not o.passed:
+                detail = f"relative error {o.rel_error:.3g}" + (
+                    "" if o.top1_agreement is None else f", top-1 agreement {o.top1_agreement:.3g}")
+                reasons.append(f"output {o.name} differs between inference and train mode ({detail})")
+        return cls(passed=not reasons, reasons=reasons, layers=list(layers), outputs=list(outputs),
+                   skipped=list(skipped), thresholds=thresholds, batches=batches, samples=samples)
 
     @property
     def verdict(self) -> str:
@@ -154,98 +179,36 @@ class CheckReport:
         return "\n".join(parts)
 
 
-def check_onnx(
-    model: onnx.ModelProto,
-    batches: Iterable,
-    *,
-    thresholds: CheckThresholds = CheckThresholds(),
-    max_samples: int | None = None,
-    providers: list[str] | None = None,
-    progress: bool | Callable[[int], None] = False,
-) -> CheckReport:
-    """Compare ``model``'s moving BN statistics and inference outputs with train mode on ``batches``.
+def assess_layer(name: str, channels: int, moving_mean, moving_var, data_moments: ChannelMoments, eps: float,
+                 thresholds: CheckThresholds) -> LayerCheck:
+    """One BN's moving statistics against the population statistics of its input (``data_moments``).
 
-    One pass over the data (a one-shot iterator is fine); batches as for
-    :func:`bncal.onnx_recalibrate.recalibrate_onnx`. Batches should be drawn at random and
-    hold 16 or more samples for the output tests to be meaningful (see :class:`CheckThresholds`).
-
-    Raises:
-        BncalError: no BN to check, data not matching the model, NaN/Inf in the data, or a
-            batch giving a BN one value per channel (train mode is undefined there).
+    The limits are ``thresholds``' widened by ``noise_allowance`` standard errors of the
+    check's own estimate from ``data_moments.count`` values per channel. NaN/Inf moving
+    statistics, or a moving variance with ``var + eps <= 0``, count as infinitely far (failed).
     """
-    if not isinstance(model, onnx.ModelProto):
-        raise BncalError(f"expected an onnx.ModelProto, got {type(model).__name__}; load the file with onnx.load first")
-    infos = find_batchnorms(model)
-    skipped = [SkippedLayer(i.name, i.skip_reason) for i in infos if not i.handled]
-    if not any(i.handled for i in infos):
-        detail = f" ({'; '.join(f'{s.name}: {s.reason}' for s in skipped)})" if skipped else ""
-        raise BncalError(f"the model has no inference BatchNormalization to check{detail}")
-    stream = BatchStream(model, batches, max_samples=max_samples, reiterable=False, progress=progress)
-    train_model, train_infos = make_train_graph(model, expose_stats=True)
-    handled = [i for i in train_infos if i.handled]
-    inference = quiet_session(model, providers)
-    train = quiet_session(train_model, providers)
-    output_names = [o.name for o in model.graph.output]
-    stat_names = [n for i in handled for n in (i.mean_output, i.var_output, i.count_output)]
-
-    moments = {i.name: ChannelMoments.empty(i.channels) for i in handled}
-    outputs = {name: _OutputAccumulator() for name in output_names}
-    for index, feeds in stream:
-        inferred = run_session(inference, output_names, feeds, index)
-        trained = run_session(train, output_names + stat_names, feeds, index)
-        for name, a, b in zip(output_names, inferred, trained):
-            outputs[name].add(a, b)
-        stats = trained[len(output_names):]
-        for k, info in enumerate(handled):
-            mean, var, size = stats[3 * k: 3 * k + 3]
-            count = int(size) // info.channels
-            if count < 2:
-                raise BncalError(f"batch {index} gives BatchNorm {info.name} only {count} value per channel, so "
-                                 "train mode is undefined; check with batches of 2 or more samples (32+ is better)")
-            moments[info.name].add_batch(count, mean, var)
-
-    initializers = {init.name: init for init in model.graph.initializer}
-    reasons, layers = [], []
-    for info in handled:
-        m = moments[info.name]
-        moving_mean = numpy_helper.to_array(initializers[info.mean_initializer]).astype(np.float64).reshape(-1)
-        moving_var = numpy_helper.to_array(initializers[info.var_initializer]).astype(np.float64).reshape(-1)
-        shift, ratio = _layer_distance(moving_mean, moving_var, m.mean, m.variance, info.epsilon)
-        shift_limit = thresholds.max_mean_shift + thresholds.noise_allowance / math.sqrt(m.count)
-        log_ratio_limit = thresholds.max_var_log_ratio + thresholds.noise_allowance * math.sqrt(2.0 / m.count)
-        finite = math.isfinite(shift) and math.isfinite(ratio) and ratio > 0
-        ok = finite and shift <= shift_limit and abs(math.log(ratio)) <= log_ratio_limit
-        layers.append(LayerCheck(info.name, info.channels, m.count, shift, ratio, shift_limit, log_ratio_limit, ok))
-    bad = [l for l in layers if not l.passed]
-    if bad:
-        worst = max(bad, key=lambda l: l.mean_shift if math.isfinite(l.mean_shift) else math.inf)
-        reasons.append(f"{len(bad)} of {len(layers)} BatchNorm layers have moving statistics off their data "
-                       f"(worst {worst.name}: mean shift {worst.mean_shift:.3g} sd, var ratio {worst.var_ratio:.3g}); "
-                       "recalibrate them")
-    checks = []
-    for name in output_names:
-        acc = outputs[name]
-        rel, agreement = acc.rel_error, acc.top1_agreement
-        ok = math.isfinite(rel) and rel <= thresholds.max_output_rel_error
-        if agreement is not None:
-            ok = ok and agreement >= thresholds.min_top1_agreement
-        checks.append(OutputCheck(name, acc.max_abs_error, rel, agreement, ok))
-        if not ok:
-            detail = f"relative error {rel:.3g}" + ("" if agreement is None else f", top-1 agreement {agreement:.3g}")
-            reasons.append(f"output {name} differs between inference and train mode ({detail})")
-    return CheckReport(passed=not reasons, reasons=reasons, layers=layers, outputs=checks, skipped=skipped,
-                       thresholds=thresholds, batches=stream.batches, samples=stream.samples)
-
-
-def _layer_distance(moving_mean, moving_var, mean, var, eps) -> tuple[float, float]:
-    """``(max |shift| in population sd, var ratio farthest from 1)``; NaN/Inf statistics count as infinitely far."""
+    moving_mean = np.asarray(moving_mean, np.float64).reshape(-1)
+    moving_var = np.asarray(moving_var, np.float64).reshape(-1)
     if not (np.isfinite(moving_mean).all() and np.isfinite(moving_var).all()) or (moving_var + eps <= 0).any():
-        return math.inf, math.inf
-    return summarize_shift(moving_mean, moving_var, mean, var, eps)
+        shift, ratio = math.inf, math.inf
+    else:
+        shift, ratio = summarize_shift(moving_mean, moving_var, data_moments.mean, data_moments.variance, eps)
+    count = data_moments.count
+    shift_limit = thresholds.max_mean_shift + thresholds.noise_allowance / math.sqrt(count)
+    log_ratio_limit = thresholds.max_var_log_ratio + thresholds.noise_allowance * math.sqrt(2.0 / count)
+    finite = math.isfinite(shift) and math.isfinite(ratio) and ratio > 0
+    passed = finite and shift <= shift_limit and abs(math.log(ratio)) <= log_ratio_limit
+    return LayerCheck(name, channels, count, shift, ratio, shift_limit, log_ratio_limit, passed)
 
 
-class _OutputAccumulator:
-    """Streaming error measures of one output over all batches."""
+class OutputAgreement:
+    """Streaming agreement of one output between inference and train mode, over all batches.
+
+    :meth:`add` each batch's two arrays (any framework's, as numpy-convertible values), then
+    :meth:`check` gives the :class:`OutputCheck`: ``rms(inference - train) / rms(train)``, the
+    largest element difference, and for ``(N, classes)`` float outputs the fraction of samples
+    with the same arg-max.
+    """
 
     def __init__(self):
         self.max_abs_error = 0.0
@@ -255,7 +218,7 @@ class _OutputAccumulator:
         self.classifier = True
         self.finite = True
 
-    def add(self, inferred, trained):
+    def add(self, inferred, trained) -> None:
         a = np.asarray(inferred, np.float64)
         b = np.asarray(trained, np.float64)
         if not (np.isfinite(a).all() and np.isfinite(b).all()):
@@ -286,3 +249,67 @@ class _OutputAccumulator:
     @property
     def top1_agreement(self) -> float | None:
         return self.agree / self.rows if self.classifier and self.rows else None
+
+    def check(self, name: str, thresholds: CheckThresholds) -> OutputCheck:
+        """This output's :class:`OutputCheck` under ``thresholds``."""
+        rel, agreement = self.rel_error, self.top1_agreement
+        passed = math.isfinite(rel) and rel <= thresholds.max_output_rel_error
+        if agreement is not None:
+            passed = passed and agreement >= thresholds.min_top1_agreement
+        return OutputCheck(name, self.max_abs_error, rel, agreement, passed)
+
+
+def check_onnx(
+    model,
+    batches: Iterable,
+    *,
+    thresholds: CheckThresholds = CheckThresholds(),
+    max_samples: int | None = None,
+    providers: list[str] | None = None,
+    progress: bool | Callable[[int], None] = False,
+) -> CheckReport:
+    """Compare an ONNX model's moving BN statistics and inference outputs with train mode on ``batches``.
+
+    ``model`` is an ``onnx.ModelProto``. One pass over the data (a one-shot iterator is fine);
+    batches as for :func:`bncal.onnx_recalibrate.recalibrate_onnx` (see
+    :mod:`bncal.runtime`). Batches should be drawn at random and hold 16 or more samples for
+    the output tests to be meaningful (see :class:`CheckThresholds`).
+
+    Raises:
+        BncalError: no BN to check, data not matching the model, NaN/Inf in the data, or a
+            batch giving a BN one value per channel (train mode is undefined there).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    from .onnx_graphs import find_batchnorms, make_train_graph
+    from .runtime import BatchStream, StatisticsSession, ort_session, run
+
+    if not isinstance(model, onnx.ModelProto):
+        raise BncalError(f"expected an onnx.ModelProto, got {type(model).__name__}; load the file with onnx.load first")
+    infos = find_batchnorms(model)
+    skipped = [SkippedLayer(i.name, i.skip_reason) for i in infos if not i.handled]
+    if not any(i.handled for i in infos):
+        detail = f" ({'; '.join(f'{s.name}: {s.reason}' for s in skipped)})" if skipped else ""
+        raise BncalError(f"the model has no inference BatchNormalization to check{detail}")
+    stream = BatchStream(model, batches, reread=False, max_samples=max_samples, progress=progress)
+    output_names = [o.name for o in model.graph.output]
+    inference = ort_session(model, optimization_level="all", providers=providers)
+    train = StatisticsSession(*make_train_graph(model, expose_stats=True), outputs=output_names, providers=providers)
+
+    moments: dict[str, ChannelMoments] = {}
+    agreement = {name: OutputAgreement() for name in output_names}
+    for index, feeds in stream:
+        inferred = run(inference, output_names, feeds, index=index)
+        trained, _ = train.collect(feeds, index, moments, single_value_fix=(
+            "check with batches of 2 or more samples (32+ is better)"))
+        for name, a, b in zip(output_names, inferred, trained):
+            agreement[name].add(a, b)
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    layers = [assess_layer(info.name, info.channels, numpy_helper.to_array(initializers[info.mean_initializer]),
+                           numpy_helper.to_array(initializers[info.var_initializer]), moments[info.name],
+                           info.epsilon, thresholds)
+              for info in train.infos]
+    outputs = [agreement[name].check(name, thresholds) for name in output_names]
+    return CheckReport.from_checks(layers, outputs, skipped, thresholds, stream.batches, stream.samples)

@@ -70,31 +70,9 @@ class FoldExportReport:
         return "\n".join(parts)
 
 
-def _compare_latency(original, folded, feeds_by_batch, optimization_level, rounds: int = 5) -> dict:
-    """Median onnxruntime latency of both models per batch size, measured in alternation so
-    that machine noise hits both alike."""
-    import statistics
-
-    from .verify import measure_latency, ort_session
-
-    if not feeds_by_batch:
-        return {}
-    sessions = {"original": ort_session(original, optimization_level=optimization_level),
-                "folded": ort_session(folded, optimization_level=optimization_level)}
-    out = {label: {} for label in sessions}
-    for batch, feeds in feeds_by_batch.items():
-        samples = {label: [] for label in sessions}
-        for _ in range(rounds):
-            for label, session in sessions.items():
-                samples[label].append(measure_latency(session, feeds, warmup=1, repeat=5)["median_ms"])
-        for label in sessions:
-            out[label][batch] = round(statistics.median(samples[label]), 3)
-    return out
-
-
 def _random_feeds(model, batch_sizes, seed=0) -> dict[int, dict[str, np.ndarray]]:
     """Seeded random feeds for the graph inputs, for latency only."""
-    from .verify import input_specs
+    from .runtime import input_specs
 
     rng = np.random.default_rng(seed)
     out = {}
@@ -160,6 +138,7 @@ def fold_export_torch(
 
     from .export import export_onnx
     from .onnx_fold import fold_onnx, op_counts
+    from .runtime import compare_latency
 
     start = time.perf_counter()
     example_inputs = tuple(example_inputs)
@@ -176,7 +155,8 @@ def fold_export_torch(
     comparison = torch_onnx_parity(model, proto, verify_batches, atol=atol, rtol=rtol,
                                    optimization_level=optimization_level)
     feeds_by_batch = _random_feeds(original_proto, latency_batches) if latency_batches else {}
-    latency = _compare_latency(original_proto, proto, feeds_by_batch, optimization_level)
+    latency = compare_latency({"original": original_proto, "folded": proto}, feeds_by_batch,
+                              optimization_level=optimization_level)
     written = _write_verified(proto, output, comparison, keep_failed) if output is not None else None
     report = FoldExportReport(
         source="pytorch", output=written, decisions=decisions,
@@ -193,9 +173,9 @@ def torch_onnx_parity(model, proto, batches, *, atol: float = 1e-5, rtol: float 
     (tuples of input tensors). The model's train/eval flags are restored afterwards."""
     import torch
 
-    from .verify import compare_outputs, ort_session, run_onnx
+    from .runtime import ort_session, run_onnx
+    from .verify import compare_outputs
 
-    graph_inputs = [i.name for i in proto.graph.input]
     output_names = [o.name for o in proto.graph.output]
     session = ort_session(proto, optimization_level=optimization_level)
     reference, actual = {}, {}
@@ -206,7 +186,7 @@ def torch_onnx_parity(model, proto, batches, *, atol: float = 1e-5, rtol: float 
             for batch in batches:
                 batch = tuple(batch)
                 expected = _flatten_outputs(model(*batch))
-                got = run_onnx(session, {name: x.detach().cpu().numpy() for name, x in zip(graph_inputs, batch)})
+                got = run_onnx(session, tuple(x.detach().cpu().numpy() for x in batch))
                 for name, value in zip(output_names, expected):
                     reference.setdefault(name, []).append(value)
                     actual.setdefault(name, []).append(got[name])
@@ -237,7 +217,8 @@ def fold_export_onnx(
     in :func:`fold_export_torch`.
     """
     from .onnx_fold import fold_onnx, op_counts
-    from .verify import compare_outputs, ort_session, run_onnx
+    from .runtime import compare_latency, ort_session, run_onnx
+    from .verify import compare_outputs
 
     start = time.perf_counter()
     proto, decisions = (fold_fn or fold_onnx)(model, bn_to_affine=bn_to_affine,
@@ -257,7 +238,8 @@ def fold_export_onnx(
             actual.setdefault(name, []).append(got.get(name))
     comparison = compare_outputs(reference, actual, atol=atol, rtol=rtol)
     feeds_by_batch = _random_feeds(model, latency_batches) if latency_batches else {}
-    latency = _compare_latency(model, proto, feeds_by_batch, optimization_level)
+    latency = compare_latency({"original": model, "folded": proto}, feeds_by_batch,
+                              optimization_level=optimization_level)
     written = _write_verified(proto, output, comparison, keep_failed) if output is not None else None
     report = FoldExportReport(
         source="onnx", output=written, decisions=decisions,

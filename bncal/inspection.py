@@ -43,7 +43,8 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
-from .errors import BncalError
+from .errors import BncalError, one_line
+from .names import onnx_batchnorm_names
 from .onnx_graphs import node_attribute
 from .momentum import suggest_momentum
 from .report import FoldDecision, format_table
@@ -351,16 +352,11 @@ def _execution_order(model: nn.Module, example_inputs) -> list[str]:
     return order
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
-
-
 def _torch_graph(model: nn.Module, example_inputs, notes: list[str]) -> tuple[_Graph, str]:
     try:
         return _fx_graph(model), "torch.fx"
     except Exception as error:  # fx raises many types (TraceError, TypeError, ...)
-        reason = _first_line(error)
+        reason = one_line(error)
     if example_inputs is not None:
         try:
             order = _execution_order(model, example_inputs)
@@ -369,7 +365,7 @@ def _torch_graph(model: nn.Module, example_inputs, notes: list[str]) -> tuple[_G
                          "rules (BN020, BN021, BN030) can miss functional ops and branches")
             return _chain_graph(model, order), "execution order"
         except Exception as run_error:
-            reason += f"; running example_inputs failed too ({_first_line(run_error)})"
+            reason += f"; running example_inputs failed too ({one_line(run_error)})"
     notes.append(f"torch.fx could not trace the model ({reason}); producer/consumer relations are "
                  "guessed from the registration order of the leaf modules, so graph rules (BN020, "
                  "BN021, BN030) can be wrong; pass example_inputs for the execution order")
@@ -441,6 +437,8 @@ def _onnx_constants(graph) -> dict:
 def _onnx_graph_and_layers(model) -> tuple[_Graph, list[BNLayer]]:
     graph = model.graph
     constants = _onnx_constants(graph)
+    # BN layers carry the report name every command uses; other nodes only need unique keys.
+    bn_names = {path[0]: name for path, name in onnx_batchnorm_names(graph).items() if len(path) == 1}
     keys, producer_of = [], {}
     for i, node in enumerate(graph.node):
         key = node.name or f"{node.op_type}_{i}"
@@ -452,15 +450,16 @@ def _onnx_graph_and_layers(model) -> tuple[_Graph, list[BNLayer]]:
     by_output = {out: node for node in graph.node for out in node.output}
 
     nodes, layers = [], []
-    for key, node in zip(keys, graph.node):
+    for index, (key, node) in enumerate(zip(keys, graph.node)):
         if node.op_type == "Constant":
             continue
         data_inputs = [name for name in node.input if name and name in producer_of]
         inputs = [producer_of[name] for name in data_inputs]
         kind, label, layer = "other", f"{node.op_type} {key}", None
-        if node.op_type == "BatchNormalization":
-            kind, layer = "bn", key
-            layers.append(_onnx_layer(key, node, constants))
+        if index in bn_names:
+            kind, layer = "bn", bn_names[index]
+            label = f"{node.op_type} {layer}"
+            layers.append(_onnx_layer(layer, node, constants))
         elif node.op_type in _ONNX_ACTS:
             kind = "act"
         elif node.op_type in _ONNX_PASS:
@@ -483,10 +482,10 @@ def _onnx_graph_and_layers(model) -> tuple[_Graph, list[BNLayer]]:
     return _Graph(nodes), layers
 
 
-def _onnx_layer(key: str, node, constants: dict) -> BNLayer:
+def _onnx_layer(name: str, node, constants: dict) -> BNLayer:
     momentum_tf = float(node_attribute(node, "momentum", 0.9))
     training = bool(node_attribute(node, "training_mode", 0))
-    scale, bias, mean, var = (constants.get(name) for name in (list(node.input) + [""] * 5)[1:5])
+    scale, bias, mean, var = (constants.get(tensor) for tensor in (list(node.input) + [""] * 5)[1:5])
     if mean is not None and var is not None:
         stats, detail = _stats_status(np.asarray(mean, np.float64).reshape(-1),
                                       np.asarray(var, np.float64).reshape(-1), None)
@@ -495,7 +494,7 @@ def _onnx_layer(key: str, node, constants: dict) -> BNLayer:
     # An affine=False PyTorch BN exports scale 1 and bias 0: that is no scale/shift at all.
     affine = not (scale is not None and bias is not None and np.all(scale == 1) and np.all(bias == 0))
     channels = next((int(np.asarray(t).size) for t in (scale, mean) if t is not None), None)
-    return BNLayer(name=key, type="BatchNormalization", channels=channels,
+    return BNLayer(name=name, type="BatchNormalization", channels=channels,
                    momentum_torch=1.0 - momentum_tf, momentum_tf=momentum_tf, affine=affine,
                    track_running_stats=True, eps=float(node_attribute(node, "epsilon", 1e-5)),
                    stats=stats, stats_detail=detail, training_mode=training)
@@ -609,7 +608,7 @@ def _graph_findings(graph: _Graph, layers: dict[str, BNLayer]) -> list[Finding]:
                 f"{_list([c.label for c in consumers])} with no nonlinearity in between, so that "
                 "layer can absorb the BN's scale and shift.",
                 "construct the BN with affine=False, or fold its scale and shift into the next "
-                "layer (bncal fold)"))
+                "layer (bncal fold-export)"))
         if not layer.affine and act_consumers and ("BN021", layer.name) not in seen:
             seen.add(("BN021", layer.name))
             findings.append(Finding(

@@ -57,6 +57,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import BncalError
+from .names import fresh_name, onnx_batchnorm_names
 
 __all__ = ["BNInfo", "find_batchnorms", "make_train_graph", "make_stats_graph", "write_statistics", "default_opset"]
 
@@ -67,7 +68,10 @@ _PREFIX = "bncal."
 
 @dataclasses.dataclass(frozen=True)
 class BNInfo:
-    """One top-level BatchNormalization node and the names bncal uses around it.
+    """One BatchNormalization node and the names bncal uses around it.
+
+    ``name`` is its report name (see :func:`find_batchnorms`); ``node_index`` its index in the
+    top-level graph (-1 for a BN inside a subgraph, which is only named and skipped).
 
     ``scale``, ``bias``, ``mean``, ``var`` are the node's input tensor names in the given model;
     ``mean_initializer``/``var_initializer`` the initializers holding its moving statistics
@@ -119,6 +123,10 @@ def default_opset(model: onnx.ModelProto) -> int:
 def find_batchnorms(model: onnx.ModelProto) -> list[BNInfo]:
     """Every BatchNormalization node of ``model`` (top level first, then those in subgraphs).
 
+    ``BNInfo.name`` is the report name of :func:`bncal.names.onnx_batchnorm_names` (node name,
+    else first output name; ``#2``, ``#3`` for repeats; subgraph BNs prefixed by their owner),
+    the name every command gives the node.
+
     Top-level BNs in inference mode whose moving statistics are initializers (possibly shared,
     possibly behind Identity nodes) are ``handled``; the others carry a ``skip_reason``.
     """
@@ -128,22 +136,14 @@ def find_batchnorms(model: onnx.ModelProto) -> list[BNInfo]:
     producers = {out: node for node in graph.node for out in node.output if out}
     graph_inputs = {info.name for info in graph.input}
 
-    infos, names = [], Counter()
-    for node in graph.node:
-        if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
-            names[node.name or node.output[0]] += 1
-    seen = Counter()
-    for index, node in enumerate(graph.node):
-        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
-            continue
-        name = node.name or node.output[0]
-        if names[name] > 1:  # node names need not be unique in ONNX; report names must be
-            seen[name] += 1
-            name = f"{name}#{seen[name]}"
-        infos.append(_describe_bn(node, index, name, opset, initializers, producers, graph_inputs))
-    for node_name in _subgraph_batchnorms(graph):
-        infos.append(BNInfo(node_name, -1, "", "", 0, 0.0, "", "", "", "",
-                            skip_reason="inside a subgraph (If/Loop/Scan body); only top-level BatchNorms are handled"))
+    infos = []
+    for path, name in onnx_batchnorm_names(graph).items():  # top level first, in graph order
+        if len(path) == 1:
+            infos.append(_describe_bn(graph.node[path[0]], path[0], name, opset, initializers, producers,
+                                      graph_inputs))
+        else:
+            infos.append(BNInfo(name, -1, "", "", 0, 0.0, "", "", "", "", skip_reason=(
+                "inside a subgraph (If/Loop/Scan body); only top-level BatchNorms are handled")))
     return infos
 
 
@@ -343,12 +343,7 @@ class _StatisticsEditor:
         if tensor in self.initializers and self.uses[tensor] == 1:
             _overwrite(self.initializers[tensor], self._tensor(tensor, value, tensor))
             return
-        name = base = f"{info.name}.{'running_mean' if slot == 3 else 'running_var'}"
-        counter = 1
-        while name in self.taken:
-            counter += 1
-            name = f"{base}.{counter}"
-        self.taken.add(name)
+        name = fresh_name(f"{info.name}.{'running_mean' if slot == 3 else 'running_var'}", self.taken)
         self.added.append(self._tensor(self._root(info, slot), value, name))
         node.input[slot] = name
         self._release(tensor)
@@ -445,17 +440,6 @@ def _subgraph_references(node) -> set[str]:
             names |= _subgraph_references(inner)
         names.update(out.name for out in sub.output)
     return names
-
-
-def _subgraph_batchnorms(graph) -> list[str]:
-    found = []
-    for node in graph.node:
-        for sub in _subgraphs(node):
-            for inner in sub.node:
-                if inner.op_type == "BatchNormalization":
-                    found.append(inner.name or inner.output[0])
-            found += _subgraph_batchnorms(sub)
-    return found
 
 
 def node_attribute(node, name, default):
@@ -573,13 +557,7 @@ class _DerivedGraph:
         self.insertions_before = {}  # node index -> nodes it needs, placed right before it
 
     def fresh(self, hint: str) -> str:
-        name = base = _PREFIX + hint
-        counter = 1
-        while name in self.taken:
-            counter += 1
-            name = f"{base}.{counter}"
-        self.taken.add(name)
-        return name
+        return fresh_name(_PREFIX + hint, self.taken)
 
     def dtype_of(self, initializer: str) -> np.dtype:
         return np.dtype(helper.tensor_dtype_to_np_dtype(self.initializers[initializer].data_type))

@@ -10,8 +10,14 @@ variance)`` to a :class:`~bncal.stats.ChannelMoments`, and the passes are driven
   training-mode BN ops themselves, so the pass costs about one forward.
 - ``eval`` mode starts from the train-mode result and runs the stats graph of
   :func:`bncal.onnx_graphs.make_stats_graph`, fed each pass with the statistics of the previous
-  one, until they stop changing: every BN then holds the statistics of its input when every
-  BN uses its new statistics, i.e. those of one train-mode forward of all the data as one batch.
+  one (anchored from the second eval pass on while the data comes in the same order, see
+  :class:`bncal.calibration.DataOrder`), until they stop changing: every BN then holds the
+  statistics of its input when every BN uses its new statistics, i.e. those of one train-mode
+  forward of all the data as one batch.
+
+The policy around the passes (mode, data that can be re-read, data order, non-finite
+statistics, the report) is :mod:`bncal.calibration`'s, shared with the PyTorch path; running
+the graphs is :mod:`bncal.runtime`'s.
 
 Only the moving-statistics initializers of the output model differ from the input model.
 """
@@ -24,14 +30,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .calibration import DataOrder, LayerResult, build_report, check_mode, require_finite
 from .errors import BncalError
-from ._progress import DataPass
-from .onnx_graphs import BNInfo, find_batchnorms, make_stats_graph, make_train_graph, write_statistics
-from .report import LayerRecalibration, LayerStats, RecalibrationReport, SkippedLayer, summarize_shift
+from .onnx_graphs import find_batchnorms, make_stats_graph, make_train_graph, write_statistics
+from .report import LayerStats, RecalibrationReport, SkippedLayer
+from .runtime import BatchStatistics, BatchStream, StatisticsSession
 from .stats import ChannelMoments, fixed_point_passes
-from .verify import input_specs
 
-__all__ = ["recalibrate_onnx", "BatchStream", "quiet_session", "run_session"]
+__all__ = ["recalibrate_onnx"]
 
 
 def recalibrate_onnx(
@@ -51,8 +57,9 @@ def recalibrate_onnx(
         model: an inference ONNX model (not modified). Its statistics must be initializers
             loaded in memory (``onnx.load`` does that).
         batches: the calibration data, streamed one batch at a time. Each batch is a
-            ``{input name: numpy array}`` dict naming every graph input, or a bare array for a
-            single-input model; the first axis counts samples. For ``mode="eval"`` the data is
+            ``{input name: numpy array}`` dict naming every graph input (any order), a tuple
+            or list of arrays in graph-input order, or a bare array for a single-input model;
+            the first axis counts samples. For ``mode="eval"`` the data is
             read several times, so give a re-iterable (a list, :class:`bncal.data.ArrayBatches`)
             or a zero-argument callable returning a fresh iterable; a one-shot iterator
             (a generator) is refused.
@@ -62,7 +69,7 @@ def recalibrate_onnx(
             ``max_passes`` passes). In ``eval`` mode a batch may give a BN one value per
             channel (batch size 1 before a BatchNorm1d); in ``train`` mode that is an error.
         max_samples: use at most this many samples per pass (the last batch is cut to fit).
-        providers: onnxruntime execution providers (default: CPU).
+        providers: onnxruntime execution providers, CPU appended last (default: CPU only).
         progress: True for a tqdm bar, or a callable given the number of batches done in the
             current pass after each batch.
 
@@ -79,8 +86,7 @@ def recalibrate_onnx(
             (names, dtypes, fixed dimensions), NaN/Inf in the data or the statistics, a
             train-mode batch with one value per channel, a one-shot iterator in eval mode.
     """
-    if mode not in ("train", "eval"):
-        raise BncalError(f"mode must be 'train' or 'eval', not {mode!r}")
+    check_mode(mode)
     if not isinstance(model, onnx.ModelProto):
         raise BncalError(f"expected an onnx.ModelProto, got {type(model).__name__}; load the file with onnx.load first")
     infos = find_batchnorms(model)
@@ -89,139 +95,87 @@ def recalibrate_onnx(
     if not handled:
         detail = f" ({'; '.join(f'{s.name}: {s.reason}' for s in skipped)})" if skipped else ""
         raise BncalError(f"the model has no inference BatchNormalization whose statistics bncal can update{detail}")
-    stream = BatchStream(model, batches, max_samples=max_samples, reiterable=(mode == "eval"), progress=progress)
-
-    train_model, train_infos = make_train_graph(model, expose_stats=True, keep_model_outputs=False)
-    train_session = quiet_session(train_model, providers)
-    train_infos = [info for info in train_infos if info.handled]
-
-    def train_pass():
-        return _collect(train_session, train_infos, stream, lambda index, feeds: {}, one_value_ok=(mode == "eval"))[0]
-
-    sessions = {}
-    previous = {"records": None, "fingerprints": None}
-    notes = []
-
-    def eval_pass(current):
-        # From the second eval pass on, anchored: each batch is normalised with the current
-        # statistics moved by how far its own input moved since the last pass (Gauss-Seidel).
-        anchored = previous["records"] is not None
-        if anchored not in sessions:
-            stats_model, infos_ = make_stats_graph(model, keep_model_outputs=False, anchored=anchored)
-            sessions[anchored] = (quiet_session(stats_model, providers), [i for i in infos_ if i.handled])
-        session, infos_ = sessions[anchored]
-        base = {}
-        for info in infos_:
-            dtype = _stats_dtype(model, info)
-            base[info.mean_feed] = current[info.name].mean.astype(dtype)
-            base[info.var_feed] = current[info.name].variance.astype(dtype)
-        if not anchored:
-            feeds_for = lambda index, feeds: base  # noqa: E731
-        else:
-            records, fingerprints = previous["records"], previous["fingerprints"]
-
-            def feeds_for(index, feeds):
-                if index >= len(fingerprints) or not _same(fingerprints[index], _fingerprint(feeds)):
-                    raise _OrderChanged
-                extra = dict(base)
-                for info in infos_:
-                    extra[info.previous_mean_feed], extra[info.previous_var_feed] = records[info.name][index]
-                return extra
-        try:
-            moments, records, fingerprints = _collect(session, infos_, stream, feeds_for, one_value_ok=True)
-        except _OrderChanged:
-            notes.append("the data came in a different order in each pass, so eval mode fell back to plain "
-                         "passes, which need more of them; give the batches in a fixed order")
-            previous["records"] = None
-            return eval_pass(current)
-        if not any("different order" in n for n in notes):
-            previous["records"], previous["fingerprints"] = records, fingerprints
-        return moments
-
+    stream = BatchStream(model, batches, reread=(mode == "eval"), max_samples=max_samples, progress=progress)
+    run = _Passes(model, stream, providers, mode)
     moments, passes, converged, change = fixed_point_passes(
-        train_pass, eval_pass, mode=mode, tol=tol, max_passes=max_passes)
+        run.train_pass, run.eval_pass, mode=mode, tol=tol, max_passes=max_passes)
     for info in handled:
-        m = moments[info.name]
-        if not (np.isfinite(m.mean).all() and np.isfinite(m.m2).all()):
-            raise BncalError(f"BatchNorm {info.name} got non-finite statistics from the data "
-                             "(an overflow in the model?); check the data's scale and the weights")
-
+        require_finite(info.name, moments[info.name])
     new_model, write_notes = write_statistics(model, {info.name: (moments[info.name].mean, moments[info.name].variance)
-                                                for info in handled})
-    layers = []
-    for info in handled:
-        m = moments[info.name]
-        before = LayerStats(_initializer_values(model, info.mean_initializer),
-                            _initializer_values(model, info.var_initializer))
-        shift, ratio = summarize_shift(before.mean, before.var, m.mean, m.variance, info.epsilon)
-        layers.append(LayerRecalibration(
-            name=info.name, channels=info.channels, samples=m.count, calls_per_forward=1, before=before,
-            after=LayerStats(m.mean.copy(), m.variance.copy()), mean_shift=shift, var_ratio=ratio))
-    report = RecalibrationReport(mode=mode, batches=stream.batches, samples=stream.samples, passes=passes,
-                                 converged=converged, max_rel_change=change, layers=layers, skipped=skipped,
-                                 notes=notes + write_notes)
+                                                      for info in handled})
+    layers = [LayerResult(info.name, LayerStats(_initializer_values(model, info.mean_initializer),
+                                                _initializer_values(model, info.var_initializer)),
+                          moments[info.name], info.epsilon)
+              for info in handled]
+    report = build_report(mode=mode, layers=layers, skipped=skipped, batches=stream.batches, samples=stream.samples,
+                          passes=passes, converged=converged, max_rel_change=change,
+                          notes=run.order.notes + write_notes)
     return new_model, report
 
 
-class _OrderChanged(Exception):
-    """The data came in another order than in the previous pass (anchoring is then invalid)."""
+class _Passes:
+    """The passes of one recalibration over ``stream``, each on its derived graph's session.
+
+    The train pass runs :func:`~bncal.onnx_graphs.make_train_graph`'s graph. An eval pass runs
+    :func:`~bncal.onnx_graphs.make_stats_graph`'s, fed the current statistics; batch by batch
+    while :class:`~bncal.calibration.DataOrder` allows, its anchored form, fed as well each
+    BN's statistics of the same batch in the previous eval pass (Gauss-Seidel, see
+    :func:`bncal.stats.anchored_statistics`). Sessions are built on first use.
+    """
+
+    def __init__(self, model: onnx.ModelProto, stream: BatchStream, providers, mode: str):
+        self.model, self.stream, self.providers = model, stream, providers
+        self.single_value_fix = "use batches of 2 or more samples, or mode 'eval'" if mode == "train" else None
+        self.order = DataOrder()
+        self.previous: list[dict[str, BatchStatistics]] = []  # per batch of the last eval pass
+        self.sessions: dict[str, StatisticsSession] = {}
+
+    def session(self, kind: str) -> StatisticsSession:
+        """``kind``: ``"train"``, ``"plain"`` or ``"anchored"``."""
+        if kind not in self.sessions:
+            if kind == "train":
+                graph, infos = make_train_graph(self.model, expose_stats=True, keep_model_outputs=False)
+            else:
+                graph, infos = make_stats_graph(self.model, keep_model_outputs=False, anchored=(kind == "anchored"))
+            self.sessions[kind] = StatisticsSession(graph, infos, providers=self.providers)
+        return self.sessions[kind]
+
+    def train_pass(self) -> dict[str, ChannelMoments]:
+        session, moments = self.session("train"), {}
+        for index, feeds in self.stream:
+            session.collect(feeds, index, moments, single_value_fix=self.single_value_fix)
+        return moments
+
+    def eval_pass(self, current: dict[str, ChannelMoments]) -> dict[str, ChannelMoments]:
+        moments, records, fed = {}, [], {}
+        self.order.start_pass()
+        for index, feeds in self.stream:
+            kind = "anchored" if self.order.anchored(index, _fingerprint(feeds)) else "plain"
+            session = self.session(kind)
+            if kind not in fed:  # the current statistics, as the stats graph's inputs
+                fed[kind] = {name: value for info in session.infos for name, value in (
+                    (info.mean_feed, current[info.name].mean.astype(_stats_dtype(self.model, info))),
+                    (info.var_feed, current[info.name].variance.astype(_stats_dtype(self.model, info))))}
+            extra = dict(fed[kind])
+            if kind == "anchored":
+                for info in session.infos:
+                    previous = self.previous[index][info.name]
+                    extra[info.previous_mean_feed], extra[info.previous_var_feed] = previous.mean, previous.var
+            _, found = session.collect({**feeds, **extra}, index, moments)
+            records.append(found)
+        self.order.end_pass()
+        self.previous = records
+        return moments
 
 
-def _fingerprint(feeds) -> float:
-    first = next(iter(feeds.values()))
+def _fingerprint(feeds: dict[str, np.ndarray]) -> float:
+    """The float64 sum of the batch's first floating input (else its first input), for DataOrder."""
+    values = list(feeds.values())
+    first = next((v for v in values if np.issubdtype(v.dtype, np.floating)), values[0])
     return float(np.sum(first, dtype=np.float64))
 
 
-def _same(a: float, b: float) -> bool:
-    return abs(a - b) <= 1e-9 * max(1.0, abs(a), abs(b))
-
-
-def _collect(session, infos: list[BNInfo], stream: "BatchStream", feeds_for, *, one_value_ok: bool):
-    """One pass over the data: merge every BN's per-batch moments into a ChannelMoments.
-
-    ``feeds_for(index, feeds)`` gives the extra feeds for each batch. Returns the moments,
-    every BN's per-batch ``(mean, var)`` and the per-batch fingerprints (for anchoring).
-    """
-    names = [name for info in infos for name in (info.mean_output, info.var_output, info.count_output)]
-    moments = {info.name: ChannelMoments.empty(info.channels) for info in infos}
-    records = {info.name: [] for info in infos}
-    fingerprints = []
-    for index, feeds in stream:
-        values = run_session(session, names, {**feeds, **feeds_for(index, feeds)}, index)
-        fingerprints.append(_fingerprint(feeds))
-        for k, info in enumerate(infos):
-            mean, var, size = values[3 * k: 3 * k + 3]
-            count = int(size) // info.channels
-            if count < 2 and not one_value_ok:
-                raise BncalError(
-                    f"batch {index} gives BatchNorm {info.name} only {count} value per channel, so its batch "
-                    "statistics are undefined in mode 'train'; use batches of 2 or more samples, or mode 'eval'")
-            moments[info.name].add_batch(count, mean, var)
-            records[info.name].append((mean, var))
-    return moments, records, fingerprints
-
-
-def quiet_session(model: onnx.ModelProto, providers=None):
-    """An onnxruntime session at full graph optimisation that logs nothing (errors are raised).
-
-    The derived graphs deliberately list initializers as overridable inputs, which
-    onnxruntime would warn about on stderr at its default log level.
-    """
-    from .verify import ort_session
-
-    return ort_session(model, optimization_level="all", providers=providers, log_severity=4)
-
-
-def run_session(session, names, feeds, index):
-    """``session.run`` with onnxruntime's errors as a one-line BncalError naming the batch."""
-    try:
-        return session.run(names, feeds)
-    except Exception as error:  # onnxruntime raises its own exception types
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise BncalError(f"onnxruntime failed on batch {index}: {first}") from error
-
-
-def _stats_dtype(model, info: BNInfo) -> np.dtype:
+def _stats_dtype(model, info) -> np.dtype:
     for init in model.graph.initializer:
         if init.name == info.mean_initializer:
             return np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type))
@@ -233,83 +187,3 @@ def _initializer_values(model, name) -> np.ndarray:
         if init.name == name:
             return numpy_helper.to_array(init).astype(np.float64).reshape(-1)
     raise KeyError(name)
-
-
-class BatchStream:
-    """Validated feeds for onnxruntime from user batches, one pass per iteration.
-
-    Iterating yields ``(batch index, {input name: array})``. Each batch is checked against the
-    graph inputs (names, dtype, fixed dimensions) and for NaN/Inf, and cut to ``max_samples``.
-    After a pass, ``batches`` and ``samples`` hold its counts. ``reiterable=True`` refuses a
-    one-shot iterator (it would be empty on the second pass).
-    """
-
-    def __init__(self, model, batches, *, max_samples=None, reiterable: bool, progress=False):
-        if isinstance(batches, (np.ndarray, dict)):
-            raise BncalError("batches must be an iterable of batches, not a single batch; wrap it in a list: [batch]")
-        if callable(batches) and not hasattr(batches, "__iter__"):
-            self._fresh = batches
-        elif hasattr(batches, "__iter__"):
-            if reiterable and iter(batches) is batches:
-                raise BncalError("mode 'eval' reads the data several times; give a list or a re-iterable loader "
-                                 "(or a function returning a fresh iterator), not a one-shot iterator")
-            self._fresh = lambda: batches
-        else:
-            raise BncalError(f"batches must be an iterable of batches, got {type(batches).__name__}")
-        if max_samples is not None and max_samples < 1:
-            raise BncalError(f"max_samples must be at least 1, not {max_samples}")
-        self.specs = input_specs(model)
-        self.max_samples = max_samples
-        self.progress = progress
-        self.batches = self.samples = 0
-
-    def __iter__(self):
-        current = DataPass(self._fresh(), self._validate, max_samples=self.max_samples, progress=self.progress)
-        yield from current
-        self.batches, self.samples = current.batches, current.samples
-
-    def _validate(self, batch, index, remaining):
-        names = [name for name, _, _ in self.specs]
-        if isinstance(batch, (tuple, list)):  # positional inputs, e.g. an (inputs, labels) pair by mistake
-            if len(batch) != len(names):
-                raise BncalError(f"batch {index} is a {type(batch).__name__} of {len(batch)} items but the model has "
-                                 f"{len(names)} input(s) {names}; give one array per input (for (inputs, labels) "
-                                 "data, give the inputs only)")
-            batch = dict(zip(names, batch))
-        if isinstance(batch, np.ndarray) or not isinstance(batch, dict):
-            if len(names) != 1:
-                raise BncalError(f"batch {index} is a {type(batch).__name__}; the model has inputs {names}, "
-                                 "so give each batch as a dict {input name: array}")
-            batch = {names[0]: batch}
-        missing = [n for n in names if n not in batch]
-        unknown = [n for n in batch if n not in names]
-        if missing or unknown:
-            raise BncalError(f"batch {index} does not match the model's inputs {names}: "
-                             f"missing {missing}, unknown {unknown}")
-        feeds, size = {}, None
-        for name, dtype, shape in self.specs:
-            value = batch[name]
-            if not isinstance(value, np.ndarray):
-                value = np.asarray(value)
-            if value.dtype != dtype:
-                raise BncalError(f"input {name!r}: expected dtype {dtype}, got {value.dtype} in batch {index}; "
-                                 f"convert the data with .astype(np.{dtype.name})")
-            if shape is not None and (value.ndim != len(shape) or any(
-                    isinstance(d, int) and d > 0 and d != got for d, got in zip(shape, value.shape))):
-                raise BncalError(f"input {name!r}: expected shape {_format_shape(shape)}, got {tuple(value.shape)} "
-                                 f"in batch {index}")
-            if value.ndim == 0 or value.shape[0] == 0:
-                raise BncalError(f"input {name!r} of batch {index} holds no samples (shape {tuple(value.shape)})")
-            if remaining is not None and value.shape[0] > remaining:
-                value = value[:remaining]
-            if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
-                raise BncalError(f"input {name!r} of batch {index} contains NaN or Inf values; "
-                                 "clean or filter the data first")
-            feeds[name] = value
-            size = value.shape[0] if size is None else size
-        return feeds, size
-
-
-def _format_shape(shape) -> str:
-    dims = [str(d) if isinstance(d, int) and d > 0 else (d or "?") for d in shape]
-    return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"

@@ -10,6 +10,10 @@ What is exact here: every element of every calibration sample counts once, the m
 merged in float64 (:mod:`bncal.stats`), so the statistics do not depend on the batch split.
 Unlike ``torch.optim.swa_utils.update_bn``, every non-BN module runs in eval mode (dropout
 off), and batches are weighted by their sample count.
+
+The policy shared with the ONNX path (mode, re-readable data, data order for anchored eval
+passes, non-finite statistics, the report) is :mod:`bncal.calibration`'s; this module runs the
+passes in PyTorch.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._progress import DataPass
-from .errors import BncalError
-from .report import LayerRecalibration, LayerStats, RecalibrationReport, SkippedLayer, summarize_shift
+from .calibration import DataOrder, LayerResult, build_report, check_mode, data_source, require_finite
+from .errors import BncalError, first_line
+from .report import LayerStats, RecalibrationReport, SkippedLayer
 from .stats import ChannelMoments, anchored_statistics, fixed_point_passes
 
 __all__ = ["recalibrate", "batchnorm_layers", "default_forward"]
@@ -67,7 +72,9 @@ def recalibrate(
         model: the model; its BN buffers ``running_mean``, ``running_var`` and
             ``num_batches_tracked`` are overwritten. Weights, train/eval modes, momenta and
             hooks are left as they were, also when the pass raises (then the buffers too).
-        data: an iterable of batches (re-iterable for ``mode="eval"``: a list, a DataLoader).
+        data: an iterable of batches, or a zero-argument function returning one (called once
+            per pass). ``mode="eval"`` reads the data several times, so a one-shot iterator
+            (a generator) is refused there: give a list, a DataLoader or such a function.
             Each batch is passed to ``forward_fn(model, batch)``, by default
             :func:`default_forward`. Tensors in the batch are moved to ``device``.
         mode: ``"train"``: each BN normalises with its batch statistics during the pass, as
@@ -93,13 +100,12 @@ def recalibrate(
     training epoch over the data would make it.
 
     Raises:
-        BncalError: no BN layer to recalibrate, no data, non-finite data, a train-mode batch
-            with one value per channel, or a forward that fails on the data.
+        BncalError: an unknown mode, no BN layer to recalibrate, no data, a single batch or a
+            one-shot iterator in eval mode instead of the data, non-finite data or statistics,
+            a train-mode batch with one value per channel, or a forward that fails on the data.
     """
-    if mode not in ("train", "eval"):
-        raise BncalError(f"mode must be 'train' or 'eval', not {mode!r}")
-    if mode == "eval" and _is_one_shot(data):
-        raise BncalError("mode 'eval' passes over the data several times; give a list or a DataLoader, not an iterator")
+    check_mode(mode)
+    source = data_source(data, reread=(mode == "eval"))
     forward_fn = forward_fn or default_forward
     layers, skipped = [], []
     for name, bn in batchnorm_layers(model):
@@ -114,7 +120,7 @@ def recalibrate(
     group = _process_group(process_group)
 
     before = {name: _layer_stats(bn) for name, bn in layers}
-    run = _Run(model, layers, data, forward_fn, max_samples, torch.device(device), progress, group)
+    run = _Run(model, layers, source, forward_fn, max_samples, torch.device(device), progress, group)
     with run.prepared():
         moments, passes, converged, change = fixed_point_passes(
             run.train_pass, run.eval_pass, mode=mode, tol=tol, max_passes=max_passes)
@@ -122,22 +128,14 @@ def recalibrate(
     for name, _ in layers:
         if name not in updated:
             skipped.append(SkippedLayer(name, "never reached by the data: its statistics were left as they were"))
-    entries, notes = [], list(run.notes)
-    for name, bn in layers:
-        if name not in updated:
-            continue
-        calls = run.calls_per_forward.get(name, 0)
-        if calls > 1:
-            notes.append(f"{name} is called {calls} times per forward: its statistics pool the inputs of every call")
-        m = moments[name]
-        old = before[name]
-        shift, ratio = summarize_shift(old.mean, old.var, m.mean, m.variance, bn.eps)
-        entries.append(LayerRecalibration(
-            name=name, channels=m.channels, samples=m.count, calls_per_forward=calls,
-            before=old, after=LayerStats(m.mean.copy(), m.variance.copy()), mean_shift=shift, var_ratio=ratio))
-    return RecalibrationReport(
-        mode=mode, batches=run.batches, samples=run.samples, passes=passes, converged=converged,
-        max_rel_change=change, layers=entries, skipped=skipped, world_size=_world_size(group), notes=notes)
+    results = [LayerResult(name, before[name], moments[name], bn.eps, run.calls_per_forward.get(name, 0))
+               for name, bn in layers if name in updated]
+    notes = run.order.notes + [
+        f"{r.name} is called {r.calls_per_forward} times per forward: its statistics pool the inputs of every call"
+        for r in results if r.calls_per_forward > 1]
+    return build_report(mode=mode, layers=results, skipped=skipped, batches=run.batches, samples=run.samples,
+                        passes=passes, converged=converged, max_rel_change=change, notes=notes,
+                        world_size=_world_size(group))
 
 
 def _layer_stats(bn: _BatchNorm) -> LayerStats:
@@ -145,10 +143,6 @@ def _layer_stats(bn: _BatchNorm) -> LayerStats:
         return LayerStats(np.full(0, np.nan), np.full(0, np.nan))
     return LayerStats(bn.running_mean.detach().double().cpu().numpy().copy(),
                       bn.running_var.detach().double().cpu().numpy().copy())
-
-
-def _is_one_shot(data) -> bool:
-    return iter(data) is data
 
 
 def _process_group(group):
@@ -199,8 +193,8 @@ class _Pending:
 class _Run:
     """The state of one recalibration: the model prepared for it, and its passes."""
 
-    def __init__(self, model, layers, data, forward_fn, max_samples, device, progress, group):
-        self.model, self.layers, self.data = model, layers, data
+    def __init__(self, model, layers, source, forward_fn, max_samples, device, progress, group):
+        self.model, self.layers, self.source = model, layers, source
         self.forward_fn, self.max_samples, self.device = forward_fn, max_samples, device
         self.progress, self.group = progress, group
         self.pending: dict[str, _Pending] = {}
@@ -208,13 +202,11 @@ class _Run:
         self.calls_per_forward: dict[str, int] = {}
         self.batches = self.samples = 0
         self.train_mode_pass = True
-        # Anchored eval passes: last eval pass's per-call moments and per-batch fingerprints.
+        # Anchored eval passes: last eval pass's per-call moments; whether this batch is anchored.
         self.previous: dict[str, _Pending] | None = None
-        self.fingerprints: list[float] = []
-        self.previous_fingerprints: list[float] | None = None
+        self.order = DataOrder()
         self.anchored = False
         self.base: dict[str, tuple] = {}
-        self.notes: list[str] = []
 
     @contextlib.contextmanager
     def prepared(self):
@@ -317,19 +309,21 @@ class _Run:
                 dtype, device = bn.running_mean.dtype, bn.running_mean.device
                 self.base[name] = (torch.from_numpy(stats[name].mean).to(device, dtype),
                                    torch.from_numpy(stats[name].variance).to(device, dtype))
-        self.anchored = self.previous is not None
+        self.order.start_pass()
         moments = self._pass()
-        self.previous, self.previous_fingerprints = dict(self.pending), list(self.fingerprints)
+        self.order.end_pass()
+        self.previous = dict(self.pending)
         return moments
 
     def _pass(self):
         self.pending = {}
-        self.fingerprints = []
-        current = DataPass(self.data, lambda batch, index, remaining: _prepare(batch, self.device, remaining),
+        self.anchored = False
+        current = DataPass(self.source(), lambda batch, index, remaining: _prepare(batch, self.device, remaining),
                            max_samples=self.max_samples, progress=self.progress)
         with torch.no_grad():
             for index, (batch, fingerprint) in current:
-                self._check_order(index, fingerprint)
+                if not self.train_mode_pass:
+                    self.anchored = self.order.anchored(index, fingerprint)
                 self.calls.clear()
                 self._forward(batch, index)
                 for name, n in self.calls.items():
@@ -341,30 +335,17 @@ class _Run:
             moments, self.batches, self.samples = _combine_across_ranks(moments, self.layers, batches, samples, self.group)
         return moments
 
-    def _check_order(self, index, fingerprint):
-        """Anchoring pairs each batch with itself in the previous pass: stop it if the data
-        order changed (a shuffling loader)."""
-        self.fingerprints.append(fingerprint)
-        if not self.anchored:
-            return
-        previous = self.previous_fingerprints
-        if index >= len(previous) or not math.isclose(previous[index], fingerprint, rel_tol=1e-9, abs_tol=1e-9):
-            self.anchored = False
-            note = ("the data came in a different order in each pass (a shuffling loader?), so eval mode fell "
-                    "back to plain passes, which need more of them; give the batches in a fixed order")
-            if note not in self.notes:
-                self.notes.append(note)
-
     def _forward(self, batch, index):
         try:
             self.forward_fn(self.model, batch)
         except BncalError:
             raise
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            msg = first_line(exc)
             if "Expected more than 1 value per channel when training" in msg:
-                raise BncalError("a batch gives a BatchNorm only one value per channel, so its batch statistics are "
-                                 "undefined in mode 'train'; use a batch size of 2 or more, or --mode eval") from exc
+                raise BncalError(f"batch {index} gives a BatchNorm only one value per channel, so its batch "
+                                 "statistics (train mode) are undefined; use batches of 2 or more samples, "
+                                 "or mode 'eval'") from exc
             raise BncalError(f"the model failed on calibration batch {index} (input {_describe(batch)}): {msg}") from exc
 
     def _load(self, bn, moments: ChannelMoments):
@@ -383,9 +364,7 @@ class _Run:
                         bn.running_mean.copy_(self.saved[name][1])
                         bn.running_var.copy_(self.saved[name][2])
                 continue
-            if not (np.isfinite(m.mean).all() and np.isfinite(m.m2).all()):
-                raise BncalError(f"BatchNorm {name} got non-finite statistics from the data "
-                                 "(an overflow in the model?); check the data's scale and the weights")
+            require_finite(name, m)
             self._load(bn, m)
             if bn.num_batches_tracked is not None:
                 # The train pass counted its own batches; count each batch once in all.

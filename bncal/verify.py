@@ -1,4 +1,4 @@
-"""Run ONNX models in onnxruntime and compare their outputs with a reference (Polygraphy-like).
+"""Compare ONNX models' outputs with a reference (Polygraphy-like).
 
 The pass criterion is numpy.allclose's, element by element::
 
@@ -8,21 +8,19 @@ NaN passes only against NaN, and +-inf only against the same infinity; a shape m
 missing output fails with a reason. Per output the report gives the largest absolute and
 relative error, the mean absolute error, the reference's scale (max |reference|) and the
 smallest atol that would have passed at the given rtol.
+
+The comparison is plain numpy (no onnxruntime needed). Running models (sessions, feeds,
+latency) is :mod:`bncal.runtime`'s; its ``ort_session``, ``run_onnx``, ``measure_latency`` and
+``input_specs``, which lived here before, are still importable from here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
-from pathlib import Path
 
 import numpy as np
-import onnx
-import onnxruntime as ort
-from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from .errors import BncalError, VerificationError
+from .errors import VerificationError
 from .report import format_table
 
 __all__ = [
@@ -30,75 +28,16 @@ __all__ = [
     "ComparisonReport", "OutputComparison",
 ]
 
-_LEVELS = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
-_ORT_LOAD_ERRORS = (
-    _ort_state.Fail, _ort_state.InvalidArgument, _ort_state.InvalidGraph, _ort_state.InvalidProtobuf,
-    _ort_state.NoSuchFile, _ort_state.NotImplemented, _ort_state.RuntimeException,
-)
 _TINY = np.finfo(np.float64).tiny  # keeps |a - r| / |r| finite where the reference is 0
+_IN_RUNTIME = ("ort_session", "run_onnx", "measure_latency", "input_specs")
 
 
-def ort_session(
-    model: onnx.ModelProto | str | Path,
-    *,
-    optimization_level: str = "basic",
-    threads: int | None = None,
-    providers: list[str] | None = None,
-    log_severity: int | None = 4,
-) -> ort.InferenceSession:
-    """An onnxruntime session for ``model`` (a proto or a path).
+def __getattr__(name):
+    if name in _IN_RUNTIME:  # imported on use, so comparing outputs does not load onnxruntime
+        from . import runtime
 
-    ``optimization_level`` is ``"disable"``, ``"basic"``, ``"extended"`` or ``"all"``; ``threads``
-    sets the intra-op thread count (None: onnxruntime's default). ``providers`` defaults to the
-    CPU provider; asking for one that this onnxruntime lacks (e.g. CUDA) is an error. Pass a
-    path, not a proto, for a model over 2 GB. ``log_severity`` is onnxruntime's (default 4: fatal
-    only, so the library prints nothing of its own accord: errors are raised, not logged; None:
-    onnxruntime's default).
-    """
-    if optimization_level not in _LEVELS:
-        raise BncalError(f"unknown optimization level {optimization_level!r}; use one of {', '.join(_LEVELS)}")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = _LEVELS[optimization_level]
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    if log_severity is not None:
-        options.log_severity_level = log_severity
-    providers = list(providers or ["CPUExecutionProvider"])
-    missing = [p for p in providers if p not in ort.get_available_providers()]
-    if missing:
-        raise BncalError(
-            f"onnxruntime provider {', '.join(missing)} is not available here "
-            f"(available: {', '.join(ort.get_available_providers())})"
-        )
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    try:
-        return ort.InferenceSession(source, sess_options=options, providers=providers)
-    except _ORT_LOAD_ERRORS as error:
-        raise BncalError(f"onnxruntime cannot load the model: {error}") from error
-
-
-def run_onnx(session_or_model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run a session (or a model, in a fresh ``ort_session``) on ``feeds``; outputs by name.
-
-    Feeds must name exactly the model's inputs.
-    """
-    session = session_or_model
-    if not isinstance(session, ort.InferenceSession):
-        session = ort_session(session)
-    expected = [i.name for i in session.get_inputs()]
-    missing = [name for name in expected if name not in feeds]
-    unknown = [name for name in feeds if name not in expected]
-    if missing or unknown:
-        raise BncalError(
-            f"feeds do not match the model's inputs {expected}: missing {missing}, unknown {unknown}"
-        )
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds)))
+        return getattr(runtime, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclasses.dataclass
@@ -220,46 +159,3 @@ def _compare_one(name, references, actuals, atol, rtol) -> OutputComparison:
         result.required_atol = float("inf")
         result.reason = f"{int(mismatched.sum())} NaN/inf elements do not match"
     return result
-
-
-def measure_latency(session: ort.InferenceSession, feeds: dict[str, np.ndarray], *, warmup: int = 3,
-                    repeat: int = 20) -> dict[str, float]:
-    """Wall-clock latency of ``session.run`` on ``feeds``: ``{"median_ms", "min_ms"}`` over ``repeat`` runs."""
-    if repeat < 1:
-        raise BncalError(f"repeat must be at least 1, not {repeat}")
-    names = [o.name for o in session.get_outputs()]
-    for _ in range(warmup):
-        session.run(names, feeds)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        session.run(names, feeds)
-        times.append((time.perf_counter() - start) * 1e3)
-    return {"median_ms": statistics.median(times), "min_ms": min(times)}
-
-
-def input_specs(
-    model: onnx.ModelProto | str | Path,
-) -> list[tuple[str, np.dtype, tuple[int | str | None, ...] | None]]:
-    """``(name, numpy dtype, shape)`` of each graph input that is not an initializer.
-
-    A dynamic dimension is its symbolic name (``"N"``) or None when it has none; the whole shape
-    is None when even the rank is unknown.
-    """
-    if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model), load_external_data=False)
-    initializers = {init.name for init in model.graph.initializer}
-    specs = []
-    for info in model.graph.input:
-        if info.name in initializers:
-            continue
-        if info.type.WhichOneof("value") != "tensor_type":
-            raise BncalError(f"input {info.name!r} is not a tensor; only tensor inputs are supported")
-        tensor_type = info.type.tensor_type
-        dims = None  # rank unknown
-        if tensor_type.HasField("shape"):
-            dims = tuple(
-                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim
-            )
-        specs.append((info.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)), dims))
-    return specs

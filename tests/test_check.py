@@ -128,3 +128,44 @@ def test_one_value_per_channel_is_refused(mnist):
     model, calib, _ = mnist
     with pytest.raises(BncalError, match="only 1 value per channel"):
         check_onnx(model, [calib[0][:1]])
+
+
+def test_verdict_parts_against_closed_forms():
+    """assess_layer, OutputAgreement and CheckReport.from_checks: what a check in another framework uses."""
+    from bncal.check import CheckReport, OutputAgreement, assess_layer
+    from bncal.stats import ChannelMoments
+
+    t = CheckThresholds()
+    data = ChannelMoments.empty(2).add_batch(100, [0.5, 1.0], [1.0, 1.0])
+    layer = assess_layer("bn", 2, [0.0, 1.0], [1.0, 4.0], data, 0.0, t)
+    assert layer.mean_shift == pytest.approx(0.5) and layer.var_ratio == pytest.approx(4.0)
+    assert layer.shift_limit == pytest.approx(0.1 + 3 / 10)
+    assert layer.log_ratio_limit == pytest.approx(0.2 + 3 * math.sqrt(2 / 100))
+    assert not layer.passed and layer.samples == 100
+    near = assess_layer("bn2", 2, [0.52, 1.0], [1.05, 1.0], data, 0.0, t)
+    assert near.passed
+    assert math.isinf(assess_layer("nan", 2, [np.nan, 0], [1, 1], data, 0.0, t).mean_shift)
+
+    agreement = OutputAgreement()
+    agreement.add(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[1.0, 0.0], [1.0, 0.0]]))
+    out = agreement.check("y", t)
+    # diff [[0, 0], [1, 1]]: rms sqrt(2/4); reference rms sqrt(2/4); arg-max agrees on 1 of 2 rows.
+    assert out.rel_error == pytest.approx(1.0) and out.top1_agreement == 0.5 and out.max_abs_error == 1.0
+    assert not out.passed
+
+    report = CheckReport.from_checks([layer, near], [out], [], t, batches=1, samples=2)
+    assert not report.passed and len(report.reasons) == 2
+    assert report.reasons[0].startswith("1 of 2 BatchNorm layers") and "worst bn:" in report.reasons[0]
+    assert report.reasons[1].startswith("output y differs")
+    assert CheckReport.from_checks([near], [], [], t, 1, 2).passed
+
+
+def test_check_module_imports_neither_onnx_nor_torch():
+    import subprocess
+    import sys
+
+    script = ("import sys\nimport bncal.check\n"
+              "loaded = [m for m in ('onnx', 'onnxruntime', 'torch') if m in sys.modules]\n"
+              "assert not loaded, loaded\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

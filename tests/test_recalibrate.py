@@ -290,3 +290,17 @@ def test_eval_mode_with_a_shuffling_loader_falls_back_and_still_converges():
     report = bncal.recalibrate(model, _Reshuffled(_split(x, [32, 32, 32])), mode="eval", tol=1e-7)
     assert any("different order" in n for n in report.notes)
     assert report.converged and _max_error(model, reference) < 1e-5
+
+
+def test_eval_mode_accepts_a_function_returning_fresh_batches():
+    net = _cnn()
+    x = torch.randn(64, 3, 16, 16)
+    from_list, from_function = copy.deepcopy(net), copy.deepcopy(net)
+    bncal.recalibrate(from_list, _split(x, [32, 32]), mode="eval", tol=1e-7)
+    report = bncal.recalibrate(from_function, lambda: iter(_split(x, [32, 32])), mode="eval", tol=1e-7)
+    assert report.passes > 1 and report.batches == 2
+    for a, b in zip(from_list.modules(), from_function.modules()):
+        if isinstance(a, nn.BatchNorm2d):
+            assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var, b.running_var)
+    with pytest.raises(BncalError, match="not a single batch"):
+        bncal.recalibrate(copy.deepcopy(net), x)

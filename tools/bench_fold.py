@@ -184,14 +184,9 @@ EXPORTERS = {"bncal": export_bncal, "torch default": export_torch_default,
 # --------------------------------------------------------------------------------------------
 
 def session(proto, threads):
-    import onnxruntime as ort
+    from bncal.runtime import ort_session
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # "basic" for all
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort_session(proto, optimization_level="basic", threads=threads)  # "basic" for all
 
 
 def bn_count(proto) -> int:
@@ -208,7 +203,7 @@ def relative_error(sess, reference: np.ndarray, x: np.ndarray) -> float:
 
 def latency(sessions: dict, shape, rounds: int, repeat: int) -> dict[str, dict[int, float]]:
     """Median ms per method and batch; methods measured in turn within a round, order rotated."""
-    from bncal.verify import measure_latency
+    from bncal.runtime import measure_latency
 
     rng = np.random.default_rng(0)
     labels = list(sessions)

@@ -6,7 +6,8 @@ export folds Conv+BN), then times, over the same batches and interleaved repetit
 
 - ``recalibrate_onnx(model, batches, mode="train")`` end to end (graph derivation, session
   creation, one pass, writing the statistics);
-- one pass of a plain ``onnxruntime.InferenceSession`` (default options, created beforehand).
+- one pass of a plain inference session (:func:`bncal.runtime.ort_session` at level ``all``,
+  the level of recalibration's own sessions and onnxruntime's default; created beforehand).
 
 Prints the medians and their ratio. The ratio grows as convolutions get cheaper relative to
 the elementwise work a train-mode BN adds (its own pass, plus the Add/Relu and NCHWc layout
@@ -69,12 +70,13 @@ def main(argv=None) -> int:
     import onnxruntime as ort
 
     from bncal.onnx_recalibrate import recalibrate_onnx
+    from bncal.runtime import ort_session
 
     model = export_resnet(args.size, args.width)
     rng = np.random.default_rng(0)
     batches = [rng.standard_normal((args.batch_size, 3, args.size, args.size)).astype(np.float32)
                for _ in range(args.batches)]
-    inference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    inference = ort_session(model, optimization_level="all")  # the level recalibration's sessions use
     output_names = [o.name for o in inference.get_outputs()]
 
     def infer():

@@ -1,0 +1,359 @@
+"""The onnxruntime layer: every bncal command runs ONNX models through this module.
+
+- :func:`ort_session`: a session with bncal's defaults (CPU unless told otherwise, CPU as the
+  last resort, onnxruntime's log at errors only so the library prints nothing);
+- :func:`input_specs`, :func:`batch_feeds`, :func:`validated_feeds`: user batches as feeds by
+  input name, checked against the graph inputs;
+- :class:`BatchStream`: the validated feeds of one pass over the data, as often as needed;
+- :func:`run` and :func:`run_onnx`: ``session.run`` with onnxruntime's errors as one line;
+- :class:`StatisticsSession`: a derived graph of :mod:`bncal.onnx_graphs` read as per-BN
+  batch statistics and merged into :class:`~bncal.stats.ChannelMoments` (used by
+  :func:`bncal.check.check_onnx` and :func:`bncal.onnx_recalibrate.recalibrate_onnx`);
+- :func:`measure_latency` and :func:`compare_latency`.
+
+A batch is given as a ``{input name: array}`` dict (any key order), a tuple or list of arrays
+in graph-input order, or a bare array for a single-input model; the first axis counts samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
+
+from ._progress import DataPass
+from .calibration import data_source
+from .errors import BncalError, first_line
+from .names import fresh_name
+from .stats import ChannelMoments
+
+__all__ = [
+    "ort_session", "input_specs", "InputSpec", "batch_feeds", "validated_feeds", "BatchStream", "run", "run_onnx",
+    "StatisticsSession", "BatchStatistics", "measure_latency", "compare_latency",
+]
+
+_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+_ORT_LOAD_ERRORS = (
+    _ort_state.Fail, _ort_state.InvalidArgument, _ort_state.InvalidGraph, _ort_state.InvalidProtobuf,
+    _ort_state.NoSuchFile, _ort_state.NotImplemented, _ort_state.RuntimeException,
+)
+_CPU = "CPUExecutionProvider"
+_ERRORS_ONLY = 4  # onnxruntime logs only fatal errors: every error is raised (and reported once) anyway
+
+
+# ------------------------------------------------------------------------------------------------
+# Sessions
+
+
+def ort_session(
+    model: onnx.ModelProto | str | Path,
+    *,
+    optimization_level: str = "basic",
+    threads: int | None = None,
+    providers: list[str] | None = None,
+) -> ort.InferenceSession:
+    """An onnxruntime session for ``model`` (a proto or a path) that logs errors only.
+
+    ``optimization_level`` is ``"disable"``, ``"basic"``, ``"extended"`` or ``"all"``; ``threads``
+    sets the intra-op thread count (None: onnxruntime's default). ``providers`` are tried in
+    order, with the CPU provider appended last when missing so that ops an accelerator lacks
+    still run (default: CPU only); asking for one that this onnxruntime lacks (e.g. CUDA) is an
+    error. Pass a path, not a proto, for a model over 2 GB. onnxruntime's own log is set to
+    errors only: derived graphs deliberately list initializers as overridable inputs, which it
+    would warn about, and the library prints nothing of its own accord.
+    """
+    if optimization_level not in _LEVELS:
+        raise BncalError(f"unknown optimization level {optimization_level!r}; use one of {', '.join(_LEVELS)}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = _LEVELS[optimization_level]
+    options.log_severity_level = _ERRORS_ONLY
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    providers = list(providers or [])
+    missing = [p for p in providers if p not in ort.get_available_providers()]
+    if missing:
+        raise BncalError(
+            f"onnxruntime provider {', '.join(missing)} is not available here "
+            f"(available: {', '.join(ort.get_available_providers())})"
+        )
+    if _CPU not in providers:
+        providers.append(_CPU)
+    source = _unique_node_names(model).SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    try:
+        return ort.InferenceSession(source, sess_options=options, providers=providers)
+    except _ORT_LOAD_ERRORS as error:
+        raise BncalError(f"onnxruntime cannot load the model: {first_line(error)}") from error
+
+
+def _unique_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model``, or a copy whose repeated node names are made unique (``bn``, ``bn#2``).
+
+    ONNX allows two nodes to share a name, onnxruntime refuses to load such a model; node
+    names do not change what a model computes, so the copy runs the same graph.
+    """
+    def graphs(graph):
+        yield graph
+        for node in graph.node:
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else
+                            attr.graphs if attr.type == onnx.AttributeProto.GRAPHS else []):
+                    yield from graphs(sub)
+
+    names = [node.name for g in graphs(model.graph) for node in g.node if node.name]
+    if len(names) == len(set(names)):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    taken = set(names)
+    seen = set()
+    for g in graphs(copy.graph):
+        for node in g.node:
+            if node.name in seen:
+                node.name = fresh_name(node.name, taken, separator="#")
+            elif node.name:
+                seen.add(node.name)
+    return copy
+
+
+# ------------------------------------------------------------------------------------------------
+# Feeds
+
+
+class InputSpec(NamedTuple):
+    """A graph input: name, numpy dtype, and shape (a dynamic dimension is its symbolic name or
+    None; the whole shape is None when even the rank is unknown)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...] | None
+
+
+def input_specs(model: onnx.ModelProto | str | Path) -> list[InputSpec]:
+    """The graph inputs of ``model`` that are not initializers, in graph order."""
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    initializers = {init.name for init in model.graph.initializer}
+    specs = []
+    for info in model.graph.input:
+        if info.name in initializers:
+            continue
+        if info.type.WhichOneof("value") != "tensor_type":
+            raise BncalError(f"input {info.name!r} is not a tensor; only tensor inputs are supported")
+        tensor_type = info.type.tensor_type
+        dims = None  # rank unknown
+        if tensor_type.HasField("shape"):
+            dims = tuple(
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim
+            )
+        specs.append(InputSpec(info.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)),
+                               dims))
+    return specs
+
+
+def batch_feeds(batch, names: list[str], index: int | None = None) -> dict:
+    """``{input name: value}`` for one batch, in the order of ``names`` (the graph inputs).
+
+    A dict must name every input and nothing else (any key order); a tuple or list holds one
+    value per input, by position; anything else is the value of a single-input model's input.
+    ``index`` names the batch in the error messages.
+    """
+    which = "the feeds" if index is None else f"batch {index}"
+    if isinstance(batch, dict):
+        missing = [n for n in names if n not in batch]
+        unknown = [n for n in batch if n not in names]
+        if missing or unknown:
+            raise BncalError(f"{which} does not match the model's inputs {names}: "
+                             f"missing {missing}, unknown {unknown}")
+        return {name: batch[name] for name in names}
+    if isinstance(batch, (tuple, list)):
+        if len(batch) != len(names):
+            raise BncalError(f"{which} holds {len(batch)} values but the model has {len(names)} inputs {names}; "
+                             "give one array per input, in that order, or a dict {input name: array}")
+        return dict(zip(names, batch))
+    if len(names) != 1:
+        raise BncalError(f"{which} is a {type(batch).__name__}; the model has inputs {names}, so give each batch "
+                         "as a dict {input name: array} or a tuple of arrays in that order")
+    return {names[0]: batch}
+
+
+def validated_feeds(batch, specs: list[InputSpec], index: int, remaining: int | None = None):
+    """``(feeds, samples)`` for one batch: :func:`batch_feeds`, each value checked against its
+    input (dtype, fixed dimensions, at least one sample, finite), cut to ``remaining`` samples.
+    """
+    feeds, size = {}, None
+    for (name, value), spec in zip(batch_feeds(batch, [s.name for s in specs], index).items(), specs):
+        value = np.asarray(value)
+        if value.dtype != spec.dtype:
+            raise BncalError(f"input {name!r}: expected dtype {spec.dtype}, got {value.dtype} in batch {index}; "
+                             f"convert the data with .astype(np.{spec.dtype.name})")
+        if spec.shape is not None and (value.ndim != len(spec.shape) or any(
+                isinstance(d, int) and d > 0 and d != got for d, got in zip(spec.shape, value.shape))):
+            raise BncalError(f"input {name!r}: expected shape {_format_shape(spec.shape)}, got {tuple(value.shape)} "
+                             f"in batch {index}")
+        if value.ndim == 0 or value.shape[0] == 0:
+            raise BncalError(f"input {name!r} of batch {index} holds no samples (shape {tuple(value.shape)})")
+        if remaining is not None and value.shape[0] > remaining:
+            value = value[:remaining]
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            raise BncalError(f"input {name!r} of batch {index} contains NaN or Inf values; "
+                             "clean or filter the data first")
+        feeds[name] = value
+        size = value.shape[0] if size is None else size
+    return feeds, size
+
+
+def _format_shape(shape) -> str:
+    dims = [str(d) if isinstance(d, int) and d > 0 else (d or "?") for d in shape]
+    return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
+
+
+class BatchStream:
+    """Validated feeds for ``model`` from user batches, one pass per iteration.
+
+    Iterating yields ``(batch index, {input name: array})`` (see :func:`validated_feeds`),
+    reporting ``progress`` per batch and stopping at ``max_samples`` (the last batch cut to
+    fit). After a pass, ``batches`` and ``samples`` hold its counts. ``batches`` is an iterable
+    or a function returning a fresh one; ``reread=True`` refuses a one-shot iterator
+    (:func:`bncal.calibration.data_source`).
+    """
+
+    def __init__(self, model, batches, *, reread: bool, max_samples: int | None = None, progress=False):
+        self._fresh = data_source(batches, reread=reread)
+        if max_samples is not None and max_samples < 1:
+            raise BncalError(f"max_samples must be at least 1, not {max_samples}")
+        self.specs = input_specs(model)
+        self.max_samples = max_samples
+        self.progress = progress
+        self.batches = self.samples = 0
+
+    def __iter__(self):
+        current = DataPass(self._fresh(), lambda batch, index, remaining: validated_feeds(
+            batch, self.specs, index, remaining), max_samples=self.max_samples, progress=self.progress)
+        yield from current
+        self.batches, self.samples = current.batches, current.samples
+
+
+# ------------------------------------------------------------------------------------------------
+# Running
+
+
+def run(session: ort.InferenceSession, names: list[str], feeds: dict, *, index: int | None = None) -> list:
+    """``session.run(names, feeds)`` with onnxruntime's errors as a one-line BncalError naming the batch."""
+    try:
+        return session.run(names, feeds)
+    except Exception as error:  # onnxruntime raises its own exception types
+        where = "" if index is None else f" on batch {index}"
+        raise BncalError(f"onnxruntime failed{where}: {first_line(error)}") from error
+
+
+def run_onnx(session_or_model, feeds) -> dict[str, np.ndarray]:
+    """Run a session (or a model, in a fresh :func:`ort_session`) on one batch; outputs by name.
+
+    ``feeds`` is a batch in any form :func:`batch_feeds` accepts.
+    """
+    session = session_or_model
+    if not isinstance(session, ort.InferenceSession):
+        session = ort_session(session)
+    feeds = batch_feeds(feeds, [i.name for i in session.get_inputs()])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, run(session, names, feeds)))
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchStatistics:
+    """One BN's input on one batch: ``count`` values per channel, their mean and biased variance."""
+
+    count: int
+    mean: np.ndarray
+    var: np.ndarray
+
+
+class StatisticsSession:
+    """A session of a derived graph (:func:`bncal.onnx_graphs.make_train_graph` with
+    ``expose_stats=True``, or :func:`~bncal.onnx_graphs.make_stats_graph`), read as per-BN
+    batch statistics.
+
+    ``infos`` are the derived graph's :class:`~bncal.onnx_graphs.BNInfo` (those not handled are
+    ignored); ``outputs`` names model outputs to fetch as well. Sessions run at optimisation
+    level ``all`` (the derived graphs are never saved).
+    """
+
+    def __init__(self, model: onnx.ModelProto, infos, *, outputs: list[str] = (), providers=None):
+        self.session = ort_session(model, optimization_level="all", providers=providers)
+        self.infos = [info for info in infos if info.handled]
+        self.outputs = list(outputs)
+        self._names = self.outputs + [n for i in self.infos for n in (i.mean_output, i.var_output, i.count_output)]
+
+    def collect(self, feeds: dict, index: int, moments: dict[str, ChannelMoments], *,
+                single_value_fix: str | None = None) -> tuple[list, dict[str, BatchStatistics]]:
+        """Run one batch, merge every BN's statistics into ``moments`` (by BN name).
+
+        Returns the fetched model outputs and each BN's :class:`BatchStatistics`. With
+        ``single_value_fix`` a batch giving a BN fewer than 2 values per channel (train mode
+        is undefined there) is refused, the message ending with that advice.
+        """
+        values = run(self.session, self._names, feeds, index=index)
+        offset = len(self.outputs)
+        found = {}
+        for k, info in enumerate(self.infos):
+            mean, var, size = values[offset + 3 * k: offset + 3 * k + 3]
+            count = int(size) // info.channels
+            if count < 2 and single_value_fix is not None:
+                raise BncalError(f"batch {index} gives BatchNorm {info.name} only {count} value per channel, so its "
+                                 f"batch statistics (train mode) are undefined; {single_value_fix}")
+            found[info.name] = BatchStatistics(count, mean, var)
+            moments.setdefault(info.name, ChannelMoments.empty(info.channels)).add_batch(count, mean, var)
+        return values[:offset], found
+
+
+# ------------------------------------------------------------------------------------------------
+# Latency
+
+
+def measure_latency(session: ort.InferenceSession, feeds: dict[str, np.ndarray], *, warmup: int = 3,
+                    repeat: int = 20) -> dict[str, float]:
+    """Wall-clock latency of ``session.run`` on ``feeds``: ``{"median_ms", "min_ms"}`` over ``repeat`` runs."""
+    if repeat < 1:
+        raise BncalError(f"repeat must be at least 1, not {repeat}")
+    names = [o.name for o in session.get_outputs()]
+    for _ in range(warmup):
+        run(session, names, feeds)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run(session, names, feeds)
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"median_ms": statistics.median(times), "min_ms": min(times)}
+
+
+def compare_latency(models: dict[str, onnx.ModelProto], feeds_by_batch: dict[int, dict[str, np.ndarray]], *,
+                    optimization_level: str = "basic", rounds: int = 5) -> dict[str, dict[int, float]]:
+    """Median latency (ms, 3 decimals) of each labelled model per batch size, ``{label: {batch: ms}}``.
+
+    The models are measured in alternation, ``rounds`` times 5 runs each, so that machine
+    noise hits them alike; all at the same ``optimization_level``.
+    """
+    if not feeds_by_batch:
+        return {}
+    sessions = {label: ort_session(model, optimization_level=optimization_level) for label, model in models.items()}
+    out = {label: {} for label in sessions}
+    for batch, feeds in feeds_by_batch.items():
+        samples = {label: [] for label in sessions}
+        for _ in range(rounds):
+            for label, session in sessions.items():
+                samples[label].append(measure_latency(session, feeds, warmup=1, repeat=5)["median_ms"])
+        for label in sessions:
+            out[label][batch] = round(statistics.median(samples[label]), 3)
+    return out
