@@ -18,6 +18,7 @@ in graph-input order, or a bare array for a single-input model; the first axis c
 from __future__ import annotations
 
 import dataclasses
+import re
 import statistics
 import time
 from pathlib import Path
@@ -179,8 +180,9 @@ def batch_feeds(batch, names: list[str], index: int | None = None) -> dict:
         return {name: batch[name] for name in names}
     if isinstance(batch, (tuple, list)):
         if len(batch) != len(names):
+            labels = " (for (inputs, labels) data, give the inputs only)" if len(batch) == len(names) + 1 else ""
             raise BncalError(f"{which} holds {len(batch)} values but the model has {len(names)} inputs {names}; "
-                             "give one array per input, in that order, or a dict {input name: array}")
+                             "give one array per input, in that order, or a dict {input name: array}" + labels)
         return dict(zip(names, batch))
     if len(names) != 1:
         raise BncalError(f"{which} is a {type(batch).__name__}; the model has inputs {names}, so give each batch "
@@ -249,13 +251,24 @@ class BatchStream:
 # Running
 
 
+_ORT_NODE = re.compile(r"running (\S+) node\. Name:'([^']*)' Status Message: (.*)")
+
+
+def describe_ort_error(error: BaseException, where: str = "") -> str:
+    """One line for an onnxruntime failure: the node and its reason when onnxruntime names them."""
+    match = _ORT_NODE.search(str(error))
+    if match:
+        op, node, reason = match.groups()
+        return f"onnxruntime refused to run node '{node}' ({op}) of the ONNX graph{where}: {reason.strip()}"
+    return f"onnxruntime failed{where}: {first_line(error)}"
+
+
 def run(session: ort.InferenceSession, names: list[str], feeds: dict, *, index: int | None = None) -> list:
     """``session.run(names, feeds)`` with onnxruntime's errors as a one-line BncalError naming the batch."""
     try:
         return session.run(names, feeds)
     except Exception as error:  # onnxruntime raises its own exception types
-        where = "" if index is None else f" on batch {index}"
-        raise BncalError(f"onnxruntime failed{where}: {first_line(error)}") from error
+        raise BncalError(describe_ort_error(error, "" if index is None else f" on batch {index}")) from error
 
 
 def run_onnx(session_or_model, feeds) -> dict[str, np.ndarray]:

@@ -207,7 +207,7 @@ CASES = [
     ("one-shot-iterator-eval", R + ["--data", "{d}/tiny.py:one_shot", "--mode", "eval", "-o", "{d}/out.safetensors"], 1,
      "needs a re-iterable", None),
     ("pairs-to-onnx-check", ["check", "{d}/m.onnx", "--data", "{d}/tiny.py:pairs"], 1,
-     "batch 0 is a tuple of 2 items but the model has 1 input(s)", None),
+     "batch 0 holds 2 values but the model has 1 inputs", None),
     ("pairs-to-onnx-recalibrate", RO + ["--data", "{d}/tiny.py:pairs", "-o", "{d}/out.onnx"], 1, "give the inputs only", None),
     ("image-bomb", ["check", "{d}/m.onnx", "--data", "{d}/imgs"], 1, "image {d}/imgs/huge.png is too large to decode safely", _bomb),
     ("image-size-0", ["check", "{d}/m.onnx", "--data", "{d}/imgs", "--image-size", "0", "0"], 2, "'--image-size'", None),

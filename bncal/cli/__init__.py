@@ -15,7 +15,6 @@ Heavy modules (torch, onnx, onnxruntime) are imported inside the commands, so ``
 
 from __future__ import annotations
 
-import re
 import sys
 import traceback
 
@@ -79,9 +78,6 @@ def run_command(body, args, groups) -> None:
         sys.exit(status)
 
 
-_ORT_NODE = re.compile(r"running (\S+) node\. Name:'([^']*)' Status Message: (.*)")
-
-
 def describe_error(exc: BaseException, *, verbose: bool = False) -> str:
     """One line for an error: a BncalError's own message; for anything else what failed and why."""
     hint = "" if verbose else " (run with -v for the traceback)"
@@ -97,11 +93,9 @@ def describe_error(exc: BaseException, *, verbose: bool = False) -> str:
     if peer is not None:
         return peer
     if type(exc).__module__.startswith("onnxruntime"):
-        match = _ORT_NODE.search(str(exc))
-        if match:
-            op, node, reason = match.groups()
-            return f"onnxruntime refused to run node '{node}' ({op}) of the ONNX graph: {reason.strip()}{hint}"
-        return f"onnxruntime failed: {first_line(exc)}{hint}"
+        from ..runtime import describe_ort_error
+
+        return describe_ort_error(exc) + hint
     if isinstance(exc, OSError) and exc.filename:
         return f"{exc.filename}: {os_error_text(exc)}{hint}"
     return f"{type(exc).__name__}: {first_line(exc)}{hint}"
