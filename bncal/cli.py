@@ -301,7 +301,7 @@ def inspect_command(model, weights, model_kwargs, allow_pickle, batch_size, data
     from .loading import is_onnx_path
 
     if is_onnx_path(model):
-        from .onnx_fold import fold_onnx
+        from .folding import fold_onnx
         from .onnx_io import load_onnx
 
         target = load_onnx(model)
