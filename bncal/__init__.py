@@ -31,7 +31,7 @@ _EXPORTS = {
     "analyze_foldability": "folding",
     "FoldResult": "folding",
     "export_onnx": "export",
-    "fold_onnx": "onnx_fold",
+    "fold_onnx": "folding",
     "compare_outputs": "verify",
     "fold_export_torch": "fold_export",
     "fold_export_onnx": "fold_export",

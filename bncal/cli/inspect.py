@@ -30,7 +30,7 @@ def command(args) -> int:
     loaded = args.model.load()
     target, example, decisions = loaded.model, None, None
     if loaded.kind == "onnx":
-        from ..onnx_fold import fold_onnx
+        from ..folding import fold_onnx
 
         decisions = fold_onnx(target)[1]
     elif args.shapes:
