@@ -28,13 +28,14 @@ def check_output_path(path, *, force: bool = False, inputs=()) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_output(path):
+def atomic_output(path, *, suffix: str = ".tmp"):
     """Yield a temporary path in the destination's directory; rename it to ``path`` on success.
 
     If the body raises, the temporary file is removed and ``path`` is left as it was.
+    ``suffix`` ends the temporary name (for writers that insist on an extension, like Keras).
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)

@@ -33,7 +33,8 @@ from .onnx_recalibrate import BatchStream, quiet_session, run_session
 from .report import SkippedLayer, format_table, summarize_shift
 from .stats import ChannelMoments
 
-__all__ = ["CheckThresholds", "LayerCheck", "OutputCheck", "CheckReport", "check_onnx"]
+__all__ = ["CheckThresholds", "LayerCheck", "OutputCheck", "CheckReport", "check_onnx", "assess_layer",
+           "OutputAgreement"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +127,27 @@ class CheckReport:
     batches: int
     samples: int
 
+    @classmethod
+    def from_checks(cls, layers: list[LayerCheck], outputs: list[OutputCheck], skipped: list[SkippedLayer],
+                    thresholds: CheckThresholds, batches: int, samples: int) -> "CheckReport":
+        """The verdict over per-layer and per-output checks (from :func:`assess_layer` and
+        :meth:`OutputAgreement.check`): passed when every one passed, with one reason for the
+        failed layers together and one per failed output."""
+        reasons = []
+        bad = [l for l in layers if not l.passed]
+        if bad:
+            worst = max(bad, key=lambda l: l.mean_shift if math.isfinite(l.mean_shift) else math.inf)
+            reasons.append(f"{len(bad)} of {len(layers)} BatchNorm layers have moving statistics off their data "
+                           f"(worst {worst.name}: mean shift {worst.mean_shift:.3g} sd, var ratio "
+                           f"{worst.var_ratio:.3g}); recalibrate them")
+        for o in outputs:
+            if not o.passed:
+                detail = f"relative error {o.rel_error:.3g}" + (
+                    "" if o.top1_agreement is None else f", top-1 agreement {o.top1_agreement:.3g}")
+                reasons.append(f"output {o.name} differs between inference and train mode ({detail})")
+        return cls(passed=not reasons, reasons=reasons, layers=layers, outputs=outputs, skipped=skipped,
+                   thresholds=thresholds, batches=batches, samples=samples)
+
     @property
     def verdict(self) -> str:
         return "PASSED" if self.passed else "FAILED"
@@ -189,7 +211,7 @@ def check_onnx(
     stat_names = [n for i in handled for n in (i.mean_output, i.var_output, i.count_output)]
 
     moments = {i.name: ChannelMoments.empty(i.channels) for i in handled}
-    outputs = {name: _OutputAccumulator() for name in output_names}
+    outputs = {name: OutputAgreement() for name in output_names}
     for index, feeds in stream:
         inferred = run_session(inference, output_names, feeds, index)
         trained = run_session(train, output_names + stat_names, feeds, index)
@@ -205,36 +227,32 @@ def check_onnx(
             moments[info.name].add_batch(count, mean, var)
 
     initializers = {init.name: init for init in model.graph.initializer}
-    reasons, layers = [], []
+    layers = []
     for info in handled:
-        m = moments[info.name]
         moving_mean = numpy_helper.to_array(initializers[info.mean_initializer]).astype(np.float64).reshape(-1)
         moving_var = numpy_helper.to_array(initializers[info.var_initializer]).astype(np.float64).reshape(-1)
-        shift, ratio = _layer_distance(moving_mean, moving_var, m.mean, m.variance, info.epsilon)
-        shift_limit = thresholds.max_mean_shift + thresholds.noise_allowance / math.sqrt(m.count)
-        log_ratio_limit = thresholds.max_var_log_ratio + thresholds.noise_allowance * math.sqrt(2.0 / m.count)
-        finite = math.isfinite(shift) and math.isfinite(ratio) and ratio > 0
-        ok = finite and shift <= shift_limit and abs(math.log(ratio)) <= log_ratio_limit
-        layers.append(LayerCheck(info.name, info.channels, m.count, shift, ratio, shift_limit, log_ratio_limit, ok))
-    bad = [l for l in layers if not l.passed]
-    if bad:
-        worst = max(bad, key=lambda l: l.mean_shift if math.isfinite(l.mean_shift) else math.inf)
-        reasons.append(f"{len(bad)} of {len(layers)} BatchNorm layers have moving statistics off their data "
-                       f"(worst {worst.name}: mean shift {worst.mean_shift:.3g} sd, var ratio {worst.var_ratio:.3g}); "
-                       "recalibrate them")
-    checks = []
-    for name in output_names:
-        acc = outputs[name]
-        rel, agreement = acc.rel_error, acc.top1_agreement
-        ok = math.isfinite(rel) and rel <= thresholds.max_output_rel_error
-        if agreement is not None:
-            ok = ok and agreement >= thresholds.min_top1_agreement
-        checks.append(OutputCheck(name, acc.max_abs_error, rel, agreement, ok))
-        if not ok:
-            detail = f"relative error {rel:.3g}" + ("" if agreement is None else f", top-1 agreement {agreement:.3g}")
-            reasons.append(f"output {name} differs between inference and train mode ({detail})")
-    return CheckReport(passed=not reasons, reasons=reasons, layers=layers, outputs=checks, skipped=skipped,
-                       thresholds=thresholds, batches=stream.batches, samples=stream.samples)
+        layers.append(assess_layer(info.name, info.channels, moving_mean, moving_var, moments[info.name],
+                                   info.epsilon, thresholds))
+    checks = [outputs[name].check(name, thresholds) for name in output_names]
+    return CheckReport.from_checks(layers, checks, skipped, thresholds, stream.batches, stream.samples)
+
+
+def assess_layer(name: str, channels: int, moving_mean, moving_var, data_moments: ChannelMoments, eps: float,
+                 thresholds: CheckThresholds) -> LayerCheck:
+    """One BN's moving statistics against the population statistics of its input's data.
+
+    Distances as in :class:`CheckThresholds`; each limit is widened by the noise allowance
+    for ``data_moments.count`` values per channel. NaN/Inf moving statistics fail.
+    """
+    moving_mean = np.asarray(moving_mean, np.float64).reshape(-1)
+    moving_var = np.asarray(moving_var, np.float64).reshape(-1)
+    m = data_moments
+    shift, ratio = _layer_distance(moving_mean, moving_var, m.mean, m.variance, eps)
+    shift_limit = thresholds.max_mean_shift + thresholds.noise_allowance / math.sqrt(m.count)
+    log_ratio_limit = thresholds.max_var_log_ratio + thresholds.noise_allowance * math.sqrt(2.0 / m.count)
+    finite = math.isfinite(shift) and math.isfinite(ratio) and ratio > 0
+    ok = finite and shift <= shift_limit and abs(math.log(ratio)) <= log_ratio_limit
+    return LayerCheck(name, channels, m.count, shift, ratio, shift_limit, log_ratio_limit, ok)
 
 
 def _layer_distance(moving_mean, moving_var, mean, var, eps) -> tuple[float, float]:
@@ -244,8 +262,11 @@ def _layer_distance(moving_mean, moving_var, mean, var, eps) -> tuple[float, flo
     return summarize_shift(moving_mean, moving_var, mean, var, eps)
 
 
-class _OutputAccumulator:
-    """Streaming error measures of one output over all batches."""
+class OutputAgreement:
+    """Streaming agreement of one output between inference and train mode over all batches.
+
+    :meth:`add` takes each batch's two outputs (arrays); :meth:`check` gives the verdict.
+    """
 
     def __init__(self):
         self.max_abs_error = 0.0
@@ -286,3 +307,11 @@ class _OutputAccumulator:
     @property
     def top1_agreement(self) -> float | None:
         return self.agree / self.rows if self.classifier and self.rows else None
+
+    def check(self, name: str, thresholds: CheckThresholds) -> OutputCheck:
+        """The output's verdict: relative error, and top-1 agreement for ``(N, classes)`` outputs."""
+        rel, agreement = self.rel_error, self.top1_agreement
+        ok = math.isfinite(rel) and rel <= thresholds.max_output_rel_error
+        if agreement is not None:
+            ok = ok and agreement >= thresholds.min_top1_agreement
+        return OutputCheck(name, self.max_abs_error, rel, agreement, ok)
