@@ -46,7 +46,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from .errors import BncalError
 from .onnx_graphs import node_attribute
-from .momentum import suggest_momentum
+from .momentum import InverseDecayMomentum, suggest_momentum
 from .report import FoldDecision, format_table
 
 __all__ = ["inspect_model", "inspect_graph", "InspectReport", "BNLayer", "Finding", "RULES",
@@ -534,16 +534,22 @@ class _Dialect:
             return f"momentum {1 - momentum_torch:.3g}"
         return f"momentum {momentum_torch:.3g} (PyTorch) / {1 - momentum_torch:.3g} (TF)"
 
+    def schedule(self, suggestion) -> str:
+        """The suggestion's schedule, named as this kind of model applies it."""
+        if self.convention != "tf" or not suggestion.use_schedule:
+            return suggestion.schedule
+        tf = suggestion.tf
+        return (f"inverse decay: the callback bncal.keras.InverseDecayMomentum(ceiling={tf:.3g}), momentum "
+                f"1 - 0.8**(step/10) capped at {tf:.3g} (reached after "
+                f"{InverseDecayMomentum.steps_to_ceiling(tf)} steps)")
+
     def set_momentum(self, suggestion) -> str:
         if self.convention == "tf":
             fix = f"set BatchNormalization(momentum={suggestion.tf:.3g})"
-            if suggestion.use_schedule:
-                fix += (f", or better train with the callback bncal.keras.InverseDecayMomentum("
-                        f"ceiling={suggestion.tf:.3g}) (momentum 1 - 0.8**(step/10), capped)")
-            return fix
-        fix = f"set momentum to {suggestion.torch:.3g} (PyTorch) / {suggestion.tf:.3g} (TF, ONNX)"
+        else:
+            fix = f"set momentum to {suggestion.torch:.3g} (PyTorch) / {suggestion.tf:.3g} (TF, ONNX)"
         if suggestion.use_schedule:
-            fix += f", or better use {suggestion.schedule}"
+            fix += f", or better use {self.schedule(suggestion)}"
         return fix
 
 
@@ -631,7 +637,7 @@ def _momentum_findings(layers, batch_size, dataset_size, epochs, notes, source: 
     suggestion = suggest_momentum(batch_size, dataset_size, epochs)
     notes.append(f"momentum for batch {batch_size}, {dataset_size} samples, {epochs:g} epoch(s): "
                  f"{suggestion.tf:.3g} (TF) / {suggestion.torch:.3g} (PyTorch); schedule: "
-                 f"{suggestion.schedule}. {suggestion.rationale}")
+                 f"{words.schedule(suggestion)}. {suggestion.rationale}")
     groups: dict = {}
     for layer in layers:
         if not layer.track_running_stats or layer.momentum_torch == 0 or layer.training_mode:
