@@ -86,7 +86,8 @@ def main() -> None:
     plain = keras_zoo.mnist_keras_cnn(momentum=args.momentum)  # uncompiled twin: no optimizer in the file
     plain.set_weights(model.get_weights())
     plain.save(args.out)
-    print(f"wrote {args.out} ({args.out.stat().st_size} bytes, {plain.count_params()} parameters)")
+    shown = args.out.resolve().relative_to(ROOT) if args.out.resolve().is_relative_to(ROOT) else args.out
+    print(f"wrote {shown} ({args.out.stat().st_size} bytes, {plain.count_params()} parameters)")
     print("held-out accuracy (1000 digits):")
     print(f"  inference mode, moving statistics              {accuracy(plain, x_test, y_test, training=False):.4f}")
     print(f"  batch statistics (bs 500, dropout off)         {accuracy(plain, x_test, y_test, training=True):.4f}")
