@@ -393,24 +393,33 @@ def test_factory_spec(tmp_path):
         bk.load_model(f"{tmp_path}/nets.py:make", weights=weights)
 
 
-def _run_python(code: str, env_drop=("KERAS_BACKEND",)):
-    env = {k: v for k, v in os.environ.items() if k not in env_drop}
+def _run_python(code: str, keras_home, **env_extra):
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    env.update(KERAS_HOME=str(keras_home), **env_extra)  # no user keras.json: Keras would default to TensorFlow
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_backend_defaults_to_torch_without_tensorflow_and_missing_keras_says_how_to_install(tmp_path):
-    code = ("import importlib.util, bncal.keras as bk\n"
+    code = ("import importlib.util, os, bncal.keras as bk\n"
             "assert importlib.util.find_spec('tensorflow') is None\n"
-            "print(bk.import_keras().backend.backend())\n")
-    result = _run_python(code)
+            "print(bk.import_keras().backend.backend(), os.environ['KERAS_BACKEND'])\n")
+    result = _run_python(code, tmp_path / "fresh")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "torch"
+    assert result.stdout.split() == ["torch", "torch"]
+    # A backend the user configured is theirs: bncal does not override it.
+    (tmp_path / "jax").mkdir()
+    (tmp_path / "jax" / "keras.json").write_text('{"backend": "jax"}')
+    code = ("import bncal.keras as bk\nfrom bncal.errors import BncalError\n"
+            "try:\n    bk.import_keras()\nexcept BncalError as e:\n    print(e)\n")
+    result = _run_python(code, tmp_path / "jax")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "KERAS_BACKEND" in result.stdout and len(result.stdout.strip().splitlines()) == 1
     code = ("import sys; sys.modules['keras'] = None\n"
             "import bncal.keras as bk\n"
             "from bncal.errors import BncalError\n"
             "try:\n    bk.recalibrate(None, [])\nexcept BncalError as e:\n    print(e)\n")
-    result = _run_python(code)
+    result = _run_python(code, tmp_path / "fresh")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines() == [
         "Keras models need keras 3, which is not installed: pip install 'bncal[keras]'"]

@@ -18,7 +18,10 @@ INSTALL_HINT = "pip install 'bncal[keras]'"
 
 def _configured_backend() -> str:
     """The backend Keras would pick without ``KERAS_BACKEND``: its config file's, else TensorFlow."""
-    home = os.environ.get("KERAS_HOME") or str(Path.home() / ".keras")
+    home = os.environ.get("KERAS_HOME")
+    if home is None:  # Keras's own rule: ~/.keras, or /tmp/.keras when home is read-only
+        base = Path.home() if os.access(Path.home(), os.W_OK) else Path("/tmp")
+        home = str(base / ".keras")
     try:
         return str(json.loads((Path(home) / "keras.json").read_text()).get("backend", "tensorflow"))
     except (OSError, ValueError, AttributeError):
