@@ -108,6 +108,20 @@ def test_train_mode_first_bn_equals_float64_statistics_of_its_input(variant):
             np.testing.assert_array_equal(_np(after), before)
 
 
+def test_masked_positions_are_left_out_as_keras_leaves_them_out():
+    keras.utils.set_random_seed(20)
+    tokens = keras.Input((5,), dtype="int32")
+    embedding = layers.Embedding(10, 3, mask_zero=True)
+    bn = layers.BatchNormalization()
+    model = keras.Model(tokens, layers.GlobalAveragePooling1D()(bn(embedding(tokens))))
+    x = np.array([[1, 2, 0, 0, 0], [3, 4, 5, 0, 0], [6, 0, 0, 0, 0], [7, 8, 9, 1, 2]], "int32")
+    report = bk.recalibrate(model, x, batch_size=2)
+    kept = _np(embedding(x))[x != 0]  # 11 unmasked positions
+    assert report.layers[0].samples == 11
+    np.testing.assert_allclose(_stats(bn)[0], kept.mean(0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(_stats(bn)[1], kept.var(0), rtol=1e-5)
+
+
 def test_train_mode_first_layer_is_split_invariant():
     model = _randomize_bn(_cnn())
     x = np.random.default_rng(2).standard_normal((64, 8, 8, 3)).astype("float32")

@@ -117,7 +117,7 @@ class BatchNormTap:
 
 
 class _ArrayBatches:
-    """Rows of an array (or of a dict/list of arrays) in batches of ``batch_size``; re-iterable."""
+    """Rows of an array (or of a dict of arrays) in batches of ``batch_size``; re-iterable."""
 
     def __init__(self, data, batch_size: int):
         keras = import_keras()
@@ -131,7 +131,7 @@ class _ArrayBatches:
 
 
 def calibration_data(data, batch_size: int | None, *, reiterable: bool):
-    """``data`` as batches: an array, or a dict/list of arrays (one per model input), is cut into
+    """``data`` as batches: an array, or a dict of arrays (one per named model input), is cut into
     batches of ``batch_size`` rows; any other iterable is taken as batches already.
 
     Raises BncalError for a bad batch size, or a one-shot iterator when ``reiterable``.

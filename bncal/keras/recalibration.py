@@ -65,7 +65,7 @@ def recalibrate(
         model: a built ``keras.Model`` (Sequential, functional or subclassed). Only the BN
             layers' ``moving_mean``/``moving_variance`` (and a renorm layer's ``moving_stddev``)
             change; if the pass raises, they are put back too.
-        data: an array (or a dict/list of arrays, one per model input), cut into batches of
+        data: an array (or a dict of arrays, one per named model input), cut into batches of
             ``batch_size`` rows; or an iterable of batches, each an input array or structure,
             or a Keras-style ``(x, y)`` / ``(x, y, sample_weight)`` tuple (``x`` is used). For
             ``mode="eval"`` the data is read several times: not a one-shot iterator.
