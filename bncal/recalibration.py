@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._progress import DataPass
-from .calibration import DataOrder, LayerResult, build_report, check_mode, data_source, require_finite
+from .calibration import NEVER_REACHED, DataOrder, LayerResult, build_report, check_mode, data_source, require_finite
 from .errors import BncalError, first_line
 from .report import LayerStats, RecalibrationReport, SkippedLayer
 from .stats import ChannelMoments, anchored_statistics, fixed_point_passes
@@ -127,14 +127,11 @@ def recalibrate(
         updated = run.write(moments)
     for name, _ in layers:
         if name not in updated:
-            skipped.append(SkippedLayer(name, "never reached by the data: its statistics were left as they were"))
+            skipped.append(SkippedLayer(name, NEVER_REACHED))
     results = [LayerResult(name, before[name], moments[name], bn.eps, run.calls_per_forward.get(name, 0))
                for name, bn in layers if name in updated]
-    notes = run.order.notes + [
-        f"{r.name} is called {r.calls_per_forward} times per forward: its statistics pool the inputs of every call"
-        for r in results if r.calls_per_forward > 1]
     return build_report(mode=mode, layers=results, skipped=skipped, batches=run.batches, samples=run.samples,
-                        passes=passes, converged=converged, max_rel_change=change, notes=notes,
+                        passes=passes, converged=converged, max_rel_change=change, notes=run.order.notes,
                         world_size=_world_size(group))
 
 
