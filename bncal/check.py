@@ -324,7 +324,7 @@ def check_onnx(
     if not any(i.handled for i in infos):
         detail = f" ({'; '.join(f'{s.name}: {s.reason}' for s in skipped)})" if skipped else ""
         raise BncalError(f"the model has no inference BatchNormalization to check{detail}"
-                         f"{no_batchnorm_hint(model, 'check')}")
+                         f"{no_batchnorm_hint(model, 'checked')}")
     unchecked = [SkippedLayer(l.name, f"{l.describe()}: {l.reason}, its statistics folded into constants")
                  for l in find_lowered_normalisations(model)]
     stream = BatchStream(model, batches, reread=False, max_samples=max_samples, progress=progress)

@@ -38,7 +38,6 @@ deciding what is "directly" before or after a BN.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections import deque
 from pathlib import Path
 from typing import Callable, Iterable
@@ -785,11 +784,13 @@ def inspect_model(model, *, batch_size: int | None = None, dataset_size: int | N
     are given (so ``bncal.folding.analyze_foldability`` can be passed as it is).
     The model is not modified.
     """
+    from .keras import is_keras_model
+    from .loading import model_kind
+
     notes: list[str] = []
     lowered = None
-    keras = sys.modules.get("keras")  # a Keras model is an nn.Module too on the torch backend
-    if (isinstance(model, (str, Path)) and str(model).lower().endswith(".keras")
-            or keras is not None and isinstance(model, getattr(keras, "Model", ()))):
+    # A Keras model is an nn.Module too on the torch backend: ask first.
+    if isinstance(model, (str, Path)) and model_kind(model).name == "keras" or is_keras_model(model):
         from .keras import inspect
 
         return inspect(model, batch_size=batch_size, dataset_size=dataset_size, epochs=epochs,

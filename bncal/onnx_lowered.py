@@ -91,16 +91,16 @@ def describe_lowered(found: list[LoweredNormalisation], limit: int = 4) -> str:
     return shown + (f" and {len(found) - limit} more" if len(found) > limit else "")
 
 
-def no_batchnorm_hint(model, doing: str) -> str:
-    """For the error of a command that found no BatchNormalization to ``doing`` ("check",
-    "recalibrate"): ``"; it holds N normalisation layers ... fix it at the source: ..."``, or
+def no_batchnorm_hint(model, done: str) -> str:
+    """For the error of a command that found no BatchNormalization to work on (``done``:
+    "checked", "recalibrated"): ``"; it holds N normalisation layers ... fix it at the source: ..."``, or
     ``""`` when the graph holds no recognised lowered normalisation either."""
     found = find_lowered_normalisations(model)
     if not found:
         return ""
     n = len(found)
     return (f"; it holds {n} normalisation layer{'s' if n != 1 else ''} that the converter lowered to arithmetic "
-            f"({describe_lowered(found, 2)}), whose statistics are folded into constants and cannot be {doing}ed "
+            f"({describe_lowered(found, 2)}), whose statistics are folded into constants and cannot be {done} "
             f"in this file; fix it at the source: {LOWERED_FIX}")
 
 

@@ -95,6 +95,11 @@ def recalibrate(
             moments are combined across ranks after every pass, so every rank ends with the
             statistics one process would compute over the union of the shards.
 
+    A ``keras.Model`` (on Keras's torch backend an ``nn.Module`` too) is handed over to
+    :func:`bncal.keras.recalibrate` with ``mode``, ``forward_fn``, ``max_samples``, ``tol``,
+    ``max_passes`` and ``progress`` (arrays in ``data`` are cut into batches of 32 rows there);
+    ``device`` and ``process_group`` do not apply to it and are refused.
+
     The stored ``running_var`` is the population (biased) variance, see :mod:`bncal.stats`.
     ``num_batches_tracked`` grows by the number of batches seen (over all ranks), as one
     training epoch over the data would make it.
@@ -104,6 +109,16 @@ def recalibrate(
             one-shot iterator in eval mode instead of the data, non-finite data or statistics,
             a train-mode batch with one value per channel, or a forward that fails on the data.
     """
+    from .keras import is_keras_model
+
+    if is_keras_model(model):
+        if device is not None or process_group is not None:
+            raise BncalError("a keras.Model is recalibrated by bncal.keras.recalibrate, on the devices Keras places "
+                             "it on and in one process: leave device and process_group unset")
+        from .keras import recalibrate as recalibrate_keras
+
+        return recalibrate_keras(model, data, mode=mode, forward_fn=forward_fn, max_samples=max_samples, tol=tol,
+                                 max_passes=max_passes, progress=progress)
     check_mode(mode)
     source = data_source(data, reread=(mode == "eval"))
     forward_fn = forward_fn or default_forward

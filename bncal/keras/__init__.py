@@ -23,6 +23,7 @@ The results are the same report types as the PyTorch and ONNX paths
 from __future__ import annotations
 
 import importlib
+import sys
 
 # Public name -> submodule that defines it; imported (with Keras) on first use.
 _EXPORTS = {
@@ -36,7 +37,17 @@ _EXPORTS = {
     "InverseDecayMomentum": "callbacks",
 }
 
-__all__ = list(_EXPORTS)
+__all__ = [*_EXPORTS, "is_keras_model"]
+
+
+def is_keras_model(obj) -> bool:
+    """Whether ``obj`` is a ``keras.Model``, without importing Keras (an object cannot be one
+    unless Keras is imported). On the torch backend a ``keras.Model`` is an ``nn.Module`` too:
+    every entry point that takes either asks this first and hands Keras models to
+    :mod:`bncal.keras`."""
+    keras = sys.modules.get("keras")
+    model_class = getattr(keras, "Model", None) if keras is not None else None
+    return isinstance(model_class, type) and isinstance(obj, model_class)
 
 
 def __getattr__(name):
