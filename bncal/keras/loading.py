@@ -49,7 +49,7 @@ def load_model(path_or_spec, *, weights=None, model_kwargs: str | dict | None = 
         except Exception as exc:  # Keras raises ValueError, TypeError, zipfile and h5py errors...
             if safe_mode and "safe_mode" in str(exc):
                 raise BncalError(f"{path} contains a Lambda layer whose Python code would run when it is loaded; "
-                                 "pass safe_mode=False only for a file you trust") from exc
+                                 "pass safe_mode=False (bncal commands: --allow-pickle) only for a file you trust") from exc
             raise BncalError(f"cannot load {path} as a Keras model ({one_line(exc)}); is it a .keras file saved by "
                              "Keras 3, with its custom layers given as custom_objects?") from exc
     factory = resolve_callable(text, "model")
