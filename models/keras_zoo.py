@@ -8,6 +8,8 @@ is whatever the caller chose (bncal's scripts and tests use ``KERAS_BACKEND=torc
   ``(N, 28, 28, 1)`` float32 normalised as :func:`models.zoo.mnist_arrays` does.
 - :func:`calibration_nhwc`, :func:`heldout_nhwc` -- data functions for ``bncal --data``:
   lists of NHWC numpy batches, shuffled with a fixed seed (the split files are sorted by class).
+- :func:`export_onnx` -- the shipped model through Keras's own ``model.export(format="onnx")``:
+  the ONNX file a stranger would hand over, every BatchNormalization lowered to arithmetic.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ except ImportError:  # loaded as a file (bncal --data models/keras_zoo.py:...): 
     import zoo
 
 __all__ = ["MNIST_KERAS_STALE", "mnist_keras_cnn", "mnist_nhwc", "mnist_keras_stale", "calibration_nhwc",
-           "heldout_nhwc"]
+           "heldout_nhwc", "export_onnx"]
 
 MNIST_KERAS_STALE = Path(__file__).resolve().parent / "mnist_keras_stale.keras"
 
@@ -84,3 +86,11 @@ def mnist_keras_stale():
     import keras
 
     return keras.saving.load_model(MNIST_KERAS_STALE, compile=False)
+
+
+def export_onnx(path, model=None) -> None:
+    """Write ``model`` (default: the shipped stale model) to ``path`` with Keras's own
+    ``model.export(path, format="onnx")`` (on the torch backend it runs torch.onnx)."""
+    model = mnist_keras_stale() if model is None else model
+    model(np.zeros((1, 28, 28, 1), np.float32))  # Keras exports only a model that has been called
+    model.export(str(path), format="onnx", verbose=False)
