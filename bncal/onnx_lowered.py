@@ -110,7 +110,7 @@ def _node_label(node) -> str:
 
 def _scope(name: str) -> str | None:
     """The BatchNorm name scope of a node name (``model/bn1/batchnorm/mul`` -> ``model/bn1``)."""
-    parts = [p for p in re.split(r"[/]", name) if p]
+    parts = [p for p in name.split("/") if p]
     for i, part in enumerate(parts):
         if _SCOPE.search(part):
             if _OP_SCOPE.match(part) and i > 0:
@@ -120,45 +120,53 @@ def _scope(name: str) -> str | None:
 
 
 class _Constants:
-    """Values of the graph's constant tensors: initializers (not graph inputs), Constant
-    outputs, and small elementwise/shape expressions of them, evaluated with numpy.
-    ``from_statistics`` holds the tensors computed through a Sqrt or Reciprocal."""
+    """Values of the graph's small constant tensors: initializers (not graph inputs), Constant
+    outputs, and elementwise/shape expressions of them, evaluated with numpy in one sweep in
+    graph order (no recursion; tensors above :attr:`LIMIT` elements, weights, are never
+    converted). ``from_statistics`` holds the tensors computed through a Sqrt or Reciprocal."""
 
+    LIMIT = 1 << 16
     _EVALUATED = {"Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Add", "Sub", "Mul", "Div", "Sqrt",
                   "Reciprocal", "Neg", "Pow"}
 
     def __init__(self, graph):
-        from onnx import numpy_helper
-
         inputs = {i.name for i in graph.input}
-        self.values: dict[str, np.ndarray | None] = {
-            init.name: numpy_helper.to_array(init) for init in graph.initializer if init.name not in inputs}
+        self._tensors = {init.name: init for init in graph.initializer if init.name not in inputs}
+        self._values: dict[str, np.ndarray | None] = {}
         self.producers = {out: node for node in graph.node for out in node.output if out}
         self.from_statistics: set[str] = set()
-        for node in graph.node:
-            if node.op_type == "Constant" and node.output:
-                self.values[node.output[0]] = _constant_value(node)
+        for node in graph.node:  # ONNX keeps nodes in topological order
+            if not node.output or node.domain not in ("", "ai.onnx"):
+                continue
+            if node.op_type == "Constant":
+                value = _constant_value(node)
+                self._values[node.output[0]] = value if value is not None and value.size <= self.LIMIT else None
+            elif node.op_type in self._EVALUATED and node.input:
+                args = [self.value(i) if i else None for i in node.input]
+                if args[0] is None or any(a is None for i, a in zip(node.input, args) if i):
+                    continue
+                try:
+                    with np.errstate(all="ignore"):
+                        value = _evaluate(node, args)
+                except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError):
+                    continue
+                if value is None or value.size > self.LIMIT:
+                    continue
+                self._values[node.output[0]] = value
+                if node.op_type in ("Sqrt", "Reciprocal") or any(i in self.from_statistics for i in node.input):
+                    self.from_statistics.add(node.output[0])
 
     def value(self, name: str) -> np.ndarray | None:
-        if name in self.values:
-            return self.values[name]
-        self.values[name] = None  # also guards against cycles in a malformed graph
-        node = self.producers.get(name)
-        if node is None or node.op_type not in self._EVALUATED or node.domain not in ("", "ai.onnx"):
-            return None
-        args = [self.value(i) if i else None for i in node.input]
-        if not args or any(a is None for i, a in zip(node.input, args) if i) or args[0] is None:
-            return None
-        if node.op_type in ("Add", "Sub", "Mul", "Div", "Pow") and len(args) != 2:
-            return None
-        try:
-            value = _evaluate(node, args)
-        except (ValueError, TypeError, IndexError, KeyError):
-            return None
-        self.values[name] = value
-        if value is not None and (node.op_type in ("Sqrt", "Reciprocal")
-                                  or any(i in self.from_statistics for i in node.input)):
-            self.from_statistics.add(name)
+        """The value of constant tensor ``name``, or None (not constant, or too large)."""
+        if name in self._values:
+            return self._values[name]
+        tensor = self._tensors.get(name)
+        value = None
+        if tensor is not None and int(np.prod(tensor.dims, dtype=np.int64)) <= self.LIMIT:
+            from onnx import numpy_helper
+
+            value = numpy_helper.to_array(tensor)
+        self._values[name] = value
         return value
 
 
@@ -274,7 +282,7 @@ def find_lowered_normalisations(model) -> list[LoweredNormalisation]:
         if step is None or id(node) in followed:
             continue
         chain = [step]
-        while (following := next_step(chain[-1])) is not None and len(chain) < 8:
+        while (following := next_step(chain[-1])) is not None:
             chain.append(following)
         ops = tuple(s.node.op_type for s in chain)
         if not (set(ops) & _SCALE and set(ops) & _SHIFT):

@@ -17,7 +17,12 @@ torch is::
 The results are the same report types as the PyTorch and ONNX paths
 (:class:`bncal.report.RecalibrationReport`, :class:`bncal.check.CheckReport`,
 :class:`bncal.inspection.InspectReport`), computed by the same statistics core
-(:mod:`bncal.stats`) and the same rules.
+(:mod:`bncal.stats`), the same recalibration policy (:mod:`bncal.calibration`) and the same
+rules. ``bncal.recalibrate`` and ``bncal.inspect_model`` hand a ``keras.Model`` over to these
+functions (:func:`is_keras_model`). On the command line a ``.keras`` file, or a factory spec
+returning a ``keras.Model``, is a MODEL for ``bncal inspect``, ``check`` and ``recalibrate -o
+OUT.keras`` (the Keras kind of :mod:`bncal.loading`); image folders reach a channels-last model
+as NHWC (:mod:`bncal.keras.data`).
 """
 
 from __future__ import annotations

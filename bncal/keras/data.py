@@ -45,17 +45,13 @@ class _ChannelsLast:
         return len(self.batches)
 
     def __iter__(self):
-        def convert(x):
-            if isinstance(x, dict):
-                return {k: convert(v) for k, v in x.items()}
-            if isinstance(x, (list, tuple)):
-                return type(x)(convert(v) for v in x)
-            if isinstance(x, np.ndarray) and x.ndim == 4:
-                return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
-            return x
-
+        keras = import_keras()
         for batch in self.batches:
-            yield convert(batch)
+            yield keras.tree.map_structure(_to_nhwc, batch)
+
+
+def _to_nhwc(x):
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if isinstance(x, np.ndarray) and x.ndim == 4 else x
 
 
 def in_model_layout(batches, model, *, images: bool, channels: int):
