@@ -53,7 +53,7 @@ def command(args) -> int:
     if args.report.plot:
         from ..plot import plot_recalibration
 
-        plot_recalibration(report, args.report.plot)
+        plot_recalibration(report, args.report.plot, model=args.model.display_name)
     return 0
 
 
