@@ -163,14 +163,27 @@ def build_plan(model: nn.Module, layer_names: dict[int, str], batch) -> SweepPla
     concrete = {k: v for k, v in arguments.items() if not isinstance(v, torch.Tensor)}
     if any(_holds_tensor(v) for v in concrete.values()):
         raise SweepRefused("an input is a container of tensors, which the sweep does not trace")
+    tracer = _BatchNormLeafTracer()
+    _refuse_hidden_hooks(root, tracer)
     try:
-        graph = _BatchNormLeafTracer().trace(root, concrete_args=concrete or None)
+        graph = tracer.trace(root, concrete_args=concrete or None)
     except Exception as exc:  # any failure to trace means: use the repeated passes instead
         raise SweepRefused(f"torch.fx cannot trace the model ({first_line(exc)})") from exc
     placeholders = sum(n.op == "placeholder" for n in graph.nodes)
     if placeholders != len(arguments):
         raise SweepRefused(f"the trace has {placeholders} inputs, the forward {len(arguments)}")
     return SweepPlan(root, signature, _binding_key(arguments), graph, layer_names)
+
+
+def _refuse_hidden_hooks(root, tracer) -> None:
+    """The trace runs the forward of every module it enters, not its hooks: refuse hooks it would lose."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        raise SweepRefused("global module forward hooks are registered, which the trace would not run")
+    for qualname, m in root.named_modules():
+        if (m._forward_hooks or m._forward_pre_hooks) and (m is root or not tracer.is_leaf_module(m, qualname)):
+            raise SweepRefused(f"module {qualname or '<root>'} has forward hooks, which the trace would not run")
 
 
 def node_cost(call: NodeCall, env, out) -> float:
@@ -187,10 +200,11 @@ def node_cost(call: NodeCall, env, out) -> float:
         return numel * target.in_features
     if target in (F.conv1d, F.conv2d, F.conv3d, F.linear, torch.matmul, torch.mm, torch.bmm, operator.matmul):
         args, kwargs = call.inputs(env)
-        second = args[1] if len(args) > 1 else kwargs.get("weight")
-        if target in (F.conv1d, F.conv2d, F.conv3d):
-            return numel * second[0].numel()
-        return numel * (second.shape[-1] if target is F.linear else args[0].shape[-1])
+        weight = args[1] if len(args) > 1 else kwargs.get("weight", kwargs.get("other"))
+        if isinstance(weight, torch.Tensor) and weight.dim() >= 1:
+            if target in (F.conv1d, F.conv2d, F.conv3d):
+                return numel * weight[0].numel()
+            return numel * weight.shape[-1 if target is F.linear else 0 if weight.dim() == 1 else -2]
     return float(numel)
 
 
@@ -304,11 +318,8 @@ def _without_inplace_flag(target, args, kwargs):
 
 
 def _has_signature(target) -> bool:
-    try:
-        inspect.signature(target)
-    except (TypeError, ValueError):
-        return False
-    return True
+    """Python functions only: builtins take no ``inplace`` flag, and parsing theirs is slow."""
+    return inspect.isfunction(target)
 
 
 def _out_of_place_twin(target) -> Callable:

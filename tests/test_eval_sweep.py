@@ -288,3 +288,21 @@ def test_max_samples_and_progress():
     assert result.samples == 20 and result.batches == 3
     assert _max_error(result.moments, _one_batch_fixed_point(net, x[:20])) < 1e-5
     assert done == list(range(1, result.depths * result.batches + 1))
+
+
+def test_a_hook_the_trace_would_lose_is_refused():
+    net = _cnn()
+    net.register_forward_pre_hook(lambda m, args: (args[0] * 2,))  # changes the input: must not be lost
+    result = _solve(net, [torch.randn(4, 3, 16, 16)])
+    assert result.moments is None and "hooks" in result.refusal
+
+
+def test_a_bare_batchnorm_is_its_input_population():
+    bn = nn.BatchNorm1d(3)
+    x = torch.randn(50, 3, 7) * torch.tensor([1.0, 5.0, 0.1]).view(3, 1) + 3.0
+    result = solve_eval_statistics(bn, [("<root>", bn)], list(torch.split(x, [16, 16, 16, 2])), device="cpu")
+    m = result.moments["<root>"]
+    xd = x.double()
+    np.testing.assert_allclose(m.mean, xd.mean([0, 2]).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(m.variance, xd.var([0, 2], unbiased=False).numpy(), rtol=1e-6)
+    assert m.count == 50 * 7
