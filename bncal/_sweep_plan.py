@@ -145,7 +145,7 @@ class SweepPlan:
             for value in drop:
                 env.pop(value, None)
 
-    def frontier_cost(self) -> list[float]:
+    def frontier_cost(self) -> tuple[list[float], list[float]]:
         """Per sample: each segment's cost, each frontier's bytes (from the probe)."""
         segment_cost = [sum(self.cost.get(n, 0.0) for n in seg) for seg in self.segments]
         frontier_bytes = [sum(self.bytes.get(n, 0.0) for n in f) for f in self.frontiers]

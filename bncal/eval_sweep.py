@@ -41,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -268,7 +268,7 @@ class _Sweep:
     def _check_projected_cost(self) -> None:
         """Refuse before the sequential steps when recomputation would cost more than the limit."""
         segment_cost, frontier_bytes = self.plan.frontier_cost()
-        if iter(self.data) is self.data and self.cache.needs_data():
+        if isinstance(self.data, Iterator) and self.cache.needs_data():
             raise SweepRefused("the first frontier of every batch does not fit in cache_mb and the data cannot be "
                                "read again; raise cache_mb, name a spill_dir, or give a list or a DataLoader")
         remaining = self.cache.projected_cost(segment_cost, frontier_bytes, 1, self.plan.depths)
