@@ -43,6 +43,7 @@ from bncal.recalibration import _Run, batchnorm_layers, default_forward  # noqa:
 from bncal.stats import fixed_point_passes  # noqa: E402
 from models import zoo  # noqa: E402
 
+METHODS = ("passes", "sweep", "sweep+1")
 TORCHVISION = ("resnet50", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf", "densenet121")
 
 
@@ -147,7 +148,7 @@ def run_sweep_then_confirm(model, batches, tol, cache_mb):
     return {"passes": passes, "converged": converged, "change": change}
 
 
-def measure(name, model, x, batch_size, tol, cache_mb, rounds) -> dict:
+def measure(name, model, x, batch_size, tol, cache_mb, rounds, only=METHODS) -> dict:
     """Each method ``rounds`` times, each run between two plain forwards; median time ratios."""
     batches = list(x.split(batch_size))
     reference = fixed_point(model, x)
@@ -155,6 +156,7 @@ def measure(name, model, x, batch_size, tol, cache_mb, rounds) -> dict:
     methods = {"passes": lambda m: run_passes(m, batches, tol),
                "sweep": lambda m: run_sweep(m, batches, cache_mb),
                "sweep+1": lambda m: run_sweep_then_confirm(m, batches, tol, cache_mb)}
+    methods = {label: fn for label, fn in methods.items() if label in only}
     row = {"model": name, "bn": len(reference), "samples": len(x)}
     ratios, plains = {label: [] for label in methods}, [plain_forward(model, batches)]
     for _ in range(rounds):
@@ -181,11 +183,13 @@ def table(rows) -> str:
             "sweep+1: passes, time x plain (wall/CPU), err sd / var |")
     lines = [head, "|" + "---|" * 7]
     for r in rows:
-        p, s, c = r["passes"], r["sweep"], r["sweep+1"]
-        sweep = (f"refused: {s['refusal']}" if "refusal" in s else
+        p, s, c = (r.get(label) for label in METHODS)
+        sweep = ("-" if s is None else f"refused: {s['refusal']}" if "refusal" in s else
                  f"{s['fe']:.2f}, {_times(s)}, {_errs(s)}, {s['cache_mib']:.0f}")
-        lines.append(f"| {r['model']} | {r['bn']} | {s.get('depths', '-')} | {r['plain_seconds']:.2f} | "
-                     f"{p['passes']}, {_times(p)}, {_errs(p)} | {sweep} | {c['passes']}, {_times(c)}, {_errs(c)} |")
+        passes = "-" if p is None else f"{p['passes']}, {_times(p)}, {_errs(p)}"
+        confirmed = "-" if c is None else f"{c['passes']}, {_times(c)}, {_errs(c)}"
+        depths = "-" if s is None else s.get("depths", "-")
+        lines.append(f"| {r['model']} | {r['bn']} | {depths} | {r['plain_seconds']:.2f} | {passes} | {sweep} | {confirmed} |")
     return "\n".join(lines)
 
 
@@ -208,6 +212,7 @@ def main(argv=None) -> None:
     parser.add_argument("--tol", type=float, default=1e-5)
     parser.add_argument("--cache-mb", type=float, default=1024)
     parser.add_argument("--rounds", type=int, default=3, help="rounds for the zoo nets (torchvision: 1)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no spinning threads under load)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
@@ -217,7 +222,7 @@ def main(argv=None) -> None:
         nets += [(*net, 1) for net in torchvision_nets(args.samples, args.size, args.models)]
     rows = []
     for name, model, x, rounds in nets:
-        rows.append(measure(name, model, x, args.batch_size, args.tol, args.cache_mb, rounds))
+        rows.append(measure(name, model, x, args.batch_size, args.tol, args.cache_mb, rounds, args.methods))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(f"{args.samples} inputs in batches of {args.batch_size}, tol {args.tol:g}, {torch.get_num_threads()} threads")
     print(table(rows))
