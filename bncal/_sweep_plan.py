@@ -30,8 +30,9 @@ from torch.fx.node import Node, map_arg
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import first_line
+from .recalibration import default_call
 
-__all__ = ["SweepRefused", "SweepPlan", "build_plan", "default_call"]
+__all__ = ["SweepRefused", "SweepPlan", "build_plan"]
 
 
 class SweepRefused(Exception):
@@ -76,15 +77,6 @@ class NodeCall:
         if self.kind == "call_method":
             return getattr(args[0], self.target)(*args[1:], **kwargs)
         return self.target(*args, **kwargs)
-
-
-def default_call(batch) -> tuple[tuple, dict]:
-    """``(args, kwargs)`` of the default call convention (:func:`bncal.recalibration.default_forward`)."""
-    if isinstance(batch, dict):
-        return (), dict(batch)
-    if isinstance(batch, (tuple, list)):
-        return tuple(batch), {}
-    return (batch,), {}
 
 
 class SweepPlan:

@@ -531,7 +531,7 @@ class ReportArgs(OptionGroup):
 
 
 class RecalibrationArgs(OptionGroup):
-    """``--mode``, ``--tol``, ``--max-passes`` of recalibration."""
+    """``--mode``, ``--tol``, ``--max-passes``, ``--cache-mb``, ``--spill-dir`` of recalibration."""
 
     name = "recalibration"
 
@@ -543,6 +543,10 @@ class RecalibrationArgs(OptionGroup):
                          help="eval mode: stop when statistics change less than this (relative; finite, >= 0)."),
             click.Option(["--max-passes"], type=click.IntRange(min=1), default=None,
                          help="eval mode: at most this many passes over the data (default: number of BN layers + 1, where the result is exact)."),
+            click.Option(["--cache-mb"], type=FiniteFloat(0), default=1024, show_default=True,
+                         help="eval mode: memory (MiB, on the model's device) for the activations the exact depth-by-depth sweep keeps between depths."),
+            click.Option(["--spill-dir"], type=click.Path(file_okay=False, exists=True),
+                         help="eval mode: a folder where the sweep may spill activations beyond --cache-mb (its files are removed afterwards)."),
         ]
 
     def parse(self, values, args):
