@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from .errors import BncalError
-from .report import SkippedLayer, format_table, summarize_shift
+from .report import ReportDisplay, SkippedLayer, format_table, plural, summarize_shift
 from .stats import ChannelMoments
 
 __all__ = ["CheckThresholds", "LayerCheck", "OutputCheck", "CheckReport", "OutputAgreement", "assess_layer",
@@ -121,8 +121,8 @@ class OutputCheck:
     passed: bool
 
 
-@dataclasses.dataclass
-class CheckReport:
+@dataclasses.dataclass(repr=False)
+class CheckReport(ReportDisplay):
     """The outcome of a check: ``passed``, the ``reasons`` it failed, the details.
 
     ``unchecked`` lists the normalisation layers the check knows of but could not check
@@ -178,6 +178,18 @@ class CheckReport:
         return (f"{k} lowered to arithmetic by the converter could not be checked "
                 f"({', '.join(s.name for s in self.unchecked[:4])}{' and more' if k > 4 else ''}): recalibrate the "
                 "model before converting it, or convert it with its BatchNormalization kept (bncal inspect: BN060)")
+
+    def summary(self) -> str:
+        """``FAILED: 7 of 7 BN layers off their data, 1 of 1 output off train mode (1000 samples)``;
+        ``INCOMPLETE: ... within limits, 1 lowered BN unchecked (...)`` when some could not be checked."""
+        bad_layers = sum(not l.passed for l in self.layers)
+        bad_outputs = sum(not o.passed for o in self.outputs)
+        unchecked = f", {plural(self.unchecked_count, 'lowered BN')} unchecked" if self.unchecked else ""
+        if not self.reasons:
+            return (f"{self.verdict}: {plural(len(self.layers), 'BN layer')} and {plural(len(self.outputs), 'output')} "
+                    f"within limits{unchecked} ({plural(self.samples, 'sample')})")
+        return (f"FAILED: {bad_layers} of {plural(len(self.layers), 'BN layer')} off their data, {bad_outputs} of "
+                f"{plural(len(self.outputs), 'output')} off train mode{unchecked} ({plural(self.samples, 'sample')})")
 
     def table(self) -> str:
         """Layer table, output table, skipped layers, thresholds, then the verdict line."""

@@ -206,7 +206,7 @@ def test_lambda_layers_load_only_with_allow_pickle(tmp_path):
     code, output = run("inspect", tmp_path / "lambda.keras")
     assert code == 1 and "Lambda" in output and "--allow-pickle" in output, output
     code, output = run("inspect", tmp_path / "lambda.keras", "--allow-pickle")
-    assert code == 0 and "BN001 error" in output, output
+    assert code == 1 and "BN001 error" in output, output  # loaded; never updated is an error
 
 
 def test_fold_export_says_what_to_do_with_a_keras_model(project):

@@ -79,6 +79,6 @@ def command(args) -> int:
     if args.report.plot:
         from ..plot import plot_check
 
-        plot_check({"moving vs data": report}, args.report.plot)
+        plot_check({"moving vs data": report}, args.report.plot, model=args.model.display_name)
     accepted = report.passed or (report.verdict == "INCOMPLETE" and args.check.allow_unchecked)
     return 0 if accepted and (parity is None or parity.passed) else 1
