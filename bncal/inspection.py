@@ -425,7 +425,8 @@ _DIALECTS = {
     "pytorch": _TORCH_DIALECT,
     "onnx": dataclasses.replace(_TORCH_DIALECT, renorm="in the PyTorch training code, " + _TORCH_RENORM),
     "keras": _Dialect(
-        recalibrate="bncal.keras.recalibrate(model, data, mode='eval')",
+        recalibrate="bncal recalibrate MODEL.keras --data DATA --mode eval -o OUT.keras, or in Python "
+                    "bncal.keras.recalibrate(model, data, mode='eval')",
         frozen_momentum="BatchNormalization(momentum=1.0)",
         unfreeze="set BatchNormalization(momentum=...) below 1 "
                  "(bncal.suggest_momentum(batch_size, dataset_size, convention='tf'))",

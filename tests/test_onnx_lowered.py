@@ -271,6 +271,8 @@ def test_check_says_incomplete_not_passed_when_a_lowered_bn_is_stale(partly_lowe
         assert report.table().splitlines()[-1].startswith(
             "INCOMPLETE: PASSED for 6 of 7 normalisation layers; 1 lowered to arithmetic by the converter could not "
             "be checked (Mul_bn)")
+        assert repr(report) == ("<CheckReport INCOMPLETE: 6 BN layers and 1 output within limits, 1 lowered BN "
+                                "unchecked (1000 samples)>")
     assert [o.rel_error for o in reports[0].outputs] != [o.rel_error for o in reports[1].outputs]
 
     path = tmp_path / "partly_lowered.onnx"
@@ -293,6 +295,8 @@ def test_check_says_incomplete_not_passed_when_a_lowered_bn_is_stale(partly_lowe
     stale_both = check_onnx(_lower(onnx.load(str(ROOT / "models" / "mnist_cnn_stale.onnx")), "1.3"), batches[:3])
     assert stale_both.verdict == "FAILED" and stale_both.unchecked_count == 1
     assert "and 1 lowered to arithmetic by the converter could not be checked" in stale_both.table()
+    assert repr(stale_both) == ("<CheckReport FAILED: 6 of 6 BN layers off their data, 1 of 1 output off train mode, "
+                                "1 lowered BN unchecked (300 samples)>")
 
 
 def test_recalibrate_lists_the_lowered_bn_it_leaves_alone(partly_lowered):
