@@ -13,6 +13,8 @@ the model lives here, once:
 - :func:`require_finite`: statistics with NaN/Inf are never written;
 - :func:`build_report`: the :class:`~bncal.report.RecalibrationReport` from each layer's
   statistics before, its new moments and its eps.
+
+The Keras path (:mod:`bncal.keras.recalibration`) uses the same policy.
 """
 
 from __future__ import annotations
@@ -27,9 +29,13 @@ from .errors import BncalError
 from .report import LayerRecalibration, LayerStats, RecalibrationReport, SkippedLayer, summarize_shift
 from .stats import ChannelMoments
 
-__all__ = ["MODES", "check_mode", "data_source", "DataOrder", "require_finite", "LayerResult", "build_report"]
+__all__ = ["MODES", "check_mode", "data_source", "DataOrder", "require_finite", "LayerResult", "build_report",
+           "NEVER_REACHED"]
 
 MODES = ("train", "eval")
+
+#: The skip reason of a BN the calibration data never reached.
+NEVER_REACHED = "never reached by the data: its statistics were left as they were"
 
 ONE_SHOT_REFUSAL = ("mode 'eval' passes over the data several times; give a list, a DataLoader or a function "
                     "returning a fresh iterable, not a one-shot iterator")
@@ -133,9 +139,10 @@ def build_report(*, mode: str, layers: Iterable[LayerResult], skipped: list[Skip
 
     Each layer's ``after`` statistics are its moments' mean and population variance (what is
     written), ``mean_shift``/``var_ratio`` compare them with ``before``
-    (:func:`bncal.report.summarize_shift`).
+    (:func:`bncal.report.summarize_shift`). A layer called more than once per forward gets a
+    note after ``notes``.
     """
-    entries = []
+    entries, notes = [], list(notes)
     for layer in layers:
         m = layer.moments
         shift, ratio = summarize_shift(layer.before.mean, layer.before.var, m.mean, m.variance, layer.eps)
@@ -143,6 +150,9 @@ def build_report(*, mode: str, layers: Iterable[LayerResult], skipped: list[Skip
             name=layer.name, channels=m.channels, samples=m.count, calls_per_forward=layer.calls_per_forward,
             before=layer.before, after=LayerStats(m.mean.copy(), m.variance.copy()), mean_shift=shift,
             var_ratio=ratio))
+        if layer.calls_per_forward > 1:
+            notes.append(f"{layer.name} is called {layer.calls_per_forward} times per forward: its statistics pool "
+                         "the inputs of every call")
     return RecalibrationReport(mode=mode, batches=batches, samples=samples, passes=passes, converged=converged,
                                max_rel_change=max_rel_change, layers=entries, skipped=list(skipped),
-                               world_size=world_size, notes=list(notes))
+                               world_size=world_size, notes=notes)

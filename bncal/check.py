@@ -16,6 +16,13 @@ same calibration batches and reports:
   statistics leave differences from batch-to-batch noise of the batch statistics, so this
   part uses loose thresholds (see :class:`CheckThresholds`).
 
+Normalisation a converter lowered to arithmetic (:mod:`bncal.onnx_lowered`: no
+BatchNormalization node, the statistics folded into constants) cannot be checked. The report
+lists it as ``unchecked`` and never says PASSED as if it had seen every normalisation layer:
+when everything it could check passed, the verdict is ``INCOMPLETE`` ("PASSED for N of M
+normalisation layers; K lowered to arithmetic by the converter could not be checked") and
+``passed`` is False, so ``bncal check`` exits 1 (``--allow-unchecked`` accepts it).
+
 The verdict needs neither onnx nor onnxruntime: :func:`assess_layer`, :class:`OutputAgreement`
 and :meth:`CheckReport.from_checks` take numbers from any framework; only :func:`check_onnx`
 imports the ONNX modules, when called.
@@ -118,6 +125,9 @@ class OutputCheck:
 class CheckReport(ReportDisplay):
     """The outcome of a check: ``passed``, the ``reasons`` it failed, the details.
 
+    ``unchecked`` lists the normalisation layers the check knows of but could not check
+    (lowered to arithmetic by a converter), ``unchecked_count`` their number; with any of them
+    ``passed`` is False and :attr:`verdict` is ``INCOMPLETE`` when all else passed.
     Built by :meth:`from_checks` (by :func:`check_onnx`, and by any other framework's check).
     """
 
@@ -129,13 +139,16 @@ class CheckReport(ReportDisplay):
     thresholds: CheckThresholds
     batches: int
     samples: int
+    unchecked: list[SkippedLayer] = dataclasses.field(default_factory=list)
+    unchecked_count: int = 0
 
     @classmethod
     def from_checks(cls, layers: list[LayerCheck], outputs: list[OutputCheck], skipped: list[SkippedLayer],
-                    thresholds: CheckThresholds, batches: int, samples: int) -> "CheckReport":
+                    thresholds: CheckThresholds, batches: int, samples: int,
+                    unchecked: list[SkippedLayer] = ()) -> "CheckReport":
         """The verdict over per-layer (:func:`assess_layer`) and per-output
-        (:meth:`OutputAgreement.check`) results: passed when every one passed; one reason for
-        the failed layers (naming the worst), one per failed output."""
+        (:meth:`OutputAgreement.check`) results: passed when every one passed and nothing is
+        ``unchecked``; one reason for the failed layers (naming the worst), one per failed output."""
         reasons = []
         bad = [l for l in layers if not l.passed]
         if bad:
@@ -148,22 +161,35 @@ class CheckReport(ReportDisplay):
                 detail = f"relative error {o.rel_error:.3g}" + (
                     "" if o.top1_agreement is None else f", top-1 agreement {o.top1_agreement:.3g}")
                 reasons.append(f"output {o.name} differs between inference and train mode ({detail})")
-        return cls(passed=not reasons, reasons=reasons, layers=list(layers), outputs=list(outputs),
-                   skipped=list(skipped), thresholds=thresholds, batches=batches, samples=samples)
+        return cls(passed=not reasons and not unchecked, reasons=reasons, layers=list(layers), outputs=list(outputs),
+                   skipped=list(skipped), thresholds=thresholds, batches=batches, samples=samples,
+                   unchecked=list(unchecked), unchecked_count=len(unchecked))
 
     @property
     def verdict(self) -> str:
-        return "PASSED" if self.passed else "FAILED"
+        """``PASSED``; ``INCOMPLETE`` (all it checked passed, some normalisation it could not
+        check); ``FAILED``."""
+        if self.passed:
+            return "PASSED"
+        return "FAILED" if self.reasons else "INCOMPLETE"
+
+    def _unchecked_line(self) -> str:
+        k = self.unchecked_count
+        return (f"{k} lowered to arithmetic by the converter could not be checked "
+                f"({', '.join(s.name for s in self.unchecked[:4])}{' and more' if k > 4 else ''}): recalibrate the "
+                "model before converting it, or convert it with its BatchNormalization kept (bncal inspect: BN060)")
 
     def summary(self) -> str:
-        """``FAILED: 7 of 7 BN layers off their data, 1 of 1 output off train mode (1000 samples)``."""
+        """``FAILED: 7 of 7 BN layers off their data, 1 of 1 output off train mode (1000 samples)``;
+        ``INCOMPLETE: ... within limits, 1 lowered BN unchecked (...)`` when some could not be checked."""
         bad_layers = sum(not l.passed for l in self.layers)
         bad_outputs = sum(not o.passed for o in self.outputs)
-        if self.passed:
-            return (f"PASSED: {plural(len(self.layers), 'BN layer')} and {plural(len(self.outputs), 'output')} "
-                    f"within limits ({plural(self.samples, 'sample')})")
+        unchecked = f", {plural(self.unchecked_count, 'lowered BN')} unchecked" if self.unchecked else ""
+        if not self.reasons:
+            return (f"{self.verdict}: {plural(len(self.layers), 'BN layer')} and {plural(len(self.outputs), 'output')} "
+                    f"within limits{unchecked} ({plural(self.samples, 'sample')})")
         return (f"FAILED: {bad_layers} of {plural(len(self.layers), 'BN layer')} off their data, {bad_outputs} of "
-                f"{plural(len(self.outputs), 'output')} off train mode ({plural(self.samples, 'sample')})")
+                f"{plural(len(self.outputs), 'output')} off train mode{unchecked} ({plural(self.samples, 'sample')})")
 
     def table(self) -> str:
         """Layer table, output table, skipped layers, thresholds, then the verdict line."""
@@ -185,7 +211,14 @@ class CheckReport(ReportDisplay):
             f"(+ {t.noise_allowance:g} standard errors of the check's own estimate), "
             f"top-1 agreement >= {t.min_top1_agreement:g}, output rel error <= {t.max_output_rel_error:g} "
             f"({self.batches} batches, {self.samples} samples)")
-        parts.append(self.verdict if self.passed else f"FAILED: {'; '.join(self.reasons)}")
+        parts += [f"unchecked {s.name}: {s.reason}" for s in self.unchecked]
+        if self.verdict == "INCOMPLETE":
+            parts.append(f"INCOMPLETE: PASSED for {len(self.layers)} of {len(self.layers) + self.unchecked_count} "
+                         f"normalisation layers; {self._unchecked_line()}")
+        elif self.unchecked:
+            parts.append(f"FAILED: {'; '.join(self.reasons)}; and {self._unchecked_line()}")
+        else:
+            parts.append(self.verdict if self.passed else f"FAILED: {'; '.join(self.reasons)}")
         return "\n".join(parts)
 
 
@@ -293,6 +326,7 @@ def check_onnx(
     from onnx import numpy_helper
 
     from .onnx_graphs import find_batchnorms, make_train_graph
+    from .onnx_lowered import find_lowered_normalisations, no_batchnorm_hint
     from .runtime import BatchStream, StatisticsSession, ort_session, run
 
     if not isinstance(model, onnx.ModelProto):
@@ -301,7 +335,10 @@ def check_onnx(
     skipped = [SkippedLayer(i.name, i.skip_reason) for i in infos if not i.handled]
     if not any(i.handled for i in infos):
         detail = f" ({'; '.join(f'{s.name}: {s.reason}' for s in skipped)})" if skipped else ""
-        raise BncalError(f"the model has no inference BatchNormalization to check{detail}")
+        raise BncalError(f"the model has no inference BatchNormalization to check{detail}"
+                         f"{no_batchnorm_hint(model, 'checked')}")
+    unchecked = [SkippedLayer(l.name, f"{l.describe()}: {l.reason}, its statistics folded into constants")
+                 for l in find_lowered_normalisations(model)]
     stream = BatchStream(model, batches, reread=False, max_samples=max_samples, progress=progress)
     output_names = [o.name for o in model.graph.output]
     inference = ort_session(model, optimization_level="all", providers=providers)
@@ -322,4 +359,4 @@ def check_onnx(
                            info.epsilon, thresholds)
               for info in train.infos]
     outputs = [agreement[name].check(name, thresholds) for name in output_names]
-    return CheckReport.from_checks(layers, outputs, skipped, thresholds, stream.batches, stream.samples)
+    return CheckReport.from_checks(layers, outputs, skipped, thresholds, stream.batches, stream.samples, unchecked)

@@ -19,7 +19,13 @@ BN021  warning   non-affine BN directly before a nonlinearity: scale/shift neede
 BN030  warning   dropout upstream of a BN through non-BN ops (variance shift, Li et al. 2019)
 BN040  info      batch size <= 32 per device: batch renormalisation (Ioffe 2017)
 BN050  info      BN that cannot be folded, with the folding pass's reason
+BN060  warning   ONNX: normalisation a converter lowered to arithmetic (:mod:`bncal.onnx_lowered`):
+                 its statistics are folded into constants, no command can check or recalibrate them
 =====  ========  ===========================================================================
+
+A BN attribute the file does not carry is reported as absent, never as the ONNX default: an
+ONNX BatchNormalization without ``momentum`` has ``momentum_absent`` set, both momenta None
+(``absent`` in the table, null in JSON), and BN010 leaves it out (the notes say so).
 
 The graph rules (BN020, BN021, BN030) look at producer/consumer relations. For PyTorch these
 come from ``torch.fx`` (BN, dropout and activation modules kept as leaves); when tracing fails
@@ -65,6 +71,7 @@ RULES = {
     "BN030": ("warning", "dropout upstream of a BN"),
     "BN040": ("info", "small batches: batch renormalisation"),
     "BN050": ("info", "BN cannot be folded"),
+    "BN060": ("warning", "normalisation lowered to arithmetic by the converter"),
 }
 
 #: Window mismatch (factor) above which BN010 fires, and above which it is a warning.
@@ -96,9 +103,10 @@ class BNLayer:
     """One BatchNorm layer as the inspection saw it.
 
     ``momentum_torch`` is None for PyTorch's cumulative average (``momentum=None``);
-    ``momentum_tf`` is then None too. ``stats`` is one of ``"plausible"``, ``"never updated"``,
-    ``"degenerate"``, ``"not tracked"`` (no running statistics) or ``"not constant"`` (ONNX
-    statistics that are not initializers); ``stats_detail`` says why. ``fold`` is
+    ``momentum_tf`` is then None too. ``momentum_absent``: the file does not say (an ONNX
+    BatchNormalization without a ``momentum`` attribute); both momenta are then None.
+    ``stats`` is one of ``"plausible"``, ``"never updated"``, ``"degenerate"``, ``"not tracked"``
+    (no running statistics) or ``"not constant"`` (ONNX statistics that are not initializers); ``stats_detail`` says why. ``fold`` is
     ``"into <target>"`` or ``"no: <reason>"`` when fold decisions were given.
     ``num_batches_tracked`` is PyTorch's counter (None where there is none, as in ONNX).
     ``momentum_zero_signal``: the statistics still hold their initial values although the counter
@@ -121,6 +129,7 @@ class BNLayer:
     renorm: bool = False
     num_batches_tracked: int | None = None
     momentum_zero_signal: bool = False
+    momentum_absent: bool = False
 
 
 @dataclasses.dataclass(repr=False)
@@ -162,9 +171,10 @@ class InspectReport(ReportDisplay):
     def table(self) -> str:
         """The layer table, then one block per finding, then the notes."""
         rows = [(l.name, l.type, l.channels,
-                 "cumulative" if l.momentum_torch is None else l.momentum_torch,
-                 l.momentum_tf, "yes" if l.affine else "no", "yes" if l.track_running_stats else "no",
-                 l.eps, l.stats + (f" ({l.num_batches_tracked} batches tracked)" if l.momentum_zero_signal else ""),
+                 "absent" if l.momentum_absent else "cumulative" if l.momentum_torch is None else l.momentum_torch,
+                 "absent" if l.momentum_absent else l.momentum_tf, "yes" if l.affine else "no",
+                 "yes" if l.track_running_stats else "no", l.eps,
+                 l.stats + (f" ({l.num_batches_tracked} batches tracked)" if l.momentum_zero_signal else ""),
                  l.fold) for l in self.layers]
         text = format_table(rows, ["layer", "type", "channels", "momentum (torch)", "momentum (tf)",
                                    "affine", "running stats", "eps", "statistics", "fold"])
@@ -337,7 +347,8 @@ def _onnx_graph_and_layers(model) -> tuple[Graph, list[BNLayer]]:
 
 
 def _onnx_layer(name: str, node, constants: dict) -> BNLayer:
-    momentum_tf = float(node_attribute(node, "momentum", 0.9))
+    momentum = node_attribute(node, "momentum", None)  # absent: the file does not say (not ONNX's default)
+    momentum_tf = None if momentum is None else float(momentum)
     training = bool(node_attribute(node, "training_mode", 0))
     scale, bias, mean, var = (constants.get(tensor) for tensor in (list(node.input) + [""] * 5)[1:5])
     if mean is not None and var is not None:
@@ -349,9 +360,9 @@ def _onnx_layer(name: str, node, constants: dict) -> BNLayer:
     affine = not (scale is not None and bias is not None and np.all(scale == 1) and np.all(bias == 0))
     channels = next((int(np.asarray(t).size) for t in (scale, mean) if t is not None), None)
     return BNLayer(name=name, type="BatchNormalization", channels=channels,
-                   momentum_torch=1.0 - momentum_tf, momentum_tf=momentum_tf, affine=affine,
-                   track_running_stats=True, eps=float(node_attribute(node, "epsilon", 1e-5)),
-                   stats=stats, stats_detail=detail, training_mode=training)
+                   momentum_torch=None if momentum_tf is None else 1.0 - momentum_tf, momentum_tf=momentum_tf,
+                   affine=affine, track_running_stats=True, eps=float(node_attribute(node, "epsilon", 1e-5)),
+                   stats=stats, stats_detail=detail, training_mode=training, momentum_absent=momentum is None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,7 +425,8 @@ _DIALECTS = {
     "pytorch": _TORCH_DIALECT,
     "onnx": dataclasses.replace(_TORCH_DIALECT, renorm="in the PyTorch training code, " + _TORCH_RENORM),
     "keras": _Dialect(
-        recalibrate="bncal.keras.recalibrate(model, data, mode='eval')",
+        recalibrate="bncal recalibrate MODEL.keras --data DATA --mode eval -o OUT.keras, or in Python "
+                    "bncal.keras.recalibrate(model, data, mode='eval')",
         frozen_momentum="BatchNormalization(momentum=1.0)",
         unfreeze="set BatchNormalization(momentum=...) below 1 "
                  "(bncal.suggest_momentum(batch_size, dataset_size, convention='tf'))",
@@ -492,9 +504,14 @@ def _momentum_findings(layers, batch_size, dataset_size, epochs, notes, source: 
     notes.append(f"momentum for batch {batch_size}, {dataset_size} samples, {epochs:g} epoch(s): "
                  f"{suggestion.tf:.3g} (TF) / {suggestion.torch:.3g} (PyTorch); schedule: "
                  f"{words.schedule(suggestion)}. {suggestion.rationale}")
+    absent = [l.name for l in layers if l.momentum_absent]
+    if absent:
+        notes.append(f"BN010 leaves out {_list(absent)}: the file does not carry their momentum (the ONNX "
+                     "default 0.9 says nothing about the momentum they were trained with)")
     groups: dict = {}
     for layer in layers:
-        if not layer.track_running_stats or layer.momentum_torch == 0 or layer.training_mode:
+        if (not layer.track_running_stats or layer.momentum_torch == 0 or layer.training_mode
+                or layer.momentum_absent):
             continue
         # PyTorch's cumulative average (momentum None) spans the whole run.
         window = suggestion.total_steps if layer.momentum_torch is None else 1.0 / layer.momentum_torch
@@ -593,6 +610,22 @@ def _fold_findings(decisions: list[FoldDecision], layers: list[BNLayer], notes) 
             for reason, names in refusals.items()]
 
 
+def _lowered_findings(lowered) -> list[Finding]:
+    from .onnx_lowered import LOWERED_FIX, describe_lowered
+
+    if not lowered:
+        return []
+    n = len(lowered)
+    reasons = " or ".join(dict.fromkeys(l.reason for l in lowered))
+    return [Finding(
+        "BN060", "warning", [l.name for l in lowered],
+        f"{n} normalisation layer{'s' if n != 1 else ''} with no BatchNormalization node: "
+        f"{describe_lowered(lowered, 6)}, each {reasons}, what a BatchNorm becomes when a converter lowers it to "
+        "arithmetic. Its moving statistics are folded into constants: they can no longer be checked or "
+        "recalibrated in this file, and bncal check cannot vouch for them.",
+        LOWERED_FIX)]
+
+
 def _is_torch_module(model) -> bool:
     """Whether ``model`` is a ``torch.nn.Module`` (torch is not imported to find out: one cannot exist without it)."""
     torch = sys.modules.get("torch")
@@ -615,10 +648,13 @@ def inspect_model(model, *, batch_size: int | None = None, dataset_size: int | N
     are given (so ``bncal.folding.analyze_foldability`` can be passed as it is).
     The model is not modified.
     """
+    from .keras import is_keras_model
+    from .loading import model_kind
+
     notes: list[str] = []
-    keras = sys.modules.get("keras")  # a Keras model is an nn.Module too on the torch backend
-    if (isinstance(model, (str, Path)) and str(model).lower().endswith(".keras")
-            or keras is not None and isinstance(model, getattr(keras, "Model", ()))):
+    lowered = None
+    # A Keras model is an nn.Module too on the torch backend: ask first.
+    if isinstance(model, (str, Path)) and model_kind(model).name == "keras" or is_keras_model(model):
         from .keras import inspect
 
         return inspect(model, batch_size=batch_size, dataset_size=dataset_size, epochs=epochs,
@@ -641,8 +677,11 @@ def inspect_model(model, *, batch_size: int | None = None, dataset_size: int | N
         else:
             graph, graph_source = Graph([]), "torch.fx"
     elif type(model).__name__ == "ModelProto":
+        from .onnx_lowered import find_lowered_normalisations
+
         source, graph_source = "onnx", "onnx"
         graph, layers = _onnx_graph_and_layers(model)
+        lowered = find_lowered_normalisations(model)
     else:
         raise BncalError(f"cannot inspect a {type(model).__name__}; give a torch.nn.Module or an ONNX model")
 
@@ -654,23 +693,27 @@ def inspect_model(model, *, batch_size: int | None = None, dataset_size: int | N
         else:
             decisions = fold_decisions
     return inspect_graph(source, graph, layers, graph_source=graph_source, batch_size=batch_size,
-                         dataset_size=dataset_size, epochs=epochs, fold_decisions=decisions, notes=notes)
+                         dataset_size=dataset_size, epochs=epochs, fold_decisions=decisions, notes=notes,
+                         lowered=lowered)
 
 
 def inspect_graph(source: str, graph: Graph, layers: list[BNLayer], *, graph_source: str,
                   batch_size: int | None = None, dataset_size: int | None = None, epochs: float = 1,
                   fold_decisions: list[FoldDecision] | None = None,
-                  notes: list[str] | None = None) -> InspectReport:
+                  notes: list[str] | None = None, lowered: list | None = None) -> InspectReport:
     """Run every rule on a model already reduced to its BN rows and its :class:`Graph`.
 
     The entry point of every front end: ``source`` (``"pytorch"``, ``"onnx"`` or ``"keras"``)
     picks the wording of the fixes, ``graph_source`` says where the graph came from; the
-    other arguments are those of :func:`inspect_model`. ``notes`` are kept, first.
+    other arguments are those of :func:`inspect_model`. ``notes`` are kept, first. ``lowered``:
+    the normalisations a converter lowered to arithmetic
+    (:func:`bncal.onnx_lowered.find_lowered_normalisations`), for BN060.
     """
     notes = list(notes or [])
     findings: list[Finding] = []
     if not layers:
-        notes.append("the model has no BatchNorm layers")
+        notes.append("the model has no BatchNorm layers" + (" (BatchNormalization nodes)" if lowered else ""))
+    findings += _lowered_findings(lowered)
     findings += _statistics_findings(layers, source)
     if layers and batch_size is not None and dataset_size is not None:
         findings += _momentum_findings(layers, batch_size, dataset_size, epochs, notes, source)

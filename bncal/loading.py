@@ -1,13 +1,17 @@
 """Loading models and weights, safely by default, and saving recalibrated weights atomically.
 
 A model is named by a *spec*: ``package.module:factory`` or ``path/to/file.py:factory``, a
-callable returning an ``nn.Module`` (the user's own code, run as written), or a model file
-(``.onnx``). Weights come from ``.safetensors`` or from a ``.pt``/``.pth``/``.bin`` state dict
+callable returning an ``nn.Module`` or a ``keras.Model`` (the user's own code, run as written),
+or a model file (``.onnx``, ``.keras``). Weights come from ``.safetensors`` or from a ``.pt``/``.pth``/``.bin`` state dict
 read with ``torch.load(weights_only=True)``. Whole pickled modules, TorchScript and ``.pt2``
 archives execute code from the file when loaded: they are refused unless ``allow_pickle=True``.
 
 Which kind of model a spec names is decided once, here (:func:`model_kind`), from the spec's text
-alone; :func:`load_any` loads it and says which files it read. Another kind (Keras, say) plugs in
+alone: ``.onnx`` and ``.keras`` files by their suffix, everything else is the PyTorch kind's.
+A factory spec is only text, so what it returns decides in the end: a factory returning a
+``keras.Model`` (on Keras's torch backend also an ``nn.Module``) is handed over to the Keras
+kind (:attr:`ModelKind.adopts`), which loads its ``.weights.h5`` weights. :func:`load_any` loads
+a spec and says which kind it turned out to be and which files it read. Another kind plugs in
 with :func:`register_model_kind`.
 """
 
@@ -23,11 +27,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import BncalError, first_line, one_line
-from .extras import require
+from .extras import missing_extra, require
 from .outputs import write_bytes, atomic_output
 
 __all__ = ["resolve_callable", "load_model", "load_state_dict", "fit_state_dict", "save_state_dict", "is_onnx_path",
-           "spec_files", "ModelKind", "LoadedModel", "model_kind", "register_model_kind", "load_any"]
+           "spec_files", "ModelKind", "LoadedModel", "model_kind", "register_model_kind", "load_any",
+           "output_suffixes", "kind_named"]
 
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 #: Prefixes wrappers add to every key: DataParallel/DDP, Lightning and training scripts, torch.compile.
@@ -117,6 +122,8 @@ class ModelKind:
     ``files(spec, weights)`` lists the files loading would read (for the output policy; never
     raises); ``load(spec, weights=, model_kwargs=, allow_pickle=)`` returns the model.
     ``saves_as``: the suffixes a recalibrated copy of such a model can be written to.
+    ``adopts(obj)`` (optional) says whether an object a factory spec returned is this kind's
+    model; ``adopt(obj, spec, weights=, allow_pickle=)`` then finishes loading it (its weights).
     """
 
     name: str
@@ -124,6 +131,8 @@ class ModelKind:
     files: Callable[[str, object], list[Path]]
     load: Callable[..., object]
     saves_as: tuple[str, ...]
+    adopts: Callable[[object], bool] | None = None
+    adopt: Callable[..., object] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,13 +160,42 @@ def _load_onnx_kind(spec, *, weights=None, model_kwargs=None, allow_pickle=False
     return load_onnx(spec)
 
 
-def _torch_files(spec, weights) -> list[Path]:
+def _spec_and_weights(spec, weights) -> list[Path]:
     return spec_files(spec) + ([Path(weights)] if weights is not None else [])
+
+
+def _is_keras_path(spec) -> bool:
+    return str(spec).lower().endswith(".keras")
+
+
+def _load_keras_kind(spec, *, weights=None, model_kwargs=None, allow_pickle=False, strip_prefix=None):
+    from .keras.loading import load_model as load_keras_model
+
+    if strip_prefix is not None:
+        raise BncalError(f"{spec} is a Keras file, which holds its own weights; --strip-prefix applies to a "
+                         "PyTorch factory spec")
+    # --allow-pickle is the one opt-in to loading code: for a .keras file, its Lambda layers.
+    return load_keras_model(spec, weights=weights, model_kwargs=model_kwargs, safe_mode=not allow_pickle)
+
+
+def _adopt_keras(model, spec, *, weights=None, allow_pickle=False):
+    from .keras.loading import adopt_factory_model
+
+    return adopt_factory_model(model, spec, weights=weights, allow_pickle=allow_pickle)
+
+
+def _is_keras_model(obj) -> bool:
+    from .keras import is_keras_model
+
+    return is_keras_model(obj)
 
 
 _KINDS: list[ModelKind] = [
     ModelKind("onnx", is_onnx_path, _onnx_files, _load_onnx_kind, (".onnx",)),
-    ModelKind("torch", lambda spec: True, _torch_files, lambda spec, **kw: load_model(spec, **kw), WEIGHT_SUFFIXES),
+    ModelKind("keras", _is_keras_path, _spec_and_weights, _load_keras_kind, (".keras",),
+              adopts=_is_keras_model, adopt=_adopt_keras),
+    ModelKind("torch", lambda spec: True, _spec_and_weights, lambda spec, **kw: load_model(spec, **kw),
+              WEIGHT_SUFFIXES),
 ]
 
 
@@ -168,18 +206,40 @@ def register_model_kind(kind: ModelKind) -> None:
 
 
 def model_kind(spec) -> ModelKind:
-    """The kind of model ``spec`` names, decided from its text alone."""
+    """The kind of model ``spec`` names, decided from its text alone (a factory spec may still
+    turn out to be another kind's, see :func:`load_any`)."""
     return next(k for k in _KINDS if k.claims(str(spec)))
+
+
+def kind_named(name: str) -> ModelKind:
+    """The registered kind called ``name`` (``"onnx"``, ``"keras"``, ``"torch"``...)."""
+    return next(k for k in _KINDS if k.name == name)
+
+
+def _adopting_kind(obj) -> ModelKind | None:
+    return next((k for k in _KINDS if k.adopts is not None and k.adopts(obj)), None)
+
+
+def output_suffixes(spec) -> tuple[str, ...]:
+    """The suffixes a recalibrated copy of the model ``spec`` names may be written to: its
+    kind's, and for a factory spec also those of the kinds it may turn out to be."""
+    kind = model_kind(spec)
+    if kind.name != "torch" or _split_spec(str(spec)) is None:
+        return kind.saves_as
+    return kind.saves_as + tuple(s for k in _KINDS if k.adopts is not None for s in k.saves_as)
 
 
 def load_any(spec, *, weights=None, model_kwargs: str | dict | None = None, allow_pickle: bool = False,
              strip_prefix: str | None = None) -> LoadedModel:
     """Load the model ``spec`` names, whatever its kind: an ``nn.Module`` in eval mode (factory
-    spec or pickled file, with ``weights``) or an ``onnx.ModelProto`` (``.onnx`` file).
+    spec or pickled file, with ``weights``), an ``onnx.ModelProto`` (``.onnx`` file) or a
+    ``keras.Model`` (``.keras`` file, or a factory returning one, with ``.weights.h5``
+    weights). ``LoadedModel.kind`` is the kind it turned out to be.
     ``strip_prefix`` is passed to the kind's loader only when given (see :func:`fit_state_dict`)."""
     kind = model_kind(spec)
     extra = {} if strip_prefix is None else {"strip_prefix": strip_prefix}
     model = kind.load(str(spec), weights=weights, model_kwargs=model_kwargs, allow_pickle=allow_pickle, **extra)
+    kind = _adopting_kind(model) or kind
     return LoadedModel(kind.name, model, str(spec), tuple(kind.files(str(spec), weights)))
 
 
@@ -190,12 +250,16 @@ def load_model(spec: str, *, weights=None, model_kwargs: str | dict | None = Non
     The keys of ``weights`` are matched to the model by :func:`fit_state_dict` (a ``module.``,
     ``model.`` or ``_orig_mod.`` prefix is removed where that fits unambiguously, or
     ``strip_prefix``).
+
+    A factory returning a model of another kind (a ``keras.Model``, which on Keras's torch
+    backend is an ``nn.Module`` too) is handed to that kind (:attr:`ModelKind.adopt`): its
+    weights are loaded that kind's way and it is returned as the factory made it.
     """
-    require("torch", f"{spec} (a PyTorch model)")
-    from torch import nn
+    from .keras._backend import choose_default_backend
 
     path = Path(spec)
     if path.suffix.lower() in _PICKLE_SUFFIXES + (".pt2", ".ts") and ":" not in spec:
+        require("torch", f"{spec} (a PyTorch model)")
         if not allow_pickle:
             raise BncalError(f"{spec} is a pickled model file, and loading it would execute code from it; "
                              "give a factory spec with --weights, or pass --allow-pickle for a file you trust")
@@ -204,7 +268,14 @@ def load_model(spec: str, *, weights=None, model_kwargs: str | dict | None = Non
         model = _load_pickled_module(path)
     else:
         kwargs = _parse_kwargs(model_kwargs)
-        factory = resolve_callable(spec, "model")
+        choose_default_backend()  # the factory's file may import keras itself
+        try:
+            factory = resolve_callable(spec, "model")
+        except BncalError as exc:  # a PyTorch model's file that imports torch, without torch
+            missing = missing_extra(exc, f"{spec} (a PyTorch model)")
+            if missing is not None and missing.module == "torch":
+                raise missing from None
+            raise
         if not callable(factory):
             raise BncalError(f"{spec} is a {type(factory).__name__}, not a callable returning a torch.nn.Module")
         try:
@@ -212,6 +283,15 @@ def load_model(spec: str, *, weights=None, model_kwargs: str | dict | None = Non
         except Exception as exc:  # the user's own code: say that it failed, and how
             hint = f"; check --model-kwargs {json.dumps(kwargs)}" if kwargs and isinstance(exc, TypeError) else ""
             raise BncalError(f"the model factory {spec} failed: {one_line(exc)}{hint}") from exc
+        adopter = _adopting_kind(model)
+        if adopter is not None:
+            if strip_prefix is not None:
+                raise BncalError(f"{spec} returns a {adopter.name} model; --strip-prefix applies to a PyTorch "
+                                 "state dict")
+            return adopter.adopt(model, spec, weights=weights, allow_pickle=allow_pickle)
+        require("torch", f"{spec} (a PyTorch model)")
+        from torch import nn
+
         if not isinstance(model, nn.Module):
             raise BncalError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     if weights is not None:

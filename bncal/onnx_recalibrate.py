@@ -33,6 +33,7 @@ from onnx import helper, numpy_helper
 from .calibration import DataOrder, LayerResult, build_report, check_mode, require_finite
 from .errors import BncalError
 from .onnx_graphs import find_batchnorms, make_stats_graph, make_train_graph, write_statistics
+from .onnx_lowered import find_lowered_normalisations, no_batchnorm_hint
 from .report import LayerStats, RecalibrationReport, SkippedLayer
 from .runtime import BatchStatistics, BatchStream, StatisticsSession
 from .stats import ChannelMoments, fixed_point_passes
@@ -94,7 +95,11 @@ def recalibrate_onnx(
     skipped = [SkippedLayer(info.name, info.skip_reason) for info in infos if not info.handled]
     if not handled:
         detail = f" ({'; '.join(f'{s.name}: {s.reason}' for s in skipped)})" if skipped else ""
-        raise BncalError(f"the model has no inference BatchNormalization whose statistics bncal can update{detail}")
+        raise BncalError(f"the model has no inference BatchNormalization whose statistics bncal can update{detail}"
+                         f"{no_batchnorm_hint(model, 'recalibrated')}")
+    skipped += [SkippedLayer(l.name, f"{l.describe()}: {l.reason}, its statistics folded into constants (lowered "
+                                     "to arithmetic by the converter), left as they are; bncal inspect: BN060")
+                for l in find_lowered_normalisations(model)]
     stream = BatchStream(model, batches, reread=(mode == "eval"), max_samples=max_samples, progress=progress)
     run = _Passes(model, stream, providers, mode)
     moments, passes, converged, change = fixed_point_passes(

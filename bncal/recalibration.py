@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._progress import DataPass
-from .calibration import DataOrder, LayerResult, build_report, check_mode, data_source, require_finite
+from .calibration import NEVER_REACHED, DataOrder, LayerResult, build_report, check_mode, data_source, require_finite
 from .errors import BncalError, first_line
 from .report import LayerStats, RecalibrationReport, SkippedLayer
 from .stats import ChannelMoments, anchored_statistics, fixed_point_passes
@@ -112,6 +112,12 @@ def recalibrate(
             ``forward_fn``, a model torch.fx cannot trace, a BN called twice, several ranks; the
             report's notes say why) the anchored passes run instead.
 
+    A ``keras.Model`` (on Keras's torch backend an ``nn.Module`` too) is handed over to
+    :func:`bncal.keras.recalibrate` with ``mode``, ``forward_fn``, ``max_samples``, ``tol``,
+    ``max_passes`` and ``progress`` (arrays in ``data`` are cut into batches of 32 rows there);
+    ``device`` and ``process_group`` do not apply to it and are refused; ``cache_mb`` and
+    ``spill_dir`` (the torch eval sweep's) are not used there.
+
     The stored ``running_var`` is the population (biased) variance, see :mod:`bncal.stats`.
     ``num_batches_tracked`` grows by the number of batches seen (over all ranks), as one
     training epoch over the data would make it.
@@ -121,6 +127,16 @@ def recalibrate(
             one-shot iterator in eval mode instead of the data, non-finite data or statistics,
             a train-mode batch with one value per channel, or a forward that fails on the data.
     """
+    from .keras import is_keras_model
+
+    if is_keras_model(model):
+        if device is not None or process_group is not None:
+            raise BncalError("a keras.Model is recalibrated by bncal.keras.recalibrate, on the devices Keras places "
+                             "it on and in one process: leave device and process_group unset")
+        from .keras import recalibrate as recalibrate_keras
+
+        return recalibrate_keras(model, data, mode=mode, forward_fn=forward_fn, max_samples=max_samples, tol=tol,
+                                 max_passes=max_passes, progress=progress)
     check_mode(mode)
     source = data_source(data, reread=(mode == "eval"))
     custom_forward, forward_fn = forward_fn, forward_fn or default_forward
@@ -148,14 +164,11 @@ def recalibrate(
         updated = run.write(moments)
     for name, _ in layers:
         if name not in updated:
-            skipped.append(SkippedLayer(name, "never reached by the data: its statistics were left as they were"))
+            skipped.append(SkippedLayer(name, NEVER_REACHED))
     results = [LayerResult(name, before[name], moments[name], bn.eps, run.calls_per_forward.get(name, 0))
                for name, bn in layers if name in updated]
-    notes = run.order.notes + [
-        f"{r.name} is called {r.calls_per_forward} times per forward: its statistics pool the inputs of every call"
-        for r in results if r.calls_per_forward > 1]
     return build_report(mode=mode, layers=results, skipped=skipped, batches=run.batches, samples=run.samples,
-                        passes=passes, converged=converged, max_rel_change=change, notes=notes,
+                        passes=passes, converged=converged, max_rel_change=change, notes=run.order.notes,
                         world_size=_world_size(group))
 
 

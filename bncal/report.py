@@ -26,7 +26,7 @@ __all__ = [
 # While a report renders its HTML, every format_table call records what it rendered here.
 _RENDERED_TABLES: contextvars.ContextVar[list | None] = contextvars.ContextVar("bncal_rendered_tables", default=None)
 # Result cells that get a colour in HTML.
-_VERDICT_CLASSES = {"pass": "pass", "PASSED": "pass", "FAIL": "fail", "FAILED": "fail"}
+_VERDICT_CLASSES = {"pass": "pass", "PASSED": "pass", "FAIL": "fail", "FAILED": "fail", "INCOMPLETE": "fail"}
 _HTML_STYLE = ("<style>.bncal-report table{border-collapse:collapse;margin:4px 0}"
                ".bncal-report th,.bncal-report td{padding:2px 8px;text-align:left;font-family:monospace}"
                ".bncal-report th{border-bottom:1px solid #888}.bncal-report .fail{color:#b00020;font-weight:bold}"

@@ -6,6 +6,10 @@ is whatever the caller chose (bncal's scripts and tests use ``KERAS_BACKEND=torc
 - :func:`mnist_keras_cnn` -- the CNN of ``mnist_keras_stale.keras`` (see README.md).
 - :func:`mnist_nhwc` -- ``(x, y)`` numpy arrays of a split of ``mnist5k.npz``, images
   ``(N, 28, 28, 1)`` float32 normalised as :func:`models.zoo.mnist_arrays` does.
+- :func:`calibration_nhwc`, :func:`heldout_nhwc` -- data functions for ``bncal --data``:
+  lists of NHWC numpy batches, shuffled with a fixed seed (the split files are sorted by class).
+- :func:`export_onnx` -- the shipped model through Keras's own ``model.export(format="onnx")``:
+  the ONNX file a stranger would hand over, every BatchNormalization lowered to arithmetic.
 """
 
 from __future__ import annotations
@@ -14,9 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import zoo
+try:
+    from . import zoo
+except ImportError:  # loaded as a file (bncal --data models/keras_zoo.py:...): its folder is on sys.path
+    import zoo
 
-__all__ = ["MNIST_KERAS_STALE", "mnist_keras_cnn", "mnist_nhwc", "mnist_keras_stale"]
+__all__ = ["MNIST_KERAS_STALE", "mnist_keras_cnn", "mnist_nhwc", "mnist_keras_stale", "calibration_nhwc",
+           "heldout_nhwc", "export_onnx"]
 
 MNIST_KERAS_STALE = Path(__file__).resolve().parent / "mnist_keras_stale.keras"
 
@@ -26,6 +34,22 @@ def mnist_nhwc(split: str = "calib") -> tuple[np.ndarray, np.ndarray]:
     class): ``x`` float32 ``(N, 28, 28, 1)``, ``(pixel/255 - 0.1307) / 0.3081``; ``y`` int64."""
     x, y = zoo.mnist_arrays(split)
     return np.ascontiguousarray(x.numpy().transpose(0, 2, 3, 1)), y.numpy()
+
+
+def _shuffled_batches(split: str, batch_size: int, seed: int) -> list[np.ndarray]:
+    x, _ = mnist_nhwc(split)
+    x = x[np.random.default_rng(seed).permutation(len(x))]
+    return [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
+
+
+def calibration_nhwc(batch_size: int = 200, seed: int = 0) -> list[np.ndarray]:
+    """The 4000 calibration digits as NHWC batches, shuffled with ``seed`` (README: ``--data``)."""
+    return _shuffled_batches("calib", batch_size, seed)
+
+
+def heldout_nhwc(batch_size: int = 100, seed: int = 1) -> list[np.ndarray]:
+    """The 1000 held-out digits as NHWC batches, shuffled with ``seed``."""
+    return _shuffled_batches("test", batch_size, seed)
 
 
 def mnist_keras_cnn(momentum: float = 0.99):
@@ -62,3 +86,11 @@ def mnist_keras_stale():
     import keras
 
     return keras.saving.load_model(MNIST_KERAS_STALE, compile=False)
+
+
+def export_onnx(path, model=None) -> None:
+    """Write ``model`` (default: the shipped stale model) to ``path`` with Keras's own
+    ``model.export(path, format="onnx")`` (on the torch backend it runs torch.onnx)."""
+    model = mnist_keras_stale() if model is None else model
+    model(np.zeros((1, 28, 28, 1), np.float32))  # Keras exports only a model that has been called
+    model.export(str(path), format="onnx", verbose=False)

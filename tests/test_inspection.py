@@ -229,7 +229,7 @@ def test_untraceable_model_falls_back_and_says_so():
 
 def test_rule_table_and_severities():
     assert set(RULES) == {"BN001", "BN002", "BN003", "BN004", "BN005", "BN010", "BN020", "BN021",
-                          "BN030", "BN040", "BN050"}
+                          "BN030", "BN040", "BN050", "BN060"}
     report = inspect_model(_clean(), batch_size=8, dataset_size=1000)
     text = report.table()
     assert "BN001 error" in text and "BN040 info" in text and "note:" in text

@@ -1,12 +1,14 @@
-"""``bncal check``: do the moving statistics match the data, in onnxruntime?"""
+"""``bncal check``: do the moving statistics match the data, in onnxruntime (or Keras)?"""
 
 from __future__ import annotations
 
 from itertools import islice
 
+import click
+
 from ..errors import BncalError
-from .options import (DataArgs, ModelArgs, OutputArgs, ReportArgs, ThresholdArgs, VerbosityArgs, as_inputs, command,
-                      torch_batches)
+from .options import (DataArgs, ModelArgs, Options, OutputArgs, ReportArgs, ThresholdArgs, VerbosityArgs, as_inputs,
+                      command, torch_batches)
 
 
 @command(
@@ -15,6 +17,10 @@ from .options import (DataArgs, ModelArgs, OutputArgs, ReportArgs, ThresholdArgs
     DataArgs(required="the data whose batch statistics the model is checked against",
              batch_help="Batch size of the check (32 or more, shuffled)."),
     ThresholdArgs(),
+    Options("check", click.Option(
+        ["--allow-unchecked"], is_flag=True,
+        help="Exit 0 when everything checked passed although some normalisation layers, lowered to arithmetic by "
+             "a converter, could not be checked (verdict INCOMPLETE; exit 1 without this flag).")),
     OutputArgs(),
     ReportArgs(plot="Write a per-layer PNG of mean shift and variance ratio (needs the 'plot' extra)."),
     VerbosityArgs(),
@@ -23,9 +29,11 @@ def command(args) -> int:
     """Check in onnxruntime that MODEL's moving statistics match the batch statistics of DATA.
 
     Per BN layer: mean shift and variance ratio of the moving statistics against the data's;
-    per output: inference mode against train mode. Exit 1 when the statistics are stale.
-    MODEL is an .onnx file or a factory spec (exported with its BatchNorms kept; the report
-    then also shows PyTorch-eval vs onnxruntime parity). Use batches of 32 or more.
+    per output: inference mode against train mode. Exit 1 when the statistics are stale, and
+    when normalisation that a converter lowered to arithmetic could not be checked (verdict
+    INCOMPLETE, see --allow-unchecked). MODEL is an .onnx file or a factory spec (exported
+    with its BatchNorms kept; the report then also shows PyTorch-eval vs onnxruntime parity),
+    or a .keras file (checked in Keras itself). Use batches of 32 or more.
     """
     from ..check import CheckThresholds, check_onnx
 
@@ -34,25 +42,37 @@ def command(args) -> int:
     thresholds = CheckThresholds(**args.thresholds)
     loaded = args.model.load()
     parity = None
-    if loaded.kind == "onnx":
-        proto = loaded.model
-    else:
-        from ..export import export_onnx
-        from ..fold_export import torch_onnx_parity
+    if loaded.kind == "keras":
+        from ..keras import check as check_keras
+        from ..keras.data import in_model_layout
 
-        net = loaded.model
-        batches = [as_inputs(b) for b in islice(torch_batches(data, net), 3)]
-        if not batches:
-            raise BncalError("the calibration data is empty; give at least one batch")
-        proto = export_onnx(net, batches[0], keep_batchnorm=True)
-        parity = torch_onnx_parity(net, proto, batches)
-    report = check_onnx(proto, data, thresholds=thresholds, max_samples=args.data.max_samples,
-                        progress=ui.interactive)
+        batches = in_model_layout(data, loaded.model, images=args.data.is_image_folder,
+                                  channels=args.data.image_options.channels)
+        report = check_keras(loaded.model, batches, thresholds=thresholds, batch_size=None,
+                             max_samples=args.data.max_samples, progress=ui.interactive)
+    else:
+        if loaded.kind == "onnx":
+            proto = loaded.model
+        else:
+            from ..export import export_onnx
+            from ..fold_export import torch_onnx_parity
+
+            net = loaded.model
+            batches = [as_inputs(b) for b in islice(torch_batches(data, net), 3)]
+            if not batches:
+                raise BncalError("the calibration data is empty; give at least one batch")
+            proto = export_onnx(net, batches[0], keep_batchnorm=True)
+            parity = torch_onnx_parity(net, proto, batches)
+        report = check_onnx(proto, data, thresholds=thresholds, max_samples=args.data.max_samples,
+                            progress=ui.interactive)
     if parity is not None:
         ui.echo("PyTorch eval vs onnxruntime (exported graph):")
         ui.echo(parity.table())
         ui.echo("")
     ui.echo(report.table())
+    if report.unchecked:
+        ui.warn(f"{report.unchecked_count} normalisation layer{'s' if report.unchecked_count != 1 else ''} lowered "
+                "to arithmetic by the converter could not be checked (bncal inspect MODEL: BN060)")
     # A completed check writes its report whatever the verdict: the report is what a failure is read from.
     if args.report.json:
         ReportArgs.write_json(args.report.json, {"check": report, "parity": parity})
@@ -60,4 +80,5 @@ def command(args) -> int:
         from ..plot import plot_check
 
         plot_check({"moving vs data": report}, args.report.plot, model=args.model.display_name)
-    return 0 if report.passed and (parity is None or parity.passed) else 1
+    accepted = report.passed or (report.verdict == "INCOMPLETE" and args.check.allow_unchecked)
+    return 0 if accepted and (parity is None or parity.passed) else 1

@@ -23,15 +23,22 @@ from .options import (InputShapeArgs, ModelArgs, Options, OutputArgs, ReportArgs
 def command(args) -> int:
     """Diagnose MODEL's BatchNorm layers: statistics, momentum, scale/shift, dropout order, folding.
 
-    MODEL is an .onnx file or a factory spec (with --weights). With --input-shape, a PyTorch
-    model's foldability is analysed too. Exit 1 when a finding is an error (such as BN001,
-    statistics never updated), or reaches the --strict severity.
+    MODEL is an .onnx file, a .keras file or a factory spec (with --weights). With --input-shape,
+    a PyTorch model's foldability is analysed too (for a subclassed Keras model: the order its
+    layers run in). Exit 1 when a finding is an error (such as BN001, statistics never
+    updated), or reaches the --strict severity.
     """
     from ..inspection import SEVERITIES, inspect_model
 
     loaded = args.model.load()
     target, example, decisions = loaded.model, None, None
-    if loaded.kind == "onnx":
+    if loaded.kind == "keras":
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        arrays = [rng.standard_normal(shape).astype("float32") for shape in args.shapes]
+        example = (arrays[0] if len(arrays) == 1 else arrays) if arrays else None
+    elif loaded.kind == "onnx":
         from ..folding import fold_onnx
 
         decisions = fold_onnx(target)[1]

@@ -274,7 +274,8 @@ class ModelValue(types.SimpleNamespace):
 
 
 class ModelArgs(OptionGroup):
-    """MODEL (an ``.onnx`` file or a factory spec) with ``--weights``, ``--model-kwargs``, ``--allow-pickle``."""
+    """MODEL (an ``.onnx`` or ``.keras`` file, or a factory spec) with ``--weights``, ``--model-kwargs``,
+    ``--allow-pickle``."""
 
     name = "model"
 
@@ -282,11 +283,13 @@ class ModelArgs(OptionGroup):
         return [
             click.Argument(["model"], metavar="MODEL"),
             click.Option(["--weights"], type=click.Path(dir_okay=False),
-                         help="Weights for a factory spec: .safetensors, or a .pt/.pth state dict (read with weights_only=True)."),
+                         help="Weights for a factory spec: .safetensors, or a .pt/.pth state dict (read with weights_only=True); "
+                              "a .weights.h5 file for a factory returning a keras.Model."),
             click.Option(["--model-kwargs"], type=JSONObjectType(), metavar="JSON",
                          help="Keyword arguments for the model factory, as a JSON object."),
             click.Option(["--allow-pickle"], is_flag=True,
-                         help="Allow loading files that execute code (pickled modules, pickled checkpoints). Only for files you trust."),
+                         help="Allow loading files that execute code (pickled modules, pickled checkpoints, and the Lambda "
+                              "layers of a .keras file: Keras's safe_mode=False). Only for files you trust."),
             click.Option(["--strip-prefix"], metavar="PREFIX",
                          help="Use the --weights keys under PREFIX (such as 'model.'), with PREFIX removed. Default: "
                               "'module.', 'model.' and '_orig_mod.' are removed where the result fits the model unambiguously."),
@@ -310,6 +313,11 @@ class DataValue(types.SimpleNamespace):
         from ..loading import spec_files
 
         return spec_files(self.spec) if self.spec else []
+
+    @property
+    def is_image_folder(self) -> bool:
+        """Whether the data is a folder of images (read as NCHW arrays, see :func:`bncal.data.load_data`)."""
+        return bool(self.spec) and Path(self.spec).is_dir()
 
     def load(self, *, rank: int = 0, world_size: int = 1):
         from ..data import load_data

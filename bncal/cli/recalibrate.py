@@ -1,4 +1,4 @@
-"""``bncal recalibrate``: exact moving statistics from calibration data (PyTorch or ONNX)."""
+"""``bncal recalibrate``: exact moving statistics from calibration data (PyTorch, ONNX or Keras)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,30 @@ from .options import (DataArgs, DeviceArgs, ModelArgs, OutputArgs, Recalibration
                       command, torch_batches)
 
 
+_SUFFIX_HINTS = {
+    "onnx": "an .onnx model is recalibrated into an .onnx file: give -o OUT.onnx",
+    "keras": "a Keras model is recalibrated into a .keras file: give -o OUT.keras",
+    "torch": "a PyTorch model's recalibrated weights are a state dict (.safetensors or .pt); for an ONNX file use "
+             "bncal fold-export",
+}
+
+
 def _recalibrated_suffixes(args):
-    kind = args.model.kind
-    if kind.name == "onnx":
-        return kind.saves_as, "an .onnx model is recalibrated into an .onnx file: give -o OUT.onnx"
-    return kind.saves_as, "a PyTorch model's recalibrated weights are a state dict; for an ONNX file use bncal fold-export"
+    from ..loading import output_suffixes
+
+    hint = _SUFFIX_HINTS[args.model.kind.name]
+    if args.model.kind.name == "torch":
+        hint += "; a factory returning a keras.Model is written as OUT.keras"
+    return output_suffixes(args.model.spec), hint
+
+
+def _require_suffix(loaded, output) -> None:
+    """The output suffix fits the kind the model turned out to be (a factory spec decides on loading)."""
+    from ..loading import kind_named
+
+    if output.suffix.lower() not in kind_named(loaded.kind).saves_as:
+        raise BncalError(f"{loaded.spec} gives a {'keras.Model' if loaded.kind == 'keras' else 'PyTorch model'}: "
+                         f"{_SUFFIX_HINTS[loaded.kind]}")
 
 
 @command(
@@ -20,7 +39,7 @@ def _recalibrated_suffixes(args):
     DataArgs(required="the calibration data to compute statistics from", batch_help="Calibration batch size."),
     RecalibrationArgs(),
     DeviceArgs(),
-    OutputArgs(help="Where to write the recalibrated weights (.safetensors or .pt) or model (.onnx).",
+    OutputArgs(help="Where to write the recalibrated weights (.safetensors or .pt) or model (.onnx, .keras).",
                suffixes=_recalibrated_suffixes),
     ReportArgs(plot="Write a per-layer PNG of mean shift and variance ratio (needs the 'plot' extra)."),
     VerbosityArgs(),
@@ -28,13 +47,16 @@ def _recalibrated_suffixes(args):
 def command(args) -> int:
     """Recompute the moving statistics of MODEL's BatchNorm layers from calibration data.
 
-    MODEL is a factory spec (package.module:factory or path/file.py:factory, with --weights)
-    or an .onnx file. Under torchrun, each rank reads its shard of the data, the statistics
-    are combined exactly across ranks, and rank 0 writes OUTPUT.
+    MODEL is a factory spec (package.module:factory or path/file.py:factory, with --weights),
+    an .onnx file or a .keras file (written to OUTPUT.keras; a factory returning a keras.Model
+    takes .weights.h5 weights). Under torchrun, each rank reads its shard of the data, the
+    statistics are combined exactly across ranks, and rank 0 writes OUTPUT (PyTorch models).
     """
     ui, output = args.ui, args.output.path
     if args.model.kind.name == "onnx":
         report, is_main = _recalibrate_onnx(args), True
+    elif args.model.kind.name == "keras":
+        report, is_main = _recalibrate_keras(args, args.model.load()), True
     else:
         report, is_main = _recalibrate_torch(args)
     if not is_main:
@@ -66,7 +88,11 @@ def _recalibrate_torch(args):
     with torchrun_process_group(args.device) as launch:
         if args.model.weights is None and launch.is_main:
             args.ui.warn("no --weights given; recalibrating the factory's freshly initialised model")
-        net = args.model.load().model
+        loaded = args.model.load()
+        if loaded.kind == "keras":  # the factory returned a keras.Model
+            return _recalibrate_keras(args, loaded), True
+        _require_suffix(loaded, args.output.path)
+        net = loaded.model
         if launch.device is not None:
             net.to(launch.device)
         batches = torch_batches(args.data.load(rank=launch.rank, world_size=launch.world_size), net)
@@ -77,6 +103,23 @@ def _recalibrate_torch(args):
             net.to("cpu")
             save_state_dict(net, args.output.path)
     return report, launch.is_main
+
+
+def _recalibrate_keras(args, loaded):
+    from ..distributed import environment
+    from ..keras import recalibrate, save_model
+    from ..keras.data import in_model_layout
+
+    if environment().distributed:
+        raise BncalError("a Keras model is recalibrated in one process; run bncal without torchrun")
+    _require_suffix(loaded, args.output.path)
+    options = args.recalibration
+    batches = in_model_layout(args.data.numpy_batches(), loaded.model, images=args.data.is_image_folder,
+                              channels=args.data.image_options.channels)
+    report = recalibrate(loaded.model, batches, mode=options.mode, batch_size=None, max_samples=args.data.max_samples,
+                         tol=options.tol, max_passes=options.max_passes, progress=args.ui.interactive)
+    save_model(loaded.model, args.output.path)
+    return report
 
 
 def _recalibrate_onnx(args):

@@ -17,12 +17,18 @@ torch is::
 The results are the same report types as the PyTorch and ONNX paths
 (:class:`bncal.report.RecalibrationReport`, :class:`bncal.check.CheckReport`,
 :class:`bncal.inspection.InspectReport`), computed by the same statistics core
-(:mod:`bncal.stats`) and the same rules.
+(:mod:`bncal.stats`), the same recalibration policy (:mod:`bncal.calibration`) and the same
+rules. ``bncal.recalibrate`` and ``bncal.inspect_model`` hand a ``keras.Model`` over to these
+functions (:func:`is_keras_model`). On the command line a ``.keras`` file, or a factory spec
+returning a ``keras.Model``, is a MODEL for ``bncal inspect``, ``check`` and ``recalibrate -o
+OUT.keras`` (the Keras kind of :mod:`bncal.loading`); image folders reach a channels-last model
+as NHWC (:mod:`bncal.keras.data`).
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 
 # Public name -> submodule that defines it; imported (with Keras) on first use.
 _EXPORTS = {
@@ -36,7 +42,17 @@ _EXPORTS = {
     "InverseDecayMomentum": "callbacks",
 }
 
-__all__ = list(_EXPORTS)
+__all__ = [*_EXPORTS, "is_keras_model"]
+
+
+def is_keras_model(obj) -> bool:
+    """Whether ``obj`` is a ``keras.Model``, without importing Keras (an object cannot be one
+    unless Keras is imported). On the torch backend a ``keras.Model`` is an ``nn.Module`` too:
+    every entry point that takes either asks this first and hands Keras models to
+    :mod:`bncal.keras`."""
+    keras = sys.modules.get("keras")
+    model_class = getattr(keras, "Model", None) if keras is not None else None
+    return isinstance(model_class, type) and isinstance(obj, model_class)
 
 
 def __getattr__(name):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import BncalError, one_line
 
-__all__ = ["import_keras", "inference_context"]
+__all__ = ["import_keras", "inference_context", "choose_default_backend"]
 
 INSTALL_HINT = "pip install 'bncal[keras]'"
 
@@ -28,21 +28,26 @@ def _configured_backend() -> str:
         return "tensorflow"
 
 
-def import_keras():
-    """Import Keras 3 and return the module.
-
-    Before Keras is first imported, with ``KERAS_BACKEND`` unset and Keras about to default
+def choose_default_backend() -> None:
+    """Before Keras is first imported, with ``KERAS_BACKEND`` unset and Keras about to default
     to TensorFlow (no other backend in ``~/.keras/keras.json``): if TensorFlow is not
-    installed but torch is, ``KERAS_BACKEND`` is set to ``torch`` (Keras reads it once, at
-    import). A backend chosen any other way is left alone.
-
-    Raises:
-        BncalError: Keras is not installed, is older than 3, or fails to import.
-    """
+    installed but torch is, set ``KERAS_BACKEND`` to ``torch`` (Keras reads it once, at
+    import). A backend chosen any other way is left alone. Imports nothing: called before
+    user code that may ``import keras`` itself runs (a model factory spec)."""
     if "keras" not in sys.modules and not os.environ.get("KERAS_BACKEND"):
         if (_configured_backend() == "tensorflow" and importlib.util.find_spec("tensorflow") is None
                 and importlib.util.find_spec("torch") is not None):
             os.environ["KERAS_BACKEND"] = "torch"
+
+
+def import_keras():
+    """Import Keras 3 and return the module, the backend chosen by
+    :func:`choose_default_backend` when nothing else chose it.
+
+    Raises:
+        BncalError: Keras is not installed, is older than 3, or fails to import.
+    """
+    choose_default_backend()
     try:
         import keras
     except ImportError as exc:

@@ -24,6 +24,7 @@ import math
 import numpy as np
 
 from .._progress import DataPass
+from ..calibration import data_source
 from ..errors import BncalError
 from ..stats import ChannelMoments, batch_moments
 from ._backend import import_keras, inference_context
@@ -131,8 +132,10 @@ class _ArrayBatches:
 
 
 def calibration_data(data, batch_size: int | None, *, reiterable: bool):
-    """``data`` as batches: an array, or a dict of arrays (one per named model input), is cut into
-    batches of ``batch_size`` rows; any other iterable is taken as batches already.
+    """``data`` as a zero-argument callable returning one fresh pass of batches
+    (:func:`bncal.calibration.data_source`, the policy of every path): an array, or a dict of
+    arrays (one per named model input), is cut into batches of ``batch_size`` rows; an iterable
+    is taken as batches already; a zero-argument function returning one is called per pass.
 
     Raises BncalError for a bad batch size, or a one-shot iterator when ``reiterable``.
     """
@@ -141,19 +144,15 @@ def calibration_data(data, batch_size: int | None, *, reiterable: bool):
     if isinstance(data, np.ndarray) or isinstance(data, dict) and all(isinstance(v, np.ndarray) for v in data.values()):
         if batch_size is None:
             raise BncalError("data given as arrays needs a batch_size")
-        return _ArrayBatches(data, batch_size)
-    if not hasattr(data, "__iter__"):
-        raise BncalError(f"data must be an array or an iterable of batches, not {type(data).__name__}")
-    if reiterable and iter(data) is data:
-        raise BncalError("mode 'eval' passes over the data several times; give an array, a list of batches or a "
-                         "re-iterable loader, not a one-shot iterator")
-    return data
+        data = _ArrayBatches(data, batch_size)
+    return data_source(data, reread=reiterable)
 
 
 def _prepare(batch, remaining):
     """A batch's model inputs (Keras convention: ``(x,)``, ``(x, y)``, ``(x, y, sample_weight)``
     tuples give ``x``), cut to ``remaining`` rows, checked finite; with its fingerprint (the
-    float64 sum of the first floating input, to recognise the batch in a later pass) and size."""
+    float64 sum of the first floating input, else of the first input, by which
+    :class:`bncal.calibration.DataOrder` recognises the batch in a later pass) and size."""
     keras = import_keras()
     if isinstance(batch, (tuple, list)):
         batch = keras.utils.unpack_x_y_sample_weight(tuple(batch))[0]
@@ -171,12 +170,14 @@ def _prepare(batch, remaining):
             if not math.isfinite(total) and not np.isfinite(array.astype(np.float64)).all():
                 raise BncalError("the calibration data contains NaN or Inf values; clean or filter it first")
             fingerprint = total if fingerprint is None else fingerprint
+    if fingerprint is None:  # integer inputs only (token ids)
+        fingerprint = float(np.sum(np.asarray(keras.ops.convert_to_numpy(leaves[0])), dtype=np.float64))
     return (batch, fingerprint), len(leaves[0])
 
 
-def batch_pass(data, *, max_samples, progress):
-    """One pass: yields ``(index, inputs, fingerprint)``; ``.batches``/``.samples`` after it."""
-    return DataPass(data, lambda batch, index, remaining: _prepare(batch, remaining),
+def batch_pass(source, *, max_samples, progress):
+    """One pass over ``source()``: yields ``(index, (inputs, fingerprint))``; ``.batches``/``.samples`` after it."""
+    return DataPass(source(), lambda batch, index, remaining: _prepare(batch, remaining),
                     max_samples=max_samples, progress=progress)
 
 

@@ -55,7 +55,7 @@ def check(
     """
     keras = import_keras()
     require_model(model)
-    data = calibration_data(data, batch_size, reiterable=False)
+    source = calibration_data(data, batch_size, reiterable=False)
     forward_fn = forward_fn or default_forward
     skipped, layers = [], []
     for name, bn in batchnorm_layers(model):
@@ -73,7 +73,7 @@ def check(
     moving = {name: moving_statistics(bn) for name, bn in layers}
     moments = {name: ChannelMoments.empty(moving[name].mean.shape[0]) for name, _ in layers}
     names, agreements = None, []
-    current = batch_pass(data, max_samples=max_samples, progress=progress)
+    current = batch_pass(source, max_samples=max_samples, progress=progress)
     for index, (inputs, _) in current:
         inferred = _outputs(keras, run_forward(forward_fn, model, inputs, index))
         with BatchNormTap(layers, batch_statistics) as tap:  # the moving statistics come back after it

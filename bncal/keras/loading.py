@@ -17,7 +17,7 @@ from ..errors import BncalError, one_line
 from ..loading import _parse_kwargs, resolve_callable
 from ._backend import import_keras
 
-__all__ = ["load_model", "save_model"]
+__all__ = ["load_model", "save_model", "adopt_factory_model"]
 
 
 def load_model(path_or_spec, *, weights=None, model_kwargs: str | dict | None = None, safe_mode: bool = True,
@@ -49,7 +49,7 @@ def load_model(path_or_spec, *, weights=None, model_kwargs: str | dict | None = 
         except Exception as exc:  # Keras raises ValueError, TypeError, zipfile and h5py errors...
             if safe_mode and "safe_mode" in str(exc):
                 raise BncalError(f"{path} contains a Lambda layer whose Python code would run when it is loaded; "
-                                 "pass safe_mode=False only for a file you trust") from exc
+                                 "pass safe_mode=False (bncal commands: --allow-pickle) only for a file you trust") from exc
             raise BncalError(f"cannot load {path} as a Keras model ({one_line(exc)}); is it a .keras file saved by "
                              "Keras 3, with its custom layers given as custom_objects?") from exc
     factory = resolve_callable(text, "model")
@@ -61,13 +61,26 @@ def load_model(path_or_spec, *, weights=None, model_kwargs: str | dict | None = 
         raise BncalError(f"calling {text} failed: {exc}; check model_kwargs") from exc
     if not isinstance(model, keras.Model):
         raise BncalError(f"{text} returned {type(model).__name__}, not a keras.Model")
+    return adopt_factory_model(model, text, weights=weights)
+
+
+def adopt_factory_model(model, spec: str, *, weights=None, allow_pickle: bool = False):
+    """A ``keras.Model`` that the factory ``spec`` returned, with ``weights`` (a ``.weights.h5``
+    file) loaded into it: how :func:`bncal.loading.load_model` hands a factory's Keras model
+    over (on Keras's torch backend a ``keras.Model`` is an ``nn.Module`` too, but its weights
+    are Keras's). ``allow_pickle`` is accepted for the hand-over and not needed: a
+    ``.weights.h5`` file holds arrays only."""
     if weights is not None:
-        if not Path(weights).is_file():
+        path = Path(weights)
+        if not path.name.lower().endswith((".weights.h5", ".keras")):
+            raise BncalError(f"{spec} returns a keras.Model, whose --weights is a .weights.h5 file "
+                             f"(model.save_weights), not {path.name}")
+        if not path.is_file():
             raise BncalError(f"weights file {weights} does not exist")
         try:
             model.load_weights(weights)
         except Exception as exc:  # shape mismatches, missing variables, unreadable files
-            raise BncalError(f"the weights in {weights} do not fit {text} ({one_line(exc)})") from exc
+            raise BncalError(f"the weights in {weights} do not fit {spec} ({one_line(exc)})") from exc
     return model
 
 

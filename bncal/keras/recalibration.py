@@ -29,13 +29,13 @@ Keras conventions met here:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 
 import numpy as np
 
+from ..calibration import NEVER_REACHED, DataOrder, LayerResult, build_report, check_mode, require_finite
 from ..errors import BncalError
-from ..report import LayerRecalibration, LayerStats, RecalibrationReport, SkippedLayer, summarize_shift
+from ..report import RecalibrationReport, SkippedLayer
 from ..stats import anchored_statistics, fixed_point_passes
 from ._backend import import_keras
 from ._passes import BatchNormTap, batch_pass, calibration_data, default_forward, run_forward
@@ -67,7 +67,8 @@ def recalibrate(
             change; if the pass raises, they are put back too.
         data: an array (or a dict of arrays, one per named model input), cut into batches of
             ``batch_size`` rows; or an iterable of batches, each an input array or structure,
-            or a Keras-style ``(x, y)`` / ``(x, y, sample_weight)`` tuple (``x`` is used). For
+            or a Keras-style ``(x, y)`` / ``(x, y, sample_weight)`` tuple (``x`` is used); or a
+            zero-argument function returning such an iterable (called once per pass). For
             ``mode="eval"`` the data is read several times: not a one-shot iterator.
         mode: ``"train"``: each BN normalises with its batch statistics during the pass, as in
             training (PreciseBN); the right choice when training goes on with these batch
@@ -82,6 +83,10 @@ def recalibrate(
         max_samples: stop after this many samples per pass (the last batch is cut to fit).
         progress: True for a tqdm bar on stderr, or a callable given the batches done.
 
+    The mode, the re-readable data, the data order of anchored eval passes, the refusal of
+    non-finite statistics and the report are the policy every path shares
+    (:mod:`bncal.calibration`).
+
     Returns the :class:`~bncal.report.RecalibrationReport` of the PyTorch and ONNX paths.
 
     Raises:
@@ -90,10 +95,9 @@ def recalibrate(
             non-finite statistics.
     """
     import_keras()
-    if mode not in ("train", "eval"):
-        raise BncalError(f"mode must be 'train' or 'eval', not {mode!r}")
+    check_mode(mode)
     require_model(model)
-    data = calibration_data(data, batch_size, reiterable=(mode == "eval"))
+    source = calibration_data(data, batch_size, reiterable=(mode == "eval"))
     skipped, layers = [], []
     for name, bn in batchnorm_layers(model):
         (skipped.append(SkippedLayer(name, FROZEN_REASON)) if not bn.trainable else layers.append((name, bn)))
@@ -102,32 +106,23 @@ def recalibrate(
         raise BncalError(f"the model has no BatchNormalization layer to recalibrate{detail}")
 
     before = {name: moving_statistics(bn) for name, bn in layers}
-    run = _Run(model, layers, data, forward_fn or default_forward, max_samples, progress, one_value_ok=(mode == "eval"))
+    run = _Run(model, layers, source, forward_fn or default_forward, max_samples, progress,
+               one_value_ok=(mode == "eval"))
     moments, passes, converged, change = fixed_point_passes(
         run.train_pass, run.eval_pass, mode=mode, tol=tol, max_passes=max_passes)
     for name, m in moments.items():
-        if not (np.isfinite(m.mean).all() and np.isfinite(m.m2).all()):
-            raise BncalError(f"BatchNormalization {name} got non-finite statistics from the data "
-                             "(an overflow in the model?); check the data's scale and the weights")
+        require_finite(name, m)
 
-    entries, notes = [], list(run.notes)
+    results = []
     for name, bn in layers:
         m = moments.get(name)
         if m is None or m.count == 0:
-            skipped.append(SkippedLayer(name, "never reached by the data: its statistics were left as they were"))
+            skipped.append(SkippedLayer(name, NEVER_REACHED))
             continue
         _write(bn, m.mean, m.variance)
-        calls = run.calls_per_forward.get(name, 0)
-        if calls > 1:
-            notes.append(f"{name} is called {calls} times per forward: its statistics pool the inputs of every call")
-        old = before[name]
-        shift, ratio = summarize_shift(old.mean, old.var, m.mean, m.variance, bn.epsilon)
-        entries.append(LayerRecalibration(
-            name=name, channels=m.channels, samples=m.count, calls_per_forward=calls, before=old,
-            after=LayerStats(m.mean.copy(), m.variance.copy()), mean_shift=shift, var_ratio=ratio))
-    return RecalibrationReport(mode=mode, batches=run.batches, samples=run.samples, passes=passes,
-                               converged=converged, max_rel_change=change, layers=entries, skipped=skipped,
-                               notes=notes)
+        results.append(LayerResult(name, before[name], m, bn.epsilon, run.calls_per_forward.get(name, 0)))
+    return build_report(mode=mode, layers=results, skipped=skipped, batches=run.batches, samples=run.samples,
+                        passes=passes, converged=converged, max_rel_change=change, notes=run.order.notes)
 
 
 def _write(bn, mean, variance) -> None:
@@ -139,18 +134,18 @@ def _write(bn, mean, variance) -> None:
 
 
 class _Run:
-    """The passes of one recalibration over ``data``."""
+    """The passes of one recalibration over ``source()``."""
 
-    def __init__(self, model, layers, data, forward_fn, max_samples, progress, one_value_ok):
-        self.model, self.layers, self.data = model, layers, data
+    def __init__(self, model, layers, source, forward_fn, max_samples, progress, one_value_ok):
+        self.model, self.layers, self.source = model, layers, source
         self.one_value_ok = one_value_ok  # eval mode only starts from the train pass: any start will do
         self.forward_fn, self.max_samples, self.progress = forward_fn, max_samples, progress
         self.eps = {name: bn.epsilon for name, bn in layers}
         self.calls_per_forward: dict[str, int] = {}
         self.batches = self.samples = 0
-        self.notes: list[str] = []
+        self.order = DataOrder()
         # Anchored eval passes pair each BN call with the same call of the previous eval pass.
-        self.previous: tuple[dict, list] | None = None
+        self.previous: dict[str, list] = {}
 
     def train_pass(self):
         def batch_statistics(name, call, count, mean, var):
@@ -163,54 +158,40 @@ class _Run:
 
     def eval_pass(self, stats):
         """Moments of every BN input with every BN normalising with ``stats``; anchored
-        (:func:`bncal.stats.anchored_statistics`) from the second eval pass on, while the
-        batches come in the order of the previous pass."""
+        (:func:`bncal.stats.anchored_statistics`) from the second eval pass on, batch by batch
+        while :class:`~bncal.calibration.DataOrder` says the batches come in the previous order."""
         base = {name: (m.mean, m.variance) for name, m in stats.items() if m.count}
-        previous = self.previous
-        state = {"anchored": previous is not None}
+        previous, state = self.previous, {"anchored": False, "first": {}}
 
         def given(name, call, count, mean, var):
             if name not in base:
                 return None
             base_mean, base_var = base[name]
-            if state["anchored"]:
-                calls = previous[0].get(name, [])
-                if call < len(calls):
-                    _, previous_mean, previous_var = calls[call]
-                    return anchored_statistics(base_mean, base_var, mean, var, previous_mean, previous_var,
-                                               self.eps[name])
+            calls = previous.get(name, [])
+            if state["anchored"] and call < len(calls):
+                _, previous_mean, previous_var = calls[call]
+                return anchored_statistics(base_mean, base_var, mean, var, previous_mean, previous_var, self.eps[name])
             return base_mean, base_var
 
-        def check_order(index, fingerprint):
-            if state["anchored"] and (index >= len(previous[1]) or not _same(previous[1][index], fingerprint)):
-                state["anchored"] = False
-                note = ("the data came in a different order in each pass (a shuffling loader?), so eval mode fell "
-                        "back to plain passes, which need more of them; give the batches in a fixed order")
-                if note not in self.notes:
-                    self.notes.append(note)
+        def before_batch(index, fingerprint):
+            state["anchored"] = self.order.anchored(index, fingerprint)
 
-        moments, records, fingerprints = self._pass(given, check_order)
-        self.previous = (records, fingerprints)
+        self.order.start_pass()
+        moments, records = self._pass(given, before_batch)
+        self.order.end_pass()
+        self.previous = records
         return moments
 
     def _pass(self, statistics, before_batch=None):
-        current = batch_pass(self.data, max_samples=self.max_samples, progress=self.progress)
-        fingerprints = []
+        current = batch_pass(self.source, max_samples=self.max_samples, progress=self.progress)
         with BatchNormTap(self.layers, statistics) as tap:
             for index, (inputs, fingerprint) in current:
                 if before_batch is not None:
                     before_batch(index, fingerprint)
-                fingerprints.append(fingerprint)
                 counts = {name: len(calls) for name, calls in tap.records.items()}
                 run_forward(self.forward_fn, self.model, inputs, index)
                 for name, calls in tap.records.items():
                     n = len(calls) - counts[name]
                     self.calls_per_forward[name] = max(self.calls_per_forward.get(name, 0), n)
         self.batches, self.samples = current.batches, current.samples
-        return tap.moments(), {name: list(calls) for name, calls in tap.records.items()}, fingerprints
-
-
-def _same(a, b) -> bool:
-    if a is None or b is None:
-        return a is b
-    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+        return tap.moments(), {name: list(calls) for name, calls in tap.records.items()}
