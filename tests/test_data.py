@@ -11,10 +11,11 @@ from bncal.errors import BncalError
 def test_npy_batches_cover_every_sample_once_and_shard_by_rank(tmp_path):
     x = np.arange(10 * 3, dtype=np.float32).reshape(10, 3)
     np.save(tmp_path / "x.npy", x)
-    batches = list(load_data(tmp_path / "x.npy", batch_size=4))
+    batches = list(load_data(tmp_path / "x.npy", batch_size=4, shuffle=False))
     assert [len(b) for b in batches] == [4, 4, 2]
     np.testing.assert_array_equal(np.concatenate(batches), x)
-    shards = [np.concatenate(list(load_data(tmp_path / "x.npy", batch_size=3, rank=r, world_size=3))) for r in range(3)]
+    shards = [np.concatenate(list(load_data(tmp_path / "x.npy", batch_size=3, rank=r, world_size=3, shuffle=False)))
+              for r in range(3)]
     np.testing.assert_array_equal(np.concatenate(shards), x)  # contiguous, disjoint, complete
 
 
@@ -35,7 +36,7 @@ def test_image_folder_resized_and_normalised(tmp_path):
         pixels.append(array)
         Image.fromarray(array).save(tmp_path / f"img{i}.png")
     options = ImageOptions(size=None, channels=3, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-    batch = next(iter(load_data(tmp_path, batch_size=8, image_options=options)))
+    batch = next(iter(load_data(tmp_path, batch_size=8, image_options=options, shuffle=False)))
     assert batch.shape == (3, 3, 6, 8)
     expected = (pixels[0].transpose(2, 0, 1) / 255.0 - 0.5) / 0.25
     np.testing.assert_allclose(batch[0], expected, rtol=1e-6, atol=1e-6)
