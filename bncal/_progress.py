@@ -53,15 +53,14 @@ class DataPass:
     remaining)`` returns ``(prepared, samples in it)`` and ``remaining`` is how many samples
     ``max_samples`` still allows (None: no limit). Progress is reported per batch, against the
     number of batches when the data knows it (and no sample limit cuts the pass short), under
-    ``description``. After the pass ``batches`` and ``samples`` hold its counts and ``sizes``
-    the samples of each batch; an empty pass raises BncalError.
+    ``description``. After the pass ``batches`` and ``samples`` hold its counts; an empty pass
+    raises BncalError.
     """
 
     def __init__(self, data, prepare, *, max_samples=None, progress=None, description: str | None = None):
         self.data, self.prepare, self.max_samples, self.progress = data, prepare, max_samples, progress
         self.description = description
         self.batches = self.samples = 0
-        self.sizes: list[int] = []
 
     def __iter__(self):
         from .errors import BncalError
@@ -69,7 +68,6 @@ class DataPass:
         total = batch_count(self.data) if self.progress and self.max_samples is None else None
         report = progress_reporter(self.progress, total=total, description=self.description)
         batches = samples = 0
-        sizes = []
         try:
             for index, batch in enumerate(self.data):
                 if self.max_samples is not None and samples >= self.max_samples:
@@ -82,7 +80,6 @@ class DataPass:
                 yield index, prepared
                 batches += 1
                 samples += size
-                sizes.append(size)
                 if report is not None:
                     report(batches)
         finally:
@@ -90,4 +87,4 @@ class DataPass:
                 report(None)
         if batches == 0:
             raise BncalError("the calibration data is empty; give at least one batch")
-        self.batches, self.samples, self.sizes = batches, samples, sizes
+        self.batches, self.samples = batches, samples

@@ -11,7 +11,8 @@ commands on them and reports:
 - ``check`` of a correctly recalibrated model (``calibration_batches``, shuffled) on held-out
   digits from the ordered folder, the shuffled folder, the class-sorted ``.npy`` and the
   shuffled ``.npy``: verdict, top-1 agreement and any warning;
-- the exchangeability statistic of each, when this bncal reports one.
+- the notes and warnings of each report, where this bncal gives them (the data read and its
+  order; batches far from random draws).
 
 Extra options for every command (``--no-shuffle`` on a bncal that shuffles) go after ``--``:
 
@@ -42,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
-def write_folders(out: Path, images: np.ndarray, labels: np.ndarray, seed: int = 0) -> tuple[Path, Path]:
+def write_folders(out: Path, images: np.ndarray, labels: np.ndarray, seed: int = 20240501) -> tuple[Path, Path]:
     """``ordered/<class>/<i>.png`` and ``shuffled/<random rank>.png`` (the same pixels)."""
     from PIL import Image
 
@@ -146,16 +147,14 @@ def main() -> int:
           f"{head_ratio(reports['ordered'], reports['shuffled'], '1.3'):.3g}, first BN largest mean gap "
           f"{first_mean_gap(reports['ordered'], reports['shuffled']):.3g} sd")
     for name in reports:
-        notes = reports[name].get("notes", [])
-        order = reports[name].get("data", {}) or {}
-        print(f"  {name}: notes {notes}; data {order}")
+        print(f"  {name}: notes {reports[name].get('notes', [])}; warnings {reports[name].get('warnings', [])}")
 
     fixed = bncal("recalibrate", *model, "--data", "models/zoo.py:calibration_batches", "-o", "fixed.safetensors",
                   "--force", "-q", cwd=work)
-    fixed.returncode and print(fixed.stderr)
-    fixed = bncal("fold-export", "models/zoo.py:mnist_cnn", "--weights", "fixed.safetensors", "--input-shape", "2,1,28,28",
-                  "-o", "fixed_folded.onnx", "--force", "-q", cwd=work)
-    # check needs the BNs kept: export through check itself from the factory spec.
+    if fixed.returncode:
+        print(f"recalibrate from calibration_batches failed: {fixed.stderr.strip()}")
+        return 1
+    # check exports the factory spec itself, with its BNs kept.
     for name, data, opts in (("ordered folder", test_ordered, image_options), ("shuffled folder", test_shuffled, image_options),
                              ("class-sorted .npy", work / "test_sorted.npy", []),
                              ("shuffled .npy", work / "test_shuffled.npy", [])):
@@ -169,7 +168,7 @@ def main() -> int:
         worst = max(report["layers"], key=lambda l: abs(math.log(l["var_ratio"])))
         print(f"check on {name}: {'PASSED' if report['passed'] else 'FAILED'}, top-1 agreement {top1:.3g}, "
               f"worst var ratio {worst['var_ratio']:.3g} ({worst['name']}), exit {result.returncode}")
-        for key in ("notes", "exchangeability"):
+        for key in ("notes", "warnings"):
             if report.get(key):
                 print(f"  {key}: {report[key]}")
         for line in result.stderr.strip().splitlines():

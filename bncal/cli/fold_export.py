@@ -58,6 +58,9 @@ def command(args) -> int:
     if args.report.json:
         ReportArgs.write_json(args.report.json, {"fold_export": report, "check": check_report})
     if check_report is not None and not check_report.passed:
+        if check_report.warnings:  # batches far from random draws: the check could not judge the statistics
+            raise BncalError("the train/inference check cannot judge these batches (see the warning); shuffle the "
+                             "data, or skip the check with --no-check")
         raise BncalError("the exported model's moving statistics do not match its batch statistics "
                          "(see the check above); recalibrate it first: bncal recalibrate MODEL --data DATA -o OUT")
     ui.echo_after_commit(f"wrote {args.output.path} ({report.bytes_after} bytes) in {report.seconds:.2f} s")
