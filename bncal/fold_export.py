@@ -1,10 +1,12 @@
 """Fold BatchNorm, export to ONNX, and prove in onnxruntime that nothing changed.
 
-The path for a PyTorch model: fold in PyTorch (:func:`bncal.folding.fold`, which sees the real
-data flow), export the folded model, fold whatever the graph still offers
-(:func:`bncal.onnx_fold.fold_onnx`), ``onnx.checker``, then compare the folded ONNX model in
-onnxruntime against the *original* PyTorch model in eval mode on several batches. For an
-``.onnx`` input: graph folding, then the folded graph against the original graph, both in
+The path for a PyTorch model: one export of the eval-mode model with every BatchNormalization
+kept (:func:`bncal.export.export_onnx` with ``keep_batchnorm=True``; BN and linear nodes named
+after their modules), then the graph fold (:func:`bncal.folding.fold_onnx`), ``onnx.checker``,
+then the folded ONNX model in onnxruntime against the *original* PyTorch model in eval mode on
+several batches. The graph fold uses the rulebook that :func:`bncal.analyze_foldability` (what
+``bncal inspect`` shows) applies to the PyTorch model, so inspect predicts these decisions. For
+an ``.onnx`` input: graph folding, then the folded graph against the original graph, both in
 onnxruntime. The output file is written only when the comparison passes.
 """
 
@@ -17,13 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BncalError, VerificationError
-from .report import FoldDecision, format_table
+from .report import FoldDecision, ReportDisplay, format_table, plural
 
 __all__ = ["FoldExportReport", "fold_export_torch", "fold_export_onnx", "torch_onnx_parity", "failed_output_path"]
 
 
-@dataclasses.dataclass
-class FoldExportReport:
+@dataclasses.dataclass(repr=False)
+class FoldExportReport(ReportDisplay):
     """What fold-export did: per-BN decisions, before/after figures, and the parity comparison.
 
     ``decisions`` has one entry per BatchNormalization of the original graph (for a PyTorch
@@ -51,6 +53,13 @@ class FoldExportReport:
     @property
     def bn_left(self) -> int:
         return self.ops_after.get("BatchNormalization", 0)
+
+    def summary(self) -> str:
+        """``PASSED: folded 7 of 7 BN layers, 0 BatchNormalization left -> model.onnx``."""
+        folded = sum(d.folded for d in self.decisions)
+        target = f" -> {self.output}" if self.output is not None else ""
+        return (f"{'PASSED' if self.passed else 'FAILED'}: folded {folded} of {plural(len(self.decisions), 'BN layer')}, "
+                f"{self.bn_left} BatchNormalization left{target}")
 
     def table(self) -> str:
         ops = sorted(set(self.ops_before) | set(self.ops_after), key=lambda k: (-self.ops_before.get(k, 0), k))
@@ -126,10 +135,11 @@ def fold_export_torch(
 
     One export of the original eval-mode model with every BatchNormalization kept (so the
     report's "original" column is what the exporter produced), then the graph fold pass
-    (:func:`bncal.onnx_fold.fold_onnx`, the same rules as :func:`bncal.folding.fold`), then the
-    folded graph in onnxruntime against the *original PyTorch model* on ``verify_batches``:
-    tuples of input tensors (default: ``example_inputs`` and a batch of another size, which
-    also exercises the dynamic batch axis). The model is never modified. When the comparison
+    (:func:`bncal.folding.fold_onnx`; its rules are those of :func:`bncal.analyze_foldability`,
+    which sees the PyTorch model as the exporter emits it), then the folded graph in
+    onnxruntime against the *original PyTorch model* on ``verify_batches``: tuples of input
+    tensors (default: ``example_inputs`` and a batch of another size, which also exercises the
+    dynamic batch axis). The model is never modified. When the comparison
     fails, nothing is written to ``output`` (with ``keep_failed`` the failed model goes to
     ``<stem>.FAILED-VERIFICATION.onnx``) and :class:`VerificationError` is raised with the
     report as ``exc.report``. ``fold_fn`` replaces ``fold_onnx`` (tests corrupt a fold with it).
@@ -137,7 +147,7 @@ def fold_export_torch(
     import torch
 
     from .export import export_onnx
-    from .onnx_fold import fold_onnx, op_counts
+    from .folding import fold_onnx, op_counts
     from .runtime import compare_latency
 
     start = time.perf_counter()
@@ -216,7 +226,7 @@ def fold_export_onnx(
     batch sizes 1 and 3 where the input shapes are known). Output and failure handling as
     in :func:`fold_export_torch`.
     """
-    from .onnx_fold import fold_onnx, op_counts
+    from .folding import fold_onnx, op_counts
     from .runtime import compare_latency, ort_session, run_onnx
     from .verify import compare_outputs
 

@@ -55,7 +55,7 @@ def command(args) -> int:
     if args.report.plot:
         from ..plot import plot_recalibration
 
-        plot_recalibration(report, args.report.plot)
+        plot_recalibration(report, args.report.plot, model=args.model.display_name)
     return 0
 
 
@@ -74,7 +74,8 @@ def _recalibrate_torch(args):
         data = args.data.load(rank=launch.rank, world_size=launch.world_size)
         report = recalibrate(net, torch_batches(data, net), mode=options.mode,
                              max_samples=launch.shard_limit(args.data.max_samples), tol=options.tol,
-                             max_passes=options.max_passes, progress=args.ui.interactive and launch.is_main)
+                             max_passes=options.max_passes, cache_mb=options.cache_mb, spill_dir=options.spill_dir,
+                             progress=args.ui.interactive and launch.is_main)
         report.notes.append(args.data.note(data))
         if launch.is_main:
             net.to("cpu")
