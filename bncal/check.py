@@ -178,6 +178,9 @@ class CheckReport(ReportDisplay):
         if self.passed:
             return (f"PASSED: {plural(len(self.layers), 'BN layer')} and {plural(len(self.outputs), 'output')} "
                     f"within limits ({plural(self.samples, 'sample')})")
+        if self.warnings:  # only the first layer is judged on such batches (see from_checks)
+            first = "" if not self.layers or self.layers[0].passed else f", first BN layer {self.layers[0].name} off its data"
+            return f"FAILED: batches far from random draws{first} ({plural(self.samples, 'sample')})"
         return (f"FAILED: {bad_layers} of {plural(len(self.layers), 'BN layer')} off their data, {bad_outputs} of "
                 f"{plural(len(self.outputs), 'output')} off train mode ({plural(self.samples, 'sample')})")
 

@@ -190,3 +190,29 @@ def test_check_still_blames_a_stale_first_layer_on_ordered_data(recalibrated):
     verdict = out.strip().splitlines()[-1]
     assert "1 of 7 BatchNorm layers have moving statistics off their data (worst 0.1" in verdict
     assert "shuffle the data and check again" in verdict
+
+
+def test_check_verdict_on_batches_far_from_random_blames_only_the_first_layer():
+    from bncal.check import CheckReport, CheckThresholds, LayerCheck, OutputCheck
+
+    def layer(name, passed):
+        return LayerCheck(name, 4, 1000, 0.01 if passed else 2.0, 1.0, 0.2, 0.3, passed)
+
+    t = CheckThresholds()
+    warning = "the check's batches are far from random draws of the data"
+    deep_fail = [layer("a", True), layer("b", False)]
+    bad_output = [OutputCheck("out", 1.0, 0.9, 0.2, False)]
+    plain = CheckReport.from_checks(deep_fail, bad_output, [], t, 8, 1000)
+    assert not plain.passed and len(plain.reasons) == 2 and "recalibrate them" in plain.reasons[0]
+    assert plain.summary().startswith("FAILED: 1 of 2 BN layers off their data")
+    unjudged = CheckReport.from_checks(deep_fail, bad_output, [], t, 8, 1000, batching_warning=warning)
+    assert not unjudged.passed and unjudged.warnings == [warning]
+    assert unjudged.reasons == ["the batches are far from random draws of the data (see the warning), so train mode "
+                                "on them cannot be compared with inference; shuffle the data and check again"]
+    assert unjudged.summary() == "FAILED: batches far from random draws (1000 samples)"
+    first_fail = CheckReport.from_checks([layer("a", False), layer("b", True)], [], [], t, 8, 1000,
+                                         batching_warning=warning)
+    assert not first_fail.passed and first_fail.reasons[0].startswith("1 of 2 BatchNorm layers")
+    assert first_fail.summary() == "FAILED: batches far from random draws, first BN layer a off its data (1000 samples)"
+    clean = CheckReport.from_checks([layer("a", True), layer("b", True)], [], [], t, 8, 1000, batching_warning=warning)
+    assert clean.passed and clean.warnings == [warning]  # nothing failed: nothing to blame on the batches
