@@ -39,6 +39,7 @@ _EXPORTS = {
     "load_state_dict": "loading",
     "save_state_dict": "loading",
     "load_data": "data",
+    "select_inputs": "data",
     "fold": "folding",
     "analyze_foldability": "folding",
     "FoldResult": "folding",

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["progress_reporter", "DataPass"]
+__all__ = ["progress_reporter", "DataPass", "batch_count", "pass_label"]
 
 
-def progress_reporter(progress):
+def progress_reporter(progress, *, total: int | None = None, description: str | None = None):
     """A callable ``report(batches_done)`` for the current pass (``report(None)`` ends it), or None.
 
-    ``progress`` is falsy (no reporting), True (a tqdm bar on stderr), or a callable given the
-    number of batches done after each batch.
+    ``progress`` is falsy (no reporting), True (a tqdm bar on stderr, showing ``total``
+    batches when known and ``description``, e.g. which pass), or a callable given the number
+    of batches done after each batch.
     """
     if not progress:
         return None
@@ -17,7 +18,7 @@ def progress_reporter(progress):
         return lambda done: None if done is None else progress(done)
     from tqdm.auto import tqdm
 
-    bar = tqdm(unit="batch", leave=False, dynamic_ncols=True)
+    bar = tqdm(total=total, desc=description, unit="batch", leave=False, dynamic_ncols=True)
     shown = [0]
 
     def update(done):
@@ -29,23 +30,43 @@ def progress_reporter(progress):
     return update
 
 
+def batch_count(data) -> int | None:
+    """``len(data)`` where the data knows it (a list, a DataLoader, bncal's file data), else None."""
+    try:
+        count = len(data)
+    except (TypeError, AttributeError, NotImplementedError):
+        return None
+    return count if isinstance(count, int) and count >= 0 else None
+
+
+def pass_label(number: int, max_passes: int | None) -> str | None:
+    """``"pass 2 of at most 8"`` for the passes of eval mode (None for a single pass)."""
+    if max_passes == 1 and number == 1:
+        return None
+    return f"pass {number}" + (f" of at most {max_passes}" if max_passes else "")
+
+
 class DataPass:
     """One pass over calibration batches, shared by the PyTorch and ONNX paths.
 
     Iterating yields ``(index, prepared)`` for each batch, where ``prepare(batch, index,
     remaining)`` returns ``(prepared, samples in it)`` and ``remaining`` is how many samples
-    ``max_samples`` still allows (None: no limit). Progress is reported per batch. After the
-    pass ``batches`` and ``samples`` hold its counts; an empty pass raises BncalError.
+    ``max_samples`` still allows (None: no limit). Progress is reported per batch, against the
+    number of batches when the data knows it (and no sample limit cuts the pass short), under
+    ``description``. After the pass ``batches`` and ``samples`` hold its counts; an empty pass
+    raises BncalError.
     """
 
-    def __init__(self, data, prepare, *, max_samples=None, progress=None):
+    def __init__(self, data, prepare, *, max_samples=None, progress=None, description: str | None = None):
         self.data, self.prepare, self.max_samples, self.progress = data, prepare, max_samples, progress
+        self.description = description
         self.batches = self.samples = 0
 
     def __iter__(self):
         from .errors import BncalError
 
-        report = progress_reporter(self.progress)
+        total = batch_count(self.data) if self.progress and self.max_samples is None else None
+        report = progress_reporter(self.progress, total=total, description=self.description)
         batches = samples = 0
         try:
             for index, batch in enumerate(self.data):

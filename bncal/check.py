@@ -141,29 +141,44 @@ class CheckReport(ReportDisplay):
     samples: int
     unchecked: list[SkippedLayer] = dataclasses.field(default_factory=list)
     unchecked_count: int = 0
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @classmethod
     def from_checks(cls, layers: list[LayerCheck], outputs: list[OutputCheck], skipped: list[SkippedLayer],
                     thresholds: CheckThresholds, batches: int, samples: int,
-                    unchecked: list[SkippedLayer] = ()) -> "CheckReport":
+                    unchecked: list[SkippedLayer] = (), batching_warning: str | None = None) -> "CheckReport":
         """The verdict over per-layer (:func:`assess_layer`) and per-output
         (:meth:`OutputAgreement.check`) results: passed when every one passed and nothing is
-        ``unchecked``; one reason for the failed layers (naming the worst), one per failed output."""
+        ``unchecked``; one reason for the failed layers (naming the worst), one per failed output.
+
+        ``batching_warning`` (:func:`bncal.calibration.order_warning`) says the batches are far
+        from random draws: train mode on them differs from inference whatever the statistics,
+        so only the first layer (whose input no other BN affects) is still blamed, and any
+        other failure becomes one reason asking for shuffled data; the warning goes to
+        ``warnings``."""
         reasons = []
         bad = [l for l in layers if not l.passed]
+        unjudged = bool([l for l in bad if l is not layers[0]] or [o for o in outputs if not o.passed])
+        if batching_warning:
+            bad = [l for l in bad if l is layers[0]]
         if bad:
             worst = max(bad, key=lambda l: l.mean_shift if math.isfinite(l.mean_shift) else math.inf)
             reasons.append(f"{len(bad)} of {len(layers)} BatchNorm layers have moving statistics off their data "
                            f"(worst {worst.name}: mean shift {worst.mean_shift:.3g} sd, var ratio "
                            f"{worst.var_ratio:.3g}); recalibrate them")
         for o in outputs:
-            if not o.passed:
+            if not o.passed and not batching_warning:
                 detail = f"relative error {o.rel_error:.3g}" + (
                     "" if o.top1_agreement is None else f", top-1 agreement {o.top1_agreement:.3g}")
                 reasons.append(f"output {o.name} differs between inference and train mode ({detail})")
-        return cls(passed=not reasons and not unchecked, reasons=reasons, layers=list(layers), outputs=list(outputs),
-                   skipped=list(skipped), thresholds=thresholds, batches=batches, samples=samples,
-                   unchecked=list(unchecked), unchecked_count=len(unchecked))
+        if batching_warning and unjudged:
+            reasons.append("the batches are far from random draws of the data (see the warning), so train mode on them "
+                           "cannot be compared with inference; shuffle the data and check again")
+        return cls(passed=not (reasons or unjudged or unchecked), reasons=reasons, layers=list(layers),
+                   outputs=list(outputs), skipped=list(skipped), thresholds=thresholds, batches=batches,
+                   samples=samples, unchecked=list(unchecked), unchecked_count=len(unchecked),
+                   warnings=[batching_warning] if batching_warning else [])
 
     @property
     def verdict(self) -> str:
@@ -188,6 +203,9 @@ class CheckReport(ReportDisplay):
         if not self.reasons:
             return (f"{self.verdict}: {plural(len(self.layers), 'BN layer')} and {plural(len(self.outputs), 'output')} "
                     f"within limits{unchecked} ({plural(self.samples, 'sample')})")
+        if self.warnings:  # only the first layer is judged on such batches (see from_checks)
+            first = "" if not self.layers or self.layers[0].passed else f", first BN layer {self.layers[0].name} off its data"
+            return f"FAILED: batches far from random draws{first}{unchecked} ({plural(self.samples, 'sample')})"
         return (f"FAILED: {bad_layers} of {plural(len(self.layers), 'BN layer')} off their data, {bad_outputs} of "
                 f"{plural(len(self.outputs), 'output')} off train mode{unchecked} ({plural(self.samples, 'sample')})")
 
@@ -206,6 +224,7 @@ class CheckReport(ReportDisplay):
             format_table(output_rows, ["output", "max abs err", "rel err (rms)", "top-1 agree", "result"]),
         ]
         parts += [f"skipped {s.name}: {s.reason}" for s in self.skipped]
+        parts += [f"note: {note}" for note in self.notes]
         parts.append(
             f"thresholds: shift <= {t.max_mean_shift:g} sd, |log var ratio| <= {t.max_var_log_ratio:g} "
             f"(+ {t.noise_allowance:g} standard errors of the check's own estimate), "
@@ -310,13 +329,17 @@ def check_onnx(
     max_samples: int | None = None,
     providers: list[str] | None = None,
     progress: bool | Callable[[int], None] = False,
+    inputs=None,
 ) -> CheckReport:
     """Compare an ONNX model's moving BN statistics and inference outputs with train mode on ``batches``.
 
     ``model`` is an ``onnx.ModelProto``. One pass over the data (a one-shot iterator is fine);
     batches as for :func:`bncal.onnx_recalibrate.recalibrate_onnx` (see
     :mod:`bncal.runtime`). Batches should be drawn at random and hold 16 or more samples for
-    the output tests to be meaningful (see :class:`CheckThresholds`).
+    the output tests to be meaningful (see :class:`CheckThresholds`); batches far from random
+    draws (:class:`bncal.calibration.BatchComposition`) are named in ``warnings`` and the
+    verdict, instead of blaming the statistics. ``inputs`` picks the model inputs out of each
+    batch (:func:`bncal.data.select_inputs`).
 
     Raises:
         BncalError: no BN to check, data not matching the model, NaN/Inf in the data, or a
@@ -325,9 +348,11 @@ def check_onnx(
     import onnx
     from onnx import numpy_helper
 
+    from .calibration import BatchComposition, order_warning
+    from .data import select_inputs
     from .onnx_graphs import find_batchnorms, make_train_graph
     from .onnx_lowered import find_lowered_normalisations, no_batchnorm_hint
-    from .runtime import BatchStream, StatisticsSession, ort_session, run
+    from .runtime import BatchStream, StatisticsSession, first_floating, ort_session, run
 
     if not isinstance(model, onnx.ModelProto):
         raise BncalError(f"expected an onnx.ModelProto, got {type(model).__name__}; load the file with onnx.load first")
@@ -339,7 +364,9 @@ def check_onnx(
                          f"{no_batchnorm_hint(model, 'checked')}")
     unchecked = [SkippedLayer(l.name, f"{l.describe()}: {l.reason}, its statistics folded into constants")
                  for l in find_lowered_normalisations(model)]
-    stream = BatchStream(model, batches, reread=False, max_samples=max_samples, progress=progress)
+    stream = BatchStream(model, select_inputs(batches, inputs), reread=False, max_samples=max_samples,
+                         progress=progress)
+    composition = BatchComposition()
     output_names = [o.name for o in model.graph.output]
     inference = ort_session(model, optimization_level="all", providers=providers)
     train = StatisticsSession(*make_train_graph(model, expose_stats=True), outputs=output_names, providers=providers)
@@ -352,6 +379,7 @@ def check_onnx(
             "check with batches of 2 or more samples (32+ is better)"))
         for name, a, b in zip(output_names, inferred, trained):
             agreement[name].add(a, b)
+        composition.add(first_floating(feeds))
 
     initializers = {init.name: init for init in model.graph.initializer}
     layers = [assess_layer(info.name, info.channels, numpy_helper.to_array(initializers[info.mean_initializer]),
@@ -359,4 +387,5 @@ def check_onnx(
                            info.epsilon, thresholds)
               for info in train.infos]
     outputs = [agreement[name].check(name, thresholds) for name in output_names]
-    return CheckReport.from_checks(layers, outputs, skipped, thresholds, stream.batches, stream.samples, unchecked)
+    return CheckReport.from_checks(layers, outputs, skipped, thresholds, stream.batches, stream.samples, unchecked,
+                                   batching_warning=order_warning(composition, "check"))

@@ -165,7 +165,7 @@ class _Sweep:
         self.names = {id(bn): name for name, bn in layers}
         self.cache, self.limit = cache, max_forward_equivalents
         self.plan: SweepPlan | None = None
-        self.report = progress_reporter(progress)
+        self.report = progress_reporter(progress, description="pass 1: depth-by-depth sweep")  # counts batch steps
         self.moments: dict[str, ChannelMoments] = {}
         self.executed = self.per_sample = 0.0
         self.steps_done = self.data_passes = self.recomputed = 0

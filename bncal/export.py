@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 import logging
 import warnings
@@ -30,7 +31,8 @@ from .outputs import atomic_output
 from .errors import BncalError, one_line
 from .folding import as_tuple, check_initialized, meta_clone
 
-__all__ = ["export_onnx", "export_train_mode_onnx", "supported_opsets"]
+__all__ = ["export_onnx", "export_train_mode_onnx", "supported_opsets", "forward_parameter_names",
+           "positional_inputs"]
 
 _PROTOBUF_LIMIT = 2**31 - 1
 _BATCH_AXIS = "batch"
@@ -54,8 +56,11 @@ def export_onnx(
     ``model`` is not modified: a deep copy is put in eval mode, so any BatchNormalization in the
     graph is the inference one. With ``dynamic_batch`` dim 0 of every input and output is the
     symbolic axis ``batch``. Outputs that are tuples, lists or dicts are flattened (dicts in
-    insertion order). Default names are ``input``/``output`` for a single tensor, otherwise
-    ``input_0, ...``/``output_0, ...``. ``dynamo=False`` uses the deprecated TorchScript
+    insertion order). Default names are ``input``/``output`` for a single tensor; several
+    inputs are named after the parameters of ``model.forward`` they are passed to
+    (``forward(self, image, meta)``: ``image``, ``meta``), so that dict batches by those names
+    feed the graph; ``input_0, ...`` where the parameters cannot name them (``*args``), and
+    ``output_0, ...`` for several outputs. ``dynamo=False`` uses the deprecated TorchScript
     exporter. ``keep_batchnorm=True`` keeps every BatchNormalization node (a reference export of
     an unfolded model): the graph gets constant folding only, none of onnxscript's rewrite rules
     (which fuse BN into Conv/Gemm). If ``path`` is given the model is written there atomically,
@@ -233,12 +238,62 @@ def _names(model, inputs, input_names, output_names) -> tuple[list[str], list[st
             try:
                 outputs = _flatten(model(*inputs))
             except Exception as exc:
+                from .data import input_hint
+
                 raise BncalError(
-                    f"the model failed on the example inputs: {one_line(exc)}; pass inputs of "
-                    "the shape and dtype the model expects") from exc
+                    f"the model failed on the example inputs: {one_line(exc)}; pass inputs of the shape and "
+                    f"dtype the model expects{input_hint(inputs, one_line(exc))}") from exc
+    if input_names is None and n_inputs > 1:
+        parameters = forward_parameter_names(model)
+        if parameters is not None and len(inputs) <= len(parameters):
+            input_names = [name for name, x in zip(parameters, inputs) if isinstance(x, torch.Tensor)]
     input_names = _default_names(input_names, n_inputs, "input")
     output_names = _default_names(output_names, len(outputs), "output")
     return input_names, output_names
+
+
+def forward_parameter_names(model) -> list[str] | None:
+    """The names of the parameters of ``model.forward`` that take positional inputs, in order
+    (None when the signature cannot be read); ``*args`` and keyword-only parameters are not
+    included."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in signature.parameters.values() if p.kind in kinds]
+
+
+def positional_inputs(model, batch) -> tuple[tuple, list[str] | None]:
+    """One batch as ``model``'s positional inputs, and their names where the batch names them.
+
+    A dict (keyword inputs, any key order) becomes its values in the order of
+    ``model.forward``'s parameters, a parameter left out in between taking its default; the
+    names are the keys in that order. A tuple or list is the positional inputs as they are, a
+    lone value the only one (names None).
+    """
+    if not isinstance(batch, dict):
+        return (tuple(batch) if isinstance(batch, (list, tuple)) else (batch,)), None
+    parameters = forward_parameter_names(model)
+    if parameters is None:
+        return tuple(batch.values()), list(batch)
+    unknown = [k for k in batch if k not in parameters]
+    if unknown:
+        raise BncalError(f"the batch's keys {unknown} are not parameters of the model's forward{tuple(parameters)}; "
+                         "pick the model's inputs out of each batch with --inputs KEY (library: inputs=)")
+    last = max(parameters.index(k) for k in batch)
+    signature = inspect.signature(model.forward).parameters
+    values, names = [], []
+    for name in parameters[:last + 1]:
+        if name in batch:
+            values.append(batch[name])
+            names.append(name)
+        elif signature[name].default is not inspect.Parameter.empty:
+            values.append(signature[name].default)
+        else:
+            raise BncalError(f"the batch gives {', '.join(map(repr, batch))} but not {name!r}, which the model's "
+                             "forward needs before them; give every input")
+    return tuple(values), names
 
 
 def _default_names(names, count: int, stem: str) -> list[str]:

@@ -30,12 +30,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .calibration import DataOrder, LayerResult, build_report, check_mode, require_finite
+from ._progress import pass_label
+from .calibration import BatchComposition, DataOrder, LayerResult, build_report, check_mode, order_warning, require_finite
+from .data import select_inputs
 from .errors import BncalError
 from .onnx_graphs import find_batchnorms, make_stats_graph, make_train_graph, write_statistics
 from .onnx_lowered import find_lowered_normalisations, no_batchnorm_hint
 from .report import LayerStats, RecalibrationReport, SkippedLayer
-from .runtime import BatchStatistics, BatchStream, StatisticsSession
+from .runtime import BatchStatistics, BatchStream, StatisticsSession, first_floating
 from .stats import ChannelMoments, fixed_point_passes
 
 __all__ = ["recalibrate_onnx"]
@@ -51,6 +53,7 @@ def recalibrate_onnx(
     max_samples: int | None = None,
     providers: list[str] | None = None,
     progress: bool | Callable[[int], None] = False,
+    inputs=None,
 ) -> tuple[onnx.ModelProto, RecalibrationReport]:
     """Recompute the moving mean and variance of every BatchNorm in ``model`` from ``batches``.
 
@@ -73,6 +76,8 @@ def recalibrate_onnx(
         providers: onnxruntime execution providers, CPU appended last (default: CPU only).
         progress: True for a tqdm bar, or a callable given the number of batches done in the
             current pass after each batch.
+        inputs: the model inputs to pick out of each batch (:func:`bncal.data.select_inputs`),
+            e.g. ``0`` for ``(inputs, labels)`` batches.
 
     Returns:
         ``(new_model, report)``: a copy of ``model`` in which only the initializers holding
@@ -80,7 +85,9 @@ def recalibrate_onnx(
         population, biased, variance), and a :class:`~bncal.report.RecalibrationReport`.
         Statistics tensors shared between nodes (the TorchScript exporter deduplicates equal
         initializers) are un-shared first, see :func:`bncal.onnx_graphs.write_statistics`;
-        the report's notes list each such change.
+        the report's notes list each such change. In train mode the report warns
+        (``report.warnings``) when the batches are far from random draws of the data
+        (:class:`bncal.calibration.BatchComposition`).
 
     Raises:
         BncalError: no BN to recalibrate, empty data, data not matching the graph inputs
@@ -100,10 +107,11 @@ def recalibrate_onnx(
     skipped += [SkippedLayer(l.name, f"{l.describe()}: {l.reason}, its statistics folded into constants (lowered "
                                      "to arithmetic by the converter), left as they are; bncal inspect: BN060")
                 for l in find_lowered_normalisations(model)]
-    stream = BatchStream(model, batches, reread=(mode == "eval"), max_samples=max_samples, progress=progress)
+    stream = BatchStream(model, select_inputs(batches, inputs), reread=(mode == "eval"), max_samples=max_samples,
+                         progress=progress)
     run = _Passes(model, stream, providers, mode)
     moments, passes, converged, change = fixed_point_passes(
-        run.train_pass, run.eval_pass, mode=mode, tol=tol, max_passes=max_passes)
+        run.train_pass, run.eval_pass, mode=mode, tol=tol, max_passes=max_passes, on_pass=run.announce)
     for info in handled:
         require_finite(info.name, moments[info.name])
     new_model, write_notes = write_statistics(model, {info.name: (moments[info.name].mean, moments[info.name].variance)
@@ -112,9 +120,10 @@ def recalibrate_onnx(
                                                 _initializer_values(model, info.var_initializer)),
                           moments[info.name], info.epsilon)
               for info in handled]
+    warning = order_warning(run.composition, "recalibrate")
     report = build_report(mode=mode, layers=layers, skipped=skipped, batches=stream.batches, samples=stream.samples,
                           passes=passes, converged=converged, max_rel_change=change,
-                          notes=run.order.notes + write_notes)
+                          notes=run.order.notes + write_notes, warnings=[warning] if warning else [])
     return new_model, report
 
 
@@ -134,6 +143,10 @@ class _Passes:
         self.order = DataOrder()
         self.previous: list[dict[str, BatchStatistics]] = []  # per batch of the last eval pass
         self.sessions: dict[str, StatisticsSession] = {}
+        self.composition = BatchComposition() if mode == "train" else None
+
+    def announce(self, number: int, max_passes: int | None) -> None:
+        self.stream.description = pass_label(number, max_passes)
 
     def session(self, kind: str) -> StatisticsSession:
         """``kind``: ``"train"``, ``"plain"`` or ``"anchored"``."""
@@ -149,13 +162,16 @@ class _Passes:
         session, moments = self.session("train"), {}
         for index, feeds in self.stream:
             session.collect(feeds, index, moments, single_value_fix=self.single_value_fix)
+            if self.composition is not None:
+                self.composition.add(first_floating(feeds))
         return moments
 
     def eval_pass(self, current: dict[str, ChannelMoments]) -> dict[str, ChannelMoments]:
         moments, records, fed = {}, [], {}
         self.order.start_pass()
         for index, feeds in self.stream:
-            kind = "anchored" if self.order.anchored(index, _fingerprint(feeds)) else "plain"
+            kind = "anchored" if self.order.anchored(index, float(np.sum(first_floating(feeds), dtype=np.float64))) \
+                else "plain"
             session = self.session(kind)
             if kind not in fed:  # the current statistics, as the stats graph's inputs
                 fed[kind] = {name: value for info in session.infos for name, value in (
@@ -173,11 +189,6 @@ class _Passes:
         return moments
 
 
-def _fingerprint(feeds: dict[str, np.ndarray]) -> float:
-    """The float64 sum of the batch's first floating input (else its first input), for DataOrder."""
-    values = list(feeds.values())
-    first = next((v for v in values if np.issubdtype(v.dtype, np.floating)), values[0])
-    return float(np.sum(first, dtype=np.float64))
 
 
 def _stats_dtype(model, info) -> np.dtype:

@@ -29,8 +29,10 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._progress import DataPass
-from .calibration import NEVER_REACHED, DataOrder, LayerResult, build_report, check_mode, data_source, require_finite
+from ._progress import DataPass, pass_label
+from .calibration import (NEVER_REACHED, BatchComposition, DataOrder, LayerResult, build_report, check_mode,
+                          data_source, order_warning, require_finite)
+from .data import input_hint, select_inputs
 from .errors import BncalError, first_line
 from .report import LayerStats, RecalibrationReport, SkippedLayer
 from .stats import ChannelMoments, anchored_statistics, fixed_point_passes
@@ -55,7 +57,7 @@ def default_call(batch) -> tuple[tuple, dict]:
 
 def default_forward(model: nn.Module, batch):
     """Call ``model`` on one batch by :func:`default_call`. For ``(inputs, labels)`` loaders pass
-    ``forward_fn``."""
+    ``inputs=0`` to :func:`recalibrate` (or a ``forward_fn``)."""
     args, kwargs = default_call(batch)
     return model(*args, **kwargs)
 
@@ -66,6 +68,7 @@ def recalibrate(
     *,
     mode: str = "train",
     forward_fn: Callable | None = None,
+    inputs=None,
     max_samples: int | None = None,
     device: torch.device | str | None = None,
     tol: float = 1e-5,
@@ -86,6 +89,9 @@ def recalibrate(
             (a generator) is refused there: give a list, a DataLoader or such a function.
             Each batch is passed to ``forward_fn(model, batch)``, by default
             :func:`default_forward`. Tensors in the batch are moved to ``device``.
+        inputs: the model inputs to pick out of each batch before ``forward_fn`` sees it
+            (:func:`bncal.data.select_inputs`): ``0`` for ``(inputs, labels)`` loaders, a key
+            such as ``"image"`` for dict batches, several for several inputs.
         mode: ``"train"``: each BN normalises with its batch statistics during the pass, as
             in training (PreciseBN); the right choice when the model will be fine-tuned
             further or was trained with these batch sizes. ``"eval"``: inference-consistent
@@ -112,11 +118,15 @@ def recalibrate(
             ``forward_fn``, a model torch.fx cannot trace, a BN called twice, several ranks; the
             report's notes say why) the anchored passes run instead.
 
+    In train mode the report warns (``report.warnings``) when the batches are far from random
+    draws of the data (:class:`bncal.calibration.BatchComposition`), e.g. one class per batch:
+    train-mode statistics then depend on the batching; shuffle the data or use eval mode.
+
     A ``keras.Model`` (on Keras's torch backend an ``nn.Module`` too) is handed over to
     :func:`bncal.keras.recalibrate` with ``mode``, ``forward_fn``, ``max_samples``, ``tol``,
     ``max_passes`` and ``progress`` (arrays in ``data`` are cut into batches of 32 rows there);
-    ``device`` and ``process_group`` do not apply to it and are refused; ``cache_mb`` and
-    ``spill_dir`` (the torch eval sweep's) are not used there.
+    ``device`` and ``process_group`` do not apply to it and are refused; ``cache_mb``,
+    ``spill_dir`` (the torch eval sweep's) are not used there, ``inputs`` is refused.
 
     The stored ``running_var`` is the population (biased) variance, see :mod:`bncal.stats`.
     ``num_batches_tracked`` grows by the number of batches seen (over all ranks), as one
@@ -133,12 +143,14 @@ def recalibrate(
         if device is not None or process_group is not None:
             raise BncalError("a keras.Model is recalibrated by bncal.keras.recalibrate, on the devices Keras places "
                              "it on and in one process: leave device and process_group unset")
+        if inputs is not None:
+            raise BncalError("a keras.Model reads Keras's own batches ((x, y) tuples keep x): leave inputs unset")
         from .keras import recalibrate as recalibrate_keras
 
         return recalibrate_keras(model, data, mode=mode, forward_fn=forward_fn, max_samples=max_samples, tol=tol,
                                  max_passes=max_passes, progress=progress)
     check_mode(mode)
-    source = data_source(data, reread=(mode == "eval"))
+    source = data_source(select_inputs(data, inputs), reread=(mode == "eval"))
     custom_forward, forward_fn = forward_fn, forward_fn or default_forward
     layers, skipped = [], []
     for name, bn in batchnorm_layers(model):
@@ -154,22 +166,24 @@ def recalibrate(
 
     before = {name: _layer_stats(bn) for name, bn in layers}
     run = _Run(model, layers, source, forward_fn, max_samples, torch.device(device), progress, group)
+    run.composition = BatchComposition() if mode == "train" else None
     with run.prepared():
         first_pass = run.train_pass
         if mode == "eval":
             first_pass = _sweep_or_train_pass(run, model, layers, source, custom_forward, max_samples, device,
                                               cache_mb, spill_dir, progress, group)
         moments, passes, converged, change = fixed_point_passes(
-            first_pass, run.eval_pass, mode=mode, tol=tol, max_passes=max_passes)
+            first_pass, run.eval_pass, mode=mode, tol=tol, max_passes=max_passes, on_pass=run.announce)
         updated = run.write(moments)
     for name, _ in layers:
         if name not in updated:
             skipped.append(SkippedLayer(name, NEVER_REACHED))
     results = [LayerResult(name, before[name], moments[name], bn.eps, run.calls_per_forward.get(name, 0))
                for name, bn in layers if name in updated]
+    warning = order_warning(run.composition, "recalibrate")
     return build_report(mode=mode, layers=results, skipped=skipped, batches=run.batches, samples=run.samples,
                         passes=passes, converged=converged, max_rel_change=change, notes=run.order.notes,
-                        world_size=_world_size(group))
+                        warnings=[warning] if warning else [], world_size=_world_size(group))
 
 
 class _FreshPasses:
@@ -271,6 +285,11 @@ class _Run:
         self.order = DataOrder()
         self.anchored = False
         self.base: dict[str, tuple] = {}
+        self.composition: BatchComposition | None = None  # train mode: are the batches random draws?
+        self.label: str | None = None
+
+    def announce(self, number: int, max_passes: int | None) -> None:
+        self.label = pass_label(number, max_passes)
 
     @contextlib.contextmanager
     def prepared(self):
@@ -382,8 +401,10 @@ class _Run:
     def _pass(self):
         self.pending = {}
         self.anchored = False
-        current = DataPass(self.source(), lambda batch, index, remaining: _prepare(batch, self.device, remaining),
-                           max_samples=self.max_samples, progress=self.progress)
+        composition = self.composition if self.train_mode_pass else None
+        current = DataPass(self.source(), lambda batch, index, remaining: _prepare(batch, self.device, remaining,
+                                                                                   composition),
+                           max_samples=self.max_samples, progress=self.progress, description=self.label)
         with torch.no_grad():
             for index, (batch, fingerprint) in current:
                 if not self.train_mode_pass:
@@ -410,7 +431,8 @@ class _Run:
                 raise BncalError(f"batch {index} gives a BatchNorm only one value per channel, so its batch "
                                  "statistics (train mode) are undefined; use batches of 2 or more samples, "
                                  "or mode 'eval'") from exc
-            raise BncalError(f"the model failed on calibration batch {index} (input {_describe(batch)}): {msg}") from exc
+            raise BncalError(f"the model failed on calibration batch {index} (input {_describe(batch)}): "
+                             f"{msg}{input_hint(batch, msg)}") from exc
 
     def _load(self, bn, moments: ChannelMoments):
         with torch.no_grad():
@@ -465,11 +487,12 @@ def _combine_across_ranks(moments, layers, batches, samples, group):
     return combined, total_batches, total_samples
 
 
-def _prepare(batch, device, limit):
+def _prepare(batch, device, limit, composition=None):
     """Move tensors to ``device``, check they are finite, cut to ``limit`` samples.
 
     Returns ``((batch, fingerprint), size)``; the fingerprint (the sum of the first floating
     tensor, in float64) tells whether a later pass sees the same batch in the same place.
+    The first floating tensor also goes to ``composition`` (where given), before it moves.
     """
     sizes, sums = [], []
 
@@ -485,6 +508,8 @@ def _prepare(batch, device, limit):
                 total = float(x.sum(dtype=torch.float64))
                 if not math.isfinite(total) and not bool(torch.isfinite(x).all()):
                     raise BncalError("the calibration data contains NaN or Inf values; clean or filter it first")
+                if composition is not None and not sums:
+                    composition.add(x)
                 sums.append(total)
             return x.to(device, non_blocking=True)
         if isinstance(x, dict):

@@ -246,7 +246,9 @@ class RecalibrationReport(ReportDisplay):
     """What a recalibration did: one entry per updated layer, skipped layers with reasons.
 
     ``passes`` is the number of passes over the data; ``converged`` and ``max_rel_change``
-    describe the last pass of ``eval`` mode (for ``train`` mode: 1, True, 0.0).
+    describe the last pass of ``eval`` mode (for ``train`` mode: 1, True, 0.0). ``notes`` are
+    part of :meth:`table`; ``warnings`` (advice to act on, such as batches far from random
+    draws) are not: the CLI prints them on stderr.
     """
 
     mode: str
@@ -259,6 +261,7 @@ class RecalibrationReport(ReportDisplay):
     skipped: list[SkippedLayer]
     world_size: int = 1
     notes: list[str] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     def summary(self) -> str:
         """``train mode: 7 BN layers from 4000 samples, 1 pass`` (eval mode: and whether it converged)."""

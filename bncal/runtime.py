@@ -31,13 +31,14 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from ._progress import DataPass
 from .calibration import data_source
+from .data import input_hint
 from .errors import BncalError, first_line
 from .names import fresh_name
 from .stats import ChannelMoments
 
 __all__ = [
-    "ort_session", "input_specs", "InputSpec", "batch_feeds", "validated_feeds", "BatchStream", "run", "run_onnx",
-    "StatisticsSession", "BatchStatistics", "measure_latency", "compare_latency",
+    "ort_session", "input_specs", "InputSpec", "batch_feeds", "validated_feeds", "first_floating", "BatchStream", "run",
+    "run_onnx", "StatisticsSession", "BatchStatistics", "measure_latency", "compare_latency",
 ]
 
 _LEVELS = {
@@ -175,12 +176,14 @@ def batch_feeds(batch, names: list[str], index: int | None = None) -> dict:
         missing = [n for n in names if n not in batch]
         unknown = [n for n in batch if n not in names]
         if missing or unknown:
+            hint = "; pick the model's inputs out of each batch with --inputs KEY (library: inputs=)" if unknown else ""
             raise BncalError(f"{which} does not match the model's inputs {names}: "
-                             f"missing {missing}, unknown {unknown}")
+                             f"missing {missing}, unknown {unknown}{hint}")
         return {name: batch[name] for name in names}
     if isinstance(batch, (tuple, list)):
         if len(batch) != len(names):
-            labels = " (for (inputs, labels) data, give the inputs only)" if len(batch) == len(names) + 1 else ""
+            labels = input_hint(batch) or (" (for (inputs, labels) data, give the inputs only: --inputs 0)"
+                                           if len(batch) == len(names) + 1 else "")
             raise BncalError(f"{which} holds {len(batch)} values but the model has {len(names)} inputs {names}; "
                              "give one array per input, in that order, or a dict {input name: array}" + labels)
         return dict(zip(names, batch))
@@ -198,12 +201,16 @@ def validated_feeds(batch, specs: list[InputSpec], index: int, remaining: int | 
     for (name, value), spec in zip(batch_feeds(batch, [s.name for s in specs], index).items(), specs):
         value = np.asarray(value)
         if value.dtype != spec.dtype:
-            raise BncalError(f"input {name!r}: expected dtype {spec.dtype}, got {value.dtype} in batch {index}; "
-                             f"convert the data with .astype(np.{spec.dtype.name})")
+            pixels = (np.issubdtype(value.dtype, np.unsignedinteger) and np.issubdtype(spec.dtype, np.floating))
+            raise BncalError(f"input {name!r}: expected dtype {spec.dtype}, got {value.dtype} in batch {index}; " + (
+                input_hint(value, "dtype")[2:] if pixels else f"convert the data with .astype(np.{spec.dtype.name})"))
         if spec.shape is not None and (value.ndim != len(spec.shape) or any(
                 isinstance(d, int) and d > 0 and d != got for d, got in zip(spec.shape, value.shape))):
+            channels = spec.shape[1] if len(spec.shape) > 1 else None
+            hint = (input_hint(value, f"to have {channels} channels, but got {value.shape[1]} channels")
+                    if value.ndim == len(spec.shape) and channels in (1, 3) and value.shape[1] != channels else "")
             raise BncalError(f"input {name!r}: expected shape {_format_shape(spec.shape)}, got {tuple(value.shape)} "
-                             f"in batch {index}")
+                             f"in batch {index}{hint}")
         if value.ndim == 0 or value.shape[0] == 0:
             raise BncalError(f"input {name!r} of batch {index} holds no samples (shape {tuple(value.shape)})")
         if remaining is not None and value.shape[0] > remaining:
@@ -219,6 +226,14 @@ def validated_feeds(batch, specs: list[InputSpec], index: int, remaining: int | 
 def _format_shape(shape) -> str:
     dims = [str(d) if isinstance(d, int) and d > 0 else (d or "?") for d in shape]
     return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
+
+
+def first_floating(feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """The batch's first floating input (else its first input): what identifies a batch
+    (:class:`bncal.calibration.DataOrder`) and what its composition is judged on
+    (:class:`bncal.calibration.BatchComposition`)."""
+    values = list(feeds.values())
+    return next((v for v in values if np.issubdtype(v.dtype, np.floating)), values[0])
 
 
 class BatchStream:
@@ -238,11 +253,13 @@ class BatchStream:
         self.specs = input_specs(model)
         self.max_samples = max_samples
         self.progress = progress
+        self.description: str | None = None  # the progress bar's label for the next pass
         self.batches = self.samples = 0
 
     def __iter__(self):
         current = DataPass(self._fresh(), lambda batch, index, remaining: validated_feeds(
-            batch, self.specs, index, remaining), max_samples=self.max_samples, progress=self.progress)
+            batch, self.specs, index, remaining), max_samples=self.max_samples, progress=self.progress,
+            description=self.description)
         yield from current
         self.batches, self.samples = current.batches, current.samples
 

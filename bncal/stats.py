@@ -152,7 +152,8 @@ def max_relative_change(old: dict, new: dict, eps: float = 1e-12) -> float:
     return worst
 
 
-def fixed_point_passes(train_pass, eval_pass, *, mode: str, tol: float, max_passes: int | None = None):
+def fixed_point_passes(train_pass, eval_pass, *, mode: str, tol: float, max_passes: int | None = None,
+                       on_pass=None):
     """Drive a recalibration: one train-mode pass, then (``eval`` mode) eval passes to a fixed point.
 
     ``train_pass()`` returns ``{layer: ChannelMoments}`` with every BN normalising with its
@@ -173,10 +174,15 @@ def fixed_point_passes(train_pass, eval_pass, *, mode: str, tol: float, max_pass
     ``max_passes=None`` means one pass per BN layer plus one, the bound at which plain passes
     are exact whatever the graph.
 
+    ``on_pass(number, max_passes)``, where given, is called before each pass (for progress
+    reports; ``max_passes`` is None before the first eval-mode pass when it is the default).
+
     Returns ``(moments, passes, converged, last_change)``.
     """
     if mode not in ("train", "eval"):
         raise ValueError(f"mode must be 'train' or 'eval', not {mode!r}")
+    if on_pass is not None:
+        on_pass(1, 1 if mode == "train" else max_passes)
     moments = train_pass()
     passes, change = 1, 0.0
     if mode == "train":
@@ -185,6 +191,8 @@ def fixed_point_passes(train_pass, eval_pass, *, mode: str, tol: float, max_pass
         max_passes = len(moments) + 1
     change = float("inf")
     while passes < max_passes:
+        if on_pass is not None:
+            on_pass(passes + 1, max_passes)
         new = eval_pass(moments)
         passes += 1
         change = max_relative_change(moments, new)

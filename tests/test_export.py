@@ -153,14 +153,14 @@ def test_several_inputs_and_nested_outputs(dynamo):
     model = randomize_bn(TwoInTwoOut()).eval()
     example = (torch.randn(1, 2, 7), torch.randn(1, 4))  # batch 1 example must still export a batch axis
     proto = export_onnx(model, example, dynamo=dynamo)
-    assert [i.name for i in proto.graph.input] == ["input_0", "input_1"]
+    assert [i.name for i in proto.graph.input] == ["x", "y"]  # forward(self, x, y)
     assert [o.name for o in proto.graph.output] == ["output_0", "output_1", "output_2"]
     assert _dims(proto.graph.output[0])[0] == "batch"
 
     x, y = torch.randn(4, 2, 7), torch.randn(4, 4)
     with torch.no_grad():
         out = model(x, y)
-    got = _session(proto).run(None, {"input_0": x.numpy(), "input_1": y.numpy()})
+    got = _session(proto).run(None, {"x": x.numpy(), "y": y.numpy()})
     for g, w in zip(got, [out["features"], *out["pair"]]):
         _assert_close(g, w.numpy())
 

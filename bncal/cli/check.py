@@ -7,8 +7,8 @@ from itertools import islice
 import click
 
 from ..errors import BncalError
-from .options import (DataArgs, ModelArgs, Options, OutputArgs, ReportArgs, ThresholdArgs, VerbosityArgs, as_inputs,
-                      command, torch_batches)
+from .options import (DataArgs, ModelArgs, Options, OutputArgs, ReportArgs, ThresholdArgs, VerbosityArgs, command,
+                      torch_batches)
 
 
 @command(
@@ -54,17 +54,19 @@ def command(args) -> int:
         if loaded.kind == "onnx":
             proto = loaded.model
         else:
-            from ..export import export_onnx
+            from ..export import export_onnx, positional_inputs
             from ..fold_export import torch_onnx_parity
 
             net = loaded.model
-            batches = [as_inputs(b) for b in islice(torch_batches(data, net), 3)]
+            batches = [positional_inputs(net, b) for b in islice(torch_batches(data, net), 3)]
             if not batches:
                 raise BncalError("the calibration data is empty; give at least one batch")
-            proto = export_onnx(net, batches[0], keep_batchnorm=True)
-            parity = torch_onnx_parity(net, proto, batches)
+            # Dict batches name the graph inputs, so that they feed it by name whatever their key order.
+            proto = export_onnx(net, batches[0][0], keep_batchnorm=True, input_names=batches[0][1])
+            parity = torch_onnx_parity(net, proto, [inputs for inputs, _ in batches])
         report = check_onnx(proto, data, thresholds=thresholds, max_samples=args.data.max_samples,
                             progress=ui.interactive)
+    report.notes.append(args.data.note(data))
     if parity is not None:
         ui.echo("PyTorch eval vs onnxruntime (exported graph):")
         ui.echo(parity.table())
@@ -73,6 +75,8 @@ def command(args) -> int:
     if report.unchecked:
         ui.warn(f"{report.unchecked_count} normalisation layer{'s' if report.unchecked_count != 1 else ''} lowered "
                 "to arithmetic by the converter could not be checked (bncal inspect MODEL: BN060)")
+    for warning in report.warnings:
+        ui.warn(warning)
     # A completed check writes its report whatever the verdict: the report is what a failure is read from.
     if args.report.json:
         ReportArgs.write_json(args.report.json, {"check": report, "parity": parity})

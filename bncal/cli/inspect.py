@@ -45,7 +45,9 @@ def command(args) -> int:
     elif args.shapes:
         from ..folding import analyze_foldability
 
-        example = random_inputs(args.shapes)
+        from ..export import forward_parameter_names
+
+        example = random_inputs(args.shapes.ordered(forward_parameter_names(target) or [], prefix=True))
         decisions = analyze_foldability(target, example)
     training = args.training
     report = inspect_model(target, batch_size=training.batch_size, dataset_size=training.dataset_size,

@@ -26,7 +26,7 @@ from ..errors import BncalError
 __all__ = [
     "OptionGroup", "Args", "command", "VerbosityArgs", "ModelArgs", "DataArgs", "InputShapeArgs", "ToleranceArgs",
     "ThresholdArgs", "DeviceArgs", "OutputArgs", "ReportArgs", "RecalibrationArgs", "ExportArgs", "FoldArgs",
-    "VerificationArgs", "TrainingArgs", "Options", "Console", "as_inputs", "torch_batches", "random_inputs",
+    "VerificationArgs", "TrainingArgs", "Options", "Console", "InputShapes", "torch_batches", "random_inputs",
 ]
 
 
@@ -71,6 +71,59 @@ class ShapeType(click.ParamType):
         if not shape or any(d < 1 for d in shape):
             self.fail(f"{value!r}: every dimension must be a positive integer", param, ctx)
         return shape
+
+
+class NamedShapesType(click.ParamType):
+    """Polygraphy's ``name:[d0,d1,...]`` (several separated by spaces); the name is everything
+    before the last colon (``input:0:[1,3]`` names ``input:0``)."""
+
+    name = "name:shape"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        shapes = []
+        for item in str(value).split():
+            name, colon, dims = item.rpartition(":")
+            if not colon or not name:
+                self.fail(f"{item!r}: give NAME:[d0,d1,...] such as image:[1,3,224,224]", param, ctx)
+            shapes.append((name, ShapeType().convert(dims.strip("[]()"), param, ctx)))
+        if not shapes:
+            self.fail("give NAME:[d0,d1,...] such as image:[1,3,224,224]", param, ctx)
+        return tuple(shapes)
+
+
+class CropType(click.ParamType):
+    """``N`` (a square) or ``H,W`` / ``HxW``: positive integers."""
+
+    name = "crop"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            size = tuple(int(v) for v in str(value).replace("x", ",").split(","))
+        except ValueError:
+            self.fail(f"{value!r}: give a size such as 224 or 224,192", param, ctx)
+        if len(size) not in (1, 2) or any(v < 1 for v in size):
+            self.fail(f"{value!r}: give one or two positive integers (H[,W])", param, ctx)
+        return size * 2 if len(size) == 1 else size
+
+
+class SelectorsType(click.ParamType):
+    """Positions (``0``) or keys (``image``), comma-separated."""
+
+    name = "inputs"
+
+    def convert(self, value, param, ctx):
+        from ..data import parse_selectors
+
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_selectors(str(value))
+        except BncalError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 class FloatListType(click.ParamType):
@@ -323,16 +376,28 @@ class DataValue(types.SimpleNamespace):
         from ..data import load_data
 
         return load_data(self.spec, batch_size=self.batch_size, rank=rank, world_size=world_size,
-                         image_options=self.image_options)
+                         image_options=self.image_options, shuffle=self.shuffle, seed=self.seed, inputs=self.inputs,
+                         normalize=self.normalize)
 
     def numpy_batches(self):
         from ..data import NumpyBatches
 
         return NumpyBatches(self.load())
 
+    @staticmethod
+    def note(data) -> str | None:
+        """``data: <what was read, in which order, in batches of which size>`` for a report's notes."""
+        description = getattr(data, "description", None)
+        return f"data: {description}" if description else None
+
+
+_IMAGE_OPTIONS = ("image_size", "resize", "crop", "channels", "preset", "norm_mean", "norm_std")
+_OPTION_NAMES = {"image_size": "--image-size", "resize": "--resize", "crop": "--crop", "channels": "--channels",
+                 "preset": "--preset", "norm_mean": "--mean", "norm_std": "--std"}
+
 
 class DataArgs(OptionGroup):
-    """``--data`` and how it is read: batch size, sample limit, image decoding."""
+    """``--data`` and how it is read: which inputs, batch size, order, sample limit, image decoding."""
 
     name = "data"
 
@@ -340,49 +405,124 @@ class DataArgs(OptionGroup):
         self.required, self.batch_help = required, batch_help
 
     def params(self):
+        from_files = "(.npy/.npz/image folders)"
         return [
             click.Option(["--data", "data_spec"], metavar="DATA",
-                         help="Data: .npy, .npz (arrays by input name), an image folder, or file.py:func / module:func."),
-            click.Option(["--batch-size"], type=click.IntRange(min=1), default=32, show_default=True, help=self.batch_help),
+                         help="Data: .npy, .npz (arrays by input name), an image folder (class subfolders allowed), or "
+                              "file.py:func / module:func returning batches."),
+            click.Option(["--inputs"], multiple=True, type=SelectorsType(), metavar="POS|KEY",
+                         help="The model inputs in each batch: a position (--inputs 0 for (inputs, labels) batches) or "
+                              "a key / .npz array name (--inputs images); repeat or comma-separate for several."),
+            click.Option(["--batch-size"], type=click.IntRange(min=1), default=None,
+                         help=f"{self.batch_help} File data {from_files}: default 32. A data function gets it "
+                              "(batch_size=) only when given; otherwise its own batching is used."),
             click.Option(["--max-samples"], type=click.IntRange(min=1), help="Use at most this many samples of --data."),
+            click.Option(["--shuffle/--no-shuffle"], default=True, show_default=True,
+                         help=f"Read file data {from_files} in an order shuffled with --seed; --no-shuffle keeps file "
+                              "order. A data function's order is its own."),
+            click.Option(["--seed"], type=click.IntRange(min=0), default=0, show_default=True,
+                         help="Seed of the shuffled order of file data."),
+            click.Option(["--normalize"], is_flag=True,
+                         help="Treat uint8/uint16 arrays of .npy/.npz data as image pixels: scale to [0, 1], then "
+                              "--mean/--std or --preset, as for image folders."),
             click.Option(["--image-size"], nargs=2, type=click.IntRange(min=1), metavar="H W",
-                         help="Resize images to H x W (image folders)."),
-            click.Option(["--channels"], type=click.Choice(["1", "3"]), default="3", show_default=True,
-                         help="Image channels (image folders)."),
-            click.Option(["--mean", "norm_mean"], type=FloatListType(), metavar="M[,M,M]", default="0", show_default=True,
-                         help="Per-channel mean after scaling to [0, 1] (image folders)."),
-            click.Option(["--std", "norm_std"], type=FloatListType(), metavar="S[,S,S]", default="1", show_default=True,
-                         help="Per-channel standard deviation (image folders)."),
+                         help="Resize images to exactly H x W (image folders)."),
+            click.Option(["--resize"], type=click.IntRange(min=1), metavar="N",
+                         help="Resize images so that the shorter side is N pixels, keeping the aspect (image folders)."),
+            click.Option(["--crop"], type=CropType(), metavar="H[,W]",
+                         help="Center-crop images to H x W after resizing (image folders)."),
+            click.Option(["--channels"], type=click.Choice(["1", "3"]), default=None,
+                         help="Image channels: 1 grayscale, 3 RGB (image folders; default 3)."),
+            click.Option(["--preset"], metavar="NAME",
+                         help="Normalisation preset instead of --mean/--std: imagenet (mean 0.485,0.456,0.406, std "
+                              "0.229,0.224,0.225) or mnist (0.1307, 0.3081)."),
+            click.Option(["--mean", "norm_mean"], type=FloatListType(), metavar="M[,M,M]",
+                         help="Per-channel mean after scaling pixels to [0, 1] (default 0)."),
+            click.Option(["--std", "norm_std"], type=FloatListType(), metavar="S[,S,S]",
+                         help="Per-channel standard deviation after scaling pixels to [0, 1] (default 1)."),
         ]
 
     def parse(self, values, args):
         from ..data import ImageOptions
 
-        if self.required and not values["data_spec"]:
+        spec = values["data_spec"]
+        if self.required and not spec:
             raise _usage_error(f"--data is required: {self.required}")
+        given = [_OPTION_NAMES[k] for k in _IMAGE_OPTIONS if values[k] not in (None, ())]
+        if spec and given and not Path(spec).is_dir():
+            pixel_options = {"--preset", "--mean", "--std"}
+            arrays = Path(spec).suffix.lower() in (".npy", ".npz")
+            if not (arrays and values["normalize"] and set(given) <= pixel_options):
+                where = ("image folders, and --mean/--std/--preset to .npy/.npz pixels with --normalize" if arrays
+                         else "image folders")
+                raise _usage_error(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to {where}; "
+                                   f"--data {spec} is not one")
         try:
             image_options = ImageOptions(size=tuple(values["image_size"]) if values["image_size"] else None,
-                                         channels=int(values["channels"]), mean=values["norm_mean"], std=values["norm_std"])
+                                         channels=int(values["channels"] or 3), mean=values["norm_mean"],
+                                         std=values["norm_std"], resize=values["resize"], crop=values["crop"],
+                                         preset=values["preset"])
         except BncalError as exc:
             raise _usage_error(str(exc)) from None
-        return DataValue(spec=values["data_spec"], batch_size=values["batch_size"], max_samples=values["max_samples"],
-                         image_options=image_options)
+        inputs = tuple(s for group in values["inputs"] for s in group) or None
+        return DataValue(spec=spec, batch_size=values["batch_size"], max_samples=values["max_samples"],
+                         image_options=image_options, shuffle=values["shuffle"], seed=values["seed"], inputs=inputs,
+                         normalize=values["normalize"])
 
     def plan(self, value, plan, args):
         plan.protect(value.files())
 
 
+class InputShapes(types.SimpleNamespace):
+    """Shapes for seeded random inputs: ``positional`` (``--input-shape``, in input order) or
+    ``named`` (``--input-shapes name:[...]``, by input name). False when neither is given."""
+
+    def __bool__(self):
+        return bool(self.positional or self.named)
+
+    def ordered(self, names: list[str], *, prefix: bool = False) -> list[tuple[int, ...]]:
+        """The shapes for inputs ``names`` in that order. With ``prefix`` (a PyTorch forward's
+        parameters), named shapes may stop before the last parameter (the rest keep their
+        defaults)."""
+        if self.positional:
+            if not prefix and len(self.positional) != len(names):
+                raise BncalError(f"{len(self.positional)} --input-shape given for the model's {len(names)} inputs "
+                                 f"{names}; give one per input, or name them: --input-shapes NAME:[d0,d1,...]")
+            return list(self.positional)
+        unknown = [n for n in self.named if n not in names]
+        if unknown:
+            raise BncalError(f"--input-shapes names {unknown}, which the model does not have; its inputs are {names}")
+        wanted = names[:max(names.index(n) for n in self.named) + 1] if prefix else names
+        missing = [n for n in wanted if n not in self.named]
+        if missing:
+            raise BncalError(f"--input-shapes gives no shape for the model's input{'s' if len(missing) > 1 else ''} "
+                             f"{missing}; give one per input: --input-shapes {missing[0]}:[d0,d1,...]")
+        return [self.named[n] for n in wanted]
+
+
 class InputShapeArgs(OptionGroup):
-    """``--input-shape``: shapes for seeded random example inputs."""
+    """``--input-shape`` (positional) or ``--input-shapes name:[...]`` (by name): shapes for seeded random inputs."""
 
     name = "shapes"
 
     def params(self):
         return [click.Option(["--input-shape", "input_shapes"], multiple=True, type=ShapeType(), metavar="N,C,H,W",
-                             help="Shape of a model input for seeded random inputs (repeat for several inputs).")]
+                             help="Shape of a model input for seeded random inputs (repeat for several inputs, in order)."),
+                click.Option(["--input-shapes", "named_shapes"], multiple=True, type=NamedShapesType(),
+                             metavar="NAME:[N,C,H,W]",
+                             help="Shapes by input name, Polygraphy-style (several separated by spaces, or repeat): "
+                                  "--input-shapes image:[2,3,32,32] meta:[2,4].")]
 
     def parse(self, values, args):
-        return list(values["input_shapes"])
+        named = {}
+        for group in values["named_shapes"]:
+            for name, shape in group:
+                if name in named:
+                    raise _usage_error(f"--input-shapes gives {name} twice")
+                named[name] = shape
+        if named and values["input_shapes"]:
+            raise _usage_error("give --input-shape (in input order) or --input-shapes (by name), not both")
+        return InputShapes(positional=list(values["input_shapes"]), named=named)
 
 
 def random_inputs(shapes, seed: int = 0) -> tuple:
@@ -401,13 +541,6 @@ def torch_batches(batches, net):
 
     dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
     return TorchBatches(batches, dtype)
-
-
-def as_inputs(batch) -> tuple:
-    """A batch as positional model inputs: a dict's values, a tuple's items, or the lone tensor."""
-    if isinstance(batch, dict):
-        return tuple(batch.values())
-    return tuple(batch) if isinstance(batch, (list, tuple)) else (batch,)
 
 
 class ToleranceArgs(OptionGroup):

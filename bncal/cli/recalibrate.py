@@ -62,6 +62,8 @@ def command(args) -> int:
     if not is_main:
         return 0
     ui.echo(report.table())
+    for warning in report.warnings:
+        ui.warn(warning)
     summary = f"recalibrated {len(report.layers)} BatchNorm layers from {report.samples} samples in {report.batches} batches"
     summary += f", {report.passes} pass{'es' if report.passes != 1 else ''}"
     if report.world_size > 1:
@@ -95,10 +97,12 @@ def _recalibrate_torch(args):
         net = loaded.model
         if launch.device is not None:
             net.to(launch.device)
-        batches = torch_batches(args.data.load(rank=launch.rank, world_size=launch.world_size), net)
-        report = recalibrate(net, batches, mode=options.mode, max_samples=launch.shard_limit(args.data.max_samples),
-                             tol=options.tol, max_passes=options.max_passes, cache_mb=options.cache_mb,
-                             spill_dir=options.spill_dir, progress=args.ui.interactive and launch.is_main)
+        data = args.data.load(rank=launch.rank, world_size=launch.world_size)
+        report = recalibrate(net, torch_batches(data, net), mode=options.mode,
+                             max_samples=launch.shard_limit(args.data.max_samples), tol=options.tol,
+                             max_passes=options.max_passes, cache_mb=options.cache_mb, spill_dir=options.spill_dir,
+                             progress=args.ui.interactive and launch.is_main)
+        report.notes.append(args.data.note(data))
         if launch.is_main:
             net.to("cpu")
             save_state_dict(net, args.output.path)
@@ -131,8 +135,10 @@ def _recalibrate_onnx(args):
         raise BncalError("an .onnx model is recalibrated in one process, with onnxruntime; run bncal without torchrun")
     options = args.recalibration
     proto = args.model.load().model
-    new_model, report = recalibrate_onnx(proto, args.data.numpy_batches(), mode=options.mode, tol=options.tol,
+    data = args.data.numpy_batches()
+    new_model, report = recalibrate_onnx(proto, data, mode=options.mode, tol=options.tol,
                                          max_passes=options.max_passes, max_samples=args.data.max_samples,
                                          progress=args.ui.interactive)
+    report.notes.append(args.data.note(data))
     save_onnx(new_model, args.output.path)
     return report
