@@ -392,20 +392,29 @@ def as_inputs(batch) -> tuple:
 
 
 class ToleranceArgs(OptionGroup):
-    """``--atol``/``--rtol``: the output comparison's tolerance, ``|a - r| <= atol + rtol * |r|``."""
+    """``--scale-tol``/``--atol``/``--rtol``: the output comparison's tolerance (:class:`bncal.verify.Tolerance`),
+    ``|a - r| <= atol + rtol * |r| + scale_tol * max|r|``; none given: ``--scale-tol 1e-4``."""
 
     name = "tolerance"
 
     def params(self):
         return [
-            click.Option(["--atol"], type=FiniteFloat(0), default=1e-5, show_default=True,
-                         help="Absolute tolerance of the output comparison (finite, >= 0)."),
-            click.Option(["--rtol"], type=FiniteFloat(0), default=1e-4, show_default=True,
-                         help="Relative tolerance of the output comparison (finite, >= 0)."),
+            click.Option(["--scale-tol"], type=FiniteFloat(0), default=None,
+                         help="Largest error relative to each output's scale (max |reference|); the default rule, "
+                              "1e-4, when no tolerance is given."),
+            click.Option(["--atol"], type=FiniteFloat(0), default=None,
+                         help="Absolute tolerance per element (adds to the terms given; finite, >= 0)."),
+            click.Option(["--rtol"], type=FiniteFloat(0), default=None,
+                         help="Relative tolerance per element, times |reference| (adds to the terms given; finite, >= 0)."),
         ]
 
     def parse(self, values, args):
-        return types.SimpleNamespace(atol=values["atol"], rtol=values["rtol"])
+        return types.SimpleNamespace(atol=values["atol"], rtol=values["rtol"], scale_tol=values["scale_tol"])
+
+    @staticmethod
+    def keywords(value) -> dict:
+        """The tolerance as keyword arguments of :func:`bncal.verify.compare_outputs` and fold-export."""
+        return dict(atol=value.atol, rtol=value.rtol, scale_tol=value.scale_tol)
 
 
 class ThresholdArgs(OptionGroup):
