@@ -428,10 +428,13 @@ class ThresholdArgs(OptionGroup):
                          help="Largest |moving mean - data mean| per channel, in data standard deviations."),
             click.Option(["--max-var-log-ratio"], type=FiniteFloat(0), default=0.2, show_default=True,
                          help="Largest |log(moving var / data var)| per channel."),
-            click.Option(["--min-top1-agreement"], type=FiniteFloat(0, 1), default=0.8, show_default=True,
-                         help="Smallest fraction of samples whose arg-max agrees between inference and train mode."),
-            click.Option(["--max-output-rel-error"], type=FiniteFloat(0), default=0.5, show_default=True,
-                         help="Largest rms(inference - train) / rms(train) per output."),
+            click.Option(["--max-spread-ratio"], type=FiniteFloat(0), default=1.5, show_default=True,
+                         help="Largest rms(inference - train) / rms(train - train on re-paired batches) per output: "
+                              "how far beyond what batch statistics alone explain."),
+            click.Option(["--min-top1-agreement"], type=FiniteFloat(0, 1), default=None,
+                         help="Also require this fraction of samples whose arg-max agrees between inference and train mode."),
+            click.Option(["--max-output-rel-error"], type=FiniteFloat(0), default=None,
+                         help="Also require rms(inference - train) / rms(train) per output at most this."),
         ]
 
     def parse(self, values, args):
