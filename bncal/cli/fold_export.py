@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from itertools import islice
 
 from ..errors import BncalError, VerificationError
@@ -26,31 +27,27 @@ from .options import (DataArgs, ExportArgs, FoldArgs, InputShapeArgs, ModelArgs,
 def command(args) -> int:
     """Fold BatchNorm into neighbouring ops, export to ONNX, and prove parity in onnxruntime.
 
-    MODEL is a factory spec (with --weights) or an .onnx file. The folded model is compared
-    with the original on --data batches (or seeded random --input-shape inputs); OUTPUT is
-    written only if every output matches within --atol/--rtol, else the exit status is 1.
+    MODEL is a factory spec (with --weights) or an .onnx file. The folded graph is compared with
+    the unfolded one, and the unfolded export with PyTorch, on --data batches (or seeded random
+    inputs of the model's own shape, --input-shape for dynamic dimensions); OUTPUT is written
+    only if every output matches (default: within 1e-4 of its scale), else the exit status is 1.
     """
     ui, verification = args.ui, args.verification
     data = args.data.load() if args.data.spec else None
     loaded = args.model.load()
-    check_report = None
+    progress = ui.progress if ui.interactive else False
     try:
         if loaded.kind == "onnx":
-            report, original = _fold_export_onnx(args, loaded.model, data)
+            report = _fold_export_onnx(args, loaded.model, data, progress)
         else:
-            report, original = _fold_export_torch(args, loaded.model, data)
+            report = _fold_export_torch(args, loaded.model, data, progress)
     except VerificationError as exc:
         ui.echo(exc.report.table())
         raise
-    if data is not None and verification.run_check:
-        from ..check import check_onnx
-        from ..data import NumpyBatches
-
-        check_report = check_onnx(original, NumpyBatches(data), max_samples=args.data.max_samples)
     ui.echo(report.table())
-    if check_report is not None:
-        ui.echo("\ntrain-mode vs inference-mode check (onnxruntime, original model):")
-        ui.echo(check_report.table())
+    check_report = None
+    if data is not None and verification.run_check:
+        check_report = _check(args, report, progress)
     if args.report.json:
         ReportArgs.write_json(args.report.json, {"fold_export": report, "check": check_report})
     if check_report is not None and not check_report.passed:
@@ -60,32 +57,50 @@ def command(args) -> int:
     return 0
 
 
-def _fold_export_onnx(args, proto, data):
-    import numpy as np
+def _check(args, report, progress):
+    """The train/inference check of the unfolded model on --data, or None with a note when there is nothing to check."""
+    from ..check import check_onnx
+    from ..data import NumpyBatches
+    from ..fold_export import fit_to_batch_size, fixed_batch_size
+    from ..onnx_graphs import find_batchnorms
+    from ..runtime import input_specs
 
+    ui, original = args.ui, report.original
+    infos = find_batchnorms(original)
+    if not any(info.handled for info in infos):
+        reasons = Counter(info.skip_reason for info in infos)
+        kept = "; ".join(f"{count} of {len(infos)}: {reason}" for reason, count in reasons.items())
+        ui.echo(f"\nnote: nothing to check: the model has no inference BatchNormalization with moving statistics"
+                f"{f' ({kept})' if kept else ''}; the train/inference check was skipped")
+        return None
+    notes: list[str] = []
+    batches = fit_to_batch_size(NumpyBatches(args.data.load()), fixed_batch_size(input_specs(original)), notes)
+    ui.progress("checking train mode vs inference mode in onnxruntime")
+    check_report = check_onnx(original, batches, max_samples=args.data.max_samples, progress=bool(progress))
+    ui.echo("\ntrain-mode vs inference-mode check (onnxruntime, original model):")
+    for note in notes:
+        ui.echo(f"note: {note}")
+    ui.echo(check_report.table())
+    return check_report
+
+
+def _fold_export_onnx(args, proto, data, progress):
     from ..fold_export import fold_export_onnx
 
-    initializers = {t.name for t in proto.graph.initializer}
-    names = [i.name for i in proto.graph.input if i.name not in initializers]
     feeds = None
     if data is not None:
-        feeds = [_as_feeds(b, names) for b in islice(data, args.verification.verify_batches)]
+        feeds = [_as_feeds(b) for b in islice(data, args.verification.verify_batches)]
         if not feeds:
             raise BncalError("the data is empty; give at least one batch to verify on")
-    elif args.shapes:
-        if len(args.shapes) != len(names):
-            raise BncalError(f"{len(args.shapes)} --input-shape given for the model's {len(names)} inputs {names}; "
-                             "give one per input")
-        feeds = [{n: np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-                  for n, shape in zip(names, args.shapes)} for seed in range(2)]
-    _, report = fold_export_onnx(proto, args.output.path, verify_feeds=feeds, atol=args.tolerance.atol,
-                                 rtol=args.tolerance.rtol, bn_to_affine=args.fold.bn_to_affine,
-                                 keep_failed=args.verification.keep_failed,
-                                 treat_initializer_inputs_as_constant=args.fold.constant_initializer_inputs)
-    return report, proto
+    _, report = fold_export_onnx(proto, args.output.path, verify_feeds=feeds, input_shapes=args.shapes or None,
+                                 **ToleranceArgs.keywords(args.tolerance), bn_to_affine=args.fold.bn_to_affine,
+                                 keep_failed=args.verification.keep_failed, latency_batches=args.verification.latency or (),
+                                 treat_initializer_inputs_as_constant=args.fold.constant_initializer_inputs,
+                                 progress=progress)
+    return report
 
 
-def _fold_export_torch(args, net, data):
+def _fold_export_torch(args, net, data, progress):
     from ..fold_export import fold_export_torch
 
     batches = None
@@ -100,21 +115,18 @@ def _fold_export_torch(args, net, data):
         raise BncalError("give --data or --input-shape so the model can be traced")
     export = args.export
     _, report = fold_export_torch(
-        net, example, args.output.path, verify_batches=batches, atol=args.tolerance.atol, rtol=args.tolerance.rtol,
+        net, example, args.output.path, verify_batches=batches, **ToleranceArgs.keywords(args.tolerance),
         opset=export.opset, input_names=export.input_names, output_names=export.output_names,
         dynamic_batch=not export.static_batch, bn_to_affine=args.fold.bn_to_affine,
-        keep_failed=args.verification.keep_failed)
-    return report, report.original
+        keep_failed=args.verification.keep_failed, latency_batches=args.verification.latency or (), progress=progress)
+    return report
 
 
-def _as_feeds(batch, names):
-    """A data batch as onnxruntime feeds: a dict as it is, positional arrays by input name."""
+def _as_feeds(batch):
+    """A data batch as onnxruntime feeds: a dict as it is, positional arrays as a tuple (matched to the
+    graph inputs by position in the library)."""
     import numpy as np
 
     if isinstance(batch, dict):
         return {k: np.asarray(v) for k, v in batch.items()}
-    values = as_inputs(batch)
-    if len(values) != len(names):
-        raise BncalError(f"a batch of {len(values)} arrays for the model's {len(names)} inputs {names}; give one "
-                         "array per input (for (inputs, labels) data, give the inputs only)")
-    return {n: v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v) for n, v in zip(names, values)}
+    return tuple(v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v) for v in as_inputs(batch))

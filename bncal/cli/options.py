@@ -179,6 +179,11 @@ class Console:
     def error(self, text: str) -> None:
         click.echo(f"error: {text}", err=True)
 
+    def progress(self, text: str) -> None:
+        """A step of a long command, on stderr, only when interactive (see :attr:`interactive`)."""
+        if self.interactive:
+            click.echo(f"{text}...", err=True)
+
     def echo_after_commit(self, text: str) -> None:
         """Print ``text`` once every output of the run is in place (never if the run fails)."""
         self._after_commit.append(text)
@@ -579,8 +584,25 @@ class FoldArgs(OptionGroup):
         return types.SimpleNamespace(**values)
 
 
+class BatchListType(click.ParamType):
+    """``B`` or ``B,B,...``: positive batch sizes."""
+
+    name = "batches"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            sizes = tuple(int(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r}: give comma-separated batch sizes such as 1,32", param, ctx)
+        if not sizes or any(b < 1 for b in sizes):
+            self.fail(f"{value!r}: every batch size must be a positive integer", param, ctx)
+        return sizes
+
+
 class VerificationArgs(OptionGroup):
-    """How fold-export proves its output: batches, the train/inference check, and ``--keep-failed``."""
+    """How fold-export proves its output: batches, the train/inference check, ``--keep-failed``, ``--latency``."""
 
     name = "verification"
 
@@ -592,6 +614,10 @@ class VerificationArgs(OptionGroup):
                          help="If verification fails, keep the model as <stem>.FAILED-VERIFICATION.onnx (then exit 1)."),
             click.Option(["--check/--no-check", "run_check"], default=True, show_default=True,
                          help="With --data: also check train-mode vs inference-mode agreement in onnxruntime."),
+            click.Option(["--latency"], type=BatchListType(), is_flag=False, flag_value="1,32", default=None,
+                         metavar="[B,...]",
+                         help="After verification, time both models in onnxruntime at these batch sizes "
+                              "(alone: 1,32; a size a fixed-batch model cannot take is skipped)."),
         ]
 
     def parse(self, values, args):
