@@ -5,10 +5,12 @@ on a ResNet-like CNN (11 Conv + 11 BN, 3x64x64, 2 shared CPU cores, torch 2.13, 
 0.7.2): the default ``torch.onnx.export`` takes 4.8-6.3 s for the first export in a process and
 0.9-2.4 s afterwards; ``optimize=False`` is no faster and leaves shape arithmetic behind; the
 TorchScript exporter (``dynamo=False``) takes 0.2-0.8 s warm but is deprecated and leaves
-Identity nodes. :func:`bncal.folding.fold` costs 0.03-0.07 s warm (shapes on the meta device), so
-fold + export measured 1.0-1.1x the default export alone. ``optimize=True`` would also fold any
-BN still present (onnxscript's rules); bncal folds in PyTorch first so that the result does not
-depend on the onnxscript version.
+Identity nodes. ``optimize=True`` folds BN into Conv/ConvTranspose/Gemm with onnxscript's rewrite
+rules, so what is left depends on the onnxscript version. ``fold-export``
+(:func:`bncal.fold_export.fold_export_torch`) therefore exports once with
+``keep_batchnorm=True`` (onnxscript's optimizer without its BN-fusion rules) and folds in the
+graph with bncal's own rules (:func:`bncal.folding.fold_onnx`); BN and linear nodes are named
+after their PyTorch modules, so its decisions use the names ``bncal inspect`` shows.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ import torch
 from torch import nn
 
 from .outputs import atomic_output
-from .errors import BncalError
-from .folding import as_tuple, check_initialized, meta_clone, one_line
+from .errors import BncalError, one_line
+from .folding import as_tuple, check_initialized, meta_clone
 
 __all__ = ["export_onnx", "export_train_mode_onnx", "supported_opsets"]
 
@@ -114,19 +116,39 @@ def _optimize_keeping_batchnorm(model) -> None:
     """What ``optimize=True`` does (constant folding, onnxscript's default rewrite rules, dead
     node removal) minus the rules that fuse BatchNormalization, so the graph is as clean as the
     exporter's default and every BN is still there. Falls back to folding constants only where
-    this onnxscript lacks the rule list."""
+    this onnxscript lacks those rules."""
     import onnxscript.optimizer
 
     onnxscript.optimizer.fold_constants(model)
-    try:
+    rules = rewrite_rules_keeping_batchnorm()
+    if rules:
         from onnxscript import rewriter
 
-        rules = [r for r in rewriter._DEFAULT_REWRITE_RULES if "BatchNorm" not in str(getattr(r, "name", None) or type(r).__name__)]
-    except (ImportError, AttributeError):
-        rules = None
-    if rules:
         rewriter.rewrite(model, pattern_rewrite_rules=rules)
     onnxscript.optimizer.remove_unused_nodes(model)
+
+
+def rewrite_rules_keeping_batchnorm() -> list | None:
+    """onnxscript's default rewrite rules without its BN-fusion rules, or None where this
+    onnxscript does not have them.
+
+    The BN-fusion rules are onnxscript's public rule objects
+    (``onnxscript.rewriter.rules.common.fuse_batchnorm_into_*_rule``), removed by identity. The
+    default set itself has no public name in onnxscript 0.7 (``optimize`` reads
+    ``rewriter._DEFAULT_REWRITE_RULES``); it is taken from there so that the graph is what
+    ``optimize=True`` would give, BNs aside.
+    """
+    try:
+        from onnxscript import rewriter
+        from onnxscript.rewriter.rules import common
+
+        batchnorm_fusions = (common.fuse_batchnorm_into_conv_rule, common.fuse_batchnorm_into_conv_transpose_rule,
+                             common.fuse_batchnorm_into_gemm_rule)
+        default = list(rewriter._DEFAULT_REWRITE_RULES)
+    except (ImportError, AttributeError):
+        return None
+    kept = [rule for rule in default if not any(rule is fusion for fusion in batchnorm_fusions)]
+    return kept if len(kept) == len(default) - len(batchnorm_fusions) else None
 
 
 _NAMED_AFTER_MODULES = ("BatchNormalization", "Conv", "ConvTranspose", "Gemm", "MatMul")

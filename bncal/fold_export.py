@@ -1,8 +1,10 @@
 """Fold BatchNorm, export to ONNX, and prove in onnxruntime that nothing changed.
 
 A PyTorch model is exported once with every BatchNormalization kept (:func:`bncal.export.export_onnx`),
-then folded in the graph (:func:`bncal.onnx_fold.fold_onnx`). Verification gives two figures, so
-that each difference is blamed on the step that made it:
+then folded in the graph (:func:`bncal.folding.fold_onnx`, with the rulebook that
+:func:`bncal.analyze_foldability` applies to the PyTorch model, so ``bncal inspect`` predicts
+these decisions). Verification gives two figures, so that each difference is blamed on the
+step that made it:
 
 - **fold**: the folded graph against the unfolded export, both in onnxruntime;
 - **export**: the unfolded export in onnxruntime against the PyTorch model in eval mode
@@ -34,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BncalError, VerificationError
-from .report import FoldDecision, format_table
+from .report import FoldDecision, ReportDisplay, format_table, plural
 
 __all__ = [
     "FoldExportReport", "fold_export_torch", "fold_export_onnx", "torch_onnx_parity", "failed_output_path",
@@ -46,8 +48,8 @@ VERIFY_BATCH_SIZES = (1, 2)
 _VERIFY_LEVEL = "disable"  # the files as written: see the module docstring
 
 
-@dataclasses.dataclass
-class FoldExportReport:
+@dataclasses.dataclass(repr=False)
+class FoldExportReport(ReportDisplay):
     """What fold-export did: per-BN decisions, before/after figures, and the verification.
 
     ``decisions`` has one entry per BatchNormalization of the original graph (for a PyTorch
@@ -82,6 +84,13 @@ class FoldExportReport:
     @property
     def bn_left(self) -> int:
         return self.ops_after.get("BatchNormalization", 0)
+
+    def summary(self) -> str:
+        """``PASSED: folded 7 of 7 BN layers, 0 BatchNormalization left -> model.onnx``."""
+        folded = sum(d.folded for d in self.decisions)
+        target = f" -> {self.output}" if self.output is not None else ""
+        return (f"{'PASSED' if self.passed else 'FAILED'}: folded {folded} of {plural(len(self.decisions), 'BN layer')}, "
+                f"{self.bn_left} BatchNormalization left{target}")
 
     def table(self) -> str:
         ops = sorted(set(self.ops_before) | set(self.ops_after), key=lambda k: (-self.ops_before.get(k, 0), k))
@@ -281,12 +290,12 @@ def _session(proto, what: str):
         raise BncalError(f"{what}: {exc}") from exc
 
 
-def _run(session, feeds: dict, index: int, what: str) -> dict[str, np.ndarray]:
+def _run(session, feeds: dict, what: str) -> dict[str, np.ndarray]:
     from .runtime import run
 
     names = [o.name for o in session.get_outputs()]
     try:
-        return dict(zip(names, run(session, names, feeds, index=index)))
+        return dict(zip(names, run(session, names, feeds)))
     except BncalError as exc:
         raise BncalError(f"{what}: {exc}") from exc
 
@@ -325,7 +334,7 @@ def fold_export_torch(
     """Export a PyTorch model, fold its BatchNorms in the graph, and verify both steps.
 
     One export of the eval-mode model with every BatchNormalization kept (the report's
-    "original" column), the graph fold (:func:`bncal.onnx_fold.fold_onnx`), then on
+    "original" column), the graph fold (:func:`bncal.folding.fold_onnx`), then on
     ``verify_batches`` (tuples of input tensors; default ``example_inputs`` and, with a dynamic
     batch axis, a seeded random batch of another size) the fold figure and the export figure
     (module docstring) under ``Tolerance.given(atol, rtol, scale_tol)``. With a fixed batch
@@ -340,7 +349,7 @@ def fold_export_torch(
     import torch
 
     from .export import export_onnx
-    from .onnx_fold import fold_onnx, op_counts
+    from .folding import fold_onnx, op_counts
 
     start = time.perf_counter()
     steps = _Steps(progress)
@@ -396,8 +405,8 @@ def _verify_torch(model, original, folded, batches, steps, tolerance):
                 if len(expected) != len(names):
                     raise BncalError(f"the model returns {len(expected)} tensors, its export has {len(names)} outputs")
                 feeds = _feeds(unfolded_session, batch)
-                got = _run(unfolded_session, feeds, index, "the unfolded export")
-                folded_got = _run(folded_session, feeds, index, "the folded model")
+                got = _run(unfolded_session, feeds, "the unfolded export")
+                folded_got = _run(folded_session, feeds, "the folded model")
                 for name, value in zip(names, expected):
                     reference.setdefault(name, []).append(value)
                     unfolded.setdefault(name, []).append(got[name])
@@ -425,9 +434,9 @@ def torch_onnx_parity(model, proto, batches, *, atol: float | None = None, rtol:
     try:
         model.eval()
         with torch.no_grad():
-            for index, batch in enumerate(batches):
+            for batch in batches:
                 batch = tuple(batch)
-                got = _run(session, _feeds(session, batch), index, "the exported model")
+                got = _run(session, _feeds(session, batch), "the exported model")
                 for name, value in zip(names, _flatten_outputs(model(*batch))):
                     reference.setdefault(name, []).append(value)
                     actual.setdefault(name, []).append(got[name])
@@ -466,7 +475,7 @@ def fold_export_onnx(
     Both models run with onnxruntime's optimisations off. Output, failure, latency and progress
     as in :func:`fold_export_torch`.
     """
-    from .onnx_fold import fold_onnx, op_counts
+    from .folding import fold_onnx, op_counts
     from .runtime import input_specs
     from .verify import compare_outputs
 
@@ -489,10 +498,10 @@ def fold_export_onnx(
         folded_session = _session(proto, "onnxruntime cannot load the folded model")
         reference, actual = {}, {}
         feeds = None
-        for index, batch in enumerate(verify_feeds):
+        for batch in verify_feeds:
             feeds = _feeds(original_session, batch)
-            expected = _run(original_session, feeds, index, "the original model")
-            got = _run(folded_session, feeds, index, "the folded model")
+            expected = _run(original_session, feeds, "the original model")
+            got = _run(folded_session, feeds, "the folded model")
             for name in expected:
                 reference.setdefault(name, []).append(expected[name])
                 actual.setdefault(name, []).append(got.get(name))

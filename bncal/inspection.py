@@ -32,25 +32,21 @@ deciding what is "directly" before or after a BN.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections import deque
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import fx, nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.dropout import _DropoutNd
 
 from .errors import BncalError, one_line
 from .names import onnx_batchnorm_names
 from .onnx_graphs import node_attribute
-from .momentum import suggest_momentum
-from .report import FoldDecision, format_table
+from .momentum import InverseDecayMomentum, suggest_momentum
+from .report import FoldDecision, ReportDisplay, format_table, plural
 
-__all__ = ["inspect_model", "InspectReport", "BNLayer", "Finding", "RULES",
-           "RECALIBRATE_COMMAND"]
+__all__ = ["inspect_model", "inspect_graph", "InspectReport", "BNLayer", "Finding", "RULES",
+           "RECALIBRATE_COMMAND", "Graph", "Node", "statistics_status"]
 
 RECALIBRATE_COMMAND = "bncal recalibrate MODEL --data DATA -o OUT"
 
@@ -104,6 +100,10 @@ class BNLayer:
     ``"degenerate"``, ``"not tracked"`` (no running statistics) or ``"not constant"`` (ONNX
     statistics that are not initializers); ``stats_detail`` says why. ``fold`` is
     ``"into <target>"`` or ``"no: <reason>"`` when fold decisions were given.
+    ``num_batches_tracked`` is PyTorch's counter (None where there is none, as in ONNX).
+    ``momentum_zero_signal``: the statistics still hold their initial values although the counter
+    says training ran batches (PyTorch counts batches even at momentum 0): the updates were
+    discarded, i.e. the momentum was 0 during training, or the statistics were reset afterwards.
     """
 
     name: str
@@ -119,14 +119,17 @@ class BNLayer:
     fold: str | None = None
     training_mode: bool = False
     renorm: bool = False
+    num_batches_tracked: int | None = None
+    momentum_zero_signal: bool = False
 
 
-@dataclasses.dataclass
-class InspectReport:
+@dataclasses.dataclass(repr=False)
+class InspectReport(ReportDisplay):
     """Result of :func:`inspect_model`: BN layers, findings (worst first) and notes.
 
-    ``source`` is ``"pytorch"`` or ``"onnx"``; ``graph`` says where producer/consumer relations
-    came from (``"torch.fx"``, ``"execution order"``, ``"module order"`` or ``"onnx"``).
+    ``source`` is ``"pytorch"``, ``"onnx"`` or ``"keras"``; ``graph`` says where producer/consumer
+    relations came from (``"torch.fx"``, ``"execution order"``, ``"module order"``, ``"onnx"``,
+    or for Keras ``"keras functional"``, ``"keras sequential"``, ``"layer order"``).
     """
 
     source: str
@@ -144,12 +147,25 @@ class InspectReport:
     def by_rule(self, rule_id: str) -> list[Finding]:
         return [f for f in self.findings if f.rule_id == rule_id]
 
+    def summary(self) -> str:
+        """``onnx model, 7 BN layers: 1 error (BN001), 1 warning (BN030)``, or ``no findings``."""
+        head = f"{self.source} model, {plural(len(self.layers), 'BN layer')}"
+        if not self.findings:
+            return head + ": no findings"
+        parts = []
+        for severity in reversed(SEVERITIES):
+            ids = [f.rule_id for f in self.findings if f.severity == severity]
+            if ids:
+                parts.append(f"{plural(len(ids), severity)} ({', '.join(ids)})")
+        return f"{head}: {', '.join(parts)}"
+
     def table(self) -> str:
         """The layer table, then one block per finding, then the notes."""
         rows = [(l.name, l.type, l.channels,
                  "cumulative" if l.momentum_torch is None else l.momentum_torch,
                  l.momentum_tf, "yes" if l.affine else "no", "yes" if l.track_running_stats else "no",
-                 l.eps, l.stats, l.fold) for l in self.layers]
+                 l.eps, l.stats + (f" ({l.num_batches_tracked} batches tracked)" if l.momentum_zero_signal else ""),
+                 l.fold) for l in self.layers]
         text = format_table(rows, ["layer", "type", "channels", "momentum (torch)", "momentum (tf)",
                                    "affine", "running stats", "eps", "statistics", "fold"])
         if self.findings:
@@ -165,11 +181,15 @@ class InspectReport:
 
 
 # ---------------------------------------------------------------------------------------------
-# The graph both front ends reduce to.
+# The graph every front end reduces to.
 
 @dataclasses.dataclass
-class _Node:
-    """``kind``: bn, act, dropout, pass (shape-only), output, other. ``inputs[0]`` is the data."""
+class Node:
+    """``kind``: bn, act, dropout, pass (shape-only), output, other. ``inputs[0]`` is the data.
+
+    Every front end (PyTorch, ONNX, Keras in :mod:`bncal.keras`) reduces a model to these nodes
+    and :class:`BNLayer` rows, and :func:`inspect_graph` runs the same rules on them.
+    """
 
     key: str
     kind: str
@@ -178,8 +198,8 @@ class _Node:
     layer: str | None = None  # BN layer name for kind "bn"
 
 
-class _Graph:
-    def __init__(self, nodes: Iterable[_Node]):
+class Graph:
+    def __init__(self, nodes: Iterable[Node]):
         self.nodes = {n.key: n for n in nodes}
         self.users: dict[str, list[str]] = {k: [] for k in self.nodes}
         for node in self.nodes.values():
@@ -187,7 +207,7 @@ class _Graph:
                 if src in self.users:
                     self.users[src].append(node.key)
 
-    def producer(self, key: str) -> _Node | None:
+    def producer(self, key: str) -> Node | None:
         """The op feeding ``key``'s data input, looking through shape-only ops."""
         node = self.nodes[key]
         while node.inputs and node.inputs[0] in self.nodes:
@@ -196,7 +216,7 @@ class _Graph:
                 return node
         return None
 
-    def consumers(self, key: str) -> list[_Node]:
+    def consumers(self, key: str) -> list[Node]:
         """Ops reading ``key``'s output, looking through shape-only ops."""
         found, queue, seen = [], deque(self.users[key]), set()
         while queue:
@@ -211,7 +231,7 @@ class _Graph:
                 found.append(node)
         return found
 
-    def upstream_dropouts(self, key: str) -> list[_Node]:
+    def upstream_dropouts(self, key: str) -> list[Node]:
         """Dropout ops reaching ``key`` through any path that crosses no other BN."""
         found, queue, seen = [], deque(self.nodes[key].inputs), set()
         while queue:
@@ -228,151 +248,7 @@ class _Graph:
         return found
 
 
-# ---------------------------------------------------------------------------------------------
-# PyTorch front end.
-
-_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU,
-                nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Mish, nn.PReLU,
-                nn.Softplus, nn.RReLU)
-_ACT_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.gelu, F.silu, F.leaky_relu,
-                  F.leaky_relu_, F.elu, F.elu_, F.selu, F.celu, F.hardswish, F.hardsigmoid,
-                  F.hardtanh, F.mish, F.prelu, F.softplus, F.rrelu, F.sigmoid, F.tanh,
-                  torch.sigmoid, torch.tanh, torch.selu}
-_ACT_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
-_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-                      F.feature_alpha_dropout, torch.dropout, torch.alpha_dropout,
-                      torch.feature_dropout, torch.feature_alpha_dropout}
-_PASS_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity)
-_PASS_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
-                   torch.transpose}
-_PASS_METHODS = {"view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze", "permute",
-                 "transpose"}
-
-
-def _module_kind(module: nn.Module) -> str:
-    if isinstance(module, _BatchNorm):
-        return "bn"
-    if isinstance(module, _DropoutNd):
-        return "dropout" if module.p > 0 else "pass"
-    if isinstance(module, _ACT_MODULES):
-        return "act"
-    if isinstance(module, _PASS_MODULES):
-        return "pass"
-    return "other"
-
-
-class _LeafTracer(fx.Tracer):
-    # BatchRenorm and other BN subclasses live outside torch.nn: keep them whole too.
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return _module_kind(m) != "other" or super().is_leaf_module(m, qualname)
-
-
-def _function_name(fn) -> str:
-    module = getattr(fn, "__module__", None) or ""
-    prefix = "F." if module.endswith("functional") else "torch."
-    return prefix + getattr(fn, "__name__", str(fn))
-
-
-def _dropout_p_is_zero(node: fx.Node) -> bool:
-    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else None)
-    return isinstance(p, (int, float)) and p == 0
-
-
-def _fx_graph(model: nn.Module) -> _Graph:
-    graph = _LeafTracer().trace(model)
-    nodes = []
-    for node in graph.nodes:
-        inputs = [n.name for n in node.all_input_nodes]
-        kind, label, layer = "other", node.name, None
-        if node.op == "call_module":
-            kind = _module_kind(model.get_submodule(node.target))
-            label = str(node.target)
-            layer = label if kind == "bn" else None
-        elif node.op == "call_function":
-            label = f"{_function_name(node.target)} ({node.name})"
-            if node.target in _ACT_FUNCTIONS:
-                kind = "act"
-            elif node.target in _DROPOUT_FUNCTIONS:
-                kind = "pass" if _dropout_p_is_zero(node) else "dropout"
-            elif node.target in _PASS_FUNCTIONS:
-                kind = "pass"
-        elif node.op == "call_method":
-            label = f".{node.target}() ({node.name})"
-            if node.target in _ACT_METHODS:
-                kind = "act"
-            elif node.target in _PASS_METHODS:
-                kind = "pass"
-        elif node.op == "output":
-            kind, label = "output", "model output"
-        nodes.append(_Node(node.name, kind, label, inputs, layer))
-    return _Graph(nodes)
-
-
-def _leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Modules with no children, or BN/dropout/activation modules (kept whole), in order."""
-    leaves, inside = [], None
-    for name, module in model.named_modules():
-        if inside is not None and name.startswith(inside):
-            continue
-        if _module_kind(module) != "other" or not any(True for _ in module.children()):
-            if name:
-                leaves.append((name, module))
-            if any(True for _ in module.children()):
-                inside = name + "."
-    return leaves
-
-
-def _chain_graph(model: nn.Module, order: list[str]) -> _Graph:
-    nodes, previous = [], []
-    for i, name in enumerate(order):
-        kind = _module_kind(model.get_submodule(name))
-        key = f"{name}#{i}"
-        nodes.append(_Node(key, kind, name, previous, name if kind == "bn" else None))
-        previous = [key]
-    nodes.append(_Node("output", "output", "model output", previous))
-    return _Graph(nodes)
-
-
-def _execution_order(model: nn.Module, example_inputs) -> list[str]:
-    """Names of the leaf modules in the order a forward pass (eval mode, no grad) calls them."""
-    order, handles = [], []
-    modes = {m: m.training for m in model.modules()}
-    for name, module in _leaf_modules(model):
-        handles.append(module.register_forward_pre_hook(lambda m, a, name=name: order.append(name)))
-    try:
-        model.eval()
-        inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes.items():
-            module.training = training
-    return order
-
-
-def _torch_graph(model: nn.Module, example_inputs, notes: list[str]) -> tuple[_Graph, str]:
-    try:
-        return _fx_graph(model), "torch.fx"
-    except Exception as error:  # fx raises many types (TraceError, TypeError, ...)
-        reason = one_line(error)
-    if example_inputs is not None:
-        try:
-            order = _execution_order(model, example_inputs)
-            notes.append(f"torch.fx could not trace the model ({reason}); producer/consumer relations "
-                         "are guessed from the order one forward pass calls the leaf modules, so graph "
-                         "rules (BN020, BN021, BN030) can miss functional ops and branches")
-            return _chain_graph(model, order), "execution order"
-        except Exception as run_error:
-            reason += f"; running example_inputs failed too ({one_line(run_error)})"
-    notes.append(f"torch.fx could not trace the model ({reason}); producer/consumer relations are "
-                 "guessed from the registration order of the leaf modules, so graph rules (BN020, "
-                 "BN021, BN030) can be wrong; pass example_inputs for the execution order")
-    return _chain_graph(model, [name for name, _ in _leaf_modules(model)]), "module order"
-
-
-def _stats_status(mean: np.ndarray, var: np.ndarray, counter: int | None) -> tuple[str, str | None]:
+def statistics_status(mean: np.ndarray, var: np.ndarray, counter: int | None) -> tuple[str, str | None]:
     bad_var = ~np.isfinite(var) | (var <= 0)
     if bad_var.any() or not np.isfinite(mean).all():
         parts = []
@@ -390,28 +266,6 @@ def _stats_status(mean: np.ndarray, var: np.ndarray, counter: int | None) -> tup
         # Statistics ported from another framework often come without the counter.
         return PLAUSIBLE, "num_batches_tracked is 0 but the statistics differ from their initial values"
     return PLAUSIBLE, None
-
-
-def _torch_layers(model: nn.Module) -> list[BNLayer]:
-    from .nn import _BatchRenorm  # local: bncal.nn imports nothing from here, but keep it light
-
-    layers = []
-    for name, m in model.named_modules():
-        if not isinstance(m, _BatchNorm):
-            continue
-        momentum = None if m.momentum is None else float(m.momentum)
-        if m.track_running_stats and m.running_mean is not None:
-            counter = None if m.num_batches_tracked is None else int(m.num_batches_tracked)
-            stats, detail = _stats_status(m.running_mean.detach().double().cpu().numpy(),
-                                          m.running_var.detach().double().cpu().numpy(), counter)
-        else:
-            stats, detail = NOT_TRACKED, "no running statistics: inference uses batch statistics"
-        layers.append(BNLayer(
-            name=name or type(m).__name__, type=type(m).__name__, channels=int(m.num_features),
-            momentum_torch=momentum, momentum_tf=None if momentum is None else 1.0 - momentum,
-            affine=bool(m.affine), track_running_stats=bool(m.track_running_stats), eps=float(m.eps),
-            stats=stats, stats_detail=detail, renorm=isinstance(m, _BatchRenorm)))
-    return layers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +288,7 @@ def _onnx_constants(graph) -> dict:
     return constants
 
 
-def _onnx_graph_and_layers(model) -> tuple[_Graph, list[BNLayer]]:
+def _onnx_graph_and_layers(model) -> tuple[Graph, list[BNLayer]]:
     graph = model.graph
     constants = _onnx_constants(graph)
     # BN layers carry the report name every command uses; other nodes only need unique keys.
@@ -476,10 +330,10 @@ def _onnx_graph_and_layers(model) -> tuple[_Graph, list[BNLayer]]:
                 if src is not None and src.op_type == "Sigmoid" and src.input[0] == node.input[1 - i]:
                     kind, label = "act", f"SiLU (Mul {key})"
                     inputs = [producer_of[node.input[1 - i]]] if node.input[1 - i] in producer_of else []
-        nodes.append(_Node(key, kind, label, inputs, layer))
+        nodes.append(Node(key, kind, label, inputs, layer))
     outputs = [producer_of[o.name] for o in graph.output if o.name in producer_of]
-    nodes.append(_Node("__output__", "output", "model output", outputs))
-    return _Graph(nodes), layers
+    nodes.append(Node("__output__", "output", "model output", outputs))
+    return Graph(nodes), layers
 
 
 def _onnx_layer(name: str, node, constants: dict) -> BNLayer:
@@ -487,7 +341,7 @@ def _onnx_layer(name: str, node, constants: dict) -> BNLayer:
     training = bool(node_attribute(node, "training_mode", 0))
     scale, bias, mean, var = (constants.get(tensor) for tensor in (list(node.input) + [""] * 5)[1:5])
     if mean is not None and var is not None:
-        stats, detail = _stats_status(np.asarray(mean, np.float64).reshape(-1),
+        stats, detail = statistics_status(np.asarray(mean, np.float64).reshape(-1),
                                       np.asarray(var, np.float64).reshape(-1), None)
     else:
         stats, detail = NOT_CONSTANT, "mean or variance is not an initializer"
@@ -503,38 +357,116 @@ def _onnx_layer(name: str, node, constants: dict) -> BNLayer:
 # ---------------------------------------------------------------------------------------------
 # Rules.
 
+@dataclasses.dataclass(frozen=True)
+class _Dialect:
+    """How the fixes are worded for one kind of model; rules, ids and evidence are shared.
+
+    ``convention`` is ``"both"`` (momenta shown as PyTorch / TF) or ``"tf"`` (Keras: the one
+    convention its users know).
+    """
+
+    recalibrate: str
+    frozen_momentum: str
+    unfreeze: str
+    drop_affine: str
+    need_affine: str
+    renorm: str
+    missing_affine: str = "no scale and shift"
+    convention: str = "both"
+
+    def momentum(self, momentum_torch: float | None) -> str:
+        if momentum_torch is None:
+            return "the cumulative average (momentum None)"
+        if self.convention == "tf":
+            return f"momentum {1 - momentum_torch:.3g}"
+        return f"momentum {momentum_torch:.3g} (PyTorch) / {1 - momentum_torch:.3g} (TF)"
+
+    def schedule(self, suggestion) -> str:
+        """The suggestion's schedule, named as this kind of model applies it."""
+        if self.convention != "tf" or not suggestion.use_schedule:
+            return suggestion.schedule
+        tf = suggestion.tf
+        return (f"inverse decay: the callback bncal.keras.InverseDecayMomentum(ceiling={tf:.3g}), momentum "
+                f"1 - 0.8**(step/10) capped at {tf:.3g} (reached after "
+                f"{InverseDecayMomentum.steps_to_ceiling(tf)} steps)")
+
+    def set_momentum(self, suggestion) -> str:
+        if self.convention == "tf":
+            fix = f"set BatchNormalization(momentum={suggestion.tf:.3g})"
+        else:
+            fix = f"set momentum to {suggestion.torch:.3g} (PyTorch) / {suggestion.tf:.3g} (TF, ONNX)"
+        if suggestion.use_schedule:
+            fix += f", or better use {self.schedule(suggestion)}"
+        return fix
+
+
+_TORCH_RENORM = ("train with batch renormalisation (bncal.nn.convert_to_batchrenorm(model)), or a "
+                 "larger per-device batch / synchronised BN")
+_TORCH_DIALECT = _Dialect(
+    recalibrate=RECALIBRATE_COMMAND,
+    frozen_momentum="momentum 0 (PyTorch) / 1 (TF, ONNX)",
+    unfreeze="set a momentum above 0 (bncal.momentum.suggest_momentum)",
+    drop_affine="construct the BN with affine=False, or fold its scale and shift into the next layer (bncal fold-export)",
+    need_affine="construct the BN with affine=True",
+    renorm=_TORCH_RENORM)
+#: Fix wording per ``InspectReport.source``.
+_DIALECTS = {
+    "pytorch": _TORCH_DIALECT,
+    "onnx": dataclasses.replace(_TORCH_DIALECT, renorm="in the PyTorch training code, " + _TORCH_RENORM),
+    "keras": _Dialect(
+        recalibrate="bncal.keras.recalibrate(model, data, mode='eval')",
+        frozen_momentum="BatchNormalization(momentum=1.0)",
+        unfreeze="set BatchNormalization(momentum=...) below 1 "
+                 "(bncal.suggest_momentum(batch_size, dataset_size, convention='tf'))",
+        drop_affine="construct the BatchNormalization with center=False, scale=False: the next layer "
+                    "absorbs the scale and shift",
+        need_affine="construct the BatchNormalization with center=True (scale=False is fine before a ReLU)",
+        renorm="train with batch renormalisation (BatchNormalization(renorm=True)), or a larger "
+               "per-device batch / BatchNormalization(synchronized=True) (TensorFlow backend)",
+        missing_affine="no shift (center=False)",
+        convention="tf"),
+}
+
+
 def _list(names: list[str], limit: int = 6) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _statistics_findings(layers: list[BNLayer]) -> list[Finding]:
+def _statistics_findings(layers: list[BNLayer], source: str) -> list[Finding]:
+    words = _DIALECTS[source]
     findings = []
     never = [l for l in layers if l.stats == NEVER_UPDATED]
     if never:
+        discarded = [l for l in never if l.momentum_zero_signal]
+        evidence = (f"{len(never)} of {len(layers)} BN layers still hold the initial statistics "
+                    f"(running mean 0, running var 1): {_list([l.name for l in never])}; inference would "
+                    "normalise with values no data produced.")
+        if discarded:
+            counts = sorted({l.num_batches_tracked for l in discarded})
+            counted = str(counts[0]) if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
+            evidence += (f" {_list([l.name for l in discarded])} counted {counted} training batches "
+                         "(num_batches_tracked) without moving their statistics: the momentum was 0 during "
+                         "training, or the statistics were reset afterwards.")
         findings.append(Finding(
-            "BN001", "error", [l.name for l in never],
-            f"{len(never)} of {len(layers)} BN layers still hold the initial statistics "
-            f"(running mean 0, running var 1): {_list([l.name for l in never])}; inference would "
-            "normalise with values no data produced.",
-            f"estimate the statistics on training data: {RECALIBRATE_COMMAND}"))
+            "BN001", "error", [l.name for l in never], evidence,
+            f"estimate the statistics on training data: {words.recalibrate}"))
     degenerate = [l for l in layers if l.stats == DEGENERATE]
     if degenerate:
         findings.append(Finding(
             "BN002", "error", [l.name for l in degenerate],
             "; ".join(f"{l.name}: {l.stats_detail}" for l in degenerate[:6]),
-            f"re-estimate the statistics ({RECALIBRATE_COMMAND}); if it recurs, look for dead "
+            f"re-estimate the statistics ({words.recalibrate}); if it recurs, look for dead "
             "channels or overflow in the layers before"))
     # An ONNX inference graph's momentum attribute is inert (exporters write 1 for momentum=None).
     frozen = [l for l in layers if l.track_running_stats and l.momentum_torch == 0
-              and (l.type != "BatchNormalization" or l.training_mode)]
+              and (source != "onnx" or l.training_mode)]
     if frozen:
         findings.append(Finding(
             "BN003", "warning", [l.name for l in frozen],
-            f"momentum 0 (PyTorch) / 1 (TF, ONNX) in {_list([l.name for l in frozen])}: training never "
+            f"{words.frozen_momentum} in {_list([l.name for l in frozen])}: training never "
             "moves the moving statistics away from what they were.",
-            "set a momentum above 0 (bncal.momentum.suggest_momentum) or re-estimate the statistics "
-            f"after training: {RECALIBRATE_COMMAND}"))
+            f"{words.unfreeze} or re-estimate the statistics after training: {words.recalibrate}"))
     untracked = [l for l in layers if not l.track_running_stats]
     if untracked:
         findings.append(Finding(
@@ -543,7 +475,7 @@ def _statistics_findings(layers: list[BNLayer]) -> list[Finding]:
             "normalise each batch with its own statistics, so outputs depend on the batch and a "
             "single sample cannot be normalised.",
             "construct the layers with track_running_stats=True and estimate the statistics: "
-            + RECALIBRATE_COMMAND))
+            + words.recalibrate))
     training = [l for l in layers if l.training_mode]
     if training:
         findings.append(Finding(
@@ -554,11 +486,12 @@ def _statistics_findings(layers: list[BNLayer]) -> list[Finding]:
     return findings
 
 
-def _momentum_findings(layers, batch_size, dataset_size, epochs, notes) -> list[Finding]:
+def _momentum_findings(layers, batch_size, dataset_size, epochs, notes, source: str) -> list[Finding]:
+    words = _DIALECTS[source]
     suggestion = suggest_momentum(batch_size, dataset_size, epochs)
     notes.append(f"momentum for batch {batch_size}, {dataset_size} samples, {epochs:g} epoch(s): "
                  f"{suggestion.tf:.3g} (TF) / {suggestion.torch:.3g} (PyTorch); schedule: "
-                 f"{suggestion.schedule}. {suggestion.rationale}")
+                 f"{words.schedule(suggestion)}. {suggestion.rationale}")
     groups: dict = {}
     for layer in layers:
         if not layer.track_running_stats or layer.momentum_torch == 0 or layer.training_mode:
@@ -573,23 +506,20 @@ def _momentum_findings(layers, batch_size, dataset_size, epochs, notes) -> list[
     for (momentum, window, factor), names in groups.items():
         within = 1 / MOMENTUM_WARNING_FACTOR <= factor <= MOMENTUM_WARNING_FACTOR
         severity = "info" if within else "warning"
-        current = ("the cumulative average (momentum None)" if momentum is None else
-                   f"momentum {momentum:.3g} (PyTorch) / {1 - momentum:.3g} (TF)")
+        current = words.momentum(momentum)
         effect = ("lags behind the changing weights" if factor > 1 else
                   "averages too few batches and stays noisy")
-        fix = f"set momentum to {suggestion.torch:.3g} (PyTorch) / {suggestion.tf:.3g} (TF, ONNX)"
-        if suggestion.use_schedule:
-            fix += f", or better use {suggestion.schedule}"
         findings.append(Finding(
             "BN010", severity, names,
             f"{current} averages about {window:.3g} steps; at batch {batch_size} over {dataset_size} "
             f"samples ({suggestion.steps_per_epoch} steps per epoch) about {suggestion.window_steps:.3g} "
             f"steps fits, so the moving average {effect}.",
-            fix))
+            words.set_momentum(suggestion)))
     return findings
 
 
-def _graph_findings(graph: _Graph, layers: dict[str, BNLayer]) -> list[Finding]:
+def _graph_findings(graph: Graph, layers: dict[str, BNLayer], source: str) -> list[Finding]:
+    words = _DIALECTS[source]
     findings, seen = [], set()
     for node in graph.nodes.values():
         if node.kind != "bn" or node.layer not in layers:
@@ -607,16 +537,15 @@ def _graph_findings(graph: _Graph, layers: dict[str, BNLayer]) -> list[Finding]:
                 f"{layer.name} normalises the output of {producer.label} and feeds "
                 f"{_list([c.label for c in consumers])} with no nonlinearity in between, so that "
                 "layer can absorb the BN's scale and shift.",
-                "construct the BN with affine=False, or fold its scale and shift into the next "
-                "layer (bncal fold-export)"))
+                words.drop_affine))
         if not layer.affine and act_consumers and ("BN021", layer.name) not in seen:
             seen.add(("BN021", layer.name))
             findings.append(Finding(
                 "BN021", "warning", [layer.name],
-                f"{layer.name} has no scale and shift and feeds {_list([c.label for c in act_consumers])}: "
+                f"{layer.name} has {words.missing_affine} and feeds {_list([c.label for c in act_consumers])}: "
                 "the nonlinearity only ever sees zero-mean, unit-variance inputs (Ioffe & Szegedy "
                 "2015, section 3: scale and shift restore what the layer can represent).",
-                "construct the BN with affine=True"))
+                words.need_affine))
         dropouts = graph.upstream_dropouts(node.key)
         if dropouts and ("BN030", layer.name) not in seen:
             seen.add(("BN030", layer.name))
@@ -626,7 +555,7 @@ def _graph_findings(graph: _Graph, layers: dict[str, BNLayer]) -> list[Finding]:
                 "in between: the BN's statistics are gathered with dropout on, but at inference dropout "
                 "is off and the variance it sees differs (Li et al. 2019).",
                 "move dropout after the last BN, or re-estimate the statistics with dropout off: "
-                f"{RECALIBRATE_COMMAND}"))
+                f"{words.recalibrate}"))
     return findings
 
 
@@ -634,13 +563,11 @@ def _small_batch_findings(layers: list[BNLayer], batch_size: int, source: str) -
     plain = [l.name for l in layers if not l.renorm and l.track_running_stats]
     if not plain:
         return []
-    where = "" if source == "pytorch" else "in the PyTorch training code, "
     return [Finding(
         "BN040", "info", plain,
         f"batch size {batch_size} per device: batch statistics of {batch_size} samples are noisy and "
         "differ from the moving statistics used at inference (Ioffe 2017).",
-        f"{where}train with batch renormalisation (bncal.nn.convert_to_batchrenorm(model)), or a "
-        "larger per-device batch / synchronised BN")]
+        _DIALECTS[source].renorm)]
 
 
 def _fold_findings(decisions: list[FoldDecision], layers: list[BNLayer], notes) -> list[Finding]:
@@ -666,11 +593,18 @@ def _fold_findings(decisions: list[FoldDecision], layers: list[BNLayer], notes) 
             for reason, names in refusals.items()]
 
 
+def _is_torch_module(model) -> bool:
+    """Whether ``model`` is a ``torch.nn.Module`` (torch is not imported to find out: one cannot exist without it)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(model, torch.nn.Module)
+
+
 def inspect_model(model, *, batch_size: int | None = None, dataset_size: int | None = None,
                   epochs: float = 1, example_inputs=None,
                   fold_decisions: list[FoldDecision] | Callable | None = None) -> InspectReport:
     """Inspect the BatchNorm layers of ``model`` (a PyTorch module, an ONNX ModelProto or the
-    path of an ``.onnx`` file) and return an :class:`InspectReport`.
+    path of an ``.onnx`` file; a Keras model or ``.keras`` path goes to
+    :func:`bncal.keras.inspect`) and return an :class:`InspectReport`.
 
     ``batch_size`` (per device) enables BN040, and with ``dataset_size`` and ``epochs`` BN010.
     ``example_inputs`` (a tensor or tuple) is only used when ``torch.fx`` cannot trace the
@@ -682,6 +616,13 @@ def inspect_model(model, *, batch_size: int | None = None, dataset_size: int | N
     The model is not modified.
     """
     notes: list[str] = []
+    keras = sys.modules.get("keras")  # a Keras model is an nn.Module too on the torch backend
+    if (isinstance(model, (str, Path)) and str(model).lower().endswith(".keras")
+            or keras is not None and isinstance(model, getattr(keras, "Model", ()))):
+        from .keras import inspect
+
+        return inspect(model, batch_size=batch_size, dataset_size=dataset_size, epochs=epochs,
+                       example_inputs=example_inputs)
     if isinstance(model, (str, Path)):
         import onnx
 
@@ -690,37 +631,56 @@ def inspect_model(model, *, batch_size: int | None = None, dataset_size: int | N
             raise BncalError(f"{path} is not a file; give an .onnx model or pass a torch.nn.Module")
         model = onnx.load(str(path))
 
-    if isinstance(model, nn.Module):
+    if _is_torch_module(model):
+        from .inspection_torch import torch_graph, torch_layers
+
         source = "pytorch"
-        layers = _torch_layers(model)
+        layers = torch_layers(model)
         if layers:
-            graph, graph_source = _torch_graph(model, example_inputs, notes)
+            graph, graph_source = torch_graph(model, example_inputs, notes)
         else:
-            graph, graph_source = _Graph([]), "torch.fx"
+            graph, graph_source = Graph([]), "torch.fx"
     elif type(model).__name__ == "ModelProto":
         source, graph_source = "onnx", "onnx"
         graph, layers = _onnx_graph_and_layers(model)
     else:
         raise BncalError(f"cannot inspect a {type(model).__name__}; give a torch.nn.Module or an ONNX model")
 
-    findings: list[Finding] = []
-    if not layers:
-        notes.append("the model has no BatchNorm layers")
-    findings += _statistics_findings(layers)
-    if layers and batch_size is not None and dataset_size is not None:
-        findings += _momentum_findings(layers, batch_size, dataset_size, epochs, notes)
-    elif layers and (batch_size is None) != (dataset_size is None):
-        notes.append("BN010 (momentum fit) needs both batch_size and dataset_size")
-    findings += _graph_findings(graph, {l.name: l for l in layers})
-    if layers and batch_size is not None and batch_size <= SMALL_BATCH:
-        findings += _small_batch_findings(layers, batch_size, source)
+    decisions = None
     if fold_decisions is not None:
         if callable(fold_decisions):
             args = (model,) if example_inputs is None else (model, example_inputs)
             decisions = fold_decisions(*args)
         else:
             decisions = fold_decisions
-        findings += _fold_findings(list(decisions), layers, notes)
+    return inspect_graph(source, graph, layers, graph_source=graph_source, batch_size=batch_size,
+                         dataset_size=dataset_size, epochs=epochs, fold_decisions=decisions, notes=notes)
+
+
+def inspect_graph(source: str, graph: Graph, layers: list[BNLayer], *, graph_source: str,
+                  batch_size: int | None = None, dataset_size: int | None = None, epochs: float = 1,
+                  fold_decisions: list[FoldDecision] | None = None,
+                  notes: list[str] | None = None) -> InspectReport:
+    """Run every rule on a model already reduced to its BN rows and its :class:`Graph`.
+
+    The entry point of every front end: ``source`` (``"pytorch"``, ``"onnx"`` or ``"keras"``)
+    picks the wording of the fixes, ``graph_source`` says where the graph came from; the
+    other arguments are those of :func:`inspect_model`. ``notes`` are kept, first.
+    """
+    notes = list(notes or [])
+    findings: list[Finding] = []
+    if not layers:
+        notes.append("the model has no BatchNorm layers")
+    findings += _statistics_findings(layers, source)
+    if layers and batch_size is not None and dataset_size is not None:
+        findings += _momentum_findings(layers, batch_size, dataset_size, epochs, notes, source)
+    elif layers and (batch_size is None) != (dataset_size is None):
+        notes.append("BN010 (momentum fit) needs both batch_size and dataset_size")
+    findings += _graph_findings(graph, {l.name: l for l in layers}, source)
+    if layers and batch_size is not None and batch_size <= SMALL_BATCH:
+        findings += _small_batch_findings(layers, batch_size, source)
+    if fold_decisions is not None:
+        findings += _fold_findings(list(fold_decisions), layers, notes)
 
     findings.sort(key=lambda f: (-SEVERITIES.index(f.severity), f.rule_id))
     return InspectReport(source=source, graph=graph_source, layers=layers, findings=findings, notes=notes)

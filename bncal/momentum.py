@@ -47,13 +47,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-
 from .errors import BncalError
 
 __all__ = [
     "torch_to_tf", "tf_to_torch", "MomentumSuggestion", "suggest_momentum", "InverseDecayMomentum",
+    "inverse_decay_tf_momentum",
     "WINDOW_FRACTION_OF_EPOCH", "MIN_TF_MOMENTUM", "MAX_TF_MOMENTUM",
 ]
 
@@ -179,6 +177,15 @@ def suggest_momentum(batch_size: int, dataset_size: int, epochs: float = 1, *,
                               use_schedule=use_schedule, schedule=schedule, rationale=rationale)
 
 
+def inverse_decay_tf_momentum(step: int, *, base: float = 0.8, step_scale: float = 10,
+                              ceiling_tf: float = 0.99) -> float:
+    """TF's inverse-decay momentum at training ``step`` (0 = the first batch), TF convention:
+    ``min(1 - base ** (step / step_scale), ceiling_tf)``, i.e. ``1 - exponential_decay(1.0,
+    step, step_scale, base)`` capped. The one formula behind :class:`InverseDecayMomentum`
+    (PyTorch) and :class:`bncal.keras.InverseDecayMomentum` (a Keras callback)."""
+    return min(1.0 - base ** (step / step_scale), ceiling_tf)
+
+
 class InverseDecayMomentum:
     """Set every BatchNorm layer's momentum from TF's inverse-decay schedule, step by step.
 
@@ -196,7 +203,7 @@ class InverseDecayMomentum:
     the momenta the layers had when the scheduler was created.
     """
 
-    def __init__(self, model: nn.Module, *, base: float = 0.8, step_scale: float = 10,
+    def __init__(self, model: "torch.nn.Module", *, base: float = 0.8, step_scale: float = 10,
                  ceiling: float = 0.99, convention: str = "tf"):
         _check_convention(convention)
         if not 0.0 < base < 1.0:
@@ -215,17 +222,19 @@ class InverseDecayMomentum:
         self._apply()
 
     def _layers(self):
+        from torch.nn.modules.batchnorm import _BatchNorm  # here: suggest_momentum needs no torch
+
         return [(name, m) for name, m in self.model.named_modules() if isinstance(m, _BatchNorm)]
 
     def tf_momentum(self, step: int | None = None) -> float:
         """TF-convention momentum at ``step`` (default: the current step)."""
         step = self.last_step if step is None else step
-        return min(1.0 - self.base ** (step / self.step_scale), self.ceiling_tf)
+        return inverse_decay_tf_momentum(step, base=self.base, step_scale=self.step_scale, ceiling_tf=self.ceiling_tf)
 
     def torch_momentum(self, step: int | None = None) -> float:
         """PyTorch-convention momentum at ``step`` (default: the current step)."""
         step = self.last_step if step is None else step
-        return max(self.base ** (step / self.step_scale), 1.0 - self.ceiling_tf)
+        return 1.0 - self.tf_momentum(step)
 
     @staticmethod
     def steps_to_ceiling(ceiling_tf: float, base: float = 0.8, step_scale: float = 10) -> int:

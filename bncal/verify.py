@@ -37,7 +37,7 @@ import math
 import numpy as np
 
 from .errors import BncalError, VerificationError
-from .report import format_table
+from .report import ReportDisplay, format_table, plural
 
 __all__ = [
     "ort_session", "run_onnx", "compare_outputs", "measure_latency", "input_specs",
@@ -125,27 +125,26 @@ class OutputComparison:
                 f"{self.scale:.3g})")
 
 
-@dataclasses.dataclass
-class ComparisonReport:
-    """Per-output comparisons under one :class:`Tolerance`.
+@dataclasses.dataclass(repr=False)
+class ComparisonReport(ReportDisplay):
+    """Per-output comparisons under one :class:`Tolerance` (its terms are the fields ``atol``,
+    ``rtol``, ``scale_tol``; :attr:`tolerance` gives it whole).
 
     ``passed`` only if every output passed, and at least one was compared.
     """
 
     outputs: list[OutputComparison]
-    tolerance: Tolerance
+    atol: float = 0.0
+    rtol: float = 0.0
+    scale_tol: float = 0.0
+
+    @property
+    def tolerance(self) -> Tolerance:
+        return Tolerance(self.atol, self.rtol, self.scale_tol)
 
     @property
     def passed(self) -> bool:
         return bool(self.outputs) and all(o.passed for o in self.outputs)
-
-    @property
-    def atol(self) -> float:
-        return self.tolerance.atol
-
-    @property
-    def rtol(self) -> float:
-        return self.tolerance.rtol
 
     def worst(self) -> OutputComparison | None:
         """The output farthest from passing: a failed one first, then the largest error / scale."""
@@ -153,6 +152,17 @@ class ComparisonReport:
             ratio = o.required_scale_tol if o.required_scale_tol is not None else math.inf
             return (not o.passed, ratio if ratio == ratio else math.inf)
         return max(self.outputs, key=key, default=None)
+
+    def summary(self) -> str:
+        """``PASSED: 1 output within scale_tol=0.0001`` (FAILED: which outputs)."""
+        failed = [o.name for o in self.outputs if not o.passed]
+        terms = {"atol": self.atol, "rtol": self.rtol, "scale_tol": self.scale_tol}
+        within = ", ".join(f"{k}={v:g}" for k, v in terms.items() if v) or "atol=0"
+        if self.passed:
+            return f"PASSED: {plural(len(self.outputs), 'output')} within {within}"
+        if not self.outputs:
+            return "FAILED: no outputs compared"
+        return f"FAILED: {len(failed)} of {plural(len(self.outputs), 'output')} beyond {within} ({', '.join(failed[:3])})"
 
     def table(self) -> str:
         """A text table of the errors, then the tolerance, then one line PASSED or FAILED."""
@@ -202,7 +212,7 @@ def compare_outputs(
             comparisons.append(OutputComparison(name, False, reason="missing from actual outputs"))
             continue
         comparisons.append(_compare_one(name, _as_list(ref_list), _as_list(actual[name]), tolerance))
-    return ComparisonReport(comparisons, tolerance)
+    return ComparisonReport(comparisons, tolerance.atol, tolerance.rtol, tolerance.scale)
 
 
 def _as_list(arrays) -> list[np.ndarray]:

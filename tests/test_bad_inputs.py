@@ -277,10 +277,10 @@ def test_big_endian_npy_reads_as_the_same_numbers(project):
 
 
 def test_verification_failure_keeps_only_the_documented_file(project, monkeypatch):
-    import bncal.onnx_fold
+    import bncal.folding
     from test_fold_export import _make_corrupting
 
-    monkeypatch.setattr(bncal.onnx_fold, "fold_onnx", _make_corrupting(bncal.onnx_fold.fold_onnx))
+    monkeypatch.setattr(bncal.folding, "fold_onnx", _make_corrupting(bncal.folding.fold_onnx))
     before = snapshot(project)
     code, output = run("fold-export", project / "tiny.py:build", "--weights", project / "w.safetensors",
                        "--input-shape", "2,3,8,8", "-o", project / "out.onnx", "--keep-failed",

@@ -70,15 +70,12 @@ def names_from_inspect_with_fold_decisions(model):
     return [layer.name for layer in report.layers]
 
 
-FOLD_NAMING = pytest.mark.xfail(strict=True, reason="fold naming lands with the fold rulebook branch")
-
-
 @pytest.mark.parametrize("names_from", [
     names_from_recalibrate,
     names_from_check,
     names_from_inspect,
-    pytest.param(names_from_fold, marks=FOLD_NAMING),
-    pytest.param(names_from_inspect_with_fold_decisions, marks=FOLD_NAMING),
+    names_from_fold,
+    names_from_inspect_with_fold_decisions,
 ])
 def test_every_command_names_the_same_bn_the_same_way(names_from):
     model = unnamed_and_repeated_bns()

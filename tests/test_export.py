@@ -123,6 +123,21 @@ def test_keep_batchnorm_exports_every_bn(cnn, dynamo):
     _assert_close(_session(proto).run(None, {"input": x.numpy()})[0], want)
 
 
+def test_keep_batchnorm_rules_are_the_default_minus_the_bn_fusions():
+    from onnxscript import rewriter
+    from onnxscript.rewriter.rules import common
+
+    from bncal.export import rewrite_rules_keeping_batchnorm
+
+    rules = rewrite_rules_keeping_batchnorm()
+    fusions = [common.fuse_batchnorm_into_conv_rule, common.fuse_batchnorm_into_conv_transpose_rule,
+               common.fuse_batchnorm_into_gemm_rule]
+    default = list(rewriter._DEFAULT_REWRITE_RULES)
+    assert all(any(f is r for r in default) for f in fusions)
+    assert rules == [r for r in default if not any(r is f for f in fusions)]
+    assert not [r.name for r in rules if "BatchNorm" in (r.name or "")]
+
+
 class TwoInTwoOut(nn.Module):
     def __init__(self):
         super().__init__()

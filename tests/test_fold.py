@@ -535,3 +535,52 @@ def test_table_lists_every_bn():
     table = fold(net, inputs).table()
     for name in net.expected:
         assert name in table
+
+
+class _NHWCRoundTrip(nn.Module):
+    def forward(self, x):
+        return x.permute(0, 2, 3, 1).contiguous().transpose(1, 3).transpose(2, 3)
+
+
+class _Float(nn.Module):
+    def forward(self, x):
+        return x.float()
+
+
+class _FunctionalDropout(nn.Module):
+    def forward(self, x):
+        return F.dropout(x, 0.5, self.training)
+
+
+def test_folds_across_layout_round_trips_and_functional_dropout():
+    # What the exporter drops or emits as Transpose/Identity, the rules see through here too.
+    model = _eval_model(nn.Conv2d(3, 4, 3), _NHWCRoundTrip(), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4),
+                        _FunctionalDropout(), nn.Conv2d(4, 5, 1))
+    check_fold(model, (torch.randn(2, 3, 6, 6),), {"2": (PRE, "0", None), "4": (POST, "6", None)})
+
+
+def test_a_cast_folds_only_to_the_same_type():
+    model = _eval_model(nn.Conv2d(3, 4, 3), _Float(), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4), _Float(),
+                        nn.Conv2d(4, 5, 1))
+    x = torch.randn(2, 3, 6, 6)
+    result = fold(model, (x,))
+    assert [(d.direction, d.target) for d in result.decisions] == [(PRE, "0"), (POST, "6")]
+    assert_parity(model, result.model, (x,), 1e-5)
+    (decision,) = analyze_foldability(_eval_model(nn.Conv2d(3, 4, 3).double(), _Float(), nn.BatchNorm2d(4)), (x.double(),))
+    assert not decision.folded and "casts float64 to float32" in decision.reason
+
+
+def test_a_permute_that_moves_the_channels_is_refused():
+    class ChannelsLast(nn.Module):
+        def forward(self, x):
+            return x.permute(0, 2, 1, 3)
+
+    model = _eval_model(nn.Conv2d(3, 4, 1), ChannelsLast(), nn.BatchNorm2d(5), nn.ReLU())
+    check_fold(model, (torch.randn(2, 3, 5, 6),), {"2": (None, None, "channels on its axis 2")})
+
+
+@pytest.mark.parametrize("mode", ["reflect", "circular", "replicate"])
+def test_padding_zero_with_a_padding_mode_folds_both_ways(mode):
+    # The exporter emits an all-zero Pad for these; it commutes with the BN.
+    model = _eval_model(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=0, padding_mode=mode), nn.BatchNorm2d(4))
+    check_fold(model, (torch.randn(2, 3, 6, 6),), {"0": (POST, "1", None), "2": (PRE, "1", None)})

@@ -11,7 +11,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 import bncal
-import bncal.onnx_fold
+import bncal.folding
 from bncal.cli import main
 from bncal.errors import VerificationError
 from bncal.fold_export import fold_export_onnx, fold_export_torch
@@ -44,7 +44,7 @@ def _make_corrupting(original_fold):
     return corrupting
 
 
-_corrupting_fold = _make_corrupting(bncal.onnx_fold.fold_onnx)
+_corrupting_fold = _make_corrupting(bncal.folding.fold_onnx)
 
 
 @pytest.mark.parametrize("factory", [zoo.resnet_small, zoo.mobilenet_small])
@@ -133,7 +133,7 @@ def test_cli_fold_export_with_data_and_json(tmp_path):
 
 def test_cli_corrupted_fold_exits_1_without_output(tmp_path, monkeypatch):
     _write_model_file(tmp_path)
-    monkeypatch.setattr(bncal.onnx_fold, "fold_onnx", _corrupting_fold)
+    monkeypatch.setattr(bncal.folding, "fold_onnx", _corrupting_fold)
     out = tmp_path / "m.onnx"
     result = CliRunner().invoke(main, ["fold-export", str(tmp_path / "net.py:build"), "--weights", str(tmp_path / "w.safetensors"),
                                        "--input-shape", "2,3,32,32", "-o", str(out)])
@@ -175,7 +175,7 @@ def _wrong_epsilon_fold(model, **kwargs):
                 break
         else:
             node.attribute.append(helper.make_attribute("epsilon", 1e-3))
-    return bncal.onnx_fold.fold_onnx(wrong, **kwargs)
+    return bncal.folding.fold_onnx(wrong, **kwargs)
 
 
 def test_a_wrong_epsilon_fails_the_default_tolerance(tmp_path):

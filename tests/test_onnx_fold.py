@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bncal.onnx_fold import fold_onnx, op_counts, strip_initializer_inputs
+from bncal.folding import fold_onnx, op_counts, strip_initializer_inputs
 from bncal.verify import ort_session, run_onnx
 
 FLOAT = TensorProto.FLOAT
@@ -268,7 +268,7 @@ def test_weight_shared_by_three_convs_is_never_changed_in_place():
     by_name = {i.name: i for i in folded.graph.initializer}
     assert len(by_name) == len(folded.graph.initializer)
     assert by_name["W"] == weight
-    assert [n.input[1] for n in folded.graph.node] == ["W_bnfold", "W_bnfold_1", "W"]
+    assert [n.input[1] for n in folded.graph.node] == ["W_bnfold", "W_bnfold_2", "W"]  # names from bncal.names.fresh_name
 
 
 def test_graph_output_name_moves_to_the_folded_op():
@@ -368,8 +368,27 @@ def test_unnamed_nodes_get_stable_generated_names():
     nodes = [helper.make_node("Conv", ["x", "W"], ["h"]), bn_node("bn", "h", "y", name="")]
     model = make_model(nodes, [("x", [1, 3, 4, 4])], [("y", 4)], initializers)
     folded, decisions = fold_and_check(model, rng)
-    assert summary(decisions) == [("BatchNormalization_1", "Conv_0", "into-preceding")]
+    # The BN is named by the one BN naming rule (bncal.names: its output name); other ops <op>_<index>.
+    assert summary(decisions) == [("y", "Conv_0", "into-preceding")]
     assert folded.graph.node[0].name == "Conv_0"
+
+
+def test_onnx_folding_needs_no_torch():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = """
+import sys, onnx
+from bncal.folding import fold_onnx
+folded, decisions = fold_onnx(onnx.load("models/mnist_cnn_stale.onnx"))
+assert all(d.folded for d in decisions) and decisions, decisions
+assert "torch" not in sys.modules, "torch was imported"
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=root)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "" and result.stderr == ""  # the library prints nothing
 
 
 def test_op_counts_prefixes_other_domains():
@@ -391,7 +410,195 @@ def test_bn_inside_a_subgraph_is_reported_and_left_alone():
     onnx.checker.check_model(model, full_check=True)
     folded, decisions = fold_onnx(model, bn_to_affine=True)
     assert sorted((d.bn, d.reason) for d in decisions) == [
-        ("else_bn", "inside a subgraph; only the main graph is folded"),
-        ("then_bn", "inside a subgraph; only the main graph is folded"),
+        ("if/else_bn", "inside a subgraph; only the main graph is folded"),
+        ("if/then_bn", "inside a subgraph; only the main graph is folded"),
     ]
     assert folded.SerializeToString() == model.SerializeToString()
+
+
+# -- seeing through what exporters put in the way ---------------------------------------------
+# Each case is checked in onnxruntime (check_folded) and in the ONNX reference evaluator.
+
+
+def check_reference(original, folded, rng, *, tolerance=1e-5):
+    """The folded model computes what the original does in onnx.reference, too."""
+    from onnx.reference import ReferenceEvaluator
+
+    feeds = feeds_for(original, rng)
+    names = [o.name for o in original.graph.output]
+    for name, want, got in zip(names, ReferenceEvaluator(original).run(None, feeds),
+                               ReferenceEvaluator(folded).run(None, feeds)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=tolerance * float(np.abs(want).max()), err_msg=name)
+
+
+def pad_node(name, x, y, pads, mode, initializers):
+    initializers.append(numpy_helper.from_array(np.array(pads, np.int64), f"{name}_pads"))
+    return helper.make_node("Pad", [x, f"{name}_pads"], [y], name=name, mode=mode)
+
+
+def fold_everywhere(model, rng, **options):
+    folded, decisions = fold_and_check(model, rng, **options)
+    check_reference(model, folded, rng)
+    return folded, decisions
+
+
+@pytest.mark.parametrize("mode, pads", [
+    ("reflect", [0, 0, 1, 2, 0, 0, 2, 1]), ("edge", [0, 0, 1, 1, 0, 0, 1, 1]), ("wrap", [0, 0, 2, 0, 0, 0, 0, 2]),
+    ("constant", [0] * 8), ("reflect", [0] * 8), ("constant", [0, 0, -1, 0, 0, 0, 0, -1]),
+])
+def test_bn_then_copying_pad_then_conv_folds_into_the_conv(mode, pads):
+    # reflect/edge/wrap copy BN outputs, an all-zero or cropping Pad only moves them: the
+    # per-channel affine map commutes with the Pad, so the BN folds into the Conv behind it.
+    rng = np.random.default_rng(30)
+    initializers = [tensor("W", rng.normal(0, 1, (6, 4, 3, 3))), tensor("B", rng.normal(0, 1, 6))]
+    initializers += bn_initializers("bn", 4, rng)
+    nodes = [bn_node("bn", "x", "h"), pad_node("pad", "h", "p", pads, mode, initializers),
+             helper.make_node("Conv", ["p", "W", "B"], ["y"], name="conv")]
+    model = make_model(nodes, [("x", [2, 4, 6, 6])], [("y", 4)], initializers, opset=19)
+    folded, decisions = fold_and_check(model, rng)
+    if min(pads) >= 0:  # the reference evaluator cannot crop
+        check_reference(model, folded, rng)
+    assert summary(decisions) == [("bn", "conv", "into-following")]
+    assert op_counts(folded) == {"Pad": 1, "Conv": 1}
+
+
+@pytest.mark.parametrize("mode", ["reflect", "edge", "constant"])
+def test_conv_then_copying_pad_then_bn_folds_into_the_conv(mode):
+    rng = np.random.default_rng(31)
+    pads = [0] * 8 if mode == "constant" else [0, 0, 1, 1, 0, 0, 1, 1]
+    initializers = [tensor("W", rng.normal(0, 1, (4, 3, 3, 3)))] + bn_initializers("bn", 4, rng)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv"), pad_node("pad", "c", "p", pads, mode, initializers),
+             bn_node("bn", "p", "y")]
+    model = make_model(nodes, [("x", [2, 3, 7, 7])], [("y", 4)], initializers, opset=19)
+    folded, decisions = fold_everywhere(model, rng)
+    assert summary(decisions) == [("bn", "conv", "into-preceding")]
+    assert op_counts(folded) == {"Conv": 1, "Pad": 1} and folded.graph.output[0].name == "y"
+
+
+def test_constant_pad_with_nonzero_pads_before_a_conv_is_refused():
+    # Conv would see the zeros Pad adds, where the original saw BN(0) = t: not exact.
+    rng = np.random.default_rng(32)
+    initializers = [tensor("W", rng.normal(0, 1, (6, 4, 3, 3)))] + bn_initializers("bn", 4, rng)
+    nodes = [bn_node("bn", "x", "h"), pad_node("pad", "h", "p", [0, 0, 1, 1, 0, 0, 1, 1], "constant", initializers),
+             helper.make_node("Conv", ["p", "W"], ["y"], name="conv")]
+    model = make_model(nodes, [("x", [2, 4, 6, 6])], [("y", 4)], initializers)
+    folded, decisions = fold_and_check(model, rng)
+    assert summary(decisions) == [("bn", None, None)]
+    assert "a constant-mode Pad with nonzero pads" in decisions[0].reason and "not exact" in decisions[0].reason
+    assert op_counts(folded) == op_counts(model)
+
+
+def test_pad_on_the_channel_axis_is_refused():
+    rng = np.random.default_rng(33)
+    initializers = [tensor("W", rng.normal(0, 1, (4, 6, 1, 1)))] + bn_initializers("bn", 4, rng)
+    nodes = [bn_node("bn", "x", "h"), pad_node("pad", "h", "p", [0, 1, 0, 0, 0, 1, 0, 0], "reflect", initializers),
+             helper.make_node("Conv", ["p", "W"], ["y"], name="conv")]
+    model = make_model(nodes, [("x", [2, 4, 5, 5])], [("y", 4)], initializers)
+    _, decisions = fold_and_check(model, rng)
+    assert summary(decisions) == [("bn", None, None)] and "it pads the channel axis" in decisions[0].reason
+
+
+def nhwc_block(prefix, x, y, c_in, c_out, rng, initializers):
+    """A tf2onnx-style NHWC conv block: Transpose to NCHW, Conv, back to NHWC, then a BN that
+    only works on NCHW, wrapped in its own Transpose pair."""
+    initializers += [tensor(f"{prefix}_W", rng.normal(0, 1, (c_out, c_in, 3, 3))), tensor(f"{prefix}_B", rng.normal(0, 1, c_out))]
+    initializers += bn_initializers(f"{prefix}_bn", c_out, rng)
+    t = lambda name, a, b, perm: helper.make_node("Transpose", [a], [b], name=f"{prefix}_{name}", perm=perm)
+    return [
+        t("to_nchw", x, f"{prefix}_a", [0, 3, 1, 2]),
+        helper.make_node("Conv", [f"{prefix}_a", f"{prefix}_W", f"{prefix}_B"], [f"{prefix}_c"], name=f"{prefix}_conv",
+                         pads=[1, 1, 1, 1]),
+        t("to_nhwc", f"{prefix}_c", f"{prefix}_d", [0, 2, 3, 1]),
+        t("bn_in", f"{prefix}_d", f"{prefix}_e", [0, 3, 1, 2]),
+        bn_node(f"{prefix}_bn", f"{prefix}_e", f"{prefix}_f"),
+        t("bn_out", f"{prefix}_f", f"{prefix}_g", [0, 2, 3, 1]),
+        helper.make_node("Relu", [f"{prefix}_g"], [y], name=f"{prefix}_relu"),
+    ]
+
+
+def test_tf_style_transpose_pairs_fold_all_four_bns():
+    rng = np.random.default_rng(34)
+    initializers, nodes, channels = [], [], [3, 4, 6, 4, 5]
+    for i in range(4):
+        nodes += nhwc_block(f"b{i}", "x" if i == 0 else f"y{i - 1}", f"y{i}", channels[i], channels[i + 1], rng,
+                            initializers)
+    model = make_model(nodes, [("x", [2, 7, 7, 3])], [("y3", 4)], initializers)
+    folded, decisions = fold_everywhere(model, rng)
+    assert summary(decisions) == [(f"b{i}_bn", f"b{i}_conv", "into-preceding") for i in range(4)]
+    assert "BatchNormalization" not in op_counts(folded)
+
+
+def test_bn_folds_forward_across_a_transpose_pair_into_the_conv():
+    rng = np.random.default_rng(35)
+    initializers = [tensor("W", rng.normal(0, 1, (5, 4, 3, 3)))] + bn_initializers("bn", 4, rng)
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"), bn_node("bn", "r", "h"),
+             helper.make_node("Transpose", ["h"], ["t1"], name="to_nhwc", perm=[0, 2, 3, 1]),
+             helper.make_node("Transpose", ["t1"], ["t2"], name="to_nchw", perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["t2", "W"], ["y"], name="conv")]
+    model = make_model(nodes, [("x", [2, 4, 6, 6])], [("y", 4)], initializers)
+    _, decisions = fold_everywhere(model, rng)
+    assert summary(decisions) == [("bn", "conv", "into-following")]
+
+
+@pytest.mark.parametrize("perm, folds", [([0, 1, 3, 2], True), ([0, 2, 1, 3], False)])
+def test_a_transpose_folds_only_if_the_channels_stay_on_axis_1(perm, folds):
+    rng = np.random.default_rng(36)
+    initializers = [tensor("W", rng.normal(0, 1, (5, 3, 1, 1)))] + bn_initializers("bn", 5, rng)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),
+             helper.make_node("Transpose", ["c"], ["t"], name="transpose", perm=perm), bn_node("bn", "t", "y")]
+    model = make_model(nodes, [("x", [2, 3, 5, 5])], [("y", 4)], initializers)
+    _, decisions = fold_everywhere(model, rng)
+    if folds:
+        assert summary(decisions) == [("bn", "conv", "into-preceding")]
+    else:
+        assert summary(decisions) == [("bn", None, None)]
+        assert "put the BN's channels on its axis 2, not 1" in decisions[0].reason
+
+
+@pytest.mark.parametrize("between", ["Identity", "Cast", "Dropout"])
+def test_identity_same_type_cast_and_inference_dropout_are_seen_through(between):
+    rng = np.random.default_rng(37)
+    initializers = [tensor("W1", rng.normal(0, 1, (4, 3, 3, 3))), tensor("W2", rng.normal(0, 1, (2, 4, 1, 1)))]
+    initializers += bn_initializers("bn1", 4, rng) + bn_initializers("bn2", 4, rng)
+    extra = {"to": TensorProto.FLOAT} if between == "Cast" else {}
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["c"], name="conv1"),
+             helper.make_node(between, ["c"], ["i1"], name="between1", **extra), bn_node("bn1", "i1", "h"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"), bn_node("bn2", "r", "b"),
+             helper.make_node(between, ["b"], ["i2"], name="between2", **extra),
+             helper.make_node("Conv", ["i2", "W2"], ["y"], name="conv2")]
+    model = make_model(nodes, [("x", [2, 3, 6, 6])], [("y", 4)], initializers)
+    _, decisions = fold_everywhere(model, rng)
+    assert summary(decisions) == [("bn1", "conv1", "into-preceding"), ("bn2", "conv2", "into-following")]
+
+
+def test_cast_to_another_type_is_in_the_way():
+    rng = np.random.default_rng(38)
+    initializers = [tensor("W", rng.normal(0, 1, (4, 3, 1, 1)))] + bn_initializers("bn", 4, rng)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),
+             helper.make_node("Cast", ["c"], ["d"], name="to_double", to=TensorProto.DOUBLE),
+             helper.make_node("Cast", ["d"], ["e"], name="to_float", to=TensorProto.FLOAT), bn_node("bn", "e", "y")]
+    model = make_model(nodes, [("x", [2, 3, 4, 4])], [("y", 4)], initializers)
+    _, decisions = fold_and_check(model, rng)
+    assert summary(decisions) == [("bn", None, None)] and "it casts float64 to float32" in decisions[0].reason
+
+
+def test_bn_then_reflect_pad_then_flatten_then_gemm_repeats_over_the_padded_size():
+    rng = np.random.default_rng(39)
+    initializers = bn_initializers("bn", 3, rng) + [tensor("B", rng.normal(0, 1, (3 * 6 * 6, 5))), tensor("C", rng.normal(0, 1, 5))]
+    nodes = [bn_node("bn", "x", "h"), pad_node("pad", "h", "p", [0, 0, 1, 1, 0, 0, 1, 1], "reflect", initializers),
+             helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "B", "C"], ["y"], name="fc", alpha=0.5)]
+    model = make_model(nodes, [("x", [2, 3, 4, 4])], [("y", [2, 5])], initializers)
+    _, decisions = fold_everywhere(model, rng)
+    assert summary(decisions) == [("bn", "fc", "into-following")]
+
+
+def test_matmul_with_bias_add_then_bn_becomes_one_gemm():
+    rng = np.random.default_rng(40)
+    initializers = [tensor("W", rng.normal(0, 1, (5, 4))), tensor("b", rng.normal(0, 1, 4))] + bn_initializers("bn", 4, rng)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"], name="dense"), helper.make_node("Add", ["b", "m"], ["a"], name="bias"),
+             bn_node("bn", "a", "y")]
+    model = make_model(nodes, [("x", [3, 5])], [("y", [3, 4])], initializers)
+    folded, decisions = fold_everywhere(model, rng)
+    assert summary(decisions) == [("bn", "dense", "into-preceding")]
+    assert op_counts(folded) == {"Gemm": 1} and len(folded.graph.initializer) == 2

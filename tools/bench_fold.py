@@ -6,7 +6,7 @@ mean/var, weight and bias) -- ``models/zoo.py``'s ``resnet_small`` (3x32x32), ``
 small decoder (ConvTranspose2d + BatchNorm2d, one ConvTranspose with groups=4) and an MLP
 (Linear + BatchNorm1d) -- it writes one ONNX file per method:
 
-- ``bncal``: ``bncal.fold_export.fold_export_torch`` (fold in PyTorch, export, graph fold,
+- ``bncal``: ``bncal.fold_export.fold_export_torch`` (one export with every BN kept, graph fold,
   verification in onnxruntime);
 - ``torch default``: ``torch.onnx.export(model, x, f, external_data=False)`` with the defaults
   (``dynamo=True, optimize=True``: onnxscript's rewrite rules may fold BN);
@@ -21,7 +21,7 @@ the output's scale (max |reference|), and the onnxruntime latency at batch 1 and
 use optimisation level "basic" and the same thread count; the methods are measured in turn within
 each round (order rotated per round) and the median over rounds is reported.
 
-It also times ``fold_export_torch`` end to end (fold, two exports, graph fold, verification;
+It also times ``fold_export_torch`` end to end (export, graph fold, verification;
 ``latency_batches=()``) against the default ``torch.onnx.export`` alone on ``resnet_small``,
 interleaved over several rounds after one warm-up each, and reports the median ratio (target <= 1.5x).
 

@@ -1,0 +1,203 @@
+"""Passes over calibration data through a Keras model, seeing every BatchNormalization's input.
+
+:class:`BatchNormTap` wraps each BN layer's ``call`` for the duration of a ``with`` block
+(instance attribute, put back on exit, also on error). Each call then
+
+1. reduces its input to float64 ``(count, mean, biased variance)`` per channel with
+   :func:`bncal.stats.batch_moments`: every axis but the layer's ``axis`` counts as samples
+   (NHWC, NCHW, Dense, Conv1D/3D alike), masked positions left out as Keras leaves them out;
+2. asks ``statistics(name, call, count, mean, var)`` which statistics to normalise with
+   (the batch's own for a train-mode pass, given ones for an eval pass; None keeps the
+   layer's current moving statistics), writes them into the moving variables, and
+3. runs the layer's own inference computation (``training=False``) on them.
+
+So Dropout and every other layer run in inference mode, no weight changes, and nothing
+depends on a backend's graph tracing: the model is called eagerly. The moving statistics
+are restored when the block ends; callers write the final ones explicitly.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+
+from .._progress import DataPass
+from ..errors import BncalError
+from ..stats import ChannelMoments, batch_moments
+from ._backend import import_keras, inference_context
+from .layers import statistics_variables
+
+__all__ = ["BatchNormTap", "calibration_data", "default_forward", "run_forward", "batch_pass"]
+
+_MISSING = object()
+
+
+def default_forward(model, inputs):
+    """``model(inputs, training=False)``: every layer in inference mode."""
+    return model(inputs, training=False)
+
+
+class BatchNormTap:
+    """Wraps the ``call`` of ``layers`` (``[(name, bn)]``) while the ``with`` block runs.
+
+    ``records[name]`` lists ``(count, mean, var)`` per call.
+    """
+
+    def __init__(self, layers, statistics=None):
+        self.layers = list(layers)
+        self.statistics = statistics
+        self.records: dict[str, list] = {name: [] for name, _ in self.layers}
+        self._restore: list = []
+
+    def __enter__(self) -> "BatchNormTap":
+        keras = import_keras()
+        try:
+            for name, bn in self.layers:
+                values = [keras.ops.convert_to_numpy(v).copy() for v in statistics_variables(bn)]
+                self._restore.append((bn, bn.__dict__.get("call", _MISSING), values))
+                bn.call = self._wrap(name, bn, bn.call)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for bn, call, values in reversed(self._restore):
+            if call is _MISSING:
+                del bn.call
+            else:
+                bn.call = call
+            for variable, value in zip(statistics_variables(bn), values):
+                variable.assign(value)
+        self._restore = []
+
+    def moments(self) -> dict[str, ChannelMoments]:
+        """The recorded calls of each layer merged (layers never called are left out)."""
+        out = {}
+        for name, bn in self.layers:
+            calls = self.records[name]
+            if calls:
+                moments = ChannelMoments.empty(calls[0][1].shape[0])
+                for count, mean, var in calls:
+                    moments.add_batch(count, mean, var)
+                out[name] = moments
+        return out
+
+    def _wrap(self, name, bn, original):
+        keras = import_keras()
+        signature = inspect.signature(original)
+        takes_training = "training" in signature.parameters
+
+        def call(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            inputs = next(iter(bound.arguments.values()))
+            mask = bound.arguments.get("mask")
+            if takes_training:
+                bound.arguments["training"] = False
+            x = np.asarray(keras.ops.convert_to_numpy(inputs))
+            axis = bn.axis % x.ndim
+            if mask is not None:
+                if axis != x.ndim - 1:
+                    raise BncalError(f"BatchNormalization {name} gets a mask with axis={bn.axis}; bncal handles "
+                                     "masks only for the last axis, as Keras applies them")
+                x = x[np.asarray(keras.ops.convert_to_numpy(mask)).astype(bool)]
+                axis = x.ndim - 1
+            count, mean, var = batch_moments(x, axis)
+            calls = self.records[name]
+            calls.append((count, mean, var))
+            stats = self.statistics(name, len(calls) - 1, count, mean, var) if self.statistics else None
+            if stats is not None:
+                bn.moving_mean.assign(keras.ops.cast(stats[0], bn.moving_mean.dtype))
+                bn.moving_variance.assign(keras.ops.cast(stats[1], bn.moving_variance.dtype))
+            return original(*bound.args, **bound.kwargs)
+
+        return call
+
+
+class _ArrayBatches:
+    """Rows of an array (or of a dict of arrays) in batches of ``batch_size``; re-iterable."""
+
+    def __init__(self, data, batch_size: int):
+        keras = import_keras()
+        self.data, self.batch_size = data, int(batch_size)
+        self.rows = len(keras.tree.flatten(data)[0])
+
+    def __iter__(self):
+        keras = import_keras()
+        for start in range(0, self.rows, self.batch_size):
+            yield keras.tree.map_structure(lambda a: a[start:start + self.batch_size], self.data)
+
+
+def calibration_data(data, batch_size: int | None, *, reiterable: bool):
+    """``data`` as batches: an array, or a dict of arrays (one per named model input), is cut into
+    batches of ``batch_size`` rows; any other iterable is taken as batches already.
+
+    Raises BncalError for a bad batch size, or a one-shot iterator when ``reiterable``.
+    """
+    if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
+        raise BncalError(f"batch_size must be a positive integer, not {batch_size!r}")
+    if isinstance(data, np.ndarray) or isinstance(data, dict) and all(isinstance(v, np.ndarray) for v in data.values()):
+        if batch_size is None:
+            raise BncalError("data given as arrays needs a batch_size")
+        return _ArrayBatches(data, batch_size)
+    if not hasattr(data, "__iter__"):
+        raise BncalError(f"data must be an array or an iterable of batches, not {type(data).__name__}")
+    if reiterable and iter(data) is data:
+        raise BncalError("mode 'eval' passes over the data several times; give an array, a list of batches or a "
+                         "re-iterable loader, not a one-shot iterator")
+    return data
+
+
+def _prepare(batch, remaining):
+    """A batch's model inputs (Keras convention: ``(x,)``, ``(x, y)``, ``(x, y, sample_weight)``
+    tuples give ``x``), cut to ``remaining`` rows, checked finite; with its fingerprint (the
+    float64 sum of the first floating input, to recognise the batch in a later pass) and size."""
+    keras = import_keras()
+    if isinstance(batch, (tuple, list)):
+        batch = keras.utils.unpack_x_y_sample_weight(tuple(batch))[0]
+    leaves = keras.tree.flatten(batch)
+    if not leaves:
+        raise BncalError("a calibration batch holds no inputs")
+    if remaining is not None and len(leaves[0]) > remaining:
+        batch = keras.tree.map_structure(lambda a: a[:remaining], batch)
+        leaves = keras.tree.flatten(batch)
+    fingerprint = None
+    for leaf in leaves:
+        array = leaf if isinstance(leaf, np.ndarray) else np.asarray(keras.ops.convert_to_numpy(leaf))
+        if np.issubdtype(array.dtype, np.floating) or array.dtype.kind == "V":
+            total = float(np.sum(array, dtype=np.float64))
+            if not math.isfinite(total) and not np.isfinite(array.astype(np.float64)).all():
+                raise BncalError("the calibration data contains NaN or Inf values; clean or filter it first")
+            fingerprint = total if fingerprint is None else fingerprint
+    return (batch, fingerprint), len(leaves[0])
+
+
+def batch_pass(data, *, max_samples, progress):
+    """One pass: yields ``(index, inputs, fingerprint)``; ``.batches``/``.samples`` after it."""
+    return DataPass(data, lambda batch, index, remaining: _prepare(batch, remaining),
+                    max_samples=max_samples, progress=progress)
+
+
+def run_forward(forward_fn, model, inputs, index):
+    """``forward_fn(model, inputs)`` without gradients; the model's errors as one-line BncalErrors."""
+    try:
+        with inference_context():
+            return forward_fn(model, inputs)
+    except BncalError as exc:  # raised by a BN tap, and rewrapped by Keras on its way out
+        raise BncalError(error_text(exc)) from None
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as exc:
+        shapes = ", ".join(str(tuple(getattr(leaf, "shape", ()))) for leaf in import_keras().tree.flatten(inputs))
+        raise BncalError(f"the model failed on calibration batch {index} (input shape {shapes}): "
+                         f"{error_text(exc)}") from exc
+
+
+def error_text(exc: BaseException) -> str:
+    """The first line of the error a layer raised: Keras re-raises it as ``Exception
+    encountered when calling <layer>`` with the original message set in bold inside."""
+    text = str(exc)
+    if getattr(exc, "_keras_call_info_injected", False) and "\x1b[1m" in text:
+        text = text.split("\x1b[1m", 1)[1].split("\x1b[0m", 1)[0]
+    text = text.strip()
+    return text.splitlines()[0] if text else type(exc).__name__

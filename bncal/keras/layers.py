@@ -1,0 +1,81 @@
+"""The BatchNormalization layers of a Keras model, named as every bncal report names them.
+
+A layer is named by its ``name`` (unique within a functional model; Keras gives automatic
+names like ``batch_normalization_3``), prefixed with the names of the layers and models that
+contain it (``backbone/bn_1``). A layer reached twice (shared) is listed once; two layers with
+one name get ``#2``, ``#3``, ... (:func:`bncal.names.fresh_name`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import BncalError
+from ..names import fresh_name
+from ..report import LayerStats
+from ._backend import import_keras
+
+__all__ = ["sublayers", "named_layers", "batchnorm_layers", "is_batchnorm", "moving_statistics",
+           "statistics_variables", "require_model"]
+
+
+def sublayers(layer) -> list:
+    """The layers directly inside ``layer``, in the order Keras tracks them."""
+    flatten = getattr(layer, "_flatten_layers", None)  # every Keras 3 layer has it
+    if flatten is not None:
+        return list(flatten(include_self=False, recursive=False))
+    return list(getattr(layer, "layers", []))
+
+
+def named_layers(model) -> list[tuple[str, object]]:
+    """Every layer inside ``model`` (depth first, each object once) with its report name."""
+    found, seen, taken = [], set(), set()
+
+    def walk(layer, prefix):
+        for sub in sublayers(layer):
+            if id(sub) in seen:
+                continue
+            seen.add(id(sub))
+            name = fresh_name(prefix + sub.name, taken, separator="#")
+            found.append((name, sub))
+            walk(sub, name + "/")
+
+    walk(model, "")
+    return found
+
+
+def is_batchnorm(layer) -> bool:
+    return isinstance(layer, import_keras().layers.BatchNormalization)
+
+
+def batchnorm_layers(model) -> list[tuple[str, object]]:
+    """Every ``keras.layers.BatchNormalization`` (subclasses included) in ``model``, named."""
+    return [(name, layer) for name, layer in named_layers(model) if is_batchnorm(layer)]
+
+
+def statistics_variables(bn) -> list:
+    """The variables bncal writes: moving mean and variance, and a renorm layer's moving stddev
+    (from which Keras derives the moving variance at each renorm training step)."""
+    variables = [bn.moving_mean, bn.moving_variance]
+    if getattr(bn, "renorm", False) and getattr(bn, "moving_stddev", None) is not None:
+        variables.append(bn.moving_stddev)
+    return variables
+
+
+def moving_statistics(bn) -> LayerStats:
+    """A built layer's moving mean and variance in float64."""
+    keras = import_keras()
+    return LayerStats(np.asarray(keras.ops.convert_to_numpy(bn.moving_mean), np.float64).reshape(-1),
+                      np.asarray(keras.ops.convert_to_numpy(bn.moving_variance), np.float64).reshape(-1))
+
+
+def require_model(model) -> None:
+    """Refuse what is not a built Keras layer or model, with the fix."""
+    keras = import_keras()
+    if not isinstance(model, keras.layers.Layer):
+        raise BncalError(f"expected a keras.Model, got {type(model).__name__}; load a .keras file with "
+                         "bncal.keras.load_model")
+    unbuilt = [name for name, bn in batchnorm_layers(model) if bn.moving_mean is None]
+    if unbuilt:
+        raise BncalError(f"the model is not built ({unbuilt[0]} has no statistics yet); call it once on a "
+                         "batch, or model.build(input_shape), first")

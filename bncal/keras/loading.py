@@ -1,0 +1,86 @@
+"""Loading Keras models safely, and saving them atomically.
+
+A model is a ``.keras`` file, read with Keras's ``safe_mode=True`` by default: a ``Lambda``
+layer stores Python bytecode that would run when the file is loaded, so such files load only
+with ``safe_mode=False``, for files you trust. Or a spec ``package.module:factory`` /
+``path/file.py:factory`` (the user's own code, run as written, see
+:func:`bncal.loading.resolve_callable`) returning a ``keras.Model``, optionally with weights
+from a ``.weights.h5`` file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..outputs import atomic_output
+from ..errors import BncalError, one_line
+from ..loading import _parse_kwargs, resolve_callable
+from ._backend import import_keras
+
+__all__ = ["load_model", "save_model"]
+
+
+def load_model(path_or_spec, *, weights=None, model_kwargs: str | dict | None = None, safe_mode: bool = True,
+               custom_objects: dict | None = None, compile: bool = True):
+    """A ``keras.Model`` from a ``.keras`` file or a factory spec.
+
+    ``safe_mode`` (default True) refuses files whose ``Lambda`` layers would run code;
+    ``custom_objects`` and ``compile`` are passed to ``keras.saving.load_model``.
+    ``model_kwargs`` (a dict or JSON object) and ``weights`` (``.weights.h5``) apply to a spec.
+
+    Raises:
+        BncalError: a missing or unreadable file, a refused Lambda layer, a spec that does not
+            give a ``keras.Model``, weights that do not fit.
+    """
+    keras = import_keras()
+    text = str(path_or_spec)
+    path = Path(text)
+    if path.suffix.lower() in (".h5", ".hdf5") and ":" not in text:
+        raise BncalError(f"{path} is a legacy HDF5 model; bncal reads the .keras format: re-save it with "
+                         "model.save('model.keras')")
+    if path.suffix.lower() == ".keras":
+        if not path.is_file():
+            raise BncalError(f"model file {path} does not exist")
+        if weights is not None or model_kwargs is not None:
+            raise BncalError("a .keras file holds its weights and configuration; weights and model_kwargs apply "
+                             "to a factory spec only")
+        try:
+            return keras.saving.load_model(path, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode)
+        except Exception as exc:  # Keras raises ValueError, TypeError, zipfile and h5py errors...
+            if safe_mode and "safe_mode" in str(exc):
+                raise BncalError(f"{path} contains a Lambda layer whose Python code would run when it is loaded; "
+                                 "pass safe_mode=False only for a file you trust") from exc
+            raise BncalError(f"cannot load {path} as a Keras model ({one_line(exc)}); is it a .keras file saved by "
+                             "Keras 3, with its custom layers given as custom_objects?") from exc
+    factory = resolve_callable(text, "model")
+    if not callable(factory):
+        raise BncalError(f"{text} is not callable")
+    try:
+        model = factory(**_parse_kwargs(model_kwargs))
+    except TypeError as exc:
+        raise BncalError(f"calling {text} failed: {exc}; check model_kwargs") from exc
+    if not isinstance(model, keras.Model):
+        raise BncalError(f"{text} returned {type(model).__name__}, not a keras.Model")
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise BncalError(f"weights file {weights} does not exist")
+        try:
+            model.load_weights(weights)
+        except Exception as exc:  # shape mismatches, missing variables, unreadable files
+            raise BncalError(f"the weights in {weights} do not fit {text} ({one_line(exc)})") from exc
+    return model
+
+
+def save_model(model, path) -> Path:
+    """Write ``model`` to the ``.keras`` file ``path`` atomically: a temporary ``.keras`` file in
+    the same directory, renamed over ``path`` once complete (an interrupted save leaves
+    ``path`` as it was)."""
+    keras = import_keras()
+    path = Path(path)
+    if path.suffix.lower() != ".keras":
+        raise BncalError(f"{path}: a Keras model is saved as a .keras file; give a path ending in .keras")
+    if not path.parent.is_dir():
+        raise BncalError(f"output directory {path.parent} does not exist; create it first")
+    with atomic_output(path) as tmp:  # staged under its own name, so Keras sees the .keras suffix
+        keras.saving.save_model(model, tmp)
+    return path
