@@ -128,6 +128,15 @@ def test_training_mode_only_with_data_says_there_is_nothing_to_check(files):
     assert "2 BatchNormalization left" in output and "training-mode BatchNormalization" in output
     assert "note: nothing to check" in output and "the train/inference check was skipped" in output
     assert output.strip().splitlines()[-1].startswith(f"wrote {out}")
+    # check and recalibrate have nothing to do: one line that says why, exit 1, nothing written.
+    reason = "already in training mode: it normalises with batch statistics and never uses moving ones"
+    code, output = run("check", files / "train4.onnx", "--data", files / "x.npy", "--batch-size", 4)
+    assert code == 1 and output.strip().splitlines()[-1].startswith(
+        "error: the model has no inference BatchNormalization to check") and reason in output
+    fixed = files / "train.recalibrated.onnx"
+    code, output = run("recalibrate", files / "train4.onnx", "--data", files / "x.npy", "--batch-size", 4, "-o", fixed)
+    assert code == 1 and "no inference BatchNormalization whose statistics bncal can update" in output
+    assert reason in output and not fixed.exists()
 
 
 def test_an_old_opset_training_graph_is_never_written_changed(files):

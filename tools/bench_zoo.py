@@ -8,7 +8,8 @@ fixed seed so that folding is not trivial, then moving statistics recalibrated o
 - **fold-export**: ``bncal.fold_export_torch`` (export with BNs kept and a dynamic batch axis,
   graph fold, verification: two figures, no latency) against ``torch.onnx.export(model, x, path)``
   with its defaults alone (``dynamo=True, optimize=True``, a static batch), and against the same
-  export with a dynamic batch axis (``dynamic_shapes``), all writing a file, interleaved over
+  export with a dynamic batch axis (``dynamic_shapes``); ``fold_export_torch(dynamic_batch=False)``
+  (the CLI's ``--static-batch``) against the default too; all writing a file, interleaved over
   ``--rounds`` after one warm-up each; process CPU time (single-threaded by default, so other
   processes on a shared machine disturb it little) and wall-clock time, the median ratio of each;
 - BatchNormalization nodes before / after / the floor, and left by the default export
@@ -279,6 +280,8 @@ def family_row(family: str, rounds: int, folder: Path) -> tuple[dict, list[dict]
         "dynamic": lambda: torch.onnx.export(model, (x,), str(folder / "dynamic.onnx"), input_names=["input"],
                                              dynamic_shapes=({0: torch.export.Dim("batch")},)),
         "bncal": lambda: keep_failed_report(lambda: fold_export_torch(model, (x,), bncal_path)),
+        "bncal_static": lambda: keep_failed_report(lambda: fold_export_torch(model, (x,), folder / "static.onnx",
+                                                                             dynamic_batch=False)),
     }, rounds)
     _, report = times["bncal"]["last"]
     row.update(
@@ -290,6 +293,8 @@ def family_row(family: str, rounds: int, folder: Path) -> tuple[dict, list[dict]
         export_ratio_wall=ratio(times, "bncal", "default", "wall"),
         export_ratio_cpu=ratio(times, "bncal", "default", "cpu"),
         dynamic_ratio_cpu=ratio(times, "bncal", "dynamic", "cpu"),
+        static_ratio_cpu=ratio(times, "bncal_static", "default", "cpu"),
+        static_ratio_wall=ratio(times, "bncal_static", "default", "wall"),
         default_cpu=statistics.median(times["default"]["cpu"]), bncal_cpu=statistics.median(times["bncal"]["cpu"]),
         default_wall=statistics.median(times["default"]["wall"]), bncal_wall=statistics.median(times["bncal"]["wall"]),
         steps=report.step_seconds,
@@ -314,11 +319,11 @@ def _fmt(value, spec: str) -> str:
 def markdown(rows: list[dict], onnx_rows: list[dict]) -> str:
     lines = ["| family | BN before / after / floor (default export) | max err / scale: fold, export | "
              "fold-export / torch.onnx.export: CPU (wall) | the same, export with a dynamic batch: CPU | "
-             "recalibration / forward: CPU (wall) |",
-             "|---|---|---|---|---|---|"]
+             "fold-export with a static batch / torch.onnx.export: CPU (wall) | recalibration / forward: CPU (wall) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         if "note" in r:
-            lines.append(f"| {r['family']} | {r['note']} | | | |")
+            lines.append(f"| {r['family']} | {r['note']} | | | | | |")
             continue
         recal = (f"{_fmt(r.get('recal_ratio_cpu'), '.2f')}x ({_fmt(r.get('recal_ratio_wall'), '.2f')}x)"
                  if "recal_ratio_wall" in r else "no BN")
@@ -326,7 +331,8 @@ def markdown(rows: list[dict], onnx_rows: list[dict]) -> str:
             f"| {r['family']} | {r['bn_before']} / {r['bn_after']} / {r['floor']} ({r['default_bn']}) | "
             f"{_fmt(r['fold_err'], '.1e')}, {_fmt(r['export_err'], '.1e')}{'' if r['passed'] else ' FAILED'} | "
             f"{r['export_ratio_cpu']:.2f}x ({r['export_ratio_wall']:.2f}x; {r['bncal_cpu']:.1f} s vs "
-            f"{r['default_cpu']:.1f} s) | {r['dynamic_ratio_cpu']:.2f}x | {recal} |")
+            f"{r['default_cpu']:.1f} s) | {r['dynamic_ratio_cpu']:.2f}x | "
+            f"{r['static_ratio_cpu']:.2f}x ({r['static_ratio_wall']:.2f}x) | {recal} |")
     lines += ["", "| family | ONNX file | BN before / after / floor | max err / scale | fold-export s: CPU (wall) |",
               "|---|---|---|---|---|"]
     for r in onnx_rows:
