@@ -124,8 +124,13 @@ def failed_output_path(output) -> Path:
 
 def fixed_batch_size(specs) -> int | None:
     """The batch size a graph fixes (dim 0 of every input, all equal), or None if any input lets it vary."""
-    sizes = {s.shape[0] if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0 else None for s in specs}
+    sizes = {_static_batch(s) for s in specs}
     return sizes.pop() if len(sizes) == 1 else None
+
+
+def _static_batch(spec) -> int | None:
+    """Dim 0 of one graph input where the graph fixes it, else None."""
+    return spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 0 else None
 
 
 def fit_to_batch_size(batches, size: int | None, notes: list[str] | None = None):
@@ -247,7 +252,7 @@ def _latency_feeds(specs, template: dict, batch_sizes, notes: list[str]) -> dict
         feeds = {}
         for spec in specs:
             value = np.asarray(template[spec.name])
-            dynamic = not (spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 0)
+            dynamic = _static_batch(spec) is None
             shape = (size, *value.shape[1:]) if dynamic and value.ndim else value.shape
             feeds[spec.name] = (rng.standard_normal(shape) if np.issubdtype(value.dtype, np.floating)
                                 else np.zeros(shape)).astype(value.dtype)
