@@ -105,7 +105,7 @@ def _html_text(text: str) -> str:
     if not lines:
         return ""
     out = []
-    for line in lines:
+    for line in filter(str.strip, lines):  # blank lines only space the text; the HTML spaces itself
         verdict = _VERDICT_CLASSES.get(line.split(":", 1)[0].split(" ", 1)[0])
         attr = f' class="{verdict}"' if verdict else ""
         out.append(f"<pre{attr}>{html.escape(line)}</pre>")

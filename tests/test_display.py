@@ -88,7 +88,7 @@ EXPECTED_REPR = {
     "check": r"<CheckReport FAILED: 7 of 7 BN layers off their data, 1 of 1 output off train mode \(1000 samples\)>",
     "fold": r"<FoldResult Sequential: folded 7 of 7 BN layers>",
     "fold-export": r"<FoldExportReport PASSED: folded 7 of 7 BN layers, 0 BatchNormalization left>",
-    "comparison": r"<ComparisonReport PASSED: 1 output within atol=1e-05, rtol=0.0001>",
+    "comparison": r"<ComparisonReport PASSED: 1 output within scale_tol=0.0001>",
     "inspect": r"<InspectReport onnx model, 7 BN layers: 1 error \(BN001\)>",
     "demo": r"<DemoResult PASSED: held-out accuracy 10.1% stale -> 97.7% recalibrated>",
 }

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from onnx import helper, numpy_helper
 from torch import nn
 
+import bncal
 import bncal.folding
 from bncal.cli import main
 from bncal.errors import VerificationError
@@ -159,3 +160,111 @@ def test_cli_ir3_file_parameters_as_inputs(tmp_path):
                                        "--constant-initializer-inputs"])
     assert result.exit_code == 0, result.output
     assert "0 BatchNormalization left" in result.output and "PASSED" in result.output
+
+
+def _wrong_epsilon_fold(model, **kwargs):
+    """A fold that uses epsilon 1e-3 where the graph says 1e-5: a plausible bug, small but real."""
+    wrong = onnx.ModelProto()
+    wrong.CopyFrom(model)
+    for node in wrong.graph.node:
+        if node.op_type != "BatchNormalization":
+            continue
+        for a in node.attribute:
+            if a.name == "epsilon":
+                a.f = 1e-3
+                break
+        else:
+            node.attribute.append(helper.make_attribute("epsilon", 1e-3))
+    return bncal.folding.fold_onnx(wrong, **kwargs)
+
+
+def test_a_wrong_epsilon_fails_the_default_tolerance(tmp_path):
+    model = _randomize_bn(zoo.resnet_small())
+    out = tmp_path / "m.onnx"
+    with pytest.raises(VerificationError, match="the folded model does not match the unfolded export") as info:
+        fold_export_torch(model, (torch.randn(2, 3, 32, 32),), out, fold_fn=_wrong_epsilon_fold)
+    report = info.value.report
+    assert not out.exists() and not report.comparison.passed and report.export_comparison.passed
+    # The error, relative to the output's scale, is far above 1e-5 and far below a gross mistake.
+    assert 1e-4 < report.comparison.worst().required_scale_tol < 1e-1
+    proto = bncal.export_onnx(model, (torch.randn(2, 3, 32, 32),), keep_batchnorm=True)
+    with pytest.raises(VerificationError, match="does not match the original"):
+        fold_export_onnx(proto, fold_fn=_wrong_epsilon_fold)
+
+
+def test_two_figures_blame_the_exporter_not_the_fold(tmp_path):
+    """A model that computes something else while torch.export traces it: the export figure fails,
+    the fold figure is exact, and the error says so."""
+
+    class TracesDifferently(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+        def forward(self, x):
+            y = self.body(x)
+            return y + 1e-3 if torch.compiler.is_exporting() else y
+
+    model = _randomize_bn(TracesDifferently())
+    out = tmp_path / "m.onnx"
+    with pytest.raises(VerificationError, match="already differs from PyTorch in onnxruntime: an exporter or runtime "
+                                                "difference, not the fold") as info:
+        fold_export_torch(model, (torch.randn(2, 3, 8, 8),), out)
+    report = info.value.report
+    assert report.comparison.passed and report.comparison.worst().required_scale_tol < 1e-6
+    assert not report.export_comparison.passed and not out.exists()
+    assert "export: unfolded export in onnxruntime vs PyTorch eval" in report.table()
+
+
+def test_a_graph_onnxruntime_cannot_run_is_one_line_naming_the_node():
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["y"], name="bad_reshape")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.array([3, 5], np.int64), "shape")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(bncal.BncalError) as info:
+        fold_export_onnx(model)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("the original model: onnxruntime refused to run node "
+                                                      "'bad_reshape' (Reshape)")
+
+
+def test_latency_is_opt_in_and_skips_what_a_fixed_batch_cannot_take(tmp_path):
+    model = _randomize_bn(zoo.resnet_small(width=8))
+    proto = bncal.export_onnx(model, (torch.randn(4, 3, 32, 32),), keep_batchnorm=True, dynamic_batch=False)
+    messages = []
+    _, report = fold_export_onnx(proto, progress=messages.append)
+    assert report.latency_ms == {} and "latency" not in report.step_seconds
+    assert messages == ["folding BatchNorms in the graph", "verifying in onnxruntime"]
+    _, report = fold_export_onnx(proto, latency_batches=(1, 4, 32))
+    assert list(report.latency_ms["folded"]) == [4] and list(report.latency_ms["original"]) == [4]
+    assert report.notes == ["latency at batch 1, 32 skipped: the model's batch size is fixed at 4"]
+
+
+def test_verification_takes_the_models_own_shapes():
+    from bncal.fold_export import example_feeds
+
+    fixed = _gemm_bn_model()
+    fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 3
+    assert [f["x"].shape for f in example_feeds(fixed)] == [(3, 4), (3, 4)]
+    assert [f["x"].shape for f in example_feeds(_gemm_bn_model())] == [(1, 4), (2, 4)]
+    assert [f["x"].shape for f in example_feeds(_gemm_bn_model(), input_shapes=[(5, 4)])] == [(5, 4), (5, 4)]
+    with pytest.raises(bncal.BncalError, match="input 'x' fixes dimension 1 at 4, the shape given has 3"):
+        example_feeds(_gemm_bn_model(), input_shapes={"x": (2, 3)})
+    image = _gemm_bn_model()
+    image.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "features"
+    with pytest.raises(bncal.BncalError, match="dynamic dimension 1 .features. besides the batch; give its shape"):
+        example_feeds(image)
+
+
+def test_fit_to_batch_size_cuts_and_skips_with_notes():
+    from bncal.fold_export import fit_to_batch_size
+
+    notes = []
+    batches = [np.arange(10).reshape(5, 2), np.zeros((1, 2)), {"x": np.ones((4, 2))}]
+    pieces = list(fit_to_batch_size(batches, 2, notes))
+    assert [p.shape if isinstance(p, np.ndarray) else p["x"].shape for p in pieces] == [(2, 2), (2, 2), (2, 2), (2, 2)]
+    assert pieces[1].tolist() == [[4, 5], [6, 7]]
+    assert notes == ["batches of 5 samples were cut into batches of 2, the model's fixed batch size",
+                     "a batch of 1 samples was skipped: the model's batch size is fixed at 2",
+                     "batches of 4 samples were cut into batches of 2, the model's fixed batch size"]

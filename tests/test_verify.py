@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from bncal.errors import VerificationError
+from bncal.errors import BncalError, VerificationError
 from bncal.verify import compare_outputs
 
 
@@ -108,3 +108,49 @@ def test_comparing_needs_no_onnxruntime_and_old_runtime_imports_still_work():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_default_rule_is_relative_to_each_outputs_scale():
+    from bncal.verify import DEFAULT_SCALE_TOL, Tolerance
+
+    assert Tolerance.given() == Tolerance(scale=DEFAULT_SCALE_TOL) and DEFAULT_SCALE_TOL == 1e-4
+    # Output "big" has scale 1e4: errors of 0.5 pass (limit 1.0); "small" has scale 1: 5e-4 fails (limit 1e-4).
+    reference = {"big": [np.array([1e4, -3.0, 0.0])], "small": [np.array([1.0, 0.5])]}
+    actual = {"big": [np.array([1e4 + 0.5, -3.5, 0.5])], "small": [np.array([1.0, 0.5005])]}
+    big, small = compare_outputs(reference, actual).outputs
+    assert big.passed and not small.passed
+    assert big.scale == 1e4 and big.required_scale_tol == pytest.approx(0.5 / 1e4)
+    assert small.required_scale_tol == pytest.approx(5e-4)
+    # Alone, each kind: atol = max |a - r|, rtol = max |a - r| / |r| (inf where r = 0 and a differs).
+    assert big.required_atol == pytest.approx(0.5) and big.required_rtol == float("inf")
+    assert small.required_atol == pytest.approx(5e-4) and small.required_rtol == pytest.approx(1e-3)
+    assert "small: max abs error 0.0005, needs atol 0.0005 (or rtol 0.001, or 0.0005 of the output's scale 1)" in (
+        str(pytest.raises(VerificationError, compare_outputs(reference, actual).raise_if_failed).value))
+
+
+def test_given_terms_add_up_and_the_rest_are_zero():
+    r = np.array([10.0, -1.0, 2.0])
+    a = r + np.array([0.02, -0.02, 0.02])
+    # allowed: 0.01 + 0.001 * |r| + 0.001 * 10 = (0.03, 0.021, 0.022): passes; without the scale term it does not.
+    assert compare_outputs({"y": r}, {"y": a}, atol=0.01, rtol=1e-3, scale_tol=1e-3).passed
+    assert not compare_outputs({"y": r}, {"y": a}, atol=0.01, rtol=1e-3).passed
+    report = compare_outputs({"y": r}, {"y": a}, atol=0.01)
+    assert report.tolerance.scale == 0 and report.outputs[0].required_rtol == pytest.approx(0.01 / 1.0)
+    assert str(report.tolerance) == "|actual - reference| <= 0.01"
+    with pytest.raises(BncalError, match="tolerance atol=-1: give a finite number >= 0"):
+        compare_outputs({"y": r}, {"y": a}, atol=-1)
+
+
+def test_error_quantiles_and_worst_output():
+    rng = np.random.default_rng(3)
+    reference = rng.normal(0, 1, 1000)
+    actual = reference + rng.normal(0, 1e-3, 1000)
+    report = compare_outputs({"y": [reference[:400], reference[400:]]}, {"y": [actual[:400], actual[400:]],
+                                                                          "extra": [reference]})
+    (out,) = report.outputs
+    error = np.abs(actual - reference)
+    assert out.median_abs_error == pytest.approx(np.median(error))
+    assert out.p90_abs_error == pytest.approx(np.quantile(error, 0.9))
+    assert out.p99_abs_error == pytest.approx(np.quantile(error, 0.99))
+    assert out.mean_abs_error <= out.p99_abs_error <= out.max_abs_error
+    assert report.worst() is out and report.table().splitlines()[-1] == ("PASSED" if out.passed else "FAILED")

@@ -66,7 +66,7 @@ def command(args) -> int:
             parity = torch_onnx_parity(net, proto, [inputs for inputs, _ in batches])
         report = check_onnx(proto, data, thresholds=thresholds, max_samples=args.data.max_samples,
                             progress=ui.interactive)
-    report.notes.append(args.data.note(data))
+    report.notes += args.data.notes(data)
     if parity is not None:
         ui.echo("PyTorch eval vs onnxruntime (exported graph):")
         ui.echo(parity.table())

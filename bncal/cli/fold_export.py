@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from itertools import islice
 
 from ..errors import BncalError, VerificationError
@@ -26,9 +27,10 @@ from .options import (DataArgs, ExportArgs, FoldArgs, InputShapeArgs, ModelArgs,
 def command(args) -> int:
     """Fold BatchNorm into neighbouring ops, export to ONNX, and prove parity in onnxruntime.
 
-    MODEL is a factory spec (with --weights) or an .onnx file. The folded model is compared
-    with the original on --data batches (or seeded random --input-shape inputs); OUTPUT is
-    written only if every output matches within --atol/--rtol, else the exit status is 1.
+    MODEL is a factory spec (with --weights) or an .onnx file. The folded graph is compared with
+    the unfolded one, and the unfolded export with PyTorch, on --data batches (or seeded random
+    inputs of the model's own shape, --input-shape for dynamic dimensions); OUTPUT is written
+    only if every output matches (default: within 1e-4 of its scale), else the exit status is 1.
     """
     ui, verification = args.ui, args.verification
     if args.model.kind.name == "keras":
@@ -37,28 +39,19 @@ def command(args) -> int:
     loaded = args.model.load()
     if loaded.kind == "keras":  # a factory returned a keras.Model
         raise BncalError(_KERAS_REFUSAL)
-    check_report = None
+    progress = ui.progress if ui.interactive else False
     try:
         if loaded.kind == "onnx":
-            report, original = _fold_export_onnx(args, loaded.model, data)
+            report = _fold_export_onnx(args, loaded.model, data, progress)
         else:
-            report, original = _fold_export_torch(args, loaded.model, data)
+            report = _fold_export_torch(args, loaded.model, data, progress)
     except VerificationError as exc:
         ui.echo(exc.report.table())
         raise
-    if data is not None and verification.run_check:
-        from ..check import check_onnx
-        from ..data import NumpyBatches
-
-        check_data = NumpyBatches(data if loaded.kind == "onnx" else _Positional(data, loaded.model))
-        check_report = check_onnx(original, check_data, max_samples=args.data.max_samples)
-        check_report.notes.append(args.data.note(data))
     ui.echo(report.table())
-    if check_report is not None:
-        ui.echo("\ntrain-mode vs inference-mode check (onnxruntime, original model):")
-        ui.echo(check_report.table())
-        for warning in check_report.warnings:
-            ui.warn(warning)
+    check_report = None
+    if data is not None and verification.run_check:
+        check_report = _check(args, report, data, None if loaded.kind == "onnx" else loaded.model, progress)
     if args.report.json:
         ReportArgs.write_json(args.report.json, {"fold_export": report, "check": check_report})
     if check_report is not None and check_report.verdict == "FAILED":  # INCOMPLETE: lowered BNs, shown above
@@ -77,9 +70,38 @@ _KERAS_REFUSAL = (
     "model.export('model.onnx', format='onnx') lowers its BatchNorms to arithmetic, the recalibrated statistics folded in")
 
 
-def _fold_export_onnx(args, proto, data):
-    import numpy as np
+def _check(args, report, data, net, progress):
+    """The train/inference check of the unfolded model on ``data`` (a PyTorch ``net``'s batches
+    in its graph-input order), or None with a note when there is nothing to check."""
+    from ..check import check_onnx
+    from ..data import NumpyBatches
+    from ..fold_export import fit_to_batch_size, fixed_batch_size
+    from ..onnx_graphs import find_batchnorms
+    from ..runtime import input_specs
 
+    ui, original = args.ui, report.original
+    infos = find_batchnorms(original)
+    if not any(info.handled for info in infos):
+        reasons = Counter(info.skip_reason for info in infos)
+        kept = "; ".join(f"{count} of {len(infos)}: {reason}" for reason, count in reasons.items())
+        ui.echo(f"\nnote: nothing to check: the model has no inference BatchNormalization with moving statistics"
+                f"{f' ({kept})' if kept else ''}; the train/inference check was skipped")
+        return None
+    notes: list[str] = []
+    batches = fit_to_batch_size(NumpyBatches(data if net is None else _Positional(data, net)), fixed_batch_size(input_specs(original)), notes)
+    ui.progress("checking train mode vs inference mode in onnxruntime")
+    check_report = check_onnx(original, batches, max_samples=args.data.max_samples, progress=bool(progress))
+    check_report.notes += args.data.notes(data)
+    ui.echo("\ntrain-mode vs inference-mode check (onnxruntime, original model):")
+    for note in notes:
+        ui.echo(f"note: {note}")
+    ui.echo(check_report.table())
+    for warning in check_report.warnings:
+        ui.warn(warning)
+    return check_report
+
+
+def _fold_export_onnx(args, proto, data, progress):
     from ..data import NumpyBatches
     from ..fold_export import fold_export_onnx
     from ..runtime import batch_feeds
@@ -92,18 +114,16 @@ def _fold_export_onnx(args, proto, data):
                  enumerate(islice(NumpyBatches(data), args.verification.verify_batches))]
         if not feeds:
             raise BncalError("the data is empty; give at least one batch to verify on")
-    elif args.shapes:
-        shapes = args.shapes.ordered(names)
-        feeds = [{n: np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-                  for n, shape in zip(names, shapes)} for seed in range(2)]
-    _, report = fold_export_onnx(proto, args.output.path, verify_feeds=feeds, atol=args.tolerance.atol,
-                                 rtol=args.tolerance.rtol, bn_to_affine=args.fold.bn_to_affine,
-                                 keep_failed=args.verification.keep_failed,
-                                 treat_initializer_inputs_as_constant=args.fold.constant_initializer_inputs)
-    return report, proto
+    shapes = args.shapes.ordered(names) if args.shapes else None
+    _, report = fold_export_onnx(proto, args.output.path, verify_feeds=feeds, input_shapes=shapes,
+                                 **ToleranceArgs.keywords(args.tolerance), bn_to_affine=args.fold.bn_to_affine,
+                                 keep_failed=args.verification.keep_failed, latency_batches=args.verification.latency or (),
+                                 treat_initializer_inputs_as_constant=args.fold.constant_initializer_inputs,
+                                 progress=progress)
+    return report
 
 
-def _fold_export_torch(args, net, data):
+def _fold_export_torch(args, net, data, progress):
     from ..export import forward_parameter_names, positional_inputs
     from ..fold_export import fold_export_torch
 
@@ -121,11 +141,11 @@ def _fold_export_torch(args, net, data):
         raise BncalError("give --data or --input-shape so the model can be traced")
     export = args.export
     _, report = fold_export_torch(
-        net, example, args.output.path, verify_batches=batches, atol=args.tolerance.atol, rtol=args.tolerance.rtol,
+        net, example, args.output.path, verify_batches=batches, **ToleranceArgs.keywords(args.tolerance),
         opset=export.opset, input_names=export.input_names or names, output_names=export.output_names,
         dynamic_batch=not export.static_batch, bn_to_affine=args.fold.bn_to_affine,
-        keep_failed=args.verification.keep_failed)
-    return report, report.original
+        keep_failed=args.verification.keep_failed, latency_batches=args.verification.latency or (), progress=progress)
+    return report
 
 
 class _Positional:

@@ -232,6 +232,11 @@ class Console:
     def error(self, text: str) -> None:
         click.echo(f"error: {text}", err=True)
 
+    def progress(self, text: str) -> None:
+        """A step of a long command, on stderr, only when interactive (see :attr:`interactive`)."""
+        if self.interactive:
+            click.echo(f"{text}...", err=True)
+
     def echo_after_commit(self, text: str) -> None:
         """Print ``text`` once every output of the run is in place (never if the run fails)."""
         self._after_commit.append(text)
@@ -385,10 +390,11 @@ class DataValue(types.SimpleNamespace):
         return NumpyBatches(self.load())
 
     @staticmethod
-    def note(data) -> str | None:
-        """``data: <what was read, in which order, in batches of which size>`` for a report's notes."""
+    def notes(data) -> list[str]:
+        """``["data: <what was read, in which order, in batches of which size>"]`` for a report's
+        notes, or ``[]`` when ``data`` does not describe itself."""
         description = getattr(data, "description", None)
-        return f"data: {description}" if description else None
+        return [f"data: {description}"] if description else []
 
 
 _IMAGE_OPTIONS = ("image_size", "resize", "crop", "channels", "preset", "norm_mean", "norm_std")
@@ -544,20 +550,29 @@ def torch_batches(batches, net):
 
 
 class ToleranceArgs(OptionGroup):
-    """``--atol``/``--rtol``: the output comparison's tolerance, ``|a - r| <= atol + rtol * |r|``."""
+    """``--scale-tol``/``--atol``/``--rtol``: the output comparison's tolerance (:class:`bncal.verify.Tolerance`),
+    ``|a - r| <= atol + rtol * |r| + scale_tol * max|r|``; none given: ``--scale-tol 1e-4``."""
 
     name = "tolerance"
 
     def params(self):
         return [
-            click.Option(["--atol"], type=FiniteFloat(0), default=1e-5, show_default=True,
-                         help="Absolute tolerance of the output comparison (finite, >= 0)."),
-            click.Option(["--rtol"], type=FiniteFloat(0), default=1e-4, show_default=True,
-                         help="Relative tolerance of the output comparison (finite, >= 0)."),
+            click.Option(["--scale-tol"], type=FiniteFloat(0), default=None,
+                         help="Largest error relative to each output's scale (max |reference|); the default rule, "
+                              "1e-4, when no tolerance is given."),
+            click.Option(["--atol"], type=FiniteFloat(0), default=None,
+                         help="Absolute tolerance per element (adds to the terms given; finite, >= 0)."),
+            click.Option(["--rtol"], type=FiniteFloat(0), default=None,
+                         help="Relative tolerance per element, times |reference| (adds to the terms given; finite, >= 0)."),
         ]
 
     def parse(self, values, args):
-        return types.SimpleNamespace(atol=values["atol"], rtol=values["rtol"])
+        return types.SimpleNamespace(atol=values["atol"], rtol=values["rtol"], scale_tol=values["scale_tol"])
+
+    @staticmethod
+    def keywords(value) -> dict:
+        """The tolerance as keyword arguments of :func:`bncal.verify.compare_outputs` and fold-export."""
+        return dict(atol=value.atol, rtol=value.rtol, scale_tol=value.scale_tol)
 
 
 class ThresholdArgs(OptionGroup):
@@ -571,10 +586,13 @@ class ThresholdArgs(OptionGroup):
                          help="Largest |moving mean - data mean| per channel, in data standard deviations."),
             click.Option(["--max-var-log-ratio"], type=FiniteFloat(0), default=0.2, show_default=True,
                          help="Largest |log(moving var / data var)| per channel."),
-            click.Option(["--min-top1-agreement"], type=FiniteFloat(0, 1), default=0.8, show_default=True,
-                         help="Smallest fraction of samples whose arg-max agrees between inference and train mode."),
-            click.Option(["--max-output-rel-error"], type=FiniteFloat(0), default=0.5, show_default=True,
-                         help="Largest rms(inference - train) / rms(train) per output."),
+            click.Option(["--max-spread-ratio"], type=FiniteFloat(0), default=1.5, show_default=True,
+                         help="Largest rms(inference - train) / rms(train - train on re-paired batches) per output: "
+                              "how far beyond what batch statistics alone explain."),
+            click.Option(["--min-top1-agreement"], type=FiniteFloat(0, 1), default=None,
+                         help="Also require this fraction of samples whose arg-max agrees between inference and train mode."),
+            click.Option(["--max-output-rel-error"], type=FiniteFloat(0), default=None,
+                         help="Also require rms(inference - train) / rms(train) per output at most this."),
         ]
 
     def parse(self, values, args):
@@ -728,8 +746,25 @@ class FoldArgs(OptionGroup):
         return types.SimpleNamespace(**values)
 
 
+class BatchListType(click.ParamType):
+    """``B`` or ``B,B,...``: positive batch sizes."""
+
+    name = "batches"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            sizes = tuple(int(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r}: give comma-separated batch sizes such as 1,32", param, ctx)
+        if not sizes or any(b < 1 for b in sizes):
+            self.fail(f"{value!r}: every batch size must be a positive integer", param, ctx)
+        return sizes
+
+
 class VerificationArgs(OptionGroup):
-    """How fold-export proves its output: batches, the train/inference check, and ``--keep-failed``."""
+    """How fold-export proves its output: batches, the train/inference check, ``--keep-failed``, ``--latency``."""
 
     name = "verification"
 
@@ -741,6 +776,10 @@ class VerificationArgs(OptionGroup):
                          help="If verification fails, keep the model as <stem>.FAILED-VERIFICATION.onnx (then exit 1)."),
             click.Option(["--check/--no-check", "run_check"], default=True, show_default=True,
                          help="With --data: also check train-mode vs inference-mode agreement in onnxruntime."),
+            click.Option(["--latency"], type=BatchListType(), is_flag=False, flag_value="1,32", default=None,
+                         metavar="[B,...]",
+                         help="After verification, time both models in onnxruntime at these batch sizes "
+                              "(alone: 1,32; a size a fixed-batch model cannot take is skipped)."),
         ]
 
     def parse(self, values, args):

@@ -102,7 +102,7 @@ def _recalibrate_torch(args):
                              max_samples=launch.shard_limit(args.data.max_samples), tol=options.tol,
                              max_passes=options.max_passes, cache_mb=options.cache_mb, spill_dir=options.spill_dir,
                              progress=args.ui.interactive and launch.is_main)
-        report.notes.append(args.data.note(data))
+        report.notes += args.data.notes(data)
         if launch.is_main:
             net.to("cpu")
             save_state_dict(net, args.output.path)
@@ -139,6 +139,6 @@ def _recalibrate_onnx(args):
     new_model, report = recalibrate_onnx(proto, data, mode=options.mode, tol=options.tol,
                                          max_passes=options.max_passes, max_samples=args.data.max_samples,
                                          progress=args.ui.interactive)
-    report.notes.append(args.data.note(data))
+    report.notes += args.data.notes(data)
     save_onnx(new_model, args.output.path)
     return report
