@@ -36,7 +36,10 @@ def command(args) -> int:
         import numpy as np
 
         rng = np.random.default_rng(0)
-        arrays = [rng.standard_normal(shape).astype("float32") for shape in args.shapes]
+        # A subclassed model has no symbolic inputs: then only positional shapes can apply.
+        names = [getattr(t, "name", f"input_{i}") for i, t in enumerate(getattr(target, "inputs", None) or [])]
+        shapes = args.shapes.ordered(names, prefix=not names) if args.shapes else []
+        arrays = [rng.standard_normal(shape).astype("float32") for shape in shapes]
         example = (arrays[0] if len(arrays) == 1 else arrays) if arrays else None
     elif loaded.kind == "onnx":
         from ..folding import fold_onnx
