@@ -282,7 +282,7 @@ def check_onnx(
     import onnx
     from onnx import numpy_helper
 
-    from .onnx_graphs import find_batchnorms, make_train_graph
+    from .onnx_graphs import find_batchnorms
     from .runtime import BatchStream, StatisticsSession, ort_session, run
 
     if not isinstance(model, onnx.ModelProto):
@@ -295,7 +295,7 @@ def check_onnx(
     stream = BatchStream(model, batches, reread=False, max_samples=max_samples, progress=progress)
     output_names = [o.name for o in model.graph.output]
     inference = ort_session(model, optimization_level="all", providers=providers)
-    train = StatisticsSession(*make_train_graph(model, expose_stats=True), outputs=output_names, providers=providers)
+    train = StatisticsSession.train_graph(model, outputs=output_names, providers=providers)
 
     moments: dict[str, ChannelMoments] = {}
     agreement = {name: OutputAgreement() for name in output_names}

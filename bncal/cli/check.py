@@ -5,8 +5,8 @@ from __future__ import annotations
 from itertools import islice
 
 from ..errors import BncalError
-from .options import (DataArgs, ModelArgs, OutputArgs, ReportArgs, ThresholdArgs, VerbosityArgs, as_inputs, command,
-                      torch_batches)
+from .options import (DataArgs, ModelArgs, OutputArgs, ProviderArgs, ReportArgs, ThresholdArgs, VerbosityArgs,
+                      as_inputs, command, torch_batches)
 
 
 @command(
@@ -15,6 +15,7 @@ from .options import (DataArgs, ModelArgs, OutputArgs, ReportArgs, ThresholdArgs
     DataArgs(required="the data whose batch statistics the model is checked against",
              batch_help="Batch size of the check (32 or more, shuffled)."),
     ThresholdArgs(),
+    ProviderArgs(),
     OutputArgs(),
     ReportArgs(plot="Write a per-layer PNG of mean shift and variance ratio (needs the 'plot' extra)."),
     VerbosityArgs(),
@@ -47,7 +48,7 @@ def command(args) -> int:
         proto = export_onnx(net, batches[0], keep_batchnorm=True)
         parity = torch_onnx_parity(net, proto, batches)
     report = check_onnx(proto, data, thresholds=thresholds, max_samples=args.data.max_samples,
-                        progress=ui.interactive)
+                        providers=args.providers.resolve(), progress=ui.interactive)
     if parity is not None:
         ui.echo("PyTorch eval vs onnxruntime (exported graph):")
         ui.echo(parity.table())
