@@ -22,7 +22,6 @@ import contextlib
 import math
 import types
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,6 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._progress import DataPass
 from .calibration import DataOrder, LayerResult, build_report, check_mode, data_source, require_finite
+from .distributed import active_process_group, combine_across_ranks, world_size
 from .errors import BncalError, first_line
 from .report import LayerStats, RecalibrationReport, SkippedLayer
 from .stats import ChannelMoments, anchored_statistics, fixed_point_passes
@@ -117,7 +117,7 @@ def recalibrate(
         raise BncalError("the model has no BatchNorm layer with moving statistics; nothing to recalibrate")
     if device is None:
         device = next(iter(model.parameters()), next(iter(model.buffers()), torch.empty(0))).device
-    group = _process_group(process_group)
+    group = active_process_group(process_group)
 
     before = {name: _layer_stats(bn) for name, bn in layers}
     run = _Run(model, layers, source, forward_fn, max_samples, torch.device(device), progress, group)
@@ -135,7 +135,7 @@ def recalibrate(
         for r in results if r.calls_per_forward > 1]
     return build_report(mode=mode, layers=results, skipped=skipped, batches=run.batches, samples=run.samples,
                         passes=passes, converged=converged, max_rel_change=change, notes=notes,
-                        world_size=_world_size(group))
+                        world_size=world_size(group))
 
 
 def _layer_stats(bn: _BatchNorm) -> LayerStats:
@@ -145,49 +145,35 @@ def _layer_stats(bn: _BatchNorm) -> LayerStats:
                       bn.running_var.detach().double().cpu().numpy().copy())
 
 
-def _process_group(group):
-    import torch.distributed as dist
+class _LayerMoments:
+    """One BN's moments during a pass, merged call by call (:meth:`ChannelMoments.merge`, in
+    place) into float64 accumulators on the BN's device.
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    if dist.get_world_size(group) <= 1:
-        return None
-    return group if group is not None else dist.group.WORLD
+    The accumulators are allocated once per recalibration and reset per pass, and every
+    per-call temporary is freed within the call, so the pass keeps nothing per batch and
+    syncs with the device once, at its end (:meth:`result`). An eval pass also keeps each
+    call's ``(mean, variance)`` for the next pass's anchoring (``calls``): that is
+    ``2 * channels`` values per BN call, for the whole pass.
+    """
 
+    def __init__(self, channels: int, device, keep_calls: bool):
+        zeros = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.moments = ChannelMoments(0, zeros, zeros.clone())
+        self.calls: list | None = [] if keep_calls else None
 
-def _world_size(group) -> int:
-    if group is None:
-        return 1
-    import torch.distributed as dist
+    def reset(self, keep_calls: bool) -> None:
+        self.moments.count = 0
+        self.calls = [] if keep_calls else None
 
-    return dist.get_world_size(group)
+    def add(self, count: int, mean, biased_var) -> None:
+        if self.calls is not None:
+            self.calls.append((mean, biased_var))
+        mean = mean.to(torch.float64)
+        self.moments.merge(ChannelMoments(count, mean, biased_var.to(torch.float64) * count))
 
-
-@dataclass
-class _Pending:
-    """Per-call moments recorded on the device as ``(2, C)`` tensors (mean, variance), merged
-    into the core at the end of a pass: one device-to-host copy per pass, and one small tensor
-    op per BN call while the pass runs. ``unbiased`` marks variances that still carry
-    Bessel's correction (those a train-mode BN leaves in its buffer)."""
-
-    unbiased: bool
-    counts: list = field(default_factory=list)
-    moments: list = field(default_factory=list)
-
-    def mean(self, call: int):
-        return self.moments[call][0]
-
-    def variance(self, call: int):
-        return self.moments[call][1]
-
-    def flush(self, channels: int) -> ChannelMoments:
-        moments = ChannelMoments.empty(channels)
-        if not self.counts:
-            return moments
-        stacked = torch.stack(self.moments).double().cpu().numpy()
-        for count, (mean, var) in zip(self.counts, stacked):
-            moments.add_batch(count, mean, var * ((count - 1) / count) if self.unbiased else var)
-        return moments
+    def result(self) -> ChannelMoments:
+        m = self.moments
+        return ChannelMoments(m.count, m.mean.cpu().numpy().copy(), m.m2.cpu().numpy().copy())
 
 
 class _Run:
@@ -197,13 +183,13 @@ class _Run:
         self.model, self.layers, self.source = model, layers, source
         self.forward_fn, self.max_samples, self.device = forward_fn, max_samples, device
         self.progress, self.group = progress, group
-        self.pending: dict[str, _Pending] = {}
+        self.pending: dict[str, _LayerMoments] = {}  # this pass's, by BN name (kept across passes, reset)
         self.calls: dict[str, int] = {}
         self.calls_per_forward: dict[str, int] = {}
         self.batches = self.samples = 0
         self.train_mode_pass = True
-        # Anchored eval passes: last eval pass's per-call moments; whether this batch is anchored.
-        self.previous: dict[str, _Pending] | None = None
+        # Anchored eval passes: last eval pass's per-call (mean, var); whether this batch is anchored.
+        self.previous: dict[str, list] | None = None
         self.order = DataOrder()
         self.anchored = False
         self.base: dict[str, tuple] = {}
@@ -255,8 +241,9 @@ class _Run:
                 # unbiased variance in its buffers: reuse them instead of reducing again.
                 self.calls[name] = self.calls.get(name, 0) + 1
                 x = args[0]
-                self._record(name, x.numel() // x.shape[1],
-                             torch.stack((module.running_mean.detach(), module.running_var.detach())))
+                count = x.numel() // x.shape[1]
+                var = module.running_var.detach().to(torch.float64) * ((count - 1) / count)  # undo Bessel
+                self._layer(name, module).add(count, module.running_mean.detach(), var)
         return hook
 
     def _pre_hook(self, name):
@@ -266,25 +253,26 @@ class _Run:
             self.calls[name] = self.calls.get(name, 0) + 1
             x = args[0].detach()
             var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
-            call = len(self.pending[name].counts) if name in self.pending else 0
-            self._record(name, x.numel() // x.shape[1], torch.stack((mean, var)))
+            layer = self._layer(name, module)
+            call = len(layer.calls)
+            layer.add(x.numel() // x.shape[1], mean, var)
             if name not in self.base:
                 return
             base_mean, base_var = self.base[name]
             previous = self.previous.get(name) if self.anchored else None
-            if previous is not None and call < len(previous.counts):
-                base_mean, base_var = anchored_statistics(base_mean, base_var, mean, var, previous.mean(call),
-                                                          previous.variance(call), module.eps)
+            if previous is not None and call < len(previous):
+                base_mean, base_var = anchored_statistics(base_mean, base_var, mean, var, *previous[call], module.eps)
             module.running_mean.copy_(base_mean)
             module.running_var.copy_(base_var)
         return hook
 
-    def _record(self, name, count, moments):
-        pending = self.pending.get(name)
-        if pending is None:
-            pending = self.pending[name] = _Pending(unbiased=self.train_mode_pass)
-        pending.counts.append(count)
-        pending.moments.append(moments)
+    def _layer(self, name, module) -> _LayerMoments:
+        """This pass's moments of BN ``name`` (accumulators allocated on its first call ever)."""
+        layer = self.pending.get(name)
+        if layer is None:
+            layer = self.pending[name] = _LayerMoments(module.running_mean.shape[0], module.running_mean.device,
+                                                       keep_calls=not self.train_mode_pass)
+        return layer
 
     def train_pass(self):
         self.train_mode_pass = True
@@ -312,27 +300,32 @@ class _Run:
         self.order.start_pass()
         moments = self._pass()
         self.order.end_pass()
-        self.previous = dict(self.pending)
+        self.previous = {name: layer.calls for name, layer in self.pending.items()}
         return moments
 
     def _pass(self):
-        self.pending = {}
+        for layer in self.pending.values():
+            layer.reset(keep_calls=not self.train_mode_pass)
         self.anchored = False
-        current = DataPass(self.source(), lambda batch, index, remaining: _prepare(batch, self.device, remaining),
-                           max_samples=self.max_samples, progress=self.progress)
+        eval_pass = not self.train_mode_pass
+        current = DataPass(self.source(), lambda batch, index, remaining: _prepare(
+            batch, self.device, remaining, fingerprint=eval_pass), max_samples=self.max_samples, progress=self.progress)
         with torch.no_grad():
             for index, (batch, fingerprint) in current:
-                if not self.train_mode_pass:
+                if eval_pass:
                     self.anchored = self.order.anchored(index, fingerprint)
                 self.calls.clear()
                 self._forward(batch, index)
                 for name, n in self.calls.items():
                     self.calls_per_forward[name] = max(self.calls_per_forward.get(name, 0), n)
         batches, samples = self.batches, self.samples = current.batches, current.samples
-        moments = {name: self.pending[name].flush(bn.num_features if bn.num_features else 0)
-                   for name, bn in self.layers if name in self.pending}
+        moments = {name: self.pending[name].result() for name, _ in self.layers
+                   if name in self.pending and self.pending[name].moments.count}
         if self.group is not None:
-            moments, self.batches, self.samples = _combine_across_ranks(moments, self.layers, batches, samples, self.group)
+            channels = {name: bn.running_mean.shape[0] for name, bn in self.layers
+                        if not isinstance(bn.running_mean, nn.parameter.UninitializedBuffer)}
+            moments, self.batches, self.samples = combine_across_ranks(moments, channels, batches, samples,
+                                                                       self.group)
         return moments
 
     def _forward(self, batch, index):
@@ -374,38 +367,13 @@ class _Run:
         return updated
 
 
-def _combine_across_ranks(moments, layers, batches, samples, group):
-    """All-gather every rank's moments and merge them in rank order, identically on every rank."""
-    import torch.distributed as dist
-
-    world = dist.get_world_size(group)
-    backend = dist.get_backend(group)
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    parts = []
-    for name, bn in layers:
-        m = moments.get(name) or ChannelMoments.empty(bn.num_features)
-        parts.append(m.to_array())
-    local = torch.from_numpy(np.concatenate(parts + [np.array([batches, samples], np.float64)])).to(device)
-    gathered = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(gathered, local, group=group)
-    gathered = [g.cpu().numpy() for g in gathered]
-    combined, offset = {}, 0
-    for name, bn in layers:
-        width = 1 + 2 * bn.num_features
-        merged = ChannelMoments.combine(ChannelMoments.from_array(g[offset:offset + width]) for g in gathered)
-        offset += width
-        if merged.count:
-            combined[name] = merged
-    total_batches = int(sum(g[offset] for g in gathered))
-    total_samples = int(sum(g[offset + 1] for g in gathered))
-    return combined, total_batches, total_samples
-
-
-def _prepare(batch, device, limit):
+def _prepare(batch, device, limit, *, fingerprint: bool):
     """Move tensors to ``device``, check they are finite, cut to ``limit`` samples.
 
-    Returns ``((batch, fingerprint), size)``; the fingerprint (the sum of the first floating
-    tensor, in float64) tells whether a later pass sees the same batch in the same place.
+    Returns ``((batch, fingerprint), size)``. With ``fingerprint`` (eval passes) it is the
+    float64 sum of the first floating tensor, which tells whether a later pass sees the same
+    batch in the same place; else None. Finiteness costs one sum in the tensor's own dtype
+    (no copy); only a sum that is not finite is looked at element by element.
     """
     sizes, sums = [], []
 
@@ -418,7 +386,7 @@ def _prepare(batch, device, limit):
             if x.dim() > 0:
                 sizes.append(x.shape[0])
             if x.is_floating_point():
-                total = float(x.sum(dtype=torch.float64))
+                total = float(x.sum(dtype=torch.float64) if fingerprint else x.sum())
                 if not math.isfinite(total) and not bool(torch.isfinite(x).all()):
                     raise BncalError("the calibration data contains NaN or Inf values; clean or filter it first")
                 sums.append(total)
@@ -430,7 +398,8 @@ def _prepare(batch, device, limit):
         return x
 
     batch = visit(batch)
-    return (batch, sums[0] if sums else float(len(sizes))), (sizes[0] if sizes else 1)
+    mark = (sums[0] if sums else float(len(sizes))) if fingerprint else None
+    return (batch, mark), (sizes[0] if sizes else 1)
 
 
 def _describe(batch) -> str:
