@@ -3,34 +3,36 @@
 The model given is never mutated; each function returns a modified copy and one
 :class:`BNInfo` per top-level ``BatchNormalization`` node.
 
-:func:`make_train_graph` turns every inference BN into its training form::
+:func:`make_train_graph` makes every inference BN normalise with the batch's own mean and
+biased variance, like a PyTorch BN in train mode, and :func:`make_stats_graph` keeps every BN
+in inference mode (its moving mean and variance become graph inputs, defaulting to the model's
+values, so one session serves every pass of an eval-mode recalibration, fed new statistics
+per run) and exposes the batch mean and biased variance of its input. Both expose, per BN,
+``Size(X)`` as an int64 scalar: the number of values per channel is ``Size(X) / channels``,
+which changes with the spatial size of each batch. The batch statistics come in one of two
+forms (:data:`FORMS`), the same numbers to float32 rounding:
 
-    BatchNormalization(X, scale, B, zeros, ones, training_mode=1, momentum=0)
-        -> Y, running_mean, running_var
+- ``"batchnorm"``: the training form of the op itself::
 
-which normalises with the batch's own mean and biased variance, like a PyTorch BN in train
-mode. Its statistics outputs are ``input_mean * momentum + batch_mean * (1 - momentum)``
-(ONNX spec; onnxruntime's CPU kernel uses the biased variance), i.e. exactly the batch mean
-and biased variance at momentum 0: the reduction the op does anyway yields the statistics,
-nothing is reduced twice. The moving statistics fed to it are multiplied by 0 only, so they
-are replaced by zeros and ones, which keeps a NaN/Inf in stale statistics out (0 * inf = nan).
-Opsets 9-13 have no ``training_mode`` attribute; there a BN with five outputs is the training
-form (same update rule, same biased variance in onnxruntime).
+      BatchNormalization(X, scale, B, zeros, ones, training_mode=1, momentum=0)
+          -> Y, running_mean, running_var
 
-Why this form rather than explicit ``ReduceMean/Sub/Mul/ReduceMean/Sqrt/Div`` ops: measured
-with onnxruntime 1.32 on CPU (small ResNet, 32x3x64x64 batches) it is about 20 % faster, it
-accepts any input rank, and its variance is computed in two passes (mean, then squared
-deviations), accurate to about 1e-7 relative in float32.
+  Its statistics outputs are ``input_mean * momentum + batch_mean * (1 - momentum)`` (ONNX
+  spec; onnxruntime's CPU kernel uses the biased variance), i.e. exactly the batch mean and
+  biased variance at momentum 0: the reduction the op does anyway yields the statistics. The
+  moving statistics fed to it are multiplied by 0 only, so they are replaced by zeros and
+  ones, which keeps a NaN/Inf in stale statistics out (0 * inf = nan). Opsets 9-13 have no
+  ``training_mode`` attribute; there a BN with five outputs is the training form. The stats
+  graph adds such a BN beside the inference one and discards its ``Y``. onnxruntime's CUDA
+  provider lacks this op from opset 14 on (onnxruntime issue 16867).
+- ``"arithmetic"``: ``ReduceMean``, ``Sub``, ``ReduceSumSquare`` and ``Div`` compute the
+  statistics in two passes (mean, then squared deviations; see :class:`_ArithmeticStatistics`),
+  and the train graph's BN stays an inference BatchNormalization fed them. Every execution
+  provider implements these ops (CUDA, TensorRT, OpenVINO, DirectML).
 
-:func:`make_stats_graph` keeps every BN in inference mode, makes its moving mean and variance
-graph inputs (defaulting to the model's values, so one session serves every pass of an
-eval-mode recalibration, fed new statistics per run), and adds a training-form BN on the same
-input whose ``Y`` is discarded, to expose the batch mean and biased variance of that input.
-
-Both expose, per BN, ``Size(X)`` as an int64 scalar: the number of values per channel is
-``Size(X) / channels``, which changes with the spatial size of each batch. The derived graphs
-add only BatchNormalization and Size nodes, both in the model's own opset (no ReduceMean,
-whose ``axes`` moved from attribute to input in opset 18), and keep the opset imports.
+Both keep the model's opset imports (the arithmetic ops are written for the model's own
+opset: ``ReduceMean``'s ``axes`` moved from attribute to input in opset 18).
+:func:`bncal.runtime.statistics_form` picks the form for a session's providers.
 
 :func:`write_statistics` puts new moving statistics into a copy of the model, changing only
 the initializers that hold them, except where a BN shares its statistics tensor with another
@@ -704,14 +706,22 @@ def _prune(graph):
     them), and with ``keep_model_outputs=False`` the layers after the last BN.
     """
     needed = {out.name for out in graph.output} | {i.name for i in graph.input}  # keep every feed valid
-    kept = []
-    for node in reversed(graph.node):
+    unneeded = []
+    for index in reversed(range(len(graph.node))):
+        node = graph.node[index]
         if any(out in needed for out in node.output if out):
-            kept.append(node)
             needed.update(name for name in node.input if name)
             needed |= _subgraph_references(node)
-    kept.reverse()
-    if len(kept) != len(graph.node):
-        _replace_repeated(graph.node, kept, onnx.NodeProto)
-    _replace_repeated(graph.initializer, [t for t in graph.initializer if t.name in needed], onnx.TensorProto)
-    _replace_repeated(graph.value_info, [v for v in graph.value_info if v.name in needed], onnx.ValueInfoProto)
+        else:
+            unneeded.append(index)
+    for index in unneeded:  # in reverse order, so the indices still to delete stay valid
+        del graph.node[index]
+    _delete_unless(graph.initializer, lambda t: t.name in needed)
+    _delete_unless(graph.value_info, lambda v: v.name in needed)
+
+
+def _delete_unless(field, keep):
+    """Delete the items of a repeated protobuf field that ``keep`` refuses, in place (the kept
+    ones, weights included, are not copied)."""
+    for index in reversed([i for i, item in enumerate(field) if not keep(item)]):
+        del field[index]

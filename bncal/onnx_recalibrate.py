@@ -6,8 +6,9 @@ variance)`` to a :class:`~bncal.stats.ChannelMoments`, and the passes are driven
 :func:`~bncal.stats.fixed_point_passes`.
 
 - ``train`` mode runs the train graph of :func:`bncal.onnx_graphs.make_train_graph`, where
-  every BN normalises with its batch statistics (PreciseBN); the statistics come out of the
-  training-mode BN ops themselves, so the pass costs about one forward.
+  every BN normalises with its batch statistics (PreciseBN); on the CPU the statistics come
+  out of the training-mode BN ops themselves, so the pass costs about one forward plus the
+  BN work inference fuses away.
 - ``eval`` mode starts from the train-mode result and runs the stats graph of
   :func:`bncal.onnx_graphs.make_stats_graph`, fed each pass with the statistics of the previous
   one (anchored from the second eval pass on while the data comes in the same order, see
