@@ -1,12 +1,18 @@
 """bncal: make BatchNorm networks safe to deploy.
 
 The library stands alone (the CLI in :mod:`bncal.cli` is a thin layer over it) and imports
-its heavy dependencies lazily, so ``import bncal`` is cheap::
+its heavy dependencies lazily, so ``import bncal`` is cheap and imports neither torch nor
+onnxruntime::
 
     import bncal
     report = bncal.recalibrate(model, loader)          # exact moving statistics, in place
     result = bncal.fold(model, (example,))              # BN folded into neighbouring ops
     proto, report = bncal.fold_export_torch(model, (example,), "model.onnx")  # export + parity proof
+
+Results show themselves (:class:`bncal.report.ReportDisplay`): ``repr`` is one line, ``print``
+gives the CLI's table, a notebook renders it as HTML. PyTorch, images and plots are extras
+(:mod:`bncal.extras`): a name whose module needs a missing one raises :class:`MissingExtra`,
+which says what to install.
 """
 
 from __future__ import annotations
@@ -23,6 +29,12 @@ _EXPORTS = {
     "batchnorm_layers": "recalibration",
     "ChannelMoments": "stats",
     "RecalibrationReport": "report",
+    "CheckReport": "check",
+    "InspectReport": "inspection",
+    "FoldExportReport": "fold_export",
+    "ComparisonReport": "verify",
+    "MissingExtra": "extras",
+    "fit_state_dict": "loading",
     "load_model": "loading",
     "load_state_dict": "loading",
     "save_state_dict": "loading",
@@ -56,7 +68,15 @@ def __getattr__(name):
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'bncal' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    try:  # a subpackage (bncal.folding) may import its torch part only on getattr
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
+    except ImportError as exc:  # an optional dependency (torch, say): name the extra that installs it
+        from .extras import missing_extra
+
+        missing = missing_extra(exc, f"bncal.{name}")
+        if missing is None:
+            raise
+        raise missing from None
     globals()[name] = value
     return value
 

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from .errors import BncalError
-from .report import SkippedLayer, format_table, summarize_shift
+from .report import ReportDisplay, SkippedLayer, format_table, plural, summarize_shift
 from .stats import ChannelMoments
 
 __all__ = ["CheckThresholds", "LayerCheck", "OutputCheck", "CheckReport", "OutputAgreement", "assess_layer",
@@ -114,8 +114,8 @@ class OutputCheck:
     passed: bool
 
 
-@dataclasses.dataclass
-class CheckReport:
+@dataclasses.dataclass(repr=False)
+class CheckReport(ReportDisplay):
     """The outcome of a check: ``passed``, the ``reasons`` it failed, the details.
 
     Built by :meth:`from_checks` (by :func:`check_onnx`, and by any other framework's check).
@@ -154,6 +154,16 @@ class CheckReport:
     @property
     def verdict(self) -> str:
         return "PASSED" if self.passed else "FAILED"
+
+    def summary(self) -> str:
+        """``FAILED: 7 of 7 BN layers off their data, 1 of 1 output off train mode (1000 samples)``."""
+        bad_layers = sum(not l.passed for l in self.layers)
+        bad_outputs = sum(not o.passed for o in self.outputs)
+        if self.passed:
+            return (f"PASSED: {plural(len(self.layers), 'BN layer')} and {plural(len(self.outputs), 'output')} "
+                    f"within limits ({plural(self.samples, 'sample')})")
+        return (f"FAILED: {bad_layers} of {plural(len(self.layers), 'BN layer')} off their data, {bad_outputs} of "
+                f"{plural(len(self.outputs), 'output')} off train mode ({plural(self.samples, 'sample')})")
 
     def table(self) -> str:
         """Layer table, output table, skipped layers, thresholds, then the verdict line."""

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import BncalError
+from .report import ReportDisplay, format_table
 
 __all__ = ["DemoResult", "run_demo", "default_models_dir", "demo_inputs", "demo_outputs"]
 
@@ -37,8 +38,8 @@ def demo_outputs(out_dir) -> list[Path]:
     return [Path(out_dir) / _RECALIBRATED, Path(out_dir) / _FOLDED]
 
 
-@dataclasses.dataclass
-class DemoResult:
+@dataclasses.dataclass(repr=False)
+class DemoResult(ReportDisplay):
     """Figures of one demo run (accuracies on the held-out split, in [0, 1])."""
 
     accuracy_stale: float
@@ -50,6 +51,29 @@ class DemoResult:
     files: dict[str, int]
     latency_ms: dict
     seconds: float
+
+    @property
+    def passed(self) -> bool:
+        """The demo's end: a verified export of a model whose statistics match its data."""
+        return self.fold_export_passed and self.check_after_passed
+
+    def summary(self) -> str:
+        """``PASSED: held-out accuracy 10.1 % stale -> 97.7 % recalibrated``."""
+        return (f"{'PASSED' if self.passed else 'FAILED'}: held-out accuracy {self.accuracy_stale:.1%} stale -> "
+                f"{self.accuracy_recalibrated:.1%} recalibrated")
+
+    def table(self) -> str:
+        """The demo's figures, one per row."""
+        verdict = lambda ok: "pass" if ok else "FAIL"
+        rows = [("held-out accuracy, stale statistics", f"{self.accuracy_stale:.1%}"),
+                ("held-out accuracy, batch statistics (train mode)", f"{self.accuracy_train_mode:.1%}"),
+                ("held-out accuracy, recalibrated", f"{self.accuracy_recalibrated:.1%}"),
+                ("check before recalibration", verdict(self.check_before_passed)),
+                ("check after recalibration", verdict(self.check_after_passed)),
+                ("fold-export parity", verdict(self.fold_export_passed))]
+        rows += [(f"{name} (bytes)", size) for name, size in self.files.items()]
+        return "\n".join([format_table(rows, ["", "value"]), f"demo finished in {self.seconds:.1f} s",
+                          "PASSED" if self.passed else "FAILED"])
 
 
 def _accuracy(model, x, y, *, batch_stats: bool = False, batch_size: int = 128) -> float:
@@ -163,7 +187,7 @@ def run_demo(out_dir, *, models_dir=None, plot: str | Path | None = None, echo: 
     if plot:
         from .plot import plot_check
 
-        plot_check({"stale statistics": check_before, "recalibrated": check_after}, plot)
+        plot_check({"stale statistics": check_before, "recalibrated": check_after}, plot, model="demo: mnist_cnn")
         echo(f"   per-layer plot: {plot}")
     files = {p.name: staged_size(p) for p in (weights, weights_out, onnx_path)}
     seconds = time.perf_counter() - start

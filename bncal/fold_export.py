@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BncalError, VerificationError
-from .report import FoldDecision, format_table
+from .report import FoldDecision, ReportDisplay, format_table, plural
 
 __all__ = ["FoldExportReport", "fold_export_torch", "fold_export_onnx", "torch_onnx_parity", "failed_output_path"]
 
 
-@dataclasses.dataclass
-class FoldExportReport:
+@dataclasses.dataclass(repr=False)
+class FoldExportReport(ReportDisplay):
     """What fold-export did: per-BN decisions, before/after figures, and the parity comparison.
 
     ``decisions`` has one entry per BatchNormalization of the original graph (for a PyTorch
@@ -53,6 +53,13 @@ class FoldExportReport:
     @property
     def bn_left(self) -> int:
         return self.ops_after.get("BatchNormalization", 0)
+
+    def summary(self) -> str:
+        """``PASSED: folded 7 of 7 BN layers, 0 BatchNormalization left -> model.onnx``."""
+        folded = sum(d.folded for d in self.decisions)
+        target = f" -> {self.output}" if self.output is not None else ""
+        return (f"{'PASSED' if self.passed else 'FAILED'}: folded {folded} of {plural(len(self.decisions), 'BN layer')}, "
+                f"{self.bn_left} BatchNormalization left{target}")
 
     def table(self) -> str:
         ops = sorted(set(self.ops_before) | set(self.ops_after), key=lambda k: (-self.ops_before.get(k, 0), k))

@@ -38,17 +38,12 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import fx, nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.dropout import _DropoutNd
 
 from .errors import BncalError, one_line
 from .names import onnx_batchnorm_names
 from .onnx_graphs import node_attribute
 from .momentum import InverseDecayMomentum, suggest_momentum
-from .report import FoldDecision, format_table
+from .report import FoldDecision, ReportDisplay, format_table, plural
 
 __all__ = ["inspect_model", "inspect_graph", "InspectReport", "BNLayer", "Finding", "RULES",
            "RECALIBRATE_COMMAND", "Graph", "Node", "statistics_status"]
@@ -105,6 +100,10 @@ class BNLayer:
     ``"degenerate"``, ``"not tracked"`` (no running statistics) or ``"not constant"`` (ONNX
     statistics that are not initializers); ``stats_detail`` says why. ``fold`` is
     ``"into <target>"`` or ``"no: <reason>"`` when fold decisions were given.
+    ``num_batches_tracked`` is PyTorch's counter (None where there is none, as in ONNX).
+    ``momentum_zero_signal``: the statistics still hold their initial values although the counter
+    says training ran batches (PyTorch counts batches even at momentum 0): the updates were
+    discarded, i.e. the momentum was 0 during training, or the statistics were reset afterwards.
     """
 
     name: str
@@ -120,10 +119,12 @@ class BNLayer:
     fold: str | None = None
     training_mode: bool = False
     renorm: bool = False
+    num_batches_tracked: int | None = None
+    momentum_zero_signal: bool = False
 
 
-@dataclasses.dataclass
-class InspectReport:
+@dataclasses.dataclass(repr=False)
+class InspectReport(ReportDisplay):
     """Result of :func:`inspect_model`: BN layers, findings (worst first) and notes.
 
     ``source`` is ``"pytorch"``, ``"onnx"`` or ``"keras"``; ``graph`` says where producer/consumer
@@ -146,12 +147,25 @@ class InspectReport:
     def by_rule(self, rule_id: str) -> list[Finding]:
         return [f for f in self.findings if f.rule_id == rule_id]
 
+    def summary(self) -> str:
+        """``onnx model, 7 BN layers: 1 error (BN001), 1 warning (BN030)``, or ``no findings``."""
+        head = f"{self.source} model, {plural(len(self.layers), 'BN layer')}"
+        if not self.findings:
+            return head + ": no findings"
+        parts = []
+        for severity in reversed(SEVERITIES):
+            ids = [f.rule_id for f in self.findings if f.severity == severity]
+            if ids:
+                parts.append(f"{plural(len(ids), severity)} ({', '.join(ids)})")
+        return f"{head}: {', '.join(parts)}"
+
     def table(self) -> str:
         """The layer table, then one block per finding, then the notes."""
         rows = [(l.name, l.type, l.channels,
                  "cumulative" if l.momentum_torch is None else l.momentum_torch,
                  l.momentum_tf, "yes" if l.affine else "no", "yes" if l.track_running_stats else "no",
-                 l.eps, l.stats, l.fold) for l in self.layers]
+                 l.eps, l.stats + (f" ({l.num_batches_tracked} batches tracked)" if l.momentum_zero_signal else ""),
+                 l.fold) for l in self.layers]
         text = format_table(rows, ["layer", "type", "channels", "momentum (torch)", "momentum (tf)",
                                    "affine", "running stats", "eps", "statistics", "fold"])
         if self.findings:
@@ -234,150 +248,6 @@ class Graph:
         return found
 
 
-# ---------------------------------------------------------------------------------------------
-# PyTorch front end.
-
-_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU,
-                nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Mish, nn.PReLU,
-                nn.Softplus, nn.RReLU)
-_ACT_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.gelu, F.silu, F.leaky_relu,
-                  F.leaky_relu_, F.elu, F.elu_, F.selu, F.celu, F.hardswish, F.hardsigmoid,
-                  F.hardtanh, F.mish, F.prelu, F.softplus, F.rrelu, F.sigmoid, F.tanh,
-                  torch.sigmoid, torch.tanh, torch.selu}
-_ACT_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
-_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-                      F.feature_alpha_dropout, torch.dropout, torch.alpha_dropout,
-                      torch.feature_dropout, torch.feature_alpha_dropout}
-_PASS_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity)
-_PASS_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
-                   torch.transpose}
-_PASS_METHODS = {"view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze", "permute",
-                 "transpose"}
-
-
-def _module_kind(module: nn.Module) -> str:
-    if isinstance(module, _BatchNorm):
-        return "bn"
-    if isinstance(module, _DropoutNd):
-        return "dropout" if module.p > 0 else "pass"
-    if isinstance(module, _ACT_MODULES):
-        return "act"
-    if isinstance(module, _PASS_MODULES):
-        return "pass"
-    return "other"
-
-
-class _LeafTracer(fx.Tracer):
-    # BatchRenorm and other BN subclasses live outside torch.nn: keep them whole too.
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return _module_kind(m) != "other" or super().is_leaf_module(m, qualname)
-
-
-def _function_name(fn) -> str:
-    module = getattr(fn, "__module__", None) or ""
-    prefix = "F." if module.endswith("functional") else "torch."
-    return prefix + getattr(fn, "__name__", str(fn))
-
-
-def _dropout_p_is_zero(node: fx.Node) -> bool:
-    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else None)
-    return isinstance(p, (int, float)) and p == 0
-
-
-def _fx_graph(model: nn.Module) -> Graph:
-    graph = _LeafTracer().trace(model)
-    nodes = []
-    for node in graph.nodes:
-        inputs = [n.name for n in node.all_input_nodes]
-        kind, label, layer = "other", node.name, None
-        if node.op == "call_module":
-            kind = _module_kind(model.get_submodule(node.target))
-            label = str(node.target)
-            layer = label if kind == "bn" else None
-        elif node.op == "call_function":
-            label = f"{_function_name(node.target)} ({node.name})"
-            if node.target in _ACT_FUNCTIONS:
-                kind = "act"
-            elif node.target in _DROPOUT_FUNCTIONS:
-                kind = "pass" if _dropout_p_is_zero(node) else "dropout"
-            elif node.target in _PASS_FUNCTIONS:
-                kind = "pass"
-        elif node.op == "call_method":
-            label = f".{node.target}() ({node.name})"
-            if node.target in _ACT_METHODS:
-                kind = "act"
-            elif node.target in _PASS_METHODS:
-                kind = "pass"
-        elif node.op == "output":
-            kind, label = "output", "model output"
-        nodes.append(Node(node.name, kind, label, inputs, layer))
-    return Graph(nodes)
-
-
-def _leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Modules with no children, or BN/dropout/activation modules (kept whole), in order."""
-    leaves, inside = [], None
-    for name, module in model.named_modules():
-        if inside is not None and name.startswith(inside):
-            continue
-        if _module_kind(module) != "other" or not any(True for _ in module.children()):
-            if name:
-                leaves.append((name, module))
-            if any(True for _ in module.children()):
-                inside = name + "."
-    return leaves
-
-
-def _chain_graph(model: nn.Module, order: list[str]) -> Graph:
-    nodes, previous = [], []
-    for i, name in enumerate(order):
-        kind = _module_kind(model.get_submodule(name))
-        key = f"{name}#{i}"
-        nodes.append(Node(key, kind, name, previous, name if kind == "bn" else None))
-        previous = [key]
-    nodes.append(Node("output", "output", "model output", previous))
-    return Graph(nodes)
-
-
-def _execution_order(model: nn.Module, example_inputs) -> list[str]:
-    """Names of the leaf modules in the order a forward pass (eval mode, no grad) calls them."""
-    order, handles = [], []
-    modes = {m: m.training for m in model.modules()}
-    for name, module in _leaf_modules(model):
-        handles.append(module.register_forward_pre_hook(lambda m, a, name=name: order.append(name)))
-    try:
-        model.eval()
-        inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes.items():
-            module.training = training
-    return order
-
-
-def _torch_graph(model: nn.Module, example_inputs, notes: list[str]) -> tuple[Graph, str]:
-    try:
-        return _fx_graph(model), "torch.fx"
-    except Exception as error:  # fx raises many types (TraceError, TypeError, ...)
-        reason = one_line(error)
-    if example_inputs is not None:
-        try:
-            order = _execution_order(model, example_inputs)
-            notes.append(f"torch.fx could not trace the model ({reason}); producer/consumer relations "
-                         "are guessed from the order one forward pass calls the leaf modules, so graph "
-                         "rules (BN020, BN021, BN030) can miss functional ops and branches")
-            return _chain_graph(model, order), "execution order"
-        except Exception as run_error:
-            reason += f"; running example_inputs failed too ({one_line(run_error)})"
-    notes.append(f"torch.fx could not trace the model ({reason}); producer/consumer relations are "
-                 "guessed from the registration order of the leaf modules, so graph rules (BN020, "
-                 "BN021, BN030) can be wrong; pass example_inputs for the execution order")
-    return _chain_graph(model, [name for name, _ in _leaf_modules(model)]), "module order"
-
-
 def statistics_status(mean: np.ndarray, var: np.ndarray, counter: int | None) -> tuple[str, str | None]:
     bad_var = ~np.isfinite(var) | (var <= 0)
     if bad_var.any() or not np.isfinite(mean).all():
@@ -396,28 +266,6 @@ def statistics_status(mean: np.ndarray, var: np.ndarray, counter: int | None) ->
         # Statistics ported from another framework often come without the counter.
         return PLAUSIBLE, "num_batches_tracked is 0 but the statistics differ from their initial values"
     return PLAUSIBLE, None
-
-
-def _torch_layers(model: nn.Module) -> list[BNLayer]:
-    from .nn import _BatchRenorm  # local: bncal.nn imports nothing from here, but keep it light
-
-    layers = []
-    for name, m in model.named_modules():
-        if not isinstance(m, _BatchNorm):
-            continue
-        momentum = None if m.momentum is None else float(m.momentum)
-        if m.track_running_stats and m.running_mean is not None:
-            counter = None if m.num_batches_tracked is None else int(m.num_batches_tracked)
-            stats, detail = statistics_status(m.running_mean.detach().double().cpu().numpy(),
-                                          m.running_var.detach().double().cpu().numpy(), counter)
-        else:
-            stats, detail = NOT_TRACKED, "no running statistics: inference uses batch statistics"
-        layers.append(BNLayer(
-            name=name or type(m).__name__, type=type(m).__name__, channels=int(m.num_features),
-            momentum_torch=momentum, momentum_tf=None if momentum is None else 1.0 - momentum,
-            affine=bool(m.affine), track_running_stats=bool(m.track_running_stats), eps=float(m.eps),
-            stats=stats, stats_detail=detail, renorm=isinstance(m, _BatchRenorm)))
-    return layers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -590,11 +438,18 @@ def _statistics_findings(layers: list[BNLayer], source: str) -> list[Finding]:
     findings = []
     never = [l for l in layers if l.stats == NEVER_UPDATED]
     if never:
+        discarded = [l for l in never if l.momentum_zero_signal]
+        evidence = (f"{len(never)} of {len(layers)} BN layers still hold the initial statistics "
+                    f"(running mean 0, running var 1): {_list([l.name for l in never])}; inference would "
+                    "normalise with values no data produced.")
+        if discarded:
+            counts = sorted({l.num_batches_tracked for l in discarded})
+            counted = str(counts[0]) if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
+            evidence += (f" {_list([l.name for l in discarded])} counted {counted} training batches "
+                         "(num_batches_tracked) without moving their statistics: the momentum was 0 during "
+                         "training, or the statistics were reset afterwards.")
         findings.append(Finding(
-            "BN001", "error", [l.name for l in never],
-            f"{len(never)} of {len(layers)} BN layers still hold the initial statistics "
-            f"(running mean 0, running var 1): {_list([l.name for l in never])}; inference would "
-            "normalise with values no data produced.",
+            "BN001", "error", [l.name for l in never], evidence,
             f"estimate the statistics on training data: {words.recalibrate}"))
     degenerate = [l for l in layers if l.stats == DEGENERATE]
     if degenerate:
@@ -738,6 +593,12 @@ def _fold_findings(decisions: list[FoldDecision], layers: list[BNLayer], notes) 
             for reason, names in refusals.items()]
 
 
+def _is_torch_module(model) -> bool:
+    """Whether ``model`` is a ``torch.nn.Module`` (torch is not imported to find out: one cannot exist without it)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(model, torch.nn.Module)
+
+
 def inspect_model(model, *, batch_size: int | None = None, dataset_size: int | None = None,
                   epochs: float = 1, example_inputs=None,
                   fold_decisions: list[FoldDecision] | Callable | None = None) -> InspectReport:
@@ -770,11 +631,13 @@ def inspect_model(model, *, batch_size: int | None = None, dataset_size: int | N
             raise BncalError(f"{path} is not a file; give an .onnx model or pass a torch.nn.Module")
         model = onnx.load(str(path))
 
-    if isinstance(model, nn.Module):
+    if _is_torch_module(model):
+        from .inspection_torch import torch_graph, torch_layers
+
         source = "pytorch"
-        layers = _torch_layers(model)
+        layers = torch_layers(model)
         if layers:
-            graph, graph_source = _torch_graph(model, example_inputs, notes)
+            graph, graph_source = torch_graph(model, example_inputs, notes)
         else:
             graph, graph_source = Graph([]), "torch.fx"
     elif type(model).__name__ == "ModelProto":

@@ -17,17 +17,21 @@ import dataclasses
 import importlib
 import importlib.util
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from .errors import BncalError, first_line, one_line
+from .extras import require
 from .outputs import write_bytes, atomic_output
 
-__all__ = ["resolve_callable", "load_model", "load_state_dict", "save_state_dict", "is_onnx_path",
+__all__ = ["resolve_callable", "load_model", "load_state_dict", "fit_state_dict", "save_state_dict", "is_onnx_path",
            "spec_files", "ModelKind", "LoadedModel", "model_kind", "register_model_kind", "load_any"]
 
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+#: Prefixes wrappers add to every key: DataParallel/DDP, Lightning and training scripts, torch.compile.
+COMMON_PREFIXES = ("module.", "model.", "_orig_mod.")
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
@@ -138,12 +142,12 @@ def _onnx_files(spec, weights) -> list[Path]:
     return onnx_files(spec)
 
 
-def _load_onnx_kind(spec, *, weights=None, model_kwargs=None, allow_pickle=False):
+def _load_onnx_kind(spec, *, weights=None, model_kwargs=None, allow_pickle=False, strip_prefix=None):
     from .onnx_io import load_onnx
 
-    if weights is not None or model_kwargs is not None:
-        raise BncalError(f"{spec} is an ONNX file, which holds its own weights; --weights and --model-kwargs "
-                         "apply to a PyTorch factory spec")
+    if weights is not None or model_kwargs is not None or strip_prefix is not None:
+        raise BncalError(f"{spec} is an ONNX file, which holds its own weights; --weights, --model-kwargs and "
+                         "--strip-prefix apply to a PyTorch factory spec")
     return load_onnx(spec)
 
 
@@ -168,16 +172,26 @@ def model_kind(spec) -> ModelKind:
     return next(k for k in _KINDS if k.claims(str(spec)))
 
 
-def load_any(spec, *, weights=None, model_kwargs: str | dict | None = None, allow_pickle: bool = False) -> LoadedModel:
+def load_any(spec, *, weights=None, model_kwargs: str | dict | None = None, allow_pickle: bool = False,
+             strip_prefix: str | None = None) -> LoadedModel:
     """Load the model ``spec`` names, whatever its kind: an ``nn.Module`` in eval mode (factory
-    spec or pickled file, with ``weights``) or an ``onnx.ModelProto`` (``.onnx`` file)."""
+    spec or pickled file, with ``weights``) or an ``onnx.ModelProto`` (``.onnx`` file).
+    ``strip_prefix`` is passed to the kind's loader only when given (see :func:`fit_state_dict`)."""
     kind = model_kind(spec)
-    model = kind.load(str(spec), weights=weights, model_kwargs=model_kwargs, allow_pickle=allow_pickle)
+    extra = {} if strip_prefix is None else {"strip_prefix": strip_prefix}
+    model = kind.load(str(spec), weights=weights, model_kwargs=model_kwargs, allow_pickle=allow_pickle, **extra)
     return LoadedModel(kind.name, model, str(spec), tuple(kind.files(str(spec), weights)))
 
 
-def load_model(spec: str, *, weights=None, model_kwargs: str | dict | None = None, allow_pickle: bool = False):
-    """Build the model named by ``spec`` and load ``weights`` into it (strictly). Returns it in eval mode."""
+def load_model(spec: str, *, weights=None, model_kwargs: str | dict | None = None, allow_pickle: bool = False,
+               strip_prefix: str | None = None):
+    """Build the model named by ``spec`` and load ``weights`` into it (strictly). Returns it in eval mode.
+
+    The keys of ``weights`` are matched to the model by :func:`fit_state_dict` (a ``module.``,
+    ``model.`` or ``_orig_mod.`` prefix is removed where that fits unambiguously, or
+    ``strip_prefix``).
+    """
+    require("torch", f"{spec} (a PyTorch model)")
     from torch import nn
 
     path = Path(spec)
@@ -202,7 +216,9 @@ def load_model(spec: str, *, weights=None, model_kwargs: str | dict | None = Non
             raise BncalError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     if weights is not None:
         state = load_state_dict(weights, allow_pickle=allow_pickle)
-        _load_into(model, state, weights)
+        _load_into(model, state, weights, strip_prefix)
+    elif strip_prefix is not None:
+        raise BncalError("--strip-prefix applies to the keys of --weights; give --weights too")
     return model.eval()
 
 
@@ -237,15 +253,18 @@ def _load_pickled_module(path: Path):
 def load_state_dict(path, *, allow_pickle: bool = False) -> dict:
     """Read a state dict from ``.safetensors`` or a ``torch.save`` file (weights_only unless allowed).
 
-    Wrappers such as ``{"state_dict": ...}`` or ``{"model": ...}`` are unwrapped and a
-    ``module.`` prefix (DistributedDataParallel) is removed.
+    Checkpoints as training code saves them are unwrapped: ``{"state_dict": ...}`` (Lightning),
+    ``{"model_state_dict": ...}``, ``{"model": ...}`` (torchvision's reference scripts),
+    ``{"module": ...}``, ``{"ema": ...}``. Key prefixes are left as they are: :func:`fit_state_dict`
+    removes them against a model. A file holding other pickled objects (an ``argparse.Namespace``,
+    say) is refused, naming the first class that would need to be trusted.
     """
-    import torch
-
     path = Path(path)
     if not path.is_file():
         raise BncalError(f"weights file {path} does not exist")
+    torch = require("torch", f"reading {path.name}")
     if path.suffix.lower() == ".safetensors":
+        require("safetensors", f"reading {path.name}")
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -259,11 +278,27 @@ def load_state_dict(path, *, allow_pickle: bool = False) -> dict:
         except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError...
             text = first_line(exc)
             if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-                raise BncalError(f"{path} holds pickled objects that could execute code when loaded; save a plain "
-                                 "state dict or safetensors, or pass --allow-pickle for a file you trust") from exc
+                raise BncalError(_pickle_refusal(path, exc)) from None  # the message names what torch refused
             raise BncalError(f"cannot read weights from {path} ({text}); is it truncated or corrupt?") from exc
     state = _unwrap(state, path)
     return state
+
+
+def _pickle_refusal(path: Path, exc: BaseException) -> str:
+    """Why a checkpoint was refused, naming the first class torch.load(weights_only=True) would not trust."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    name = found.group(1) if found else None
+    if name is None:
+        try:
+            import torch
+
+            name = next(iter(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))), None)
+        except Exception:  # an older torch, or a file it cannot scan: the refusal stands without the name
+            name = None
+    what = f"a pickled {name}" if name else "pickled objects"
+    trust = f"torch.serialization.add_safe_globals([{name}])" if name else "torch.serialization.add_safe_globals([...])"
+    return (f"{path} holds {what}, which could execute code when loaded; pass --allow-pickle for a file you trust "
+            f"(from Python: {trust} before loading, or allow_pickle=True), or save a plain state dict or safetensors")
 
 
 def _unwrap(state, path):
@@ -277,12 +312,60 @@ def _unwrap(state, path):
         state = state.state_dict()
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise BncalError(f"{path} does not contain a state dict of tensors")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
     return state
 
 
-def _load_into(model, state: dict, source) -> None:
+def _prefix_candidates(keys) -> list[str]:
+    """Prefixes made of :data:`COMMON_PREFIXES` that start some key (``module.``, ``module._orig_mod.``...)."""
+    found = set()
+    for key in keys:
+        prefix = ""
+        while True:
+            step = next((p for p in COMMON_PREFIXES if key.startswith(prefix + p)), None)
+            if step is None:
+                break
+            prefix += step
+            found.add(prefix)
+    return sorted(found, key=lambda p: (len(p), p))
+
+
+def _under(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def fit_state_dict(state: dict, model, *, strip_prefix: str | None = None, source="the weights") -> tuple[dict, str]:
+    """``state``'s entries for ``model``, keys renamed to fit it, and the prefix that was removed.
+
+    Training code saves keys with the prefix of a wrapper: ``module.`` (DataParallel and
+    DistributedDataParallel), ``model.`` (Lightning modules and many training scripts),
+    ``_orig_mod.`` (``torch.compile``), or combinations. Without ``strip_prefix``: ``state`` as it
+    is when its keys are exactly the model's; else every combination of those prefixes found at
+    the start of the keys is tried, each keeping the keys under it with the prefix removed, and
+    the one whose keys are exactly the model's is taken. Keys outside it (a Lightning module's
+    loss weights, say) are left out. Two that fit are ambiguous: :class:`BncalError`. With
+    ``strip_prefix``: the keys under that prefix, with it removed (others left out). The result
+    is then loaded strictly (:func:`load_model`); here only the keys are matched.
+    """
+    own = set(model.state_dict())
+    if strip_prefix is not None:
+        fitted = _under(state, strip_prefix)
+        if not fitted:
+            shown = _first(sorted(state), 2)
+            raise BncalError(f"no key in {source} starts with {strip_prefix!r} (--strip-prefix); its keys look like {shown}")
+        return fitted, strip_prefix
+    if set(state) == own:
+        return state, ""
+    fitting = [p for p in _prefix_candidates(state) if set(_under(state, p)) == own]
+    if len(fitting) > 1:
+        raise BncalError(f"the weights in {source} fit the model after removing any of "
+                         f"{', '.join(repr(p) for p in fitting)} from their keys; pass --strip-prefix with the one meant")
+    if fitting:
+        return _under(state, fitting[0]), fitting[0]
+    return state, ""
+
+
+def _load_into(model, state: dict, source, strip_prefix: str | None = None) -> None:
+    state, removed = fit_state_dict(state, model, strip_prefix=strip_prefix, source=source)
     own = model.state_dict()
     mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
                   if k in own and hasattr(own[k], "shape") and not _is_uninitialized(own[k])
@@ -297,9 +380,23 @@ def _load_into(model, state: dict, source) -> None:
             parts.append(f"missing {_first(missing)}")
         if unexpected:
             parts.append(f"unexpected {_first(unexpected)}")
-        raise BncalError(f"the weights in {source} do not fit the model ({'; '.join(parts)}); "
-                         "check the model spec and --model-kwargs")
+        after = f" after removing the key prefix {removed!r}" if removed else ""
+        raise BncalError(f"the weights in {source} do not fit the model{after} ({'; '.join(parts)}); "
+                         f"check the model spec and --model-kwargs{_prefix_hint(state, own) if not removed else ''}")
     model.load_state_dict(state, strict=True)
+
+
+def _prefix_hint(state: dict, own) -> str:
+    """``; the file's keys start with 'net.' where the model's do not: pass --strip-prefix net.``, where that is so."""
+    def head(key):
+        return key.split(".", 1)[0] + "." if "." in key else None
+
+    file_heads = {head(k) for k in state} - {None}
+    model_heads = {head(k) for k in own} - {None}
+    if len(file_heads) == 1 and not file_heads & model_heads:
+        prefix = next(iter(file_heads))
+        return f"; the file's keys start with {prefix!r} where the model's do not: pass --strip-prefix {prefix}"
+    return ""
 
 
 def _is_uninitialized(t) -> bool:
@@ -316,11 +413,11 @@ def _first(items, n=3) -> str:
 def save_state_dict(model, path) -> Path:
     """Write ``model.state_dict()`` as ``.safetensors`` or, for other suffixes, ``torch.save``,
     through the output policy (:func:`bncal.outputs.atomic_output`)."""
-    import torch
-
+    torch = require("torch", "saving a state dict")
     path = Path(path)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     if path.suffix.lower() == ".safetensors":
+        require("safetensors", f"writing {path.name}")
         from safetensors.torch import save
 
         # Serialised here, not by save_file, which writes a temporary file of its own beside the output.

@@ -47,9 +47,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-
 from .errors import BncalError
 
 __all__ = [
@@ -206,7 +203,7 @@ class InverseDecayMomentum:
     the momenta the layers had when the scheduler was created.
     """
 
-    def __init__(self, model: nn.Module, *, base: float = 0.8, step_scale: float = 10,
+    def __init__(self, model: "torch.nn.Module", *, base: float = 0.8, step_scale: float = 10,
                  ceiling: float = 0.99, convention: str = "tf"):
         _check_convention(convention)
         if not 0.0 < base < 1.0:
@@ -225,6 +222,8 @@ class InverseDecayMomentum:
         self._apply()
 
     def _layers(self):
+        from torch.nn.modules.batchnorm import _BatchNorm  # here: suggest_momentum needs no torch
+
         return [(name, m) for name, m in self.model.named_modules() if isinstance(m, _BatchNorm)]
 
     def tf_momentum(self, step: int | None = None) -> float:

@@ -43,14 +43,21 @@ def batchnorm_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
     return [(name or "<root>", m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
 
 
-def default_forward(model: nn.Module, batch):
-    """Call ``model`` on one batch: a tensor as one input, a tuple/list as positional inputs,
-    a dict as keyword inputs. For ``(inputs, labels)`` loaders pass ``forward_fn``."""
+def default_call(batch) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of the default call convention: a tensor is one input, a tuple/list
+    holds positional inputs, a dict keyword inputs."""
     if isinstance(batch, dict):
-        return model(**batch)
+        return (), dict(batch)
     if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
+        return tuple(batch), {}
+    return (batch,), {}
+
+
+def default_forward(model: nn.Module, batch):
+    """Call ``model`` on one batch by :func:`default_call`. For ``(inputs, labels)`` loaders pass
+    ``forward_fn``."""
+    args, kwargs = default_call(batch)
+    return model(*args, **kwargs)
 
 
 def recalibrate(
@@ -65,6 +72,8 @@ def recalibrate(
     max_passes: int | None = None,
     progress: bool | Callable = False,
     process_group=None,
+    cache_mb: float = 1024,
+    spill_dir=None,
 ) -> RecalibrationReport:
     """Recompute the moving statistics of every BatchNorm in ``model`` from ``data``, in place.
 
@@ -94,6 +103,14 @@ def recalibrate(
             and has more than one rank, each rank passes its own shard of the data and the
             moments are combined across ranks after every pass, so every rank ends with the
             statistics one process would compute over the union of the shards.
+        cache_mb, spill_dir: eval mode first tries the depth-by-depth sweep
+            (:func:`bncal.eval_sweep.solve_eval_statistics`), exact in about one forward over the
+            data: it caches the activations still needed at the frontier of fixed BNs, at most
+            ``cache_mb`` MiB on the model's device, spilling the rest to files in ``spill_dir``
+            (removed afterwards) when given, else recomputing from older checkpoints. One eval
+            pass then confirms the result. Where the sweep does not apply (a custom
+            ``forward_fn``, a model torch.fx cannot trace, a BN called twice, several ranks; the
+            report's notes say why) the anchored passes run instead.
 
     Memory beyond the forward itself: per BN, two float64 vectors of its channels (its
     moments, merged call by call on the model's device). Eval mode also keeps, for anchoring,
@@ -112,7 +129,7 @@ def recalibrate(
     """
     check_mode(mode)
     source = data_source(data, reread=(mode == "eval"))
-    forward_fn = forward_fn or default_forward
+    custom_forward, forward_fn = forward_fn, forward_fn or default_forward
     layers, skipped = [], []
     for name, bn in batchnorm_layers(model):
         if not bn.track_running_stats or bn.running_mean is None:
@@ -128,8 +145,12 @@ def recalibrate(
     before = {name: _layer_stats(bn) for name, bn in layers}
     run = _Run(model, layers, source, forward_fn, max_samples, torch.device(device), progress, group)
     with run.prepared():
+        first_pass = run.train_pass
+        if mode == "eval":
+            first_pass = _sweep_or_train_pass(run, model, layers, source, custom_forward, max_samples, device,
+                                              cache_mb, spill_dir, progress, group)
         moments, passes, converged, change = fixed_point_passes(
-            run.train_pass, run.eval_pass, mode=mode, tol=tol, max_passes=max_passes)
+            first_pass, run.eval_pass, mode=mode, tol=tol, max_passes=max_passes)
         updated = run.write(moments)
     for name, _ in layers:
         if name not in updated:
@@ -142,6 +163,36 @@ def recalibrate(
     return build_report(mode=mode, layers=results, skipped=skipped, batches=run.batches, samples=run.samples,
                         passes=passes, converged=converged, max_rel_change=change, notes=notes,
                         world_size=world_size(group))
+
+
+class _FreshPasses:
+    """An iterable whose every iteration is a fresh pass from a :func:`bncal.calibration.data_source`."""
+
+    def __init__(self, fresh):
+        self.fresh = fresh
+
+    def __iter__(self):
+        return iter(self.fresh())
+
+
+def _sweep_or_train_pass(run, model, layers, data, forward_fn, max_samples, device, cache_mb, spill_dir, progress,
+                         group):
+    """The first pass of eval mode: the exact sweep's statistics when it applies, else the train pass."""
+    if group is not None:
+        run.order.notes.append("eval mode ran repeated passes: the depth-by-depth sweep does not combine ranks yet")
+        return run.train_pass
+    from .eval_sweep import solve_eval_statistics
+
+    sweep = solve_eval_statistics(model, layers, _FreshPasses(data), device=torch.device(device), forward_fn=forward_fn,
+                                  max_samples=max_samples, cache_mb=cache_mb, spill_dir=spill_dir,
+                                  progress=progress)
+    if sweep.moments is None:
+        run.order.notes.append(f"eval mode fell back to repeated passes: {sweep.refusal}")
+        return run.train_pass
+    run.batches, run.samples = sweep.batches, sweep.samples
+    run.order.notes.append(f"eval mode: exact depth-by-depth sweep ({sweep.forward_equivalents:.2f} forward-equivalents, "
+                     f"{sweep.cached_bytes_peak / 2**20:.0f} MiB cached), then one eval pass to confirm")
+    return lambda: sweep.moments
 
 
 def _layer_stats(bn: _BatchNorm) -> LayerStats:

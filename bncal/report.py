@@ -1,17 +1,115 @@
-"""Plain-text tables and JSON conversion for report values (no printing here)."""
+"""Plain-text tables, notebook display and JSON conversion for report values (no printing here).
+
+Every report type (:class:`RecalibrationReport`, ``CheckReport``, ``FoldExportReport``,
+``FoldResult``, ``InspectReport``, ``ComparisonReport``, ``DemoResult``) shows itself through
+:class:`ReportDisplay`: ``repr()`` is one line (kind, layers, verdict), ``str()`` is the table the
+CLI prints, and ``_repr_html_`` (Jupyter) is that same table as HTML. A report defines two things
+only, ``summary()`` and ``table()``; the HTML is derived from the ``table()`` call itself, so the
+notebook never shows something the CLI does not.
+"""
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import html
 import math
 from pathlib import Path
 
 import numpy as np
 
 __all__ = [
-    "format_table", "to_jsonable", "FoldDecision", "LayerStats", "LayerRecalibration",
-    "SkippedLayer", "RecalibrationReport", "summarize_shift",
+    "format_table", "to_jsonable", "report_json", "JSON_SCHEMA_VERSION", "ReportDisplay", "text_to_html", "plural", "FoldDecision", "LayerStats",
+    "LayerRecalibration", "SkippedLayer", "RecalibrationReport", "summarize_shift",
 ]
+
+# While a report renders its HTML, every format_table call records what it rendered here.
+_RENDERED_TABLES: contextvars.ContextVar[list | None] = contextvars.ContextVar("bncal_rendered_tables", default=None)
+# Result cells that get a colour in HTML.
+_VERDICT_CLASSES = {"pass": "pass", "PASSED": "pass", "FAIL": "fail", "FAILED": "fail"}
+_HTML_STYLE = ("<style>.bncal-report table{border-collapse:collapse;margin:4px 0}"
+               ".bncal-report th,.bncal-report td{padding:2px 8px;text-align:left;font-family:monospace}"
+               ".bncal-report th{border-bottom:1px solid #888}.bncal-report .fail{color:#b00020;font-weight:bold}"
+               ".bncal-report .pass{color:#1b7f3b}.bncal-report pre{margin:2px 0;white-space:pre-wrap}</style>")
+
+
+class ReportDisplay:
+    """How a report value shows itself: ``repr`` one line, ``str`` the CLI's table, HTML in notebooks.
+
+    A subclass (a dataclass declared with ``repr=False``, so this ``__repr__`` is kept) defines
+    :meth:`summary` (one line: what kind of result, how many layers, the verdict) and
+    :meth:`table` (the text the CLI prints).
+    """
+
+    def summary(self) -> str:
+        raise NotImplementedError
+
+    def table(self) -> str:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.summary()}>"
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def _repr_html_(self) -> str:
+        return text_to_html(self.table, title=f"{type(self).__name__}: {self.summary()}")
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 BN layer``, ``7 BN layers``: a count and its noun, for summaries."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def text_to_html(render, *, title: str | None = None) -> str:
+    """HTML of the text ``render()`` returns: its :func:`format_table` tables as HTML tables, the
+    other lines as preformatted text, everything escaped. ``render`` is called once."""
+    token = _RENDERED_TABLES.set([])
+    try:
+        text = render()
+        tables = _RENDERED_TABLES.get()
+    finally:
+        _RENDERED_TABLES.reset(token)
+    parts = ['<div class="bncal-report">', _HTML_STYLE]
+    if title:
+        parts.append(f"<p><b>{html.escape(title)}</b></p>")
+    position = 0
+    for table_text, headers, rows in tables:
+        found = text.find(table_text, position)
+        if found < 0:  # rendered but not shown verbatim (indented, say): the text below keeps it
+            continue
+        parts.append(_html_text(text[position:found]))
+        parts.append(_html_table(headers, rows))
+        position = found + len(table_text)
+    parts.append(_html_text(text[position:]))
+    parts.append("</div>")
+    return "".join(p for p in parts if p)
+
+
+def _html_table(headers, rows) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = []
+    for row in rows:
+        cells = []
+        for cell in row:
+            verdict = _VERDICT_CLASSES.get(cell.split(" ", 1)[0])
+            attr = f' class="{verdict}"' if verdict else ""
+            cells.append(f"<td{attr}>{html.escape(cell)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _html_text(text: str) -> str:
+    lines = text.strip("\n").splitlines()
+    if not lines:
+        return ""
+    out = []
+    for line in lines:
+        verdict = _VERDICT_CLASSES.get(line.split(":", 1)[0].split(" ", 1)[0])
+        attr = f' class="{verdict}"' if verdict else ""
+        out.append(f"<pre{attr}>{html.escape(line)}</pre>")
+    return "".join(out)
 
 
 @dataclasses.dataclass
@@ -43,7 +141,11 @@ def format_table(rows, headers) -> str:
     line = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
     out = [line(headers), line(["-" * w for w in widths])]
     out.extend(line(r) for r in cells)
-    return "\n".join(out)
+    text = "\n".join(out)
+    rendered = _RENDERED_TABLES.get()
+    if rendered is not None:
+        rendered.append((text, list(headers), cells))
+    return text
 
 
 def _fmt(value) -> str:
@@ -56,6 +158,27 @@ def _fmt(value) -> str:
             return f"{value:.4g}"
         return f"{value:.3e}"
     return str(value)
+
+
+#: Version of the JSON report layout (:func:`report_json`): bumped when a field is renamed or
+#: removed or changes meaning; new fields do not bump it.
+JSON_SCHEMA_VERSION = 1
+
+
+def report_json(value, *, command: str | None = None, argv: list[str] | None = None) -> dict:
+    """``value`` (a report, or a dict of reports) as the JSON object ``--report-json`` writes.
+
+    ``bncal_version``, ``schema_version`` (:data:`JSON_SCHEMA_VERSION`), ``command`` (``"check"``,
+    say; None from the library) and ``argv`` (the command line) come first, then ``value``'s fields.
+    """
+    from . import __version__
+
+    body = to_jsonable(value)
+    if not isinstance(body, dict):
+        body = {"report": body}
+    head = {"bncal_version": __version__, "schema_version": JSON_SCHEMA_VERSION, "command": command,
+            "argv": None if argv is None else [str(a) for a in argv]}
+    return {**head, **body}
 
 
 def to_jsonable(value):
@@ -78,12 +201,19 @@ def to_jsonable(value):
     return value
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class LayerStats:
     """Moving statistics of one BN layer, reduced to summary numbers for reports."""
 
     mean: np.ndarray
     var: np.ndarray
+
+    def __repr__(self) -> str:  # the arrays' extent, not their values
+        mean, var = np.asarray(self.mean, np.float64), np.asarray(self.var, np.float64)
+        if not mean.size:
+            return "LayerStats(0 channels)"
+        return (f"LayerStats({mean.size} channels, mean {mean.min():.4g}..{mean.max():.4g}, "
+                f"var {var.min():.4g}..{var.max():.4g})")
 
 
 @dataclasses.dataclass
@@ -111,8 +241,8 @@ class SkippedLayer:
     reason: str
 
 
-@dataclasses.dataclass
-class RecalibrationReport:
+@dataclasses.dataclass(repr=False)
+class RecalibrationReport(ReportDisplay):
     """What a recalibration did: one entry per updated layer, skipped layers with reasons.
 
     ``passes`` is the number of passes over the data; ``converged`` and ``max_rel_change``
@@ -129,6 +259,16 @@ class RecalibrationReport:
     skipped: list[SkippedLayer]
     world_size: int = 1
     notes: list[str] = dataclasses.field(default_factory=list)
+
+    def summary(self) -> str:
+        """``train mode: 7 BN layers from 4000 samples, 1 pass`` (eval mode: and whether it converged)."""
+        text = (f"{self.mode} mode: {plural(len(self.layers), 'BN layer')} from {plural(self.samples, 'sample')}, "
+                f"{self.passes} pass{'es' if self.passes != 1 else ''}")
+        if self.mode == "eval":
+            text += ", converged" if self.converged else f", NOT converged (last change {self.max_rel_change:.2e})"
+        if self.skipped:
+            text += f", {len(self.skipped)} skipped"
+        return text
 
     def table(self) -> str:
         rows = [

@@ -21,7 +21,7 @@ import dataclasses
 import numpy as np
 
 from .errors import VerificationError
-from .report import format_table
+from .report import ReportDisplay, format_table, plural
 
 __all__ = [
     "ort_session", "run_onnx", "compare_outputs", "measure_latency", "input_specs",
@@ -64,8 +64,8 @@ class OutputComparison:
         return f"max abs error {self.max_abs_error:.3g}, needs atol {self.required_atol:.3g}"
 
 
-@dataclasses.dataclass
-class ComparisonReport:
+@dataclasses.dataclass(repr=False)
+class ComparisonReport(ReportDisplay):
     """Per-output comparisons under one ``(atol, rtol)``.
 
     ``passed`` only if every output passed, and at least one was compared.
@@ -78,6 +78,16 @@ class ComparisonReport:
     @property
     def passed(self) -> bool:
         return bool(self.outputs) and all(o.passed for o in self.outputs)
+
+    def summary(self) -> str:
+        """``PASSED: 1 output within atol=1e-05, rtol=0.0001`` (FAILED: which outputs)."""
+        failed = [o.name for o in self.outputs if not o.passed]
+        within = f"atol={self.atol:g}, rtol={self.rtol:g}"
+        if self.passed:
+            return f"PASSED: {plural(len(self.outputs), 'output')} within {within}"
+        if not self.outputs:
+            return "FAILED: no outputs compared"
+        return f"FAILED: {len(failed)} of {plural(len(self.outputs), 'output')} beyond {within} ({', '.join(failed[:3])})"
 
     def table(self) -> str:
         """A text table of the errors, then the tolerances, then one line PASSED or FAILED."""

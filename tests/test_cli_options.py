@@ -39,9 +39,9 @@ def test_verbosity_and_force_on_every_command(command):
 def test_quiet_before_or_after_the_subcommand(where):
     args = ["inspect", STALE_ONNX]
     code, output = run(*(["-q", *args] if where == "before" else [*args, "-q"]))
-    assert code == 0 and output == ""
+    assert code == 1 and output == ""  # BN001 (an error) fails inspect; -q leaves only the exit status
     code, output = run(*args)
-    assert code == 0 and output.startswith("layer")
+    assert code == 1 and output.startswith("layer")
 
 
 @pytest.mark.parametrize("where", ["before", "after"])
@@ -63,9 +63,10 @@ def test_inspect_train_batch_size_and_its_deprecated_alias(tmp_path):
     for option in ("--train-batch-size", "--batch-size"):
         out = tmp_path / f"{option.strip('-')}.json"
         code, output = run("inspect", STALE_ONNX, option, 16, "--dataset-size", 4000, "--report-json", out)
-        assert code == 0, output
+        assert code == 1, output  # BN001
         assert ("deprecated" in output) == (option == "--batch-size")
         reports[option] = json.loads(out.read_text())
+        assert reports[option].pop("argv")[3] == option
     assert reports["--train-batch-size"] == reports["--batch-size"]
     assert "BN040" in {f["rule_id"] for f in reports["--train-batch-size"]["findings"]}  # batch 16: renormalisation
     assert "--batch-size" not in run("inspect", "--help")[1]

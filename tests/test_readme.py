@@ -3,8 +3,9 @@
 Console blocks: each ``$ `` line runs in a shell, in order, in a scratch folder that holds the
 repository's ``models/`` (so relative paths work as from the repository root), with this
 environment's ``bncal``/``torchrun`` first on PATH. A command must exit 0; a documented
-``exit status: N`` line must match. Python blocks run as scripts in the same folder. The
-quickstart's two commands are checked against ``.ci/run`` and the demo is run.
+``exit status: N`` line must match. Python blocks are saved as scripts in a folder outside the
+repository and run there. The quickstart's two commands are checked against ``.ci/run`` and the
+demo is run.
 """
 
 import os
@@ -83,8 +84,18 @@ def test_console_commands_run_as_documented(workdir):
             assert result.stdout.splitlines()[0].split() == documented[0].split(), command
 
 
-def test_python_blocks_run(workdir):
-    for block in _blocks("python"):
-        result = subprocess.run([sys.executable, "-c", block], cwd=workdir, env=_env(), capture_output=True,
+def test_python_blocks_run_as_saved_scripts_from_any_directory(tmp_path):
+    """Each block saved as a file in a folder outside the repository, run there as a user would:
+    this environment's python, nothing of the repository on PYTHONPATH."""
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    assert not tmp_path.resolve().is_relative_to(ROOT.resolve())
+    for i, block in enumerate(_blocks("python")):
+        script = tmp_path / f"readme_example_{i}.py"
+        script.write_text(block)
+        result = subprocess.run([sys.executable, script.name], cwd=tmp_path, env=env, capture_output=True,
                                 text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
+        # A comment that shows what a print prints must be true.
+        for shown in re.findall(r"^print\(repr\(\w+\)\)\s+# (<.*>)$", block, flags=re.M):
+            assert shown in result.stdout.splitlines(), (shown, result.stdout[-2000:])

@@ -265,9 +265,27 @@ def test_eval_mode_anchored_passes_beat_one_pass_per_depth():
     x = torch.randn(128, 4, 12, 12) + 0.5
     reference = _fixed_point_reference(net, x)
     model = copy.deepcopy(net)
-    report = bncal.recalibrate(model, _split(x, [32] * 4), mode="eval", tol=1e-6)
+    # A custom forward_fn keeps the depth-by-depth sweep out: this tests the passes it falls back to.
+    report = bncal.recalibrate(model, _split(x, [32] * 4), mode="eval", tol=1e-6, forward_fn=_call)
     assert report.converged and report.passes <= 5, report.passes
+    assert any("fell back to repeated passes" in n for n in report.notes), report.notes
     assert _max_error(model, reference) < 1e-5
+
+
+def test_eval_mode_sweeps_depth_by_depth_then_confirms_in_one_pass():
+    torch.manual_seed(4)
+    net = nn.Sequential(*[m for _ in range(6) for m in (nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())])
+    x = torch.randn(128, 4, 12, 12) + 0.5
+    reference = _fixed_point_reference(net, x)
+    model = copy.deepcopy(net)
+    report = bncal.recalibrate(model, _split(x, [32] * 4), mode="eval", tol=1e-6)
+    assert report.converged and report.passes == 2 and report.samples == 128, (report.passes, report.notes)
+    assert any("depth-by-depth sweep" in n for n in report.notes), report.notes
+    assert _max_error(model, reference) < 1e-5
+
+
+def _call(model, batch):
+    return model(batch)
 
 
 class _Reshuffled:
@@ -287,8 +305,12 @@ def test_eval_mode_with_a_shuffling_loader_falls_back_and_still_converges():
     x = torch.randn(96, 3, 16, 16)
     reference = _fixed_point_reference(net, x)
     model = copy.deepcopy(net)
-    report = bncal.recalibrate(model, _Reshuffled(_split(x, [32, 32, 32])), mode="eval", tol=1e-7)
+    report = bncal.recalibrate(model, _Reshuffled(_split(x, [32, 32, 32])), mode="eval", tol=1e-7, forward_fn=_call)
     assert any("different order" in n for n in report.notes)
+    assert report.converged and _max_error(model, reference) < 1e-5
+    # The sweep reads the data once, so a reshuffling loader does not matter to it.
+    model = copy.deepcopy(net)
+    report = bncal.recalibrate(model, _Reshuffled(_split(x, [32, 32, 32])), mode="eval", tol=1e-7)
     assert report.converged and _max_error(model, reference) < 1e-5
 
 

@@ -26,7 +26,17 @@ from .options import VerbosityArgs
 __all__ = ["main", "run_command"]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+class _Main(click.Group):
+    """The ``bncal`` group; it keeps the command line as given, for the JSON reports (``ctx.meta["bncal.argv"]``)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        argv = ["bncal", *args]
+        ctx = super().make_context(info_name, args, parent=parent, **extra)
+        ctx.meta["bncal.argv"] = argv
+        return ctx
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
              params=VerbosityArgs.options())
 @click.version_option(package_name="bncal")
 @click.pass_context
@@ -80,7 +90,12 @@ def run_command(body, args, groups) -> None:
 
 def describe_error(exc: BaseException, *, verbose: bool = False) -> str:
     """One line for an error: a BncalError's own message; for anything else what failed and why."""
+    from ..extras import missing_extra
+
     hint = "" if verbose else " (run with -v for the traceback)"
+    missing = missing_extra(exc)  # an optional dependency, wherever its import failed
+    if missing is not None:
+        return str(missing)
     if isinstance(exc, BncalError):
         # Where the message wraps another error (the user's code failing, say), -v shows where it came from.
         cause = exc.__cause__

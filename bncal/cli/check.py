@@ -60,5 +60,5 @@ def command(args) -> int:
     if args.report.plot:
         from ..plot import plot_check
 
-        plot_check({"moving vs data": report}, args.report.plot)
+        plot_check({"moving vs data": report}, args.report.plot, model=args.model.display_name)
     return 0 if report.passed and (parity is None or parity.passed) else 1

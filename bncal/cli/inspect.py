@@ -13,8 +13,9 @@ from .options import (InputShapeArgs, ModelArgs, Options, OutputArgs, ReportArgs
     ModelArgs(),
     TrainingArgs(),
     InputShapeArgs(),
-    Options("inspect", click.Option(["--strict"], type=click.Choice(["info", "warning", "error"]), default=None,
-                                    help="Exit 1 when a finding reaches this severity.")),
+    Options("inspect", click.Option(["--strict"], type=click.Choice(["info", "warning", "error"]), default="error",
+                                    show_default=True,
+                                    help="Exit 1 when a finding reaches this severity (warning or info: stricter).")),
     OutputArgs(),
     ReportArgs(),
     VerbosityArgs(),
@@ -23,7 +24,8 @@ def command(args) -> int:
     """Diagnose MODEL's BatchNorm layers: statistics, momentum, scale/shift, dropout order, folding.
 
     MODEL is an .onnx file or a factory spec (with --weights). With --input-shape, a PyTorch
-    model's foldability is analysed too.
+    model's foldability is analysed too. Exit 1 when a finding is an error (such as BN001,
+    statistics never updated), or reaches the --strict severity.
     """
     from ..inspection import SEVERITIES, inspect_model
 
@@ -45,6 +47,4 @@ def command(args) -> int:
     if args.report.json:
         ReportArgs.write_json(args.report.json, report)
     worst, strict = report.max_severity(), args.inspect.strict
-    if strict and worst is not None and SEVERITIES.index(worst) >= SEVERITIES.index(strict):
-        return 1
-    return 0
+    return 1 if worst is not None and SEVERITIES.index(worst) >= SEVERITIES.index(strict) else 0

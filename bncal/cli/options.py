@@ -259,11 +259,18 @@ class ModelValue(types.SimpleNamespace):
     def files(self) -> list[Path]:
         return self.kind.files(self.spec, self.weights)
 
+    @property
+    def display_name(self) -> str:
+        """A short name for titles: the file's name, or the factory's with its weights file."""
+        name = Path(self.spec.rpartition(":")[2] if ":" in self.spec else self.spec).name
+        return f"{name} ({Path(self.weights).name})" if self.weights else name
+
     def load(self):
         """Load the model: a :class:`bncal.loading.LoadedModel` (``.kind``, ``.model``, ``.files``)."""
         from ..loading import load_any
 
-        return load_any(self.spec, weights=self.weights, model_kwargs=self.model_kwargs, allow_pickle=self.allow_pickle)
+        return load_any(self.spec, weights=self.weights, model_kwargs=self.model_kwargs, allow_pickle=self.allow_pickle,
+                        strip_prefix=self.strip_prefix)
 
 
 class ModelArgs(OptionGroup):
@@ -280,13 +287,17 @@ class ModelArgs(OptionGroup):
                          help="Keyword arguments for the model factory, as a JSON object."),
             click.Option(["--allow-pickle"], is_flag=True,
                          help="Allow loading files that execute code (pickled modules, pickled checkpoints). Only for files you trust."),
+            click.Option(["--strip-prefix"], metavar="PREFIX",
+                         help="Use the --weights keys under PREFIX (such as 'model.'), with PREFIX removed. Default: "
+                              "'module.', 'model.' and '_orig_mod.' are removed where the result fits the model unambiguously."),
         ]
 
     def parse(self, values, args):
         from ..loading import model_kind
 
         return ModelValue(spec=values["model"], kind=model_kind(values["model"]), weights=values["weights"],
-                          model_kwargs=values["model_kwargs"], allow_pickle=values["allow_pickle"])
+                          model_kwargs=values["model_kwargs"], allow_pickle=values["allow_pickle"],
+                          strip_prefix=values["strip_prefix"])
 
     def plan(self, value, plan, args):
         plan.protect(value.files())
@@ -555,14 +566,19 @@ class ReportArgs(OptionGroup):
 
     @staticmethod
     def write_json(path, value) -> None:
+        """Write ``value`` as the report JSON (:func:`bncal.report.report_json`): its fields, the bncal
+        version, the schema version, the command and its command line."""
         from ..outputs import write_text
-        from ..report import to_jsonable
+        from ..report import report_json
 
-        write_text(path, json.dumps(to_jsonable(value), indent=2) + "\n")
+        ctx = click.get_current_context(silent=True)
+        command = ctx.info_name if ctx is not None else None
+        argv = ctx.meta.get("bncal.argv") if ctx is not None else None
+        write_text(path, json.dumps(report_json(value, command=command, argv=argv), indent=2) + "\n")
 
 
 class RecalibrationArgs(OptionGroup):
-    """``--mode``, ``--tol``, ``--max-passes`` of recalibration."""
+    """``--mode``, ``--tol``, ``--max-passes``, ``--cache-mb``, ``--spill-dir`` of recalibration."""
 
     name = "recalibration"
 
@@ -574,6 +590,10 @@ class RecalibrationArgs(OptionGroup):
                          help="eval mode: stop when statistics change less than this (relative; finite, >= 0)."),
             click.Option(["--max-passes"], type=click.IntRange(min=1), default=None,
                          help="eval mode: at most this many passes over the data (default: number of BN layers + 1, where the result is exact)."),
+            click.Option(["--cache-mb"], type=FiniteFloat(0), default=1024, show_default=True,
+                         help="eval mode: memory (MiB, on the model's device) for the activations the exact depth-by-depth sweep keeps between depths."),
+            click.Option(["--spill-dir"], type=click.Path(file_okay=False, exists=True),
+                         help="eval mode: a folder where the sweep may spill activations beyond --cache-mb (its files are removed afterwards)."),
         ]
 
     def parse(self, values, args):

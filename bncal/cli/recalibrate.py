@@ -53,7 +53,7 @@ def command(args) -> int:
     if args.report.plot:
         from ..plot import plot_recalibration
 
-        plot_recalibration(report, args.report.plot)
+        plot_recalibration(report, args.report.plot, model=args.model.display_name)
     return 0
 
 
@@ -71,8 +71,8 @@ def _recalibrate_torch(args):
             net.to(launch.device)
         batches = torch_batches(args.data.load(rank=launch.rank, world_size=launch.world_size), net)
         report = recalibrate(net, batches, mode=options.mode, max_samples=launch.shard_limit(args.data.max_samples),
-                             tol=options.tol, max_passes=options.max_passes,
-                             progress=args.ui.interactive and launch.is_main)
+                             tol=options.tol, max_passes=options.max_passes, cache_mb=options.cache_mb,
+                             spill_dir=options.spill_dir, progress=args.ui.interactive and launch.is_main)
         if launch.is_main:
             net.to("cpu")
             save_state_dict(net, args.output.path)

@@ -38,7 +38,7 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.utils import parametrize
 
 from ..errors import BncalError, one_line
-from ..report import FoldDecision, format_table
+from ..report import FoldDecision, ReportDisplay, format_table, plural
 from .graph import Graph, ModuleFacts, Node, Param
 from .planner import plan
 from .rules import INTO_FOLLOWING, INTO_PRECEDING, TO_AFFINE
@@ -80,8 +80,8 @@ class ChannelAffine(nn.Module):
         return f"channels={self.scale.numel()}"
 
 
-@dataclasses.dataclass
-class FoldResult:
+@dataclasses.dataclass(repr=False)
+class FoldResult(ReportDisplay):
     """A folded copy of a model and one decision per BatchNorm.
 
     ``model`` is a new module in eval mode with the original hierarchy: folded BNs are
@@ -92,6 +92,18 @@ class FoldResult:
 
     model: nn.Module
     decisions: list[FoldDecision]
+
+    def summary(self) -> str:
+        """``Sequential: folded 7 of 7 BN layers`` (and how many became affine maps or were kept)."""
+        affine = sum(d.direction == TO_AFFINE for d in self.decisions)
+        folded = sum(d.folded for d in self.decisions) - affine
+        text = f"{type(self.model).__name__}: folded {folded} of {plural(len(self.decisions), 'BN layer')}"
+        kept = len(self.decisions) - folded - affine
+        if affine:
+            text += f", {affine} turned into Mul + Add"
+        if kept:
+            text += f", {kept} kept"
+        return text
 
     def table(self) -> str:
         rows = [(d.bn, d.direction or "kept", d.target, d.reason) for d in self.decisions]
