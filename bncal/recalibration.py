@@ -113,10 +113,11 @@ def recalibrate(
             report's notes say why) the anchored passes run instead.
 
     Memory beyond the forward itself: per BN, two float64 vectors of its channels (its
-    moments, merged call by call on the model's device). Eval mode also keeps, for anchoring,
-    each BN call's batch mean and variance in the previous and the current pass: 4 values per
-    channel per BN call per batch, in the BN's dtype (ResNet-18, 4,800 BN channels: 77 KB per
-    batch, 2.5 MB for 32 batches).
+    moments, merged call by call on the model's device). The eval sweep adds its cache, at
+    most ``cache_mb``. Eval passes (the confirming one, and the anchored passes where the
+    sweep does not apply) keep each BN call's batch mean and variance in the previous and the
+    current pass: 4 values per channel per BN call per batch, in the BN's dtype (ResNet-18,
+    4,800 BN channels: 77 KB per batch, 2.5 MB for 32 batches).
 
     The stored ``running_var`` is the population (biased) variance, see :mod:`bncal.stats`.
     ``num_batches_tracked`` grows by the number of batches seen (over all ranks), as one
