@@ -62,9 +62,15 @@ _ERRORS_ONLY = 4  # onnxruntime logs only fatal errors: every error is raised (a
 # Sessions
 
 
+# Offered by onnxruntime's PyPI builds, first in its list, but it runs no node here (it calls
+# remote endpoints): taking it for the first provider would pick the wrong form of graph.
+_REMOTE_PROVIDERS = ("AzureExecutionProvider",)
+
+
 def available_providers() -> list[str]:
-    """The execution providers this onnxruntime offers, in its order of preference (CPU last)."""
-    return list(ort.get_available_providers())
+    """The execution providers this onnxruntime offers that run graph nodes on this machine,
+    in its order of preference (CPU last)."""
+    return [p for p in ort.get_available_providers() if p not in _REMOTE_PROVIDERS]
 
 
 def resolve_providers(names) -> list[str]:
@@ -113,10 +119,11 @@ def statistics_form(providers=None) -> str:
     ``"batchnorm"`` (training-mode BatchNormalization) when the CPU provider comes first or
     alone: measured faster there. ``"arithmetic"`` when another provider comes first: CUDA
     lacks training-mode BatchNormalization from opset 14 on (onnxruntime issue 16867), and
-    plain arithmetic runs on every provider.
+    plain arithmetic runs on every provider. Remote providers (Azure) run no node, so they
+    do not count as first.
     """
-    first = _provider_name(providers[0]) if providers else _CPU
-    return "batchnorm" if first == _CPU else "arithmetic"
+    local = [name for name in map(_provider_name, providers or []) if name not in _REMOTE_PROVIDERS]
+    return "batchnorm" if not local or local[0] == _CPU else "arithmetic"
 
 
 def ort_session(

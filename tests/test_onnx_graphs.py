@@ -14,7 +14,7 @@ from onnx.reference import ReferenceEvaluator
 from torch import nn
 
 from bncal.errors import BncalError
-from bncal.onnx_graphs import find_batchnorms, make_stats_graph, make_train_graph, write_statistics
+from bncal.onnx_graphs import FORMS, find_batchnorms, make_stats_graph, make_train_graph, write_statistics
 from tests_support import randomize_bn
 
 
@@ -447,3 +447,18 @@ def test_unknown_form_is_refused():
     model, _ = bn_graph(15)
     with pytest.raises(ValueError, match="form must be one of"):
         make_train_graph(model, form="fused")
+
+
+@pytest.mark.parametrize("opset", [15, 18])
+def test_both_forms_keep_float32_statistics_of_many_values_per_channel_exact(opset):
+    """131,072 values per channel: summed in float32 one after another, the variance would be
+    about 1e-5 off (relative); both forms stay at float32 rounding of the float64 moments."""
+    model, _ = bn_graph(opset, rank=4, channels=4)
+    x = np.random.default_rng(opset).normal(1.5, 0.7, (8, 4, 128, 128)).astype(np.float32)
+    mean, var, count = moments64(x)
+    for form in FORMS:
+        derived, (info,) = make_train_graph(model, expose_stats=True, form=form)
+        got = run(derived, {"x": x})
+        assert int(got[info.count_output]) == x.size
+        assert np.max(np.abs(got[info.mean_output] - mean) / np.sqrt(var)) < 1e-6, form
+        np.testing.assert_allclose(got[info.var_output], var, rtol=1e-6, err_msg=form)

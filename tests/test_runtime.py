@@ -186,6 +186,7 @@ def test_provider_names_resolve_as_users_write_them():
     from bncal.runtime import available_providers, resolve_providers
 
     assert available_providers()[-1] == "CPUExecutionProvider"
+    assert "AzureExecutionProvider" not in available_providers()
     assert resolve_providers(["cpu"]) == resolve_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
     assert resolve_providers([" CPU ", "cpuexecutionprovider"]) == ["CPUExecutionProvider"]  # once, in order
     with pytest.raises(BncalError, match=r"provider potato is not available here \(available: .*CPUExecutionProvider"):
@@ -200,6 +201,9 @@ def test_statistics_form_follows_the_first_provider():
                   "DmlExecutionProvider", ("CUDAExecutionProvider", {"device_id": "1"})):
         assert statistics_form([first, "CPUExecutionProvider"]) == "arithmetic"
     assert statistics_form(["CPUExecutionProvider", "CUDAExecutionProvider"]) == "batchnorm"
+    # onnxruntime's PyPI build lists Azure (remote endpoints, no local nodes) first: not a device.
+    assert statistics_form(["AzureExecutionProvider", "CPUExecutionProvider"]) == "batchnorm"
+    assert statistics_form(["AzureExecutionProvider", "CUDAExecutionProvider"]) == "arithmetic"
     assert providers_on_device(["TensorrtExecutionProvider", "CUDAExecutionProvider", "OpenVINOExecutionProvider",
                                 ("CUDAExecutionProvider", {"device_id": "3"}), "CPUExecutionProvider"], 1) == [
         ("TensorrtExecutionProvider", {"device_id": "1"}), ("CUDAExecutionProvider", {"device_id": "1"}),
