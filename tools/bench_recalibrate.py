@@ -69,7 +69,9 @@ def run_bncal(model, batches):
 
 
 def run_bncal_eval(model, batches):
-    """Eval mode, three passes (one train-mode pass, then two anchored eval passes)."""
+    """Eval mode: the depth-by-depth sweep (its cache within the default ``cache_mb``) and one
+    confirming eval pass; ``max_passes=3`` caps the anchored passes where the sweep does not apply
+    (a ``--compare-with`` ref from before the sweep: one train-mode pass, two anchored eval passes)."""
     bncal.recalibrate(model, batches, mode="eval", max_passes=3)
 
 
@@ -108,9 +110,9 @@ def run_fvcore(model, batches):
 
 RUNNERS = {"plain no_grad eval forward": plain_forward, "bare train-mode BN loop": bare_train_mode_loop,
            "bncal.recalibrate": run_bncal, "swa_utils.update_bn": run_update_bn,
-           "fvcore update_bn_stats": run_fvcore, "bncal.recalibrate eval (3 passes)": run_bncal_eval,
+           "fvcore update_bn_stats": run_fvcore, "bncal.recalibrate eval (max 3 passes)": run_bncal_eval,
            "bncal.recalibrate (previous)": run_previous,
-           "bncal.recalibrate eval (3 passes, previous)": run_previous_eval}
+           "bncal.recalibrate eval (max 3 passes, previous)": run_previous_eval}
 
 
 def available(name: str) -> bool:
