@@ -457,7 +457,7 @@ def check_onnx(
 
     from .calibration import BatchComposition, order_warning
     from .data import select_inputs
-    from .onnx_graphs import find_batchnorms, make_train_graph
+    from .onnx_graphs import find_batchnorms
     from .onnx_lowered import find_lowered_normalisations, no_batchnorm_hint
     from .runtime import BatchStream, StatisticsSession, first_floating, ort_session, run
 
@@ -476,7 +476,7 @@ def check_onnx(
     composition = BatchComposition()
     output_names = [o.name for o in model.graph.output]
     inference = ort_session(model, optimization_level="all", providers=providers)
-    train = StatisticsSession(*make_train_graph(model, expose_stats=True), outputs=output_names, providers=providers)
+    train = StatisticsSession.train_graph(model, outputs=output_names, providers=providers)
 
     moments: dict[str, ChannelMoments] = {}
     agreement = {name: OutputAgreement() for name in output_names}

@@ -1,9 +1,12 @@
 """Running under torchrun: join the process group the environment describes, pick each rank's
-device, split a sample limit across ranks, and word a rank's failure.
+device, split a sample limit across ranks, combine statistics across ranks, and word a rank's
+failure.
 
-The statistics themselves are combined by :func:`bncal.recalibrate` (``process_group``); this
-module only sets up the processes. Nothing here imports torch until it is needed, so reading the
-launch environment (:func:`environment`) is free.
+:func:`combine_across_ranks` is the one merge of per-rank moments, used by the PyTorch path
+(:func:`bncal.recalibrate`) and the ONNX path (:func:`bncal.recalibrate_onnx`) alike after
+every pass. Nothing here imports torch until it is needed: reading the launch environment
+(:func:`environment`) is free, and :func:`active_process_group` imports nothing when no process
+group can exist (torch.distributed never imported), so the ONNX path runs without torch.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 
 from .errors import BncalError, first_line
 
 __all__ = ["Launch", "environment", "parse_device", "pick_device", "torchrun_process_group", "shard_limit",
-           "peer_failure"]
+           "active_process_group", "world_size", "combine_across_ranks", "peer_failure"]
 
 _PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe", "socket closed",
               "connection refused", "timed out")
@@ -139,6 +143,65 @@ def torchrun_process_group(device: str | None = None):
         if created:
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
+
+
+def active_process_group(group=None):
+    """The process group to combine statistics over, or None for a lone process.
+
+    ``group`` when given, else the default group; None when ``torch.distributed`` is not
+    initialised or the group has a single rank. Without a ``group`` and with
+    ``torch.distributed`` never imported no group can exist, and nothing is imported.
+    """
+    if group is None and "torch.distributed" not in sys.modules:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    if dist.get_world_size(group) <= 1:
+        return None
+    return group if group is not None else dist.group.WORLD
+
+
+def world_size(group) -> int:
+    """Ranks in ``group`` (an :func:`active_process_group` result; None is one process)."""
+    if group is None:
+        return 1
+    import torch.distributed as dist
+
+    return dist.get_world_size(group)
+
+
+def combine_across_ranks(moments: dict, channels: dict[str, int], batches: int, samples: int, group):
+    """Every rank's per-BN moments merged in rank order, identically (bit for bit) on every rank.
+
+    ``moments`` maps BN names to this rank's :class:`~bncal.stats.ChannelMoments` (a BN this
+    rank never reached may be missing); ``channels`` names every BN, in one order on all
+    ranks, with its channel count. Returns ``(moments, batches, samples)`` over all ranks, the
+    moments of the BNs some rank reached. One ``all_gather`` of one float64 vector (on the
+    current CUDA device for an nccl group, else on the CPU).
+    """
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from .stats import ChannelMoments
+
+    world = dist.get_world_size(group)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    parts = [(moments.get(name) or ChannelMoments.empty(width)).to_array() for name, width in channels.items()]
+    local = torch.from_numpy(np.concatenate(parts + [np.array([batches, samples], np.float64)])).to(device)
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local, group=group)
+    gathered = [g.cpu().numpy() for g in gathered]
+    combined, offset = {}, 0
+    for name, width in channels.items():
+        size = 1 + 2 * width
+        merged = ChannelMoments.combine(ChannelMoments.from_array(g[offset:offset + size]) for g in gathered)
+        offset += size
+        if merged.count:
+            combined[name] = merged
+    return combined, int(sum(g[offset] for g in gathered)), int(sum(g[offset + 1] for g in gathered))
 
 
 def peer_failure(exc: BaseException) -> str | None:

@@ -55,7 +55,7 @@ from ._progress import DataPass, progress_reporter
 from ._sweep_cache import Checkpoints
 from ._sweep_plan import SweepPlan, SweepRefused, build_plan, node_cost, tensor_bytes
 from .errors import BncalError, first_line
-from .recalibration import _Pending, _prepare, default_forward
+from .recalibration import _LayerMoments, _prepare, default_forward
 from .stats import ChannelMoments
 
 __all__ = ["solve_eval_statistics", "SweepResult", "DEFAULT_CACHE_MB", "DEFAULT_MAX_FORWARD_EQUIVALENTS"]
@@ -192,15 +192,15 @@ class _Sweep:
 
     def _step(self, s: int) -> None:
         """Take every batch to frontier ``s``, merge the moments of the depth-``s + 1`` BNs, fix them."""
-        pending: dict[str, _Pending] = {}
+        pending: dict[str, _LayerMoments] = {}
         for b, batch in self._batches(s):
             env = self._advance(b, batch, s)
             for name, node in self.plan.bn_nodes[s]:
                 x = env[node.args[0]]
                 mean, var = _channel_moments(x)
-                moments = pending.setdefault(name, _Pending(unbiased=False))
-                moments.counts.append(x.numel() // x.shape[1])
-                moments.moments.append(torch.stack((mean, var)))
+                if name not in pending:
+                    pending[name] = _LayerMoments(x.shape[1], x.device)
+                pending[name].add(x.numel() // x.shape[1], mean, var)
                 self.executed += x.numel()
             self.cache.store(b, s, [env[n] for n in self.plan.frontiers[s]])
             self.steps_done += 1
@@ -208,7 +208,7 @@ class _Sweep:
                 self.report(self.steps_done)
         for name, node in self.plan.bn_nodes[s]:
             bn = self.layers[name]
-            self.moments[name] = moments = pending[name].flush(bn.num_features)
+            self.moments[name] = moments = pending[name].result()
             bn.running_mean.copy_(torch.from_numpy(moments.mean))
             bn.running_var.copy_(torch.from_numpy(moments.variance))
 
@@ -234,7 +234,7 @@ class _Sweep:
             raise SweepRefused("the data had fewer batches when read again")
 
     def _prepare(self, batch, index, remaining):
-        (batch, fingerprint), size = _prepare(batch, self.device, remaining)
+        (batch, fingerprint), size = _prepare(batch, self.device, remaining, fingerprint=True)
         return (batch, fingerprint, size), size
 
     def _first_batch(self, batch) -> None:
@@ -242,7 +242,7 @@ class _Sweep:
         self.plan = plan = build_plan(self.model, self.names, batch)
         if plan.depths == 0:
             raise SweepRefused("no BatchNorm to recalibrate is called in the traced forward")
-        (small, _), samples = _prepare(batch, self.device, 2)
+        (small, _), samples = _prepare(batch, self.device, 2, fingerprint=False)
         env = {**plan.constants, **plan.bind(small)}
         for node in plan.nodes:
             if node in plan.calls:

@@ -3,34 +3,37 @@
 The model given is never mutated; each function returns a modified copy and one
 :class:`BNInfo` per top-level ``BatchNormalization`` node.
 
-:func:`make_train_graph` turns every inference BN into its training form::
+:func:`make_train_graph` makes every inference BN normalise with the batch's own mean and
+biased variance, like a PyTorch BN in train mode, and :func:`make_stats_graph` keeps every BN
+in inference mode (its moving mean and variance become graph inputs, defaulting to the model's
+values, so one session serves every pass of an eval-mode recalibration, fed new statistics
+per run) and exposes the batch mean and biased variance of its input. Both expose, per BN,
+``Size(X)`` as an int64 scalar: the number of values per channel is ``Size(X) / channels``,
+which changes with the spatial size of each batch. The batch statistics come in one of two
+forms (:data:`FORMS`), the same numbers to float32 rounding:
 
-    BatchNormalization(X, scale, B, zeros, ones, training_mode=1, momentum=0)
-        -> Y, running_mean, running_var
+- ``"batchnorm"``: the training form of the op itself::
 
-which normalises with the batch's own mean and biased variance, like a PyTorch BN in train
-mode. Its statistics outputs are ``input_mean * momentum + batch_mean * (1 - momentum)``
-(ONNX spec; onnxruntime's CPU kernel uses the biased variance), i.e. exactly the batch mean
-and biased variance at momentum 0: the reduction the op does anyway yields the statistics,
-nothing is reduced twice. The moving statistics fed to it are multiplied by 0 only, so they
-are replaced by zeros and ones, which keeps a NaN/Inf in stale statistics out (0 * inf = nan).
-Opsets 9-13 have no ``training_mode`` attribute; there a BN with five outputs is the training
-form (same update rule, same biased variance in onnxruntime).
+      BatchNormalization(X, scale, B, zeros, ones, training_mode=1, momentum=0)
+          -> Y, running_mean, running_var
 
-Why this form rather than explicit ``ReduceMean/Sub/Mul/ReduceMean/Sqrt/Div`` ops: measured
-with onnxruntime 1.32 on CPU (small ResNet, 32x3x64x64 batches) it is about 20 % faster, it
-accepts any input rank, and its variance is computed in two passes (mean, then squared
-deviations), accurate to about 1e-7 relative in float32.
+  Its statistics outputs are ``input_mean * momentum + batch_mean * (1 - momentum)`` (ONNX
+  spec; onnxruntime's CPU kernel uses the biased variance), i.e. exactly the batch mean and
+  biased variance at momentum 0: the reduction the op does anyway yields the statistics. The
+  moving statistics fed to it are multiplied by 0 only, so they are replaced by zeros and
+  ones, which keeps a NaN/Inf in stale statistics out (0 * inf = nan). Opsets 9-13 have no
+  ``training_mode`` attribute; there a BN with five outputs is the training form. The stats
+  graph adds such a BN beside the inference one and discards its ``Y``. onnxruntime's CUDA
+  provider lacks this op from opset 14 on (onnxruntime issue 16867).
+- ``"arithmetic"``: ``ReduceMean``, ``Sub``, ``ReduceSumSquare`` and ``Div`` compute the
+  statistics in two passes (mean, then squared deviations; see :class:`_ArithmeticStatistics`),
+  in float64, and the train graph's BN stays an inference BatchNormalization fed them. Every
+  execution provider implements these ops (CUDA, TensorRT, OpenVINO, DirectML; a provider
+  without float64 hands those few nodes to the next provider in the list).
 
-:func:`make_stats_graph` keeps every BN in inference mode, makes its moving mean and variance
-graph inputs (defaulting to the model's values, so one session serves every pass of an
-eval-mode recalibration, fed new statistics per run), and adds a training-form BN on the same
-input whose ``Y`` is discarded, to expose the batch mean and biased variance of that input.
-
-Both expose, per BN, ``Size(X)`` as an int64 scalar: the number of values per channel is
-``Size(X) / channels``, which changes with the spatial size of each batch. The derived graphs
-add only BatchNormalization and Size nodes, both in the model's own opset (no ReduceMean,
-whose ``axes`` moved from attribute to input in opset 18), and keep the opset imports.
+Both keep the model's opset imports (the arithmetic ops are written for the model's own
+opset: ``ReduceMean``'s ``axes`` moved from attribute to input in opset 18).
+:func:`bncal.runtime.statistics_form` picks the form for a session's providers.
 
 :func:`write_statistics` puts new moving statistics into a copy of the model, changing only
 the initializers that hold them, except where a BN shares its statistics tensor with another
@@ -59,11 +62,13 @@ from onnx import helper, numpy_helper
 from .errors import BncalError
 from .names import fresh_name, onnx_batchnorm_names
 
-__all__ = ["BNInfo", "find_batchnorms", "make_train_graph", "make_stats_graph", "write_statistics", "default_opset"]
+__all__ = ["BNInfo", "FORMS", "find_batchnorms", "make_train_graph", "make_stats_graph", "write_statistics",
+           "default_opset"]
 
 _MIN_OPSET = 9  # BatchNormalization-9 is the first without `spatial`/`is_test` and with a training form
 _TRAINING_MODE_OPSET = 14  # the `training_mode` attribute appears in BatchNormalization-14
 _PREFIX = "bncal."
+FORMS = ("batchnorm", "arithmetic")  # how derived graphs compute batch statistics, see make_train_graph
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,8 +152,8 @@ def find_batchnorms(model: onnx.ModelProto) -> list[BNInfo]:
     return infos
 
 
-def make_train_graph(model: onnx.ModelProto, *, expose_stats: bool = False,
-                     keep_model_outputs: bool = True) -> tuple[onnx.ModelProto, list[BNInfo]]:
+def make_train_graph(model: onnx.ModelProto, *, expose_stats: bool = False, keep_model_outputs: bool = True,
+                     form: str = "batchnorm") -> tuple[onnx.ModelProto, list[BNInfo]]:
     """A copy of ``model`` where every handled BN normalises with its batch statistics.
 
     ``expose_stats=True`` adds each handled BN's batch mean, biased variance and input size as
@@ -156,10 +161,16 @@ def make_train_graph(model: onnx.ModelProto, *, expose_stats: bool = False,
     ``expose_stats``) keeps those as the only outputs and drops the nodes that only fed the
     model's own outputs (e.g. a classifier head after the last BN).
 
+    ``form`` (see :data:`FORMS`) is how the batch statistics are computed: ``"batchnorm"``,
+    the training-mode BatchNormalization op, or ``"arithmetic"``, plain ReduceMean/Sub/
+    ReduceSumSquare/Div ops in float64 that every execution provider implements. Both compute
+    the same numbers to float32 rounding.
+
     Raises:
         BncalError: the model's opset is older than 9.
     """
     _require_opset(model)
+    _require_form(form)
     if not keep_model_outputs and not expose_stats:
         raise ValueError("keep_model_outputs=False needs expose_stats=True: the graph would have no outputs")
     infos = find_batchnorms(model)
@@ -172,15 +183,21 @@ def make_train_graph(model: onnx.ModelProto, *, expose_stats: bool = False,
             continue
         node = derived.graph.node[info.node_index]
         dtype = derived.dtype_of(info.mean_initializer)
-        zeros = derived.add_initializer(np.zeros(info.channels, dtype), f"{info.name}.zeros")
-        ones = derived.add_initializer(np.ones(info.channels, dtype), f"{info.name}.ones")
-        mean_out, var_out = derived.fresh(f"{info.name}.batch_mean"), derived.fresh(f"{info.name}.batch_var")
-        _make_training_form(node, info, zeros, ones, mean_out, var_out, training_mode, derived)
-        count_out = None
+        if form == "batchnorm":
+            zeros = derived.add_initializer(np.zeros(info.channels, dtype), f"{info.name}.zeros")
+            ones = derived.add_initializer(np.ones(info.channels, dtype), f"{info.name}.ones")
+            mean_out, var_out = derived.fresh(f"{info.name}.batch_mean"), derived.fresh(f"{info.name}.batch_var")
+            _make_training_form(node, info, zeros, ones, mean_out, var_out, training_mode, derived)
+            count_out = None
+            if expose_stats:
+                count_out = derived.fresh(f"{info.name}.size")
+                derived.insert_after(info.node_index, helper.make_node(
+                    "Size", [info.input], [count_out], name=derived.fresh(f"{info.name}.Size")))
+        else:
+            stats = _ArithmeticStatistics(derived, info, dtype)
+            derived.replace(info.node_index, *stats.nodes, stats.normalise(node))
+            mean_out, var_out, count_out = stats.mean, stats.var, stats.size
         if expose_stats:
-            count_out = derived.fresh(f"{info.name}.size")
-            size_node = helper.make_node("Size", [info.input], [count_out], name=derived.fresh(f"{info.name}.Size"))
-            derived.insert_after(info.node_index, size_node)
             derived.add_stat_outputs(mean_out, var_out, count_out, dtype, info.channels)
             result.append(dataclasses.replace(info, mean_output=mean_out, var_output=var_out, count_output=count_out))
         else:
@@ -189,8 +206,8 @@ def make_train_graph(model: onnx.ModelProto, *, expose_stats: bool = False,
     return derived.model, result
 
 
-def make_stats_graph(model: onnx.ModelProto, *, keep_model_outputs: bool = True,
-                     anchored: bool = False) -> tuple[onnx.ModelProto, list[BNInfo]]:
+def make_stats_graph(model: onnx.ModelProto, *, keep_model_outputs: bool = True, anchored: bool = False,
+                     form: str = "batchnorm") -> tuple[onnx.ModelProto, list[BNInfo]]:
     """A copy of ``model`` that computes the same outputs and exposes every handled BN's input statistics.
 
     Each handled BN still normalises with moving statistics, read from the graph inputs
@@ -204,10 +221,14 @@ def make_stats_graph(model: onnx.ModelProto, *, keep_model_outputs: bool = True,
     statistics, and the same batch's input statistics in the previous pass, fed as
     ``previous_mean_feed``/``previous_var_feed`` (these must be fed for every batch).
 
+    ``form`` is how the input statistics are computed, as for :func:`make_train_graph`; the
+    BN itself stays an inference BatchNormalization in both forms.
+
     Raises:
         BncalError: the model's opset is older than 9.
     """
     _require_opset(model)
+    _require_form(form)
     infos = find_batchnorms(model)
     derived = _DerivedGraph(model)
     training_mode = default_opset(model) >= _TRAINING_MODE_OPSET
@@ -223,22 +244,27 @@ def make_stats_graph(model: onnx.ModelProto, *, keep_model_outputs: bool = True,
         var_feed = derived.add_initializer(derived.value_of(info.var_initializer), f"{info.name}.running_var",
                                            as_input=True)
         node.input[3], node.input[4] = mean_feed, var_feed
-        zeros = derived.add_initializer(np.zeros(info.channels, dtype), f"{info.name}.zeros")
-        ones = derived.add_initializer(np.ones(info.channels, dtype), f"{info.name}.ones")
-        mean_out, var_out = derived.fresh(f"{info.name}.batch_mean"), derived.fresh(f"{info.name}.batch_var")
-        count_out = derived.fresh(f"{info.name}.size")
-        stats_node = onnx.NodeProto()
-        stats_node.CopyFrom(node)
-        stats_node.name = derived.fresh(f"{info.name}.stats")
-        stats_node.output[0] = derived.fresh(f"{info.name}.unused_y")
-        _make_training_form(stats_node, info, zeros, ones, mean_out, var_out, training_mode, derived)
-        size_node = helper.make_node("Size", [info.input], [count_out], name=derived.fresh(f"{info.name}.Size"))
+        if form == "batchnorm":
+            zeros = derived.add_initializer(np.zeros(info.channels, dtype), f"{info.name}.zeros")
+            ones = derived.add_initializer(np.ones(info.channels, dtype), f"{info.name}.ones")
+            mean_out, var_out = derived.fresh(f"{info.name}.batch_mean"), derived.fresh(f"{info.name}.batch_var")
+            stats_node = onnx.NodeProto()
+            stats_node.CopyFrom(node)
+            stats_node.name = derived.fresh(f"{info.name}.stats")
+            stats_node.output[0] = derived.fresh(f"{info.name}.unused_y")
+            _make_training_form(stats_node, info, zeros, ones, mean_out, var_out, training_mode, derived)
+            count_out = derived.fresh(f"{info.name}.size")
+            stats_nodes = [stats_node, helper.make_node("Size", [info.input], [count_out],
+                                                        name=derived.fresh(f"{info.name}.Size"))]
+        else:
+            stats = _ArithmeticStatistics(derived, info, dtype)
+            mean_out, var_out, count_out, stats_nodes = stats.mean, stats.var, stats.size, stats.nodes
         previous = {}
         if anchored:
             previous = _anchor(derived, node, info, dtype, mean_feed, var_feed, mean_out, var_out)
-            derived.insert_before(info.node_index, stats_node, size_node, *previous.pop("nodes"))
+            derived.insert_before(info.node_index, *stats_nodes, *previous.pop("nodes"))
         else:
-            derived.insert_after(info.node_index, stats_node, size_node)
+            derived.insert_after(info.node_index, *stats_nodes)
         derived.add_stat_outputs(mean_out, var_out, count_out, dtype, info.channels)
         result.append(dataclasses.replace(info, mean_output=mean_out, var_output=var_out, count_output=count_out,
                                           mean_feed=mean_feed, var_feed=var_feed, **previous))
@@ -401,6 +427,11 @@ def _replace_repeated(field, items, cls):
 # ------------------------------------------------------------------------------------------------
 
 
+def _require_form(form):
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {', '.join(map(repr, FORMS))}, not {form!r}")
+
+
 def _require_opset(model):
     opset = default_opset(model)
     if opset < _MIN_OPSET:
@@ -515,6 +546,77 @@ def _external(tensor) -> bool:
     return tensor.data_location == onnx.TensorProto.EXTERNAL
 
 
+class _ArithmeticStatistics:
+    """The batch mean and biased variance of a BN's input from plain ops (form ``"arithmetic"``).
+
+    The input ``X`` is viewed as ``(N, C, L)`` (``Reshape`` to ``[0, 0, -1]``, which needs
+    neither its rank nor its spatial size), so the reduction axes are always ``[0, 2]``::
+
+        size  = Size(X)                               int64, also the exposed count
+        count = Cast(size / C, double)                values per channel
+        X3d   = Cast(X3, double)
+        mean  = ReduceMean(X3d, [0, 2])               (1, C, 1)
+        var   = ReduceSumSquare(X3d - mean, [0, 2]) / count    two passes, as the training-mode op
+        mean_output, var_output = Reshape(Cast(mean, dtype), [-1]), Reshape(Cast(var, dtype), [-1])
+
+    The reductions run in float64 because onnxruntime sums float32 reductions one value after
+    another: over the 50 x 784 values per channel of an MNIST batch the float32 variance was
+    8e-5 off (relative), the training-mode op's 1e-7, the float64 one 1e-14; summing over the
+    spatial axis first still left 9e-6 at 224 x 224. The cast costs a transient float64 copy of
+    the BN's input; the outputs come back in the BN's dtype, as the training-mode op gives them.
+
+    :meth:`normalise` gives the training-mode BN's output: the same BatchNormalization node
+    in inference mode, fed these statistics, so the normalisation keeps the op's own float
+    semantics and kernel (``(X - mean) / sqrt(var + eps) * scale + B``). Every op here exists
+    in opset 9 and later in every execution provider; ``ReduceMean``/``ReduceSumSquare`` take
+    their axes as an attribute before opset 18 and as an input from opset 18 on, so the graph
+    keeps the model's own opset.
+    """
+
+    def __init__(self, derived, info, dtype):
+        self.derived, self.info = derived, info
+        name = derived.fresh
+        x3, x3d, mean3d, deviation, sum_square, count, count_float, var3d, mean3, var3 = (
+            name(f"{info.name}.{k}") for k in ("input_ncl", "input_ncl_double", "mean_ncl_double", "deviation",
+                                               "sum_square", "count", "count_double", "var_ncl_double",
+                                               "mean_ncl", "var_ncl"))
+        double, own = onnx.TensorProto.DOUBLE, helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        self.size = name(f"{info.name}.size")
+        self.mean, self.var = name(f"{info.name}.batch_mean"), name(f"{info.name}.batch_var")
+        flat = derived.shared_constant(np.array([-1], np.int64), "shape_flat")
+        channels = derived.shared_constant(np.array(info.channels, np.int64), f"channels_{info.channels}")
+        self.nodes = [
+            self._node("Size", [info.input], self.size),
+            self._node("Div", [self.size, channels], count),
+            self._node("Cast", [count], count_float, to=double),
+            self._node("Reshape", [info.input, derived.shared_constant(np.array([0, 0, -1], np.int64), "shape_ncl")],
+                       x3),
+            self._node("Cast", [x3], x3d, to=double),
+            self._reduce("ReduceMean", x3d, mean3d),
+            self._node("Sub", [x3d, mean3d], deviation),
+            self._reduce("ReduceSumSquare", deviation, sum_square),
+            self._node("Div", [sum_square, count_float], var3d),
+            self._node("Cast", [mean3d], mean3, to=own),
+            self._node("Cast", [var3d], var3, to=own),
+            self._node("Reshape", [mean3, flat], self.mean),
+            self._node("Reshape", [var3, flat], self.var),
+        ]
+
+    def _node(self, op, inputs, output, **attributes):
+        return helper.make_node(op, inputs, [output], name=self.derived.fresh(f"{self.info.name}.{op}"), **attributes)
+
+    def _reduce(self, op, x, output):
+        if self.derived.opset >= 18:
+            axes = self.derived.shared_constant(np.array([0, 2], np.int64), "axes_nl")
+            return self._node(op, [x, axes], output, keepdims=1)
+        return self._node(op, [x], output, axes=[0, 2], keepdims=1)
+
+    def normalise(self, node) -> onnx.NodeProto:
+        """BN ``node`` (changed in place) in inference mode, normalising with these statistics."""
+        node.input[3], node.input[4] = self.mean, self.var
+        return node
+
+
 def _make_training_form(node, info, zeros, ones, mean_out, var_out, training_mode, derived):
     """Rewrite ``node`` (in place) as the training-mode BN with momentum 0 described in the module docstring."""
     node.input[3], node.input[4] = zeros, ones
@@ -552,6 +654,9 @@ class _DerivedGraph:
             self.taken.update(node.output)
             self.taken.update(node.input)
             self.taken.add(node.name)
+        self.opset = default_opset(model)
+        self.constants = {}  # (dtype, values) -> name of a shared initializer
+        self.replacements = {}  # node index -> nodes that take its place
         self.stat_outputs = []
         self.insertions = {}  # node index -> nodes to place right after it (keeps inputs' lifetimes short)
         self.insertions_before = {}  # node index -> nodes it needs, placed right before it
@@ -573,6 +678,16 @@ class _DerivedGraph:
                 name, helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape)))
         return name
 
+    def shared_constant(self, value: np.ndarray, hint: str) -> str:
+        """An initializer holding ``value``, one per distinct value (read by several BNs)."""
+        key = (value.dtype.str, value.shape, value.tobytes())
+        if key not in self.constants:
+            self.constants[key] = self.add_initializer(value, hint)
+        return self.constants[key]
+
+    def replace(self, index: int, *new_nodes):
+        self.replacements[index] = list(new_nodes)
+
     def insert_after(self, index: int, *new_nodes):
         self.insertions.setdefault(index, []).extend(new_nodes)
 
@@ -589,7 +704,7 @@ class _DerivedGraph:
         nodes = []
         for index, node in enumerate(self.graph.node):
             nodes.extend(self.insertions_before.get(index, []))
-            nodes.append(node)
+            nodes.extend(self.replacements.get(index, [node]))
             nodes.extend(self.insertions.get(index, []))
         _replace_repeated(self.graph.node, nodes, onnx.NodeProto)
         if not keep_model_outputs:
@@ -605,14 +720,22 @@ def _prune(graph):
     them), and with ``keep_model_outputs=False`` the layers after the last BN.
     """
     needed = {out.name for out in graph.output} | {i.name for i in graph.input}  # keep every feed valid
-    kept = []
-    for node in reversed(graph.node):
+    unneeded = []
+    for index in reversed(range(len(graph.node))):
+        node = graph.node[index]
         if any(out in needed for out in node.output if out):
-            kept.append(node)
             needed.update(name for name in node.input if name)
             needed |= _subgraph_references(node)
-    kept.reverse()
-    if len(kept) != len(graph.node):
-        _replace_repeated(graph.node, kept, onnx.NodeProto)
-    _replace_repeated(graph.initializer, [t for t in graph.initializer if t.name in needed], onnx.TensorProto)
-    _replace_repeated(graph.value_info, [v for v in graph.value_info if v.name in needed], onnx.ValueInfoProto)
+        else:
+            unneeded.append(index)
+    for index in unneeded:  # in reverse order, so the indices still to delete stay valid
+        del graph.node[index]
+    _delete_unless(graph.initializer, lambda t: t.name in needed)
+    _delete_unless(graph.value_info, lambda v: v.name in needed)
+
+
+def _delete_unless(field, keep):
+    """Delete the items of a repeated protobuf field that ``keep`` refuses, in place (the kept
+    ones, weights included, are not copied)."""
+    for index in reversed([i for i, item in enumerate(field) if not keep(item)]):
+        del field[index]

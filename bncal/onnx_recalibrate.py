@@ -6,8 +6,9 @@ variance)`` to a :class:`~bncal.stats.ChannelMoments`, and the passes are driven
 :func:`~bncal.stats.fixed_point_passes`.
 
 - ``train`` mode runs the train graph of :func:`bncal.onnx_graphs.make_train_graph`, where
-  every BN normalises with its batch statistics (PreciseBN); the statistics come out of the
-  training-mode BN ops themselves, so the pass costs about one forward.
+  every BN normalises with its batch statistics (PreciseBN); on the CPU the statistics come
+  out of the training-mode BN ops themselves, so the pass costs about one forward plus the
+  BN work inference fuses away.
 - ``eval`` mode starts from the train-mode result and runs the stats graph of
   :func:`bncal.onnx_graphs.make_stats_graph`, fed each pass with the statistics of the previous
   one (anchored from the second eval pass on while the data comes in the same order, see
@@ -17,7 +18,13 @@ variance)`` to a :class:`~bncal.stats.ChannelMoments`, and the passes are driven
 
 The policy around the passes (mode, data that can be re-read, data order, non-finite
 statistics, the report) is :mod:`bncal.calibration`'s, shared with the PyTorch path; running
-the graphs is :mod:`bncal.runtime`'s.
+the graphs is :mod:`bncal.runtime`'s, which also picks how the derived graphs compute batch
+statistics for the execution providers (:func:`bncal.runtime.statistics_form`).
+
+Across processes (``process_group``, or a torchrun launch whose group is initialised), each
+rank runs onnxruntime on its own shard and the moments are combined after every pass by
+:func:`bncal.distributed.combine_across_ranks`, the merge the PyTorch path uses; torch is
+imported only then. Eval passes anchor each rank's batches on that rank's previous pass.
 
 Only the moving-statistics initializers of the output model differ from the input model.
 """
@@ -33,8 +40,9 @@ from onnx import helper, numpy_helper
 from ._progress import pass_label
 from .calibration import BatchComposition, DataOrder, LayerResult, build_report, check_mode, order_warning, require_finite
 from .data import select_inputs
+from .distributed import active_process_group, combine_across_ranks, world_size
 from .errors import BncalError
-from .onnx_graphs import find_batchnorms, make_stats_graph, make_train_graph, write_statistics
+from .onnx_graphs import find_batchnorms, write_statistics
 from .onnx_lowered import find_lowered_normalisations, no_batchnorm_hint
 from .report import LayerStats, RecalibrationReport, SkippedLayer
 from .runtime import BatchStatistics, BatchStream, StatisticsSession, first_floating
@@ -51,9 +59,10 @@ def recalibrate_onnx(
     tol: float = 1e-5,
     max_passes: int | None = None,
     max_samples: int | None = None,
-    providers: list[str] | None = None,
+    providers: list | None = None,
     progress: bool | Callable[[int], None] = False,
     inputs=None,
+    process_group=None,
 ) -> tuple[onnx.ModelProto, RecalibrationReport]:
     """Recompute the moving mean and variance of every BatchNorm in ``model`` from ``batches``.
 
@@ -73,11 +82,19 @@ def recalibrate_onnx(
             ``max_passes`` passes). In ``eval`` mode a batch may give a BN one value per
             channel (batch size 1 before a BatchNorm1d); in ``train`` mode that is an error.
         max_samples: use at most this many samples per pass (the last batch is cut to fit).
-        providers: onnxruntime execution providers, CPU appended last (default: CPU only).
+        providers: onnxruntime execution providers in order of preference, as names or
+            ``(name, options)`` pairs, CPU appended last (default: CPU only). With a non-CPU
+            provider first the derived graphs compute batch statistics with plain arithmetic
+            ops, which every provider implements (:func:`bncal.runtime.statistics_form`).
         progress: True for a tqdm bar, or a callable given the number of batches done in the
             current pass after each batch.
         inputs: the model inputs to pick out of each batch (:func:`bncal.data.select_inputs`),
             e.g. ``0`` for ``(inputs, labels)`` batches.
+        process_group: a ``torch.distributed`` group. When the default group is initialised
+            and has more than one rank (or a group is given), each rank passes its own shard
+            of the data and the moments are combined across ranks after every pass, so every
+            rank ends with the statistics one process would compute over the union of the
+            shards (to float64 rounding), and the same report; let one rank write the model.
 
     Returns:
         ``(new_model, report)``: a copy of ``model`` in which only the initializers holding
@@ -109,7 +126,7 @@ def recalibrate_onnx(
                 for l in find_lowered_normalisations(model)]
     stream = BatchStream(model, select_inputs(batches, inputs), reread=(mode == "eval"), max_samples=max_samples,
                          progress=progress)
-    run = _Passes(model, stream, providers, mode)
+    run = _Passes(model, stream, providers, mode, active_process_group(process_group), handled)
     moments, passes, converged, change = fixed_point_passes(
         run.train_pass, run.eval_pass, mode=mode, tol=tol, max_passes=max_passes, on_pass=run.announce)
     for info in handled:
@@ -121,9 +138,10 @@ def recalibrate_onnx(
                           moments[info.name], info.epsilon)
               for info in handled]
     warning = order_warning(run.composition, "recalibrate")
-    report = build_report(mode=mode, layers=layers, skipped=skipped, batches=stream.batches, samples=stream.samples,
+    report = build_report(mode=mode, layers=layers, skipped=skipped, batches=run.batches, samples=run.samples,
                           passes=passes, converged=converged, max_rel_change=change,
-                          notes=run.order.notes + write_notes, warnings=[warning] if warning else [])
+                          notes=run.order.notes + write_notes, warnings=[warning] if warning else [],
+                          world_size=world_size(run.group))
     return new_model, report
 
 
@@ -134,15 +152,19 @@ class _Passes:
     :func:`~bncal.onnx_graphs.make_stats_graph`'s, fed the current statistics; batch by batch
     while :class:`~bncal.calibration.DataOrder` allows, its anchored form, fed as well each
     BN's statistics of the same batch in the previous eval pass (Gauss-Seidel, see
-    :func:`bncal.stats.anchored_statistics`). Sessions are built on first use.
+    :func:`bncal.stats.anchored_statistics`). Sessions are built on first use. With a process
+    ``group`` every pass ends with :func:`~bncal.distributed.combine_across_ranks`; ``batches``
+    and ``samples`` then count every rank's.
     """
 
-    def __init__(self, model: onnx.ModelProto, stream: BatchStream, providers, mode: str):
-        self.model, self.stream, self.providers = model, stream, providers
+    def __init__(self, model: onnx.ModelProto, stream: BatchStream, providers, mode: str, group, handled):
+        self.model, self.stream, self.providers, self.group = model, stream, providers, group
+        self.channels = {info.name: info.channels for info in handled}
         self.single_value_fix = "use batches of 2 or more samples, or mode 'eval'" if mode == "train" else None
         self.order = DataOrder()
-        self.previous: list[dict[str, BatchStatistics]] = []  # per batch of the last eval pass
+        self.previous: list[dict[str, BatchStatistics]] = []  # per batch of this rank's last eval pass
         self.sessions: dict[str, StatisticsSession] = {}
+        self.batches = self.samples = 0
         self.composition = BatchComposition() if mode == "train" else None
 
     def announce(self, number: int, max_passes: int | None) -> None:
@@ -152,11 +174,20 @@ class _Passes:
         """``kind``: ``"train"``, ``"plain"`` or ``"anchored"``."""
         if kind not in self.sessions:
             if kind == "train":
-                graph, infos = make_train_graph(self.model, expose_stats=True, keep_model_outputs=False)
+                session = StatisticsSession.train_graph(self.model, providers=self.providers)
             else:
-                graph, infos = make_stats_graph(self.model, keep_model_outputs=False, anchored=(kind == "anchored"))
-            self.sessions[kind] = StatisticsSession(graph, infos, providers=self.providers)
+                session = StatisticsSession.stats_graph(self.model, anchored=(kind == "anchored"),
+                                                        providers=self.providers)
+            self.sessions[kind] = session
         return self.sessions[kind]
+
+    def _combined(self, moments: dict[str, ChannelMoments]) -> dict[str, ChannelMoments]:
+        self.batches, self.samples = self.stream.batches, self.stream.samples
+        if self.group is None:
+            return moments
+        moments, self.batches, self.samples = combine_across_ranks(moments, self.channels, self.batches,
+                                                                   self.samples, self.group)
+        return moments
 
     def train_pass(self) -> dict[str, ChannelMoments]:
         session, moments = self.session("train"), {}
@@ -164,7 +195,7 @@ class _Passes:
             session.collect(feeds, index, moments, single_value_fix=self.single_value_fix)
             if self.composition is not None:
                 self.composition.add(first_floating(feeds))
-        return moments
+        return self._combined(moments)
 
     def eval_pass(self, current: dict[str, ChannelMoments]) -> dict[str, ChannelMoments]:
         moments, records, fed = {}, [], {}
@@ -186,7 +217,7 @@ class _Passes:
             records.append(found)
         self.order.end_pass()
         self.previous = records
-        return moments
+        return self._combined(moments)
 
 
 

@@ -2,13 +2,16 @@
 
 - :func:`ort_session`: a session with bncal's defaults (CPU unless told otherwise, CPU as the
   last resort, onnxruntime's log at errors only so the library prints nothing);
+  :func:`resolve_providers` (names as the user writes them), :func:`available_providers`, and
+  :func:`statistics_form`, the form of derived graph the providers get;
 - :func:`input_specs`, :func:`batch_feeds`, :func:`validated_feeds`: user batches as feeds by
   input name, checked against the graph inputs;
 - :class:`BatchStream`: the validated feeds of one pass over the data, as often as needed;
 - :func:`run` and :func:`run_onnx`: ``session.run`` with onnxruntime's errors as one line;
-- :class:`StatisticsSession`: a derived graph of :mod:`bncal.onnx_graphs` read as per-BN
-  batch statistics and merged into :class:`~bncal.stats.ChannelMoments` (used by
-  :func:`bncal.check.check_onnx` and :func:`bncal.onnx_recalibrate.recalibrate_onnx`);
+- :class:`StatisticsSession`: a derived graph of :mod:`bncal.onnx_graphs` (in the form
+  :func:`statistics_form` picks) read as per-BN batch statistics and merged into
+  :class:`~bncal.stats.ChannelMoments` (used by :func:`bncal.check.check_onnx` and
+  :func:`bncal.onnx_recalibrate.recalibrate_onnx`);
 - :func:`measure_latency` and :func:`compare_latency`.
 
 A batch is given as a ``{input name: array}`` dict (any key order), a tuple or list of arrays
@@ -34,11 +37,13 @@ from .calibration import data_source
 from .data import input_hint
 from .errors import BncalError, first_line
 from .names import fresh_name
+from .onnx_graphs import make_stats_graph, make_train_graph
 from .stats import ChannelMoments
 
 __all__ = [
-    "ort_session", "input_specs", "InputSpec", "batch_feeds", "validated_feeds", "first_floating", "BatchStream", "run",
-    "run_onnx", "StatisticsSession", "BatchStatistics", "measure_latency", "compare_latency",
+    "ort_session", "resolve_providers", "available_providers", "providers_on_device", "statistics_form", "input_specs",
+    "InputSpec", "batch_feeds", "validated_feeds", "first_floating", "BatchStream", "run", "run_onnx",
+    "StatisticsSession", "BatchStatistics", "measure_latency", "compare_latency",
 ]
 
 _LEVELS = {
@@ -59,22 +64,88 @@ _ERRORS_ONLY = 4  # onnxruntime logs only fatal errors: every error is raised (a
 # Sessions
 
 
+# Offered by onnxruntime's PyPI builds, first in its list, but it runs no node here (it calls
+# remote endpoints): taking it for the first provider would pick the wrong form of graph.
+_REMOTE_PROVIDERS = ("AzureExecutionProvider",)
+
+
+def available_providers() -> list[str]:
+    """The execution providers this onnxruntime offers that run graph nodes on this machine,
+    in its order of preference (CPU last)."""
+    return [p for p in ort.get_available_providers() if p not in _REMOTE_PROVIDERS]
+
+
+def resolve_providers(names) -> list[str]:
+    """Provider names as a user writes them (``cuda``, ``TensorRT``, ``CPUExecutionProvider``),
+    as onnxruntime spells them, in the order given.
+
+    A name matches a provider of :func:`available_providers` case-insensitively, with or
+    without the ``ExecutionProvider`` suffix. BncalError names the unknown ones and lists the
+    available ones.
+    """
+    available = available_providers()
+    by_key = {}
+    for provider in available:
+        by_key[provider.lower()] = by_key[provider.lower().removesuffix("executionprovider")] = provider
+    resolved, unknown = [], []
+    for name in names:
+        provider = by_key.get(str(name).strip().lower())
+        if provider is None:
+            unknown.append(str(name))
+        elif provider not in resolved:
+            resolved.append(provider)
+    if unknown:
+        raise BncalError(f"onnxruntime provider {', '.join(unknown)} is not available here "
+                         f"(available: {', '.join(available)})")
+    return resolved
+
+
+def _provider_name(provider) -> str:
+    return provider if isinstance(provider, str) else provider[0]
+
+
+_DEVICE_ID_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider",
+                        "MIGraphXExecutionProvider", "DmlExecutionProvider")
+
+
+def providers_on_device(providers, device_id: int) -> list:
+    """``providers`` with every GPU provider that takes a ``device_id`` set to ``device_id``
+    (one GPU per torchrun rank); the others, and providers given with options, as they are."""
+    return [(p, {"device_id": str(device_id)}) if isinstance(p, str) and p in _DEVICE_ID_PROVIDERS else p
+            for p in providers]
+
+
+def statistics_form(providers=None) -> str:
+    """The form of derived graph (:data:`bncal.onnx_graphs.FORMS`) for sessions on ``providers``.
+
+    ``"batchnorm"`` (training-mode BatchNormalization) when the CPU provider comes first or
+    alone: measured faster there. ``"arithmetic"`` when another provider comes first: CUDA
+    lacks training-mode BatchNormalization from opset 14 on (onnxruntime issue 16867), and
+    plain arithmetic runs on every provider. Remote providers (Azure) run no node, so they
+    do not count as first.
+    """
+    local = [name for name in map(_provider_name, providers or []) if name not in _REMOTE_PROVIDERS]
+    return "batchnorm" if not local or local[0] == _CPU else "arithmetic"
+
+
 def ort_session(
     model: onnx.ModelProto | str | Path,
     *,
     optimization_level: str = "basic",
     threads: int | None = None,
-    providers: list[str] | None = None,
+    providers: list | None = None,
 ) -> ort.InferenceSession:
     """An onnxruntime session for ``model`` (a proto or a path) that logs errors only.
 
     ``optimization_level`` is ``"disable"``, ``"basic"``, ``"extended"`` or ``"all"``; ``threads``
     sets the intra-op thread count (None: onnxruntime's default). ``providers`` are tried in
-    order, with the CPU provider appended last when missing so that ops an accelerator lacks
-    still run (default: CPU only); asking for one that this onnxruntime lacks (e.g. CUDA) is an
-    error. Pass a path, not a proto, for a model over 2 GB. onnxruntime's own log is set to
-    errors only: derived graphs deliberately list initializers as overridable inputs, which it
-    would warn about, and the library prints nothing of its own accord.
+    order, each a name or a ``(name, options)`` pair as onnxruntime takes them (e.g.
+    ``("CUDAExecutionProvider", {"device_id": 1})``), with the CPU provider appended last when
+    missing so that ops an accelerator lacks still run (default: CPU only); asking for one
+    that this onnxruntime lacks (e.g. CUDA) is an error. Pass a path, not a proto, for a model
+    over 2 GB. onnxruntime's own log is set to errors only: derived graphs deliberately list
+    initializers as overridable inputs, which it would warn about, and the library prints
+    nothing of its own accord.
     """
     if optimization_level not in _LEVELS:
         raise BncalError(f"unknown optimization level {optimization_level!r}; use one of {', '.join(_LEVELS)}")
@@ -84,13 +155,13 @@ def ort_session(
     if threads is not None:
         options.intra_op_num_threads = threads
     providers = list(providers or [])
-    missing = [p for p in providers if p not in ort.get_available_providers()]
+    missing = [_provider_name(p) for p in providers if _provider_name(p) not in ort.get_available_providers()]
     if missing:
         raise BncalError(
             f"onnxruntime provider {', '.join(missing)} is not available here "
             f"(available: {', '.join(ort.get_available_providers())})"
         )
-    if _CPU not in providers:
+    if _CPU not in map(_provider_name, providers):
         providers.append(_CPU)
     source = _unique_node_names(model).SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     try:
@@ -317,7 +388,9 @@ class StatisticsSession:
 
     ``infos`` are the derived graph's :class:`~bncal.onnx_graphs.BNInfo` (those not handled are
     ignored); ``outputs`` names model outputs to fetch as well. Sessions run at optimisation
-    level ``all`` (the derived graphs are never saved).
+    level ``all`` (the derived graphs are never saved). :meth:`train_graph` and
+    :meth:`stats_graph` derive the graph from a model in the form :func:`statistics_form`
+    picks for the providers.
     """
 
     def __init__(self, model: onnx.ModelProto, infos, *, outputs: list[str] = (), providers=None):
@@ -325,6 +398,25 @@ class StatisticsSession:
         self.infos = [info for info in infos if info.handled]
         self.outputs = list(outputs)
         self._names = self.outputs + [n for i in self.infos for n in (i.mean_output, i.var_output, i.count_output)]
+
+    @classmethod
+    def train_graph(cls, model: onnx.ModelProto, *, outputs: list[str] = (), providers=None,
+                    form: str | None = None) -> "StatisticsSession":
+        """The train graph of ``model`` (every BN normalising with its batch statistics);
+        without ``outputs`` only the statistics are computed (the nodes after the last BN
+        are dropped). ``form`` defaults to :func:`statistics_form` of ``providers``."""
+        graph, infos = make_train_graph(model, expose_stats=True, keep_model_outputs=bool(outputs),
+                                        form=form or statistics_form(providers))
+        return cls(graph, infos, outputs=outputs, providers=providers)
+
+    @classmethod
+    def stats_graph(cls, model: onnx.ModelProto, *, anchored: bool = False, providers=None,
+                    form: str | None = None) -> "StatisticsSession":
+        """The statistics graph of ``model`` (BNs normalising with fed statistics, see
+        :func:`bncal.onnx_graphs.make_stats_graph`), statistics outputs only."""
+        graph, infos = make_stats_graph(model, keep_model_outputs=False, anchored=anchored,
+                                        form=form or statistics_form(providers))
+        return cls(graph, infos, providers=providers)
 
     def collect(self, feeds: dict, index: int, moments: dict[str, ChannelMoments], *,
                 single_value_fix: str | None = None) -> tuple[list, dict[str, BatchStatistics]]:

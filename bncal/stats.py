@@ -78,18 +78,27 @@ class ChannelMoments:
         return self.add_batch(count, mean, var)
 
     def merge(self, other: "ChannelMoments") -> "ChannelMoments":
-        """Merge ``other`` into ``self`` in place (Chan's update) and return ``self``."""
+        """Merge ``other`` into ``self`` in place (Chan's update) and return ``self``.
+
+        ``self.mean`` and ``self.m2`` are updated in place (they keep their identity and
+        never alias ``other``'s), with arithmetic only, so the same update runs on torch
+        tensors: the PyTorch path merges each BN call into float64 tensors on the model's
+        device without allocating anything that outlives the call.
+        """
         if other.channels != self.channels:
             raise ValueError(f"cannot merge {other.channels} channels into {self.channels}")
         if other.count == 0:
             return self
         if self.count == 0:
-            self.count, self.mean, self.m2 = other.count, other.mean.copy(), other.m2.copy()
+            self.count = other.count
+            self.mean[...] = other.mean
+            self.m2[...] = other.m2
             return self
         n = self.count + other.count
         delta = other.mean - self.mean
-        self.mean = self.mean + delta * (other.count / n)
-        self.m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / n)
+        self.mean += delta * (other.count / n)
+        self.m2 += other.m2
+        self.m2 += delta * delta * (self.count * other.count / n)
         self.count = n
         return self
 

@@ -219,6 +219,10 @@ CASES = [
      "'potato' is not a device", None),
     ("device-cuda-missing", R + ["--data", "{d}/data.npy", "--device", "cuda:7", "-o", "{d}/out.safetensors"], 2,
      "device 'cuda:7'", None),
+    ("providers-unknown", RO + ["--data", "{d}/data.npy", "--providers", "cpu,potato", "-o", "{d}/out.onnx"], 2,
+     "onnxruntime provider potato is not available here (available: ", None),
+    ("providers-for-torch-model", R + ["--data", "{d}/data.npy", "--providers", "cpu", "-o", "{d}/out.safetensors"], 2,
+     "--providers applies to .onnx models", None),
     ("recalibrate-torch-to-onnx", R + ["--data", "{d}/data.npy", "-o", "{d}/out.onnx"], 2, "use bncal fold-export", None),
     ("recalibrate-onnx-to-pt", RO + ["--data", "{d}/data.npy", "-o", "{d}/out.pt"], 2, "give -o OUT.onnx", None),
     ("fold-export-suffix", ["fold-export", "{d}/m.onnx", "-o", "{d}/out.pt"], 2, "give -o OUT.onnx", None),
@@ -444,17 +448,6 @@ def test_sample_limits_split_across_ranks_exactly_or_refuse():
     assert shard_limit(None, 1, 2) is None
     with pytest.raises(BncalError, match="fewer than the 2 ranks"):
         shard_limit(1, 0, 2)
-
-
-def test_onnx_recalibration_under_torchrun_is_refused(project, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
-    before = snapshot(project)
-    code, output = run("recalibrate", project / "m.onnx", "--data", project / "data.npy", "-o", project / "out.onnx")
-    assert code == 1
-    assert error_line(code, output) == ("error: rank 1: an .onnx model is recalibrated in one process, with onnxruntime; "
-                                        "run bncal without torchrun")
-    assert snapshot(project) == before
 
 
 def test_plot_without_matplotlib_is_refused_before_any_work(project, monkeypatch):

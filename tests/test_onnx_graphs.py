@@ -14,7 +14,7 @@ from onnx.reference import ReferenceEvaluator
 from torch import nn
 
 from bncal.errors import BncalError
-from bncal.onnx_graphs import find_batchnorms, make_stats_graph, make_train_graph, write_statistics
+from bncal.onnx_graphs import FORMS, find_batchnorms, make_stats_graph, make_train_graph, write_statistics
 from tests_support import randomize_bn
 
 
@@ -342,3 +342,123 @@ def test_anchored_stats_graph_normalises_with_the_core_formula():
     expected = ((x64 - mean[None, :, None]) / np.sqrt(var[None, :, None] + eps) * params["scale"][None, :, None]
                 + params["bias"][None, :, None])
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# The arithmetic form: no training-mode BatchNormalization, same numbers.
+
+
+def training_mode_batchnorms(model):
+    """BatchNormalization nodes in their training form (training_mode=1, or extra outputs before opset 14)."""
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    return [n for n in model.graph.node if n.op_type == "BatchNormalization" and (
+        any(a.name == "training_mode" and a.i == 1 for a in n.attribute) if opset >= 14 else len(n.output) > 1)]
+
+
+def outputs_by_name(model, values):
+    return dict(zip([o.name for o in model.graph.output], values))
+
+
+@pytest.mark.parametrize("opset", [9, 13, 14, 17, 18, 21])
+@pytest.mark.parametrize("rank", [2, 3, 4, 5])
+def test_arithmetic_train_graph_matches_reference_evaluator_and_training_form(opset, rank):
+    model, p = bn_graph(opset, rank)
+    arithmetic, (info,) = make_train_graph(model, expose_stats=True, form="arithmetic")
+    training, (train_info,) = make_train_graph(model, expose_stats=True)
+    onnx.checker.check_model(arithmetic, full_check=True)
+    assert training_mode_batchnorms(arithmetic) == [] and training_mode_batchnorms(training)
+    assert [o.version for o in arithmetic.opset_import] == [opset]
+    x = np.random.default_rng(rank).normal(2.0, 0.5, (6, 3, 4, 3, 2)[:rank]).astype(np.float32)
+    got = run(arithmetic, {"x": x})
+    reference = outputs_by_name(arithmetic, ReferenceEvaluator(arithmetic).run(None, {"x": x}))
+    current = run(training, {"x": x})
+    for name, ours, theirs, tol in [("y", "y", "y", 1e-5), ("mean", info.mean_output, train_info.mean_output, 1e-6),
+                                    ("var", info.var_output, train_info.var_output, 1e-6)]:
+        np.testing.assert_allclose(got[ours], reference[ours], rtol=tol, atol=tol, err_msg=f"reference {name}")
+        np.testing.assert_allclose(got[ours], current[theirs], rtol=tol, atol=tol, err_msg=f"training form {name}")
+    assert int(got[info.count_output]) == int(current[train_info.count_output]) == x.size
+    mean, var, count = moments64(x)  # and both against float64
+    assert np.max(np.abs(got[info.mean_output] - mean) / np.sqrt(var)) < 1e-6
+    np.testing.assert_allclose(got[info.var_output], var, rtol=1e-6)
+
+
+def test_arithmetic_graphs_of_a_cnn_match_reference_evaluator_and_training_form():
+    net = small_cnn()
+    model = export(net, (2, 3, 8, 8))
+    x = np.random.default_rng(5).normal(0.3, 2.0, (5, 3, 8, 8)).astype(np.float32)
+    graphs = {
+        "train": lambda form: make_train_graph(model, expose_stats=True, form=form),
+        "stats": lambda form: make_stats_graph(model, form=form),
+        "stats, no model outputs": lambda form: make_stats_graph(model, keep_model_outputs=False, form=form),
+    }
+    for label, build in graphs.items():
+        arithmetic, infos = build("arithmetic")
+        training, train_infos = build("batchnorm")
+        onnx.checker.check_model(arithmetic, full_check=True)
+        assert training_mode_batchnorms(arithmetic) == [], label
+        got, current = run(arithmetic, {"x": x}), run(training, {"x": x})
+        reference = outputs_by_name(arithmetic, ReferenceEvaluator(arithmetic).run(None, {"x": x}))
+        if "y" in got:
+            np.testing.assert_allclose(got["y"], reference["y"], rtol=1e-5, atol=1e-5, err_msg=label)
+            np.testing.assert_allclose(got["y"], current["y"], rtol=1e-5, atol=1e-5, err_msg=label)
+        for info, train_info in zip(infos, train_infos):
+            for ours, theirs in ((info.mean_output, train_info.mean_output), (info.var_output, train_info.var_output)):
+                np.testing.assert_allclose(got[ours], reference[ours], rtol=1e-5, atol=1e-6, err_msg=label)
+                np.testing.assert_allclose(got[ours], current[theirs], rtol=1e-5, atol=1e-6, err_msg=label)
+            assert int(got[info.count_output]) == int(current[train_info.count_output])
+    # The stats graph keeps inference BNs: the model's outputs are unchanged.
+    arithmetic, _ = make_stats_graph(model, form="arithmetic")
+    np.testing.assert_allclose(run(arithmetic, {"x": x})["y"], run(model, {"x": x})["y"], rtol=1e-5, atol=1e-6)
+
+
+def test_arithmetic_anchored_stats_graph_equals_training_form():
+    net = small_cnn()
+    model = export(net, (2, 3, 8, 8))
+    x = np.random.default_rng(6).normal(0, 1.5, (6, 3, 8, 8)).astype(np.float32)
+    results = []
+    for form in ("arithmetic", "batchnorm"):
+        derived, infos = make_stats_graph(model, anchored=True, form=form)
+        rng = np.random.default_rng(7)
+        feeds = {"x": x}
+        for info in infos:
+            feeds[info.previous_mean_feed] = rng.normal(0, 0.3, info.channels).astype(np.float32)
+            feeds[info.previous_var_feed] = rng.uniform(0.5, 2, info.channels).astype(np.float32)
+        results.append((run(derived, feeds), infos))
+    (got, infos), (current, train_infos) = results
+    np.testing.assert_allclose(got["y"], current["y"], rtol=1e-5, atol=1e-5)
+    for info, train_info in zip(infos, train_infos):
+        np.testing.assert_allclose(got[info.var_output], current[train_info.var_output], rtol=1e-5)
+
+
+def test_arithmetic_form_with_dynamic_spatial_size():
+    net = small_cnn()[:6]
+    model = export(net, (2, 3, 8, 8), dynamic_spatial=True)
+    arithmetic, infos = make_train_graph(model, expose_stats=True, keep_model_outputs=False, form="arithmetic")
+    training, train_infos = make_train_graph(model, expose_stats=True, keep_model_outputs=False)
+    for size in (8, 11):
+        x = np.random.default_rng(size).normal(0, 1, (3, 3, size, size)).astype(np.float32)
+        got, current = run(arithmetic, {"x": x}), run(training, {"x": x})
+        for info, train_info in zip(infos, train_infos):
+            np.testing.assert_allclose(got[info.var_output], current[train_info.var_output], rtol=1e-5)
+            assert int(got[info.count_output]) == int(current[train_info.count_output])
+
+
+def test_unknown_form_is_refused():
+    model, _ = bn_graph(15)
+    with pytest.raises(ValueError, match="form must be one of"):
+        make_train_graph(model, form="fused")
+
+
+@pytest.mark.parametrize("opset", [15, 18])
+def test_both_forms_keep_float32_statistics_of_many_values_per_channel_exact(opset):
+    """131,072 values per channel: summed in float32 one after another, the variance would be
+    about 1e-5 off (relative); both forms stay at float32 rounding of the float64 moments."""
+    model, _ = bn_graph(opset, rank=4, channels=4)
+    x = np.random.default_rng(opset).normal(1.5, 0.7, (8, 4, 128, 128)).astype(np.float32)
+    mean, var, count = moments64(x)
+    for form in FORMS:
+        derived, (info,) = make_train_graph(model, expose_stats=True, form=form)
+        got = run(derived, {"x": x})
+        assert int(got[info.count_output]) == x.size
+        assert np.max(np.abs(got[info.mean_output] - mean) / np.sqrt(var)) < 1e-6, form
+        np.testing.assert_allclose(got[info.var_output], var, rtol=1e-6, err_msg=form)

@@ -176,3 +176,68 @@ def test_data_source_refusals():
             data_source(single, reread=False)
     with pytest.raises(BncalError, match="iterable of batches, got int"):
         data_source(3, reread=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Execution providers and the form of derived graph they get.
+
+
+def test_provider_names_resolve_as_users_write_them():
+    from bncal.runtime import available_providers, resolve_providers
+
+    assert available_providers()[-1] == "CPUExecutionProvider"
+    assert "AzureExecutionProvider" not in available_providers()
+    assert resolve_providers(["cpu"]) == resolve_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert resolve_providers([" CPU ", "cpuexecutionprovider"]) == ["CPUExecutionProvider"]  # once, in order
+    with pytest.raises(BncalError, match=r"provider potato is not available here \(available: .*CPUExecutionProvider"):
+        resolve_providers(["cpu", "potato"])
+
+
+def test_statistics_form_follows_the_first_provider():
+    from bncal.runtime import providers_on_device, statistics_form
+
+    assert statistics_form(None) == statistics_form([]) == statistics_form(["CPUExecutionProvider"]) == "batchnorm"
+    for first in ("CUDAExecutionProvider", "TensorrtExecutionProvider", "OpenVINOExecutionProvider",
+                  "DmlExecutionProvider", ("CUDAExecutionProvider", {"device_id": "1"})):
+        assert statistics_form([first, "CPUExecutionProvider"]) == "arithmetic"
+    assert statistics_form(["CPUExecutionProvider", "CUDAExecutionProvider"]) == "batchnorm"
+    # onnxruntime's PyPI build lists Azure (remote endpoints, no local nodes) first: not a device.
+    assert statistics_form(["AzureExecutionProvider", "CPUExecutionProvider"]) == "batchnorm"
+    assert statistics_form(["AzureExecutionProvider", "CUDAExecutionProvider"]) == "arithmetic"
+    assert providers_on_device(["TensorrtExecutionProvider", "CUDAExecutionProvider", "OpenVINOExecutionProvider",
+                                ("CUDAExecutionProvider", {"device_id": "3"}), "CPUExecutionProvider"], 1) == [
+        ("TensorrtExecutionProvider", {"device_id": "1"}), ("CUDAExecutionProvider", {"device_id": "1"}),
+        "OpenVINOExecutionProvider", ("CUDAExecutionProvider", {"device_id": "3"}), "CPUExecutionProvider"]
+
+
+def test_ort_session_takes_providers_with_options(add_one_model):
+    session = ort_session(add_one_model, providers=[("CPUExecutionProvider", {})])
+    assert session.get_providers() == ["CPUExecutionProvider"]
+    with pytest.raises(BncalError, match="CUDAExecutionProvider is not available"):
+        ort_session(add_one_model, providers=[("CUDAExecutionProvider", {"device_id": "0"})])
+
+
+def test_arithmetic_form_forced_on_cpu_gives_the_same_statistics(monkeypatch):
+    """What a CUDA/TensorRT/OpenVINO session would run, run on the CPU: same recalibration, same check."""
+    import bncal.runtime
+
+    from test_onnx_recalibrate import data, export, first_bn_net, split, stored
+
+    model = export(first_bn_net(), [(2, 3, 9, 9)])
+    batches = split(data(), [16, 7, 16, 21])
+    results, used = {}, []
+    for form in ("batchnorm", "arithmetic"):
+        # Every derived graph is built in the form statistics_form picks: force it, and see it asked.
+        monkeypatch.setattr(bncal.runtime, "statistics_form", lambda providers=None, form=form: used.append(form) or form)
+        results[form] = {mode: recalibrate_onnx(model, batches, mode=mode, tol=1e-7)[0] for mode in ("train", "eval")}
+        results[form]["check"] = check_onnx(model, batches)
+    assert set(used) == {"batchnorm", "arithmetic"}
+    for mode in ("train", "eval"):
+        ours, theirs = stored(results["arithmetic"][mode]), stored(results["batchnorm"][mode])
+        for name, (mean, var) in theirs.items():
+            assert np.max(np.abs(ours[name][0] - mean) / np.sqrt(var)) < 1e-5, (mode, name)
+            np.testing.assert_allclose(ours[name][1], var, rtol=1e-5, err_msg=f"{mode} {name}")
+    for ours, theirs in zip(results["arithmetic"]["check"].layers, results["batchnorm"]["check"].layers, strict=True):
+        assert ours.samples == theirs.samples
+        assert ours.mean_shift == pytest.approx(theirs.mean_shift, rel=1e-5)
+        assert ours.var_ratio == pytest.approx(theirs.var_ratio, rel=1e-5)

@@ -2,18 +2,22 @@
 
 Exports a ResNet-style CNN (``models/zoo.py:resnet_small``, 20 BatchNorms) to ONNX with its
 BatchNorms kept (TorchScript exporter, ``training=TrainingMode.PRESERVE``; the default eval
-export folds Conv+BN), then times, over the same batches and interleaved repetitions:
+export folds Conv+BN), then times, over the same batches, in interleaved repetitions:
 
-- ``recalibrate_onnx(model, batches, mode="train")`` end to end (graph derivation, session
-  creation, one pass, writing the statistics);
-- one pass of a plain inference session (:func:`bncal.runtime.ort_session` at level ``all``,
-  the level of recalibration's own sessions and onnxruntime's default; created beforehand).
+- ``inference``: one pass of a plain inference session (:func:`bncal.runtime.ort_session` at
+  level ``all``, the level of recalibration's own sessions and onnxruntime's default; created
+  beforehand, so its runs are warm);
+- ``recalibrate``: ``recalibrate_onnx(model, batches, mode="train")`` end to end (graph
+  derivation, session creation, one pass, writing the statistics), in the form the CPU gets;
+- ``recalibrate (previous)`` with ``--compare-with GIT_REF``: the same call of bncal as
+  committed at that ref (imported side by side as ``bncal_previous``);
+- one warm pass of each derived graph's session alone, to show where the time goes: the train
+  graph in both forms (``batchnorm``: training-mode BatchNormalization; ``arithmetic``:
+  ReduceMean/Sub/ReduceSumSquare and an inference BatchNormalization, what GPU providers get),
+  at level ``all`` and ``basic``, and the eval-mode statistics graph in both forms.
 
-Prints the medians and their ratio. The ratio grows as convolutions get cheaper relative to
-the elementwise work a train-mode BN adds (its own pass, plus the Add/Relu and NCHWc layout
-reorders that onnxruntime can no longer fuse around it). Measured with onnxruntime 1.32 on 2
-shared CPU cores: 1.1-1.35x at width 32, 1.3-2.4x at width 16 (in onnxruntime's profiler,
-kernel time only, 1.17x and 1.35x). Run from the repository root::
+Prints each median over the repeats with its range, divided by the inference pass's median.
+Run from the repository root::
 
     .venv/bin/python tools/bench_onnx_recalibrate.py [--batches 32] [--batch-size 32] [--size 32] [--width 32]
 """
@@ -21,9 +25,13 @@ kernel time only, 1.17x and 1.35x). Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -58,6 +66,17 @@ def export_resnet(size: int, width: int = 32):
     return model
 
 
+def previous_module(ref: str, module: str):
+    """``bncal.<module>`` as committed at git ``ref``, imported as ``bncal_previous.<module>``."""
+    folder = Path(tempfile.mkdtemp(prefix="bncal-previous-"))
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "bncal"], capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    (folder / "bncal").rename(folder / "bncal_previous")
+    sys.path.insert(0, str(folder))
+    return importlib.import_module(f"bncal_previous.{module}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=32)
@@ -65,12 +84,14 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=32, help="image height and width")
     parser.add_argument("--width", type=int, default=32, help="channels of the first stage (x1, x2, x4, x8)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compare-with", metavar="GIT_REF", help="also time bncal as committed at this git ref")
+    parser.add_argument("--no-graphs", action="store_true", help="skip the per-graph passes")
     args = parser.parse_args(argv)
 
     import onnxruntime as ort
 
     from bncal.onnx_recalibrate import recalibrate_onnx
-    from bncal.runtime import ort_session
+    from bncal.runtime import StatisticsSession, ort_session, statistics_form
 
     model = export_resnet(args.size, args.width)
     rng = np.random.default_rng(0)
@@ -83,25 +104,44 @@ def main(argv=None) -> int:
         for x in batches:
             inference.run(output_names, {"x": x})
 
-    def recalibrate():
-        recalibrate_onnx(model, batches, mode="train")
+    runs = {"inference": infer, f"recalibrate ({statistics_form(None)} form on CPU)":
+            lambda: recalibrate_onnx(model, batches, mode="train")}
+    if args.compare_with:
+        previous = previous_module(args.compare_with, "onnx_recalibrate")
+        runs[f"recalibrate (previous, {args.compare_with})"] = lambda: previous.recalibrate_onnx(model, batches,
+                                                                                                 mode="train")
+    if not args.no_graphs:
+        from bncal.onnx_graphs import make_train_graph
 
-    infer(), recalibrate()  # warm-up
-    times = {"inference": [], "recalibrate": []}
-    for _ in range(args.repeats):  # interleaved, so load changes hit both alike
-        for name, fn in (("inference", infer), ("recalibrate", recalibrate)):
+        def graph_pass(session):
+            names = [o.name for o in session.get_outputs()]
+            return lambda: [session.run(names, {"x": x}) for x in batches]
+
+        for form in ("batchnorm", "arithmetic"):
+            train = StatisticsSession.train_graph(model, form=form).session
+            runs[f"train graph pass, {form}, level all"] = graph_pass(train)
+            graph, _ = make_train_graph(model, expose_stats=True, keep_model_outputs=False, form=form)
+            runs[f"train graph pass, {form}, level basic"] = graph_pass(ort_session(graph, optimization_level="basic"))
+        for form in ("batchnorm", "arithmetic"):
+            runs[f"eval stats graph pass, {form}"] = graph_pass(StatisticsSession.stats_graph(model, form=form).session)
+
+    for fn in runs.values():  # warm-up
+        fn()
+    times = {name: [] for name in runs}
+    for _ in range(args.repeats):  # interleaved, so load changes hit all alike
+        for name, fn in runs.items():
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
     samples = args.batches * args.batch_size
     print(f"resnet_small(width={args.width}), {args.batches} batches of {args.batch_size}x3x{args.size}x{args.size}, "
-          f"onnxruntime {ort.__version__}, {args.repeats} interleaved repeats")
+          f"onnxruntime {ort.__version__}, {args.repeats} interleaved repeats; ratios to the inference pass's median")
+    base = statistics.median(times["inference"])
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"{name:12s} median {median * 1e3:8.1f} ms  min {min(values) * 1e3:8.1f} ms  "
-              f"{samples / median:8.0f} samples/s")
-    ratio = statistics.median(times["recalibrate"]) / statistics.median(times["inference"])
-    print(f"ratio recalibrate / inference (medians): {ratio:.2f}x")
+        ratios = sorted(v / base for v in values)
+        print(f"  {name:44s} median {median * 1e3:8.1f} ms  {samples / median:7.0f} samples/s  "
+              f"{median / base:.3f}x (range {ratios[0]:.3f} to {ratios[-1]:.3f})")
     return 0
 
 

@@ -4,20 +4,30 @@ Speed: wall time of ``bncal.recalibrate`` (train mode), of a bare no_grad loop w
 train mode (the floor: train-mode BN must reduce its input), and of torch's
 ``swa_utils.update_bn`` (and fvcore's ``update_bn_stats`` where installed), each divided by a
 plain ``torch.no_grad()`` eval forward over the same data; the runs are interleaved round by
-round so machine noise hits all alike, and the median ratio is reported.
+round so machine noise hits all alike. Printed: the median ratio over the rounds and its
+range, and bncal's time over the bare loop's in the same round.
+
+Memory (``--memory``): peak resident memory growth of each method, each run in a fresh
+process (torch allocates through the C allocator, so tracemalloc sees none of it): the model
+and data are built and one batch is run first, the peak is then reset to the current RSS
+(``/proc/self/clear_refs``), the method runs, and the growth is the new peak (VmHWM) minus the
+RSS before it.
 
 Exactness: on MNIST batches ordered by class (the case that breaks per-batch averaging),
 the first BN's statistics against the float64 population statistics, and every BN's in eval
 mode against the fixed point of a one-batch train-mode forward, with the number of passes.
 
-    python tools/bench_recalibrate.py [--rounds 5] [--batches 8] [--batch-size 32] [--size 64]
+    python tools/bench_recalibrate.py [--rounds 5] [--batches 8] [--batch-size 32] [--size 64] [--memory]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -58,10 +68,70 @@ def run_bncal(model, batches):
     bncal.recalibrate(model, batches)
 
 
+def run_bncal_eval(model, batches):
+    """Eval mode: the depth-by-depth sweep (its cache within the default ``cache_mb``) and one
+    confirming eval pass; ``max_passes=3`` caps the anchored passes where the sweep does not apply
+    (a ``--compare-with`` ref from before the sweep: one train-mode pass, two anchored eval passes)."""
+    bncal.recalibrate(model, batches, mode="eval", max_passes=3)
+
+
+def previous_bncal(ref: str):
+    """bncal as committed at git ``ref``, imported as the package ``bncal_previous`` (side by side)."""
+    import importlib
+    import io
+    import tarfile
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="bncal-previous-"))
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "bncal"], capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    (folder / "bncal").rename(folder / "bncal_previous")
+    sys.path.insert(0, str(folder))
+    return importlib.import_module("bncal_previous.recalibration")
+
+
+def run_previous(model, batches):
+    PREVIOUS[0].recalibrate(model, batches)
+
+
+def run_previous_eval(model, batches):
+    PREVIOUS[0].recalibrate(model, batches, mode="eval", max_passes=3)
+
+
+PREVIOUS: list = []  # [module, git ref] of --compare-with, once imported
+
+
 def run_fvcore(model, batches):
     from fvcore.nn.precise_bn import update_bn_stats
 
     update_bn_stats(model, iter(batches), num_iters=len(batches))
+
+
+RUNNERS = {"plain no_grad eval forward": plain_forward, "bare train-mode BN loop": bare_train_mode_loop,
+           "bncal.recalibrate": run_bncal, "swa_utils.update_bn": run_update_bn,
+           "fvcore update_bn_stats": run_fvcore, "bncal.recalibrate eval (max 3 passes)": run_bncal_eval,
+           "bncal.recalibrate (previous)": run_previous,
+           "bncal.recalibrate eval (max 3 passes, previous)": run_previous_eval}
+
+
+def available(name: str) -> bool:
+    if "previous" in name:
+        return bool(PREVIOUS)
+    if name != "fvcore update_bn_stats":
+        return True
+    try:
+        import fvcore.nn.precise_bn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def setup(n_batches: int, batch_size: int, size: int):
+    torch.manual_seed(0)
+    model = zoo.resnet18_like(num_classes=10)
+    batches = [torch.randn(batch_size, 3, size, size) for _ in range(n_batches)]
+    return model, batches
 
 
 def timed(fn, model, batches) -> float:
@@ -70,28 +140,68 @@ def timed(fn, model, batches) -> float:
     return time.perf_counter() - start
 
 
-def speed(rounds: int, n_batches: int, batch_size: int, size: int) -> dict[str, float]:
-    torch.manual_seed(0)
-    model = zoo.resnet18_like(num_classes=10)
-    batches = [torch.randn(batch_size, 3, size, size) for _ in range(n_batches)]
-    runners = {"bare train-mode BN loop": bare_train_mode_loop, "bncal.recalibrate": run_bncal,
-               "swa_utils.update_bn": run_update_bn}
-    try:
-        import fvcore.nn.precise_bn  # noqa: F401
-
-        runners["fvcore update_bn_stats"] = run_fvcore
-    except ImportError:
-        pass
+def speed(rounds: int, n_batches: int, batch_size: int, size: int) -> dict[str, list[float]]:
+    """Per method, its time over the plain eval forward's in each round; and bncal over the bare loop."""
+    model, batches = setup(n_batches, batch_size, size)
+    runners = {name: RUNNERS[name] for name in ("bare train-mode BN loop", "bncal.recalibrate", "swa_utils.update_bn",
+                                                "fvcore update_bn_stats", "bncal.recalibrate (previous)")
+               if available(name)}
     copies = {name: copy.deepcopy(model) for name in runners}
     plain_forward(model, batches[:1])  # warm up allocators and kernels
     for name, fn in runners.items():
         fn(copies[name], batches[:2])
     ratios = {name: [] for name in runners}
+    ratios["bncal / bare loop"] = []
     for _ in range(rounds):
+        this_round = {}
         for name, fn in runners.items():
-            base = timed(lambda m, b: plain_forward(m, b), model, batches)
-            ratios[name].append(timed(fn, copies[name], batches) / base)
-    return {name: statistics.median(r) for name, r in ratios.items()}
+            base = timed(plain_forward, model, batches)
+            this_round[name] = timed(fn, copies[name], batches) / base
+            ratios[name].append(this_round[name])
+        ratios["bncal / bare loop"].append(this_round["bncal.recalibrate"] / this_round["bare train-mode BN loop"])
+        if "bncal.recalibrate (previous)" in this_round:
+            ratios.setdefault("previous bncal / bare loop", []).append(
+                this_round["bncal.recalibrate (previous)"] / this_round["bare train-mode BN loop"])
+    return ratios
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def memory_growth(name: str, n_batches: int, batch_size: int, size: int) -> float:
+    """Peak RSS growth (MB) of one method in this process (see the module docstring)."""
+    model, batches = setup(n_batches, batch_size, size)
+    plain_forward(copy.deepcopy(model), batches[:1])  # thread pools, kernels, allocator arenas
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM (the peak) to the current RSS
+    before = _status_mb("VmRSS:")
+    RUNNERS[name](model, batches)
+    return _status_mb("VmHWM:") - before
+
+
+def memory(rounds: int, n_batches: int, batch_size: int, size: int, threads: int) -> dict[str, list[float]]:
+    """Per method, its peak RSS growth in ``rounds`` fresh processes (methods interleaved)."""
+    names = [name for name in RUNNERS if available(name)]
+    growth = {name: [] for name in names}
+    for _ in range(rounds):
+        for name in names:
+            cmd = [sys.executable, __file__, "--memory-of", name, "--batches", str(n_batches), "--batch-size",
+                   str(batch_size), "--size", str(size), "--threads", str(threads)]
+            if PREVIOUS:
+                cmd += ["--compare-with", PREVIOUS[1]]
+            result = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ})
+            growth[name].append(json.loads(result.stdout.strip().splitlines()[-1])["growth_mb"])
+    return growth
+
+
+def median_and_range(values, unit="x", digits=3) -> str:
+    return (f"{statistics.median(values):.{digits}f}{unit} (range {min(values):.{digits}f} to "
+            f"{max(values):.{digits}f}, {len(values)} rounds)")
 
 
 def population(x):
@@ -177,13 +287,32 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory growth (fresh processes)")
+    parser.add_argument("--memory-rounds", type=int, default=2)
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-exactness", action="store_true")
+    parser.add_argument("--compare-with", metavar="GIT_REF",
+                        help="also run bncal as committed at this git ref, side by side (e.g. HEAD~3)")
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # internal: one method's growth, in this process
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.compare_with:
+        PREVIOUS[:] = [previous_bncal(args.compare_with), args.compare_with]
+    if args.memory_of:
+        print(json.dumps({"growth_mb": memory_growth(args.memory_of, args.batches, args.batch_size, args.size)}))
+        return
     print(f"ResNet-18-like, {args.batches} batches of {args.batch_size}x3x{args.size}x{args.size}, "
-          f"{args.threads} threads, median of {args.rounds} interleaved rounds")
-    print("time / plain no_grad eval forward:")
-    for name, ratio in speed(args.rounds, args.batches, args.batch_size, args.size).items():
-        print(f"  {name:28s} {ratio:.3f}x")
+          f"{args.threads} threads")
+    if not args.skip_speed:
+        print(f"time / plain no_grad eval forward, interleaved rounds (median, range):")
+        for name, ratios in speed(args.rounds, args.batches, args.batch_size, args.size).items():
+            print(f"  {name:28s} {median_and_range(ratios)}")
+    if args.memory:
+        print("peak RSS growth over the method, each run in a fresh process (median, range):")
+        for name, values in memory(args.memory_rounds, args.batches, args.batch_size, args.size, args.threads).items():
+            print(f"  {name:44s} {median_and_range(values, ' MB', 0)}")
+    if args.skip_exactness:
+        return
     print("exactness on MNIST calibration data ordered by class (batch 32), demo CNN:")
     for name, value in exactness(32).items():
         print(f"  {name:52s} {value:.2e}" if isinstance(value, float) else f"  {name:52s} {value}")

@@ -7,8 +7,8 @@ from itertools import islice
 import click
 
 from ..errors import BncalError
-from .options import (DataArgs, ModelArgs, Options, OutputArgs, ReportArgs, ThresholdArgs, VerbosityArgs, command,
-                      torch_batches)
+from .options import (DataArgs, ModelArgs, Options, OutputArgs, ProviderArgs, ReportArgs, ThresholdArgs, VerbosityArgs,
+                      command, torch_batches)
 
 
 @command(
@@ -21,6 +21,7 @@ from .options import (DataArgs, ModelArgs, Options, OutputArgs, ReportArgs, Thre
         ["--allow-unchecked"], is_flag=True,
         help="Exit 0 when everything checked passed although some normalisation layers, lowered to arithmetic by "
              "a converter, could not be checked (verdict INCOMPLETE; exit 1 without this flag).")),
+    ProviderArgs(),
     OutputArgs(),
     ReportArgs(plot="Write a per-layer PNG of mean shift and variance ratio (needs the 'plot' extra)."),
     VerbosityArgs(),
@@ -65,7 +66,7 @@ def command(args) -> int:
             proto = export_onnx(net, batches[0][0], keep_batchnorm=True, input_names=batches[0][1])
             parity = torch_onnx_parity(net, proto, [inputs for inputs, _ in batches])
         report = check_onnx(proto, data, thresholds=thresholds, max_samples=args.data.max_samples,
-                            progress=ui.interactive)
+                            providers=args.providers.resolve(), progress=ui.interactive)
     report.notes += args.data.notes(data)
     if parity is not None:
         ui.echo("PyTorch eval vs onnxruntime (exported graph):")

@@ -25,8 +25,8 @@ from ..errors import BncalError
 
 __all__ = [
     "OptionGroup", "Args", "command", "VerbosityArgs", "ModelArgs", "DataArgs", "InputShapeArgs", "ToleranceArgs",
-    "ThresholdArgs", "DeviceArgs", "OutputArgs", "ReportArgs", "RecalibrationArgs", "ExportArgs", "FoldArgs",
-    "VerificationArgs", "TrainingArgs", "Options", "Console", "InputShapes", "torch_batches", "random_inputs",
+    "ThresholdArgs", "DeviceArgs", "ProviderArgs", "OutputArgs", "ReportArgs", "RecalibrationArgs", "ExportArgs",
+    "FoldArgs", "VerificationArgs", "TrainingArgs", "Options", "Console", "InputShapes", "torch_batches", "random_inputs",
 ]
 
 
@@ -384,10 +384,10 @@ class DataValue(types.SimpleNamespace):
                          image_options=self.image_options, shuffle=self.shuffle, seed=self.seed, inputs=self.inputs,
                          normalize=self.normalize)
 
-    def numpy_batches(self):
+    def numpy_batches(self, *, rank: int = 0, world_size: int = 1):
         from ..data import NumpyBatches
 
-        return NumpyBatches(self.load())
+        return NumpyBatches(self.load(rank=rank, world_size=world_size))
 
     @staticmethod
     def notes(data) -> list[str]:
@@ -611,6 +611,53 @@ class DeviceArgs(OptionGroup):
 
     def parse(self, values, args):
         return values["device"]
+
+
+class ProviderValue(types.SimpleNamespace):
+    """The parsed ``--providers``: ``names`` as onnxruntime spells them, or None for the default."""
+
+    def resolve(self, local_rank: int | None = None) -> list:
+        """The providers to run on: those given, else every one onnxruntime offers (CPU last).
+        With ``local_rank`` (a torchrun launch), GPU providers run on that rank's device."""
+        from ..runtime import available_providers, providers_on_device
+
+        providers = self.names if self.names is not None else available_providers()
+        return providers if local_rank is None else providers_on_device(providers, local_rank)
+
+
+class ProviderArgs(OptionGroup):
+    """``--providers``: the onnxruntime execution providers of the ONNX passes (checked when given).
+
+    ``torch_models`` says whether the command runs a PyTorch model in onnxruntime too (check
+    exports it); where it does not (recalibrate), ``--providers`` with a PyTorch model is a
+    usage error.
+    """
+
+    name = "providers"
+
+    def __init__(self, *, torch_models: bool = True):
+        self.torch_models = torch_models
+
+    def params(self):
+        return [click.Option(["--providers"], type=NamesType(), metavar="NAMES",
+                             help="onnxruntime execution providers in order of preference, comma-separated "
+                                  "(cuda, tensorrt, openvino, dml, cpu, or full names); CPU is always added last. "
+                                  "Default: every provider this onnxruntime offers.")]
+
+    def parse(self, values, args):
+        names = values["providers"]
+        if names is None:
+            return ProviderValue(names=None)
+        model = getattr(args, "model", None)
+        if not self.torch_models and model is not None and model.kind.name != "onnx":
+            raise _usage_error("--providers applies to .onnx models, which run in onnxruntime; "
+                               "a PyTorch model runs on --device", "--providers")
+        from ..runtime import resolve_providers
+
+        try:
+            return ProviderValue(names=resolve_providers(names))
+        except BncalError as exc:
+            raise _usage_error(str(exc), "--providers") from None
 
 
 class OutputArgs(OptionGroup):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..errors import BncalError
-from .options import (DataArgs, DeviceArgs, ModelArgs, OutputArgs, RecalibrationArgs, ReportArgs, VerbosityArgs,
-                      command, torch_batches)
+from .options import (DataArgs, DeviceArgs, ModelArgs, OutputArgs, ProviderArgs, RecalibrationArgs, ReportArgs,
+                      VerbosityArgs, command, torch_batches)
 
 
 _SUFFIX_HINTS = {
@@ -39,6 +39,7 @@ def _require_suffix(loaded, output) -> None:
     DataArgs(required="the calibration data to compute statistics from", batch_help="Calibration batch size."),
     RecalibrationArgs(),
     DeviceArgs(),
+    ProviderArgs(torch_models=False),
     OutputArgs(help="Where to write the recalibrated weights (.safetensors or .pt) or model (.onnx, .keras).",
                suffixes=_recalibrated_suffixes),
     ReportArgs(plot="Write a per-layer PNG of mean shift and variance ratio (needs the 'plot' extra)."),
@@ -48,13 +49,14 @@ def command(args) -> int:
     """Recompute the moving statistics of MODEL's BatchNorm layers from calibration data.
 
     MODEL is a factory spec (package.module:factory or path/file.py:factory, with --weights),
-    an .onnx file or a .keras file (written to OUTPUT.keras; a factory returning a keras.Model
-    takes .weights.h5 weights). Under torchrun, each rank reads its shard of the data, the
-    statistics are combined exactly across ranks, and rank 0 writes OUTPUT (PyTorch models).
+    an .onnx file (run in onnxruntime on --providers) or a .keras file (written to OUTPUT.keras;
+    a factory returning a keras.Model takes .weights.h5 weights). Under torchrun, each rank reads
+    its shard of the data, the statistics are combined exactly across ranks, and rank 0 writes
+    OUTPUT (PyTorch and ONNX models).
     """
     ui, output = args.ui, args.output.path
     if args.model.kind.name == "onnx":
-        report, is_main = _recalibrate_onnx(args), True
+        report, is_main = _recalibrate_onnx(args)
     elif args.model.kind.name == "keras":
         report, is_main = _recalibrate_keras(args, args.model.load()), True
     else:
@@ -127,18 +129,21 @@ def _recalibrate_keras(args, loaded):
 
 
 def _recalibrate_onnx(args):
-    from ..distributed import environment
+    from ..distributed import torchrun_process_group
     from ..onnx_io import save_onnx
     from ..onnx_recalibrate import recalibrate_onnx
 
-    if environment().distributed:
-        raise BncalError("an .onnx model is recalibrated in one process, with onnxruntime; run bncal without torchrun")
     options = args.recalibration
-    proto = args.model.load().model
-    data = args.data.numpy_batches()
-    new_model, report = recalibrate_onnx(proto, data, mode=options.mode, tol=options.tol,
-                                         max_passes=options.max_passes, max_samples=args.data.max_samples,
-                                         progress=args.ui.interactive)
-    report.notes += args.data.notes(data)
-    save_onnx(new_model, args.output.path)
-    return report
+    # The moments are combined on the host: a gloo group (device "cpu"), whatever runs onnxruntime.
+    with torchrun_process_group("cpu") as launch:
+        proto = args.model.load().model
+        providers = args.providers.resolve(launch.local_rank if launch.distributed else None)
+        batches = args.data.numpy_batches(rank=launch.rank, world_size=launch.world_size)
+        new_model, report = recalibrate_onnx(proto, batches, mode=options.mode, tol=options.tol,
+                                             max_passes=options.max_passes,
+                                             max_samples=launch.shard_limit(args.data.max_samples),
+                                             providers=providers, progress=args.ui.interactive and launch.is_main)
+        report.notes += args.data.notes(batches)
+        if launch.is_main:
+            save_onnx(new_model, args.output.path)
+    return report, launch.is_main
