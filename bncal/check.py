@@ -47,8 +47,8 @@ from .errors import BncalError
 from .report import ReportDisplay, SkippedLayer, format_table, plural, summarize_shift
 from .stats import ChannelMoments
 
-__all__ = ["CheckThresholds", "LayerCheck", "OutputCheck", "CheckReport", "OutputAgreement", "assess_layer",
-           "rebatch_pair", "unpair", "check_onnx"]
+__all__ = ["CheckThresholds", "LayerCheck", "OutputCheck", "CheckReport", "OutputAgreement", "PairedOutputs",
+           "assess_layer", "rebatch_pair", "unpair", "check_onnx"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,6 +330,55 @@ def _samples(batch) -> int:
     return int(np.shape(first)[0]) if np.ndim(first) else 0
 
 
+class PairedOutputs:
+    """Per-output :class:`OutputAgreement` over a stream of batches, any framework's.
+
+    :meth:`add` each batch with its inference and train-mode outputs (lists in ``names``
+    order); consecutive batches are paired, and ``train_outputs(batch, index)`` (train mode,
+    moving statistics untouched, the same output list) runs on their re-paired batches
+    (:func:`rebatch_pair`) to give the second batching the outputs are judged against. A batch
+    left without a pair, or a pair with a batch of one sample, is compared without one.
+    """
+
+    def __init__(self, names: list[str], train_outputs: Callable):
+        self.names, self.train_outputs = list(names), train_outputs
+        self.agreement = {name: OutputAgreement() for name in self.names}
+        self.held = None  # (index, batch, inferred, trained) waiting for its pair
+
+    def add(self, index: int, batch, inferred, trained) -> None:
+        if self.held is None:
+            self.held = (index, batch, inferred, trained)
+            return
+        (i, a, inf_a, train_a), self.held = self.held, None
+        len_a, len_b = _samples(a), _samples(batch)
+        if min(len_a, len_b) < 2:
+            self._add_unpaired(inf_a, train_a)
+            self._add_unpaired(inferred, trained)
+            return
+        a2, b2 = rebatch_pair(a, batch)
+        out_a2, out_b2 = self.train_outputs(a2, i), self.train_outputs(b2, index)
+        for k, name in enumerate(self.names):
+            rows_a, rows_b = np.shape(train_a[k])[:1], np.shape(trained[k])[:1]
+            if rows_a != (len_a,) or rows_b != (len_b,):  # not one row per sample: no second batching
+                self.agreement[name].add(inf_a[k], train_a[k])
+                self.agreement[name].add(inferred[k], trained[k])
+                continue
+            again_a, again_b = unpair(out_a2[k], out_b2[k], len_a, len_b)
+            self.agreement[name].add(inf_a[k], train_a[k], again_a)
+            self.agreement[name].add(inferred[k], trained[k], again_b)
+
+    def _add_unpaired(self, inferred, trained) -> None:
+        for name, a, b in zip(self.names, inferred, trained):
+            self.agreement[name].add(a, b)
+
+    def checks(self, thresholds: CheckThresholds) -> list[OutputCheck]:
+        """Each output's :class:`OutputCheck`, after adding a batch still waiting for its pair."""
+        if self.held is not None:
+            self._add_unpaired(*self.held[2:])
+            self.held = None
+        return [self.agreement[name].check(name, thresholds) for name in self.names]
+
+
 class OutputAgreement:
     """Streaming agreement of one output between inference and train mode, over all batches.
 
@@ -479,52 +528,19 @@ def check_onnx(
     train = StatisticsSession.train_graph(model, outputs=output_names, providers=providers)
 
     moments: dict[str, ChannelMoments] = {}
-    agreement = {name: OutputAgreement() for name in output_names}
-    held = None  # the previous batch (index, feeds, inference outputs, train outputs), waiting for its pair
+    paired = PairedOutputs(output_names, lambda feeds, index: run(train.session, output_names, feeds, index=index))
     for index, feeds in stream:
         composition.add(first_floating(feeds))
         inferred = run(inference, output_names, feeds, index=index)
         trained, _ = train.collect(feeds, index, moments, single_value_fix=(
             "check with batches of 2 or more samples (32+ is better)"))
-        if held is None:
-            held = (index, feeds, inferred, trained)
-            continue
-        _add_pair(agreement, output_names, train.session, held, (index, feeds, inferred, trained))
-        held = None
-    if held is not None:
-        for name, a, b in zip(output_names, held[2], held[3]):
-            agreement[name].add(a, b)
+        paired.add(index, feeds, inferred, trained)
 
     initializers = {init.name: init for init in model.graph.initializer}
     layers = [assess_layer(info.name, info.channels, numpy_helper.to_array(initializers[info.mean_initializer]),
                            numpy_helper.to_array(initializers[info.var_initializer]), moments[info.name],
                            info.epsilon, thresholds)
               for info in train.infos]
-    outputs = [agreement[name].check(name, thresholds) for name in output_names]
+    outputs = paired.checks(thresholds)
     return CheckReport.from_checks(layers, outputs, skipped, thresholds, stream.batches, stream.samples, unchecked,
                                    batching_warning=order_warning(composition, "check"))
-
-
-def _add_pair(agreement, output_names, train_session, first, second) -> None:
-    """Add two consecutive batches to ``agreement``, with train mode on their re-paired batches
-    as the reference where both hold 2 samples or more."""
-    from .runtime import run
-
-    (i, feeds_a, inf_a, train_a), (j, feeds_b, inf_b, train_b) = first, second
-    len_a, len_b = _samples(feeds_a), _samples(feeds_b)
-    if min(len_a, len_b) < 2:
-        for inferred, trained in ((inf_a, train_a), (inf_b, train_b)):
-            for name, a, b in zip(output_names, inferred, trained):
-                agreement[name].add(a, b)
-        return
-    a2, b2 = rebatch_pair(feeds_a, feeds_b)
-    out_a2 = run(train_session, output_names, a2, index=i)
-    out_b2 = run(train_session, output_names, b2, index=j)
-    for k, name in enumerate(output_names):
-        if np.ndim(train_a[k]) == 0 or np.shape(train_a[k])[0] != len_a or np.shape(train_b[k])[0] != len_b:
-            agreement[name].add(inf_a[k], train_a[k])  # not one row per sample: no second batching to compare
-            agreement[name].add(inf_b[k], train_b[k])
-            continue
-        again_a, again_b = unpair(out_a2[k], out_b2[k], len_a, len_b)
-        agreement[name].add(inf_a[k], train_a[k], again_a)
-        agreement[name].add(inf_b[k], train_b[k], again_b)

@@ -551,11 +551,14 @@ def test_check_fails_stale_statistics_and_passes_recalibrated_ones():
     stale = bk.check(net, x, batch_size=64)
     assert not stale.passed and all(not l.passed for l in stale.layers)
     assert stale.reasons[0].startswith("4 of 4 BatchNorm layers have moving statistics off their data")
-    assert stale.layers[0].samples == 256 * 64
+    assert stale.layers[0].samples == 256 * 64  # the second batching's statistics are not merged
+    # Outputs are judged against train mode on re-paired batches, as in the ONNX check.
+    assert stale.outputs[0].criterion == "batch spread" and stale.outputs[0].spread_ratio > 1.5
     bk.recalibrate(net, x, batch_size=64, mode="eval")
     before = [_stats(bn) for _, bn in bk.batchnorm_layers(net)]
     report = bk.check(net, x, batch_size=64)
     assert report.passed, report.table()
+    assert report.outputs[0].criterion == "batch spread" and report.outputs[0].spread_ratio <= 1.5
     assert report.layers[0].mean_shift < 1e-5 and abs(report.layers[0].var_ratio - 1) < 1e-5
     assert [o.name for o in report.outputs] == ["output"]  # a Sequential model names no outputs
     for (_, bn), (mean, var) in zip(bk.batchnorm_layers(net), before):  # the check changed nothing

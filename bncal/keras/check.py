@@ -10,7 +10,8 @@ thresholds and the table the same. Per batch the model runs twice, eagerly:
   there (:class:`bncal.keras._passes.BatchNormTap`) and merged over all batches.
 
 Per layer the moving statistics are compared with those population statistics; per model
-output, inference with train mode. A ``trainable=False`` layer (Keras runs it in inference
+output, inference with train mode, judged against train mode on a second batching of the same
+samples (:class:`bncal.check.PairedOutputs`, as in the ONNX check). A ``trainable=False`` layer (Keras runs it in inference
 mode in training too) keeps its moving statistics in both runs and is listed as skipped.
 """
 
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from ..check import CheckReport, CheckThresholds, OutputAgreement, assess_layer
+from ..check import CheckReport, CheckThresholds, PairedOutputs, assess_layer
 from ..errors import BncalError
 from ..report import SkippedLayer
 from ..stats import ChannelMoments
@@ -72,7 +73,11 @@ def check(
 
     moving = {name: moving_statistics(bn) for name, bn in layers}
     moments = {name: ChannelMoments.empty(moving[name].mean.shape[0]) for name, _ in layers}
-    names, agreements = None, []
+    def train_outputs(inputs, index):  # a second batching's: its statistics are not merged
+        with BatchNormTap(layers, batch_statistics):
+            return _outputs(keras, run_forward(forward_fn, model, inputs, index))
+
+    paired = None
     current = batch_pass(source, max_samples=max_samples, progress=progress)
     for index, (inputs, _) in current:
         inferred = _outputs(keras, run_forward(forward_fn, model, inputs, index))
@@ -80,11 +85,8 @@ def check(
             trained = _outputs(keras, run_forward(forward_fn, model, inputs, index))
         for name, m in tap.moments().items():
             moments[name].merge(m)
-        if names is None:
-            names = _output_names(model, len(inferred))
-            agreements = [OutputAgreement() for _ in names]
-        for agreement, a, b in zip(agreements, inferred, trained):
-            agreement.add(a, b)
+        paired = paired or PairedOutputs(_output_names(model, len(inferred)), train_outputs)
+        paired.add(index, inputs, inferred, trained)
     checks = []
     for name, bn in layers:
         if moments[name].count == 0:
@@ -92,7 +94,7 @@ def check(
             continue
         checks.append(assess_layer(name, moments[name].channels, moving[name].mean, moving[name].var, moments[name],
                                    bn.epsilon, thresholds))
-    outputs = [agreement.check(name, thresholds) for name, agreement in zip(names, agreements)]
+    outputs = paired.checks(thresholds) if paired else []
     return CheckReport.from_checks(checks, outputs, skipped, thresholds, current.batches, current.samples)
 
 
