@@ -17,8 +17,7 @@ which says what to install.
 
 from __future__ import annotations
 
-import importlib
-
+from ._lazy import lazy_exports
 from .errors import BncalError, VerificationError
 
 __version__ = "0.1.0"
@@ -65,22 +64,4 @@ _EXPORTS = {
 __all__ = ["BncalError", "VerificationError", "__version__", *_EXPORTS]
 
 
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'bncal' has no attribute {name!r}")
-    try:  # a subpackage (bncal.folding) may import its torch part only on getattr
-        value = getattr(importlib.import_module(f".{module}", __name__), name)
-    except ImportError as exc:  # an optional dependency (torch, say): name the extra that installs it
-        from .extras import missing_extra
-
-        missing = missing_extra(exc, f"bncal.{name}")
-        if missing is None:
-            raise
-        raise missing from None
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["batchnorm_names", "onnx_batchnorm_names", "fresh_name"]
+__all__ = ["batchnorm_names", "onnx_batchnorm_names", "fresh_name", "subgraphs"]
 
 _ONNX_DOMAINS = ("", "ai.onnx")
 
@@ -56,7 +56,7 @@ def onnx_batchnorm_names(graph) -> dict[tuple[int, ...], str]:
             if node.op_type == "BatchNormalization" and node.domain in _ONNX_DOMAINS:
                 found.append((path + (index,), prefix, node.name, node.output[0] if node.output else None))
         for index, node in enumerate(g.node):
-            for k, sub in enumerate(_subgraphs(node)):
+            for k, sub in enumerate(subgraphs(node)):
                 owner = node.name or node.op_type
                 visit(sub, path + (index, k), f"{prefix}{owner}/")
 
@@ -69,7 +69,8 @@ def onnx_batchnorm_names(graph) -> dict[tuple[int, ...], str]:
     return {path: label for (path, _, _, _), label in zip(ordered, labels)}
 
 
-def _subgraphs(node):
+def subgraphs(node):
+    """The graphs held in ``node``'s attributes (If branches, Loop and Scan bodies)."""
     import onnx
 
     for attr in node.attribute:

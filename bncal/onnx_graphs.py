@@ -60,7 +60,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import BncalError
-from .names import fresh_name, onnx_batchnorm_names
+from .names import fresh_name, onnx_batchnorm_names, subgraphs
 
 __all__ = ["BNInfo", "FORMS", "find_batchnorms", "make_train_graph", "make_stats_graph", "write_statistics",
            "default_opset"]
@@ -454,18 +454,10 @@ def _use_counts(graph) -> Counter:
     return uses
 
 
-def _subgraphs(node):
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            yield attr.g
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            yield from attr.graphs
-
-
 def _subgraph_references(node) -> set[str]:
     """Every tensor name read inside ``node``'s subgraphs (outer-scope values included)."""
     names = set()
-    for sub in _subgraphs(node):
+    for sub in subgraphs(node):
         for inner in sub.node:
             names.update(n for n in inner.input if n)
             names |= _subgraph_references(inner)

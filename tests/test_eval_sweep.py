@@ -11,6 +11,7 @@ from torch import nn
 from bncal.eval_sweep import solve_eval_statistics
 from bncal.recalibration import batchnorm_layers
 from models import zoo
+from tests_support import Reshuffled
 
 
 def _one_batch_fixed_point(net, batch):
@@ -166,19 +167,9 @@ def test_a_budget_below_one_frontier_refuses_or_recomputes_from_the_data():
     _assert_same_moments(recomputed.moments, _solve(net, batches).moments, rtol=1e-12)
 
 
-class _Reshuffled:
-    def __init__(self, batches):
-        self.batches, self.epoch = batches, 0
-
-    def __iter__(self):
-        self.epoch += 1
-        order = torch.randperm(len(self.batches), generator=torch.Generator().manual_seed(self.epoch))
-        return iter([self.batches[i] for i in order])
-
-
 def test_data_read_again_in_another_order_is_refused_but_read_once_it_is_fine():
     net, x = _cnn(), torch.randn(48, 3, 16, 16)
-    loader = _Reshuffled(list(x.split(8)))
+    loader = Reshuffled(list(x.split(8)))
     assert _solve(net, loader).moments is not None  # everything cached: read once
     result = _solve(net, loader, cache_mb=0, max_forward_equivalents=1000)
     assert result.moments is None and "another order" in result.refusal

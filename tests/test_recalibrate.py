@@ -11,6 +11,7 @@ from torch import nn
 import bncal
 from bncal.errors import BncalError
 from bncal.recalibration import batchnorm_layers
+from tests_support import Reshuffled
 
 
 def _split(x, sizes):
@@ -288,29 +289,17 @@ def _call(model, batch):
     return model(batch)
 
 
-class _Reshuffled:
-    """A loader that yields its batches in a new order on every pass."""
-
-    def __init__(self, batches):
-        self.batches, self.epoch = batches, 0
-
-    def __iter__(self):
-        self.epoch += 1
-        order = torch.randperm(len(self.batches), generator=torch.Generator().manual_seed(self.epoch))
-        return iter([self.batches[i] for i in order])
-
-
 def test_eval_mode_with_a_shuffling_loader_falls_back_and_still_converges():
     net = _cnn()
     x = torch.randn(96, 3, 16, 16)
     reference = _fixed_point_reference(net, x)
     model = copy.deepcopy(net)
-    report = bncal.recalibrate(model, _Reshuffled(_split(x, [32, 32, 32])), mode="eval", tol=1e-7, forward_fn=_call)
+    report = bncal.recalibrate(model, Reshuffled(_split(x, [32, 32, 32])), mode="eval", tol=1e-7, forward_fn=_call)
     assert any("different order" in n for n in report.notes)
     assert report.converged and _max_error(model, reference) < 1e-5
     # The sweep reads the data once, so a reshuffling loader does not matter to it.
     model = copy.deepcopy(net)
-    report = bncal.recalibrate(model, _Reshuffled(_split(x, [32, 32, 32])), mode="eval", tol=1e-7)
+    report = bncal.recalibrate(model, Reshuffled(_split(x, [32, 32, 32])), mode="eval", tol=1e-7)
     assert report.converged and _max_error(model, reference) < 1e-5
 
 

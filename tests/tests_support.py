@@ -30,3 +30,17 @@ def randomize_bn(net, seed=0):
                 m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
                 m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
     return net
+
+
+class Reshuffled:
+    """A loader that yields its batches in a new (seeded) order on every pass."""
+
+    def __init__(self, batches):
+        self.batches, self.epoch = batches, 0
+
+    def __iter__(self):
+        import torch
+
+        self.epoch += 1
+        order = torch.randperm(len(self.batches), generator=torch.Generator().manual_seed(self.epoch))
+        return iter([self.batches[i] for i in order])

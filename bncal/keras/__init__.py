@@ -27,8 +27,9 @@ as NHWC (:mod:`bncal.keras.data`).
 
 from __future__ import annotations
 
-import importlib
 import sys
+
+from .._lazy import lazy_exports
 
 # Public name -> submodule that defines it; imported (with Keras) on first use.
 _EXPORTS = {
@@ -55,14 +56,4 @@ def is_keras_model(obj) -> bool:
     return isinstance(model_class, type) and isinstance(obj, model_class)
 
 
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'bncal.keras' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
