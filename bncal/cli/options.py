@@ -270,7 +270,8 @@ class OptionGroup:
         raise NotImplementedError
 
     def parse(self, values: dict, args: Args):
-        raise NotImplementedError
+        """The group's value on :class:`Args` (default: a namespace of its options by name)."""
+        return types.SimpleNamespace(**values)
 
     def plan(self, value, plan, args: Args) -> None:
         """Register the inputs this group names and the outputs it asks for (default: none)."""
@@ -284,9 +285,6 @@ class Options(OptionGroup):
 
     def params(self):
         return self._params
-
-    def parse(self, values, args):
-        return types.SimpleNamespace(**values)
 
 
 class VerbosityArgs(OptionGroup):
@@ -755,9 +753,6 @@ class RecalibrationArgs(OptionGroup):
                          help="eval mode: a folder where the sweep may spill activations beyond --cache-mb (its files are removed afterwards)."),
         ]
 
-    def parse(self, values, args):
-        return types.SimpleNamespace(**values)
-
 
 class ExportArgs(OptionGroup):
     """How a PyTorch model is exported: opset, names, batch axis."""
@@ -773,9 +768,6 @@ class ExportArgs(OptionGroup):
             click.Option(["--static-batch"], is_flag=True, help="Export a fixed batch size instead of a dynamic batch axis."),
         ]
 
-    def parse(self, values, args):
-        return types.SimpleNamespace(**values)
-
 
 class FoldArgs(OptionGroup):
     """What the graph fold may do beyond folding."""
@@ -788,9 +780,6 @@ class FoldArgs(OptionGroup):
             click.Option(["--constant-initializer-inputs"], is_flag=True,
                          help="ONNX input: fold parameters that are also graph inputs (IR < 4 files), treating them as constants."),
         ]
-
-    def parse(self, values, args):
-        return types.SimpleNamespace(**values)
 
 
 class BatchListType(click.ParamType):
@@ -828,9 +817,6 @@ class VerificationArgs(OptionGroup):
                          help="After verification, time both models in onnxruntime at these batch sizes "
                               "(alone: 1,32; a size a fixed-batch model cannot take is skipped)."),
         ]
-
-    def parse(self, values, args):
-        return types.SimpleNamespace(**values)
 
     def plan(self, value, plan, args):
         if value.keep_failed:
