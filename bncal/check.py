@@ -478,7 +478,7 @@ def check_onnx(
     inference = ort_session(model, optimization_level="all", providers=providers)
     train = StatisticsSession.train_graph(model, outputs=output_names, providers=providers)
 
-    moments: dict[str, ChannelMoments] = {}
+    moments = train.new_moments()
     agreement = {name: OutputAgreement() for name in output_names}
     held = None  # the previous batch (index, feeds, inference outputs, train outputs), waiting for its pair
     for index, feeds in stream:
@@ -497,7 +497,7 @@ def check_onnx(
 
     initializers = {init.name: init for init in model.graph.initializer}
     layers = [assess_layer(info.name, info.channels, numpy_helper.to_array(initializers[info.mean_initializer]),
-                           numpy_helper.to_array(initializers[info.var_initializer]), moments[info.name],
+                           numpy_helper.to_array(initializers[info.var_initializer]), moments.layers[info.name],
                            info.epsilon, thresholds)
               for info in train.infos]
     outputs = [agreement[name].check(name, thresholds) for name in output_names]
