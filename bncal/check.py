@@ -527,7 +527,7 @@ def check_onnx(
     inference = ort_session(model, optimization_level="all", providers=providers)
     train = StatisticsSession.train_graph(model, outputs=output_names, providers=providers)
 
-    moments: dict[str, ChannelMoments] = {}
+    moments = train.new_moments()
     paired = PairedOutputs(output_names, lambda feeds, index: run(train.session, output_names, feeds, index=index))
     for index, feeds in stream:
         composition.add(first_floating(feeds))
@@ -538,7 +538,7 @@ def check_onnx(
 
     initializers = {init.name: init for init in model.graph.initializer}
     layers = [assess_layer(info.name, info.channels, numpy_helper.to_array(initializers[info.mean_initializer]),
-                           numpy_helper.to_array(initializers[info.var_initializer]), moments[info.name],
+                           numpy_helper.to_array(initializers[info.var_initializer]), moments.layers[info.name],
                            info.epsilon, thresholds)
               for info in train.infos]
     outputs = paired.checks(thresholds)

@@ -133,8 +133,9 @@ def recalibrate_onnx(
         require_finite(info.name, moments[info.name])
     new_model, write_notes = write_statistics(model, {info.name: (moments[info.name].mean, moments[info.name].variance)
                                                       for info in handled})
-    layers = [LayerResult(info.name, LayerStats(_initializer_values(model, info.mean_initializer),
-                                                _initializer_values(model, info.var_initializer)),
+    initializers = {init.name: init for init in model.graph.initializer}
+    layers = [LayerResult(info.name, LayerStats(_values(initializers[info.mean_initializer]),
+                                                _values(initializers[info.var_initializer])),
                           moments[info.name], info.epsilon)
               for info in handled]
     warning = order_warning(run.composition, "recalibrate")
@@ -190,20 +191,23 @@ class _Passes:
         return moments
 
     def train_pass(self) -> dict[str, ChannelMoments]:
-        session, moments = self.session("train"), {}
+        session = self.session("train")
+        moments = session.new_moments()
         for index, feeds in self.stream:
             session.collect(feeds, index, moments, single_value_fix=self.single_value_fix)
             if self.composition is not None:
                 self.composition.add(first_floating(feeds))
-        return self._combined(moments)
+        return self._combined(moments.layers)
 
     def eval_pass(self, current: dict[str, ChannelMoments]) -> dict[str, ChannelMoments]:
-        moments, records, fed = {}, [], {}
+        moments, records, fed = None, [], {}
         self.order.start_pass()
         for index, feeds in self.stream:
             kind = "anchored" if self.order.anchored(index, float(np.sum(first_floating(feeds), dtype=np.float64))) \
                 else "plain"
             session = self.session(kind)
+            if moments is None:  # the plain and anchored graphs list the same BNs, in the same order
+                moments = session.new_moments()
             if kind not in fed:  # the current statistics, as the stats graph's inputs
                 fed[kind] = {name: value for info in session.infos for name, value in (
                     (info.mean_feed, current[info.name].mean.astype(_stats_dtype(self.model, info))),
@@ -217,7 +221,7 @@ class _Passes:
             records.append(found)
         self.order.end_pass()
         self.previous = records
-        return self._combined(moments)
+        return self._combined(moments.layers if moments is not None else {})
 
 
 
@@ -229,8 +233,5 @@ def _stats_dtype(model, info) -> np.dtype:
     raise KeyError(info.mean_initializer)
 
 
-def _initializer_values(model, name) -> np.ndarray:
-    for init in model.graph.initializer:
-        if init.name == name:
-            return numpy_helper.to_array(init).astype(np.float64).reshape(-1)
-    raise KeyError(name)
+def _values(initializer: onnx.TensorProto) -> np.ndarray:
+    return numpy_helper.to_array(initializer).astype(np.float64).reshape(-1)

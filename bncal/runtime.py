@@ -38,7 +38,7 @@ from .data import input_hint
 from .errors import BncalError, first_line
 from .names import fresh_name
 from .onnx_graphs import make_stats_graph, make_train_graph
-from .stats import ChannelMoments
+from .stats import StackedMoments
 
 __all__ = [
     "ort_session", "resolve_providers", "available_providers", "providers_on_device", "statistics_form", "input_specs",
@@ -418,9 +418,15 @@ class StatisticsSession:
                                         form=form or statistics_form(providers))
         return cls(graph, infos, providers=providers)
 
-    def collect(self, feeds: dict, index: int, moments: dict[str, ChannelMoments], *,
+    def new_moments(self) -> StackedMoments:
+        """Empty moments of every handled BN (by name, in ``infos`` order) for :meth:`collect`;
+        ``.layers`` holds each BN's :class:`~bncal.stats.ChannelMoments`."""
+        return StackedMoments({info.name: info.channels for info in self.infos})
+
+    def collect(self, feeds: dict, index: int, moments: StackedMoments, *,
                 single_value_fix: str | None = None) -> tuple[list, dict[str, BatchStatistics]]:
-        """Run one batch, merge every BN's statistics into ``moments`` (by BN name).
+        """Run one batch, merge every BN's statistics into ``moments`` (from :meth:`new_moments`
+        of this session or of one over the same BNs), all BNs in one vectorised update.
 
         Returns the fetched model outputs and each BN's :class:`BatchStatistics`. With
         ``single_value_fix`` a batch giving a BN fewer than 2 values per channel (train mode
@@ -428,15 +434,16 @@ class StatisticsSession:
         """
         values = run(self.session, self._names, feeds, index=index)
         offset = len(self.outputs)
-        found = {}
-        for k, info in enumerate(self.infos):
-            mean, var, size = values[offset + 3 * k: offset + 3 * k + 3]
-            count = int(size) // info.channels
-            if count < 2 and single_value_fix is not None:
-                raise BncalError(f"batch {index} gives BatchNorm {info.name} only {count} value per channel, so its "
-                                 f"batch statistics (train mode) are undefined; {single_value_fix}")
-            found[info.name] = BatchStatistics(count, mean, var)
-            moments.setdefault(info.name, ChannelMoments.empty(info.channels)).add_batch(count, mean, var)
+        means, variances, sizes = values[offset::3], values[offset + 1::3], values[offset + 2::3]
+        counts = [int(size) // info.channels for size, info in zip(sizes, self.infos)]
+        too_few = [(count, info) for count, info in zip(counts, self.infos) if count < 2]
+        if single_value_fix is not None and too_few:
+            count, info = too_few[0]
+            raise BncalError(f"batch {index} gives BatchNorm {info.name} only {count} value per channel, so its "
+                             f"batch statistics (train mode) are undefined; {single_value_fix}")
+        moments.add_batches(counts, means, variances)
+        found = {info.name: BatchStatistics(count, mean, var)
+                 for info, count, mean, var in zip(self.infos, counts, means, variances)}
         return values[:offset], found
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ChannelMoments", "batch_moments", "max_relative_change", "fixed_point_passes", "anchored_statistics"]
+__all__ = ["ChannelMoments", "StackedMoments", "batch_moments", "max_relative_change", "fixed_point_passes", "anchored_statistics"]
 
 
 @dataclass
@@ -125,6 +125,54 @@ class ChannelMoments:
         packed = np.asarray(packed, np.float64)
         channels = (packed.shape[0] - 1) // 2
         return cls(int(round(packed[0])), packed[1 : 1 + channels].copy(), packed[1 + channels :].copy())
+
+
+class StackedMoments:
+    """The :class:`ChannelMoments` of several layers in one float64 buffer, merged all at once.
+
+    ``layers`` maps each name to a ChannelMoments whose ``mean`` and ``m2`` are views into the
+    shared buffer, so it reads like any other. :meth:`add_batches` merges one batch of every
+    layer with the arithmetic of :meth:`ChannelMoments.add_batch` element for element (the
+    count factors computed per layer from Python ints, as there), in a few array operations
+    instead of a dozen per layer: the ONNX path merges every BN of a graph after each batch.
+    """
+
+    def __init__(self, channels: dict[str, int]):
+        sizes = [int(c) for c in channels.values()]
+        bounds = np.cumsum([0] + sizes)
+        self.mean, self.m2 = np.zeros(bounds[-1], np.float64), np.zeros(bounds[-1], np.float64)
+        self._sizes = sizes
+        self.layers = {name: ChannelMoments(0, self.mean[a:b], self.m2[a:b])
+                       for name, a, b in zip(channels, bounds[:-1], bounds[1:])}
+
+    def add_batches(self, counts, means, biased_vars) -> "StackedMoments":
+        """Merge one batch per layer, in ``layers`` order: its ``count`` values per channel, their
+        per-channel means and biased variances."""
+        counts = [int(c) for c in counts]
+        layers = list(self.layers.values())
+        mean = np.concatenate([np.asarray(m).reshape(-1) for m in means]).astype(np.float64)
+        var = np.concatenate([np.asarray(v).reshape(-1) for v in biased_vars]).astype(np.float64)
+        if len(counts) != len(layers) or mean.shape != self.mean.shape or var.shape != self.mean.shape:
+            raise ValueError(f"expected {len(layers)} layers of {self._sizes} channels")
+        m2 = var * np.repeat(np.asarray(counts, np.float64), self._sizes)
+        if all(layer.count == 0 for layer in layers) and all(counts):  # the first batch: a copy, as in merge
+            self.mean[...], self.m2[...] = mean, m2
+        elif all(layer.count for layer in layers) and all(counts):
+            totals = [layer.count + c for layer, c in zip(layers, counts)]
+            delta = mean - self.mean
+            self.mean += delta * np.repeat([c / n for c, n in zip(counts, totals)], self._sizes)
+            self.m2 += m2
+            self.m2 += delta * delta * np.repeat([layer.count * c / n for layer, c, n in zip(layers, counts, totals)],
+                                                 self._sizes)
+        else:  # some layer without samples so far or in this batch: merge's own special cases
+            bounds = np.cumsum([0] + self._sizes)
+            for layer, c, a, b in zip(layers, counts, bounds[:-1], bounds[1:]):
+                layer.merge(ChannelMoments(c, mean[a:b], m2[a:b]))
+            return self
+        for layer, c in zip(layers, counts):
+            layer.count += c
+        return self
+
 
 
 def batch_moments(x, channel_axis: int = 1):

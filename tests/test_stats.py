@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from bncal.stats import ChannelMoments, batch_moments, fixed_point_passes, max_relative_change
+from bncal.stats import ChannelMoments, StackedMoments, batch_moments, fixed_point_passes, max_relative_change
 
 
 def _split(x, sizes):
@@ -28,6 +28,31 @@ def test_merge_equals_population_statistics_for_any_split(sizes):
     np.testing.assert_allclose(moments.variance, ref.var(axis=(0, 2, 3)), rtol=1e-9)
     np.testing.assert_allclose(moments.unbiased_variance, ref.var(axis=(0, 2, 3), ddof=1), rtol=1e-9)
     assert moments.count == 100 * 20
+
+
+@pytest.mark.parametrize("zero_at", [None, (0, 1), (2, 0)])
+def test_stacked_moments_equal_layer_by_layer_merges_bit_for_bit(zero_at):
+    # Three layers of different widths and counts, as a graph's BNs after each batch; a zero
+    # count (a layer that saw no values in a batch) takes merge's own special cases.
+    rng = np.random.default_rng(2)
+    channels = {"a": 3, "b": 5, "c": 2}
+    stacked, separate = StackedMoments(channels), {name: ChannelMoments.empty(c) for name, c in channels.items()}
+    for batch in range(4):
+        counts = [int(rng.integers(2, 50)) for _ in channels]
+        if zero_at is not None and batch == zero_at[0]:
+            counts[zero_at[1]] = 0
+        means = [(1e3 + rng.standard_normal(c)).astype(np.float32) for c in channels.values()]
+        variances = [rng.uniform(0.1, 2.0, c).astype(np.float32) for c in channels.values()]
+        stacked.add_batches(counts, means, variances)
+        for (name, layer), count, mean, var in zip(separate.items(), counts, means, variances):
+            if count:
+                layer.add_batch(count, mean, var)
+    for name, layer in separate.items():
+        assert stacked.layers[name].count == layer.count
+        np.testing.assert_array_equal(stacked.layers[name].mean, layer.mean)
+        np.testing.assert_array_equal(stacked.layers[name].m2, layer.m2)
+    with pytest.raises(ValueError):
+        stacked.add_batches([2, 2], means[:2], variances[:2])
 
 
 def test_pack_round_trip_and_combine_order_independence():
