@@ -25,13 +25,10 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import importlib
 import io
 import statistics
 import subprocess
 import sys
-import tarfile
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -40,6 +37,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _previous import previous_module  # noqa: E402  (tools/ is this script's folder)
 
 
 def export_resnet(size: int, width: int = 32):
@@ -64,17 +63,6 @@ def export_resnet(size: int, width: int = 32):
     model = onnx.load_from_string(buffer.getvalue())
     assert sum(n.op_type == "BatchNormalization" for n in model.graph.node) == 20, "BatchNorms were folded"
     return model
-
-
-def previous_module(ref: str, module: str):
-    """``bncal.<module>`` as committed at git ``ref``, imported as ``bncal_previous.<module>``."""
-    folder = Path(tempfile.mkdtemp(prefix="bncal-previous-"))
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "bncal"], capture_output=True, check=True).stdout
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(folder, filter="data")
-    (folder / "bncal").rename(folder / "bncal_previous")
-    sys.path.insert(0, str(folder))
-    return importlib.import_module(f"bncal_previous.{module}")
 
 
 def main(argv=None) -> int:

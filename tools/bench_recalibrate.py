@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 import bncal  # noqa: E402
 from bncal.recalibration import batchnorm_layers  # noqa: E402
 from models import zoo  # noqa: E402
+from _previous import previous_module  # noqa: E402  (tools/ is this script's folder)
 from torch import nn  # noqa: E402
 
 
@@ -73,22 +74,6 @@ def run_bncal_eval(model, batches):
     confirming eval pass; ``max_passes=3`` caps the anchored passes where the sweep does not apply
     (a ``--compare-with`` ref from before the sweep: one train-mode pass, two anchored eval passes)."""
     bncal.recalibrate(model, batches, mode="eval", max_passes=3)
-
-
-def previous_bncal(ref: str):
-    """bncal as committed at git ``ref``, imported as the package ``bncal_previous`` (side by side)."""
-    import importlib
-    import io
-    import tarfile
-    import tempfile
-
-    folder = Path(tempfile.mkdtemp(prefix="bncal-previous-"))
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "bncal"], capture_output=True, check=True).stdout
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(folder, filter="data")
-    (folder / "bncal").rename(folder / "bncal_previous")
-    sys.path.insert(0, str(folder))
-    return importlib.import_module("bncal_previous.recalibration")
 
 
 def run_previous(model, batches):
@@ -297,7 +282,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.compare_with:
-        PREVIOUS[:] = [previous_bncal(args.compare_with), args.compare_with]
+        PREVIOUS[:] = [previous_module(args.compare_with, "recalibration"), args.compare_with]
     if args.memory_of:
         print(json.dumps({"growth_mb": memory_growth(args.memory_of, args.batches, args.batch_size, args.size)}))
         return
