@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
+from .data import leading_size
 from .errors import BncalError
 from .report import ReportDisplay, SkippedLayer, format_table, plural, summarize_shift
 from .stats import ChannelMoments
@@ -309,7 +310,7 @@ def rebatch_pair(a, b):
     """A second batching of two batches' samples: ``(A[:ha] + B[hb:], B[:hb] + A[ha:])`` with
     ``ha = len(A) // 2``, ``hb = len(B) // 2``. ``a`` and ``b`` are arrays, or dicts / tuples of
     arrays (one per input, first axis the samples); both batches need 2 samples or more."""
-    ha, hb = _samples(a) // 2, _samples(b) // 2
+    ha, hb = leading_size(a) // 2, leading_size(b) // 2
     join = lambda x, y: np.concatenate([np.asarray(x), np.asarray(y)])
     if isinstance(a, dict):
         return ({k: join(a[k][:ha], b[k][hb:]) for k in a}, {k: join(b[k][:hb], a[k][ha:]) for k in a})
@@ -323,11 +324,6 @@ def unpair(out_a2, out_b2, len_a: int, len_b: int):
     ha, hb = len_a // 2, len_b // 2
     out_a2, out_b2 = np.asarray(out_a2), np.asarray(out_b2)
     return (np.concatenate([out_a2[:ha], out_b2[hb:]]), np.concatenate([out_b2[:hb], out_a2[ha:]]))
-
-
-def _samples(batch) -> int:
-    first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0] if isinstance(batch, (tuple, list)) else batch
-    return int(np.shape(first)[0]) if np.ndim(first) else 0
 
 
 class PairedOutputs:
@@ -350,7 +346,7 @@ class PairedOutputs:
             self.held = (index, batch, inferred, trained)
             return
         (i, a, inf_a, train_a), self.held = self.held, None
-        len_a, len_b = _samples(a), _samples(batch)
+        len_a, len_b = leading_size(a) or 0, leading_size(batch) or 0
         if min(len_a, len_b) < 2:
             self._add_unpaired(inf_a, train_a)
             self._add_unpaired(inferred, trained)
