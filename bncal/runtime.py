@@ -280,6 +280,11 @@ def validated_feeds(batch, specs: list[InputSpec], index: int, remaining: int | 
             channels = spec.shape[1] if len(spec.shape) > 1 else None
             hint = (input_hint(value, f"to have {channels} channels, but got {value.shape[1]} channels")
                     if value.ndim == len(spec.shape) and channels in (1, 3) and value.shape[1] != channels else "")
+            batch_only = value.ndim == len(spec.shape) and all(
+                not (isinstance(d, int) and d > 0) or d == got for d, got in zip(spec.shape[1:], value.shape[1:]))
+            if batch_only and isinstance(spec.shape[0], int) and spec.shape[0] > 0 and not hint:
+                hint = (f"; the model's batch size is fixed at {spec.shape[0]}: give batches of {spec.shape[0]} "
+                        f"(--batch-size {spec.shape[0]}, the default for file data with such a model)")
             raise BncalError(f"input {name!r}: expected shape {_format_shape(spec.shape)}, got {tuple(value.shape)} "
                              f"in batch {index}{hint}")
         if value.ndim == 0 or value.shape[0] == 0:

@@ -98,3 +98,29 @@ def test_bad_onnx_inputs_one_line_and_no_output(files, tmp_path, case):
         lines = output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), output
     assert not out.exists()
+
+
+def test_a_file_with_a_fixed_batch_reads_file_data_in_that_batch_size(files):
+    """A graph exported with batch 4 (as other exporters and the ONNX zoo do): without
+    --batch-size, file data comes in batches of 4, the same as asking for them."""
+    from onnx import numpy_helper
+
+    model = onnx.load(files / "stale.onnx")
+    for value in list(model.graph.input) + list(model.graph.output):
+        dim = value.type.tensor_type.shape.dim[0]
+        dim.ClearField("dim_param")
+        dim.dim_value = 4
+    fixed = files / "batch4.onnx"
+    onnx.save(model, fixed)
+    code, output = run("recalibrate", fixed, "--data", files / "calib.npy", "-o", files / "b4_default.onnx")
+    assert code == 0 and "batches of 4" in output and "in 128 batches" in output, output
+    code, output = run("recalibrate", fixed, "--data", files / "calib.npy", "--batch-size", 4, "-o",
+                       files / "b4_given.onnx")
+    assert code == 0, output
+    default, given = (onnx.load(files / f"b4_{k}.onnx").graph.initializer for k in ("default", "given"))
+    for a, b in zip(default, given):
+        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+    code, output = run("check", files / "b4_default.onnx", "--data", files / "calib.npy")
+    assert code == 0 and "PASSED" in output and "(128 batches, 512 samples)" in output, output
+    code, output = run("check", fixed, "--data", files / "calib.npy", "--batch-size", 32)
+    assert code == 1 and "expected shape (4, 1, 28, 28)" in output and "--batch-size 4" in output, output

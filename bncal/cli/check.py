@@ -39,9 +39,9 @@ def command(args) -> int:
     from ..check import CheckThresholds, check_onnx
 
     ui = args.ui
-    data = args.data.numpy_batches()
     thresholds = CheckThresholds(**args.thresholds)
     loaded = args.model.load()
+    data = args.data.numpy_batches(onnx_model=loaded.model if loaded.kind == "onnx" else None)
     parity = None
     if loaded.kind == "keras":
         from ..keras import check as check_keras

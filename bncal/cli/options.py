@@ -375,17 +375,26 @@ class DataValue(types.SimpleNamespace):
         """Whether the data is a folder of images (read as NCHW arrays, see :func:`bncal.data.load_data`)."""
         return bool(self.spec) and Path(self.spec).is_dir()
 
-    def load(self, *, rank: int = 0, world_size: int = 1):
+    def load(self, *, rank: int = 0, world_size: int = 1, batch_size: int | None = None):
+        """The data; ``batch_size`` is the default where ``--batch-size`` was not given."""
         from ..data import load_data
 
-        return load_data(self.spec, batch_size=self.batch_size, rank=rank, world_size=world_size,
+        return load_data(self.spec, batch_size=self.batch_size or batch_size, rank=rank, world_size=world_size,
                          image_options=self.image_options, shuffle=self.shuffle, seed=self.seed, inputs=self.inputs,
                          normalize=self.normalize)
 
-    def numpy_batches(self, *, rank: int = 0, world_size: int = 1):
+    def numpy_batches(self, *, rank: int = 0, world_size: int = 1, onnx_model=None):
+        """The data as numpy batches; for an ``onnx_model`` whose inputs fix the batch size (a file
+        exported with batch 1, say) that size is the default batch size."""
         from ..data import NumpyBatches
 
-        return NumpyBatches(self.load(rank=rank, world_size=world_size))
+        fixed = None
+        if onnx_model is not None:
+            from ..fold_export import fixed_batch_size
+            from ..runtime import input_specs
+
+            fixed = fixed_batch_size(input_specs(onnx_model))
+        return NumpyBatches(self.load(rank=rank, world_size=world_size, batch_size=fixed))
 
     @staticmethod
     def notes(data) -> list[str]:

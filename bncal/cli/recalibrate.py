@@ -138,7 +138,7 @@ def _recalibrate_onnx(args):
     with torchrun_process_group("cpu") as launch:
         proto = args.model.load().model
         providers = args.providers.resolve(launch.local_rank if launch.distributed else None)
-        batches = args.data.numpy_batches(rank=launch.rank, world_size=launch.world_size)
+        batches = args.data.numpy_batches(rank=launch.rank, world_size=launch.world_size, onnx_model=proto)
         new_model, report = recalibrate_onnx(proto, batches, mode=options.mode, tol=options.tol,
                                              max_passes=options.max_passes,
                                              max_samples=launch.shard_limit(args.data.max_samples),
