@@ -503,8 +503,9 @@ def check_onnx(
     from .calibration import BatchComposition, order_warning
     from .data import select_inputs
     from .onnx_graphs import find_batchnorms
+    from .fold_export import fixed_batch_size
     from .onnx_lowered import find_lowered_normalisations, no_batchnorm_hint
-    from .runtime import BatchStream, StatisticsSession, first_floating, ort_session, run
+    from .runtime import BatchStream, StatisticsSession, first_floating, input_specs, ort_session, run
 
     if not isinstance(model, onnx.ModelProto):
         raise BncalError(f"expected an onnx.ModelProto, got {type(model).__name__}; load the file with onnx.load first")
@@ -524,12 +525,15 @@ def check_onnx(
     train = StatisticsSession.train_graph(model, outputs=output_names, providers=providers)
 
     moments = train.new_moments()
+    single_value_fix = "check with batches of 2 or more samples (32+ is better)"
+    if fixed_batch_size(input_specs(model)) == 1:
+        single_value_fix = ("the model's batch size is fixed at 1, so its train mode cannot be run: check a copy "
+                            "exported with a dynamic or larger batch size")
     paired = PairedOutputs(output_names, lambda feeds, index: run(train.session, output_names, feeds, index=index))
     for index, feeds in stream:
         composition.add(first_floating(feeds))
         inferred = run(inference, output_names, feeds, index=index)
-        trained, _ = train.collect(feeds, index, moments, single_value_fix=(
-            "check with batches of 2 or more samples (32+ is better)"))
+        trained, _ = train.collect(feeds, index, moments, single_value_fix=single_value_fix)
         paired.add(index, feeds, inferred, trained)
 
     initializers = {init.name: init for init in model.graph.initializer}

@@ -176,7 +176,7 @@ def run_demo(out_dir, *, models_dir=None, plot: str | Path | None = None, echo: 
     echo("\n".join("   " + line for line in folded.table().splitlines()))
     echo("")
 
-    check_after = check_onnx(folded.original, test_feeds)  # the unfolded export of the recalibrated model
+    check_after = check_onnx(export_onnx(model, example, keep_batchnorm=True), test_feeds)
     worst_after = max(check_after.layers, key=lambda l: l.mean_shift)
     echo(f"6. bncal check after recalibration: {check_after.verdict}; worst layer {worst_after.name}: "
          f"mean shift {worst_after.mean_shift:.3f} sd, variance ratio {worst_after.var_ratio:.3f}")

@@ -1,14 +1,19 @@
 """Fold BatchNorm, export to ONNX, and prove in onnxruntime that nothing changed.
 
-A PyTorch model is exported once with every BatchNormalization kept (:func:`bncal.export.export_onnx`),
-then folded in the graph (:func:`bncal.folding.fold_onnx`, with the rulebook that
-:func:`bncal.analyze_foldability` applies to the PyTorch model, so ``bncal inspect`` predicts
-these decisions). Verification gives two figures, so that each difference is blamed on the
-step that made it:
+A PyTorch model is folded as a module first (:func:`bncal.folding.fold`, on a copy), and the
+folded copy is exported once (:func:`bncal.export.export_onnx`): exporting BatchNorms costs
+torch's exporter more than the fold itself (ResNet-18: the folded model exports in about half
+the time). The BNs the module fold must keep for reasons of modules only (hooks, a module called
+twice, tied weights) are exported as BatchNormalization and folded in the graph
+(:func:`bncal.folding.fold_onnx`); both apply one rulebook, the one :func:`bncal.analyze_foldability`
+shows, so ``bncal inspect`` predicts these decisions. Verification gives two figures, so that
+each difference is blamed on the step that made it:
 
-- **fold**: the folded graph against the unfolded export, both in onnxruntime;
-- **export**: the unfolded export in onnxruntime against the PyTorch model in eval mode
-  (an exporter or runtime difference, never reported as a folding error).
+- **fold**: the folded model against the model, both in PyTorch eval (and, where the graph
+  fold changed the export, the folded graph against the export, both in onnxruntime; per
+  output the worse of the two);
+- **export**: the exported graph in onnxruntime against the module it was exported from, in
+  PyTorch eval (an exporter or runtime difference, never reported as a folding error).
 
 An ``.onnx`` input gets the fold figure only (the folded file against the input file). Every
 comparison runs onnxruntime with its graph optimisations off, so the files are compared as
@@ -52,14 +57,17 @@ _VERIFY_LEVEL = "disable"  # the files as written: see the module docstring
 class FoldExportReport(ReportDisplay):
     """What fold-export did: per-BN decisions, before/after figures, and the verification.
 
-    ``decisions`` has one entry per BatchNormalization of the original graph (for a PyTorch
-    model: of its export, named after the PyTorch modules). ``comparison`` is the fold figure
-    (folded graph against the unfolded one, both in onnxruntime); ``export_comparison`` the
-    export figure (unfolded graph in onnxruntime against PyTorch; None for an ONNX input).
+    ``decisions`` has one entry per BatchNorm (for a PyTorch model: per BN module, named by
+    its module path, and per further BatchNormalization node of a module called more than once).
+    ``comparison`` is the fold figure, ``export_comparison`` the export figure (None for an ONNX
+    input; see the module docstring). ``ops_before`` counts the ops of the unfolded graph (for a
+    PyTorch model, whose BNs are folded before the export: the exported graph's, each BN folded
+    beforehand counted back as its BatchNormalization); ``bytes_before`` is None where no
+    unfolded graph is made (a PyTorch model folded as a module).
     ``latency_ms`` maps ``"original"``/``"folded"`` to ``{batch size: median ms}`` (empty unless
     asked for). ``notes`` say what was adapted or skipped (batch sizes a fixed-batch graph cannot
-    take); ``step_seconds`` times each step. ``original`` is the unfolded ONNX model (not part
-    of the JSON report).
+    take); ``step_seconds`` times each step. ``original`` is the unfolded ONNX model: the input,
+    or a PyTorch model's export with ``module_fold=False`` (else None; not part of the JSON report).
     """
 
     source: str
@@ -106,10 +114,17 @@ class FoldExportReport(ReportDisplay):
                      f"{self.bn_left} BatchNormalization left in the ONNX graph")
         parts += [f"  kept {d.bn}: {d.reason}" for d in refused]
         parts += [f"note: {note}" for note in self.notes]
-        unfolded = "the unfolded export" if self.source == "pytorch" else "the original file"
-        parts += ["", f"fold: folded graph vs {unfolded} (onnxruntime, optimisations off)", self.comparison.table()]
+        if self.source == "onnx":
+            fold = "fold: folded graph vs the original file (onnxruntime, optimisations off)"
+        elif self.original is not None:  # exported unfolded, folded in the graph alone
+            fold = "fold: folded graph vs the unfolded export (onnxruntime, optimisations off)"
+            export = "export: unfolded export in onnxruntime vs PyTorch eval"
+        else:
+            fold = "fold: folded model vs the model (PyTorch eval; graph folds: onnxruntime, optimisations off)"
+            export = "export: exported graph in onnxruntime vs the folded model in PyTorch eval"
+        parts += ["", fold, self.comparison.table()]
         if self.export_comparison is not None:
-            parts += ["", "export: unfolded export in onnxruntime vs PyTorch eval", self.export_comparison.table()]
+            parts += ["", export, self.export_comparison.table()]
         return "\n".join(parts)
 
 
@@ -333,70 +348,145 @@ def fold_export_torch(
     keep_failed: bool = False,
     latency_batches=(),
     optimization_level: str = "basic",
+    module_fold: bool = True,
     fold_fn=None,
     progress=False,
 ) -> tuple[object, FoldExportReport]:
-    """Export a PyTorch model, fold its BatchNorms in the graph, and verify both steps.
+    """Fold a PyTorch model's BatchNorms, export it to ONNX, and verify both steps.
 
-    One export of the eval-mode model with every BatchNormalization kept (the report's
-    "original" column), the graph fold (:func:`bncal.folding.fold_onnx`), then on
-    ``verify_batches`` (tuples of input tensors; default ``example_inputs`` and, with a dynamic
-    batch axis, a seeded random batch of another size) the fold figure and the export figure
-    (module docstring) under ``Tolerance.given(atol, rtol, scale_tol)``. With a fixed batch
-    (``dynamic_batch=False``) the batches are cut to the example's batch size. The model is never
-    modified. When a comparison fails, nothing is written to ``output`` (with ``keep_failed`` the
-    model goes to ``<stem>.FAILED-VERIFICATION.onnx``) and :class:`VerificationError` is raised
-    with the report as ``exc.report``, naming the step that failed. ``latency_batches`` (batch
-    sizes; default none) are timed in onnxruntime at ``optimization_level`` after verification
-    passed. ``progress``: True prints each step on stderr, a callable gets each step's message.
+    The model is folded as a module (:func:`bncal.folding.fold`, on a copy), the folded copy is
+    exported once (:func:`bncal.export.export_onnx`, BNs it kept still as BatchNormalization),
+    and the exported graph is folded by the same rules (:func:`bncal.folding.fold_onnx`), which
+    fold what only a module must refuse (hooks, a module called twice, tied weights). With
+    ``module_fold=False`` the model is exported unchanged and folded in the graph alone, and the
+    report keeps that unfolded export as ``report.original`` (for a train/inference check).
+    On ``verify_batches`` (tuples of input tensors; default ``example_inputs``, with a dynamic
+    batch axis followed by one seeded random sample, so that the batch size is one the export
+    was not traced at) two figures are computed under
+    ``Tolerance.given(atol, rtol, scale_tol)``: the fold figure (module docstring) and the
+    export figure. With a fixed batch (``dynamic_batch=False``) the batches are cut to the
+    example's batch size. The model is never modified. When a comparison fails, nothing is
+    written to ``output`` (with ``keep_failed`` the model goes to
+    ``<stem>.FAILED-VERIFICATION.onnx``) and :class:`VerificationError` is raised with the report
+    as ``exc.report``, naming the step that failed. ``latency_batches`` (batch sizes; default
+    none) are timed in onnxruntime at ``optimization_level`` after verification passed.
+    ``progress``: True prints each step on stderr, a callable gets each step's message.
     ``fold_fn`` replaces ``fold_onnx`` (tests corrupt a fold with it).
     """
     import torch
 
-    from .export import export_onnx
-    from .folding import fold_onnx, op_counts
+    from .export import export_onnx, export_owned_module
+    from .folding import fold, fold_onnx, op_counts
+    from .onnx_io import serialize
 
     start = time.perf_counter()
     steps = _Steps(progress)
     notes: list[str] = []
     example_inputs = tuple(example_inputs)
-    with steps("export", "exporting with torch.onnx.export (BatchNorms kept)"):
-        original = export_onnx(model, example_inputs, keep_batchnorm=True, opset=opset, input_names=input_names,
-                               output_names=output_names, dynamic_batch=dynamic_batch)
-    with steps("fold", "folding BatchNorms in the graph"):
-        proto, decisions = (fold_fn or fold_onnx)(original, bn_to_affine=bn_to_affine)
+    with steps("fold", "folding BatchNorms in the model"):
+        module = fold(model, example_inputs, bn_to_affine=bn_to_affine) if module_fold else None
+        if module is not None:
+            _out_of_place(module.model)
+    with steps("export", "exporting with torch.onnx.export"):
+        names = dict(opset=opset, input_names=input_names, output_names=output_names, dynamic_batch=dynamic_batch)
+        if module is None:
+            exported = export_onnx(model, example_inputs, keep_batchnorm=True, **names)
+        else:  # fold's result is a copy already
+            exported = export_owned_module(module.model, example_inputs, keep_batchnorm=True, check=False, **names)
+    proto, graph_decisions = exported, []
+    if any(node.op_type == "BatchNormalization" for node in exported.graph.node):
+        with steps("fold", "folding the BatchNorms left in the graph"):
+            proto, graph_decisions = (fold_fn or fold_onnx)(exported, bn_to_affine=bn_to_affine)
+    graph_folded = any(d.folded for d in graph_decisions)
+    decisions = _merged_decisions(module.decisions if module is not None else [], graph_decisions)
     tensors = all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in example_inputs)
     if verify_batches is None:
         verify_batches = [example_inputs]
-        if dynamic_batch and tensors:
+        if dynamic_batch and tensors:  # one batch: the example and one seeded sample more
             g = torch.Generator().manual_seed(1)
-            size = example_inputs[0].shape[0] + 1
-            verify_batches.append(tuple(torch.randn((size, *x.shape[1:]), generator=g).to(x.dtype) if x.is_floating_point()
-                                        else x[:1].expand(size, *x.shape[1:]).clone() for x in example_inputs))
+            verify_batches = [tuple(torch.cat([x, torch.randn((1, *x.shape[1:]), generator=g).to(x.dtype)
+                                               if x.is_floating_point() else x[:1]]) for x in example_inputs)]
     elif not dynamic_batch and tensors:
         verify_batches = list(fit_to_batch_size(verify_batches, example_inputs[0].shape[0], notes))
     with steps("verify", "verifying in onnxruntime"):
-        fold_figure, export_figure, feeds = _verify_torch(model, original, proto, verify_batches, steps,
-                                                          dict(atol=atol, rtol=rtol, scale_tol=scale_tol))
+        folded_bytes = serialize(proto)
+        fold_figure, export_figure, feeds = _verify_torch(
+            model, None if module is None else module.model, exported if graph_folded else None, folded_bytes,
+            verify_batches, steps, dict(atol=atol, rtol=rtol, scale_tol=scale_tol))
     report = FoldExportReport(
-        source="pytorch", output=None, decisions=decisions, ops_before=op_counts(original), ops_after=op_counts(proto),
-        bytes_before=original.ByteSize(), bytes_after=proto.ByteSize(), latency_ms={}, comparison=fold_figure,
-        seconds=0.0, export_comparison=export_figure, notes=notes, step_seconds=steps.seconds, original=original)
-    _finish(report, proto, original, output, feeds, latency_batches, optimization_level, keep_failed, steps, start)
+        source="pytorch", output=None, decisions=decisions, ops_before=_unfolded_op_counts(op_counts(exported), module),
+        ops_after=op_counts(proto), bytes_before=None if module else exported.ByteSize(), bytes_after=len(folded_bytes),
+        latency_ms={},
+        comparison=fold_figure, seconds=0.0, export_comparison=export_figure, notes=notes, step_seconds=steps.seconds,
+        original=exported if module is None else None)
+    unfolded = exported if module is None else (lambda: export_onnx(model, example_inputs, keep_batchnorm=True, **names))
+    _finish(report, proto, unfolded, output, feeds, latency_batches, optimization_level, keep_failed, steps, start,
+            folded_bytes)
     return proto, report
 
 
-def _verify_torch(model, original, folded, batches, steps, tolerance):
-    """The export figure (``original`` in onnxruntime vs ``model``) and the fold figure
-    (``folded`` vs ``original``), both sessions with optimisations off."""
+def _out_of_place(module) -> None:
+    """Run the activations of ``module`` (fold's own copy) out of place.
+
+    The value is the same and an ONNX graph has no in-place ops anyway, but torch's exporter pays
+    for functionalising them under a dynamic batch axis: MobileNetV2's ReLU6(inplace=True) costs
+    its decompositions 5.4 s against 1.2 s out of place (2 cores). A forward that reads a tensor
+    after an in-place activation changed it would compute something else: the fold figure,
+    which compares this copy with the model, shows it.
+    """
+    for sub in module.modules():
+        if isinstance(getattr(sub, "inplace", None), bool):
+            sub.inplace = False
+
+
+def _merged_decisions(module_decisions, graph_decisions) -> list[FoldDecision]:
+    """One decision per BN: the module fold's where it folded (or the BN never reached the
+    graph), else the graph fold's on its node (named after the module); nodes of a module
+    called more than once follow their module's entry."""
+    by_name = {d.bn: d for d in graph_decisions}
+    merged, taken = [], set()
+    for d in module_decisions:
+        if not d.folded and d.bn in by_name:
+            d = by_name[d.bn]
+            taken.add(d.bn)
+        merged.append(d)
+    return merged + [d for d in graph_decisions if d.bn not in taken]
+
+
+def _unfolded_op_counts(exported_ops: dict[str, int], module) -> dict[str, int]:
+    """The op counts of the model's export without any fold: the exported graph's, with each BN
+    the module fold removed counted back as the one BatchNormalization it exports as (a BN
+    turned into an affine map exports as Mul + Add instead)."""
+    from .folding.rules import TO_AFFINE
+
+    counts = dict(exported_ops)
+    for d in module.decisions if module is not None else []:
+        if not d.folded:
+            continue
+        counts["BatchNormalization"] = counts.get("BatchNormalization", 0) + 1
+        if d.direction == TO_AFFINE:
+            for op in ("Mul", "Add"):
+                counts[op] -= 1
+    return {op: n for op, n in counts.items() if n}
+
+
+def _verify_torch(model, folded_module, exported, folded_bytes, batches, steps, tolerance):
+    """The fold and export figures of :func:`fold_export_torch`.
+
+    Fold figure: ``folded_module`` against ``model``, both in PyTorch eval (exact when nothing
+    was folded in the module), and, when the graph fold changed ``exported``, the folded graph
+    against ``exported`` in onnxruntime: per output the worse of the two. Export figure:
+    ``exported`` (the folded graph when the graph fold changed nothing) in onnxruntime against
+    the module it was exported from, in PyTorch eval. Sessions run with optimisations off.
+    """
     import torch
 
     from .verify import compare_outputs
 
-    unfolded_session = _session(original, "onnxruntime cannot load the unfolded export")
-    folded_session = _session(folded, "onnxruntime cannot load the folded model")
-    names = [o.name for o in original.graph.output]
-    reference, unfolded, refolded = {}, {}, {}
+    folded_session = _session(folded_bytes, "onnxruntime cannot load the folded model")
+    exported_session = None if exported is None else _session(exported, "onnxruntime cannot load the export")
+    names = [o.name for o in folded_session.get_outputs()]
+    reference, module_folded, exported_got, graph_folded = {}, {}, {}, {}
     feeds = None
     modes = {m: m.training for m in model.modules()}
     try:
@@ -409,17 +499,22 @@ def _verify_torch(model, original, folded, batches, steps, tolerance):
                 expected = _flatten_outputs(model(*batch))
                 if len(expected) != len(names):
                     raise BncalError(f"the model returns {len(expected)} tensors, its export has {len(names)} outputs")
-                feeds = _feeds(unfolded_session, batch)
-                got = _run(unfolded_session, feeds, "the unfolded export")
-                folded_got = _run(folded_session, feeds, "the folded model")
-                for name, value in zip(names, expected):
+                folded = expected if folded_module is None else _flatten_outputs(folded_module(*batch))
+                feeds = _feeds(folded_session, batch)
+                got = _run(folded_session, feeds, "the folded model")
+                before = got if exported_session is None else _run(exported_session, feeds, "the export")
+                for name, value, value_folded in zip(names, expected, folded):
                     reference.setdefault(name, []).append(value)
-                    unfolded.setdefault(name, []).append(got[name])
-                    refolded.setdefault(name, []).append(folded_got.get(name))
+                    module_folded.setdefault(name, []).append(value_folded)
+                    exported_got.setdefault(name, []).append(before[name])
+                    graph_folded.setdefault(name, []).append(got.get(name))
     finally:
         for m, training in modes.items():
             m.training = training
-    return compare_outputs(unfolded, refolded, **tolerance), compare_outputs(reference, unfolded, **tolerance), feeds
+    fold_figure = compare_outputs(reference, module_folded, **tolerance)
+    if exported_session is not None:
+        fold_figure = fold_figure.worse_per_output(compare_outputs(exported_got, graph_folded, **tolerance))
+    return fold_figure, compare_outputs(module_folded, exported_got, **tolerance), feeds
 
 
 def torch_onnx_parity(model, proto, batches, *, atol: float | None = None, rtol: float | None = None,
@@ -523,23 +618,27 @@ def fold_export_onnx(
 # Shared ending: verdict, latency, writing
 
 
-def _finish(report, proto, original, output, feeds, latency_batches, level, keep_failed, steps, start) -> None:
+def _finish(report, proto, unfolded, output, feeds, latency_batches, level, keep_failed, steps, start,
+            serialized=None) -> None:
+    """Raise for a failed verification (after keeping the file if asked); else measure latency
+    (``unfolded``: the model to compare with, or a callable that makes it) and write ``output``."""
     from .onnx_io import save_onnx
     from .runtime import compare_latency, input_specs
 
     if not report.passed:
         if output is not None and keep_failed:
-            save_onnx(proto, failed_output_path(output))
+            save_onnx(proto, failed_output_path(output), serialized=serialized)
         report.seconds = time.perf_counter() - start
         raise _verification_error(report)
     if latency_batches:
         with steps("latency", "measuring latency in onnxruntime"):
-            by_batch = _latency_feeds(input_specs(original), feeds, latency_batches, report.notes)
-            report.latency_ms = compare_latency({"original": original, "folded": proto}, by_batch,
+            unfolded = unfolded() if callable(unfolded) else unfolded
+            by_batch = _latency_feeds(input_specs(unfolded), feeds, latency_batches, report.notes)
+            report.latency_ms = compare_latency({"original": unfolded, "folded": proto}, by_batch,
                                                 optimization_level=level)
     if output is not None:
         with steps("write", f"writing {output}"):
-            report.output = save_onnx(proto, output)
+            report.output = save_onnx(proto, output, serialized=serialized)
     report.seconds = time.perf_counter() - start
 
 
@@ -556,12 +655,11 @@ def _verification_error(report: FoldExportReport) -> VerificationError:
                 f"tolerance {comparison.tolerance}")
 
     if not report.comparison.passed:
-        unfolded = "the unfolded export" if report.source == "pytorch" else "the original"
-        message = f"the folded model does not match {unfolded} ({worst(report.comparison)}); nothing was written"
+        message = f"the folded model does not match the original ({worst(report.comparison)}); nothing was written"
     else:
         fold = report.comparison.worst()
         exact = f" (the fold itself is within {fold.required_scale_tol:.2g} of the scale)" if fold is not None else ""
-        message = (f"the unfolded export already differs from PyTorch in onnxruntime: an exporter or runtime "
+        message = (f"the export differs from the model it was exported from, in onnxruntime: an exporter or runtime "
                    f"difference, not the fold{exact} ({worst(report.export_comparison)}); nothing was written; "
                    "loosen the tolerance (--scale-tol, --atol/--rtol) if this difference is acceptable")
     error = VerificationError(message)

@@ -53,16 +53,28 @@ def onnx_files(path) -> list[Path]:
     return files
 
 
-def save_onnx(model, path) -> Path:
+def save_onnx(model, path, *, serialized: bytes | None = None) -> Path:
     """Write ``model`` as one file (external data ``<name>.data`` beside it only above protobuf's
-    2 GB limit), through the output policy: both files appear together, or neither does."""
+    2 GB limit), through the output policy: both files appear together, or neither does.
+    ``serialized`` is ``model.SerializeToString()`` where the caller has it already."""
     import onnx
 
     path = Path(path)
-    large = model.ByteSize() > _TWO_GB
+    large = serialized is None and model.ByteSize() > _TWO_GB
     with atomic_output(path) as tmp:
-        if large:  # the data file lands beside tmp, in the same staging folder, under its final name
+        if serialized is not None:
+            Path(tmp).write_bytes(serialized)
+        elif large:  # the data file lands beside tmp, in the same staging folder, under its final name
             onnx.save_model(model, str(tmp), save_as_external_data=True, location=path.name + ".data")
         else:
             onnx.save_model(model, str(tmp))
     return path
+
+
+def serialize(model) -> bytes:
+    """``model``'s bytes, or a BncalError naming the limit for a model over protobuf's 2 GB."""
+    try:
+        return model.SerializeToString()
+    except ValueError as exc:  # protobuf: "Message ... exceeds maximum protobuf size of 2GB"
+        raise BncalError(f"the model is over protobuf's 2 GB limit ({one_line(exc)}); fold-export verifies models "
+                         "in memory and cannot take one this large") from exc

@@ -161,7 +161,10 @@ class _Passes:
     def __init__(self, model: onnx.ModelProto, stream: BatchStream, providers, mode: str, group, handled):
         self.model, self.stream, self.providers, self.group = model, stream, providers, group
         self.channels = {info.name: info.channels for info in handled}
-        self.single_value_fix = "use batches of 2 or more samples, or mode 'eval'" if mode == "train" else None
+        self.single_value_fix = None
+        if mode == "train":
+            self.single_value_fix = ("the model's batch size is fixed at 1: use mode 'eval' (exact at any batch size)"
+                                     if _fixed_at_one(model) else "use batches of 2 or more samples, or mode 'eval'")
         self.order = DataOrder()
         self.previous: list[dict[str, BatchStatistics]] = []  # per batch of this rank's last eval pass
         self.sessions: dict[str, StatisticsSession] = {}
@@ -235,3 +238,11 @@ def _stats_dtype(model, info) -> np.dtype:
 
 def _values(initializer: onnx.TensorProto) -> np.ndarray:
     return numpy_helper.to_array(initializer).astype(np.float64).reshape(-1)
+
+
+def _fixed_at_one(model) -> bool:
+    """Whether the graph fixes its batch size at 1, where train mode can never see two samples."""
+    from .fold_export import fixed_batch_size
+    from .runtime import input_specs
+
+    return fixed_batch_size(input_specs(model)) == 1

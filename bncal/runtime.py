@@ -129,13 +129,13 @@ def statistics_form(providers=None) -> str:
 
 
 def ort_session(
-    model: onnx.ModelProto | str | Path,
+    model: onnx.ModelProto | bytes | str | Path,
     *,
     optimization_level: str = "basic",
     threads: int | None = None,
     providers: list | None = None,
 ) -> ort.InferenceSession:
-    """An onnxruntime session for ``model`` (a proto or a path) that logs errors only.
+    """An onnxruntime session for ``model`` (a proto, its serialized bytes, or a path) that logs errors only.
 
     ``optimization_level`` is ``"disable"``, ``"basic"``, ``"extended"`` or ``"all"``; ``threads``
     sets the intra-op thread count (None: onnxruntime's default). ``providers`` are tried in
@@ -163,7 +163,10 @@ def ort_session(
         )
     if _CPU not in map(_provider_name, providers):
         providers.append(_CPU)
-    source = _unique_node_names(model).SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    if isinstance(model, onnx.ModelProto):
+        source = _unique_node_names(model).SerializeToString()
+    else:
+        source = model if isinstance(model, bytes) else str(model)
     try:
         return ort.InferenceSession(source, sess_options=options, providers=providers)
     except _ORT_LOAD_ERRORS as error:

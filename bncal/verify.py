@@ -148,10 +148,14 @@ class ComparisonReport(ReportDisplay):
 
     def worst(self) -> OutputComparison | None:
         """The output farthest from passing: a failed one first, then the largest error / scale."""
-        def key(o):
-            ratio = o.required_scale_tol if o.required_scale_tol is not None else math.inf
-            return (not o.passed, ratio if ratio == ratio else math.inf)
-        return max(self.outputs, key=key, default=None)
+        return max(self.outputs, key=_distance_from_passing, default=None)
+
+    def worse_per_output(self, other: "ComparisonReport") -> "ComparisonReport":
+        """This comparison with each output replaced by ``other``'s same-named one where that is
+        farther from passing (two steps checked separately, reported as one figure)."""
+        by_name = {o.name: o for o in other.outputs}
+        outputs = [max(o, by_name.get(o.name, o), key=_distance_from_passing) for o in self.outputs]
+        return dataclasses.replace(self, outputs=outputs)
 
     def summary(self) -> str:
         """``PASSED: 1 output within scale_tol=0.0001`` (FAILED: which outputs)."""
@@ -188,6 +192,11 @@ class ComparisonReport(ReportDisplay):
         details = "; ".join(f"{o.name}: {o.problem()}" for o in self.outputs if not o.passed)
         if details:
             raise VerificationError(f"outputs differ beyond {self.tolerance}: {details}")
+
+
+def _distance_from_passing(o: OutputComparison) -> tuple[bool, float]:
+    ratio = o.required_scale_tol if o.required_scale_tol is not None else math.inf
+    return (not o.passed, ratio if ratio == ratio else math.inf)
 
 
 def compare_outputs(

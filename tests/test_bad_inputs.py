@@ -282,9 +282,9 @@ def test_big_endian_npy_reads_as_the_same_numbers(project):
 
 def test_verification_failure_keeps_only_the_documented_file(project, monkeypatch):
     import bncal.folding
-    from test_fold_export import _make_corrupting
+    from test_fold_export import _make_corrupting_module_fold
 
-    monkeypatch.setattr(bncal.folding, "fold_onnx", _make_corrupting(bncal.folding.fold_onnx))
+    monkeypatch.setattr(bncal.folding, "fold", _make_corrupting_module_fold(bncal.folding.fold))
     before = snapshot(project)
     code, output = run("fold-export", project / "tiny.py:build", "--weights", project / "w.safetensors",
                        "--input-shape", "2,3,8,8", "-o", project / "out.onnx", "--keep-failed",

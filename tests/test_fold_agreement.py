@@ -1,8 +1,8 @@
 """inspect predicts fold-export: one rulebook decides both.
 
-``bncal inspect`` shows :func:`bncal.analyze_foldability` on the PyTorch model; ``fold-export``
-(:func:`bncal.fold_export_torch`) exports it with every BN kept, folds the graph with
-:func:`bncal.fold_onnx` and proves the result against PyTorch in onnxruntime. For every BN the
+``bncal inspect`` shows :func:`bncal.analyze_foldability` on the PyTorch model; ``fold-export``'s
+graph fold (:func:`bncal.fold_export_torch` with ``module_fold=False``) exports it with every BN
+kept, folds the graph with :func:`bncal.fold_onnx` and proves the result against PyTorch in onnxruntime. For every BN the
 two must agree: folded or not, the direction, and the op it goes into. Checked on every model of
 ``models/zoo.py``, on the cases where they used to disagree, and on seeded random architectures.
 """

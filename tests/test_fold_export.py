@@ -47,6 +47,17 @@ def _make_corrupting(original_fold):
 _corrupting_fold = _make_corrupting(bncal.folding.fold_onnx)
 
 
+def _make_corrupting_module_fold(real_fold):
+    """A module fold that gets the first folded Conv bias slightly wrong."""
+    def corrupting(model, example_inputs, **kwargs):
+        result = real_fold(model, example_inputs, **kwargs)
+        conv = next(m for m in result.model.modules() if isinstance(m, nn.Conv2d))
+        with torch.no_grad():
+            conv.bias[0] += 0.05
+        return result
+    return corrupting
+
+
 @pytest.mark.parametrize("factory", [zoo.resnet_small, zoo.mobilenet_small])
 def test_torch_models_fold_completely_and_match(tmp_path, factory):
     model = _randomize_bn(factory())
@@ -66,13 +77,70 @@ def test_corrupted_fold_is_caught_and_nothing_is_written(tmp_path):
     model = _randomize_bn(zoo.resnet_small())
     out = tmp_path / "m.onnx"
     with pytest.raises(VerificationError, match="does not match") as info:
-        fold_export_torch(model, (torch.randn(2, 3, 32, 32),), out, fold_fn=_corrupting_fold, latency_batches=())
+        fold_export_torch(model, (torch.randn(2, 3, 32, 32),), out, module_fold=False, fold_fn=_corrupting_fold,
+                          latency_batches=())
     assert not out.exists()
     assert not info.value.report.passed and "FAILED" in info.value.report.table()
     with pytest.raises(VerificationError):
-        fold_export_torch(model, (torch.randn(2, 3, 32, 32),), out, fold_fn=_corrupting_fold, latency_batches=(),
-                          keep_failed=True)
+        fold_export_torch(model, (torch.randn(2, 3, 32, 32),), out, module_fold=False, fold_fn=_corrupting_fold,
+                          latency_batches=(), keep_failed=True)
     assert not out.exists() and (tmp_path / "m.FAILED-VERIFICATION.onnx").exists()
+
+
+def test_a_corrupted_module_fold_is_caught_by_the_fold_figure(tmp_path, monkeypatch):
+    """The module fold is checked against the model in PyTorch: a wrong folded bias fails the
+    fold figure (not the export figure, which compares the export with what was exported)."""
+    monkeypatch.setattr(bncal.folding, "fold", _make_corrupting_module_fold(bncal.folding.fold))
+    model = _randomize_bn(zoo.resnet_small())
+    out = tmp_path / "m.onnx"
+    with pytest.raises(VerificationError, match="the folded model does not match the original") as info:
+        fold_export_torch(model, (torch.randn(2, 3, 32, 32),), out)
+    report = info.value.report
+    assert not report.comparison.passed and report.export_comparison.passed and not out.exists()
+
+
+def test_what_only_a_module_must_keep_is_folded_in_the_graph(tmp_path):
+    """A BN module called twice and a BN with a hook stay BNs in the module fold; the graph fold
+    folds their nodes, and the fold figure then includes the graph fold's own comparison."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)
+            self.shared = nn.BatchNorm2d(4)
+            self.hooked = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+            self.hooked[1].register_forward_hook(lambda module, inputs, output: output * 2)
+
+        def forward(self, x):
+            return self.hooked(self.shared(self.b(torch.relu(self.shared(self.a(x))))))
+
+    model = _randomize_bn(Twice())
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        expected = model(x)
+    proto, report = fold_export_torch(model, (x,), tmp_path / "m.onnx")
+    assert report.passed and report.bn_left == 0
+    assert [d.bn for d in report.decisions if d.folded] == ["shared", "hooked.1", *[d.bn for d in report.decisions[2:]]]
+    assert len(report.decisions) == 3 and all(d.folded for d in report.decisions)
+    import onnxruntime as ort
+
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_in_place_activations_export_out_of_place_and_the_model_keeps_its_own(tmp_path):
+    model = _randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU6(inplace=True),
+                                        nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU(inplace=True)))
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    _, report = fold_export_torch(model, (x,), tmp_path / "m.onnx")
+    assert report.passed and report.bn_left == 0
+    assert model[2].inplace and model[5].inplace  # the user's model is never changed
+    import onnxruntime as ort
+
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def _gemm_bn_model():
@@ -133,7 +201,7 @@ def test_cli_fold_export_with_data_and_json(tmp_path):
 
 def test_cli_corrupted_fold_exits_1_without_output(tmp_path, monkeypatch):
     _write_model_file(tmp_path)
-    monkeypatch.setattr(bncal.folding, "fold_onnx", _corrupting_fold)
+    monkeypatch.setattr(bncal.folding, "fold", _make_corrupting_module_fold(bncal.folding.fold))
     out = tmp_path / "m.onnx"
     result = CliRunner().invoke(main, ["fold-export", str(tmp_path / "net.py:build"), "--weights", str(tmp_path / "w.safetensors"),
                                        "--input-shape", "2,3,32,32", "-o", str(out)])
@@ -181,8 +249,8 @@ def _wrong_epsilon_fold(model, **kwargs):
 def test_a_wrong_epsilon_fails_the_default_tolerance(tmp_path):
     model = _randomize_bn(zoo.resnet_small())
     out = tmp_path / "m.onnx"
-    with pytest.raises(VerificationError, match="the folded model does not match the unfolded export") as info:
-        fold_export_torch(model, (torch.randn(2, 3, 32, 32),), out, fold_fn=_wrong_epsilon_fold)
+    with pytest.raises(VerificationError, match="the folded model does not match the original") as info:
+        fold_export_torch(model, (torch.randn(2, 3, 32, 32),), out, module_fold=False, fold_fn=_wrong_epsilon_fold)
     report = info.value.report
     assert not out.exists() and not report.comparison.passed and report.export_comparison.passed
     # The error, relative to the output's scale, is far above 1e-5 and far below a gross mistake.
@@ -207,13 +275,13 @@ def test_two_figures_blame_the_exporter_not_the_fold(tmp_path):
 
     model = _randomize_bn(TracesDifferently())
     out = tmp_path / "m.onnx"
-    with pytest.raises(VerificationError, match="already differs from PyTorch in onnxruntime: an exporter or runtime "
-                                                "difference, not the fold") as info:
+    with pytest.raises(VerificationError, match="the export differs from the model it was exported from, in "
+                                                "onnxruntime: an exporter or runtime difference, not the fold") as info:
         fold_export_torch(model, (torch.randn(2, 3, 8, 8),), out)
     report = info.value.report
     assert report.comparison.passed and report.comparison.worst().required_scale_tol < 1e-6
     assert not report.export_comparison.passed and not out.exists()
-    assert "export: unfolded export in onnxruntime vs PyTorch eval" in report.table()
+    assert "export: exported graph in onnxruntime vs the folded model in PyTorch eval" in report.table()
 
 
 def test_a_graph_onnxruntime_cannot_run_is_one_line_naming_the_node():

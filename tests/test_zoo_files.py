@@ -148,3 +148,19 @@ def test_an_old_opset_training_graph_is_never_written_changed(files):
         assert bn_count(out) == 2, output
     else:
         assert "the folded model does not match the original" in output.splitlines()[-1] and not out.exists()
+
+
+def test_a_fixed_batch_of_one_under_a_bn1d_names_the_way_out(tmp_path):
+    """Train mode cannot run a BN1d at a fixed batch of 1 (one value per channel): the error says
+    what works instead, not "use batches of 2", which such a file cannot take."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    randomize_bn(net)
+    source = tmp_path / "head1.onnx"
+    onnx.save(torchscript_export(net.eval(), 1), source)
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(8, 3, 8, 8)).astype(np.float32))
+    code, output = run("recalibrate", source, "--data", tmp_path / "x.npy", "--mode", "train", "-o", tmp_path / "o.onnx")
+    assert code == 1 and "fixed at 1: use mode 'eval'" in output.strip().splitlines()[-1]
+    code, output = run("recalibrate", source, "--data", tmp_path / "x.npy", "--mode", "eval", "-o", tmp_path / "o.onnx")
+    assert code == 0, output
+    code, output = run("check", source, "--data", tmp_path / "x.npy")
+    assert code == 1 and "check a copy exported with a dynamic or larger batch size" in output.strip().splitlines()[-1]

@@ -1,8 +1,9 @@
 """Does ``bncal inspect`` predict what ``fold-export`` does? Count it on random architectures.
 
 For each PyTorch model: the decisions ``bncal inspect`` shows (``bncal.analyze_foldability`` on
-the model) against ``fold-export``'s (``bncal.fold_export_torch``: one export with every BN kept
--- BN and linear nodes named after their modules -- the graph fold ``bncal.fold_onnx``, and the
+the model) against ``fold-export``'s graph fold (``bncal.fold_export_torch(module_fold=False)``:
+one export with every BN kept -- BN and linear nodes named after their modules -- the graph fold
+``bncal.fold_onnx``, and the
 parity check against PyTorch in onnxruntime, which raises if a fold is wrong). A BN agrees when
 both fold it the same way into the same op, or both keep it. The models are
 ``models/random_nets.py`` branches, packed several per model so that one export covers many.
@@ -15,6 +16,7 @@ Only public names of ``bncal`` are used, so the same script measures an older ch
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from pathlib import Path
 
@@ -29,7 +31,9 @@ def compare(model, inputs) -> list[tuple[str, tuple, tuple, str, str]]:
     import bncal
 
     predicted = {d.bn: d for d in bncal.analyze_foldability(model, inputs)}
-    _, report = bncal.fold_export_torch(model, inputs, latency_batches=())
+    # The graph fold alone (fold-export folds in the module first, with the rules compared here).
+    graph_only = {"module_fold": False} if "module_fold" in inspect.signature(bncal.fold_export_torch).parameters else {}
+    _, report = bncal.fold_export_torch(model, inputs, latency_batches=(), **graph_only)
     done = {d.bn: d for d in report.decisions}
     rows = []
     for name in [*predicted, *(n for n in done if n not in predicted)]:

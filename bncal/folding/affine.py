@@ -58,8 +58,8 @@ def input_channels(op: str, weight_shape, *, group: int = 1, trans_b: int = 0) -
 def fold_output_side(op: str, weight, bias, scale, shift, *, group: int = 1, trans_b: int = 0,
                      beta: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """``(W', b')`` of ``op`` followed by the affine map ``s * y + t`` (``bias`` may be None)."""
-    w = _f64(weight)
-    new_weight = w * _output_factor(op, w.shape, scale, group, trans_b)
+    new_weight = np.array(weight, dtype=np.float64)  # a copy, scaled in place: one weight-sized buffer
+    new_weight *= _output_factor(op, new_weight.shape, scale, group, trans_b)
     new_bias = shift if bias is None else scale * beta * _f64(bias) + shift
     return new_weight, new_bias
 
@@ -75,7 +75,9 @@ def fold_input_side(op: str, weight, bias, scale, shift, *, group: int = 1, tran
     per_output_axes = tuple(range(1, w.ndim)) if op == "Conv" else (1 if trans_b else 0)
     absorbed = (w * _input_factor(op, w.shape, shift, group, trans_b)).sum(axis=per_output_axes)
     new_bias = alpha * absorbed + (0.0 if bias is None else beta * _f64(bias))
-    return w * _input_factor(op, w.shape, scale, group, trans_b), new_bias
+    new_weight = np.array(w)  # w may be the caller's own float64 array
+    new_weight *= _input_factor(op, w.shape, scale, group, trans_b)
+    return new_weight, new_bias
 
 
 def _output_factor(op, shape, per_channel, group, trans_b) -> np.ndarray:
