@@ -60,7 +60,7 @@ def test_base_install_serves_onnx_without_torch(tmp_path):
     venv.EnvBuilder(with_pip=True).create(tmp_path / "venv")
     bin_dir = tmp_path / "venv" / ("Scripts" if os.name == "nt" else "bin")
     python = bin_dir / "python"
-    installed = _run([python, "-m", "pip", "install", "-q", "-c", ROOT / "constraints.txt", wheel])
+    installed = _run([python, "-m", "pip", "install", "-q", "-c", ROOT / "tools" / "constraints.txt", wheel])
     if installed.returncode != 0 and any(word in installed.stderr for word in _OFFLINE):
         pytest.skip(f"pip cannot reach a package index: {installed.stderr.strip().splitlines()[-1]}")
     assert installed.returncode == 0, installed.stderr[-3000:]

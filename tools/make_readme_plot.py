@@ -1,4 +1,4 @@
-"""Write docs/check-plot.png: the README's figure of `bncal check --plot`, stale vs recalibrated.
+"""Write tools/readme/check-plot.png: the README's figure of `bncal check --plot`, stale vs recalibrated.
 
 The shipped stale ONNX model and its recalibration (onnxruntime only, on the calibration digits),
 each checked on the held-out digits and drawn in one figure by :func:`bncal.plot.plot_check`:
@@ -19,7 +19,7 @@ from bncal.plot import plot_check  # noqa: E402
 from models import zoo  # noqa: E402
 
 if __name__ == "__main__":
-    out = ROOT / "docs" / "check-plot.png"
+    out = ROOT / "tools" / "readme" / "check-plot.png"
     stale = onnx.load(str(ROOT / "models" / "mnist_cnn_stale.onnx"))
     heldout = [x.numpy() for x in zoo.heldout_batches()]
     fixed, _ = recalibrate_onnx(stale, [x.numpy() for x in zoo.calibration_batches()])
