@@ -119,10 +119,11 @@ def statistics_form(providers=None) -> str:
     """The form of derived graph (:data:`bncal.onnx_graphs.FORMS`) for sessions on ``providers``.
 
     ``"batchnorm"`` (training-mode BatchNormalization) when the CPU provider comes first or
-    alone: measured faster there. ``"arithmetic"`` when another provider comes first: CUDA
-    lacks training-mode BatchNormalization from opset 14 on (onnxruntime issue 16867), and
-    plain arithmetic runs on every provider. Remote providers (Azure) run no node, so they
-    do not count as first.
+    alone: measured faster there (its train graph 1.4-1.5x faster than ``"arithmetic"``'s; why
+    no faster exact form was found: :mod:`bncal.onnx_graphs`). ``"arithmetic"`` when another
+    provider comes first: CUDA lacks training-mode BatchNormalization from opset 14 on
+    (onnxruntime issue 16867), and plain arithmetic runs on every provider. Remote providers
+    (Azure) run no node, so they do not count as first.
     """
     local = [name for name in map(_provider_name, providers or []) if name not in _REMOTE_PROVIDERS]
     return "batchnorm" if not local or local[0] == _CPU else "arithmetic"

@@ -14,9 +14,22 @@ export folds Conv+BN), then times, over the same batches, in interleaved repetit
 - one warm pass of each derived graph's session alone, to show where the time goes: the train
   graph in both forms (``batchnorm``: training-mode BatchNormalization; ``arithmetic``:
   ReduceMean/Sub/ReduceSumSquare and an inference BatchNormalization, what GPU providers get),
-  at level ``all`` and ``basic``, and the eval-mode statistics graph in both forms.
+  at level ``all`` and ``basic``, and the eval-mode statistics graph in both forms;
+- two normalisation floors: the model with every BN normalising with per-channel values fed
+  as graph inputs, so that no statistics are computed at all, as an inference
+  BatchNormalization (``BN kernel``) or as ``Mul`` + ``Add`` (elementwise ops onnxruntime runs
+  on all its threads). Values that are not constant keep onnxruntime from folding the BN into
+  its Conv and from keeping its NCHWc (blocked) layout around it, as in every train graph:
+  no statistics form that normalises with the batch's own statistics runs faster than these;
+- the train graph (``batchnorm`` form) at 1 intra-op thread with 2 batches in flight (two
+  ``session.run`` calls at once), a scheduling option rather than a form.
 
-Prints each median over the repeats with its range, divided by the inference pass's median.
+Prints, per row, the median wall time over the repeats with its range, the fastest repeat
+over inference's fastest (the least disturbed runs on a shared machine), and the median
+process CPU time, each divided by the inference pass's. ``--threads`` sets onnxruntime's
+intra-op threads of the inference session and the per-graph sessions (default:
+onnxruntime's, what recalibration's own sessions use, which take no thread count; ``--threads
+1`` compares work at equal resources, and is steadier on a loaded machine).
 Run from the repository root::
 
     .venv/bin/python tools/bench_onnx_recalibrate.py [--batches 32] [--batch-size 32] [--size 32] [--width 32]
@@ -30,6 +43,7 @@ import statistics
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +78,42 @@ def export_resnet(size: int, width: int = 32):
     return model
 
 
+def normalisation_floor(model, kind: str):
+    """``model`` with every BN normalising with per-channel values fed as graph inputs
+    (defaults: the model's own), so no statistics are computed: ``kind`` ``"bn"`` keeps the
+    inference BatchNormalization reading them, ``"muladd"`` replaces it by ``Mul(X, a) + c``."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from bncal.onnx_graphs import find_batchnorms
+
+    floor = onnx.ModelProto()
+    floor.CopyFrom(model)
+    graph = floor.graph
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+
+    def fed(value, name):
+        graph.initializer.append(numpy_helper.from_array(value, name))
+        graph.input.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(value.shape)))
+        return name
+
+    replaced = {}
+    for info in (info for info in find_batchnorms(model) if info.handled):
+        node = graph.node[info.node_index]
+        if kind == "bn":
+            node.input[3] = fed(values[info.mean_initializer], f"floor.{info.name}.mean")
+            node.input[4] = fed(values[info.var_initializer], f"floor.{info.name}.var")
+            continue
+        a = fed(np.ones((info.channels, 1, 1), np.float32), f"floor.{info.name}.a")
+        c = fed(np.zeros((info.channels, 1, 1), np.float32), f"floor.{info.name}.c")
+        replaced[info.node_index] = [helper.make_node("Mul", [info.input, a], [f"floor.{info.name}.ax"]),
+                                     helper.make_node("Add", [f"floor.{info.name}.ax", c], [info.output])]
+    nodes = [n for i, node in enumerate(graph.node) for n in replaced.get(i, [node])]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return floor
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=32)
@@ -73,62 +123,82 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compare-with", metavar="GIT_REF", help="also time bncal as committed at this git ref")
     parser.add_argument("--no-graphs", action="store_true", help="skip the per-graph passes")
+    parser.add_argument("--threads", type=int, help="intra-op threads of the inference and per-graph sessions "
+                        "(default: onnxruntime's, as recalibration's own sessions)")
     args = parser.parse_args(argv)
 
     import onnxruntime as ort
 
     from bncal.onnx_recalibrate import recalibrate_onnx
-    from bncal.runtime import StatisticsSession, ort_session, statistics_form
+    from bncal.runtime import ort_session, statistics_form
 
     model = export_resnet(args.size, args.width)
     rng = np.random.default_rng(0)
     batches = [rng.standard_normal((args.batch_size, 3, args.size, args.size)).astype(np.float32)
                for _ in range(args.batches)]
-    inference = ort_session(model, optimization_level="all")  # the level recalibration's sessions use
+    inference = ort_session(model, optimization_level="all", threads=args.threads)  # recalibration's level
     output_names = [o.name for o in inference.get_outputs()]
 
     def infer():
         for x in batches:
             inference.run(output_names, {"x": x})
 
-    runs = {"inference": infer, f"recalibrate ({statistics_form(None)} form on CPU)":
+    default_threads = "" if args.threads is None else ", default threads"  # its sessions take no thread count
+    runs = {"inference": infer, f"recalibrate ({statistics_form(None)} form on CPU{default_threads})":
             lambda: recalibrate_onnx(model, batches, mode="train")}
     if args.compare_with:
         previous = previous_module(args.compare_with, "onnx_recalibrate")
-        runs[f"recalibrate (previous, {args.compare_with})"] = lambda: previous.recalibrate_onnx(model, batches,
-                                                                                                 mode="train")
+        runs[f"recalibrate (previous, {args.compare_with}{default_threads})"] = (
+            lambda: previous.recalibrate_onnx(model, batches, mode="train"))
     if not args.no_graphs:
-        from bncal.onnx_graphs import make_train_graph
+        from bncal.onnx_graphs import make_stats_graph, make_train_graph
 
         def graph_pass(session):
             names = [o.name for o in session.get_outputs()]
             return lambda: [session.run(names, {"x": x}) for x in batches]
 
+        def in_flight(session, count=2):
+            names, pool = [o.name for o in session.get_outputs()], ThreadPoolExecutor(count)
+            return lambda: list(pool.map(lambda x: session.run(names, {"x": x}), batches))
+
         for form in ("batchnorm", "arithmetic"):
-            train = StatisticsSession.train_graph(model, form=form).session
-            runs[f"train graph pass, {form}, level all"] = graph_pass(train)
             graph, _ = make_train_graph(model, expose_stats=True, keep_model_outputs=False, form=form)
-            runs[f"train graph pass, {form}, level basic"] = graph_pass(ort_session(graph, optimization_level="basic"))
+            for level in ("all", "basic"):
+                runs[f"train graph pass, {form}, level {level}"] = graph_pass(
+                    ort_session(graph, optimization_level=level, threads=args.threads))
         for form in ("batchnorm", "arithmetic"):
-            runs[f"eval stats graph pass, {form}"] = graph_pass(StatisticsSession.stats_graph(model, form=form).session)
+            graph, _ = make_stats_graph(model, keep_model_outputs=False, form=form)
+            runs[f"eval stats graph pass, {form}"] = graph_pass(ort_session(graph, optimization_level="all",
+                                                                            threads=args.threads))
+        for kind, label in (("bn", "BN kernel"), ("muladd", "Mul+Add")):
+            runs[f"normalisation floor, {label}"] = graph_pass(
+                ort_session(normalisation_floor(model, kind), optimization_level="all", threads=args.threads))
+        graph, _ = make_train_graph(model, expose_stats=True, keep_model_outputs=False, form="batchnorm")
+        runs["train graph, batchnorm, 1 thread x 2 in flight"] = in_flight(
+            ort_session(graph, optimization_level="all", threads=1))
 
     for fn in runs.values():  # warm-up
         fn()
     times = {name: [] for name in runs}
+    cpu_times = {name: [] for name in runs}
     for _ in range(args.repeats):  # interleaved, so load changes hit all alike
         for name, fn in runs.items():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - cpu_start)
     samples = args.batches * args.batch_size
+    threads = "onnxruntime's default" if args.threads is None else args.threads
     print(f"resnet_small(width={args.width}), {args.batches} batches of {args.batch_size}x3x{args.size}x{args.size}, "
-          f"onnxruntime {ort.__version__}, {args.repeats} interleaved repeats; ratios to the inference pass's median")
-    base = statistics.median(times["inference"])
+          f"onnxruntime {ort.__version__}, intra-op threads {threads}, {args.repeats} interleaved repeats; "
+          "ratios to the inference pass's median (process CPU time counts onnxruntime's spinning threads)")
+    base, cpu_base = statistics.median(times["inference"]), statistics.median(cpu_times["inference"])
     for name, values in times.items():
-        median = statistics.median(values)
+        median, cpu = statistics.median(values), statistics.median(cpu_times[name])
         ratios = sorted(v / base for v in values)
-        print(f"  {name:44s} median {median * 1e3:8.1f} ms  {samples / median:7.0f} samples/s  "
-              f"{median / base:.3f}x (range {ratios[0]:.3f} to {ratios[-1]:.3f})")
+        best = min(values) / min(times["inference"])  # the least disturbed runs of a shared machine
+        print(f"  {name:56s} wall {median * 1e3:7.1f} ms {samples / median:6.0f} samples/s {median / base:.3f}x "
+              f"(range {ratios[0]:.3f} to {ratios[-1]:.3f}, best/best {best:.3f}x)  cpu {cpu / cpu_base:.3f}x")
     return 0
 
 
