@@ -33,6 +33,7 @@ fixed-batch graph cannot take is skipped with a note.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import sys
 import time
@@ -376,7 +377,7 @@ def fold_export_torch(
     import torch
 
     from .export import export_onnx, export_owned_module
-    from .folding import fold, fold_onnx, op_counts
+    from .folding import check_initialized, fold, fold_onnx, op_counts
     from .onnx_io import serialize
 
     start = time.perf_counter()
@@ -384,15 +385,13 @@ def fold_export_torch(
     notes: list[str] = []
     example_inputs = tuple(example_inputs)
     with steps("fold", "folding BatchNorms in the model"):
+        check_initialized(model)
         module = fold(model, example_inputs, bn_to_affine=bn_to_affine) if module_fold else None
-        if module is not None:
-            _out_of_place(module.model)
+        work = copy.deepcopy(model).eval() if module is None else module.model  # fold's result is a copy already
+        _out_of_place(work)
     with steps("export", "exporting with torch.onnx.export"):
         names = dict(opset=opset, input_names=input_names, output_names=output_names, dynamic_batch=dynamic_batch)
-        if module is None:
-            exported = export_onnx(model, example_inputs, keep_batchnorm=True, **names)
-        else:  # fold's result is a copy already
-            exported = export_owned_module(module.model, example_inputs, keep_batchnorm=True, check=False, **names)
+        exported = export_owned_module(work, example_inputs, keep_batchnorm=True, check=False, **names)
     proto, graph_decisions = exported, []
     if any(node.op_type == "BatchNormalization" for node in exported.graph.node):
         with steps("fold", "folding the BatchNorms left in the graph"):
@@ -415,9 +414,9 @@ def fold_export_torch(
             verify_batches, steps, dict(atol=atol, rtol=rtol, scale_tol=scale_tol))
     report = FoldExportReport(
         source="pytorch", output=None, decisions=decisions, ops_before=_unfolded_op_counts(op_counts(exported), module),
-        ops_after=op_counts(proto), bytes_before=None if module else exported.ByteSize(), bytes_after=len(folded_bytes),
-        latency_ms={},
-        comparison=fold_figure, seconds=0.0, export_comparison=export_figure, notes=notes, step_seconds=steps.seconds,
+        ops_after=op_counts(proto), bytes_before=None if module is not None else exported.ByteSize(),
+        bytes_after=len(folded_bytes), latency_ms={}, comparison=fold_figure, seconds=0.0,
+        export_comparison=export_figure, notes=notes, step_seconds=steps.seconds,
         original=exported if module is None else None)
     unfolded = exported if module is None else (lambda: export_onnx(model, example_inputs, keep_batchnorm=True, **names))
     _finish(report, proto, unfolded, output, feeds, latency_batches, optimization_level, keep_failed, steps, start,
@@ -426,13 +425,13 @@ def fold_export_torch(
 
 
 def _out_of_place(module) -> None:
-    """Run the activations of ``module`` (fold's own copy) out of place.
+    """Run the activations of ``module`` (a copy fold-export owns) out of place.
 
     The value is the same and an ONNX graph has no in-place ops anyway, but torch's exporter pays
     for functionalising them under a dynamic batch axis: MobileNetV2's ReLU6(inplace=True) costs
     its decompositions 5.4 s against 1.2 s out of place (2 cores). A forward that reads a tensor
-    after an in-place activation changed it would compute something else: the fold figure,
-    which compares this copy with the model, shows it.
+    after an in-place activation changed it would compute something else: the fold figure
+    (this copy against the model) or, for a copy exported unfolded, the export figure shows it.
     """
     for sub in module.modules():
         if isinstance(getattr(sub, "inplace", None), bool):
