@@ -56,7 +56,8 @@ def export_onnx(
     ``example_inputs`` is the tuple of positional tensor inputs (a lone tensor is accepted).
     ``model`` is not modified: a deep copy is put in eval mode, so any BatchNormalization in the
     graph is the inference one. With ``dynamic_batch`` dim 0 of every input and output is the
-    symbolic axis ``batch``. Outputs that are tuples, lists or dicts are flattened (dicts in
+    symbolic axis ``batch`` (traced at batch 2 when the example has 1 sample, see
+    :func:`traced_batch`). Outputs that are tuples, lists or dicts are flattened (dicts in
     insertion order). Default names are ``input``/``output`` for a single tensor; several
     inputs are named after the parameters of ``model.forward`` they are passed to
     (``forward(self, image, meta)``: ``image``, ``meta``), so that dict batches by those names
@@ -89,6 +90,7 @@ def export_owned_module(work: nn.Module, example_inputs, path=None, *, opset: in
             if dynamo:
                 dynamic_shapes = None
                 if dynamic_batch:
+                    inputs = traced_batch(inputs)
                     batch = torch.export.Dim(_BATCH_AXIS)
                     dynamic_shapes = tuple({0: batch} if isinstance(x, torch.Tensor) else None
                                            for x in inputs)
@@ -111,6 +113,16 @@ def export_owned_module(work: nn.Module, example_inputs, path=None, *, opset: in
             raise BncalError(f"torch.onnx.export failed: {one_line(exc)}{hint}") from exc
     _name_batchnorms_after_modules(proto)
     return _check_and_save(proto, path) if check or path is not None else proto
+
+
+def traced_batch(inputs: tuple) -> tuple:
+    """The example inputs a dynamic batch axis is traced with: ``inputs``, or each tensor twice
+    over when they hold one sample. torch.export specialises sizes 0 and 1, and some models
+    fail to export at batch 1 with a dynamic axis (ConvNeXt-T: "Invalid ranges [2:1]")."""
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    if not tensors or any(x.dim() == 0 or x.shape[0] != 1 for x in tensors):
+        return inputs
+    return tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) else x for x in inputs)
 
 
 def supported_opsets() -> range:

@@ -362,8 +362,9 @@ def fold_export_torch(
     ``module_fold=False`` the model is exported unchanged and folded in the graph alone, and the
     report keeps that unfolded export as ``report.original`` (for a train/inference check).
     On ``verify_batches`` (tuples of input tensors; default ``example_inputs``, with a dynamic
-    batch axis followed by one seeded random sample, so that the batch size is one the export
-    was not traced at) two figures are computed under
+    batch axis followed by one seeded random sample unless the example is one sample, which is
+    traced at batch 2 (:func:`bncal.export.traced_batch`): a batch size the export was not
+    traced at) two figures are computed under
     ``Tolerance.given(atol, rtol, scale_tol)``: the fold figure (module docstring) and the
     export figure. With a fixed batch (``dynamic_batch=False``) the batches are cut to the
     example's batch size. The model is never modified. When a comparison fails, nothing is
@@ -376,7 +377,7 @@ def fold_export_torch(
     """
     import torch
 
-    from .export import export_onnx, export_owned_module
+    from .export import export_onnx, export_owned_module, traced_batch
     from .folding import check_initialized, fold, fold_onnx, op_counts
     from .onnx_io import serialize
 
@@ -401,7 +402,8 @@ def fold_export_torch(
     tensors = all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in example_inputs)
     if verify_batches is None:
         verify_batches = [example_inputs]
-        if dynamic_batch and tensors:  # one batch: the example and one seeded sample more
+        if dynamic_batch and tensors and traced_batch(example_inputs) is example_inputs:
+            # A batch size the export was not traced at: the example and one seeded sample more.
             g = torch.Generator().manual_seed(1)
             verify_batches = [tuple(torch.cat([x, torch.randn((1, *x.shape[1:]), generator=g).to(x.dtype)
                                                if x.is_floating_point() else x[:1]]) for x in example_inputs)]

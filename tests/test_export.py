@@ -96,6 +96,25 @@ def test_export_matches_pytorch_with_dynamic_batch(cnn, tmp_path, capfd):
         _assert_close(got, want)
 
 
+def test_a_one_sample_example_is_traced_at_batch_two_and_the_export_takes_any_batch(cnn):
+    from bncal.export import traced_batch
+
+    x, meta = torch.randn(1, 3, 16, 16), 7
+    doubled = traced_batch((x, meta))
+    assert doubled[0].shape == (2, 3, 16, 16) and torch.equal(doubled[0][1], x[0]) and doubled[1] == 7
+    two = (torch.randn(2, 3, 16, 16),)
+    assert traced_batch(two) is two
+    proto = export_onnx(cnn, (x,))
+    assert _dims(proto.graph.input[0]) == ["batch", 3, 16, 16]
+    session, reference = _session(proto), copy.deepcopy(cnn).eval()
+    for batch in (1, 2, 3):
+        x = torch.randn(batch, 3, 16, 16)
+        with torch.no_grad():
+            want = reference(x).numpy()
+        [got] = session.run(None, {"input": x.numpy()})
+        _assert_close(got, want)
+
+
 @pytest.mark.parametrize("bn_to_affine", [False, True])
 def test_folded_export_has_no_batchnorm(cnn, bn_to_affine):
     x = torch.randn(2, 3, 16, 16)
