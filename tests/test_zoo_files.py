@@ -164,3 +164,20 @@ def test_a_fixed_batch_of_one_under_a_bn1d_names_the_way_out(tmp_path):
     assert code == 0, output
     code, output = run("check", source, "--data", tmp_path / "x.npy")
     assert code == 1 and "check a copy exported with a dynamic or larger batch size" in output.strip().splitlines()[-1]
+
+
+def test_statistics_shared_through_identity_nodes_are_folded():
+    """The TorchScript exporter deduplicates equal initializers: BNs whose statistics were never
+    updated read one shared tensor through Identity nodes. Those are constants: folded, and the
+    Identity nodes that fed only them go too."""
+    from bncal.fold_export import fold_export_onnx
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4),
+                        nn.ReLU()).eval()
+    model = torchscript_export(net, 1)
+    assert [n.op_type for n in model.graph.node].count("Identity") >= 4
+    folded, report = fold_export_onnx(model)
+    assert report.passed and all(d.folded for d in report.decisions)
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "Relu", "Conv", "Relu"]
+    onnx.checker.check_model(folded)

@@ -154,14 +154,29 @@ def _inputs_and_params(node: ir.Node, producers: dict, trust: bool) -> tuple[lis
     """Per input: the producing view node, or (for an initializer) None and a :class:`Param`."""
     inputs, params = [], {}
     for index, value in enumerate(node.inputs):
-        if value is not None and value.is_initializer():
-            array = value.const_value.numpy() if value.const_value is not None else None
+        constant = _behind_identities(value)
+        if constant is not None:
+            array = constant.const_value.numpy() if constant.const_value is not None else None
             params[index] = Param(value.name, array, None if array is None else str(array.dtype),
-                                  overridable=value.is_graph_input() and not trust, handle=value)
+                                  overridable=constant.is_graph_input() and not trust, handle=value)
             inputs.append(None)
         else:
             inputs.append(producers.get(value) if value is not None else None)
     return inputs, params
+
+
+def _behind_identities(value: ir.Value | None) -> ir.Value | None:
+    """The initializer ``value`` is, directly or through a chain of main-graph Identity nodes,
+    else None. The TorchScript exporter deduplicates equal initializers: BNs whose statistics
+    were never updated (all 0, all 1) read one shared tensor through Identity nodes."""
+    seen = 0
+    while value is not None and not value.is_initializer():
+        producer = value.producer()
+        if producer is None or producer.op_type != "Identity" or producer.domain not in _ONNX_DOMAINS \
+                or seen > 64:
+            return None
+        value, seen = producer.inputs[0], seen + 1
+    return value
 
 
 def _dtype_name(elem_type: int) -> str | None:
@@ -348,6 +363,16 @@ class _Editor:
         return value
 
     def remove_displaced_initializers(self) -> None:
+        """Drop what folds left unused: initializers, and Identity nodes that only passed one on."""
+        pending = list(self.displaced)
+        while pending:
+            value = pending.pop()
+            producer = value.producer()
+            if producer is not None and producer.op_type == "Identity" and producer.graph is self.graph \
+                    and not value.uses() and not value.is_graph_output():
+                pending.append(producer.inputs[0])
+                self.displaced.append(producer.inputs[0])
+                self.graph.remove(producer, safe=True)
         for value in self.displaced:
             if value.is_initializer() and not value.uses() and not value.is_graph_output() \
                     and value.name in self.graph.initializers:
