@@ -386,9 +386,12 @@ def fold_export_torch(
     notes: list[str] = []
     example_inputs = tuple(example_inputs)
     with steps("fold", "folding BatchNorms in the model"):
-        check_initialized(model)
-        module = fold(model, example_inputs, bn_to_affine=bn_to_affine) if module_fold else None
-        work = copy.deepcopy(model).eval() if module is None else module.model  # fold's result is a copy already
+        if module_fold:
+            module = fold(model, example_inputs, bn_to_affine=bn_to_affine)
+            work = module.model  # fold's result is a copy already
+        else:
+            check_initialized(model)
+            module, work = None, copy.deepcopy(model).eval()
         _out_of_place(work)
     with steps("export", "exporting with torch.onnx.export"):
         names = dict(opset=opset, input_names=input_names, output_names=output_names, dynamic_batch=dynamic_batch)
@@ -402,7 +405,8 @@ def fold_export_torch(
     tensors = all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in example_inputs)
     if verify_batches is None:
         verify_batches = [example_inputs]
-        if dynamic_batch and tensors and traced_batch(example_inputs) is example_inputs:
+        traced_at_example = traced_batch(example_inputs) is example_inputs  # else traced at twice its one sample
+        if dynamic_batch and tensors and traced_at_example:
             # A batch size the export was not traced at: the example and one seeded sample more.
             g = torch.Generator().manual_seed(1)
             verify_batches = [tuple(torch.cat([x, torch.randn((1, *x.shape[1:]), generator=g).to(x.dtype)

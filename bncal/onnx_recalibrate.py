@@ -42,10 +42,11 @@ from .calibration import BatchComposition, DataOrder, LayerResult, build_report,
 from .data import select_inputs
 from .distributed import active_process_group, combine_across_ranks, world_size
 from .errors import BncalError
+from .fold_export import fixed_batch_size
 from .onnx_graphs import find_batchnorms, write_statistics
 from .onnx_lowered import find_lowered_normalisations, no_batchnorm_hint
 from .report import LayerStats, RecalibrationReport, SkippedLayer
-from .runtime import BatchStatistics, BatchStream, StatisticsSession, first_floating
+from .runtime import BatchStatistics, BatchStream, StatisticsSession, first_floating, input_specs
 from .stats import ChannelMoments, fixed_point_passes
 
 __all__ = ["recalibrate_onnx"]
@@ -163,8 +164,9 @@ class _Passes:
         self.channels = {info.name: info.channels for info in handled}
         self.single_value_fix = None
         if mode == "train":
+            fixed_at_one = fixed_batch_size(input_specs(model)) == 1
             self.single_value_fix = ("the model's batch size is fixed at 1: use mode 'eval' (exact at any batch size)"
-                                     if _fixed_at_one(model) else "use batches of 2 or more samples, or mode 'eval'")
+                                     if fixed_at_one else "use batches of 2 or more samples, or mode 'eval'")
         self.order = DataOrder()
         self.previous: list[dict[str, BatchStatistics]] = []  # per batch of this rank's last eval pass
         self.sessions: dict[str, StatisticsSession] = {}
@@ -239,10 +241,3 @@ def _stats_dtype(model, info) -> np.dtype:
 def _values(initializer: onnx.TensorProto) -> np.ndarray:
     return numpy_helper.to_array(initializer).astype(np.float64).reshape(-1)
 
-
-def _fixed_at_one(model) -> bool:
-    """Whether the graph fixes its batch size at 1, where train mode can never see two samples."""
-    from .fold_export import fixed_batch_size
-    from .runtime import input_specs
-
-    return fixed_batch_size(input_specs(model)) == 1

@@ -7,18 +7,15 @@ architectures): graphs with a fixed batch size (1 and 4), logits of scale 1e4, a
 
 from __future__ import annotations
 
-import io
-import warnings
-
 import numpy as np
 import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from onnx import helper
 from torch import nn
 
 from bncal.cli import main
+from models import other_exporters
 from tests_support import randomize_bn
 
 
@@ -36,22 +33,7 @@ def tiny_net(logit_scale: float = 1.0) -> nn.Module:
 
 def torchscript_export(net, batch: int, opset: int = 13, training=torch.onnx.TrainingMode.PRESERVE):
     """What the model zoo's files look like: TorchScript exporter, fixed batch, BatchNorm nodes kept."""
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, (torch.zeros(batch, 3, 8, 8),), buffer, dynamo=False, opset_version=opset,
-                          input_names=["data_0"], output_names=["prob"], training=training,
-                          do_constant_folding=training != torch.onnx.TrainingMode.TRAINING)
-    return onnx.load_from_string(buffer.getvalue())
-
-
-def as_ir3(model):
-    listed = {i.name for i in model.graph.input}
-    for init in model.graph.initializer:
-        if init.name not in listed:
-            model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    model.ir_version = 3
-    return model
+    return other_exporters.torchscript_file(net, torch.zeros(batch, 3, 8, 8), opset=opset, training=training)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +42,7 @@ def files(tmp_path_factory):
     onnx.save(torchscript_export(tiny_net(), 1), root / "batch1.onnx")
     onnx.save(torchscript_export(tiny_net(), 4), root / "batch4.onnx")
     onnx.save(torchscript_export(tiny_net(logit_scale=3e3), 1), root / "logits1e4.onnx")
-    onnx.save(as_ir3(torchscript_export(tiny_net(), 1, opset=9)), root / "ir3.onnx")
+    onnx.save(other_exporters.as_ir3(torchscript_export(tiny_net(), 1, opset=9)), root / "ir3.onnx")
     train = tiny_net().train()
     onnx.save(torchscript_export(train, 4, opset=17, training=torch.onnx.TrainingMode.TRAINING), root / "train4.onnx")
     # Before opset 14 a training-mode BatchNormalization is one with more than one output.

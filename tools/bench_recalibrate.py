@@ -195,6 +195,8 @@ def memory(rounds: int, n_batches: int, batch_size: int, size: int, threads: int
 
 
 def median_and_range(values, unit="x", digits=3) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}{unit}"
     return (f"{statistics.median(values):.{digits}f}{unit} (range {min(values):.{digits}f} to "
             f"{max(values):.{digits}f}, {len(values)} rounds)")
 

@@ -199,39 +199,15 @@ def worst_scale_error(comparison) -> float | None:
 # ONNX files from another exporter
 
 
-def torchscript_fixed_batch(model, x, opset: int):
-    import torch
-    import onnx
-
-    buffer = io.BytesIO()
-    with quiet():
-        torch.onnx.export(model, (x,), buffer, dynamo=False, opset_version=opset, input_names=["data_0"],
-                          output_names=["prob"], training=torch.onnx.TrainingMode.PRESERVE)
-    return onnx.load_from_string(buffer.getvalue())
-
-
-def as_ir3(proto):
-    """IR 3 conventions: every initializer is also a graph input."""
-    import onnx
-    from onnx import helper
-
-    model = onnx.ModelProto()
-    model.CopyFrom(proto)
-    listed = {i.name for i in model.graph.input}
-    for init in model.graph.initializer:
-        if init.name not in listed:
-            model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    model.ir_version = 3
-    return model
-
-
 def onnx_file_rows(family: str, model, x) -> list[dict]:
     from bncal.fold_export import fold_export_onnx
+    from models.other_exporters import as_ir3, torchscript_file
 
     rows = []
     try:
-        fixed = torchscript_fixed_batch(model, x[:1], opset=13)
-        ir3 = as_ir3(torchscript_fixed_batch(model, x[:1], opset=9))
+        with quiet():
+            fixed = torchscript_file(model, x[:1], opset=13)
+            ir3 = as_ir3(torchscript_file(model, x[:1], opset=9))
     except Exception as exc:  # noqa: BLE001 - an exporter failure is a row, not a crash
         return [{"family": family, "file": "TorchScript batch 1", "note": f"export failed: {str(exc).splitlines()[0][:100]}"}]
     for label, proto, constant in (("TorchScript batch 1, opset 13", fixed, False),

@@ -51,8 +51,7 @@ def command(args) -> int:
     ui.echo(report.table())
     check_report = None
     if data is not None and verification.run_check:
-        net = None if loaded.kind == "onnx" else loaded.model
-        check_report = _check(args, report.original, data, net, progress)
+        check_report = _check(args, report, data, None if loaded.kind == "onnx" else loaded.model, progress)
     if args.report.json:
         ReportArgs.write_json(args.report.json, {"fold_export": report, "check": check_report})
     if check_report is not None and check_report.verdict == "FAILED":  # INCOMPLETE: lowered BNs, shown above
@@ -71,16 +70,16 @@ _KERAS_REFUSAL = (
     "model.export('model.onnx', format='onnx') lowers its BatchNorms to arithmetic, the recalibrated statistics folded in")
 
 
-def _check(args, original, data, net, progress):
-    """The train/inference check of the unfolded ONNX model ``original`` on ``data`` (a PyTorch
-    ``net``'s batches in its graph-input order), or None with a note when there is nothing to check."""
+def _check(args, report, data, net, progress):
+    """The train/inference check of the unfolded model on ``data`` (a PyTorch ``net``'s batches
+    in its graph-input order), or None with a note when there is nothing to check."""
     from ..check import check_onnx
     from ..data import NumpyBatches
     from ..fold_export import fit_to_batch_size, fixed_batch_size
     from ..onnx_graphs import find_batchnorms
     from ..runtime import input_specs
 
-    ui = args.ui
+    ui, original = args.ui, report.original
     infos = find_batchnorms(original)
     if not any(info.handled for info in infos):
         reasons = Counter(info.skip_reason for info in infos)
@@ -125,9 +124,21 @@ def _fold_export_onnx(args, proto, data, progress):
 
 
 def _fold_export_torch(args, net, data, progress):
+    from ..export import forward_parameter_names, positional_inputs
     from ..fold_export import fold_export_torch
 
-    batches, example, names = _torch_inputs(args, net, data)
+    batches, names = None, None
+    if data is not None:
+        named = [positional_inputs(net, b) for b in islice(torch_batches(data, net), args.verification.verify_batches)]
+        if not named:
+            raise BncalError("the data is empty; give at least one batch to verify on")
+        batches, names = [inputs for inputs, _ in named], named[0][1]
+        example = batches[0]
+    elif args.shapes:
+        example = random_inputs(args.shapes.ordered(forward_parameter_names(net) or [], prefix=True))
+        names = (forward_parameter_names(net) or [])[:len(example)] if args.shapes.named else None
+    else:
+        raise BncalError("give --data or --input-shape so the model can be traced")
     # The check runs on the unfolded export: folding in the graph then costs one export, not two.
     checked = data is not None and args.verification.run_check
     export = args.export
@@ -138,23 +149,6 @@ def _fold_export_torch(args, net, data, progress):
         keep_failed=args.verification.keep_failed, latency_batches=args.verification.latency or (),
         module_fold=not checked, progress=progress)
     return report
-
-
-def _torch_inputs(args, net, data):
-    """``(verification batches or None, example inputs, input names or None)`` from --data or --input-shape."""
-    from ..export import forward_parameter_names, positional_inputs
-
-    if data is not None:
-        named = [positional_inputs(net, b) for b in islice(torch_batches(data, net), args.verification.verify_batches)]
-        if not named:
-            raise BncalError("the data is empty; give at least one batch to verify on")
-        batches = [inputs for inputs, _ in named]
-        return batches, batches[0], named[0][1]
-    if args.shapes:
-        example = random_inputs(args.shapes.ordered(forward_parameter_names(net) or [], prefix=True))
-        names = (forward_parameter_names(net) or [])[:len(example)] if args.shapes.named else None
-        return None, example, names
-    raise BncalError("give --data or --input-shape so the model can be traced")
 
 
 class _Positional:

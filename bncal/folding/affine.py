@@ -75,9 +75,7 @@ def fold_input_side(op: str, weight, bias, scale, shift, *, group: int = 1, tran
     per_output_axes = tuple(range(1, w.ndim)) if op == "Conv" else (1 if trans_b else 0)
     absorbed = (w * _input_factor(op, w.shape, shift, group, trans_b)).sum(axis=per_output_axes)
     new_bias = alpha * absorbed + (0.0 if bias is None else beta * _f64(bias))
-    new_weight = np.array(w)  # w may be the caller's own float64 array
-    new_weight *= _input_factor(op, w.shape, scale, group, trans_b)
-    return new_weight, new_bias
+    return w * _input_factor(op, w.shape, scale, group, trans_b), new_bias
 
 
 def _output_factor(op, shape, per_channel, group, trans_b) -> np.ndarray:

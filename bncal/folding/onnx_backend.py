@@ -169,13 +169,11 @@ def _behind_identities(value: ir.Value | None) -> ir.Value | None:
     """The initializer ``value`` is, directly or through a chain of main-graph Identity nodes,
     else None. The TorchScript exporter deduplicates equal initializers: BNs whose statistics
     were never updated (all 0, all 1) read one shared tensor through Identity nodes."""
-    seen = 0
     while value is not None and not value.is_initializer():
         producer = value.producer()
-        if producer is None or producer.op_type != "Identity" or producer.domain not in _ONNX_DOMAINS \
-                or seen > 64:
+        if producer is None or producer.op_type != "Identity" or producer.domain not in _ONNX_DOMAINS:
             return None
-        value, seen = producer.inputs[0], seen + 1
+        value = producer.inputs[0]
     return value
 
 
