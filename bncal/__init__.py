@@ -7,7 +7,7 @@ onnxruntime::
     import bncal
     report = bncal.recalibrate(model, loader)          # exact moving statistics, in place
     result = bncal.fold(model, (example,))              # BN folded into neighbouring ops
-    proto, report = bncal.fold_export_torch(model, (example,), "model.onnx")  # export + parity proof
+    onnx_model, report = bncal.fold_export_torch(model, (example,), "model.onnx")  # export + parity proof
 
 Results show themselves (:class:`bncal.report.ReportDisplay`): ``repr`` is one line, ``print``
 gives the CLI's table, a notebook renders it as HTML. PyTorch, images and plots are extras

@@ -8,7 +8,7 @@ TorchScript exporter (``dynamo=False``) takes 0.2-0.8 s warm but is deprecated a
 Identity nodes. ``optimize=True`` folds BN into Conv/ConvTranspose/Gemm with onnxscript's rewrite
 rules, so what is left depends on the onnxscript version. ``fold-export``
 (:func:`bncal.fold_export.fold_export_torch`) therefore folds with bncal's own rules, in the
-module before the export (:func:`export_owned_module` of the folded copy) and in the graph for
+module before the export (:func:`export_owned_ir` of the folded copy) and in the graph for
 what is left, exporting with ``keep_batchnorm=True`` (onnxscript's optimizer without its
 BN-fusion rules); BN and linear nodes are named after their PyTorch modules, so its decisions
 use the names ``bncal inspect`` shows.
@@ -83,36 +83,59 @@ def export_owned_module(work: nn.Module, example_inputs, path=None, *, opset: in
     owns (such as :func:`bncal.folding.fold`'s result), in eval mode; the exporter may change it.
     ``check=False`` (without ``path``) skips ``onnx.checker``, for a caller that loads the graph in
     onnxruntime anyway (ResNet-18: 0.15 s of checking and sizing)."""
+    names = dict(opset=opset, input_names=input_names, output_names=output_names, dynamic_batch=dynamic_batch)
+    if dynamo:
+        import onnx_ir as ir
+
+        proto = ir.serde.serialize_model(export_owned_ir(work, example_inputs, keep_batchnorm=keep_batchnorm, **names))
+    else:
+        inputs = as_tuple(example_inputs)
+        input_names, output_names = _names(work, inputs, input_names, output_names)
+        with _exporter_errors(dynamic_batch):
+            proto = _torchscript_export(work, inputs, opset, input_names, output_names, dynamic_batch,
+                                        torch.onnx.TrainingMode.EVAL, constant_folding=not keep_batchnorm)
+    return _check_and_save(proto, path) if check or path is not None else proto
+
+
+def export_owned_ir(work: nn.Module, example_inputs, *, opset: int | None = None, input_names=None,
+                    output_names=None, dynamic_batch: bool = True, keep_batchnorm: bool = False):
+    """:func:`export_owned_module` with torch's dynamo exporter, as the ``onnx_ir.Model`` it
+    builds: no ``ModelProto``, whose weights would be copies (see :mod:`bncal.onnx_io`). Its
+    initializers are ``work``'s own tensors. Not checked."""
     inputs = as_tuple(example_inputs)
     input_names, output_names = _names(work, inputs, input_names, output_names)
+    with _exporter_errors(dynamic_batch):
+        dynamic_shapes = None
+        if dynamic_batch:
+            inputs = traced_batch(inputs)
+            batch = torch.export.Dim(_BATCH_AXIS)
+            dynamic_shapes = tuple({0: batch} if isinstance(x, torch.Tensor) else None for x in inputs)
+        program = torch.onnx.export(
+            work, inputs, dynamo=True, optimize=not keep_batchnorm, external_data=False,
+            opset_version=opset, input_names=input_names, output_names=output_names,
+            dynamic_shapes=dynamic_shapes)
+        model = program.model
+        if keep_batchnorm:
+            _optimize_keeping_batchnorm(model)
+    got = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    if opset is not None and got != opset:  # the exporter falls back silently
+        raise BncalError(f"the exporter could not produce opset {opset} for this model (onnx's version converter "
+                         f"failed, it gave opset {got}); ask for opset {got} or leave the opset out")
+    _name_nodes_after_modules(model)
+    return model
+
+
+@contextlib.contextmanager
+def _exporter_errors(dynamic_batch: bool):
+    """The exporter's output silenced, and its failures as one-line BncalErrors."""
     with _quiet():
         try:
-            if dynamo:
-                dynamic_shapes = None
-                if dynamic_batch:
-                    inputs = traced_batch(inputs)
-                    batch = torch.export.Dim(_BATCH_AXIS)
-                    dynamic_shapes = tuple({0: batch} if isinstance(x, torch.Tensor) else None
-                                           for x in inputs)
-                program = torch.onnx.export(
-                    work, inputs, dynamo=True, optimize=not keep_batchnorm, external_data=False,
-                    opset_version=opset, input_names=input_names, output_names=output_names,
-                    dynamic_shapes=dynamic_shapes)
-                if keep_batchnorm:
-                    _optimize_keeping_batchnorm(program.model)
-                proto = program.model_proto
-                _check_opset(proto, opset)
-            else:
-                proto = _torchscript_export(work, inputs, opset, input_names, output_names,
-                                            dynamic_batch, torch.onnx.TrainingMode.EVAL,
-                                            constant_folding=not keep_batchnorm)
+            yield
         except BncalError:
             raise
         except Exception as exc:
             hint = "; if the model fixes its batch size, pass dynamic_batch=False" if dynamic_batch else ""
             raise BncalError(f"torch.onnx.export failed: {one_line(exc)}{hint}") from exc
-    _name_batchnorms_after_modules(proto)
-    return _check_and_save(proto, path) if check or path is not None else proto
 
 
 def traced_batch(inputs: tuple) -> tuple:
@@ -131,14 +154,6 @@ def supported_opsets() -> range:
     from torch.onnx import _constants
 
     return range(_constants.ONNX_MIN_OPSET, onnx.defs.onnx_opset_version() + 1)
-
-
-def _check_opset(proto, opset) -> None:
-    """Never hand back a different opset than asked for (the exporter falls back silently)."""
-    got = next((i.version for i in proto.opset_import if i.domain in ("", "ai.onnx")), None)
-    if opset is not None and got != opset:
-        raise BncalError(f"the exporter could not produce opset {opset} for this model (onnx's version converter "
-                         f"failed, it gave opset {got}); ask for opset {got} or leave the opset out")
 
 
 def _optimize_keeping_batchnorm(model) -> None:
@@ -183,18 +198,18 @@ def rewrite_rules_keeping_batchnorm() -> list | None:
 _NAMED_AFTER_MODULES = ("BatchNormalization", "Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
-def _name_batchnorms_after_modules(proto: onnx.ModelProto) -> None:
-    """Rename BN, Conv and matrix-product nodes after the PyTorch module they came from
-    (``layer1.0.bn1``), so reports on the ONNX graph speak the model's language. The dynamo
-    exporter records the module path in each node's ``pkg.torch.onnx.name_scopes``; names stay
-    unique (a second node of the same module keeps its own name)."""
+def _name_nodes_after_modules(model) -> None:
+    """Rename BN, Conv and matrix-product nodes of an ``onnx_ir.Model`` after the PyTorch module
+    they came from (``layer1.0.bn1``), so reports on the ONNX graph speak the model's language.
+    The dynamo exporter records the module path in each node's ``pkg.torch.onnx.name_scopes``;
+    names stay unique (a second node of the same module keeps its own name)."""
     import ast
 
-    taken = {n.name for n in proto.graph.node}
-    for node in proto.graph.node:
+    taken = {n.name for n in model.graph}
+    for node in model.graph:
         if node.op_type not in _NAMED_AFTER_MODULES:
             continue
-        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
+        scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
         try:
             module = ast.literal_eval(scopes)[-2] if scopes else ""
         except (ValueError, SyntaxError, IndexError):

@@ -79,10 +79,11 @@ def strip_initializer_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
     return stripped
 
 
-def op_counts(model: onnx.ModelProto) -> dict[str, int]:
-    """Count the main graph's nodes by op type (``domain::op`` outside the default domain)."""
+def op_counts(model) -> dict[str, int]:
+    """Count the main graph's nodes by op type (``domain::op`` outside the default domain) of a
+    ``ModelProto`` or an ``onnx_ir.Model``."""
     counts: dict[str, int] = {}
-    for node in model.graph.node:
+    for node in model.graph if isinstance(model, ir.Model) else model.graph.node:
         key = node.op_type if node.domain in _ONNX_DOMAINS else f"{node.domain}::{node.op_type}"
         counts[key] = counts.get(key, 0) + 1
     return counts

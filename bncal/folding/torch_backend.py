@@ -110,19 +110,23 @@ class FoldResult(ReportDisplay):
         return format_table(rows, ["bn", "action", "target", "reason"])
 
 
-def fold(model: nn.Module, example_inputs, *, bn_to_affine: bool = False) -> FoldResult:
+def fold(model: nn.Module, example_inputs, *, bn_to_affine: bool = False, copy_weights: bool = True) -> FoldResult:
     """Return an eval-mode copy of ``model`` with its BatchNorms folded where that is exact.
 
     ``example_inputs`` is the tuple of positional inputs (a lone tensor is accepted); it is run
     once through a copy to learn tensor shapes. ``model`` itself is never modified. With
     ``bn_to_affine=True`` a BN that cannot be folded but is a plain BN with running statistics
     is replaced by an equivalent :class:`ChannelAffine`. Weights are computed in float64 and
-    stored in their own dtype. BNs are folded with their running statistics (eval semantics)
-    even if ``model`` is in train mode. Raises :class:`BncalError` if the model fails on the
-    inputs or has uninitialised lazy modules.
+    stored in their own dtype, as new parameters. BNs are folded with their running statistics
+    (eval semantics) even if ``model`` is in train mode. ``copy_weights=False`` copies the
+    modules but not the parameters and buffers the fold leaves unchanged: the copy shares them
+    with ``model`` (a change to one is a change to both), for a caller that only runs or exports
+    it (fold-export: VGG-11's 530 MB are not copied). Raises :class:`BncalError` if the model
+    fails on the inputs or has uninitialised lazy modules.
     """
     check_initialized(model)
-    work = copy.deepcopy(model).eval()
+    shared = {} if copy_weights else {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    work = copy.deepcopy(model, shared).eval()
     decisions, steps, view = _plan(work, as_tuple(example_inputs), bn_to_affine)
     _apply(work, steps, view)
     return FoldResult(work.eval(), decisions)
@@ -488,16 +492,16 @@ def _apply(model: nn.Module, steps, view: Graph | None) -> None:
 
 
 def _write_module(node: Node) -> None:
-    """Write a folded node's final weight and bias (float64 masters) into its module."""
+    """Give a folded node's module its final weight and bias (float64 masters) as new
+    parameters: the old ones may be shared with the user's model (``copy_weights=False``)."""
     module, weight, bias = node.handle, node.params[1].array, node.params[2].array
     if isinstance(module, nn.Linear) and not (node.op == "Gemm" and node.attrs.get("transB")):
         weight = weight.T  # (in, out) as Gemm(transB=0) / MatMul holds it
-    module.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight)).to(module.weight.dtype))
-    bias = torch.from_numpy(np.ascontiguousarray(bias).reshape(-1)).to(module.weight.dtype)
-    if module.bias is not None:
-        module.bias.copy_(bias)
-    else:
-        module.bias = nn.Parameter(bias.to(module.weight.device), requires_grad=module.weight.requires_grad)
+    old = module.weight
+    for name, value in (("weight", weight), ("bias", np.reshape(bias, -1))):
+        tensor = torch.from_numpy(np.ascontiguousarray(value)).to(device=old.device, dtype=old.dtype)
+        setattr(module, name, nn.Parameter(tensor.reshape(old.shape) if name == "weight" else tensor,
+                                           requires_grad=old.requires_grad))
 
 
 def _replace_modules(model: nn.Module, replacements: dict[nn.Module, nn.Module]) -> None:
