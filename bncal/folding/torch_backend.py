@@ -498,10 +498,13 @@ def _write_module(node: Node) -> None:
     if isinstance(module, nn.Linear) and not (node.op == "Gemm" and node.attrs.get("transB")):
         weight = weight.T  # (in, out) as Gemm(transB=0) / MatMul holds it
     old = module.weight
-    for name, value in (("weight", weight), ("bias", np.reshape(bias, -1))):
-        tensor = torch.from_numpy(np.ascontiguousarray(value)).to(device=old.device, dtype=old.dtype)
-        setattr(module, name, nn.Parameter(tensor.reshape(old.shape) if name == "weight" else tensor,
-                                           requires_grad=old.requires_grad))
+
+    def parameter(array, shape):
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(device=old.device, dtype=old.dtype)
+        return nn.Parameter(tensor.reshape(shape), requires_grad=old.requires_grad)
+
+    module.weight = parameter(weight, old.shape)
+    module.bias = parameter(bias, -1)
 
 
 def _replace_modules(model: nn.Module, replacements: dict[nn.Module, nn.Module]) -> None:
