@@ -502,7 +502,7 @@ def check_onnx(
 
     from .calibration import BatchComposition, order_warning
     from .data import select_inputs
-    from .onnx_graphs import find_batchnorms
+    from .onnx_view import find_batchnorms
     from .fold_export import fixed_batch_size
     from .onnx_lowered import find_lowered_normalisations, no_batchnorm_hint
     from .runtime import BatchStream, StatisticsSession, first_floating, input_specs, ort_session, run

@@ -46,8 +46,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from .errors import BncalError, one_line
-from .names import onnx_batchnorm_names
-from .onnx_graphs import node_attribute
+from .onnx_view import node_attribute
 from .momentum import InverseDecayMomentum, suggest_momentum
 from .report import FoldDecision, ReportDisplay, format_table, plural
 
@@ -286,83 +285,70 @@ _ONNX_ACTS = {"Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "Sigm
 _ONNX_PASS = {"Flatten", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Transpose"}
 
 
-def _onnx_constants(graph) -> dict:
-    from onnx import numpy_helper
-
-    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.output:
-            for attr in node.attribute:
-                if attr.name == "value":
-                    constants[node.output[0]] = numpy_helper.to_array(attr.t)
-    return constants
-
-
 def _onnx_graph_and_layers(model) -> tuple[Graph, list[BNLayer]]:
-    graph = model.graph
-    constants = _onnx_constants(graph)
-    # BN layers carry the report name every command uses; other nodes only need unique keys.
-    bn_names = {path[0]: name for path, name in onnx_batchnorm_names(graph).items() if len(path) == 1}
+    from .onnx_view import as_ir, constant_array, find_batchnorms
+
+    ir_model = as_ir(model)
+    # BN layers carry the report name every command uses (bncal.onnx_view); other nodes only need unique keys.
+    infos = {info.node_index: info for info in find_batchnorms(ir_model) if info.node_index >= 0}
+    graph_nodes = list(ir_model.graph)
     keys, producer_of = [], {}
-    for i, node in enumerate(graph.node):
+    for i, node in enumerate(graph_nodes):
         key = node.name or f"{node.op_type}_{i}"
         if key in producer_of.values():
             key = f"{key}_{i}"
         keys.append(key)
-        for out in node.output:
+        for out in node.outputs:
             producer_of[out] = key
-    by_output = {out: node for node in graph.node for out in node.output}
 
     nodes, layers = [], []
-    for index, (key, node) in enumerate(zip(keys, graph.node)):
+    for index, (key, node) in enumerate(zip(keys, graph_nodes)):
         if node.op_type == "Constant":
             continue
-        data_inputs = [name for name in node.input if name and name in producer_of]
-        inputs = [producer_of[name] for name in data_inputs]
+        inputs = [producer_of[value] for value in node.inputs if value is not None and value in producer_of]
         kind, label, layer = "other", f"{node.op_type} {key}", None
-        if index in bn_names:
-            kind, layer = "bn", bn_names[index]
+        if index in infos:
+            kind, layer = "bn", infos[index].name
             label = f"{node.op_type} {layer}"
-            layers.append(_onnx_layer(layer, node, constants))
+            layers.append(_onnx_layer(infos[index]))
         elif node.op_type in _ONNX_ACTS:
             kind = "act"
         elif node.op_type in _ONNX_PASS:
             kind = "pass"
         elif node.op_type == "Dropout":
-            ratio = constants.get(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+            ratio = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
             if ratio is None:
                 ratio = node_attribute(node, "ratio", 0.5)
             kind = "pass" if float(np.asarray(ratio)) == 0 else "dropout"
-        elif node.op_type == "Mul" and len(node.input) == 2:
+        elif node.op_type == "Mul" and len(node.inputs) == 2:
             # SiLU exports as x * Sigmoid(x): treat the Mul as the activation.
             for i in (0, 1):
-                src = by_output.get(node.input[i])
-                if src is not None and src.op_type == "Sigmoid" and src.input[0] == node.input[1 - i]:
+                x, gate = node.inputs[1 - i], node.inputs[i]
+                src = gate.producer() if gate is not None else None
+                if src is not None and src.op_type == "Sigmoid" and src.inputs[0] is x:
                     kind, label = "act", f"SiLU (Mul {key})"
-                    inputs = [producer_of[node.input[1 - i]]] if node.input[1 - i] in producer_of else []
+                    inputs = [producer_of[x]] if x in producer_of else []
         nodes.append(Node(key, kind, label, inputs, layer))
-    outputs = [producer_of[o.name] for o in graph.output if o.name in producer_of]
+    outputs = [producer_of[value] for value in ir_model.graph.outputs if value in producer_of]
     nodes.append(Node("__output__", "output", "model output", outputs))
     return Graph(nodes), layers
 
 
-def _onnx_layer(name: str, node, constants: dict) -> BNLayer:
-    momentum = node_attribute(node, "momentum", None)  # absent: the file does not say (not ONNX's default)
-    momentum_tf = None if momentum is None else float(momentum)
-    training = bool(node_attribute(node, "training_mode", 0))
-    scale, bias, mean, var = (constants.get(tensor) for tensor in (list(node.input) + [""] * 5)[1:5])
+def _onnx_layer(info) -> BNLayer:
+    """The inspect row of one BN as :func:`bncal.onnx_view.find_batchnorms` reads it."""
+    momentum_tf = info.momentum  # None when absent: the file does not say (not ONNX's default)
+    scale, bias, mean, var = info.scale_value, info.bias_value, info.mean_value, info.var_value
     if mean is not None and var is not None:
-        stats, detail = statistics_status(np.asarray(mean, np.float64).reshape(-1),
-                                      np.asarray(var, np.float64).reshape(-1), None)
+        stats, detail = statistics_status(mean, var, None)
     else:
-        stats, detail = NOT_CONSTANT, "mean or variance is not an initializer"
+        stats, detail = NOT_CONSTANT, "mean or variance is computed in the graph, not stored as a constant"
     # An affine=False PyTorch BN exports scale 1 and bias 0: that is no scale/shift at all.
     affine = not (scale is not None and bias is not None and np.all(scale == 1) and np.all(bias == 0))
-    channels = next((int(np.asarray(t).size) for t in (scale, mean) if t is not None), None)
-    return BNLayer(name=name, type="BatchNormalization", channels=channels,
+    return BNLayer(name=info.name, type="BatchNormalization", channels=info.channels or None,
                    momentum_torch=None if momentum_tf is None else 1.0 - momentum_tf, momentum_tf=momentum_tf,
-                   affine=affine, track_running_stats=True, eps=float(node_attribute(node, "epsilon", 1e-5)),
-                   stats=stats, stats_detail=detail, training_mode=training, momentum_absent=momentum is None)
+                   affine=affine, track_running_stats=True, eps=info.epsilon,
+                   stats=stats, stats_detail=detail, training_mode=info.training_mode,
+                   momentum_absent=momentum_tf is None)
 
 
 # ---------------------------------------------------------------------------------------------

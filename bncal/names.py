@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["batchnorm_names", "onnx_batchnorm_names", "fresh_name", "subgraphs"]
+__all__ = ["batchnorm_names", "onnx_batchnorm_names", "fresh_name", "subgraphs", "ONNX_DOMAINS"]
 
-_ONNX_DOMAINS = ("", "ai.onnx")
+ONNX_DOMAINS = ("", "ai.onnx")  # the default operator set's two spellings
 
 
 def batchnorm_names(nodes: Iterable[tuple[str | None, str | None]]) -> list[str]:
@@ -43,19 +43,22 @@ def batchnorm_names(nodes: Iterable[tuple[str | None, str | None]]) -> list[str]
 
 
 def onnx_batchnorm_names(graph) -> dict[tuple[int, ...], str]:
-    """Names of every BatchNormalization in an ``onnx.GraphProto``, keyed by node path.
+    """Names of every BatchNormalization in an ``onnx.GraphProto`` or ``onnx_ir.Graph``, keyed by node path.
 
     A top-level node's key is ``(index,)``; a node in a subgraph is keyed by the path of
     indices through its owner nodes, e.g. ``(4, 0, 2)`` for node 2 of the first subgraph of
     node 4. Keys are in file order, top level first.
     """
+    import onnx
+
     found: list[tuple[tuple[int, ...], str, str | None, str | None]] = []
 
     def visit(g, path, prefix):
-        for index, node in enumerate(g.node):
-            if node.op_type == "BatchNormalization" and node.domain in _ONNX_DOMAINS:
-                found.append((path + (index,), prefix, node.name, node.output[0] if node.output else None))
-        for index, node in enumerate(g.node):
+        nodes = g.node if isinstance(g, onnx.GraphProto) else list(g)  # onnx_ir graphs iterate their nodes
+        for index, node in enumerate(nodes):
+            if node.op_type == "BatchNormalization" and node.domain in ONNX_DOMAINS:
+                found.append((path + (index,), prefix, node.name or None, _first_output_name(node)))
+        for index, node in enumerate(nodes):
             for k, sub in enumerate(subgraphs(node)):
                 owner = node.name or node.op_type
                 visit(sub, path + (index, k), f"{prefix}{owner}/")
@@ -69,10 +72,28 @@ def onnx_batchnorm_names(graph) -> dict[tuple[int, ...], str]:
     return {path: label for (path, _, _, _), label in zip(ordered, labels)}
 
 
+def _first_output_name(node) -> str | None:
+    outputs = node.outputs if hasattr(node, "outputs") else node.output
+    if not outputs:
+        return None
+    first = outputs[0]
+    return (first if isinstance(first, str) else first.name) or None
+
+
 def subgraphs(node):
-    """The graphs held in ``node``'s attributes (If branches, Loop and Scan bodies)."""
+    """The graphs held in ``node``'s attributes (If branches, Loop and Scan bodies), for
+    ``onnx.NodeProto`` and ``onnx_ir.Node`` alike."""
     import onnx
 
+    if hasattr(node, "attributes"):  # onnx_ir
+        import onnx_ir as ir
+
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                yield attr.value
+            elif attr.type == ir.AttributeType.GRAPHS:
+                yield from attr.value
+        return
     for attr in node.attribute:
         if attr.type == onnx.AttributeProto.GRAPH:
             yield attr.g

@@ -79,96 +79,15 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import BncalError
-from .names import fresh_name, onnx_batchnorm_names, subgraphs
+from .names import fresh_name, subgraphs
+from .onnx_view import TRAINING_MODE_OPSET, BNInfo, default_opset, find_batchnorms
 
 __all__ = ["BNInfo", "FORMS", "find_batchnorms", "make_train_graph", "make_stats_graph", "write_statistics",
            "default_opset"]
 
 _MIN_OPSET = 9  # BatchNormalization-9 is the first without `spatial`/`is_test` and with a training form
-_TRAINING_MODE_OPSET = 14  # the `training_mode` attribute appears in BatchNormalization-14
 _PREFIX = "bncal."
 FORMS = ("batchnorm", "arithmetic")  # how derived graphs compute batch statistics, see make_train_graph
-
-
-@dataclasses.dataclass(frozen=True)
-class BNInfo:
-    """One BatchNormalization node and the names bncal uses around it.
-
-    ``name`` is its report name (see :func:`find_batchnorms`); ``node_index`` its index in the
-    top-level graph (-1 for a BN inside a subgraph, which is only named and skipped).
-
-    ``scale``, ``bias``, ``mean``, ``var`` are the node's input tensor names in the given model;
-    ``mean_initializer``/``var_initializer`` the initializers holding its moving statistics
-    (reached through Identity nodes if need be; possibly shared, see :func:`write_statistics`).
-    ``skip_reason`` is None for a BN bncal handles, else why the BN is left as it is.
-
-    In a derived graph: ``mean_output``/``var_output`` (batch mean and biased variance of the
-    BN's input, shape ``(channels,)``) and ``count_output`` (``Size`` of the input, int64
-    scalar) are graph outputs when exposed; ``mean_feed``/``var_feed`` (and, in an anchored
-    statistics graph, ``previous_mean_feed``/``previous_var_feed``) are the graph inputs
-    that override the moving statistics (stats graph only).
-    """
-
-    name: str
-    node_index: int
-    input: str
-    output: str
-    channels: int
-    epsilon: float
-    scale: str
-    bias: str
-    mean: str
-    var: str
-    mean_initializer: str | None = None
-    var_initializer: str | None = None
-    skip_reason: str | None = None
-    mean_output: str | None = None
-    var_output: str | None = None
-    count_output: str | None = None
-    mean_feed: str | None = None
-    var_feed: str | None = None
-    previous_mean_feed: str | None = None
-    previous_var_feed: str | None = None
-
-    @property
-    def handled(self) -> bool:
-        """True when bncal measures and may rewrite this BN's statistics."""
-        return self.skip_reason is None
-
-
-def default_opset(model: onnx.ModelProto) -> int:
-    """The version of the default (``ai.onnx``) operator set the model imports (0 if none)."""
-    for entry in model.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return int(entry.version)
-    return 0
-
-
-def find_batchnorms(model: onnx.ModelProto) -> list[BNInfo]:
-    """Every BatchNormalization node of ``model`` (top level first, then those in subgraphs).
-
-    ``BNInfo.name`` is the report name of :func:`bncal.names.onnx_batchnorm_names` (node name,
-    else first output name; ``#2``, ``#3`` for repeats; subgraph BNs prefixed by their owner),
-    the name every command gives the node.
-
-    Top-level BNs in inference mode whose moving statistics are initializers (possibly shared,
-    possibly behind Identity nodes) are ``handled``; the others carry a ``skip_reason``.
-    """
-    graph = model.graph
-    opset = default_opset(model)
-    initializers = {init.name: init for init in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output if out}
-    graph_inputs = {info.name for info in graph.input}
-
-    infos = []
-    for path, name in onnx_batchnorm_names(graph).items():  # top level first, in graph order
-        if len(path) == 1:
-            infos.append(_describe_bn(graph.node[path[0]], path[0], name, opset, initializers, producers,
-                                      graph_inputs))
-        else:
-            infos.append(BNInfo(name, -1, "", "", 0, 0.0, "", "", "", "", skip_reason=(
-                "inside a subgraph (If/Loop/Scan body); only top-level BatchNorms are handled")))
-    return infos
 
 
 def make_train_graph(model: onnx.ModelProto, *, expose_stats: bool = False, keep_model_outputs: bool = True,
@@ -194,7 +113,7 @@ def make_train_graph(model: onnx.ModelProto, *, expose_stats: bool = False, keep
         raise ValueError("keep_model_outputs=False needs expose_stats=True: the graph would have no outputs")
     infos = find_batchnorms(model)
     derived = _DerivedGraph(model)
-    training_mode = default_opset(model) >= _TRAINING_MODE_OPSET
+    training_mode = default_opset(model) >= TRAINING_MODE_OPSET
     result = []
     for info in infos:
         if not info.handled:
@@ -250,7 +169,7 @@ def make_stats_graph(model: onnx.ModelProto, *, keep_model_outputs: bool = True,
     _require_form(form)
     infos = find_batchnorms(model)
     derived = _DerivedGraph(model)
-    training_mode = default_opset(model) >= _TRAINING_MODE_OPSET
+    training_mode = default_opset(model) >= TRAINING_MODE_OPSET
     result = []
     for info in infos:
         if not info.handled:
@@ -482,79 +401,6 @@ def _subgraph_references(node) -> set[str]:
             names |= _subgraph_references(inner)
         names.update(out.name for out in sub.output)
     return names
-
-
-def node_attribute(node, name, default):
-    """The value of attribute ``name`` of an ONNX node, or ``default`` when it is absent."""
-    for attr in node.attribute:
-        if attr.name == name:
-            return helper.get_attribute_value(attr)
-    return default
-
-
-def _is_training_mode(node, opset) -> bool:
-    if opset >= _TRAINING_MODE_OPSET:
-        return int(node_attribute(node, "training_mode", 0)) == 1
-    return sum(1 for out in node.output if out) > 1
-
-
-def _describe_bn(node, index, name, opset, initializers, producers, graph_inputs) -> BNInfo:
-    inputs = list(node.input) + [""] * (5 - len(node.input))
-    x, scale, bias, mean, var = inputs[:5]
-    channels = 0
-    for tensor in (mean, var, scale, bias):
-        if tensor in initializers:
-            channels = int(np.prod(initializers[tensor].dims))
-            break
-    info = BNInfo(name, index, x, node.output[0], channels, float(node_attribute(node, "epsilon", 1e-5)),
-                  scale, bias, mean, var)
-
-    def skip(reason):
-        return dataclasses.replace(info, skip_reason=reason)
-
-    if _is_training_mode(node, opset):
-        return skip("already in training mode: it normalises with batch statistics and never uses moving ones")
-    if not (x and mean and var):
-        return skip("malformed node: an input is missing")
-    mean_init, reason = _resolve_initializer(mean, "running mean", initializers, producers, graph_inputs)
-    if reason:
-        return skip(reason)
-    var_init, reason = _resolve_initializer(var, "running variance", initializers, producers, graph_inputs)
-    if reason:
-        return skip(reason)
-    mean_size = int(np.prod(initializers[mean_init].dims))
-    var_size = int(np.prod(initializers[var_init].dims))
-    if mean_size != var_size:
-        return skip(f"its running mean has {mean_size} values but its running variance {var_size}")
-    if _external(initializers[mean_init]) or _external(initializers[var_init]):
-        raise BncalError(f"the statistics of BatchNorm {name} are stored as external data that is not loaded; "
-                         "load the model with onnx.load(path) (load_external_data=True)")
-    return dataclasses.replace(info, channels=mean_size, mean_initializer=mean_init, var_initializer=var_init)
-
-
-def _resolve_initializer(tensor, role, initializers, producers, graph_inputs):
-    """``(initializer name, None)`` if ``tensor`` is an initializer, possibly behind Identity
-    nodes (shared or not), else ``(None, reason)``."""
-    name = tensor
-    while True:
-        if name in initializers:
-            return name, None
-        node = producers.get(name)
-        if node is None:
-            if name in graph_inputs:
-                return None, (f"its {role} is the graph input {name!r}, which has no initializer; "
-                              "store the statistics as initializers")
-            return None, f"its {role} {name!r} is not defined in the graph"
-        if node.op_type == "Identity" and node.domain in ("", "ai.onnx"):
-            name = node.input[0]
-            continue
-        if node.op_type == "Constant":
-            return None, f"its {role} comes from a Constant node; turn Constant nodes into initializers first"
-        return None, f"its {role} is computed by a {node.op_type} node, not stored in an initializer"
-
-
-def _external(tensor) -> bool:
-    return tensor.data_location == onnx.TensorProto.EXTERNAL
 
 
 class _ArithmeticStatistics:

@@ -43,7 +43,8 @@ from .data import select_inputs
 from .distributed import active_process_group, combine_across_ranks, world_size
 from .errors import BncalError
 from .fold_export import fixed_batch_size
-from .onnx_graphs import find_batchnorms, write_statistics
+from .onnx_graphs import write_statistics
+from .onnx_view import find_batchnorms
 from .onnx_lowered import find_lowered_normalisations, no_batchnorm_hint
 from .report import LayerStats, RecalibrationReport, SkippedLayer
 from .runtime import BatchStatistics, BatchStream, StatisticsSession, first_floating, input_specs

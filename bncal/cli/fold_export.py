@@ -76,7 +76,7 @@ def _check(args, report, data, net, progress):
     from ..check import check_onnx
     from ..data import NumpyBatches
     from ..fold_export import fit_to_batch_size, fixed_batch_size
-    from ..onnx_graphs import find_batchnorms
+    from ..onnx_view import find_batchnorms
     from ..runtime import input_specs
 
     ui, original = args.ui, report.original

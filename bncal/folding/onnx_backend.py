@@ -18,16 +18,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from ..names import fresh_name, onnx_batchnorm_names
+from ..names import ONNX_DOMAINS, fresh_name, onnx_batchnorm_names
+from ..onnx_view import constant_array, constant_source
 from ..report import FoldDecision
 from .graph import Graph, Node, Param
 from .planner import plan
 from .rules import TO_AFFINE
 
 __all__ = ["fold_onnx", "strip_initializer_inputs", "op_counts"]
-
-_ONNX_DOMAINS = ("", "ai.onnx")
-
 
 def fold_onnx(
     model: onnx.ModelProto,
@@ -84,7 +82,7 @@ def op_counts(model) -> dict[str, int]:
     ``ModelProto`` or an ``onnx_ir.Model``."""
     counts: dict[str, int] = {}
     for node in model.graph if isinstance(model, ir.Model) else model.graph.node:
-        key = node.op_type if node.domain in _ONNX_DOMAINS else f"{node.domain}::{node.op_type}"
+        key = node.op_type if node.domain in ONNX_DOMAINS else f"{node.domain}::{node.op_type}"
         counts[key] = counts.get(key, 0) + 1
     return counts
 
@@ -137,7 +135,7 @@ def _view(model: ir.Model, types, bn_names, *, trust: bool) -> Graph:
     for index, node in enumerate(graph):
         inputs, params = _inputs_and_params(node, producers, trust)
         out = node.outputs[0] if node.outputs else None
-        if node.op_type == "BatchNormalization" and node.domain in _ONNX_DOMAINS:
+        if node.op_type == "BatchNormalization" and node.domain in ONNX_DOMAINS:
             name = bn_names[(index,)]
         else:
             name = node.name or fresh_name(f"{node.op_type}_{index}", taken, separator="_")
@@ -155,27 +153,15 @@ def _inputs_and_params(node: ir.Node, producers: dict, trust: bool) -> tuple[lis
     """Per input: the producing view node, or (for an initializer) None and a :class:`Param`."""
     inputs, params = [], {}
     for index, value in enumerate(node.inputs):
-        constant = _behind_identities(value)
+        constant = constant_source(value)  # initializers, Constant nodes, and either behind Identity chains
         if constant is not None:
-            array = constant.const_value.numpy() if constant.const_value is not None else None
+            array = constant_array(constant)
             params[index] = Param(value.name, array, None if array is None else str(array.dtype),
                                   overridable=constant.is_graph_input() and not trust, handle=value)
             inputs.append(None)
         else:
             inputs.append(producers.get(value) if value is not None else None)
     return inputs, params
-
-
-def _behind_identities(value: ir.Value | None) -> ir.Value | None:
-    """The initializer ``value`` is, directly or through a chain of main-graph Identity nodes,
-    else None. The TorchScript exporter deduplicates equal initializers: BNs whose statistics
-    were never updated (all 0, all 1) read one shared tensor through Identity nodes."""
-    while value is not None and not value.is_initializer():
-        producer = value.producer()
-        if producer is None or producer.op_type != "Identity" or producer.domain not in _ONNX_DOMAINS:
-            return None
-        value = producer.inputs[0]
-    return value
 
 
 def _dtype_name(elem_type: int) -> str | None:
@@ -199,7 +185,7 @@ def _subgraph_users(graph: ir.Graph, producers: dict) -> list[Node]:
 def _normalise(node: ir.Node, opset: int, dims) -> tuple[str, dict]:
     """The op type and attributes the rules read (see :mod:`.graph`)."""
     a, op = node.attributes, node.op_type
-    if node.domain not in _ONNX_DOMAINS:
+    if node.domain not in ONNX_DOMAINS:
         return f"{node.domain}::{op}", {}
     if op == "BatchNormalization":
         training_outputs = any(v is not None and (v.uses() or v.is_graph_output()) for v in node.outputs[1:])
@@ -362,15 +348,18 @@ class _Editor:
         return value
 
     def remove_displaced_initializers(self) -> None:
-        """Drop what folds left unused: initializers, and Identity nodes that only passed one on."""
+        """Drop what folds left unused: initializers, Constant nodes, and Identity nodes that only passed one on."""
         pending = list(self.displaced)
         while pending:
             value = pending.pop()
             producer = value.producer()
-            if producer is not None and producer.op_type == "Identity" and producer.graph is self.graph \
-                    and not value.uses() and not value.is_graph_output():
+            if producer is None or producer.graph is not self.graph or value.uses() or value.is_graph_output():
+                continue
+            if producer.op_type == "Identity":
                 pending.append(producer.inputs[0])
                 self.displaced.append(producer.inputs[0])
+                self.graph.remove(producer, safe=True)
+            elif producer.op_type == "Constant":
                 self.graph.remove(producer, safe=True)
         for value in self.displaced:
             if value.is_initializer() and not value.uses() and not value.is_graph_output() \
