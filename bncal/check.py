@@ -45,11 +45,12 @@ import numpy as np
 
 from .data import leading_size
 from .errors import BncalError
+from .extras import is_torch_module
 from .report import ReportDisplay, SkippedLayer, format_table, plural, summarize_shift
 from .stats import ChannelMoments
 
 __all__ = ["CheckThresholds", "LayerCheck", "OutputCheck", "CheckReport", "OutputAgreement", "PairedOutputs",
-           "assess_layer", "rebatch_pair", "unpair", "check_onnx"]
+           "assess_layer", "rebatch_pair", "unpair", "check", "check_onnx"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +186,18 @@ class CheckReport(ReportDisplay):
     unchecked_count: int = 0
     warnings: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
+    #: A PyTorch model's check runs on its ONNX export: PyTorch eval vs onnxruntime on that graph
+    #: (:func:`check`), a :class:`bncal.verify.ComparisonReport`; None for ONNX and Keras models.
+    parity: object | None = None
+
+    def with_parity(self, parity) -> "CheckReport":
+        """This report with the export's parity attached; a failed parity fails the check too."""
+        reasons, passed = list(self.reasons), self.passed
+        if not parity.passed:
+            reasons.append("PyTorch eval and onnxruntime disagree on the exported graph (see the parity table); "
+                           "the check of that graph does not speak for the PyTorch model")
+            passed = False
+        return dataclasses.replace(self, parity=parity, reasons=reasons, passed=passed)
 
     @classmethod
     def from_checks(cls, layers: list[LayerCheck], outputs: list[OutputCheck], skipped: list[SkippedLayer],
@@ -471,6 +484,87 @@ class OutputAgreement:
         if thresholds.min_top1_agreement is not None and agreement is not None:
             out.passed = out.passed and agreement >= thresholds.min_top1_agreement
         return out
+
+
+def check(
+    model,
+    data: Iterable,
+    *,
+    thresholds: CheckThresholds = CheckThresholds(),
+    max_samples: int | None = None,
+    providers: list | None = None,
+    progress: bool | Callable[[int], None] = False,
+    inputs=None,
+    parity_batches: int = 3,
+) -> CheckReport:
+    """Check whether ``model``'s moving BN statistics match ``data``: the front door of every model kind.
+
+    - an ``onnx.ModelProto`` or ``.onnx`` path: :func:`check_onnx`, in onnxruntime;
+    - a ``torch.nn.Module``: exported to ONNX with its BatchNorms kept (inputs shaped like
+      the first batch, a dynamic batch axis), then :func:`check_onnx` on that graph; PyTorch
+      eval and onnxruntime are first compared on the first ``parity_batches`` batches
+      (:attr:`CheckReport.parity`), and a failed parity fails the check: the export would not
+      speak for the model. The model's train/eval flags are left as they were;
+    - a Keras model or ``.keras`` path: :func:`bncal.keras.check`, in Keras itself
+      (``providers`` does not apply there).
+
+    ``data`` is an iterable of batches (numpy arrays or tensors; tuples or dicts for several
+    inputs; ``inputs`` picks them out of ``(inputs, labels)`` batches, see
+    :func:`bncal.data.select_inputs`). Returns the :class:`CheckReport`; ``report.passed`` and
+    ``report.verdict`` give the outcome.
+
+    Raises:
+        BncalError: a model of another kind, data not matching the model, no BN to check.
+    """
+    from pathlib import Path
+
+    from .data import NumpyBatches, select_inputs
+    from .keras import is_keras_model
+
+    if isinstance(model, (str, Path)):
+        from .loading import model_kind
+
+        path = Path(model)
+        if model_kind(path).name == "keras":
+            from .keras import load_model as load_keras
+
+            model = load_keras(path)
+        else:
+            import onnx
+
+            if not path.is_file():
+                raise BncalError(f"{path} is not a file; give an .onnx or .keras model, or a model object")
+            model = onnx.load(str(path))
+    if is_keras_model(model):
+        from .keras import check as check_keras
+
+        return check_keras(model, select_inputs(data, inputs), thresholds=thresholds, max_samples=max_samples,
+                           progress=progress)
+    if type(model).__name__ == "ModelProto":
+        return check_onnx(model, data, thresholds=thresholds, max_samples=max_samples, providers=providers,
+                          progress=progress, inputs=inputs)
+    if not is_torch_module(model):
+        raise BncalError(f"cannot check a {type(model).__name__}; give an ONNX model, a torch.nn.Module or a "
+                         "Keras model")
+    from itertools import islice
+
+    from .data import TorchBatches
+    from .export import export_onnx, positional_inputs
+    from .fold_export import torch_onnx_parity
+
+    import torch
+
+    selected = select_inputs(data, inputs)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    first = [positional_inputs(model, batch) for batch in islice(TorchBatches(selected, dtype), parity_batches)]
+    if not first:
+        raise BncalError("the data is empty; give at least one batch")
+    # Dict batches name the graph inputs, so that they feed it by name whatever their key order.
+    proto = export_onnx(model, first[0][0], keep_batchnorm=True, input_names=first[0][1])
+    parity = torch_onnx_parity(model, proto, [batch for batch, _ in first])
+    report = check_onnx(proto, NumpyBatches(selected), thresholds=thresholds, max_samples=max_samples,
+                        providers=providers, progress=progress)
+    return report.with_parity(parity)
 
 
 def check_onnx(

@@ -16,10 +16,11 @@ command, a user's model file) into the same error, so every path words it alike.
 from __future__ import annotations
 
 import importlib
+import sys
 
 from .errors import BncalError
 
-__all__ = ["EXTRAS", "MissingExtra", "require", "missing_extra", "is_available"]
+__all__ = ["EXTRAS", "MissingExtra", "require", "missing_extra", "is_available", "is_torch_module"]
 
 #: top-level module -> (what it is called for users, the extra that installs it)
 EXTRAS = {
@@ -39,6 +40,12 @@ class MissingExtra(BncalError, ImportError):
         name, extra = EXTRAS[module]
         self.module, self.extra = module, extra
         super().__init__(f"{what} needs {name}: pip install 'bncal[{extra}]'")
+
+
+def is_torch_module(model) -> bool:
+    """Whether ``model`` is a ``torch.nn.Module`` (torch is not imported to find out: one cannot exist without it)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(model, torch.nn.Module)
 
 
 def is_available(module: str) -> bool:

@@ -38,7 +38,6 @@ deciding what is "directly" before or after a BN.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections import deque
 from pathlib import Path
 from typing import Callable, Iterable
@@ -46,6 +45,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from .errors import BncalError, one_line
+from .extras import is_torch_module
 from .onnx_view import node_attribute
 from .momentum import InverseDecayMomentum, suggest_momentum
 from .report import FoldDecision, ReportDisplay, format_table, plural
@@ -612,12 +612,6 @@ def _lowered_findings(lowered) -> list[Finding]:
         LOWERED_FIX)]
 
 
-def _is_torch_module(model) -> bool:
-    """Whether ``model`` is a ``torch.nn.Module`` (torch is not imported to find out: one cannot exist without it)."""
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(model, torch.nn.Module)
-
-
 def inspect_model(model, *, batch_size: int | None = None, dataset_size: int | None = None,
                   epochs: float = 1, example_inputs=None,
                   fold_decisions: list[FoldDecision] | Callable | None = None) -> InspectReport:
@@ -653,7 +647,7 @@ def inspect_model(model, *, batch_size: int | None = None, dataset_size: int | N
             raise BncalError(f"{path} is not a file; give an .onnx model or pass a torch.nn.Module")
         model = onnx.load(str(path))
 
-    if _is_torch_module(model):
+    if is_torch_module(model):
         from .inspection_torch import torch_graph, torch_layers
 
         source = "pytorch"

@@ -73,7 +73,7 @@ _KERAS_REFUSAL = (
 def _check(args, report, data, net, progress):
     """The train/inference check of the unfolded model on ``data`` (a PyTorch ``net``'s batches
     in its graph-input order), or None with a note when there is nothing to check."""
-    from ..check import check_onnx
+    from ..check import check
     from ..data import NumpyBatches
     from ..fold_export import fit_to_batch_size, fixed_batch_size
     from ..onnx_view import find_batchnorms
@@ -90,7 +90,7 @@ def _check(args, report, data, net, progress):
     notes: list[str] = []
     batches = fit_to_batch_size(NumpyBatches(data if net is None else _Positional(data, net)), fixed_batch_size(input_specs(original)), notes)
     ui.progress("checking train mode vs inference mode in onnxruntime")
-    check_report = check_onnx(original, batches, max_samples=args.data.max_samples, progress=bool(progress))
+    check_report = check(original, batches, max_samples=args.data.max_samples, progress=bool(progress))
     check_report.notes += args.data.notes(data)
     ui.echo("\ntrain-mode vs inference-mode check (onnxruntime, original model):")
     for note in notes:
