@@ -76,6 +76,7 @@ from collections import Counter
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import helper, numpy_helper
 
 from .errors import BncalError
@@ -107,41 +108,9 @@ def make_train_graph(model: onnx.ModelProto, *, expose_stats: bool = False, keep
     Raises:
         BncalError: the model's opset is older than 9.
     """
-    _require_opset(model)
-    _require_form(form)
-    if not keep_model_outputs and not expose_stats:
-        raise ValueError("keep_model_outputs=False needs expose_stats=True: the graph would have no outputs")
-    infos = find_batchnorms(model)
-    derived = _DerivedGraph(model)
-    training_mode = default_opset(model) >= TRAINING_MODE_OPSET
-    result = []
-    for info in infos:
-        if not info.handled:
-            result.append(info)
-            continue
-        node = derived.graph.node[info.node_index]
-        dtype = derived.dtype_of(info.mean_initializer)
-        if form == "batchnorm":
-            zeros = derived.add_initializer(np.zeros(info.channels, dtype), f"{info.name}.zeros")
-            ones = derived.add_initializer(np.ones(info.channels, dtype), f"{info.name}.ones")
-            mean_out, var_out = derived.fresh(f"{info.name}.batch_mean"), derived.fresh(f"{info.name}.batch_var")
-            _make_training_form(node, info, zeros, ones, mean_out, var_out, training_mode, derived)
-            count_out = None
-            if expose_stats:
-                count_out = derived.fresh(f"{info.name}.size")
-                derived.insert_after(info.node_index, helper.make_node(
-                    "Size", [info.input], [count_out], name=derived.fresh(f"{info.name}.Size")))
-        else:
-            stats = _ArithmeticStatistics(derived, info, dtype)
-            derived.replace(info.node_index, *stats.nodes, stats.normalise(node))
-            mean_out, var_out, count_out = stats.mean, stats.var, stats.size
-        if expose_stats:
-            derived.add_stat_outputs(mean_out, var_out, count_out, dtype, info.channels)
-            result.append(dataclasses.replace(info, mean_output=mean_out, var_output=var_out, count_output=count_out))
-        else:
-            result.append(info)
-    derived.finish(keep_model_outputs)
-    return derived.model, result
+    derived, infos = derive_train_graph(model, expose_stats=expose_stats, keep_model_outputs=keep_model_outputs,
+                                        form=form)
+    return ir.to_proto(derived), infos
 
 
 def make_stats_graph(model: onnx.ModelProto, *, keep_model_outputs: bool = True, anchored: bool = False,
@@ -165,73 +134,116 @@ def make_stats_graph(model: onnx.ModelProto, *, keep_model_outputs: bool = True,
     Raises:
         BncalError: the model's opset is older than 9.
     """
+    derived, infos = derive_stats_graph(model, keep_model_outputs=keep_model_outputs, anchored=anchored, form=form)
+    return ir.to_proto(derived), infos
+
+
+def derive_train_graph(model: onnx.ModelProto, *, expose_stats: bool = False, keep_model_outputs: bool = True,
+                       form: str = "batchnorm") -> tuple[ir.Model, list[BNInfo]]:
+    """:func:`make_train_graph` as an ``onnx_ir.Model`` (its weights those of ``model``, not
+    copied), for :func:`bncal.runtime.ort_session`."""
     _require_opset(model)
     _require_form(form)
-    infos = find_batchnorms(model)
+    if not keep_model_outputs and not expose_stats:
+        raise ValueError("keep_model_outputs=False needs expose_stats=True: the graph would have no outputs")
     derived = _DerivedGraph(model)
-    training_mode = default_opset(model) >= TRAINING_MODE_OPSET
     result = []
-    for info in infos:
+    for info in find_batchnorms(derived.model):
         if not info.handled:
             result.append(info)
             continue
-        node = derived.graph.node[info.node_index]
+        bn = derived.nodes[info.node_index]
         dtype = derived.dtype_of(info.mean_initializer)
-        mean_feed = derived.add_initializer(derived.value_of(info.mean_initializer), f"{info.name}.running_mean",
-                                            as_input=True)
-        var_feed = derived.add_initializer(derived.value_of(info.var_initializer), f"{info.name}.running_var",
-                                           as_input=True)
-        node.input[3], node.input[4] = mean_feed, var_feed
         if form == "batchnorm":
-            zeros = derived.add_initializer(np.zeros(info.channels, dtype), f"{info.name}.zeros")
-            ones = derived.add_initializer(np.ones(info.channels, dtype), f"{info.name}.ones")
-            mean_out, var_out = derived.fresh(f"{info.name}.batch_mean"), derived.fresh(f"{info.name}.batch_var")
-            stats_node = onnx.NodeProto()
-            stats_node.CopyFrom(node)
-            stats_node.name = derived.fresh(f"{info.name}.stats")
-            stats_node.output[0] = derived.fresh(f"{info.name}.unused_y")
-            _make_training_form(stats_node, info, zeros, ones, mean_out, var_out, training_mode, derived)
-            count_out = derived.fresh(f"{info.name}.size")
-            stats_nodes = [stats_node, helper.make_node("Size", [info.input], [count_out],
-                                                        name=derived.fresh(f"{info.name}.Size"))]
+            train = derived.training_form(bn, info, dtype)
+            derived.graph.insert_before(bn, train)
+            derived.take_over_output(bn.outputs[0], train.outputs[0])
+            derived.graph.remove(bn, safe=True)
+            mean, var = train.outputs[1], train.outputs[2]
+            size = None
+            if expose_stats:
+                size_node = derived.node("Size", [train.inputs[0]], info, "size")
+                derived.graph.insert_after(train, size_node)
+                size = size_node.outputs[0]
         else:
-            stats = _ArithmeticStatistics(derived, info, dtype)
-            mean_out, var_out, count_out, stats_nodes = stats.mean, stats.var, stats.size, stats.nodes
+            stats = _ArithmeticStatistics(derived, info, bn.inputs[0], dtype)
+            derived.graph.insert_before(bn, stats.nodes)
+            bn.replace_input_with(3, stats.mean)
+            bn.replace_input_with(4, stats.var)
+            mean, var, size = stats.mean, stats.var, stats.size
+        if expose_stats:
+            derived.expose(mean, var, size, dtype, info.channels)
+            result.append(dataclasses.replace(info, mean_output=mean.name, var_output=var.name, count_output=size.name))
+        else:
+            result.append(info)
+    return derived.finish(keep_model_outputs), result
+
+
+def derive_stats_graph(model: onnx.ModelProto, *, keep_model_outputs: bool = True, anchored: bool = False,
+                       form: str = "batchnorm") -> tuple[ir.Model, list[BNInfo]]:
+    """:func:`make_stats_graph` as an ``onnx_ir.Model`` (its weights those of ``model``, not
+    copied), for :func:`bncal.runtime.ort_session`."""
+    _require_opset(model)
+    _require_form(form)
+    derived = _DerivedGraph(model)
+    result = []
+    for info in find_batchnorms(derived.model):
+        if not info.handled:
+            result.append(info)
+            continue
+        bn = derived.nodes[info.node_index]
+        x = bn.inputs[0]
+        dtype = derived.dtype_of(info.mean_initializer)
+        # Graph inputs with the model's statistics as defaults: fed per pass, else the model's.
+        mean_feed = derived.initializer(derived.value_of(info.mean_initializer), f"{info.name}.running_mean",
+                                        as_input=True)
+        var_feed = derived.initializer(derived.value_of(info.var_initializer), f"{info.name}.running_var",
+                                       as_input=True)
+        bn.replace_input_with(3, mean_feed)
+        bn.replace_input_with(4, var_feed)
+        if form == "batchnorm":
+            stats_bn = derived.training_form(bn, info, dtype, name=f"{info.name}.stats")
+            size = derived.node("Size", [x], info, "size")
+            stats_nodes = [stats_bn, size]
+            mean, var, size = stats_bn.outputs[1], stats_bn.outputs[2], size.outputs[0]
+        else:
+            stats = _ArithmeticStatistics(derived, info, x, dtype)
+            mean, var, size, stats_nodes = stats.mean, stats.var, stats.size, stats.nodes
         previous = {}
         if anchored:
-            previous = _anchor(derived, node, info, dtype, mean_feed, var_feed, mean_out, var_out)
-            derived.insert_before(info.node_index, *stats_nodes, *previous.pop("nodes"))
+            anchor_nodes, previous = _anchor(derived, bn, info, dtype, mean_feed, var_feed, mean, var)
+            derived.graph.insert_before(bn, [*stats_nodes, *anchor_nodes])
         else:
-            derived.insert_after(info.node_index, *stats_nodes)
-        derived.add_stat_outputs(mean_out, var_out, count_out, dtype, info.channels)
-        result.append(dataclasses.replace(info, mean_output=mean_out, var_output=var_out, count_output=count_out,
-                                          mean_feed=mean_feed, var_feed=var_feed, **previous))
-    derived.finish(keep_model_outputs)
-    return derived.model, result
+            derived.graph.insert_after(bn, stats_nodes)
+        derived.expose(mean, var, size, dtype, info.channels)
+        result.append(dataclasses.replace(info, mean_output=mean.name, var_output=var.name, count_output=size.name,
+                                          mean_feed=mean_feed.name, var_feed=var_feed.name, **previous))
+    return derived.finish(keep_model_outputs), result
 
 
-def _anchor(derived, node, info, dtype, mean_feed, var_feed, batch_mean, batch_var) -> dict:
-    """Nodes computing :func:`bncal.stats.anchored_statistics` as the BN's mean and variance."""
+def _anchor(derived, bn, info, dtype, mean_feed, var_feed, batch_mean, batch_var) -> tuple[list, dict]:
+    """Nodes computing :func:`bncal.stats.anchored_statistics` as ``bn``'s mean and variance
+    (its inputs 3 and 4 are pointed at them), and the names of the two previous-pass feeds."""
     channels = info.channels
-    previous_mean = derived.add_initializer(np.zeros(channels, dtype), f"{info.name}.previous_mean", as_input=True)
-    previous_var = derived.add_initializer(np.ones(channels, dtype), f"{info.name}.previous_var", as_input=True)
-    eps = derived.add_initializer(np.full(1, info.epsilon, dtype), f"{info.name}.eps")
-    t = {k: derived.fresh(f"{info.name}.anchor_{k}") for k in
-         ("shift", "mean", "batch_var_eps", "previous_var_eps", "ratio", "base_var_eps", "var_eps", "var")}
-    nodes = [
-        helper.make_node("Sub", [batch_mean, previous_mean], [t["shift"]]),
-        helper.make_node("Add", [mean_feed, t["shift"]], [t["mean"]]),
-        helper.make_node("Add", [batch_var, eps], [t["batch_var_eps"]]),
-        helper.make_node("Add", [previous_var, eps], [t["previous_var_eps"]]),
-        helper.make_node("Div", [t["batch_var_eps"], t["previous_var_eps"]], [t["ratio"]]),
-        helper.make_node("Add", [var_feed, eps], [t["base_var_eps"]]),
-        helper.make_node("Mul", [t["base_var_eps"], t["ratio"]], [t["var_eps"]]),
-        helper.make_node("Sub", [t["var_eps"], eps], [t["var"]]),
-    ]
-    for n in nodes:
-        n.name = derived.fresh(f"{info.name}.{n.op_type}")
-    node.input[3], node.input[4] = t["mean"], t["var"]
-    return {"nodes": nodes, "previous_mean_feed": previous_mean, "previous_var_feed": previous_var}
+    previous_mean = derived.initializer(np.zeros(channels, dtype), f"{info.name}.previous_mean", as_input=True)
+    previous_var = derived.initializer(np.ones(channels, dtype), f"{info.name}.previous_var", as_input=True)
+    eps = derived.initializer(np.full(1, info.epsilon, dtype), f"{info.name}.eps")
+
+    def op(op_type, a, b, hint):
+        return derived.node(op_type, [a, b], info, f"anchor_{hint}")
+
+    shift = op("Sub", batch_mean, previous_mean, "shift")
+    mean = op("Add", mean_feed, shift.outputs[0], "mean")
+    batch_var_eps = op("Add", batch_var, eps, "batch_var_eps")
+    previous_var_eps = op("Add", previous_var, eps, "previous_var_eps")
+    ratio = op("Div", batch_var_eps.outputs[0], previous_var_eps.outputs[0], "ratio")
+    base_var_eps = op("Add", var_feed, eps, "base_var_eps")
+    var_eps = op("Mul", base_var_eps.outputs[0], ratio.outputs[0], "var_eps")
+    var = op("Sub", var_eps.outputs[0], eps, "var")
+    bn.replace_input_with(3, mean.outputs[0])
+    bn.replace_input_with(4, var.outputs[0])
+    nodes = [shift, mean, batch_var_eps, previous_var_eps, ratio, base_var_eps, var_eps, var]
+    return nodes, {"previous_mean_feed": previous_mean.name, "previous_var_feed": previous_var.name}
 
 
 def write_statistics(model: onnx.ModelProto, statistics) -> tuple[onnx.ModelProto, list[str]]:
@@ -403,6 +415,8 @@ def _subgraph_references(node) -> set[str]:
     return names
 
 
+
+
 class _ArithmeticStatistics:
     """The batch mean and biased variance of a BN's input from plain ops (form ``"arithmetic"``).
 
@@ -422,177 +436,155 @@ class _ArithmeticStatistics:
     spatial axis first still left 9e-6 at 224 x 224. The cast costs a transient float64 copy of
     the BN's input; the outputs come back in the BN's dtype, as the training-mode op gives them.
 
-    :meth:`normalise` gives the training-mode BN's output: the same BatchNormalization node
-    in inference mode, fed these statistics, so the normalisation keeps the op's own float
-    semantics and kernel (``(X - mean) / sqrt(var + eps) * scale + B``). Every op here exists
-    in opset 9 and later in every execution provider; ``ReduceMean``/``ReduceSumSquare`` take
-    their axes as an attribute before opset 18 and as an input from opset 18 on, so the graph
-    keeps the model's own opset.
+    The train graph feeds these statistics to the BN itself, kept in inference mode, so the
+    normalisation keeps the op's own float semantics and kernel (``(X - mean) / sqrt(var +
+    eps) * scale + B``). Every op here exists in opset 9 and later in every execution provider;
+    ``ReduceMean``/``ReduceSumSquare`` take their axes as an attribute before opset 18 and as an
+    input from opset 18 on, so the graph keeps the model's own opset.
     """
 
-    def __init__(self, derived, info, dtype):
+    def __init__(self, derived, info, x: ir.Value, dtype):
         self.derived, self.info = derived, info
-        name = derived.fresh
-        x3, x3d, mean3d, deviation, sum_square, count, count_float, var3d, mean3, var3 = (
-            name(f"{info.name}.{k}") for k in ("input_ncl", "input_ncl_double", "mean_ncl_double", "deviation",
-                                               "sum_square", "count", "count_double", "var_ncl_double",
-                                               "mean_ncl", "var_ncl"))
-        double, own = onnx.TensorProto.DOUBLE, helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-        self.size = name(f"{info.name}.size")
-        self.mean, self.var = name(f"{info.name}.batch_mean"), name(f"{info.name}.batch_var")
+        double, own = ir.DataType.DOUBLE.value, ir.DataType.from_numpy(np.dtype(dtype)).value
         flat = derived.shared_constant(np.array([-1], np.int64), "shape_flat")
         channels = derived.shared_constant(np.array(info.channels, np.int64), f"channels_{info.channels}")
-        self.nodes = [
-            self._node("Size", [info.input], self.size),
-            self._node("Div", [self.size, channels], count),
-            self._node("Cast", [count], count_float, to=double),
-            self._node("Reshape", [info.input, derived.shared_constant(np.array([0, 0, -1], np.int64), "shape_ncl")],
-                       x3),
-            self._node("Cast", [x3], x3d, to=double),
-            self._reduce("ReduceMean", x3d, mean3d),
-            self._node("Sub", [x3d, mean3d], deviation),
-            self._reduce("ReduceSumSquare", deviation, sum_square),
-            self._node("Div", [sum_square, count_float], var3d),
-            self._node("Cast", [mean3d], mean3, to=own),
-            self._node("Cast", [var3d], var3, to=own),
-            self._node("Reshape", [mean3, flat], self.mean),
-            self._node("Reshape", [var3, flat], self.var),
-        ]
+        size = self._node("Size", [x], "size")
+        count = self._node("Div", [size.outputs[0], channels], "count")
+        count_double = self._node("Cast", [count.outputs[0]], "count_double", to=double)
+        x3 = self._node("Reshape", [x, derived.shared_constant(np.array([0, 0, -1], np.int64), "shape_ncl")],
+                        "input_ncl")
+        x3d = self._node("Cast", [x3.outputs[0]], "input_ncl_double", to=double)
+        mean3d = self._reduce("ReduceMean", x3d.outputs[0], "mean_ncl_double")
+        deviation = self._node("Sub", [x3d.outputs[0], mean3d.outputs[0]], "deviation")
+        sum_square = self._reduce("ReduceSumSquare", deviation.outputs[0], "sum_square")
+        var3d = self._node("Div", [sum_square.outputs[0], count_double.outputs[0]], "var_ncl_double")
+        mean3 = self._node("Cast", [mean3d.outputs[0]], "mean_ncl", to=own)
+        var3 = self._node("Cast", [var3d.outputs[0]], "var_ncl", to=own)
+        mean = self._node("Reshape", [mean3.outputs[0], flat], "batch_mean")
+        var = self._node("Reshape", [var3.outputs[0], flat], "batch_var")
+        self.nodes = [size, count, count_double, x3, x3d, mean3d, deviation, sum_square, var3d, mean3, var3, mean,
+                      var]
+        self.size, self.mean, self.var = size.outputs[0], mean.outputs[0], var.outputs[0]
 
-    def _node(self, op, inputs, output, **attributes):
-        return helper.make_node(op, inputs, [output], name=self.derived.fresh(f"{self.info.name}.{op}"), **attributes)
+    def _node(self, op, inputs, hint, **attributes):
+        return self.derived.node(op, inputs, self.info, hint, **attributes)
 
-    def _reduce(self, op, x, output):
+    def _reduce(self, op, x, hint):
         if self.derived.opset >= 18:
             axes = self.derived.shared_constant(np.array([0, 2], np.int64), "axes_nl")
-            return self._node(op, [x, axes], output, keepdims=1)
-        return self._node(op, [x], output, axes=[0, 2], keepdims=1)
-
-    def normalise(self, node) -> onnx.NodeProto:
-        """BN ``node`` (changed in place) in inference mode, normalising with these statistics."""
-        node.input[3], node.input[4] = self.mean, self.var
-        return node
-
-
-def _make_training_form(node, info, zeros, ones, mean_out, var_out, training_mode, derived):
-    """Rewrite ``node`` (in place) as the training-mode BN with momentum 0 described in the module docstring."""
-    node.input[3], node.input[4] = zeros, ones
-    outputs = [node.output[0], mean_out, var_out]
-    if not training_mode:  # opset 9-13: the training form has the saved mean/inv-std outputs too
-        outputs += [derived.fresh(f"{info.name}.saved_mean"), derived.fresh(f"{info.name}.saved_inv_std")]
-    del node.output[:]
-    node.output.extend(outputs)
-    del node.attribute[:]
-    node.attribute.append(helper.make_attribute("epsilon", info.epsilon))
-    node.attribute.append(helper.make_attribute("momentum", 0.0))
-    if training_mode:
-        node.attribute.append(helper.make_attribute("training_mode", 1))
+            return self._node(op, [x, axes], hint, keepdims=1)
+        return self._node(op, [x], hint, axes=[0, 2], keepdims=1)
 
 
 class _DerivedGraph:
-    """A copy of a model being turned into a derived graph (internal to this module).
+    """An onnx_ir copy of a model being turned into a derived graph (internal to this module).
 
-    The copy lists only real inputs as graph inputs (initializers that were also listed as
-    inputs, as IR < 4 requires, become plain constants so onnxruntime can fold them) and has
-    IR version 4 or later for that reason; the input model itself is never changed.
+    The copy wraps the input's tensors without copying them, lists only real inputs as graph
+    inputs (initializers that were also listed as inputs, as IR < 4 requires, become plain
+    constants so onnxruntime can fold them) and has IR version 4 or later for that reason; the
+    input model itself is never changed. Edits go through onnx_ir; :meth:`finish` ends with one
+    remove-unused pass (:func:`_remove_unused`).
     """
 
-    def __init__(self, model):
-        self.model = onnx.ModelProto()
-        self.model.CopyFrom(model)
+    def __init__(self, model: onnx.ModelProto):
+        self.model = ir.from_proto(model)
         self.model.ir_version = max(self.model.ir_version, 4)
-        self.graph = self.model.graph
-        self.initializers = {init.name: init for init in self.graph.initializer}
-        real_inputs = [i for i in self.graph.input if i.name not in self.initializers]
-        del self.graph.input[:]
-        self.graph.input.extend(real_inputs)
-        self.taken = set(self.initializers) | {i.name for i in self.graph.input} | {o.name for o in self.graph.output}
-        for node in self.graph.node:
-            self.taken.update(node.output)
-            self.taken.update(node.input)
-            self.taken.add(node.name)
-        self.opset = default_opset(model)
-        self.constants = {}  # (dtype, values) -> name of a shared initializer
-        self.replacements = {}  # node index -> nodes that take its place
-        self.stat_outputs = []
-        self.insertions = {}  # node index -> nodes to place right after it (keeps inputs' lifetimes short)
-        self.insertions_before = {}  # node index -> nodes it needs, placed right before it
+        self.graph = graph = self.model.graph
+        for value in [v for v in graph.inputs if v.is_initializer()]:
+            graph.inputs.remove(value)
+        self.nodes = list(graph)  # by node index, as BNInfo.node_index counts them
+        self.taken = set(ir.convenience.create_value_mapping(graph)) | {n.name for n in graph if n.name}
+        self.opset = default_opset(self.model)
+        self.constants = {}  # (dtype, shape, bytes) -> a shared initializer
+        self.exposed: list[ir.Value] = []  # statistics outputs, in BN order
 
     def fresh(self, hint: str) -> str:
         return fresh_name(_PREFIX + hint, self.taken)
 
     def dtype_of(self, initializer: str) -> np.dtype:
-        return np.dtype(helper.tensor_dtype_to_np_dtype(self.initializers[initializer].data_type))
+        return np.dtype(self.graph.initializers[initializer].const_value.dtype.numpy())
 
     def value_of(self, initializer: str) -> np.ndarray:
-        return numpy_helper.to_array(self.initializers[initializer]).reshape(-1)
+        return self.graph.initializers[initializer].const_value.numpy().reshape(-1)
 
-    def add_initializer(self, value: np.ndarray, hint: str, *, as_input: bool = False) -> str:
+    def node(self, op_type: str, inputs, info, hint: str, *, num_outputs: int = 1, **attributes) -> ir.Node:
+        """A new node named after BN ``info``, its outputs given fresh names (not yet in the graph)."""
+        node = ir.Node("", op_type, inputs, ir.convenience.convert_attributes(attributes), num_outputs=num_outputs,
+                       name=self.fresh(f"{info.name}.{op_type}"))
+        for i, output in enumerate(node.outputs):
+            output.name = self.fresh(f"{info.name}.{hint}" + (f"_{i}" if i else ""))
+        return node
+
+    def training_form(self, bn: ir.Node, info, dtype, name: str | None = None) -> ir.Node:
+        """A training-mode copy of ``bn`` at momentum 0, its outputs ``(Y, batch mean, biased
+        batch variance[, saved mean, saved inverse std])`` (see the module docstring)."""
+        training_mode = self.opset >= TRAINING_MODE_OPSET
+        zeros = self.initializer(np.zeros(info.channels, dtype), f"{info.name}.zeros")
+        ones = self.initializer(np.ones(info.channels, dtype), f"{info.name}.ones")
+        attributes = {"epsilon": float(info.epsilon), "momentum": 0.0}
+        if training_mode:
+            attributes["training_mode"] = 1
+        # Opsets 9-13 have no training_mode: there the form with five outputs is the training one.
+        node = ir.Node(bn.domain, "BatchNormalization", [*bn.inputs[:3], zeros, ones],
+                       ir.convenience.convert_attributes(attributes), num_outputs=3 if training_mode else 5,
+                       name=self.fresh(name) if name else bn.name)
+        for output, hint in zip(node.outputs, ("unused_y", "batch_mean", "batch_var", "saved_mean", "saved_inv_std")):
+            output.name = self.fresh(f"{info.name}.{hint}")
+        return node
+
+    def take_over_output(self, old: ir.Value, new: ir.Value) -> None:
+        """Point every user (graph outputs included) of ``old`` at ``new``, under ``old``'s name."""
+        name, old_type, old_shape = old.name, old.type, old.shape
+        old.replace_all_uses_with(new, replace_graph_outputs=True)
+        old.name = None
+        new.name, new.type, new.shape = name, old_type, old_shape
+
+    def initializer(self, value: np.ndarray, hint: str, *, as_input: bool = False) -> ir.Value:
+        """A new initializer; with ``as_input`` also a graph input (fed when given, else this value)."""
         name = self.fresh(hint)
-        self.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
-        if as_input:  # an input with an initializer of the same name: fed when given, else the default
-            self.graph.input.append(helper.make_tensor_value_info(
-                name, helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape)))
-        return name
+        array = np.ascontiguousarray(value)
+        tensor = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                          shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=name))
+        self.graph.register_initializer(tensor)
+        if as_input:
+            self.graph.inputs.append(tensor)
+        return tensor
 
-    def shared_constant(self, value: np.ndarray, hint: str) -> str:
+    def shared_constant(self, value: np.ndarray, hint: str) -> ir.Value:
         """An initializer holding ``value``, one per distinct value (read by several BNs)."""
         key = (value.dtype.str, value.shape, value.tobytes())
         if key not in self.constants:
-            self.constants[key] = self.add_initializer(value, hint)
+            self.constants[key] = self.initializer(value, hint)
         return self.constants[key]
 
-    def replace(self, index: int, *new_nodes):
-        self.replacements[index] = list(new_nodes)
+    def expose(self, mean: ir.Value, var: ir.Value, size: ir.Value, dtype, channels: int) -> None:
+        element = ir.TensorType(ir.DataType.from_numpy(np.dtype(dtype)))
+        for value, value_type, shape in ((mean, element, [channels]), (var, element, [channels]),
+                                         (size, ir.TensorType(ir.DataType.INT64), [])):
+            value.type, value.shape = value_type, ir.Shape(shape)
+        self.exposed += [mean, var, size]
 
-    def insert_after(self, index: int, *new_nodes):
-        self.insertions.setdefault(index, []).extend(new_nodes)
-
-    def insert_before(self, index: int, *new_nodes):
-        self.insertions_before.setdefault(index, []).extend(new_nodes)
-
-    def add_stat_outputs(self, mean_out, var_out, count_out, dtype, channels):
-        elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-        self.stat_outputs += [helper.make_tensor_value_info(mean_out, elem, [channels]),
-                              helper.make_tensor_value_info(var_out, elem, [channels]),
-                              helper.make_tensor_value_info(count_out, onnx.TensorProto.INT64, [])]
-
-    def finish(self, keep_model_outputs: bool):
-        nodes = []
-        for index, node in enumerate(self.graph.node):
-            nodes.extend(self.insertions_before.get(index, []))
-            nodes.extend(self.replacements.get(index, [node]))
-            nodes.extend(self.insertions.get(index, []))
-        _replace_repeated(self.graph.node, nodes, onnx.NodeProto)
+    def finish(self, keep_model_outputs: bool) -> ir.Model:
+        outputs = self.graph.outputs
         if not keep_model_outputs:
-            del self.graph.output[:]
-        self.graph.output.extend(self.stat_outputs)
-        _prune(self.graph)
+            outputs.clear()
+        outputs.extend(self.exposed)
+        _remove_unused(self.graph)
+        return self.model
 
 
-def _prune(graph):
-    """Drop nodes, initializers and value_info that no graph output depends on.
+def _remove_unused(graph: ir.Graph) -> None:
+    """Drop the nodes no graph output depends on, then the initializers nothing reads (graph
+    inputs all stay, so every feed stays valid).
 
     This removes a BN's replaced statistics initializers (and Identity nodes in front of
     them), and with ``keep_model_outputs=False`` the layers after the last BN.
     """
-    needed = {out.name for out in graph.output} | {i.name for i in graph.input}  # keep every feed valid
-    unneeded = []
-    for index in reversed(range(len(graph.node))):
-        node = graph.node[index]
-        if any(out in needed for out in node.output if out):
-            needed.update(name for name in node.input if name)
-            needed |= _subgraph_references(node)
-        else:
-            unneeded.append(index)
-    for index in unneeded:  # in reverse order, so the indices still to delete stay valid
-        del graph.node[index]
-    _delete_unless(graph.initializer, lambda t: t.name in needed)
-    _delete_unless(graph.value_info, lambda v: v.name in needed)
-
-
-def _delete_unless(field, keep):
-    """Delete the items of a repeated protobuf field that ``keep`` refuses, in place (the kept
-    ones, weights included, are not copied)."""
-    for index in reversed([i for i, item in enumerate(field) if not keep(item)]):
-        del field[index]
+    outputs = set(graph.outputs)
+    for node in reversed(list(graph)):
+        if not any(value in outputs or value.uses() for value in node.outputs):
+            graph.remove(node, safe=True)
+    inputs = set(graph.inputs)
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and value not in inputs and value not in outputs:
+            del graph.initializers[name]

@@ -37,7 +37,7 @@ from .calibration import data_source
 from .data import input_hint
 from .errors import BncalError, first_line
 from .names import fresh_name
-from .onnx_graphs import make_stats_graph, make_train_graph
+from .onnx_graphs import derive_stats_graph, derive_train_graph
 from .onnx_io import ir_session_parts, is_ir_model
 from .stats import StackedMoments
 
@@ -415,7 +415,7 @@ class StatisticsSession:
     picks for the providers.
     """
 
-    def __init__(self, model: onnx.ModelProto, infos, *, outputs: list[str] = (), providers=None):
+    def __init__(self, model, infos, *, outputs: list[str] = (), providers=None):
         self.session = ort_session(model, optimization_level="all", providers=providers)
         self.infos = [info for info in infos if info.handled]
         self.outputs = list(outputs)
@@ -427,8 +427,8 @@ class StatisticsSession:
         """The train graph of ``model`` (every BN normalising with its batch statistics);
         without ``outputs`` only the statistics are computed (the nodes after the last BN
         are dropped). ``form`` defaults to :func:`statistics_form` of ``providers``."""
-        graph, infos = make_train_graph(model, expose_stats=True, keep_model_outputs=bool(outputs),
-                                        form=form or statistics_form(providers))
+        graph, infos = derive_train_graph(model, expose_stats=True, keep_model_outputs=bool(outputs),
+                                          form=form or statistics_form(providers))
         return cls(graph, infos, outputs=outputs, providers=providers)
 
     @classmethod
@@ -436,8 +436,8 @@ class StatisticsSession:
                     form: str | None = None) -> "StatisticsSession":
         """The statistics graph of ``model`` (BNs normalising with fed statistics, see
         :func:`bncal.onnx_graphs.make_stats_graph`), statistics outputs only."""
-        graph, infos = make_stats_graph(model, keep_model_outputs=False, anchored=anchored,
-                                        form=form or statistics_form(providers))
+        graph, infos = derive_stats_graph(model, keep_model_outputs=False, anchored=anchored,
+                                          form=form or statistics_form(providers))
         return cls(graph, infos, providers=providers)
 
     def new_moments(self) -> StackedMoments:
