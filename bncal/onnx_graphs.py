@@ -35,24 +35,8 @@ Both keep the model's opset imports (the arithmetic ops are written for the mode
 opset: ``ReduceMean``'s ``axes`` moved from attribute to input in opset 18).
 :func:`bncal.runtime.statistics_form` picks the form for a session's providers.
 
-No faster exact form was found for onnxruntime's CPU provider (1.32). Its NCHWc transformer
-(``onnxruntime/core/optimizer/nchwc_transformer.cc``) keeps the blocked layout only through
-Conv and BatchNormalization with constant parameters, pools, Relu/Sigmoid/Tanh, and
-Add/Sum/Mul/Concat whose inputs are all blocked and of one shape; a normalisation with
-per-channel values computed in the graph therefore runs in NCHW, between a reorder out of
-and one back into the blocked layout, with the Add+Relu it would fuse left apart. That
-alone, with no statistics computed (the ``normalisation floor`` rows of
-``tools/bench_onnx_recalibrate.py``), cost 1.06-1.13x inference at 1 intra-op thread and
-1.17-1.28x at 2 on its ResNet-style net, the ``"batchnorm"`` form 1.18-1.21x and 1.25-1.41x.
-Statistics cheaper than the op's two single-threaded passes are not exact: float32
-``ReduceSumSquare`` over 131,072 values per channel was 2.6e-5 off (relative), per-sample
-``GlobalAveragePool`` sums 2.5e-6 sd, and ``E[x^2] - E[x]^2`` cancels. Writing onnxruntime's
-private ``com.microsoft.nchwc`` ops into the graph (each BN as the depthwise NCHWc Conv the
-transformer makes of it, fed weights computed from moments taken by its NCHWc
-GlobalAveragePool, float64 across samples) keeps the layout and agreed with the op to 6e-7
-there, but took 1.17x and 1.29x where the ``"batchnorm"`` form took 1.19x and 1.29x: no
-gain worth ops internal to onnxruntime and specific to the CPU's block size (and those
-per-sample sums are the imprecise ones above at large spatial sizes).
+Why no faster exact form for onnxruntime's CPU provider: the study and its figures are in
+``tools/bench_onnx_recalibrate.py``.
 
 :func:`write_statistics` puts new moving statistics into a copy of the model, changing only
 the initializers that hold them, except where a BN shares its statistics tensor with another
