@@ -124,9 +124,13 @@ class Checkpoints:
             if partial is not None:
                 partial.unlink(missing_ok=True)
             reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else "the write failed"
+            try:
+                free = f"{shutil.disk_usage(self.spill_dir).free / 2**20:.0f} MiB free there"
+            except OSError:
+                free = "is the disk full?"
             raise BncalError(f"cannot spill the sweep's activations to the spill directory {self.spill_dir} ({reason}; "
-                             f"is the disk full? {tensor_bytes(tensors) / 2**20:.1f} MiB were being written); free "
-                             "space there, give another --spill-dir (spill_dir=), or raise --cache-mb (cache_mb=)") from exc
+                             f"{free}); free space there, give another --spill-dir (spill_dir=), or raise --cache-mb "
+                             "(cache_mb=)") from exc
         self.memory[b] = [None if isinstance(v, torch.Tensor) else v for v in values]
         self.on_disk[b] = tensor_bytes(tensors)
         self.held[b] = tensor_bytes(self.memory[b])
