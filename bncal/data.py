@@ -380,13 +380,15 @@ def select_batch(batch, selectors: tuple, index: int | None = None):
 
 def _refuse_labels_only(values: dict, picked: list, which: str, given=None) -> None:
     """BncalError when every picked value looks like class labels (a 1-D integer array of one
-    value per sample) while a value left out is floating-point data of as many samples."""
-    size = lambda v: getattr(v, "shape", (None,))[0] if len(getattr(v, "shape", ())) else None  # noqa: E731
-    labels = all(_is_integer_array(values[k]) and len(values[k].shape) == 1 for k in picked)
+    value per sample) while a value left out is floating-point data of as many samples (2-D or
+    more: features, not float targets)."""
+    if not all(_is_integer_array(values[k]) and len(values[k].shape) == 1 for k in picked):
+        return
+    samples = values[picked[0]].shape[0]
     data = [k for k in values if k not in picked and not _is_integer_array(values[k])
             and str(getattr(values[k], "dtype", "")).rsplit(".", 1)[-1].startswith(("float", "bfloat", "half"))
-            and size(values[k]) is not None and size(values[k]) == size(values[picked[0]])]
-    if not labels or not data:
+            and len(values[k].shape) >= 2 and values[k].shape[0] == samples]
+    if not data:
         return
     kind = "position" if given is not None else "key"
     name = lambda items: f"{kind}{'s' if len(items) > 1 else ''} {', '.join(map(repr, items))}"  # noqa: E731

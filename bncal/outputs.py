@@ -11,8 +11,8 @@ the demo's files, anything later):
   when the run is planned, before any work;
 * it is written into a private temporary folder in the destination's directory and moved into
   place only when the whole run succeeds (:class:`OutputPlan`), or at once when no plan is active
-  (:func:`atomic_output`). On an error, Ctrl-C or SIGTERM (see :func:`terminate_on_sigterm`) the
-  temporary folder is removed: nothing the run was asked to write exists afterwards, except
+  (:func:`atomic_output`). On an error, Ctrl-C, SIGTERM or SIGHUP (see :func:`terminate_on_sigterm`),
+  and at any exit the interpreter sees, the temporary folder is removed: nothing the run was asked to write exists afterwards, except
   outputs marked ``keep_on_failure`` (``--keep-failed``'s documented name);
 * it is created exclusively when it is moved into place: a hard link that fails if the name
   appeared meanwhile (another run with the same ``-o``), so without ``force`` no file is ever
@@ -28,6 +28,7 @@ plan's other outputs, so the CLI's all-or-nothing promise covers them without ne
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import dataclasses
@@ -51,7 +52,13 @@ _LIVE_STAGING: set[Path] = set()  # every staging folder not yet removed, for SI
 
 
 class Terminated(BaseException):
-    """Raised in the main thread on SIGTERM (see :func:`terminate_on_sigterm`), so that cleanup runs."""
+    """Raised in the main thread on SIGTERM or SIGHUP (see :func:`terminate_on_sigterm`), so that
+    cleanup runs; ``signal_name`` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
 
 
 def os_error_text(exc: OSError) -> str:
@@ -122,6 +129,7 @@ class _Staging:
 
     path: Path
     folder: Path
+    since: float = dataclasses.field(default_factory=time.time)
 
     @classmethod
     def create(cls, path: Path) -> "_Staging":
@@ -163,8 +171,8 @@ class _Staging:
                 placed.append((target, _replace_keeping(item, target, self.folder) if force else _link_new(item, target)))
         except FileExistsError as exc:
             _take_back(placed)
-            raise BncalError(f"{option} {target} {_appeared(target)}; nothing was written: pass --force to replace "
-                             "it, or give another path") from exc
+            raise BncalError(f"{option} {target} {_appeared(target, self.since)}; nothing was written: pass --force "
+                             "to replace it, or give another path") from exc
         except OSError as exc:
             _take_back(placed)
             raise BncalError(f"cannot write {target}: {os_error_text(exc)}") from exc
@@ -203,7 +211,11 @@ def _link_new(source: Path, target: Path) -> None:
         if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
             raise
     os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-    os.replace(source, target)
+    try:
+        os.replace(source, target)
+    except OSError:
+        target.unlink(missing_ok=True)
+        raise
     return None
 
 
@@ -232,13 +244,17 @@ def _take_back(placed: list[tuple[Path, Path | None]]) -> None:
                 target.unlink()
 
 
-def _appeared(target: Path) -> str:
-    """Who wrote ``target`` while this run was working, as far as the file says."""
+def _appeared(target: Path, since: float) -> str:
+    """Who wrote ``target`` (found in place when this run, staging since ``since``, placed its
+    own), as far as the file says."""
     try:
         stat = target.stat(follow_symlinks=False)
     except OSError:
         return "was created by another process (a second run with the same output?) while this run worked"
-    when = time.strftime("%H:%M:%S", time.localtime(stat.st_mtime))
+    # ctime: when the name was linked to the file (a writer's rename or link changes it; its mtime may be older)
+    when = time.strftime("%H:%M:%S", time.localtime(stat.st_ctime))
+    if stat.st_ctime < since:  # a file beside the output (an ONNX .data file) that was there before
+        return f"already exists (since {when}, before this run)"
     owner = ""
     if stat.st_uid != os.getuid():
         try:
@@ -396,11 +412,20 @@ class OutputPlan:
         written by another process, is not replaced); if one cannot be placed, those placed
         before it are taken back, and BncalError says which and why."""
         written, placed = [], []
+        folders = [planned.staging.folder for planned in self.outputs if planned.staging is not None]
         try:
             for planned in self.outputs:
                 if planned.staging is not None and planned.staging.written:
                     placed += planned.staging.place(force=self.force, option=planned.option)
                     written.append(planned.path)
+        except BncalError as exc:
+            _take_back(placed)
+            self.discard()
+            left = [folder for folder in folders if folder.exists()]
+            if left:  # a directory made read-only during the run keeps even the empty folder
+                raise BncalError(f"{exc}; the temporary folder {left[0]} could not be removed either (its directory is "
+                                 "not writable now): remove it by hand") from exc
+            raise
         except BaseException:
             _take_back(placed)
             raise
@@ -484,9 +509,12 @@ def _remove_live_staging() -> None:
         _LIVE_STAGING.discard(folder)
 
 
+atexit.register(_remove_live_staging)  # any exit the interpreter runs its exit handlers for
+
+
 @contextlib.contextmanager
 def terminate_on_sigterm():
-    """Turn SIGTERM into :class:`Terminated` in the main thread while the block runs, so that
+    """Turn SIGTERM (and SIGHUP) into :class:`Terminated` in the main thread while the block runs, so that
     every ``finally`` (and the staging cleanup) runs as it does for Ctrl-C. A process-level
     setting: the CLI uses it; library callers decide for themselves."""
     import threading
@@ -496,11 +524,13 @@ def terminate_on_sigterm():
         return
 
     def handler(signum, frame):
-        raise Terminated(f"terminated by signal {signum}")
+        raise Terminated(signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    caught = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])  # SIGHUP: the terminal closed
+    previous = {signum: signal.signal(signum, handler) for signum in caught}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
         _remove_live_staging()

@@ -152,6 +152,45 @@ def test_output_plan_takes_back_placed_outputs_in_the_library(tmp_path):
     assert (tmp_path / "2.txt").read_text() == "theirs"
 
 
+def test_a_directory_that_refuses_the_commit_takes_back_the_placed_outputs(tmp_path, monkeypatch):
+    """The issue's case: b/ made unwritable during the run. Root ignores permissions, so the file
+    system's refusal is played by os.link (and by rmdir, which leaves the emptied folder)."""
+    import errno
+    import shutil
+
+    from bncal.errors import BncalError
+    from bncal.outputs import OutputPlan, write_text
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    plan = OutputPlan()
+    first, second = plan.add(tmp_path / "a" / "out.txt", "-o"), plan.add(tmp_path / "b" / "r.json", "--report-json")
+    plan.check()
+    real_link, real_rmdir = os.link, os.rmdir
+
+    def refuse_in_b(call):
+        def refused(path, *args, **kwargs):
+            if Path(path).parent == tmp_path / "b" or Path(args[0] if args else "").parent == tmp_path / "b":
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return call(path, *args, **kwargs)
+        return refused
+
+    with pytest.raises(BncalError) as caught:
+        with plan:
+            write_text(first, "one")
+            write_text(second, "two")
+            monkeypatch.setattr(os, "link", refuse_in_b(real_link))
+            monkeypatch.setattr(os, "rmdir", refuse_in_b(real_rmdir))
+    message = str(caught.value)
+    assert message.startswith(f"cannot write {second}: Permission denied; the temporary folder {tmp_path / 'b'}/.bncal-")
+    assert message.endswith("could not be removed either (its directory is not writable now): remove it by hand")
+    assert list((tmp_path / "a").iterdir()) == []  # -o was placed first and taken back
+    monkeypatch.undo()
+    left = list((tmp_path / "b").iterdir())
+    assert len(left) == 1 and list(left[0].iterdir()) == []  # emptied; only the folder itself stayed
+    shutil.rmtree(left[0])
+
+
 def test_a_rank_killed_under_torchrun_leaves_no_staging_folder(project):
     from tests_support import torchrun_command
 
@@ -164,6 +203,20 @@ def test_a_rank_killed_under_torchrun_leaves_no_staging_folder(project):
     assert result.returncode != 0
     assert "SIGKILL" in result.stderr or "Signal 9" in result.stderr, result.stderr[-3000:]
     assert snapshot(project) == before, result.stderr[-3000:]
+
+
+def test_sighup_removes_the_staging_folders_like_sigterm(tmp_path):
+    from bncal.outputs import OutputPlan, Terminated, terminate_on_sigterm, write_text
+
+    plan = OutputPlan()
+    plan.add(tmp_path / "out.txt", "-o")
+    with pytest.raises(Terminated) as caught:
+        with terminate_on_sigterm(), plan:
+            write_text(tmp_path / "out.txt", "half")
+            assert staging_left(tmp_path)
+            os.kill(os.getpid(), signal.SIGHUP)
+    assert caught.value.signal_name == "SIGHUP" and caught.value.signum == signal.SIGHUP
+    assert list(tmp_path.iterdir()) == []
 
 
 # 3. Images at their own bit depth ---------------------------------------------------------------

@@ -6,7 +6,7 @@ error handling every command shares (:func:`run_command`):
 
 * exit 0 success; 1 a user-facing error (one line, ``error: ...``, the traceback with ``-v``) or
   a failed verification or check; 2 a usage error (click's convention, also for values that are
-  themselves wrong); 143 SIGTERM;
+  themselves wrong); 143 SIGTERM, 129 SIGHUP;
 * the run's outputs are planned and checked before any work and written only when it succeeds
   (:class:`bncal.outputs.OutputPlan`); under torchrun every message names its rank.
 
@@ -91,9 +91,9 @@ def run_command(body, args, groups) -> None:
         ui.committed()
     except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
         raise
-    except Terminated:
-        ui.error(f"{prefix}terminated (SIGTERM); nothing was written")
-        sys.exit(143)
+    except Terminated as exc:
+        ui.error(f"{prefix}terminated ({exc.signal_name}); nothing was written")
+        sys.exit(128 + exc.signum)
     except KeyboardInterrupt:
         ui.error(f"{prefix}interrupted; nothing was written")
         sys.exit(1)
