@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ._sweep_plan import tensor_bytes
+from .errors import BncalError
 
 __all__ = ["Checkpoints"]
 
@@ -111,12 +112,25 @@ class Checkpoints:
 
     def _spill(self, b: int, values: list) -> None:
         """Tensors to a file (written whole, then renamed into place); other values stay in memory."""
-        if self.directory is None:
-            self.directory = Path(tempfile.mkdtemp(prefix="bncal-sweep-", dir=self.spill_dir))
         tensors = [v if isinstance(v, torch.Tensor) else None for v in values]
-        partial = self._path(b).with_suffix(".partial")
-        torch.save(tensors, partial)
-        os.replace(partial, self._path(b))
+        partial = None
+        try:
+            if self.directory is None:
+                self.directory = Path(tempfile.mkdtemp(prefix="bncal-sweep-", dir=self.spill_dir))
+            partial = self._path(b).with_suffix(".partial")
+            torch.save(tensors, partial)
+            os.replace(partial, self._path(b))
+        except (OSError, RuntimeError) as exc:  # torch's writer words a full disk "[enforce fail ...] file write failed"
+            if partial is not None:
+                partial.unlink(missing_ok=True)
+            reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else "the write failed"
+            try:
+                free = f"{shutil.disk_usage(self.spill_dir).free / 2**20:.0f} MiB free there"
+            except OSError:
+                free = "is the disk full?"
+            raise BncalError(f"cannot spill the sweep's activations to the spill directory {self.spill_dir} ({reason}; "
+                             f"{free}); free space there, give another --spill-dir (spill_dir=), or raise --cache-mb "
+                             "(cache_mb=)") from exc
         self.memory[b] = [None if isinstance(v, torch.Tensor) else v for v in values]
         self.on_disk[b] = tensor_bytes(tensors)
         self.held[b] = tensor_bytes(self.memory[b])

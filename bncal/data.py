@@ -6,9 +6,10 @@ A data spec (:func:`load_data`) is one of:
 * ``data.npz``: one array per model input, by input name (all with the same N); ``inputs=``
   picks the model inputs among the arrays (an archive that also holds labels or indices);
 * a folder of images (PNG, JPEG, BMP, GIF, TIFF, WebP, PPM...), subfolders included (an
-  ImageFolder layout with one subfolder per class: the labels are not used), read with
-  Pillow, converted to RGB or grayscale, resized, center-cropped and normalised
-  (:class:`ImageOptions`);
+  ImageFolder layout with one subfolder per class: the labels are not used; symlinked folders
+  and files are followed), read with Pillow at their own bit depth (8-bit, or 16-bit
+  grayscale), converted to RGB or grayscale, resized, center-cropped and normalised
+  (:class:`ImageOptions`; what happens to each pixel format: :class:`_ImageRows`);
 * ``file.py:func`` or ``module:func``: a callable returning an iterable of batches, called
   with ``batch_size=`` only when one is given (its own batching is respected otherwise).
 
@@ -65,8 +66,9 @@ class ImageOptions:
     ``size`` (H, W), or with ``resize`` so that the shorter side is ``resize`` pixels (aspect
     kept, as torchvision's ``Resize(int)``); then center-cropped to ``crop`` (H, W) where
     given. Without ``size`` or ``crop`` every image must have the same size. Pixels then
-    become ``(x / 255 - mean) / std`` per channel (1 or ``channels`` values each; ``preset``
-    names a pair of :data:`NORMALIZATION_PRESETS`). Resampling is Pillow's bilinear filter.
+    become ``(x / maximum - mean) / std`` per channel (``maximum`` 255 for 8-bit images, 65535
+    for 16-bit ones; 1 or ``channels`` values each; ``preset`` names a pair of
+    :data:`NORMALIZATION_PRESETS`). Resampling is Pillow's bilinear filter.
     """
 
     size: tuple[int, int] | None = None
@@ -260,6 +262,8 @@ class FunctionBatches:
             result = self.func(batch_size=self.batch_size) if self.batch_size is not None else self.func()
         except Exception as exc:  # the user's own code
             raise BncalError(f"the data function {name} failed: {one_line(exc)}") from exc
+        except SystemExit as exc:
+            raise BncalError(_exited(name, exc)) from exc
         if result is not None and result is self._last_result and iter(result) is result:
             raise BncalError(f"the data function {name} returned the same iterator again, already used up by the "
                              "previous pass; passing over the data several times (mode 'eval') needs a re-iterable: "
@@ -277,6 +281,8 @@ class FunctionBatches:
                 break
             except Exception as exc:
                 raise BncalError(f"the data function {name} failed while producing batch {index}: {one_line(exc)}") from exc
+            except SystemExit as exc:
+                raise BncalError(_exited(name, exc, f" while producing batch {index}")) from exc
             if index % self.world_size == self.rank:
                 mine += 1
                 self.largest_batch = max(self.largest_batch, leading_size(batch) or 0)
@@ -291,6 +297,11 @@ class FunctionBatches:
                              f"{self.world_size} ranks, so rank {self.rank} got none (batch i goes to rank i mod "
                              f"{self.world_size}); give at least one batch per rank, or run fewer ranks")
         self._passes.append(mine)
+
+
+def _exited(name: str, exc: SystemExit, when: str = "") -> str:
+    return (f"the data function {name} called sys.exit({exc.code}){when}; a data function returns (or yields) "
+            "batches: raise an exception to report a problem")
 
 
 def _accepts_batch_size(func) -> bool:
@@ -350,6 +361,7 @@ def select_batch(batch, selectors: tuple, index: int | None = None):
         if missing:
             raise BncalError(f"{which} has keys {list(batch)}, not {', '.join(map(repr, missing))}; select the model's "
                              "inputs by key (--inputs KEY; library: inputs=)")
+        _refuse_labels_only(batch, keys, which)
         return batch[keys[0]] if len(keys) == 1 else {k: batch[k] for k in keys}
     if isinstance(batch, (list, tuple)):
         named = [s for s in selectors if isinstance(s, str)]
@@ -360,9 +372,33 @@ def select_batch(batch, selectors: tuple, index: int | None = None):
         if bad:
             raise BncalError(f"{which} holds {len(batch)} values, so there is no position {bad[0]}; select positions "
                              f"0 to {len(batch) - 1}")
+        _refuse_labels_only(dict(enumerate(batch)), [s % len(batch) for s in selectors], which, selectors)
         return batch[selectors[0]] if len(selectors) == 1 else tuple(batch[s] for s in selectors)
     raise BncalError(f"{which} is a single {type(batch).__name__}, not a tuple or dict to pick inputs from; "
                      "drop --inputs (library: inputs=)")
+
+
+def _refuse_labels_only(values: dict, picked: list, which: str, given=None) -> None:
+    """BncalError when every picked value looks like class labels (a 1-D integer array of one
+    value per sample) while a value left out is floating-point data of as many samples (2-D or
+    more: features, not float targets)."""
+    if not all(_is_integer_array(values[k]) and len(values[k].shape) == 1 for k in picked):
+        return
+    samples = values[picked[0]].shape[0]
+    data = [k for k in values if k not in picked and not _is_integer_array(values[k])
+            and str(getattr(values[k], "dtype", "")).rsplit(".", 1)[-1].startswith(("float", "bfloat", "half"))
+            and len(values[k].shape) >= 2 and values[k].shape[0] == samples]
+    if not data:
+        return
+    kind = "position" if given is not None else "key"
+    name = lambda items: f"{kind}{'s' if len(items) > 1 else ''} {', '.join(map(repr, items))}"  # noqa: E731
+    shown = ",".join(map(str, given if given is not None else picked))
+    counted = " (counted from the end)" if given is not None and any(g < 0 for g in given) else ""
+    other = ",".join(map(str, data))
+    raise BncalError(f"--inputs {shown} picks {name(picked)}{counted} of {which}, one integer per sample: that looks "
+                     f"like class labels, while {name(data)} holds floating-point data; give --inputs {other} "
+                     f"(library: inputs={data[0] if len(data) == 1 else tuple(data)!r}), or return only the model's "
+                     "inputs from a data function if the integers really are its input")
 
 
 class SelectedInputs:
@@ -527,14 +563,84 @@ def _open_npy(path: Path):
     return array
 
 
+def _image_files(folder: Path) -> list[Path]:
+    """The image files under ``folder``, sorted: subfolders included, symlinked folders and files
+    followed (as torchvision's ImageFolder does), hidden files and folders skipped. A symlink
+    back to a folder it sits in (a loop) and a link to nothing are refused by name."""
+    import os
+
+    files, ancestors = [], []
+
+    def walk(directory: Path) -> None:
+        real = os.path.realpath(directory)
+        if real in ancestors:
+            raise BncalError(f"{directory} in the data folder {folder} links back to {real}, a folder it is inside "
+                             "(a loop); remove the link or point it elsewhere")
+        ancestors.append(real)
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError as exc:
+            raise BncalError(f"cannot list {directory} in the data folder {folder}: {exc.strerror}") from exc
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            if entry.is_dir(follow_symlinks=True):
+                walk(path)
+            elif path.suffix.lower() in IMAGE_SUFFIXES:
+                if entry.is_file(follow_symlinks=True):
+                    files.append(path)
+                elif entry.is_symlink():
+                    raise BncalError(f"image {path} is a link to {os.readlink(path)}, which does not exist; remove the "
+                                     "link or restore its target")
+        ancestors.pop()
+
+    walk(folder)
+    return sorted(files)
+
+
+# Pillow modes read exactly, by what becomes of them; every other mode is refused by name.
+_EIGHT_BIT_MODES = {"1": "bilevel, read as 0 and 1", "L": "8-bit grayscale", "P": "palette, colours looked up",
+                    "PA": "palette with alpha, colours looked up, alpha dropped", "LA": "8-bit grayscale, alpha dropped",
+                    "RGB": "8-bit RGB", "RGBA": "8-bit RGB, alpha dropped", "RGBX": "8-bit RGB",
+                    "YCbCr": "8-bit YCbCr, converted to RGB"}
+_SIXTEEN_BIT_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_REFUSED_MODES = {"I": "32-bit integer pixels, whose range bncal cannot know",
+                  "F": "32-bit floating-point pixels, whose range bncal cannot know",
+                  "CMYK": "CMYK (print colours), which has no exact conversion to RGB without a colour profile",
+                  "LAB": "CIELAB colours", "HSV": "HSV colours"}
+
+
+def _pixel_depth(img, path: Path) -> int:
+    """The largest value of ``img``'s samples as stored (255 or 65535); BncalError for an image
+    bncal cannot read exactly, named by its mode."""
+    raw = [t.args[0] if isinstance(t.args, tuple) else t.args for t in (img.tile or []) if t.args]
+    wide = [r for r in raw if isinstance(r, str) and ";16" in r]
+    if img.mode in _SIXTEEN_BIT_GRAY_MODES:
+        return 65535
+    if img.mode in _EIGHT_BIT_MODES and not wide:
+        return 255
+    if wide:  # Pillow reads 16-bit colour (or gray with alpha) keeping only the high 8 bits of each sample
+        what = f"16-bit {wide[0].split(';')[0]} ({img.format or 'image'}), which Pillow reads keeping only 8 bits per sample"
+    else:
+        what = f"mode {img.mode}: " + _REFUSED_MODES.get(img.mode, "a pixel format bncal does not read")
+    raise BncalError(f"image {path} is {what}; convert it to 8-bit RGB/grayscale or 16-bit grayscale PNG, or save "
+                     "the pixels as a uint8/uint16 .npy and pass --normalize")
+
+
 class _ImageRows:
-    """The images under a folder (subfolders included, hidden files and folders skipped), decoded
-    on access: rows by a slice or by an integer array."""
+    """The images under a folder (see :func:`_image_files`), decoded on access at their own bit
+    depth: rows by a slice or by an integer array.
+
+    8-bit images (bilevel, grayscale, palette, RGB, with or without alpha) become ``channels``
+    channels as Pillow converts them (palettes looked up; RGB to grayscale by ITU-R 601-2 luma),
+    scaled by 255. 16-bit grayscale is scaled by 65535 (three equal channels for RGB). Alpha is
+    dropped: colours are read as stored, not composited on a background (as torchvision's
+    loader does). 16-bit colour, 32-bit integer or float, CMYK and other modes are refused."""
 
     def __init__(self, folder: Path, options: ImageOptions):
         self.folder = folder
-        self.files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                            and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+        self.files = _image_files(folder)
         if not self.files:
             raise BncalError(f"folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         self.options = options
@@ -562,7 +668,13 @@ class _ImageRows:
 
         try:
             with Image.open(path) as img:
-                img = img.convert("L" if self.options.channels == 1 else "RGB")
+                maximum = _pixel_depth(img, path)
+                if maximum == 65535:
+                    img = img.convert("F")  # exact for 16-bit values; resampled in floating point
+                elif img.mode in ("P", "PA"):
+                    img = img.convert("RGBA")  # palette transparency becomes alpha, then dropped
+                if img.mode != "F":
+                    img = img.convert("L" if self.options.channels == 1 else "RGB")
                 img = self._geometry(img, path)
                 array = np.asarray(img, dtype=np.float32)
         except BncalError:
@@ -573,7 +685,9 @@ class _ImageRows:
         except (OSError, ValueError, SyntaxError) as exc:  # Pillow's errors for corrupt or truncated files
             raise BncalError(f"cannot read image {path}: {one_line(exc)}; remove or replace the file") from exc
         array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-        return self.options.normalise(array / np.float32(255.0), 0)
+        if array.shape[0] != self.options.channels:  # 16-bit grayscale read as RGB
+            array = np.repeat(array, self.options.channels, axis=0)
+        return self.options.normalise(array / np.float32(maximum), 0)
 
     def _geometry(self, img, path):
         from PIL import Image

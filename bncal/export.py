@@ -272,16 +272,18 @@ def _names(model, inputs, input_names, output_names) -> tuple[list[str], list[st
     with torch.no_grad():
         try:  # counting outputs needs no arithmetic: try on the meta device first
             meta_inputs = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs)
-            outputs = _flatten(meta_clone(model)(*meta_inputs))
+            returned = meta_clone(model)(*meta_inputs)
         except Exception:
             try:
-                outputs = _flatten(model(*inputs))
+                returned = model(*inputs)
             except Exception as exc:
                 from .data import input_hint
 
                 raise BncalError(
                     f"the model failed on the example inputs: {one_line(exc)}; pass inputs of the shape and "
                     f"dtype the model expects{input_hint(inputs, one_line(exc))}") from exc
+    _refuse_missing_outputs(returned)
+    outputs = _flatten(returned)
     if input_names is None and n_inputs > 1:
         parameters = forward_parameter_names(model)
         if parameters is not None and len(inputs) <= len(parameters):
@@ -289,6 +291,25 @@ def _names(model, inputs, input_names, output_names) -> tuple[list[str], list[st
     input_names = _default_names(input_names, n_inputs, "input")
     output_names = _default_names(output_names, len(outputs), "output")
     return input_names, output_names
+
+
+def _refuse_missing_outputs(returned) -> None:
+    """BncalError when the forward returns None, or a tuple/list/dict holding None: an ONNX
+    graph's outputs are tensors, and the comparisons need every one of them."""
+    def where_none(value, path=""):
+        if value is None:
+            return path or "the result"
+        items = (value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (tuple, list))
+                 else ())
+        return next((w for k, v in items if (w := where_none(v, f"{path}[{k!r}]")) is not None), None)
+
+    missing = where_none(returned)
+    if returned is None:
+        raise BncalError("the model's forward returned None, so there is nothing to export or compare; return the "
+                         "output tensor(s) from forward")
+    if missing is not None:
+        raise BncalError(f"the model's forward returned a {type(returned).__name__} holding None at {missing}; an "
+                         "exported graph's outputs are tensors: return only tensors (drop the None entries)")
 
 
 def forward_parameter_names(model) -> list[str] | None:

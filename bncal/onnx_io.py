@@ -36,14 +36,58 @@ def load_onnx(path):
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # protobuf DecodeError, missing external data...
+        what = _what_the_file_is(path)
+        if what is not None:
+            raise BncalError(f"{path} is not an ONNX model: {what}") from None
         raise BncalError(f"{path} is not a readable ONNX model ({one_line(exc)}); is it truncated or corrupt?") from exc
     if not model.graph.node:
+        what = _what_the_file_is(path)
+        if what is not None:
+            raise BncalError(f"{path} is not an ONNX model: {what}")
         raise BncalError(f"{path} holds no graph nodes; is it truncated or corrupt?")
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         raise BncalError(f"{path} is not a valid ONNX model: {first_line(exc)}") from exc
     return model
+
+
+_SIGNATURES = ((b"PK\x03\x04", "a zip archive (a .keras, .npz or torch.save file?)"),
+               (b"\x89HDF", "an HDF5 file (Keras .h5 weights?)"), (b"\x93NUMPY", "a numpy .npy array"),
+               (b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"))
+_GIVE_MODEL = "; give the .onnx model file"
+
+
+def _what_the_file_is(path: Path) -> str | None:
+    """What a file that does not load as an ONNX model is, and what to do, when that can be
+    told (``it is a PNG image; give the .onnx model file``); None otherwise."""
+    import onnx
+
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if not data:
+        return "it is empty (0 bytes); export or download it again"
+    for magic, what in _SIGNATURES:
+        if data.startswith(magic):
+            return f"it is {what}{_GIVE_MODEL}"
+    tensor = onnx.TensorProto()
+    try:
+        tensor.ParseFromString(data)
+        if tensor.dims and tensor.data_type:
+            named = f" {tensor.name!r}" if tensor.name else ""
+            return (f"it is a serialized TensorProto (one tensor{named} of shape {'x'.join(map(str, tensor.dims))}, "
+                    f"such as a test's input_0.pb), not a ModelProto{_GIVE_MODEL}")
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError: not a tensor either
+        pass
+    if data[:1] == b"\x08":  # ModelProto's first field (ir_version): a model that does not decode to its end
+        return f"it starts as one but ends early or is damaged ({len(data)} bytes: truncated?); export or download it again"
+    try:
+        data[:4096].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return f"it is a text file{_GIVE_MODEL}"
 
 
 def onnx_files(path) -> list[Path]:

@@ -11,9 +11,13 @@ the demo's files, anything later):
   when the run is planned, before any work;
 * it is written into a private temporary folder in the destination's directory and moved into
   place only when the whole run succeeds (:class:`OutputPlan`), or at once when no plan is active
-  (:func:`atomic_output`). On an error, Ctrl-C or SIGTERM (see :func:`terminate_on_sigterm`) the
-  temporary folder is removed: nothing the run was asked to write exists afterwards, except
+  (:func:`atomic_output`). On an error, Ctrl-C, SIGTERM or SIGHUP (see :func:`terminate_on_sigterm`),
+  and at any exit the interpreter sees, the temporary folder is removed: nothing the run was asked to write exists afterwards, except
   outputs marked ``keep_on_failure`` (``--keep-failed``'s documented name);
+* it is created exclusively when it is moved into place: a hard link that fails if the name
+  appeared meanwhile (another run with the same ``-o``), so without ``force`` no file is ever
+  replaced, whenever the other writer started. A run's outputs are placed all or nothing: when
+  one cannot be placed, those already placed are taken back (a replaced file is restored);
 * files are created with the mode the umask gives (0666 & ~umask), as any other program's;
 * an OS error while writing names the path and the reason.
 
@@ -24,13 +28,16 @@ plan's other outputs, so the CLI's all-or-nothing promise covers them without ne
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import dataclasses
+import errno
 import os
 import shutil
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 from .errors import BncalError
@@ -45,7 +52,13 @@ _LIVE_STAGING: set[Path] = set()  # every staging folder not yet removed, for SI
 
 
 class Terminated(BaseException):
-    """Raised in the main thread on SIGTERM (see :func:`terminate_on_sigterm`), so that cleanup runs."""
+    """Raised in the main thread on SIGTERM or SIGHUP (see :func:`terminate_on_sigterm`), so that
+    cleanup runs; ``signal_name`` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
 
 
 def os_error_text(exc: OSError) -> str:
@@ -68,16 +81,35 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _linked_folders(folder: Path) -> list[Path]:
+    """``folder`` and every folder a symlink inside it leads to (the data reader follows them),
+    resolved; each visited once, so a loop of links ends."""
+    roots, seen = [folder.resolve()], set()
+    for directory, subdirectories, _ in os.walk(folder, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in seen:
+            subdirectories[:] = []
+            continue
+        seen.add(real)
+        for name in subdirectories:
+            linked = os.path.join(directory, name)
+            if os.path.islink(linked):
+                roots.append(Path(os.path.realpath(linked)))
+    return roots
+
+
 def _inside(path: Path, folder: Path) -> Path | None:
-    """The file of ``folder`` (searched recursively) that ``path`` is or links to, if any.
+    """The file of ``folder`` (searched recursively, symlinked folders followed) that ``path`` is
+    or links to, if any.
 
     A path that resolves into the folder and exists is one of its files; a hard link from
     elsewhere is found by its inode (looked for only when the file has several links)."""
     if not (path.exists() or path.is_symlink()):
         return None
     resolved, root = path.resolve(), folder.resolve()
-    if resolved == root or root in resolved.parents:
-        return resolved
+    for linked in _linked_folders(folder):
+        if resolved == linked or linked in resolved.parents:
+            return resolved
     try:
         stat = path.stat()
     except OSError:
@@ -97,6 +129,7 @@ class _Staging:
 
     path: Path
     folder: Path
+    since: float = dataclasses.field(default_factory=time.time)
 
     @classmethod
     def create(cls, path: Path) -> "_Staging":
@@ -125,13 +158,30 @@ class _Staging:
     def written(self) -> bool:
         return self.file.exists()
 
-    def commit(self) -> None:
-        """Move every file of the folder beside the destination (an ONNX file's ``.data`` too)."""
+    def place(self, *, force: bool, option: str = "output") -> list[tuple[Path, Path | None]]:
+        """Put every file of the folder beside the destination (an ONNX file's ``.data`` too), each
+        created exclusively unless ``force`` (then the file it replaces is kept in the folder until
+        :meth:`remove`). Returns ``(placed file, kept previous file or None)`` pairs for
+        :func:`_take_back`; on an error what this call placed is taken back first."""
+        placed: list[tuple[Path, Path | None]] = []
+        files = sorted((p for p in self.folder.iterdir() if p.is_file()), key=lambda p: p.name != self.path.name)
         try:
-            for item in sorted(self.folder.iterdir(), key=lambda p: p.name != self.path.name):
-                os.replace(item, self.path.parent / item.name)
+            for item in files:
+                target = self.path.parent / item.name
+                placed.append((target, _replace_keeping(item, target, self.folder) if force else _link_new(item, target)))
+        except FileExistsError as exc:
+            _take_back(placed)
+            raise BncalError(f"{option} {target} {_appeared(target, self.since)}; nothing was written: pass --force "
+                             "to replace it, or give another path") from exc
         except OSError as exc:
-            raise BncalError(f"cannot write {self.path}: {os_error_text(exc)}") from exc
+            _take_back(placed)
+            raise BncalError(f"cannot write {target}: {os_error_text(exc)}") from exc
+        return placed
+
+    def commit(self, *, force: bool = True) -> None:
+        """:meth:`place` and remove the folder (also on failure)."""
+        try:
+            self.place(force=force)
         finally:
             self.remove()
 
@@ -146,6 +196,74 @@ class _Planned:
     option: str
     keep_on_failure: bool = False
     staging: _Staging | None = None
+    checked: bool = False
+
+
+def _link_new(source: Path, target: Path) -> None:
+    """Create ``target`` as ``source``'s content, failing with FileExistsError if it exists (a
+    hard link; where the file system has none, an exclusive create that the rename then fills)."""
+    try:
+        os.link(source, target)
+        return None
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
+            raise
+    os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    try:
+        os.replace(source, target)
+    except OSError:
+        target.unlink(missing_ok=True)
+        raise
+    return None
+
+
+def _replace_keeping(source: Path, target: Path, folder: Path) -> Path | None:
+    """Replace ``target`` with ``source`` atomically; the file replaced (if any) is kept, as a
+    hard link in ``folder/previous``, so that :func:`_take_back` can restore it."""
+    previous = None
+    if target.exists() or target.is_symlink():
+        previous = folder / "previous" / target.name
+        previous.parent.mkdir(exist_ok=True)
+        try:
+            os.link(target, previous, follow_symlinks=False)
+        except OSError:
+            shutil.copy2(target, previous, follow_symlinks=False)
+    os.replace(source, target)
+    return previous
+
+
+def _take_back(placed: list[tuple[Path, Path | None]]) -> None:
+    """Undo placed outputs, last first: restore the file each replaced, or remove it."""
+    for target, previous in reversed(placed):
+        with contextlib.suppress(OSError):
+            if previous is not None:
+                os.replace(previous, target)
+            else:
+                target.unlink()
+
+
+def _appeared(target: Path, since: float) -> str:
+    """Who wrote ``target`` (found in place when this run, staging since ``since``, placed its
+    own), as far as the file says."""
+    try:
+        stat = target.stat(follow_symlinks=False)
+    except OSError:
+        return "was created by another process (a second run with the same output?) while this run worked"
+    # ctime: when the name was linked to the file (a writer's rename or link changes it; its mtime may be older)
+    when = time.strftime("%H:%M:%S", time.localtime(stat.st_ctime))
+    if stat.st_ctime < since:  # a file beside the output (an ONNX .data file) that was there before
+        return f"already exists (since {when}, before this run)"
+    owner = ""
+    if stat.st_uid != os.getuid():
+        try:
+            import pwd
+
+            owner = f" of user {pwd.getpwuid(stat.st_uid).pw_name}"
+        except (ImportError, KeyError):
+            owner = f" of user id {stat.st_uid}"
+    return f"was created at {when} by another process{owner} (a second run with the same output?) while this run worked"
 
 
 class OutputPlan:
@@ -163,10 +281,15 @@ class OutputPlan:
 
     ``add`` for a directory-to-create (the demo's ``--out``) is :meth:`add_directory`; it is
     removed again on failure if the run created it and left it empty.
+
+    ``hold_staging=False`` (the ranks of a torchrun launch that do not write) checks every output
+    as usual but removes each staging folder at once, so that a process killed without warning
+    (SIGKILL, which no cleanup can observe) leaves nothing beside the outputs.
     """
 
-    def __init__(self, *, force: bool = False):
+    def __init__(self, *, force: bool = False, hold_staging: bool = True):
         self.force = force
+        self.hold_staging = hold_staging
         self.inputs: list[Path] = []
         self.outputs: list[_Planned] = []
         self.directories: list[Path] = []
@@ -231,6 +354,10 @@ class OutputPlan:
         except OSError as exc:  # a name too long, a loop of symlinks...
             raise BncalError(f"{planned.option} {planned.path}: {os_error_text(exc)}") from exc
         planned.staging = _Staging.create(planned.path)
+        planned.checked = True
+        if not self.hold_staging:
+            planned.staging.remove()
+            planned.staging = None
 
     def _check_path(self, planned: _Planned) -> None:
         path, option = planned.path, planned.option
@@ -240,7 +367,7 @@ class OutputPlan:
             raise BncalError(f"{option} {path} is also an input of this run{same}; write to another "
                              "path (inputs are never overwritten)")
         for other in self.outputs:
-            if other is not planned and other.staging is not None and _same_file(path, other.path):
+            if other is not planned and other.checked and _same_file(path, other.path):
                 raise BncalError(f"{option} {path} is also the path of {other.option}; give each output its own path")
         if path.is_dir():
             raise BncalError(f"{option} {path} is a directory; give a file path")
@@ -261,6 +388,8 @@ class OutputPlan:
             planned = _Planned(path, "output")
             self.outputs.append(planned)
             self._check_one(planned)
+        if planned.staging is None:
+            planned.staging = _Staging.create(path)
         return planned.staging.file
 
     def __enter__(self) -> "OutputPlan":
@@ -277,13 +406,29 @@ class OutputPlan:
             self.discard()
 
     def commit(self) -> list[Path]:
-        """Move every written output into place; returns their paths."""
-        written = []
+        """Move every written output into place, all or nothing; returns their paths.
+
+        Without ``force`` each is created exclusively (an output that appeared during the run,
+        written by another process, is not replaced); if one cannot be placed, those placed
+        before it are taken back, and BncalError says which and why."""
+        written, placed = [], []
+        folders = [planned.staging.folder for planned in self.outputs if planned.staging is not None]
         try:
             for planned in self.outputs:
                 if planned.staging is not None and planned.staging.written:
-                    planned.staging.commit()
+                    placed += planned.staging.place(force=self.force, option=planned.option)
                     written.append(planned.path)
+        except BncalError as exc:
+            _take_back(placed)
+            self.discard()
+            left = [folder for folder in folders if folder.exists()]
+            if left:  # a directory made read-only during the run keeps even the empty folder
+                raise BncalError(f"{exc}; the temporary folder {left[0]} could not be removed either (its directory is "
+                                 "not writable now): remove it by hand") from exc
+            raise
+        except BaseException:
+            _take_back(placed)
+            raise
         finally:
             self.discard()
         return written
@@ -295,7 +440,7 @@ class OutputPlan:
                 continue
             if planned.keep_on_failure and planned.staging.written:
                 with contextlib.suppress(BncalError):
-                    planned.staging.commit()
+                    planned.staging.place(force=self.force, option=planned.option)
             planned.staging.remove()
         for directory in self._created:
             with contextlib.suppress(OSError):
@@ -364,9 +509,12 @@ def _remove_live_staging() -> None:
         _LIVE_STAGING.discard(folder)
 
 
+atexit.register(_remove_live_staging)  # any exit the interpreter runs its exit handlers for
+
+
 @contextlib.contextmanager
 def terminate_on_sigterm():
-    """Turn SIGTERM into :class:`Terminated` in the main thread while the block runs, so that
+    """Turn SIGTERM (and SIGHUP) into :class:`Terminated` in the main thread while the block runs, so that
     every ``finally`` (and the staging cleanup) runs as it does for Ctrl-C. A process-level
     setting: the CLI uses it; library callers decide for themselves."""
     import threading
@@ -376,11 +524,13 @@ def terminate_on_sigterm():
         return
 
     def handler(signum, frame):
-        raise Terminated(f"terminated by signal {signum}")
+        raise Terminated(signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    caught = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])  # SIGHUP: the terminal closed
+    previous = {signum: signal.signal(signum, handler) for signum in caught}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
         _remove_live_staging()

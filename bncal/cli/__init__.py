@@ -6,7 +6,7 @@ error handling every command shares (:func:`run_command`):
 
 * exit 0 success; 1 a user-facing error (one line, ``error: ...``, the traceback with ``-v``) or
   a failed verification or check; 2 a usage error (click's convention, also for values that are
-  themselves wrong); 143 SIGTERM;
+  themselves wrong); 143 SIGTERM, 129 SIGHUP;
 * the run's outputs are planned and checked before any work and written only when it succeeds
   (:class:`bncal.outputs.OutputPlan`); under torchrun every message names its rank.
 
@@ -15,6 +15,7 @@ Heavy modules (torch, onnx, onnxruntime) are imported inside the commands, so ``
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import traceback
 
@@ -31,9 +32,25 @@ class _Main(click.Group):
 
     def make_context(self, info_name, args, parent=None, **extra):
         argv = ["bncal", *args]
-        ctx = super().make_context(info_name, args, parent=parent, **extra)
+        with _interrupt_is_an_error():
+            ctx = super().make_context(info_name, args, parent=parent, **extra)
         ctx.meta["bncal.argv"] = argv
         return ctx
+
+    def invoke(self, ctx):
+        with _interrupt_is_an_error():
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def _interrupt_is_an_error():
+    """Ctrl-C while the command starts (parsing, imports): bncal's own line, not click's "Aborted!"
+    (:func:`run_command` words one that comes later)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        click.echo("error: interrupted while starting; nothing was written", err=True)
+        sys.exit(1)
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
@@ -58,12 +75,13 @@ def run_command(body, args, groups) -> None:
     try:
         launch = environment()
         prefix = f"rank {launch.rank}: " if launch.distributed else ""
+        writes = launch.is_main
     except BncalError:
-        prefix = ""
+        prefix, writes = "", True
     status = 0
     try:
         with terminate_on_sigterm():
-            plan = OutputPlan(force=args.output.force)
+            plan = OutputPlan(force=args.output.force, hold_staging=writes)  # only rank 0 writes
             for group in groups:
                 group.plan(getattr(args, group.name), plan, args)
             plan.check()
@@ -73,11 +91,15 @@ def run_command(body, args, groups) -> None:
         ui.committed()
     except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
         raise
-    except Terminated:
-        ui.error(f"{prefix}terminated (SIGTERM); nothing was written")
-        sys.exit(143)
+    except Terminated as exc:
+        ui.error(f"{prefix}terminated ({exc.signal_name}); nothing was written")
+        sys.exit(128 + exc.signum)
     except KeyboardInterrupt:
         ui.error(f"{prefix}interrupted; nothing was written")
+        sys.exit(1)
+    except SystemExit as exc:  # the user's code (a factory, a data function) called sys.exit
+        ui.error(f"{prefix}{_exit_origin(exc)} called sys.exit({exc.code}); nothing was written: that code should "
+                 "return its result, or raise an exception to report a problem")
         sys.exit(1)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line
         if ui.verbose:
@@ -86,6 +108,17 @@ def run_command(body, args, groups) -> None:
         sys.exit(1)
     if status:
         sys.exit(status)
+
+
+def _exit_origin(exc: SystemExit) -> str:
+    """Where ``sys.exit`` was called: ``file.py:LINE (function)`` of the innermost frame."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return "code run by this command"
+    code = tb.tb_frame.f_code
+    return f"{code.co_filename}:{tb.tb_lineno} ({code.co_name})"
 
 
 def describe_error(exc: BaseException, *, verbose: bool = False) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import types
 from pathlib import Path
@@ -87,7 +88,11 @@ class NamedShapesType(click.ParamType):
             name, colon, dims = item.rpartition(":")
             if not colon or not name:
                 self.fail(f"{item!r}: give NAME:[d0,d1,...] such as image:[1,3,224,224]", param, ctx)
-            shapes.append((name, ShapeType().convert(dims.strip("[]()"), param, ctx)))
+            inner = re.fullmatch(r"\[([^][()]*)\]|\(([^][()]*)\)|([^][()]*)", dims)  # [..], (..) or bare
+            if inner is None:
+                self.fail(f"{item!r}: the brackets of {dims!r} do not match; give NAME:[d0,d1,...] such as "
+                          f"{name}:[1,3,224,224]", param, ctx)
+            shapes.append((name, ShapeType().convert(next(g for g in inner.groups() if g is not None), param, ctx)))
         if not shapes:
             self.fail("give NAME:[d0,d1,...] such as image:[1,3,224,224]", param, ctx)
         return tuple(shapes)

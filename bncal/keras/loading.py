@@ -32,9 +32,11 @@ def load_model(path_or_spec, *, weights=None, model_kwargs: str | dict | None = 
         BncalError: a missing or unreadable file, a refused Lambda layer, a spec that does not
             give a ``keras.Model``, weights that do not fit.
     """
-    keras = import_keras()
     text = str(path_or_spec)
     path = Path(text)
+    if path.suffix.lower() == ".keras" and path.is_file():
+        _check_keras_archive(path)  # before importing Keras (seconds), which would say "File not found"
+    keras = import_keras()
     if path.suffix.lower() in (".h5", ".hdf5") and ":" not in text:
         raise BncalError(f"{path} is a legacy HDF5 model; bncal reads the .keras format: re-save it with "
                          "model.save('model.keras')")
@@ -62,6 +64,29 @@ def load_model(path_or_spec, *, weights=None, model_kwargs: str | dict | None = 
     if not isinstance(model, keras.Model):
         raise BncalError(f"{text} returned {type(model).__name__}, not a keras.Model")
     return adopt_factory_model(model, text, weights=weights)
+
+
+def _check_keras_archive(path: Path) -> None:
+    """BncalError for a ``.keras`` file that is not a zip archive (Keras itself says "File not found")."""
+    import zipfile
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as file:
+            head = file.read(8)
+        is_zip = zipfile.is_zipfile(path)
+    except OSError as exc:
+        raise BncalError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if size == 0:
+        raise BncalError(f"{path} is empty (0 bytes); was the save interrupted? Save the model again with "
+                         "model.save('model.keras')")
+    if is_zip:
+        return
+    if head.startswith(b"\x89HDF"):
+        raise BncalError(f"{path} is an HDF5 file (the legacy .h5 format) named .keras; re-save it with "
+                         "model.save('model.keras')")
+    raise BncalError(f"{path} is not a .keras file: a .keras file is a zip archive and this one ({size} bytes) is not "
+                     "one (truncated or corrupt?); save the model again with model.save('model.keras')")
 
 
 def adopt_factory_model(model, spec: str, *, weights=None, allow_pickle: bool = False):
