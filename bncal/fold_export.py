@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BncalError, VerificationError
+from .gate import require_healthy_notes
 from .report import FoldDecision, ReportDisplay, format_table, plural
 
 __all__ = [
@@ -353,6 +354,7 @@ def fold_export_torch(
     module_fold: bool = True,
     fold_fn=None,
     progress=False,
+    allow=(),
 ) -> tuple[object, FoldExportReport]:
     """Fold a PyTorch model's BatchNorms, export it to ONNX, and verify both steps.
 
@@ -376,6 +378,11 @@ def fold_export_torch(
     ``progress``: True prints each step on stderr, a callable gets each step's message.
     ``fold_fn`` replaces ``fold_onnx`` (tests corrupt a fold with it).
 
+    Before anything is exported the model must pass ``bncal inspect``'s rules
+    (:func:`bncal.gate.require_healthy`): an error-severity finding (statistics never updated,
+    degenerate statistics...) raises :class:`bncal.errors.DeploymentError` unless ``allow``
+    names its rule (``allow=["BN001"]``); an allowed one is noted in the report.
+
     Returns ``(folded, report)``: ``folded`` is the verified model as an ``onnx_ir.Model``, as
     torch's exporter builds it (``onnx_ir.to_proto(folded)`` gives a ``ModelProto``). It is
     never copied into a ``ModelProto`` here: its weights that the fold left alone are the
@@ -392,7 +399,7 @@ def fold_export_torch(
 
     start = time.perf_counter()
     steps = _Steps(progress)
-    notes: list[str] = []
+    notes: list[str] = require_healthy_notes(model, allow=allow, action="export it")
     example_inputs = tuple(example_inputs)
     with steps("fold", "folding BatchNorms in the model"):
         if module_fold:
@@ -584,14 +591,15 @@ def fold_export_onnx(
     treat_initializer_inputs_as_constant: bool = False,
     fold_fn=None,
     progress=False,
+    allow=(),
 ) -> tuple[object, FoldExportReport]:
     """Fold the BatchNorms of an ONNX model and verify the result against the original in onnxruntime.
 
     ``verify_feeds`` are batches (``{input name: array}`` dicts, tuples in graph-input order, or
     a bare array for one input), cut to the model's batch size where it fixes one; default:
     :func:`example_feeds` (the model's static dimensions, ``input_shapes`` for dynamic ones).
-    Both models run with onnxruntime's optimisations off. Output, failure, latency and progress
-    as in :func:`fold_export_torch`.
+    Both models run with onnxruntime's optimisations off. Output, failure, latency, progress and
+    the health rules (``allow``) as in :func:`fold_export_torch`.
     """
     from .folding import fold_onnx, op_counts
     from .runtime import input_specs
@@ -599,7 +607,7 @@ def fold_export_onnx(
 
     start = time.perf_counter()
     steps = _Steps(progress)
-    notes: list[str] = []
+    notes: list[str] = require_healthy_notes(model, allow=allow, action="export it")
     specs = input_specs(model)
     if verify_feeds is None:
         verify_feeds = example_feeds(model, input_shapes=input_shapes)

@@ -6,8 +6,8 @@ from collections import Counter
 from itertools import islice
 
 from ..errors import BncalError, VerificationError
-from .options import (DataArgs, ExportArgs, FoldArgs, InputShapeArgs, ModelArgs, OutputArgs, ReportArgs, ToleranceArgs,
-                      VerbosityArgs, VerificationArgs, command, random_inputs, torch_batches)
+from .options import (DataArgs, ExportArgs, FoldArgs, GateArgs, InputShapeArgs, ModelArgs, OutputArgs, ReportArgs,
+                      ToleranceArgs, VerbosityArgs, VerificationArgs, command, random_inputs, torch_batches)
 
 
 @command(
@@ -21,13 +21,16 @@ from .options import (DataArgs, ExportArgs, FoldArgs, InputShapeArgs, ModelArgs,
     OutputArgs(help="Where to write the folded ONNX model.",
                suffixes=lambda args: ((".onnx",), "fold-export writes an ONNX model: give -o OUT.onnx")),
     VerificationArgs(),
+    GateArgs(),
     ReportArgs(),
     VerbosityArgs(),
 )
 def command(args) -> int:
     """Fold BatchNorm into neighbouring ops, export to ONNX, and prove parity in onnxruntime.
 
-    MODEL is a factory spec (with --weights) or an .onnx file. The folded model is compared with
+    MODEL is a factory spec (with --weights) or an .onnx file. A model that bncal inspect finds an
+    error in (statistics never updated, degenerate statistics...) is refused unless --allow names
+    the rule. The folded model is compared with
     the model, and its export with it in onnxruntime, on --data batches (or seeded random inputs
     of the model's own shape, --input-shape for dynamic dimensions); OUTPUT is written only if
     every output matches (default: within 1e-4 of its scale), else the exit status is 1.
@@ -119,7 +122,7 @@ def _fold_export_onnx(args, proto, data, progress):
                                  **ToleranceArgs.keywords(args.tolerance), bn_to_affine=args.fold.bn_to_affine,
                                  keep_failed=args.verification.keep_failed, latency_batches=args.verification.latency or (),
                                  treat_initializer_inputs_as_constant=args.fold.constant_initializer_inputs,
-                                 progress=progress)
+                                 progress=progress, allow=args.gate.allow)
     return report
 
 
@@ -147,7 +150,7 @@ def _fold_export_torch(args, net, data, progress):
         opset=export.opset, input_names=export.input_names or names, output_names=export.output_names,
         dynamic_batch=not export.static_batch, bn_to_affine=args.fold.bn_to_affine,
         keep_failed=args.verification.keep_failed, latency_batches=args.verification.latency or (),
-        module_fold=not checked, progress=progress)
+        module_fold=not checked, progress=progress, allow=args.gate.allow)
     return report
 
 

@@ -26,7 +26,7 @@ from ..errors import BncalError
 __all__ = [
     "OptionGroup", "Args", "command", "VerbosityArgs", "ModelArgs", "DataArgs", "InputShapeArgs", "ToleranceArgs",
     "ThresholdArgs", "DeviceArgs", "ProviderArgs", "OutputArgs", "ReportArgs", "RecalibrationArgs", "ExportArgs",
-    "FoldArgs", "VerificationArgs", "TrainingArgs", "Options", "Console", "InputShapes", "torch_batches", "random_inputs",
+    "FoldArgs", "VerificationArgs", "TrainingArgs", "GateArgs", "Options", "Console", "InputShapes", "torch_batches", "random_inputs",
 ]
 
 
@@ -789,6 +789,39 @@ class FoldArgs(OptionGroup):
             click.Option(["--constant-initializer-inputs"], is_flag=True,
                          help="ONNX input: fold parameters that are also graph inputs (IR < 4 files), treating them as constants."),
         ]
+
+
+class RuleType(click.ParamType):
+    """A rule id of ``bncal inspect`` (BN001...)."""
+
+    name = "rule"
+
+    def convert(self, value, param, ctx):
+        from ..gate import allowed_rules
+
+        try:
+            return next(iter(allowed_rules(value)))
+        except (BncalError, StopIteration) as exc:
+            self.fail(str(exc) or f"{value!r}: give a rule id such as BN001", param, ctx)
+
+
+class GateArgs(OptionGroup):
+    """``--allow RULE``: error findings of ``bncal inspect`` accepted in a model the command writes
+    (:func:`bncal.gate.require_healthy`); ``repairs`` says what the command itself repairs."""
+
+    name = "gate"
+
+    def __init__(self, *, repairs: str = ""):
+        self.repairs = repairs
+
+    def params(self):
+        return [click.Option(["--allow"], multiple=True, type=RuleType(), metavar="RULE",
+                             help="Write the model although bncal inspect finds this error in it (repeatable: "
+                                  f"--allow BN001 --allow BN002). Without it a model with an error finding is "
+                                  f"refused (exit 1, nothing written){self.repairs}.")]
+
+    def parse(self, values, args):
+        return types.SimpleNamespace(allow=tuple(values["allow"]))
 
 
 class BatchListType(click.ParamType):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..errors import BncalError
-from .options import (DataArgs, DeviceArgs, ModelArgs, OutputArgs, ProviderArgs, RecalibrationArgs, ReportArgs,
-                      VerbosityArgs, command, torch_batches)
+from .options import (DataArgs, DeviceArgs, GateArgs, ModelArgs, OutputArgs, ProviderArgs, RecalibrationArgs,
+                      ReportArgs, VerbosityArgs, command, torch_batches)
 
 
 _SUFFIX_HINTS = {
@@ -42,6 +42,7 @@ def _require_suffix(loaded, output) -> None:
     ProviderArgs(torch_models=False),
     OutputArgs(help="Where to write the recalibrated weights (.safetensors or .pt) or model (.onnx, .keras).",
                suffixes=_recalibrated_suffixes),
+    GateArgs(repairs="; the recalibrated model is judged, so statistics it repairs (BN001, BN002) need no --allow"),
     ReportArgs(plot="Write a per-layer PNG of mean shift and variance ratio (needs the 'plot' extra)."),
     VerbosityArgs(),
 )
@@ -52,7 +53,9 @@ def command(args) -> int:
     an .onnx file (run in onnxruntime on --providers) or a .keras file (written to OUTPUT.keras;
     a factory returning a keras.Model takes .weights.h5 weights). Under torchrun, each rank reads
     its shard of the data, the statistics are combined exactly across ranks, and rank 0 writes
-    OUTPUT (PyTorch and ONNX models).
+    OUTPUT (PyTorch and ONNX models). The recalibrated model is written only if bncal inspect finds
+    no error in it (what recalibration cannot repair, such as a training-mode BatchNormalization),
+    unless --allow names the rule.
     """
     ui, output = args.ui, args.output.path
     if args.model.kind.name == "onnx":
@@ -85,6 +88,7 @@ def command(args) -> int:
 
 def _recalibrate_torch(args):
     from ..distributed import torchrun_process_group
+    from ..gate import require_healthy_notes
     from ..loading import save_state_dict
     from ..recalibration import recalibrate
 
@@ -105,6 +109,7 @@ def _recalibrate_torch(args):
                              max_passes=options.max_passes, cache_mb=options.cache_mb, spill_dir=options.spill_dir,
                              progress=args.ui.interactive and launch.is_main)
         report.notes += args.data.notes(data)
+        report.notes += require_healthy_notes(net, allow=args.gate.allow, action="write it")
         if launch.is_main:
             net.to("cpu")
             save_state_dict(net, args.output.path)
@@ -113,6 +118,7 @@ def _recalibrate_torch(args):
 
 def _recalibrate_keras(args, loaded):
     from ..distributed import environment
+    from ..gate import require_healthy_notes
     from ..keras import recalibrate, save_model
     from ..keras.data import in_model_layout
 
@@ -124,12 +130,14 @@ def _recalibrate_keras(args, loaded):
                               channels=args.data.image_options.channels)
     report = recalibrate(loaded.model, batches, mode=options.mode, batch_size=None, max_samples=args.data.max_samples,
                          tol=options.tol, max_passes=options.max_passes, progress=args.ui.interactive)
+    report.notes += require_healthy_notes(loaded.model, allow=args.gate.allow, action="write it")
     save_model(loaded.model, args.output.path)
     return report
 
 
 def _recalibrate_onnx(args):
     from ..distributed import torchrun_process_group
+    from ..gate import require_healthy_notes
     from ..onnx_io import save_onnx
     from ..onnx_recalibrate import recalibrate_onnx
 
@@ -144,6 +152,7 @@ def _recalibrate_onnx(args):
                                              max_samples=launch.shard_limit(args.data.max_samples),
                                              providers=providers, progress=args.ui.interactive and launch.is_main)
         report.notes += args.data.notes(batches)
+        report.notes += require_healthy_notes(new_model, allow=args.gate.allow, action="write it")
         if launch.is_main:
             save_onnx(new_model, args.output.path)
     return report, launch.is_main
