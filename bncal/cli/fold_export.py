@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from itertools import islice
 
-from ..errors import BncalError, VerificationError
-from .options import (DataArgs, ExportArgs, FoldArgs, GateArgs, InputShapeArgs, ModelArgs, OutputArgs, ReportArgs,
+from ..errors import BncalError, DeploymentError, VerificationError
+from .options import (DataArgs, ExportArgs, FoldArgs, GateArgs, GuardArgs, InputShapeArgs, ModelArgs, OutputArgs, ReportArgs,
                       ToleranceArgs, VerbosityArgs, VerificationArgs, command, random_inputs, torch_batches)
 
 
@@ -22,6 +22,7 @@ from .options import (DataArgs, ExportArgs, FoldArgs, GateArgs, InputShapeArgs, 
                suffixes=lambda args: ((".onnx",), "fold-export writes an ONNX model: give -o OUT.onnx")),
     VerificationArgs(),
     GateArgs(),
+    GuardArgs(scored="the exported model in onnxruntime"),
     ReportArgs(),
     VerbosityArgs(),
 )
@@ -33,7 +34,8 @@ def command(args) -> int:
     the rule. The folded model is compared with
     the model, and its export with it in onnxruntime, on --data batches (or seeded random inputs
     of the model's own shape, --input-shape for dynamic dimensions); OUTPUT is written only if
-    every output matches (default: within 1e-4 of its scale), else the exit status is 1.
+    every output matches (default: within 1e-4 of its scale), else the exit status is 1. With
+    --guard, the exported model must also keep its accuracy on held-out labelled data.
     """
     ui, verification = args.ui, args.verification
     if args.model.kind.name == "keras":
@@ -48,8 +50,11 @@ def command(args) -> int:
             report = _fold_export_onnx(args, loaded.model, data, progress)
         else:
             report = _fold_export_torch(args, loaded.model, data, progress)
-    except VerificationError as exc:
-        ui.echo(exc.report.table())
+    except (VerificationError, DeploymentError) as exc:
+        from ..fold_export import FoldExportReport
+
+        if isinstance(exc.report, FoldExportReport):  # the health gate's refusal is its own one line
+            ui.echo(exc.report.table())
         raise
     ui.echo(report.table())
     check_report = None
@@ -122,7 +127,7 @@ def _fold_export_onnx(args, proto, data, progress):
                                  **ToleranceArgs.keywords(args.tolerance), bn_to_affine=args.fold.bn_to_affine,
                                  keep_failed=args.verification.keep_failed, latency_batches=args.verification.latency or (),
                                  treat_initializer_inputs_as_constant=args.fold.constant_initializer_inputs,
-                                 progress=progress, allow=args.gate.allow)
+                                 progress=progress, allow=args.gate.allow, **_guard(args))
     return report
 
 
@@ -150,8 +155,13 @@ def _fold_export_torch(args, net, data, progress):
         opset=export.opset, input_names=export.input_names or names, output_names=export.output_names,
         dynamic_batch=not export.static_batch, bn_to_affine=args.fold.bn_to_affine,
         keep_failed=args.verification.keep_failed, latency_batches=args.verification.latency or (),
-        module_fold=not checked, progress=progress, allow=args.gate.allow)
+        module_fold=not checked, progress=progress, allow=args.gate.allow, **_guard(args))
     return report
+
+
+def _guard(args) -> dict:
+    """The accuracy guard's keywords of :func:`bncal.fold_export_torch` / ``fold_export_onnx``."""
+    return dict(guard=args.guard.batches(args.data), metric=args.guard.metric, guard_tol=args.guard.tol)
 
 
 class _Positional:
