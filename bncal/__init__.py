@@ -8,6 +8,7 @@ onnxruntime::
     report = bncal.recalibrate(model, loader)          # exact moving statistics, in place
     result = bncal.fold(model, (example,))              # BN folded into neighbouring ops
     onnx_model, report = bncal.fold_export_torch(model, (example,), "model.onnx")  # export + parity proof
+    bncal.assert_deployable(model, data=loader, guard=labelled)  # raises DeploymentError if not fit to deploy
 
 Results show themselves (:class:`bncal.report.ReportDisplay`): ``repr`` is one line, ``print``
 gives the CLI's table, a notebook renders it as HTML. PyTorch, images and plots are extras
@@ -18,7 +19,7 @@ which says what to install.
 from __future__ import annotations
 
 from ._lazy import lazy_exports
-from .errors import BncalError, VerificationError
+from .errors import BncalError, DeploymentError, VerificationError
 
 __version__ = "0.1.0"
 
@@ -59,9 +60,13 @@ _EXPORTS = {
     "InverseDecayMomentum": "momentum",
     "convert_to_batchrenorm": "nn",
     "convert_to_batchnorm": "nn",
+    "assert_deployable": "gate",
+    "DeploymentReport": "gate",
+    "GuardReport": "guard",
+    "load_labelled_data": "data",
 }
 
-__all__ = ["BncalError", "VerificationError", "__version__", *_EXPORTS]
+__all__ = ["BncalError", "VerificationError", "DeploymentError", "__version__", *_EXPORTS]
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -46,7 +46,7 @@ import numpy as np
 from .data import leading_size
 from .errors import BncalError
 from .extras import is_torch_module
-from .report import ReportDisplay, SkippedLayer, format_table, plural, summarize_shift
+from .report import ReportDisplay, SkippedLayer, describe_nonfinite, format_table, plural, summarize_shift
 from .stats import ChannelMoments
 
 __all__ = ["CheckThresholds", "LayerCheck", "OutputCheck", "CheckReport", "OutputAgreement", "PairedOutputs",
@@ -114,7 +114,8 @@ class LayerCheck:
     """One BN layer: moving statistics against the population statistics of its input.
 
     ``shift_limit`` and ``log_ratio_limit`` are the thresholds after the noise allowance for
-    this layer's ``samples`` (values per channel).
+    this layer's ``samples`` (values per channel). ``nonfinite`` says which statistics held a
+    NaN or inf, or a variance with ``var + eps <= 0`` (the layer then fails), else None.
     """
 
     name: str
@@ -125,6 +126,7 @@ class LayerCheck:
     shift_limit: float
     log_ratio_limit: float
     passed: bool
+    nonfinite: str | None = None
 
 
 @dataclasses.dataclass
@@ -137,7 +139,8 @@ class OutputCheck:
     ``rms(train - train') / rms(train)``, ``spread_ratio`` is ``rms(inference - train) /
     rms(train - train')`` over the same samples, ``batch_top1_agreement`` the arg-max agreement
     of train and train'. ``criterion`` says which test decided: ``"batch spread"``, ``"fixed
-    limits"`` or ``"not judged"`` (batches of one sample).
+    limits"`` or ``"not judged"`` (batches of one sample). ``nonfinite`` says which mode's
+    outputs held NaN or inf and how many elements (the output then fails), else None.
     """
 
     name: str
@@ -150,9 +153,12 @@ class OutputCheck:
     batch_top1_agreement: float | None = None
     criterion: str = "fixed limits"
     top1_limit: float | None = None
+    nonfinite: str | None = None
 
     def problem(self) -> str:
         """What differs, in a few words (for the report's reasons)."""
+        if self.nonfinite:
+            return self.nonfinite
         if self.spread_ratio is not None:
             detail = (f"rms difference {self.spread_ratio:.3g}x what batch statistics alone explain "
                       f"(relative error {self.rel_error:.3g} vs {self.batch_rel_error:.3g} between two batchings)")
@@ -215,15 +221,23 @@ class CheckReport(ReportDisplay):
         reasons = []
         bad = [l for l in layers if not l.passed]
         unjudged = bool([l for l in bad if l is not layers[0]] or [o for o in outputs if not o.passed])
+        broken = [l for l in bad if l.nonfinite]  # failed whatever the batching
         if batching_warning:
             bad = [l for l in bad if l is layers[0]]
+        if broken:
+            reasons.append(f"{len(broken)} of {len(layers)} BatchNorm layers have non-finite or negative statistics ("
+                           + "; ".join(f"{l.name}: {l.nonfinite}" for l in broken[:3])
+                           + (" and more" if len(broken) > 3 else "") + ")")
+        bad = [l for l in bad if not l.nonfinite]
         if bad:
             worst = max(bad, key=lambda l: l.mean_shift if math.isfinite(l.mean_shift) else math.inf)
             reasons.append(f"{len(bad)} of {len(layers)} BatchNorm layers have moving statistics off their data "
                            f"(worst {worst.name}: mean shift {worst.mean_shift:.3g} sd, var ratio "
                            f"{worst.var_ratio:.3g}); recalibrate them")
         for o in outputs:
-            if not o.passed and not batching_warning:
+            if o.nonfinite:  # whatever the batching
+                reasons.append(f"output {o.name} holds non-finite values ({o.nonfinite})")
+            elif not o.passed and not batching_warning:
                 reasons.append(f"output {o.name} differs between inference and train mode ({o.problem()})")
         if batching_warning and unjudged:
             reasons.append("the batches are far from random draws of the data (see the warning), so train mode on them "
@@ -302,13 +316,24 @@ def assess_layer(name: str, channels: int, moving_mean, moving_var, data_moments
     """One BN's moving statistics against the population statistics of its input (``data_moments``).
 
     The limits are ``thresholds``' widened by ``noise_allowance`` standard errors of the
-    check's own estimate from ``data_moments.count`` values per channel. NaN/Inf moving
-    statistics, or a moving variance with ``var + eps <= 0``, count as infinitely far (failed).
+    check's own estimate from ``data_moments.count`` values per channel. NaN/Inf moving or data
+    statistics, or a moving variance with ``var + eps <= 0``, count as infinitely far (failed,
+    ``nonfinite`` says which).
     """
     moving_mean = np.asarray(moving_mean, np.float64).reshape(-1)
     moving_var = np.asarray(moving_var, np.float64).reshape(-1)
+    nonfinite = None
     if not (np.isfinite(moving_mean).all() and np.isfinite(moving_var).all()) or (moving_var + eps <= 0).any():
         shift, ratio = math.inf, math.inf
+        bad = [f"moving {what} {text}" for what, text in (("mean", describe_nonfinite(moving_mean)),
+                                                         ("variance", describe_nonfinite(moving_var))) if text]
+        negative = int((moving_var + eps <= 0).sum())
+        bad += [f"moving variance + eps <= 0 in {negative} of {moving_var.size} channels"] if negative else []
+        nonfinite = ", ".join(bad)
+    elif not (np.isfinite(data_moments.mean).all() and np.isfinite(data_moments.variance).all()):
+        shift, ratio = math.inf, math.inf
+        nonfinite = "the data reaching it: mean " + (describe_nonfinite(data_moments.mean) or "finite") + \
+            ", variance " + (describe_nonfinite(data_moments.variance) or "finite")
     else:
         shift, ratio = summarize_shift(moving_mean, moving_var, data_moments.mean, data_moments.variance, eps)
     count = data_moments.count
@@ -316,7 +341,7 @@ def assess_layer(name: str, channels: int, moving_mean, moving_var, data_moments
     log_ratio_limit = thresholds.max_var_log_ratio + thresholds.noise_allowance * math.sqrt(2.0 / count)
     finite = math.isfinite(shift) and math.isfinite(ratio) and ratio > 0
     passed = finite and shift <= shift_limit and abs(math.log(ratio)) <= log_ratio_limit
-    return LayerCheck(name, channels, count, shift, ratio, shift_limit, log_ratio_limit, passed)
+    return LayerCheck(name, channels, count, shift, ratio, shift_limit, log_ratio_limit, passed, nonfinite)
 
 
 def rebatch_pair(a, b):
@@ -403,8 +428,9 @@ class OutputAgreement:
         self.count = 0
         self.agree = self.rows = 0
         self.classifier = True
-        self.finite = True
         self.largest_batch = 0
+        # mode -> [NaN, inf, elements]
+        self.nonfinite = {"inference": [0, 0, 0], "train": [0, 0, 0], "re-paired train": [0, 0, 0]}
         # Over the samples that have a second batching: inference-vs-train and train-vs-train'.
         self.paired_diff_sq = self.paired_ref_sq = self.batch_diff_sq = 0.0
         self.paired_count = self.paired_rows = 0
@@ -413,8 +439,8 @@ class OutputAgreement:
     def add(self, inferred, trained, retrained=None) -> None:
         a = np.asarray(inferred, np.float64)
         b = np.asarray(trained, np.float64)
-        if not (np.isfinite(a).all() and np.isfinite(b).all()):
-            self.finite = False
+        self._count_nonfinite("inference", a)
+        self._count_nonfinite("train", b)
         diff = np.abs(a - b)
         if diff.size:
             worst = math.inf if np.isnan(diff).any() else float(diff.max())
@@ -432,8 +458,7 @@ class OutputAgreement:
         if retrained is None:
             return
         c = np.asarray(retrained, np.float64)
-        if not np.isfinite(c).all():
-            self.finite = False
+        self._count_nonfinite("re-paired train", c)
         self.paired_diff_sq += float(np.sum(np.square(diff)))
         self.paired_ref_sq += float(np.sum(np.square(b)))
         self.batch_diff_sq += float(np.sum(np.square(b - c)))
@@ -443,6 +468,22 @@ class OutputAgreement:
             self.paired_disagree += int(np.sum(np.argmax(a, axis=1) != top_train))
             self.batch_disagree += int(np.sum(np.argmax(c, axis=1) != top_train))
             self.paired_rows += a.shape[0]
+
+    def _count_nonfinite(self, mode: str, values: np.ndarray) -> None:
+        counts = self.nonfinite[mode]
+        counts[0] += int(np.isnan(values).sum())
+        counts[1] += int(np.isinf(values).sum())
+        counts[2] += values.size
+
+    @property
+    def finite(self) -> bool:
+        return not any(nan or inf for nan, inf, _ in self.nonfinite.values())
+
+    def nonfinite_text(self) -> str | None:
+        """``"inference mode: 12 of 40 elements non-finite (12 NaN, 0 inf)"``, or None when all are finite."""
+        parts = [f"{mode} mode: {nan + inf} of {size} elements non-finite ({nan} NaN, {inf} inf)"
+                 for mode, (nan, inf, size) in self.nonfinite.items() if nan or inf]
+        return "; ".join(parts) or None
 
     @property
     def rel_error(self) -> float:
@@ -462,7 +503,8 @@ class OutputAgreement:
     def check(self, name: str, thresholds: CheckThresholds) -> OutputCheck:
         """This output's :class:`OutputCheck` under ``thresholds``."""
         rel, agreement = self.rel_error, self.top1_agreement
-        out = OutputCheck(name, self.max_abs_error, rel, agreement, passed=math.isfinite(rel))
+        out = OutputCheck(name, self.max_abs_error, rel, agreement, passed=math.isfinite(rel) and self.finite,
+                          nonfinite=self.nonfinite_text())
         if self.paired_count:
             out.criterion = "batch spread"
             out.batch_rel_error = self._ratio(self.batch_diff_sq, self.paired_ref_sq)

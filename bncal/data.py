@@ -44,7 +44,7 @@ from .errors import BncalError, one_line
 from .loading import resolve_callable
 
 __all__ = ["ArrayBatches", "FunctionBatches", "SelectedInputs", "TorchBatches", "NumpyBatches", "ImageOptions",
-           "load_data", "select_inputs", "select_batch", "parse_selectors", "input_hint", "leading_size",
+           "load_data", "load_labelled_data", "LabelledBatches", "select_inputs", "select_batch", "parse_selectors", "input_hint", "leading_size",
            "IMAGE_SUFFIXES", "NORMALIZATION_PRESETS", "DEFAULT_BATCH_SIZE", "DEFAULT_SEED"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
@@ -527,6 +527,75 @@ def load_data(spec, *, batch_size: int | None = None, rank: int = 0, world_size:
     if not path.exists():
         raise BncalError(f"data {text} does not exist; give a .npy/.npz file, an image folder or 'file.py:function'")
     raise BncalError(f"cannot read data from {text}: expected .npy, .npz, an image folder or 'file.py:function'")
+
+
+class LabelledBatches:
+    """``(inputs, labels)`` batches over an :class:`ArrayBatches` whose ``labels`` array holds the
+    labels (re-iterable); ``inputs`` is one array, or a dict for several."""
+
+    def __init__(self, arrays: ArrayBatches, description: str):
+        self.arrays, self._description = arrays, description
+
+    def __len__(self):
+        return len(self.arrays)
+
+    @property
+    def description(self) -> str:
+        return f"{self._description}; {self.arrays.description.split(', ', 1)[1]}"
+
+    def __iter__(self):
+        for batch in self.arrays:
+            labels = batch.pop("labels")
+            yield (next(iter(batch.values())) if len(batch) == 1 else batch), labels
+
+
+def load_labelled_data(spec, *, batch_size: int | None = None, image_options: ImageOptions | None = None,
+                       shuffle: bool = True, seed: int = DEFAULT_SEED, normalize: bool = False):
+    """Open a labelled data spec as a re-iterable of ``(inputs, labels)`` batches (a held-out set).
+
+    ``spec`` is an ``.npz`` file with a ``labels`` array (every other array of its length is a
+    model input), a folder of images in class subfolders (label ``i`` is the ``i``-th subfolder
+    name in sorted order), or ``file.py:func`` / ``module:func`` returning ``(inputs, labels)``
+    batches. The other arguments are those of :func:`load_data`; labels are never scaled by
+    ``normalize``.
+    """
+    text = str(spec)
+    path = Path(text)
+    options = image_options or ImageOptions()
+    files = dict(batch_size=DEFAULT_BATCH_SIZE if batch_size is None else batch_size, seed=seed if shuffle else None)
+    if path.is_dir():
+        rows = _ImageRows(path, options)
+        folders = [p.relative_to(path).parts for p in rows.files]
+        loose = [p for p, parts in zip(rows.files, folders) if len(parts) < 2]
+        if loose:
+            raise BncalError(f"{loose[0]} is not in a class subfolder of {path}; labelled images need one subfolder "
+                             "per class (the ImageFolder layout)")
+        classes = sorted({parts[0] for parts in folders})
+        labels = np.array([classes.index(parts[0]) for parts in folders], np.int64)
+        shown = ", ".join(f"{i} {name}" for i, name in enumerate(classes[:4])) + (", ..." if len(classes) > 4 else "")
+        return LabelledBatches(ArrayBatches({"input": rows, "labels": labels}, single=False, source=str(path), **files),
+                               f"{rows.description.replace('labels not used', 'labels by sorted name')} ({shown})")
+    if path.suffix.lower() == ".npz":
+        if not path.is_file():
+            raise BncalError(f"data file {path} does not exist")
+        arrays = _open_npz(path, ())
+        if "labels" not in arrays:
+            raise BncalError(f"{path} holds no 'labels' array ({', '.join(arrays)}); labelled data needs one, "
+                             "beside the model inputs of the same length")
+        labels = np.asarray(arrays.pop("labels"))
+        inputs = {name: a for name, a in arrays.items() if len(a) == len(labels)}
+        if not inputs:
+            raise BncalError(f"{path} holds no array of the labels' length {len(labels)} to feed the model")
+        batches = ArrayBatches({**inputs, "labels": labels.astype(np.int64) if labels.dtype.kind in "ub" else labels},
+                               single=False, pixels=options if normalize else None, source=str(path), **files)
+        return LabelledBatches(batches, f"{path} (inputs {', '.join(inputs)}, labels)")
+    if ":" in text and not path.exists():
+        func = resolve_callable(text, "data")
+        if not callable(func):
+            raise BncalError(f"data spec {text} does not name a callable")
+        return FunctionBatches(func, batch_size=batch_size, name=text)
+    raise BncalError(f"cannot read labelled data from {text}: give an .npz file with a 'labels' array, an image folder "
+                     "with one subfolder per class, or 'file.py:function' returning (inputs, labels) batches")
 
 
 def _refuse_selectors(selectors, what: str) -> None:

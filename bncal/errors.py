@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["BncalError", "VerificationError", "first_line", "one_line"]
+__all__ = ["BncalError", "VerificationError", "DeploymentError", "first_line", "one_line"]
 
 
 class BncalError(Exception):
@@ -15,6 +15,16 @@ class BncalError(Exception):
 
 class VerificationError(BncalError):
     """An exported or folded model did not match its reference within tolerance."""
+
+
+class DeploymentError(BncalError):
+    """A model is not fit to deploy: an error-severity finding of ``inspect``, a failed check or a
+    failed accuracy guard (:mod:`bncal.gate`). ``report`` holds what was found (a
+    :class:`bncal.gate.DeploymentReport`)."""
+
+    def __init__(self, message: str, report=None):
+        super().__init__(message)
+        self.report = report
 
 
 def first_line(exc: BaseException) -> str:

@@ -42,7 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BncalError, VerificationError
+from .errors import BncalError, DeploymentError, VerificationError
+from .gate import require_healthy_notes
 from .report import FoldDecision, ReportDisplay, format_table, plural
 
 __all__ = [
@@ -70,6 +71,7 @@ class FoldExportReport(ReportDisplay):
     asked for). ``notes`` say what was adapted or skipped (batch sizes a fixed-batch graph cannot
     take); ``step_seconds`` times each step. ``original`` is the unfolded ONNX model: the input,
     or a PyTorch model's export with ``module_fold=False`` (else None; not part of the JSON report).
+    ``guard`` is the accuracy guard's :class:`bncal.guard.GuardReport` (None unless asked for).
     """
 
     source: str
@@ -86,10 +88,12 @@ class FoldExportReport(ReportDisplay):
     notes: list[str] = dataclasses.field(default_factory=list)
     step_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     original: object = dataclasses.field(default=None, repr=False, metadata={"json": False})
+    guard: object = None
 
     @property
     def passed(self) -> bool:
-        return bool(self.comparison.passed) and (self.export_comparison is None or bool(self.export_comparison.passed))
+        return (bool(self.comparison.passed) and (self.export_comparison is None or bool(self.export_comparison.passed))
+                and (self.guard is None or self.guard.passed))
 
     @property
     def bn_left(self) -> int:
@@ -127,6 +131,8 @@ class FoldExportReport(ReportDisplay):
         parts += ["", fold, self.comparison.table()]
         if self.export_comparison is not None:
             parts += ["", export, self.export_comparison.table()]
+        if self.guard is not None:
+            parts += ["", self.guard.table()]
         return "\n".join(parts)
 
 
@@ -353,6 +359,10 @@ def fold_export_torch(
     module_fold: bool = True,
     fold_fn=None,
     progress=False,
+    allow=(),
+    guard=None,
+    metric=None,
+    guard_tol: float | None = None,
 ) -> tuple[object, FoldExportReport]:
     """Fold a PyTorch model's BatchNorms, export it to ONNX, and verify both steps.
 
@@ -376,6 +386,18 @@ def fold_export_torch(
     ``progress``: True prints each step on stderr, a callable gets each step's message.
     ``fold_fn`` replaces ``fold_onnx`` (tests corrupt a fold with it).
 
+    Before anything is exported the model must pass ``bncal inspect``'s rules
+    (:func:`bncal.gate.require_healthy`): an error-severity finding (statistics never updated,
+    degenerate statistics...) raises :class:`bncal.errors.DeploymentError` unless ``allow``
+    names its rule (``allow=["BN001"]``); an allowed one is noted in the report.
+
+    ``guard`` (held-out ``(inputs, labels)`` batches or a labelled data spec, :mod:`bncal.guard`):
+    after verification, the exported model is scored in onnxruntime with ``metric`` (default
+    top-1) against the model itself and against the model normalising with the guard batches'
+    own statistics; worse than the better of the two by more than ``guard_tol`` points (default
+    0.5) raises :class:`bncal.errors.DeploymentError` (``exc.report`` this report, its
+    ``guard`` filled in) and nothing is written.
+
     Returns ``(folded, report)``: ``folded`` is the verified model as an ``onnx_ir.Model``, as
     torch's exporter builds it (``onnx_ir.to_proto(folded)`` gives a ``ModelProto``). It is
     never copied into a ``ModelProto`` here: its weights that the fold left alone are the
@@ -392,7 +414,7 @@ def fold_export_torch(
 
     start = time.perf_counter()
     steps = _Steps(progress)
-    notes: list[str] = []
+    notes: list[str] = require_healthy_notes(model, allow=allow, action="export it")
     example_inputs = tuple(example_inputs)
     with steps("fold", "folding BatchNorms in the model"):
         if module_fold:
@@ -439,7 +461,8 @@ def fold_export_torch(
         export_comparison=export_figure, notes=notes, step_seconds=steps.seconds,
         original=exported if module is None else None)
     unfolded = exported if module is None else (lambda: export_onnx(model, example_inputs, keep_batchnorm=True, **names))
-    _finish(report, folded, unfolded, output, feeds, latency_batches, optimization_level, keep_failed, steps, start)
+    _finish(report, folded, unfolded, output, feeds, latency_batches, optimization_level, keep_failed, steps, start,
+            _guard(model, folded, guard, metric, guard_tol))
     return folded, report
 
 
@@ -584,14 +607,19 @@ def fold_export_onnx(
     treat_initializer_inputs_as_constant: bool = False,
     fold_fn=None,
     progress=False,
+    allow=(),
+    guard=None,
+    metric=None,
+    guard_tol: float | None = None,
 ) -> tuple[object, FoldExportReport]:
     """Fold the BatchNorms of an ONNX model and verify the result against the original in onnxruntime.
 
     ``verify_feeds`` are batches (``{input name: array}`` dicts, tuples in graph-input order, or
     a bare array for one input), cut to the model's batch size where it fixes one; default:
     :func:`example_feeds` (the model's static dimensions, ``input_shapes`` for dynamic ones).
-    Both models run with onnxruntime's optimisations off. Output, failure, latency and progress
-    as in :func:`fold_export_torch`.
+    Both models run with onnxruntime's optimisations off. Output, failure, latency, progress and
+    the health rules (``allow``) and the accuracy guard (``guard``, ``metric``, ``guard_tol``) as in
+    :func:`fold_export_torch`.
     """
     from .folding import fold_onnx, op_counts
     from .runtime import input_specs
@@ -599,7 +627,7 @@ def fold_export_onnx(
 
     start = time.perf_counter()
     steps = _Steps(progress)
-    notes: list[str] = []
+    notes: list[str] = require_healthy_notes(model, allow=allow, action="export it")
     specs = input_specs(model)
     if verify_feeds is None:
         verify_feeds = example_feeds(model, input_shapes=input_shapes)
@@ -628,7 +656,8 @@ def fold_export_onnx(
         source="onnx", output=None, decisions=decisions, ops_before=op_counts(model), ops_after=op_counts(proto),
         bytes_before=model.ByteSize(), bytes_after=proto.ByteSize(), latency_ms={}, comparison=comparison,
         seconds=0.0, notes=notes, step_seconds=steps.seconds, original=model)
-    _finish(report, proto, model, output, feeds, latency_batches, optimization_level, keep_failed, steps, start)
+    _finish(report, proto, model, output, feeds, latency_batches, optimization_level, keep_failed, steps, start,
+            _guard(model, proto, guard, metric, guard_tol))
     return proto, report
 
 
@@ -636,8 +665,20 @@ def fold_export_onnx(
 # Shared ending: verdict, latency, writing
 
 
-def _finish(report, proto, unfolded, output, feeds, latency_batches, level, keep_failed, steps, start) -> None:
-    """Raise for a failed verification (after keeping the file if asked); else measure latency
+def _guard(model, exported, guard, metric, tol):
+    """The accuracy guard of the exported model, as a callable (None without ``guard``)."""
+    if guard is None:
+        return None
+    from .guard import run_guard
+
+    return lambda: run_guard({"onnxruntime": exported}, guard, before=model, judged="onnxruntime", metric=metric,
+                             tol=tol)
+
+
+def _finish(report, proto, unfolded, output, feeds, latency_batches, level, keep_failed, steps, start,
+            guard=None) -> None:
+    """Raise for a failed verification (after keeping the file if asked); else run the accuracy
+    ``guard`` (a callable giving its report) and raise if it failed; else measure latency
     (``unfolded``: the model to compare with, or a callable that makes it) and write ``output``."""
     from .onnx_io import save_onnx
     from .runtime import compare_latency, input_specs
@@ -647,6 +688,12 @@ def _finish(report, proto, unfolded, output, feeds, latency_batches, level, keep
             save_onnx(proto, failed_output_path(output))
         report.seconds = time.perf_counter() - start
         raise _verification_error(report)
+    if guard is not None:
+        with steps("guard", "scoring the accuracy guard in onnxruntime"):
+            report.guard = guard()
+        if not report.guard.passed:
+            report.seconds = time.perf_counter() - start
+            raise DeploymentError(f"{report.guard.reason()}; nothing was written", report=report)
     if latency_batches:
         with steps("latency", "measuring latency in onnxruntime"):
             unfolded = unfolded() if callable(unfolded) else unfolded

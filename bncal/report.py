@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
-    "format_table", "to_jsonable", "report_json", "JSON_SCHEMA_VERSION", "ReportDisplay", "text_to_html", "plural", "FoldDecision", "LayerStats",
+    "format_table", "describe_nonfinite", "to_jsonable", "report_json", "JSON_SCHEMA_VERSION", "ReportDisplay", "text_to_html", "plural", "FoldDecision", "LayerStats",
     "LayerRecalibration", "SkippedLayer", "RecalibrationReport", "summarize_shift",
 ]
 
@@ -55,6 +55,17 @@ class ReportDisplay:
 
     def _repr_html_(self) -> str:
         return text_to_html(self.table, title=f"{type(self).__name__}: {self.summary()}")
+
+
+def describe_nonfinite(values) -> str | None:
+    """``"3 of 8 elements non-finite (2 NaN, 1 inf)"``, or None when every element is finite."""
+    values = np.asarray(values)
+    if not np.issubdtype(values.dtype, np.inexact):
+        return None
+    nan, inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
+    if not nan and not inf:
+        return None
+    return f"{nan + inf} of {values.size} elements non-finite ({nan} NaN, {inf} inf)"
 
 
 def plural(count: int, noun: str) -> str:

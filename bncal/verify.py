@@ -19,8 +19,10 @@ MobileNetV2; 1e-4 leaves a margin of 5x over the worst, and still rejects a wron
 10x or more (a wrong epsilon, 1e-3 for 1e-5: 5e-3 of the scale; a folded weight rounded to
 float16: about 1e-3). ``atol``/``rtol`` alone give numpy.allclose's criterion exactly.
 
-NaN passes only against NaN, and +-inf only against the same infinity; a shape mismatch or a
-missing output fails with a reason. Per output the report gives the largest absolute and
+A NaN or an infinity on either side fails the output, whatever the other side holds (a model
+whose outputs are all NaN matches its all-NaN export, and neither is deployable); the reason
+says on which side and how many elements. A shape mismatch or a missing output fails with a
+reason too. Per output the report gives the largest absolute and
 relative error, the mean, median, 90th and 99th percentile absolute error, the reference's
 scale (max |reference|), and the smallest tolerance of each kind that would have passed.
 
@@ -37,7 +39,7 @@ import math
 import numpy as np
 
 from .errors import BncalError, VerificationError
-from .report import ReportDisplay, format_table, plural
+from .report import ReportDisplay, describe_nonfinite, format_table, plural
 
 __all__ = [
     "ort_session", "run_onnx", "compare_outputs", "measure_latency", "input_specs",
@@ -97,8 +99,8 @@ class OutputComparison:
     The smallest tolerances that would have passed, one kind at a time: ``required_atol`` is
     ``max(|a - r| - rtol * |r|)`` at the comparison's rtol (the element-wise rule without the
     scale term), ``required_rtol`` is ``max((|a - r| - atol) / |r|)`` at its atol, and
-    ``required_scale_tol`` is ``max|a - r| / max|r|`` alone; all are inf when NaN/inf elements
-    do not match. ``scale`` is ``max |r|``; ``median/p90/p99_abs_error`` are quantiles of
+    ``required_scale_tol`` is ``max|a - r| / max|r|`` alone; all are inf when either side holds a
+    NaN or inf (the error figures then cover the finite elements only). ``scale`` is ``max |r|``; ``median/p90/p99_abs_error`` are quantiles of
     ``|a - r|``.
     """
 
@@ -238,10 +240,8 @@ def _compare_one(name, references, actuals, tolerance: Tolerance) -> OutputCompa
     a = np.concatenate([np.asarray(x, np.float64).reshape(-1) for x in actuals]) if actuals else np.zeros(0)
     if r.size == 0:
         return OutputComparison(name, True, 0.0, 0.0, 0.0, 0.0, 0.0, None, 0.0, 0.0, 0.0, 0.0, 0.0)
-    # NaN matches NaN and an infinity matches itself; every other non-finite pair is a mismatch.
-    same_special = (np.isnan(r) & np.isnan(a)) | (np.isinf(r) & (r == a))
+    # A non-finite element fails on either side, even against the same value: NaN out is no parity.
     finite = np.isfinite(r) & np.isfinite(a)
-    mismatched = ~(finite | same_special)
     r_abs = np.abs(np.where(finite, r, 0.0))
     error = np.abs(np.subtract(a, r, out=np.zeros_like(r), where=finite))
     scale = float(r_abs.max())
@@ -256,7 +256,7 @@ def _compare_one(name, references, actuals, tolerance: Tolerance) -> OutputCompa
     median, p90, p99 = (float(q) for q in np.quantile(error, [0.5, 0.9, 0.99]))
     result = OutputComparison(
         name,
-        passed=bool(np.all(error <= allowed) and not mismatched.any()),
+        passed=bool(np.all(error <= allowed) and finite.all()),
         max_abs_error=max_error,
         max_rel_error=float(relative.max()),
         mean_abs_error=float(error.mean()),
@@ -268,7 +268,9 @@ def _compare_one(name, references, actuals, tolerance: Tolerance) -> OutputCompa
         required_rtol=float(needed_rtol.max()),
         required_scale_tol=max_error / scale if scale > 0 else (0.0 if max_error == 0 else math.inf),
     )
-    if mismatched.any():
+    if not finite.all():
         result.required_atol = result.required_rtol = result.required_scale_tol = math.inf
-        result.reason = f"{int(mismatched.sum())} NaN/inf elements do not match"
+        sides = [f"{side}: {text}" for side, text in (("reference", describe_nonfinite(r)),
+                                                       ("actual", describe_nonfinite(a))) if text]
+        result.reason = "non-finite values (" + "; ".join(sides) + ")"
     return result

@@ -221,11 +221,12 @@ def test_cli_ir3_file_parameters_as_inputs(tmp_path):
     model.ir_version = 3
     onnx.save(model, tmp_path / "ir3.onnx")
     out = tmp_path / "folded.onnx"
-    result = CliRunner().invoke(main, ["fold-export", str(tmp_path / "ir3.onnx"), "-o", str(out)])
+    allow = ["--allow", "BN001"]  # the shipped stale statistics: this test is about the IR 3 convention
+    result = CliRunner().invoke(main, ["fold-export", str(tmp_path / "ir3.onnx"), "-o", str(out), *allow])
     assert result.exit_code == 0, result.output
     assert "7 BatchNormalization left" in result.output and "also a graph input (IR < 4 model)" in result.output
     result = CliRunner().invoke(main, ["fold-export", str(tmp_path / "ir3.onnx"), "-o", str(out), "--force",
-                                       "--constant-initializer-inputs"])
+                                       "--constant-initializer-inputs", *allow])
     assert result.exit_code == 0, result.output
     assert "0 BatchNormalization left" in result.output and "PASSED" in result.output
 

@@ -47,19 +47,21 @@ def test_several_arrays_per_output_are_summarised_together():
     assert out.passed
 
 
-@pytest.mark.parametrize("ref, act, passed", [
-    ([np.nan, 1.0], [np.nan, 1.0], True),
-    ([np.nan, 1.0], [0.0, 1.0], False),
-    ([1.0, 1.0], [np.nan, 1.0], False),
-    ([np.inf, -np.inf], [np.inf, -np.inf], True),
-    ([np.inf, 1.0], [-np.inf, 1.0], False),
-    ([np.inf, 1.0], [1e30, 1.0], False),
+@pytest.mark.parametrize("ref, act, reason", [
+    ([np.nan, 1.0], [np.nan, 1.0], "reference: 1 of 2 elements non-finite (1 NaN, 0 inf); "
+                                   "actual: 1 of 2 elements non-finite (1 NaN, 0 inf)"),
+    ([np.nan, 1.0], [0.0, 1.0], "reference: 1 of 2 elements non-finite (1 NaN, 0 inf)"),
+    ([1.0, 1.0], [np.nan, np.inf], "actual: 2 of 2 elements non-finite (1 NaN, 1 inf)"),
+    ([np.inf, -np.inf], [np.inf, -np.inf], "reference: 2 of 2 elements non-finite (0 NaN, 2 inf); "
+                                           "actual: 2 of 2 elements non-finite (0 NaN, 2 inf)"),
+    ([np.inf, 1.0], [1e30, 1.0], "reference: 1 of 2 elements non-finite (0 NaN, 1 inf)"),
 ])
-def test_nan_and_inf_match_only_themselves(ref, act, passed):
-    (out,) = compare_outputs({"y": np.array(ref)}, {"y": np.array(act)}).outputs
-    assert out.passed is passed
-    if not passed:
-        assert out.reason == "1 NaN/inf elements do not match" and out.required_atol == float("inf")
+def test_nan_and_inf_fail_on_either_side_even_against_themselves(ref, act, reason):
+    report = compare_outputs({"y": np.array(ref)}, {"y": np.array(act)})
+    (out,) = report.outputs
+    assert not out.passed and not report.passed and report.summary().startswith("FAILED")
+    assert out.reason == f"non-finite values ({reason})" and out.required_atol == float("inf")
+    assert out.max_abs_error == 0.0  # the finite elements agree: only the non-finite ones fail
 
 
 def test_shape_mismatch_and_missing_output_fail_with_reasons():

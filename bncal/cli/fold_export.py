@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections import Counter
 from itertools import islice
 
-from ..errors import BncalError, VerificationError
-from .options import (DataArgs, ExportArgs, FoldArgs, InputShapeArgs, ModelArgs, OutputArgs, ReportArgs, ToleranceArgs,
-                      VerbosityArgs, VerificationArgs, command, random_inputs, torch_batches)
+from ..errors import BncalError, DeploymentError, VerificationError
+from .options import (DataArgs, ExportArgs, FoldArgs, GateArgs, GuardArgs, InputShapeArgs, ModelArgs, OutputArgs, ReportArgs,
+                      ToleranceArgs, VerbosityArgs, VerificationArgs, command, random_inputs, torch_batches)
 
 
 @command(
@@ -21,16 +21,21 @@ from .options import (DataArgs, ExportArgs, FoldArgs, InputShapeArgs, ModelArgs,
     OutputArgs(help="Where to write the folded ONNX model.",
                suffixes=lambda args: ((".onnx",), "fold-export writes an ONNX model: give -o OUT.onnx")),
     VerificationArgs(),
+    GateArgs(),
+    GuardArgs(scored="the exported model in onnxruntime"),
     ReportArgs(),
     VerbosityArgs(),
 )
 def command(args) -> int:
     """Fold BatchNorm into neighbouring ops, export to ONNX, and prove parity in onnxruntime.
 
-    MODEL is a factory spec (with --weights) or an .onnx file. The folded model is compared with
+    MODEL is a factory spec (with --weights) or an .onnx file. A model that bncal inspect finds an
+    error in (statistics never updated, degenerate statistics...) is refused unless --allow names
+    the rule. The folded model is compared with
     the model, and its export with it in onnxruntime, on --data batches (or seeded random inputs
     of the model's own shape, --input-shape for dynamic dimensions); OUTPUT is written only if
-    every output matches (default: within 1e-4 of its scale), else the exit status is 1.
+    every output matches (default: within 1e-4 of its scale), else the exit status is 1. With
+    --guard, the exported model must also keep its accuracy on held-out labelled data.
     """
     ui, verification = args.ui, args.verification
     if args.model.kind.name == "keras":
@@ -45,8 +50,11 @@ def command(args) -> int:
             report = _fold_export_onnx(args, loaded.model, data, progress)
         else:
             report = _fold_export_torch(args, loaded.model, data, progress)
-    except VerificationError as exc:
-        ui.echo(exc.report.table())
+    except (VerificationError, DeploymentError) as exc:
+        from ..fold_export import FoldExportReport
+
+        if isinstance(exc.report, FoldExportReport):  # the health gate's refusal is its own one line
+            ui.echo(exc.report.table())
         raise
     ui.echo(report.table())
     check_report = None
@@ -119,7 +127,7 @@ def _fold_export_onnx(args, proto, data, progress):
                                  **ToleranceArgs.keywords(args.tolerance), bn_to_affine=args.fold.bn_to_affine,
                                  keep_failed=args.verification.keep_failed, latency_batches=args.verification.latency or (),
                                  treat_initializer_inputs_as_constant=args.fold.constant_initializer_inputs,
-                                 progress=progress)
+                                 progress=progress, allow=args.gate.allow, **_guard(args))
     return report
 
 
@@ -147,8 +155,13 @@ def _fold_export_torch(args, net, data, progress):
         opset=export.opset, input_names=export.input_names or names, output_names=export.output_names,
         dynamic_batch=not export.static_batch, bn_to_affine=args.fold.bn_to_affine,
         keep_failed=args.verification.keep_failed, latency_batches=args.verification.latency or (),
-        module_fold=not checked, progress=progress)
+        module_fold=not checked, progress=progress, allow=args.gate.allow, **_guard(args))
     return report
+
+
+def _guard(args) -> dict:
+    """The accuracy guard's keywords of :func:`bncal.fold_export_torch` / ``fold_export_onnx``."""
+    return dict(guard=args.guard.batches(args.data), metric=args.guard.metric, guard_tol=args.guard.tol)
 
 
 class _Positional:

@@ -27,7 +27,7 @@ from ..errors import BncalError
 __all__ = [
     "OptionGroup", "Args", "command", "VerbosityArgs", "ModelArgs", "DataArgs", "InputShapeArgs", "ToleranceArgs",
     "ThresholdArgs", "DeviceArgs", "ProviderArgs", "OutputArgs", "ReportArgs", "RecalibrationArgs", "ExportArgs",
-    "FoldArgs", "VerificationArgs", "TrainingArgs", "Options", "Console", "InputShapes", "torch_batches", "random_inputs",
+    "FoldArgs", "VerificationArgs", "TrainingArgs", "GateArgs", "GuardArgs", "Options", "Console", "InputShapes", "torch_batches", "random_inputs",
 ]
 
 
@@ -794,6 +794,97 @@ class FoldArgs(OptionGroup):
             click.Option(["--constant-initializer-inputs"], is_flag=True,
                          help="ONNX input: fold parameters that are also graph inputs (IR < 4 files), treating them as constants."),
         ]
+
+
+class RuleType(click.ParamType):
+    """A rule id of ``bncal inspect`` (BN001...)."""
+
+    name = "rule"
+
+    def convert(self, value, param, ctx):
+        from ..gate import allowed_rules
+
+        try:
+            return next(iter(allowed_rules(value)))
+        except (BncalError, StopIteration) as exc:
+            self.fail(str(exc) or f"{value!r}: give a rule id such as BN001", param, ctx)
+
+
+class GateArgs(OptionGroup):
+    """``--allow RULE``: error findings of ``bncal inspect`` accepted in a model the command writes
+    (:func:`bncal.gate.require_healthy`); ``repairs`` says what the command itself repairs."""
+
+    name = "gate"
+
+    def __init__(self, *, repairs: str = ""):
+        self.repairs = repairs
+
+    def params(self):
+        return [click.Option(["--allow"], multiple=True, type=RuleType(), metavar="RULE",
+                             help="Write the model although bncal inspect finds this error in it (repeatable: "
+                                  f"--allow BN001 --allow BN002). Without it a model with an error finding is "
+                                  f"refused (exit 1, nothing written){self.repairs}.")]
+
+    def parse(self, values, args):
+        return types.SimpleNamespace(allow=tuple(values["allow"]))
+
+
+class GuardValue(types.SimpleNamespace):
+    """The parsed guard options; :meth:`start` scores the model as given (:func:`bncal.guard.start_guard`)."""
+
+    def batches(self, data):
+        """The guard data as ``(inputs, labels)`` batches, read with the image options, ``--normalize``
+        and batch size of ``data`` (the command's DataValue); None without ``--guard``."""
+        if not self.spec:
+            return None
+        from ..guard import guard_batches
+
+        return guard_batches(self.spec, batch_size=data.batch_size, image_options=data.image_options,
+                             normalize=data.normalize)
+
+    def start(self, model, data):
+        """The guard's report with ``model`` (as given) scored (:func:`bncal.guard.start_guard`), or None."""
+        if not self.spec:
+            return None
+        from ..guard import start_guard
+
+        return start_guard(model, self.batches(data), metric=self.metric, tol=self.tol)
+
+
+class GuardArgs(OptionGroup):
+    """``--guard DATA``, ``--metric``, ``--guard-tol``: the accuracy guard (:mod:`bncal.guard`)."""
+
+    name = "guard"
+
+    def __init__(self, *, scored: str):
+        self.scored = scored
+
+    def params(self):
+        return [
+            click.Option(["--guard", "guard_spec"], metavar="DATA",
+                         help="Held-out labelled data: .npz with a 'labels' array, an image folder with one subfolder "
+                              "per class, or file.py:function returning (inputs, labels) batches. The metric of "
+                              f"{self.scored} must not be worse than that of the model as given (or of the model "
+                              "normalising with each guard batch's own statistics, if better) by more than "
+                              "--guard-tol; else nothing is written (exit 1). Image options as for --data."),
+            click.Option(["--metric"], metavar="FILE.py:FUNCTION",
+                         help="The guard's metric, metric(outputs, labels) -> float in [0, 1], higher is better "
+                              "(default: top-1 accuracy of the first output)."),
+            click.Option(["--guard-tol"], type=FiniteFloat(0), default=0.5, show_default=True,
+                         help="Largest drop of the guard's metric allowed, in percentage points."),
+        ]
+
+    def parse(self, values, args):
+        if not values["guard_spec"] and values["metric"]:
+            raise _usage_error("--metric is the accuracy guard's metric: give --guard DATA too", "--metric")
+        return GuardValue(spec=values["guard_spec"], metric=values["metric"], tol=values["guard_tol"])
+
+    def plan(self, value, plan, args):
+        from ..loading import spec_files
+
+        for spec in (value.spec, value.metric):
+            if spec:
+                plan.protect(spec_files(spec))
 
 
 class BatchListType(click.ParamType):

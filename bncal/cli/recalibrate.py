@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..errors import BncalError
-from .options import (DataArgs, DeviceArgs, ModelArgs, OutputArgs, ProviderArgs, RecalibrationArgs, ReportArgs,
-                      VerbosityArgs, command, torch_batches)
+from ..errors import BncalError, DeploymentError
+from .options import (DataArgs, DeviceArgs, GateArgs, GuardArgs, ModelArgs, OutputArgs, ProviderArgs, RecalibrationArgs,
+                      ReportArgs, VerbosityArgs, command, torch_batches)
 
 
 _SUFFIX_HINTS = {
@@ -42,6 +42,8 @@ def _require_suffix(loaded, output) -> None:
     ProviderArgs(torch_models=False),
     OutputArgs(help="Where to write the recalibrated weights (.safetensors or .pt) or model (.onnx, .keras).",
                suffixes=_recalibrated_suffixes),
+    GateArgs(repairs="; the recalibrated model is judged, so statistics it repairs (BN001, BN002) need no --allow"),
+    GuardArgs(scored="the recalibrated model"),
     ReportArgs(plot="Write a per-layer PNG of mean shift and variance ratio (needs the 'plot' extra)."),
     VerbosityArgs(),
 )
@@ -52,18 +54,23 @@ def command(args) -> int:
     an .onnx file (run in onnxruntime on --providers) or a .keras file (written to OUTPUT.keras;
     a factory returning a keras.Model takes .weights.h5 weights). Under torchrun, each rank reads
     its shard of the data, the statistics are combined exactly across ranks, and rank 0 writes
-    OUTPUT (PyTorch and ONNX models).
+    OUTPUT (PyTorch and ONNX models). The recalibrated model is written only if bncal inspect finds
+    no error in it (what recalibration cannot repair, such as a training-mode BatchNormalization),
+    unless --allow names the rule; with --guard, only if it keeps its accuracy on held-out labelled data.
     """
     ui, output = args.ui, args.output.path
+    guard = None
     if args.model.kind.name == "onnx":
-        report, is_main = _recalibrate_onnx(args)
+        report, is_main, guard = _recalibrate_onnx(args)
     elif args.model.kind.name == "keras":
         report, is_main = _recalibrate_keras(args, args.model.load()), True
     else:
-        report, is_main = _recalibrate_torch(args)
+        report, is_main, guard = _recalibrate_torch(args)
     if not is_main:
         return 0
     ui.echo(report.table())
+    if guard is not None:
+        ui.echo("\n" + guard.table())
     for warning in report.warnings:
         ui.warn(warning)
     summary = f"recalibrated {len(report.layers)} BatchNorm layers from {report.samples} samples in {report.batches} batches"
@@ -83,8 +90,19 @@ def command(args) -> int:
     return 0
 
 
+def _judge(args, guard, recalibrated) -> None:
+    """Score the recalibrated model on the guard data; refuse it (nothing written) if it got worse."""
+    if guard is None:
+        return
+    guard.judge("after", recalibrated)
+    if not guard.passed:
+        args.ui.echo(guard.table())
+        raise DeploymentError(f"{guard.reason()}; nothing was written", report=guard)
+
+
 def _recalibrate_torch(args):
     from ..distributed import torchrun_process_group
+    from ..gate import require_healthy_notes
     from ..loading import save_state_dict
     from ..recalibration import recalibrate
 
@@ -94,42 +112,51 @@ def _recalibrate_torch(args):
             args.ui.warn("no --weights given; recalibrating the factory's freshly initialised model")
         loaded = args.model.load()
         if loaded.kind == "keras":  # the factory returned a keras.Model
-            return _recalibrate_keras(args, loaded), True
+            return _recalibrate_keras(args, loaded), True, None
         _require_suffix(loaded, args.output.path)
         net = loaded.model
         if launch.device is not None:
             net.to(launch.device)
+        guard = args.guard.start(net, args.data)
         data = args.data.load(rank=launch.rank, world_size=launch.world_size)
         report = recalibrate(net, torch_batches(data, net), mode=options.mode,
                              max_samples=launch.shard_limit(args.data.max_samples), tol=options.tol,
                              max_passes=options.max_passes, cache_mb=options.cache_mb, spill_dir=options.spill_dir,
                              progress=args.ui.interactive and launch.is_main)
         report.notes += args.data.notes(data)
+        report.notes += require_healthy_notes(net, allow=args.gate.allow, action="write it")
+        _judge(args, guard, net)
         if launch.is_main:
             net.to("cpu")
             save_state_dict(net, args.output.path)
-    return report, launch.is_main
+    return report, launch.is_main, guard
 
 
 def _recalibrate_keras(args, loaded):
     from ..distributed import environment
+    from ..gate import require_healthy_notes
     from ..keras import recalibrate, save_model
     from ..keras.data import in_model_layout
 
     if environment().distributed:
         raise BncalError("a Keras model is recalibrated in one process; run bncal without torchrun")
+    if args.guard.spec:
+        raise BncalError("--guard scores PyTorch and ONNX models; for a Keras model, score the recalibrated .keras "
+                         "file on your held-out data yourself")
     _require_suffix(loaded, args.output.path)
     options = args.recalibration
     batches = in_model_layout(args.data.numpy_batches(), loaded.model, images=args.data.is_image_folder,
                               channels=args.data.image_options.channels)
     report = recalibrate(loaded.model, batches, mode=options.mode, batch_size=None, max_samples=args.data.max_samples,
                          tol=options.tol, max_passes=options.max_passes, progress=args.ui.interactive)
+    report.notes += require_healthy_notes(loaded.model, allow=args.gate.allow, action="write it")
     save_model(loaded.model, args.output.path)
     return report
 
 
 def _recalibrate_onnx(args):
     from ..distributed import torchrun_process_group
+    from ..gate import require_healthy_notes
     from ..onnx_io import save_onnx
     from ..onnx_recalibrate import recalibrate_onnx
 
@@ -137,6 +164,7 @@ def _recalibrate_onnx(args):
     # The moments are combined on the host: a gloo group (device "cpu"), whatever runs onnxruntime.
     with torchrun_process_group("cpu") as launch:
         proto = args.model.load().model
+        guard = args.guard.start(proto, args.data)
         providers = args.providers.resolve(launch.local_rank if launch.distributed else None)
         batches = args.data.numpy_batches(rank=launch.rank, world_size=launch.world_size, onnx_model=proto)
         new_model, report = recalibrate_onnx(proto, batches, mode=options.mode, tol=options.tol,
@@ -144,6 +172,8 @@ def _recalibrate_onnx(args):
                                              max_samples=launch.shard_limit(args.data.max_samples),
                                              providers=providers, progress=args.ui.interactive and launch.is_main)
         report.notes += args.data.notes(batches)
+        report.notes += require_healthy_notes(new_model, allow=args.gate.allow, action="write it")
+        _judge(args, guard, new_model)
         if launch.is_main:
             save_onnx(new_model, args.output.path)
-    return report, launch.is_main
+    return report, launch.is_main, guard

@@ -1,0 +1,200 @@
+"""The deployment gate: a model with a known BatchNorm failure is not written, nor passed as deployable.
+
+Every command that writes a deployable model (``fold-export``, ``recalibrate``) and
+:func:`assert_deployable` ask :func:`require_healthy`, which runs the static rules of
+``bncal inspect`` (:func:`bncal.inspection.inspect_model`, the one rulebook) and refuses a model
+with an error-severity finding (BN001 statistics never updated, BN002 degenerate statistics,
+BN005 training-mode BatchNormalization in an inference graph, and any rule rated an error
+later) with :class:`bncal.errors.DeploymentError`: one line per finding, its evidence and fix.
+A finding the user accepts explicitly (``allow=["BN001"]``, ``--allow BN001``) lets the model
+through, with a note in the report.
+
+:func:`assert_deployable` adds the train/inference check (with ``data``) and the accuracy guard
+(with ``guard``, :mod:`bncal.guard`), for a project's own test suite::
+
+    import bncal
+    bncal.assert_deployable(model)                       # static rules only
+    bncal.assert_deployable("model.onnx", data=batches)  # and the check on these batches
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .errors import BncalError, DeploymentError
+from .report import ReportDisplay
+
+__all__ = ["require_healthy", "require_healthy_notes", "refused_findings", "refusal", "allowed_rules", "allowed_notes", "DeploymentReport", "assert_deployable"]
+
+
+def allowed_rules(allow) -> frozenset[str]:
+    """``allow`` (a rule id, or several) as a set of known rule ids; an unknown id is refused."""
+    from .inspection import RULES
+
+    if allow is None:
+        return frozenset()
+    ids = [allow] if isinstance(allow, str) else list(allow)
+    rules = frozenset(str(rule).strip().upper() for rule in ids)
+    unknown = sorted(rules - set(RULES))
+    if unknown:
+        raise BncalError(f"cannot allow {', '.join(unknown)}: not a rule of bncal inspect; the rules are "
+                         f"{', '.join(RULES)}")
+    return rules
+
+
+def _layers(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def refusal(findings, action: str) -> str:
+    """One line naming each refused finding (rule, title, evidence with its layers, fix) and how to accept
+    it; ``action`` is what was refused (``"export it"``, ``"write it"``)."""
+    from .inspection import RULES
+
+    parts = [f"{f.rule_id} {f.severity}, {RULES[f.rule_id][1]}: {f.evidence} fix: {f.fix}" for f in findings]
+    accept = " ".join(f"--allow {f.rule_id}" for f in findings)
+    ids = ", ".join(repr(f.rule_id) for f in findings)
+    return (f"refusing to {action}: {' | '.join(parts)}; to {action} anyway, accept "
+            f"{'it' if len(findings) == 1 else 'them'} explicitly: {accept} (allow=[{ids}] in Python)")
+
+
+def allowed_notes(findings, allow) -> list[str]:
+    """Notes for the error ``findings`` that the gate let through because ``allow`` names their rule."""
+    from .inspection import RULES
+
+    allowed = allowed_rules(allow)
+    return [f"{f.rule_id} allowed: {RULES[f.rule_id][1]} ({_layers(f.layers)})"
+            for f in findings if f.severity == "error" and f.rule_id in allowed]
+
+
+def refused_findings(report, allow) -> list:
+    """The error-severity findings of an inspect ``report`` whose rule ``allow`` does not name."""
+    allowed = allowed_rules(allow)
+    return [f for f in report.findings if f.severity == "error" and f.rule_id not in allowed]
+
+
+def require_healthy(model, *, allow=(), action: str = "export it") -> object:
+    """Run ``bncal inspect``'s rules on ``model`` (a PyTorch module, an ONNX model or its path, a
+    Keras model) and raise :class:`DeploymentError` (``report`` a :class:`DeploymentReport`) for
+    every error-severity finding whose rule is not in ``allow``; ``action`` says what is refused
+    (``"export it"``, ``"write it"``). Returns the :class:`bncal.inspection.InspectReport`."""
+    from .inspection import inspect_model
+
+    report = inspect_model(model)
+    refused = refused_findings(report, allow)
+    if refused:
+        raise DeploymentError(refusal(refused, action), report=DeploymentReport(inspect=report))
+    return report
+
+
+def require_healthy_notes(model, *, allow=(), action: str = "export it") -> list[str]:
+    """:func:`require_healthy`, returning the notes a report keeps for the errors ``allow`` accepted."""
+    return allowed_notes(require_healthy(model, allow=allow, action=action).findings, allow)
+
+
+@dataclasses.dataclass(repr=False)
+class DeploymentReport(ReportDisplay):
+    """What :func:`assert_deployable` found: the inspection, and the check and guard where run (else None).
+
+    ``allowed`` lists the error findings accepted by ``allow``; ``reasons`` say what failed.
+    """
+
+    inspect: object
+    check: object = None
+    guard: object = None
+    allowed: list[str] = dataclasses.field(default_factory=list)
+    reasons: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.reasons
+
+    def summary(self) -> str:
+        ran = ["inspect"] + ["check"] * (self.check is not None) + ["guard"] * (self.guard is not None)
+        verdict = "deployable" if self.passed else f"NOT deployable: {self.reasons[0]}"
+        return f"{'PASSED' if self.passed else 'FAILED'} ({', '.join(ran)}): {verdict}"
+
+    def table(self) -> str:
+        parts = [self.inspect.table()]
+        if self.check is not None:
+            parts.append(self.check.table())
+        if self.guard is not None:
+            parts.append(self.guard.table())
+        parts += [f"note: {line}" for line in self.allowed]
+        parts.append("PASSED: deployable" if self.passed else "FAILED: " + "; ".join(self.reasons))
+        return "\n\n".join(parts)
+
+
+def assert_deployable(model_or_onnx, data=None, guard=None, *, allow=(), metric=None, guard_tol: float | None = None,
+                      thresholds=None, inputs=None) -> DeploymentReport:
+    """Raise :class:`DeploymentError` unless ``model_or_onnx`` is fit to deploy; else return the
+    :class:`DeploymentReport`.
+
+    ``model_or_onnx``: a PyTorch module (checked in eval mode, not modified), an ONNX
+    ``ModelProto`` or ``.onnx`` path, or a Keras model. Always: ``bncal inspect``'s rules, every
+    error-severity finding not in ``allow`` fails. With ``data`` (batches as for
+    :func:`bncal.check_onnx`; ``inputs`` picks the model inputs out of each batch): the
+    train/inference check under ``thresholds``; a PyTorch model is exported with its BatchNorms
+    kept and checked in onnxruntime, a Keras model is checked in Keras. With ``guard`` (labelled
+    batches or a data spec, :func:`bncal.guard.guard_batches`): the accuracy guard, the model
+    in inference mode against itself normalising with the guard batches' own statistics,
+    ``metric`` (default top-1) within ``guard_tol`` points (default 0.5). The error's
+    ``report`` is the :class:`DeploymentReport`.
+    """
+    from .inspection import inspect_model
+
+    allowed = allowed_rules(allow)
+    model = model_or_onnx
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        from pathlib import Path
+
+        if Path(model).suffix.lower() == ".onnx":
+            import onnx
+
+            if not Path(model).is_file():
+                raise BncalError(f"{model} is not a file; give an .onnx model or a model object")
+            model = onnx.load(str(model))
+    inspection = inspect_model(model)
+    report = DeploymentReport(inspect=inspection)
+    refused = refused_findings(inspection, allowed)
+    if refused:
+        report.reasons.append(refusal(refused, "pass it as deployable"))
+    report.allowed = allowed_notes(inspection.findings, allowed)
+    if data is not None:
+        report.check = _check(model, data, thresholds, inputs)
+        if not report.check.passed:
+            report.reasons.append(f"check {report.check.verdict}: " + ("; ".join(report.check.reasons)
+                                                                       or "some normalisation could not be checked"))
+    if guard is not None:
+        from .guard import guard_model
+
+        report.guard = guard_model(model, guard, metric=metric, tol=guard_tol)
+        if not report.guard.passed:
+            report.reasons.append(report.guard.reason())
+    if report.reasons:
+        raise DeploymentError("not deployable: " + " | ".join(report.reasons), report=report)
+    return report
+
+
+def _check(model, data, thresholds, inputs):
+    from .check import CheckThresholds, check_onnx
+    from .data import NumpyBatches, TorchBatches, select_inputs
+    from .inspection import _is_torch_module
+    from .keras import is_keras_model
+
+    thresholds = thresholds or CheckThresholds()
+    batches = select_inputs(data, inputs)
+    if is_keras_model(model):
+        from .keras import check as check_keras
+
+        return check_keras(model, batches, thresholds=thresholds, batch_size=None)
+    if _is_torch_module(model):
+        from .export import export_onnx, positional_inputs
+
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        first = next(iter(TorchBatches(batches, dtype)), None)
+        if first is None:
+            raise BncalError("the data is empty; give at least one batch to check on")
+        example, names = positional_inputs(model, first)
+        model = export_onnx(model, example, keep_batchnorm=True, input_names=names)
+    return check_onnx(model, NumpyBatches(batches), thresholds=thresholds)
