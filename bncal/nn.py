@@ -84,6 +84,20 @@ class _BatchRenorm(_BatchNorm):
         step = int(self.num_batches_tracked) if step is None else step
         return _ramp(step, self.warmup_start, self.dmax_warmup_end, 0.0, self.dmax)
 
+    def training_reference(self):
+        """The renorm averages (the running statistics) and the clipping bounds of the last
+        training step, as :class:`bncal.renorm.RenormReference`: what recalibration and the
+        check reproduce where r and d were not clipped."""
+        import numpy as np
+
+        from .renorm import RenormReference
+
+        step = max(int(self.num_batches_tracked) - 1, 0)
+        rmax = self.current_rmax(step)
+        var = self.running_var.detach().double().cpu().numpy()
+        return RenormReference(mean=self.running_mean.detach().double().cpu().numpy(), std=np.sqrt(var + self.eps),
+                               eps=float(self.eps), rmin=1.0 / rmax, rmax=rmax, dmax=self.current_dmax(step))
+
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", rmax={self.rmax}, dmax={self.dmax}, "
                 f"warmup_start={self.warmup_start}, rmax_warmup_end={self.rmax_warmup_end}, "
