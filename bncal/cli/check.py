@@ -51,6 +51,14 @@ def command(args) -> int:
                                   channels=args.data.image_options.channels)
         report = check_keras(loaded.model, batches, thresholds=thresholds, batch_size=None,
                              max_samples=args.data.max_samples, progress=ui.interactive)
+    elif loaded.kind != "onnx" and _has_renorm(loaded.model):
+        # An export turns a renorm layer into a plain BatchNormalization, whose train mode is not renorm's.
+        from ..check_torch import check_torch
+
+        report = check_torch(loaded.model, torch_batches(data, loaded.model), thresholds=thresholds,
+                             max_samples=args.data.max_samples, progress=ui.interactive)
+        report.notes.append("checked in PyTorch, not in onnxruntime: the model has batch renormalisation layers, "
+                            "which an ONNX export turns into plain BatchNormalization")
     else:
         if loaded.kind == "onnx":
             proto = loaded.model
@@ -87,3 +95,9 @@ def command(args) -> int:
         plot_check({"moving vs data": report}, args.report.plot, model=args.model.display_name)
     accepted = report.passed or (report.verdict == "INCOMPLETE" and args.check.allow_unchecked)
     return 0 if accepted and (parity is None or parity.passed) else 1
+
+
+def _has_renorm(net) -> bool:
+    from ..nn import _BatchRenorm
+
+    return any(isinstance(m, _BatchRenorm) for m in net.modules())
