@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ._progress import DataPass
+from .calibration import BatchComposition, order_warning
 from .check import CheckReport, CheckThresholds, PairedOutputs, assess_layer
 from .data import select_inputs
 from .errors import BncalError
@@ -38,7 +39,8 @@ def check_torch(model: torch.nn.Module, batches: Iterable, *, thresholds: CheckT
 
     Batches as for :func:`bncal.recalibrate` (one pass: a one-shot iterator is fine; ``inputs``
     picks the model inputs, ``forward_fn(model, batch)`` calls the model). Batches should be
-    drawn at random and hold 16 or more samples (see :class:`bncal.check.CheckThresholds`). The
+    drawn at random and hold 16 or more samples (see :class:`bncal.check.CheckThresholds`);
+    batches far from random draws are named in ``warnings``, as in :func:`bncal.check.check_onnx`. The
     model is left as it was: modes, statistics and weights.
 
     Raises:
@@ -98,9 +100,10 @@ def check_torch(model: torch.nn.Module, batches: Iterable, *, thresholds: CheckT
                     bn.running_mean.copy_(moving[name][0])
                     bn.running_var.copy_(moving[name][1])
 
-    paired = None
+    paired, composition = None, BatchComposition()
     current = DataPass(select_inputs(batches, inputs),
-                       lambda batch, index, remaining: _prepare(batch, device, remaining, fingerprint=False),
+                       lambda batch, index, remaining: _prepare(batch, device, remaining, fingerprint=False,
+                                                                composition=composition),
                        max_samples=max_samples, progress=progress)
     with _all_eval(model):
         for index, (batch, _) in current:
@@ -120,7 +123,8 @@ def check_torch(model: torch.nn.Module, batches: Iterable, *, thresholds: CheckT
         checks.append(assess_layer(name, m.channels, moving[name][0].double().cpu().numpy(),
                                    moving[name][1].double().cpu().numpy(), reference, bn.eps, thresholds))
     report = CheckReport.from_checks(checks, paired.checks(thresholds) if paired else [], skipped, thresholds,
-                                     current.batches, current.samples)
+                                     current.batches, current.samples,
+                                     batching_warning=order_warning(composition, "check"))
     report.notes += renorm_notes([(name, ref, moments[name]) for name, ref in references.items()
                                   if moments[name].count], "check")
     return report
