@@ -388,7 +388,7 @@ def _accuracy(model, x, y, idx):
         return (model.eval()(x[idx]).argmax(1) == y[idx]).float().mean().item()
 
 
-def test_never_updated_renorm_model_keeps_its_accuracy_and_passes_check(never_updated_models):
+def test_never_updated_renorm_model_keeps_its_accuracy_and_passes_check(never_updated_models, one_thread):
     import copy
 
     from bncal import inspect_model, recalibrate
@@ -415,7 +415,7 @@ def test_never_updated_renorm_model_keeps_its_accuracy_and_passes_check(never_up
     assert _accuracy(plain, x, y, test_idx) < trained - 0.05
 
 
-def test_stale_plain_model_still_fails_check_and_is_repaired(never_updated_models):
+def test_stale_plain_model_still_fails_check_and_is_repaired(never_updated_models, one_thread):
     import copy
 
     from bncal import inspect_model, recalibrate
