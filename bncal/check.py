@@ -542,7 +542,9 @@ def check(
     """Check whether ``model``'s moving BN statistics match ``data``: the front door of every model kind.
 
     - an ``onnx.ModelProto`` or ``.onnx`` path: :func:`check_onnx`, in onnxruntime;
-    - a ``torch.nn.Module``: exported to ONNX with its BatchNorms kept (inputs shaped like
+    - a ``torch.nn.Module`` with batch renormalisation layers: :func:`bncal.check_torch.check_torch`,
+      in PyTorch (an export would make them plain BatchNorms, whose train mode is not theirs);
+    - any other ``torch.nn.Module``: exported to ONNX with its BatchNorms kept (inputs shaped like
       the first batch, a dynamic batch axis), then :func:`check_onnx` on that graph; PyTorch
       eval and onnxruntime are first compared on the first ``parity_batches`` batches
       (:attr:`CheckReport.parity`), and a failed parity fails the check: the export would not
@@ -590,14 +592,24 @@ def check(
                          "Keras model")
     from itertools import islice
 
+    import torch
+
     from .data import TorchBatches
     from .export import export_onnx, positional_inputs
     from .fold_export import torch_onnx_parity
-
-    import torch
+    from .nn import is_batch_renorm
 
     selected = select_inputs(data, inputs)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if any(is_batch_renorm(m) for m in model.modules()):
+        # An export turns a renorm layer into a plain BatchNormalization, whose train mode is not renorm's.
+        from .check_torch import check_torch
+
+        report = check_torch(model, TorchBatches(selected, dtype), thresholds=thresholds, max_samples=max_samples,
+                             progress=progress)
+        report.notes.append("checked in PyTorch, not in onnxruntime: the model has batch renormalisation layers, "
+                            "which an ONNX export turns into plain BatchNormalization")
+        return report
     first = [positional_inputs(model, batch) for batch in islice(TorchBatches(selected, dtype), parity_batches)]
     if not first:
         raise BncalError("the data is empty; give at least one batch")

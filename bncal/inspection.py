@@ -8,7 +8,10 @@ and :func:`bncal.report.to_jsonable` turns the report into JSON.
 Rules (severity, trigger):
 
 =====  ========  ===========================================================================
-BN001  error     moving statistics never updated: running mean all 0 and running var all 1
+BN001  error     moving statistics never updated: running mean all 0 and running var all 1 (a Keras
+                 renorm layer: moving stddev 1, i.e. variance 1 - epsilon); a warning for batch
+                 renormalisation layers whose renorm averages never moved either: with r and d
+                 unclipped in training the network was trained against exactly those values
 BN002  error     degenerate statistics: a variance <= 0 or non-finite, a non-finite mean
 BN003  warning   momentum 0 (PyTorch) / 1 (TF, ONNX): the moving statistics cannot change
 BN004  warning   track_running_stats=False: inference normalises with each batch's statistics
@@ -108,6 +111,9 @@ class BNLayer:
     (no running statistics) or ``"not constant"`` (ONNX statistics that are not initializers); ``stats_detail`` says why. ``fold`` is
     ``"into <target>"`` or ``"no: <reason>"`` when fold decisions were given.
     ``num_batches_tracked`` is PyTorch's counter (None where there is none, as in ONNX).
+    ``renorm_averages_moved``: a Keras renorm layer whose ``renorm_mean``/``renorm_stddev`` (the
+    averages its training forward normalised with) left their initial values (PyTorch's
+    :mod:`bncal.nn` layers keep one set, the running statistics).
     ``momentum_zero_signal``: the statistics still hold their initial values although the counter
     says training ran batches (PyTorch counts batches even at momentum 0): the updates were
     discarded, i.e. the momentum was 0 during training, or the statistics were reset afterwards.
@@ -129,6 +135,7 @@ class BNLayer:
     num_batches_tracked: int | None = None
     momentum_zero_signal: bool = False
     momentum_absent: bool = False
+    renorm_averages_moved: bool = False
 
 
 @dataclasses.dataclass(repr=False)
@@ -435,6 +442,17 @@ def _statistics_findings(layers: list[BNLayer], source: str) -> list[Finding]:
     words = _DIALECTS[source]
     findings = []
     never = [l for l in layers if l.stats == NEVER_UPDATED]
+    # A renorm layer whose renorm averages never moved either may hold what it was trained against.
+    renorm_initial = [l for l in never if l.renorm and not l.renorm_averages_moved]
+    never = [l for l in never if l not in renorm_initial]
+    if renorm_initial:
+        findings.append(Finding(
+            "BN001", "warning", [l.name for l in renorm_initial],
+            f"{_list([l.name for l in renorm_initial])} are batch renormalisation layers whose statistics and renorm "
+            "averages hold their initial values: where r and d were not clipped in training, the network was "
+            "trained against exactly these values, so they may be right.",
+            "judge them on data: bncal check MODEL --data DATA compares renorm layers with their training forward, "
+            "and bncal recalibrate keeps their statistics where they reproduce it"))
     if never:
         discarded = [l for l in never if l.momentum_zero_signal]
         evidence = (f"{len(never)} of {len(layers)} BN layers still hold the initial statistics "
@@ -446,6 +464,10 @@ def _statistics_findings(layers: list[BNLayer], source: str) -> list[Finding]:
             evidence += (f" {_list([l.name for l in discarded])} counted {counted} training batches "
                          "(num_batches_tracked) without moving their statistics: the momentum was 0 during "
                          "training, or the statistics were reset afterwards.")
+        moved = [l for l in never if l.renorm_averages_moved]
+        if moved:
+            evidence += (f" {_list([l.name for l in moved])} are batch renormalisation layers whose renorm averages "
+                         "(what training normalised with) moved: their inference statistics never followed them.")
         findings.append(Finding(
             "BN001", "error", [l.name for l in never], evidence,
             f"estimate the statistics on training data: {words.recalibrate}"))

@@ -39,7 +39,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import BncalError
 
-__all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "convert_to_batchrenorm",
+__all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "is_batch_renorm", "convert_to_batchrenorm",
            "convert_to_batchnorm"]
 
 
@@ -83,6 +83,20 @@ class _BatchRenorm(_BatchNorm):
         """The bound on |d| at ``step`` (default: the next training step)."""
         step = int(self.num_batches_tracked) if step is None else step
         return _ramp(step, self.warmup_start, self.dmax_warmup_end, 0.0, self.dmax)
+
+    def training_reference(self):
+        """The renorm averages (the running statistics) and the clipping bounds of the last
+        training step, as :class:`bncal.renorm.RenormReference`: what recalibration and the
+        check reproduce where r and d were not clipped."""
+        import numpy as np
+
+        from .renorm import RenormReference
+
+        step = max(int(self.num_batches_tracked) - 1, 0)
+        rmax = self.current_rmax(step)
+        var = self.running_var.detach().double().cpu().numpy()
+        return RenormReference(mean=self.running_mean.detach().double().cpu().numpy(), std=np.sqrt(var + self.eps),
+                               eps=float(self.eps), rmin=1.0 / rmax, rmax=rmax, dmax=self.current_dmax(step))
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", rmax={self.rmax}, dmax={self.dmax}, "
@@ -154,6 +168,11 @@ class BatchRenorm3d(_BatchRenorm):
 
 _TO_RENORM = {nn.BatchNorm1d: BatchRenorm1d, nn.BatchNorm2d: BatchRenorm2d, nn.BatchNorm3d: BatchRenorm3d}
 _TO_NORM = {v: k for k, v in _TO_RENORM.items()}
+
+
+def is_batch_renorm(module: nn.Module) -> bool:
+    """Whether ``module`` is one of bncal's batch renormalisation layers (:class:`BatchRenorm2d` and kin)."""
+    return isinstance(module, _BatchRenorm)
 
 
 def _copy_layer(old: _BatchNorm, new: _BatchNorm) -> _BatchNorm:

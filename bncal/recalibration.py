@@ -35,6 +35,7 @@ from .data import input_hint, select_inputs
 from .distributed import active_process_group, combine_across_ranks, world_size
 from .errors import BncalError, first_line
 from .report import LayerStats, RecalibrationReport, SkippedLayer
+from .renorm import renorm_notes
 from .stats import ChannelMoments, anchored_statistics, fixed_point_passes
 
 __all__ = ["recalibrate", "batchnorm_layers", "default_forward"]
@@ -173,6 +174,7 @@ def recalibrate(
 
     before = {name: _layer_stats(bn) for name, bn in layers}
     run = _Run(model, layers, source, forward_fn, max_samples, torch.device(device), progress, group)
+    run.references = renorm_references(layers)
     run.composition = BatchComposition() if mode == "train" else None
     with run.prepared():
         first_pass = run.train_pass
@@ -185,8 +187,10 @@ def recalibrate(
     for name, _ in layers:
         if name not in updated:
             skipped.append(SkippedLayer(name, NEVER_REACHED))
-    results = [LayerResult(name, before[name], moments[name], bn.eps, run.calls_per_forward.get(name, 0))
-               for name, bn in layers if name in updated]
+    results = [LayerResult(name, before[name], run.written(name, moments[name]), bn.eps,
+                           run.calls_per_forward.get(name, 0)) for name, bn in layers if name in updated]
+    run.order.notes += renorm_notes([(name, run.references[name], moments[name]) for name, _ in layers
+                                     if name in updated and name in run.references], "recalibrate")
     warning = order_warning(run.composition, "recalibrate")
     return build_report(mode=mode, layers=results, skipped=skipped, batches=run.batches, samples=run.samples,
                         passes=passes, converged=converged, max_rel_change=change, notes=run.order.notes,
@@ -209,6 +213,10 @@ def _sweep_or_train_pass(run, model, layers, data, forward_fn, max_samples, devi
     if group is not None:
         run.order.notes.append("eval mode ran repeated passes: the depth-by-depth sweep does not combine ranks yet")
         return run.train_pass
+    if run.references:
+        run.order.notes.append("eval mode ran repeated passes: the depth-by-depth sweep does not model batch "
+                               "renormalisation layers")
+        return run.train_pass
     from .eval_sweep import solve_eval_statistics
 
     sweep = solve_eval_statistics(model, layers, _FreshPasses(data), device=torch.device(device), forward_fn=forward_fn,
@@ -221,6 +229,14 @@ def _sweep_or_train_pass(run, model, layers, data, forward_fn, max_samples, devi
     run.order.notes.append(f"eval mode: exact depth-by-depth sweep ({sweep.forward_equivalents:.2f} forward-equivalents, "
                      f"{sweep.cached_bytes_peak / 2**20:.0f} MiB cached), then one eval pass to confirm")
     return lambda: sweep.moments
+
+
+def renorm_references(layers) -> dict:
+    """``{name: RenormReference}`` of the batch renormalisation layers among ``[(name, bn)]``
+    (:mod:`bncal.renorm`), read before any pass touches their statistics."""
+    from .nn import _BatchRenorm
+
+    return {name: bn.training_reference() for name, bn in layers if isinstance(bn, _BatchRenorm)}
 
 
 def _layer_stats(bn: _BatchNorm) -> LayerStats:
@@ -311,6 +327,8 @@ class _Run:
         self.base: dict[str, tuple] = {}  # allocated once, refilled per pass
         self.composition: BatchComposition | None = None  # train mode: are the batches random draws?
         self.label: str | None = None
+        # Batch renormalisation layers: normalised as their training forward did (bncal.renorm) in every pass.
+        self.references: dict = {}
 
     def announce(self, number: int, max_passes: int | None) -> None:
         self.label = pass_label(number, max_passes)
@@ -357,7 +375,7 @@ class _Run:
 
     def _hook(self, name):
         def hook(module, args, output):
-            if self.train_mode_pass:
+            if self.train_mode_pass and name not in self.references:
                 # With momentum 1 the BN's own update leaves exactly this batch's mean and
                 # unbiased variance in its buffers: reuse them instead of reducing again.
                 self.calls[name] = self.calls.get(name, 0) + 1
@@ -368,8 +386,10 @@ class _Run:
         return hook
 
     def _pre_hook(self, name):
+        reference = self.references.get(name)
+
         def hook(module, args):
-            if self.train_mode_pass:
+            if self.train_mode_pass and reference is None:
                 return
             self.calls[name] = self.calls.get(name, 0) + 1
             x = args[0].detach()
@@ -377,11 +397,17 @@ class _Run:
             layer = self._layer(name, module)
             previous = layer.previous(layer.calls) if self.anchored else None
             layer.add(x.numel() // x.shape[1], mean, var)
-            if name not in self.base or not self.base[name][2]:
+            if self.train_mode_pass:  # a renorm layer: its training forward on this batch
+                base_mean, base_var = mean, var
+            elif name not in self.base or not self.base[name][2]:
                 return
-            base_mean, base_var, _ = self.base[name]
-            if previous is not None:
-                base_mean, base_var = anchored_statistics(base_mean, base_var, mean, var, *previous, module.eps)
+            else:
+                base_mean, base_var, _ = self.base[name]
+                if previous is not None:
+                    base_mean, base_var = anchored_statistics(base_mean, base_var, mean, var, *previous, module.eps)
+            if reference is not None:
+                base_mean, base_var = (torch.from_numpy(v) for v in reference.training_statistics(
+                    base_mean.double().cpu().numpy(), base_var.double().cpu().numpy()))
             module.running_mean.copy_(base_mean)
             module.running_var.copy_(base_var)
         return hook
@@ -399,7 +425,10 @@ class _Run:
 
     def train_pass(self):
         self.train_mode_pass = True
-        for _, bn in self.layers:
+        for name, bn in self.layers:
+            if name in self.references:  # stays in eval mode, normalised by its pre-hook
+                bn.eval()
+                continue
             bn.train()
             bn.momentum = 1.0
             if not isinstance(bn.running_mean, nn.parameter.UninitializedBuffer):
@@ -471,6 +500,12 @@ class _Run:
             raise BncalError(f"the model failed on calibration batch {index} (input {_describe(batch)}): "
                              f"{msg}{input_hint(batch, msg)}") from exc
 
+    def written(self, name: str, moments: ChannelMoments) -> ChannelMoments:
+        """The statistics layer ``name`` gets from its input's ``moments``: those moments, or a
+        renorm layer's training statistics on them (:mod:`bncal.renorm`)."""
+        reference = self.references.get(name)
+        return moments if reference is None else reference.training_moments(moments)
+
     def _load(self, bn, moments: ChannelMoments):
         with torch.no_grad():
             bn.running_mean.copy_(torch.from_numpy(moments.mean))
@@ -488,8 +523,9 @@ class _Run:
                         bn.running_var.copy_(self.saved[name][2])
                 continue
             require_finite(name, m)
-            self._load(bn, m)
-            if bn.num_batches_tracked is not None:
+            self._load(bn, self.written(name, m))
+            # A renorm layer's counter is its warm-up schedule's step: recalibrating is no training.
+            if bn.num_batches_tracked is not None and name not in self.references:
                 # The train pass counted its own batches; count each batch once in all.
                 start = self.saved[name][3] if name in self.saved and self.saved[name][3] is not None else 0
                 bn.num_batches_tracked.fill_(int(start) + self.batches)

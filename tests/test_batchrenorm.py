@@ -285,3 +285,149 @@ def test_exports_to_onnx_as_batchnormalization_with_parity():
     (got,) = session.run(None, {"x": x.numpy()})
     with torch.no_grad():
         np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+# --- Which statistics a renorm layer's training forward used (bncal.renorm) ------------------------------------
+
+
+def _renorm_forward_float64(x, mean, std, eps, rmin, rmax, dmax):
+    """Ioffe 2017's training forward x_hat (no affine), float64 numpy, channels on axis 1."""
+    axes = (0,) + tuple(range(2, x.ndim))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    mu_b, sigma_b = x.mean(axis=axes), np.sqrt(x.var(axis=axes) + eps)
+    r = np.clip(sigma_b / std, rmin, rmax)
+    d = np.clip((mu_b - mean) / std, -dmax, dmax)
+    return (x - mu_b.reshape(shape)) / sigma_b.reshape(shape) * r.reshape(shape) + d.reshape(shape)
+
+
+def test_training_statistics_reproduce_the_renorm_forward_in_float64():
+    from bncal.renorm import RenormReference
+    from bncal.stats import batch_moments
+
+    rng = np.random.default_rng(3)
+    channels, eps = 12, 1e-5
+    mean, std = rng.normal(0, 1, channels), rng.uniform(0.5, 2, channels)
+    x = rng.normal(rng.normal(0, 1.5, channels)[None, :, None, None], rng.uniform(0.3, 3, channels)[None, :, None, None],
+                   (6, channels, 4, 4))
+    reference = RenormReference(mean, std, eps, rmin=1 / 1.6, rmax=1.6, dmax=0.8)
+    _, mu_b, var_b = batch_moments(x)
+    m, v = reference.training_statistics(mu_b, var_b)
+    shape = (1, -1, 1, 1)
+    inference = (x - m.reshape(shape)) / np.sqrt(v.reshape(shape) + eps)
+    expected = _renorm_forward_float64(x, mean, std, eps, 1 / 1.6, 1.6, 0.8)
+    np.testing.assert_allclose(inference, expected, rtol=1e-12, atol=1e-12)
+    clipped = reference.clipped(mu_b, var_b)
+    assert clipped.any() and not clipped.all()  # both cases occur: the test has teeth
+    # Unclipped channels: the renorm averages themselves, whatever the batch.
+    np.testing.assert_array_equal(m[~clipped], mean[~clipped])
+    np.testing.assert_allclose(v[~clipped], std[~clipped] ** 2 - eps, rtol=1e-14)
+
+
+def test_batchrenorm_layer_training_forward_is_its_reference():
+    rng = np.random.default_rng(4)
+    layer = BatchRenorm2d(6, rmax=1.5, dmax=0.5, warmup_start=0, rmax_warmup_end=0, dmax_warmup_end=0,
+                          momentum=0.0).double()
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.from_numpy(rng.normal(0, 1, 6)))
+        layer.running_var.copy_(torch.from_numpy(rng.uniform(0.3, 3, 6)))
+        layer.num_batches_tracked.fill_(7)
+    reference = layer.training_reference()
+    assert (reference.rmax, reference.dmax, reference.rmin) == (1.5, 0.5, 1 / 1.5)
+    x = torch.from_numpy(rng.normal(0.5, 1.5, (5, 6, 3, 3)))
+    trained = layer.train()(x).detach()
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    m, v = reference.training_statistics(mean.numpy(), var.numpy())
+    inferred = F.batch_norm(x, torch.from_numpy(m), torch.from_numpy(v), layer.weight, layer.bias, False, 0.0, layer.eps)
+    torch.testing.assert_close(inferred, trained, rtol=1e-12, atol=1e-12)
+
+
+def _mnist_14():
+    data = np.load(MNIST_NPZ)
+    x = F.avg_pool2d(torch.from_numpy(data["images"]).float() / 255, 2)
+    return x, torch.from_numpy(data["labels"]).long(), data["calib_idx"], data["test_idx"]
+
+
+def _small_cnn(renorm: bool):
+    """A small CNN whose statistics never move in training (momentum 0); renorm with unclipped r and d."""
+    torch.manual_seed(0)
+    unclipped = dict(momentum=0.0, rmax=1e6, dmax=1e6, warmup_start=0, rmax_warmup_end=0, dmax_warmup_end=0)
+    bn2 = (lambda c: BatchRenorm2d(c, **unclipped)) if renorm else (lambda c: nn.BatchNorm2d(c, momentum=0.0))
+    bn1 = (lambda c: BatchRenorm1d(c, **unclipped)) if renorm else (lambda c: nn.BatchNorm1d(c, momentum=0.0))
+    return nn.Sequential(nn.Conv2d(1, 8, 3, bias=False), bn2(8), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, bias=False),
+                         bn2(16), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 5 * 5, 32, bias=False), bn1(32), nn.ReLU(),
+                         nn.Linear(32, 10))
+
+
+@pytest.fixture(scope="module")
+def never_updated_models():
+    """{renorm: (model, x, y, calibration batches, held-out batches)}, trained 150 steps of 32 (about 2 s each)."""
+    x, y, train_idx, test_idx = _mnist_14()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    models = {}
+    for renorm in (True, False):
+        model = _small_cnn(renorm)
+        opt = torch.optim.Adam(model.parameters(), 3e-3)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(150):
+            idx = torch.from_numpy(train_idx)[torch.randint(0, len(train_idx), (32,), generator=gen)]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        models[renorm] = model.eval()
+    torch.set_num_threads(threads)
+    calib_idx = np.random.default_rng(0).permutation(train_idx)[:512]
+    held_idx = np.random.default_rng(1).permutation(test_idx)[:400]  # both index lists are sorted by class
+    return (models, x, y, [x[calib_idx[i:i + 64]] for i in range(0, 512, 64)],
+            [x[held_idx[i:i + 50]] for i in range(0, 400, 50)], test_idx)
+
+
+def _accuracy(model, x, y, idx):
+    with torch.no_grad():
+        return (model.eval()(x[idx]).argmax(1) == y[idx]).float().mean().item()
+
+
+def test_never_updated_renorm_model_keeps_its_accuracy_and_passes_check(never_updated_models, one_thread):
+    import copy
+
+    from bncal import inspect_model, recalibrate
+    from bncal.check_torch import check_torch
+
+    models, x, y, calib, held, test_idx = never_updated_models
+    model = copy.deepcopy(models[True])
+    trained = _accuracy(model, x, y, test_idx)
+    assert trained > 0.85
+    findings = inspect_model(model).by_rule("BN001")
+    assert [f.severity for f in findings] == ["warning"] and "batch renormalisation" in findings[0].evidence
+    report = check_torch(model, held)
+    assert report.passed, report.table()
+    assert any("renorm averages" in n for n in report.notes)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rec = recalibrate(model, calib)
+    assert _accuracy(model, x, y, test_idx) == trained
+    for key, value in model.state_dict().items():  # the renorm averages are kept, the step counter too
+        torch.testing.assert_close(value, before[key], rtol=1e-6, atol=1e-7)
+    assert any("kept as their inference statistics" in n for n in rec.notes)
+    # Teeth: population statistics (what plain recalibration writes) would change what the network computes.
+    plain = convert_to_batchnorm(models[True])
+    recalibrate(plain, calib)
+    assert _accuracy(plain, x, y, test_idx) < trained - 0.05
+
+
+def test_stale_plain_model_still_fails_check_and_is_repaired(never_updated_models, one_thread):
+    import copy
+
+    from bncal import inspect_model, recalibrate
+    from bncal.check_torch import check_torch
+
+    models, x, y, calib, held, test_idx = never_updated_models
+    model = copy.deepcopy(models[False])
+    stale = _accuracy(model, x, y, test_idx)
+    assert [f.severity for f in inspect_model(model).by_rule("BN001")] == ["error"]
+    before = check_torch(model, held)
+    assert not before.passed and "recalibrate them" in before.reasons[0]
+    recalibrate(model, calib)
+    assert _accuracy(model, x, y, test_idx) > stale + 0.1
+    after = check_torch(model, held)
+    assert after.passed, after.table()

@@ -71,7 +71,9 @@ VARIANTS = {
     "conv1d": ((7, 3), lambda: layers.Conv1D(4, 3), {}),
     "conv3d": ((4, 4, 4, 2), lambda: layers.Conv3D(4, 2), {}),
     "no-center-no-scale": ((6, 6, 3), lambda: layers.Conv2D(4, 3), {"center": False, "scale": False}),
-    "renorm": ((6, 6, 3), lambda: layers.Conv2D(4, 3), {"renorm": True}),
+    # Clipped to r = 1, d = 0 its training forward is plain BN (unclipped, see test_keras_renorm.py).
+    "renorm": ((6, 6, 3), lambda: layers.Conv2D(4, 3),
+               {"renorm": True, "renorm_clipping": {"rmin": 1.0, "rmax": 1.0, "dmax": 0.0}}),
     "synchronized": ((6, 6, 3), lambda: layers.Conv2D(4, 3), {}),
 }
 

@@ -12,7 +12,10 @@ thresholds and the table the same. Per batch the model runs twice, eagerly:
 Per layer the moving statistics are compared with those population statistics; per model
 output, inference with train mode, judged against train mode on a second batching of the same
 samples (:class:`bncal.check.PairedOutputs`, as in the ONNX check). A ``trainable=False`` layer (Keras runs it in inference
-mode in training too) keeps its moving statistics in both runs and is listed as skipped.
+mode in training too) keeps its moving statistics in both runs and is listed as skipped. A
+``renorm=True`` layer runs its own training forward in train mode (normalisation by its renorm
+averages where r and d are not clipped, :mod:`bncal.renorm`), and its moving statistics are
+judged against what reproduces that forward on the population, not against batch statistics.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from ..report import SkippedLayer
 from ..stats import ChannelMoments
 from ._backend import import_keras
 from ._passes import BatchNormTap, batch_pass, calibration_data, default_forward, run_forward
-from .layers import batchnorm_layers, moving_statistics, require_model
+from ..renorm import renorm_notes
+from .layers import batchnorm_layers, moving_statistics, renorm_reference, require_model
 from .recalibration import FROZEN_REASON
 
 __all__ = ["check"]
@@ -69,9 +73,11 @@ def check(
         if count < 2:
             raise BncalError(f"a batch gives BatchNormalization {name} only {count} value per channel, so train "
                              "mode is undefined; check with batches of 2 or more samples (32+ is better)")
-        return mean, var
+        reference = references.get(name)
+        return (mean, var) if reference is None else reference.training_statistics(mean, var)
 
     moving = {name: moving_statistics(bn) for name, bn in layers}
+    references = {name: renorm_reference(bn) for name, bn in layers if renorm_reference(bn) is not None}
     moments = {name: ChannelMoments.empty(moving[name].mean.shape[0]) for name, _ in layers}
     def train_outputs(inputs, index):  # a second batching's: its statistics are not merged
         with BatchNormTap(layers, batch_statistics):
@@ -92,10 +98,14 @@ def check(
         if moments[name].count == 0:
             skipped.append(SkippedLayer(name, "never reached by the data: nothing to compare with"))
             continue
-        checks.append(assess_layer(name, moments[name].channels, moving[name].mean, moving[name].var, moments[name],
+        reference = references[name].training_moments(moments[name]) if name in references else moments[name]
+        checks.append(assess_layer(name, moments[name].channels, moving[name].mean, moving[name].var, reference,
                                    bn.epsilon, thresholds))
     outputs = paired.checks(thresholds) if paired else []
-    return CheckReport.from_checks(checks, outputs, skipped, thresholds, current.batches, current.samples)
+    report = CheckReport.from_checks(checks, outputs, skipped, thresholds, current.batches, current.samples)
+    report.notes += renorm_notes([(name, reference, moments[name]) for name, reference in references.items()
+                                  if moments[name].count], "check")
+    return report
 
 
 def _outputs(keras, value) -> list[np.ndarray]:

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 
 from ..errors import BncalError, one_line
-from ..inspection import NEVER_UPDATED, BNLayer, Graph, InspectReport, Node, inspect_graph, statistics_status
+from ..inspection import DEGENERATE, NEVER_UPDATED, BNLayer, Graph, InspectReport, Node, inspect_graph, statistics_status
 from ..names import fresh_name
 from ._backend import import_keras, inference_context
-from .layers import batchnorm_layers, is_batchnorm, moving_statistics, named_layers, sublayers
+from .layers import batchnorm_layers, is_batchnorm, moving_statistics, named_layers, renorm_reference, sublayers
 
 __all__ = ["inspect"]
 
@@ -87,11 +88,24 @@ def _row(name: str, bn) -> BNLayer:
         stats, detail = statistics_status(moving.mean, moving.var, None)
         if stats == NEVER_UPDATED:
             detail = "moving mean all 0 and moving variance all 1 (initial values)"
+        reference = renorm_reference(bn)
+        if reference is not None and stats != DEGENERATE and _initial_renorm(bn):
+            # A renorm training step rewrites the variance from an unmoved moving stddev of 1: 1 - epsilon.
+            stats, detail = NEVER_UPDATED, "moving mean all 0 and moving stddev all 1 (initial values)"
+        renorm_moved = reference is not None and not (np.all(reference.mean == 0) and np.all(reference.std == 1))
         channels = int(moving.mean.shape[0])
     momentum = float(bn.momentum)
     return BNLayer(name=name, type=type(bn).__name__, channels=channels, momentum_torch=1.0 - momentum,
                    momentum_tf=momentum, affine=bool(bn.center), track_running_stats=True, eps=float(bn.epsilon),
-                   stats=stats, stats_detail=detail, renorm=bool(getattr(bn, "renorm", False)))
+                   stats=stats, stats_detail=detail, renorm=bool(getattr(bn, "renorm", False)),
+                   renorm_averages_moved=bool(renorm_moved))
+
+
+def _initial_renorm(bn) -> bool:
+    """A renorm layer's moving statistics at their initial values: mean 0, stddev 1."""
+    keras = import_keras()
+    value = lambda v: np.asarray(keras.ops.convert_to_numpy(v), np.float64)
+    return bool(np.all(value(bn.moving_mean) == 0) and np.all(value(bn.moving_stddev) == 1))
 
 
 def _is_functional(model) -> bool:

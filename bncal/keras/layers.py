@@ -16,7 +16,7 @@ from ..report import LayerStats
 from ._backend import import_keras
 
 __all__ = ["sublayers", "named_layers", "batchnorm_layers", "is_batchnorm", "moving_statistics",
-           "statistics_variables", "require_model"]
+           "statistics_variables", "require_model", "renorm_reference"]
 
 
 def sublayers(layer) -> list:
@@ -60,6 +60,23 @@ def statistics_variables(bn) -> list:
     if getattr(bn, "renorm", False) and getattr(bn, "moving_stddev", None) is not None:
         variables.append(bn.moving_stddev)
     return variables
+
+
+def renorm_reference(bn):
+    """A ``renorm=True`` layer's :class:`bncal.renorm.RenormReference` (``renorm_mean``,
+    ``renorm_stddev`` floored at ``sqrt(epsilon)`` as Keras's training forward floors it, the
+    ``renorm_clipping`` bounds); None for any other layer."""
+    if not getattr(bn, "renorm", False) or getattr(bn, "renorm_mean", None) is None:
+        return None
+    from ..renorm import RenormReference
+
+    keras = import_keras()
+    value = lambda v: np.asarray(keras.ops.convert_to_numpy(v), np.float64).reshape(-1)
+    eps = float(bn.epsilon)
+    clipping = bn.renorm_clipping or {}
+    bound = lambda key, default: default if clipping.get(key) is None else float(clipping[key])
+    return RenormReference(mean=value(bn.renorm_mean), std=np.maximum(value(bn.renorm_stddev), np.sqrt(eps)),
+                           eps=eps, rmin=bound("rmin", 0.0), rmax=bound("rmax", np.inf), dmax=bound("dmax", np.inf))
 
 
 def moving_statistics(bn) -> LayerStats:

@@ -16,10 +16,12 @@ Keras conventions met here:
 - Keras's momentum (0.99 default, ``moving = momentum * moving + (1 - momentum) * batch``) is
   not used: the statistics are computed, not averaged. Momenta, weights and ``trainable``
   flags are left as they were.
-- ``renorm=True`` layers: ``moving_mean``/``moving_variance`` are their inference statistics;
-  ``moving_stddev`` is set to ``sqrt(variance + epsilon)``, from which Keras derives the
-  moving variance at the next renorm training step. ``renorm_mean``/``renorm_stddev`` (the
-  training-time references of the renorm correction) are left alone.
+- ``renorm=True`` layers: their training forward normalised with the renorm averages
+  (``renorm_mean``/``renorm_stddev``) wherever r and d were not clipped (:mod:`bncal.renorm`), so
+  every pass runs that forward, and ``moving_mean``/``moving_variance`` receive the statistics
+  that reproduce it on the population (the renorm averages where unclipped); ``moving_stddev``
+  is set to ``sqrt(variance + epsilon)``, from which Keras derives the moving variance at the
+  next renorm training step. ``renorm_mean``/``renorm_stddev`` are left alone.
 - ``synchronized=True`` layers are recalibrated like the others: this process sees every
   calibration sample, so there is nothing to synchronise.
 - A layer with ``trainable=False`` is skipped: Keras runs a frozen BatchNormalization in
@@ -39,7 +41,8 @@ from ..report import RecalibrationReport, SkippedLayer
 from ..stats import anchored_statistics, fixed_point_passes
 from ._backend import import_keras
 from ._passes import BatchNormTap, batch_pass, calibration_data, default_forward, run_forward
-from .layers import batchnorm_layers, moving_statistics, require_model
+from ..renorm import renorm_notes
+from .layers import batchnorm_layers, moving_statistics, renorm_reference, require_model
 
 __all__ = ["recalibrate", "FROZEN_REASON"]
 
@@ -106,8 +109,9 @@ def recalibrate(
         raise BncalError(f"the model has no BatchNormalization layer to recalibrate{detail}")
 
     before = {name: moving_statistics(bn) for name, bn in layers}
+    references = {name: renorm_reference(bn) for name, bn in layers if renorm_reference(bn) is not None}
     run = _Run(model, layers, source, forward_fn or default_forward, max_samples, progress,
-               one_value_ok=(mode == "eval"))
+               one_value_ok=(mode == "eval"), references=references)
     moments, passes, converged, change = fixed_point_passes(
         run.train_pass, run.eval_pass, mode=mode, tol=tol, max_passes=max_passes)
     for name, m in moments.items():
@@ -119,10 +123,13 @@ def recalibrate(
         if m is None or m.count == 0:
             skipped.append(SkippedLayer(name, NEVER_REACHED))
             continue
-        _write(bn, m.mean, m.variance)
-        results.append(LayerResult(name, before[name], m, bn.epsilon, run.calls_per_forward.get(name, 0)))
+        written = references[name].training_moments(m) if name in references else m
+        _write(bn, written.mean, written.variance)
+        results.append(LayerResult(name, before[name], written, bn.epsilon, run.calls_per_forward.get(name, 0)))
+    notes = run.order.notes + renorm_notes([(name, reference, moments[name]) for name, reference in references.items()
+                                            if name in moments], "recalibrate")
     return build_report(mode=mode, layers=results, skipped=skipped, batches=run.batches, samples=run.samples,
-                        passes=passes, converged=converged, max_rel_change=change, notes=run.order.notes)
+                        passes=passes, converged=converged, max_rel_change=change, notes=notes)
 
 
 def _write(bn, mean, variance) -> None:
@@ -136,8 +143,9 @@ def _write(bn, mean, variance) -> None:
 class _Run:
     """The passes of one recalibration over ``source()``."""
 
-    def __init__(self, model, layers, source, forward_fn, max_samples, progress, one_value_ok):
+    def __init__(self, model, layers, source, forward_fn, max_samples, progress, one_value_ok, references):
         self.model, self.layers, self.source = model, layers, source
+        self.references = references  # renorm layers: every pass runs their training forward
         self.one_value_ok = one_value_ok  # eval mode only starts from the train pass: any start will do
         self.forward_fn, self.max_samples, self.progress = forward_fn, max_samples, progress
         self.eps = {name: bn.epsilon for name, bn in layers}
@@ -153,8 +161,14 @@ class _Run:
                 raise BncalError(f"a batch gives BatchNormalization {name} only {count} value per channel, so its "
                                  "batch statistics are undefined in mode 'train'; use batches of 2 or more samples, "
                                  "or mode 'eval'")
-            return mean, var
+            return self._training_forward(name, mean, var)
         return self._pass(batch_statistics)[0]
+
+    def _training_forward(self, name, mean, var):
+        """The statistics layer ``name`` normalises with on data of ``(mean, var)``: those, or a
+        renorm layer's training statistics (:mod:`bncal.renorm`)."""
+        reference = self.references.get(name)
+        return (mean, var) if reference is None else reference.training_statistics(mean, var)
 
     def eval_pass(self, stats):
         """Moments of every BN input with every BN normalising with ``stats``; anchored
@@ -170,8 +184,9 @@ class _Run:
             calls = previous.get(name, [])
             if state["anchored"] and call < len(calls):
                 _, previous_mean, previous_var = calls[call]
-                return anchored_statistics(base_mean, base_var, mean, var, previous_mean, previous_var, self.eps[name])
-            return base_mean, base_var
+                base_mean, base_var = anchored_statistics(base_mean, base_var, mean, var, previous_mean, previous_var,
+                                                          self.eps[name])
+            return self._training_forward(name, base_mean, base_var)
 
         def before_batch(index, fingerprint):
             state["anchored"] = self.order.anchored(index, fingerprint)
