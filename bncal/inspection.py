@@ -38,6 +38,7 @@ deciding what is "directly" before or after a BN.
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from collections import deque
 from pathlib import Path
@@ -85,6 +86,7 @@ NEVER_UPDATED = "never updated"
 DEGENERATE = "degenerate"
 NOT_TRACKED = "not tracked"
 NOT_CONSTANT = "not constant"
+FROZEN = "frozen"
 
 
 @dataclasses.dataclass
@@ -109,6 +111,8 @@ class BNLayer:
     (no running statistics) or ``"not constant"`` (ONNX statistics that are not initializers); ``stats_detail`` says why. ``fold`` is
     ``"into <target>"`` or ``"no: <reason>"`` when fold decisions were given.
     ``num_batches_tracked`` is PyTorch's counter (None where there is none, as in ONNX).
+    ``frozen``: a frozen BN (torchvision's or timm's ``FrozenBatchNorm2d``): fixed statistics
+    and affine that no training or recalibration changes; ``stats`` is then ``"frozen"``.
     ``momentum_zero_signal``: the statistics still hold their initial values although the counter
     says training ran batches (PyTorch counts batches even at momentum 0): the updates were
     discarded, i.e. the momentum was 0 during training, or the statistics were reset afterwards.
@@ -130,6 +134,7 @@ class BNLayer:
     num_batches_tracked: int | None = None
     momentum_zero_signal: bool = False
     momentum_absent: bool = False
+    frozen: bool = False
 
 
 @dataclasses.dataclass(repr=False)
@@ -171,8 +176,9 @@ class InspectReport(ReportDisplay):
     def table(self) -> str:
         """The layer table, then one block per finding, then the notes."""
         rows = [(l.name, l.type, l.channels,
-                 "absent" if l.momentum_absent else "cumulative" if l.momentum_torch is None else l.momentum_torch,
-                 "absent" if l.momentum_absent else l.momentum_tf, "yes" if l.affine else "no",
+                 "-" if l.frozen else "absent" if l.momentum_absent else
+                 "cumulative" if l.momentum_torch is None else l.momentum_torch,
+                 "-" if l.frozen else "absent" if l.momentum_absent else l.momentum_tf, "yes" if l.affine else "no",
                  "yes" if l.track_running_stats else "no", l.eps,
                  l.stats + (f" ({l.num_batches_tracked} batches tracked)" if l.momentum_zero_signal else ""),
                  l.fold) for l in self.layers]
@@ -195,7 +201,9 @@ class InspectReport(ReportDisplay):
 
 @dataclasses.dataclass
 class Node:
-    """``kind``: bn, act, dropout, pass (shape-only), output, other. ``inputs[0]`` is the data.
+    """``kind``: bn, act, dropout, pass (shape-only), linear (Conv, ConvTranspose, Gemm/MatMul,
+    Linear/Dense: an op that can absorb a per-channel affine of its input), output, other.
+    ``inputs[0]`` is the data.
 
     Every front end (PyTorch, ONNX, Keras in :mod:`bncal.keras`) reduces a model to these nodes
     and :class:`BNLayer` rows, and :func:`inspect_graph` runs the same rules on them.
@@ -284,6 +292,7 @@ def statistics_status(mean: np.ndarray, var: np.ndarray, counter: int | None) ->
 _ONNX_ACTS = {"Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "Sigmoid", "HardSigmoid",
               "HardSwish", "Tanh", "Softplus", "Softsign", "Mish", "ThresholdedRelu", "Clip"}
 _ONNX_PASS = {"Flatten", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Transpose"}
+_ONNX_LINEAR = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 
 
 def _onnx_constants(graph) -> dict:
@@ -328,6 +337,8 @@ def _onnx_graph_and_layers(model) -> tuple[Graph, list[BNLayer]]:
             kind = "act"
         elif node.op_type in _ONNX_PASS:
             kind = "pass"
+        elif node.op_type in _ONNX_LINEAR:
+            kind = "linear"
         elif node.op_type == "Dropout":
             ratio = constants.get(node.input[1]) if len(node.input) > 1 and node.input[1] else None
             if ratio is None:
@@ -471,7 +482,7 @@ def _statistics_findings(layers: list[BNLayer], source: str) -> list[Finding]:
             f"re-estimate the statistics ({words.recalibrate}); if it recurs, look for dead "
             "channels or overflow in the layers before"))
     # An ONNX inference graph's momentum attribute is inert (exporters write 1 for momentum=None).
-    frozen = [l for l in layers if l.track_running_stats and l.momentum_torch == 0
+    frozen = [l for l in layers if l.track_running_stats and l.momentum_torch == 0 and not l.frozen
               and (source != "onnx" or l.training_mode)]
     if frozen:
         findings.append(Finding(
@@ -511,7 +522,7 @@ def _momentum_findings(layers, batch_size, dataset_size, epochs, notes, source: 
     groups: dict = {}
     for layer in layers:
         if (not layer.track_running_stats or layer.momentum_torch == 0 or layer.training_mode
-                or layer.momentum_absent):
+                or layer.momentum_absent or layer.frozen):
             continue
         # PyTorch's cumulative average (momentum None) spans the whole run.
         window = suggestion.total_steps if layer.momentum_torch is None else 1.0 / layer.momentum_torch
@@ -545,8 +556,10 @@ def _graph_findings(graph: Graph, layers: dict[str, BNLayer], source: str) -> li
         producer = graph.producer(node.key)
         consumers = graph.consumers(node.key)
         act_consumers = [c for c in consumers if c.kind == "act"]
-        if (layer.affine and producer is not None and producer.kind == "act" and consumers
-                and not act_consumers and all(c.kind == "other" for c in consumers)
+        # Only a single linear consumer absorbs the affine: a sum with other branches (RepVGG's
+        # identity branch) or a second reader would see the output without it.
+        if (layer.affine and not layer.frozen and producer is not None and producer.kind == "act"
+                and len(consumers) == 1 and consumers[0].kind == "linear"
                 and ("BN020", layer.name) not in seen):
             seen.add(("BN020", layer.name))
             findings.append(Finding(
@@ -577,7 +590,7 @@ def _graph_findings(graph: Graph, layers: dict[str, BNLayer], source: str) -> li
 
 
 def _small_batch_findings(layers: list[BNLayer], batch_size: int, source: str) -> list[Finding]:
-    plain = [l.name for l in layers if not l.renorm and l.track_running_stats]
+    plain = [l.name for l in layers if not l.renorm and l.track_running_stats and not l.frozen]
     if not plain:
         return []
     return [Finding(
@@ -605,9 +618,15 @@ def _fold_findings(decisions: list[FoldDecision], layers: list[BNLayer], notes) 
     if unknown:
         notes.append(f"fold decisions name layers that are not BNs of this model: {_list(unknown)}")
     return [Finding("BN050", "info", names, f"{_list(names)} cannot be folded: {reason}",
-                    "keep it as a standalone BatchNormalization (latency, not accuracy), or place it "
-                    "directly after a Conv/Linear so it can be folded")
+                    "keep it as a standalone BatchNormalization (latency, not accuracy), or "
+                    + ("place it directly after a Conv/Linear so it can be folded" if _misplaced(reason)
+                       else "remove what the reason names so that it can be folded"))
             for reason, names in refusals.items()]
+
+
+def _misplaced(reason: str) -> bool:
+    """Whether a fold refusal says that no foldable op precedes the BN (not what blocks a fold)."""
+    return re.search(r"preceding: its input (comes from \S+, not Conv|'[^']*' is not produced by an op)", reason) is not None
 
 
 def _lowered_findings(lowered) -> list[Finding]:
@@ -711,6 +730,11 @@ def inspect_graph(source: str, graph: Graph, layers: list[BNLayer], *, graph_sou
     """
     notes = list(notes or [])
     findings: list[Finding] = []
+    frozen = [l.name for l in layers if l.frozen]
+    if frozen:
+        notes.append(f"{_list(frozen)} {'are frozen BatchNorms' if len(frozen) > 1 else 'is a frozen BatchNorm'}: "
+                     "fixed statistics (they fold like any BN) that cannot be recalibrated; "
+                     "bncal.unfreeze_batchnorm turns them into BatchNorm2d to recalibrate them")
     if not layers:
         notes.append("the model has no BatchNorm layers" + (" (BatchNormalization nodes)" if lowered else ""))
     findings += _lowered_findings(lowered)

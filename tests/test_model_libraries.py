@@ -132,3 +132,38 @@ def test_unfreeze_and_sync_to_batchnorm_keep_eval_outputs():
     with torch.no_grad():
         torch.testing.assert_close(plain.eval()(x), net.eval()(x), rtol=1e-5, atol=1e-5)
     assert is_frozen_batchnorm(net[3])  # the input is never modified
+
+
+class _RepVGGBlock(nn.Module):
+    """RepVGG's training-time block: 3x3 conv + BN, 1x1 conv + BN and an identity BN, summed, then ReLU."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv3, self.bn3 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)
+        self.identity = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(self.bn3(self.conv3(x)) + self.bn1(self.conv1(x)) + self.identity(x))
+
+
+def test_inspect_lists_frozen_bn_and_agrees_with_the_fold():
+    from bncal.folding import analyze_foldability
+
+    net = nn.Sequential(_library_net(), nn.Conv2d(4, 4, 1), nn.ReLU(), _RepVGGBlock(4), nn.ReLU(),
+                        nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
+    randomize(net, seed=4)
+    x = torch.randn(2, 3, 8, 8)
+    report = bncal.inspect_model(net, fold_decisions=analyze_foldability(net, x))
+    rows = {l.name: l for l in report.layers}
+    frozen = rows["0.3"]
+    assert frozen.type == "FrozenBatchNorm2d" and frozen.frozen and frozen.stats == "frozen"
+    assert "cannot be recalibrated" in frozen.stats_detail and rows["0.6"].frozen
+    assert any("0.3, 0.6 are frozen BatchNorms" in n for n in report.notes)
+    # Every BN-with-activation and frozen BN folds, so inspect says so; RepVGG's identity BN does not.
+    assert all(rows[n].fold == f"into 0.{int(n[2:]) - 1}" for n in ("0.1", "0.3", "0.6", "0.8"))
+    (bn050,) = report.by_rule("BN050")
+    assert bn050.layers == ["3.identity"] and "remove what the reason names" not in bn050.fix
+    # BN020 only where one linear layer absorbs the affine: not on the identity branch summed with two others.
+    assert [f.layers for f in report.by_rule("BN020")] == [["5"]]
+    assert report.by_rule("BN001") == report.by_rule("BN010") == []
