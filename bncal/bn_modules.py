@@ -26,12 +26,10 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .frozen import FROZEN_NOTE, is_frozen_class_name
+
 __all__ = ["is_frozen_batchnorm", "activation_split", "frozen_batchnorm_layers", "describe_frozen",
            "unfreeze_batchnorm", "sync_to_batchnorm", "FROZEN_NOTE"]
-
-#: Why a frozen BN is not recalibrated, worded once for every report.
-FROZEN_NOTE = ("a frozen BatchNorm: its statistics are fixed constants (it has no training mode), so they cannot be "
-               "recalibrated; convert it with bncal.unfreeze_batchnorm to recalibrate it")
 
 # timm's classes, which document their split in their source rather than with the attribute.
 _TIMM_ACTIVATION_CLASSES = {"BatchNormAct1d", "BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d"}
@@ -41,7 +39,7 @@ _FROZEN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
 def is_frozen_batchnorm(module: nn.Module) -> bool:
     """True for a frozen BN (see the module docstring): a ``FrozenBatchNorm*`` class that is not an
     ``nn.BatchNorm`` and holds the four statistics as buffers of one length, and a numeric ``eps``."""
-    if isinstance(module, _BatchNorm) or not type(module).__name__.startswith("FrozenBatchNorm"):
+    if isinstance(module, _BatchNorm) or not is_frozen_class_name(type(module).__name__):
         return False
     buffers = dict(module.named_buffers(recurse=False))
     if not all(isinstance(buffers.get(name), torch.Tensor) for name in _FROZEN_BUFFERS):

@@ -47,6 +47,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from .errors import BncalError, one_line
+from .frozen import FROZEN_NOTE, frozen_origin
 from .names import onnx_batchnorm_names
 from .onnx_graphs import node_attribute
 from .momentum import InverseDecayMomentum, suggest_momentum
@@ -370,10 +371,18 @@ def _onnx_layer(name: str, node, constants: dict) -> BNLayer:
     # An affine=False PyTorch BN exports scale 1 and bias 0: that is no scale/shift at all.
     affine = not (scale is not None and bias is not None and np.all(scale == 1) and np.all(bias == 0))
     channels = next((int(np.asarray(t).size) for t in (scale, mean) if t is not None), None)
+    if (origin := frozen_origin(node)) is not None:
+        return frozen_layer(name, origin[0], channels, float(node_attribute(node, "epsilon", 1e-5)))
     return BNLayer(name=name, type="BatchNormalization", channels=channels,
                    momentum_torch=None if momentum_tf is None else 1.0 - momentum_tf, momentum_tf=momentum_tf,
                    affine=affine, track_running_stats=True, eps=float(node_attribute(node, "epsilon", 1e-5)),
                    stats=stats, stats_detail=detail, training_mode=training, momentum_absent=momentum is None)
+
+
+def frozen_layer(name: str, cls: str, channels: int | None, eps: float) -> BNLayer:
+    """The row of a frozen BN (PyTorch's, or exported from one): fixed statistics, no momentum."""
+    return BNLayer(name=name, type=cls, channels=channels, momentum_torch=None, momentum_tf=None, affine=True,
+                   track_running_stats=True, eps=eps, stats=FROZEN, stats_detail=FROZEN_NOTE, frozen=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -701,6 +710,9 @@ def inspect_model(model, *, batch_size: int | None = None, dataset_size: int | N
         source, graph_source = "onnx", "onnx"
         graph, layers = _onnx_graph_and_layers(model)
         lowered = find_lowered_normalisations(model)
+        # A frozen BN exported from PyTorch is a BN row of its own, not a converter's lowering.
+        layers += [frozen_layer(l.name, l.frozen, l.channels, float("nan")) for l in lowered if l.frozen]
+        lowered = [l for l in lowered if not l.frozen]
     else:
         raise BncalError(f"cannot inspect a {type(model).__name__}; give a torch.nn.Module or an ONNX model")
 

@@ -15,9 +15,9 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from torch.nn.modules.conv import _ConvNd
 
-from .bn_modules import FROZEN_NOTE, activation_split, is_frozen_batchnorm
+from .bn_modules import activation_split, is_frozen_batchnorm
 from .errors import one_line
-from .inspection import FROZEN, NEVER_UPDATED, NOT_TRACKED, BNLayer, Graph, Node, statistics_status
+from .inspection import NEVER_UPDATED, NOT_TRACKED, BNLayer, Graph, Node, frozen_layer, statistics_status
 
 __all__ = ["torch_layers", "torch_graph"]
 
@@ -183,10 +183,8 @@ def torch_layers(model: nn.Module) -> list[BNLayer]:
     layers = []
     for name, m in model.named_modules():
         if is_frozen_batchnorm(m):
-            layers.append(BNLayer(
-                name=name or type(m).__name__, type=type(m).__name__, channels=int(m.running_mean.shape[0]),
-                momentum_torch=None, momentum_tf=None, affine=True, track_running_stats=True, eps=float(m.eps),
-                stats=FROZEN, stats_detail=FROZEN_NOTE, frozen=True))
+            layers.append(frozen_layer(name or type(m).__name__, type(m).__name__, int(m.running_mean.shape[0]),
+                                        float(m.eps)))
             continue
         if not isinstance(m, _BatchNorm):
             continue

@@ -79,6 +79,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import BncalError
+from .frozen import FROZEN_IN_GRAPH, frozen_origin
 from .names import fresh_name, onnx_batchnorm_names, subgraphs
 
 __all__ = ["BNInfo", "FORMS", "find_batchnorms", "make_train_graph", "make_stats_graph", "write_statistics",
@@ -512,6 +513,8 @@ def _describe_bn(node, index, name, opset, initializers, producers, graph_inputs
     def skip(reason):
         return dataclasses.replace(info, skip_reason=reason)
 
+    if (origin := frozen_origin(node)) is not None:
+        return skip(FROZEN_IN_GRAPH.format(cls=origin[0]))
     if _is_training_mode(node, opset):
         return skip("already in training mode: it normalises with batch statistics and never uses moving ones")
     if not (x and mean and var):

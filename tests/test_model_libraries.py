@@ -167,3 +167,27 @@ def test_inspect_lists_frozen_bn_and_agrees_with_the_fold():
     # BN020 only where one linear layer absorbs the affine: not on the identity branch summed with two others.
     assert [f.layers for f in report.by_rule("BN020")] == [["5"]]
     assert report.by_rule("BN001") == report.by_rule("BN010") == []
+
+
+def test_frozen_bn_in_an_export_is_named_not_blamed_on_a_converter():
+    from bncal.export import export_onnx
+
+    torch.manual_seed(5)
+    net = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), FrozenBatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1),
+                                  nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), FrozenBatchNormAct2d(4)), seed=6)
+    x = torch.randn(64, 3, 6, 6)
+    bncal.recalibrate(net, [x[:32], x[32:]], mode="eval")  # the one trainable BN, exactly
+    proto = export_onnx(net, (x[:2],), keep_batchnorm=True)
+    report = bncal.check_onnx(proto, [x[:32].numpy(), x[32:].numpy()])
+    assert report.verdict == "PASSED" and not report.unchecked and [l.name for l in report.layers] == ["4"]
+    skipped = {s.name: s.reason for s in report.skipped}
+    assert set(skipped) == {"1", "7"} and all("frozen BatchNorm (FrozenBatchNorm" in r for r in skipped.values())
+    assert "converter" not in report.table()
+    inspected = bncal.inspect_model(proto)
+    assert inspected.by_rule("BN060") == []
+    assert {(l.name, l.type) for l in inspected.layers if l.frozen} == {("1", "FrozenBatchNorm2d"),
+                                                                         ("7", "FrozenBatchNormAct2d")}
+    only_frozen = export_onnx(nn.Sequential(nn.Conv2d(3, 4, 3), FrozenBatchNorm2d(4)), (x[:2],), keep_batchnorm=True)
+    with pytest.raises(BncalError, match=r"1 frozen BatchNorm layer \(1\) hold fixed statistics") as error:
+        bncal.check_onnx(only_frozen, [x.numpy()])
+    assert "converter" not in str(error.value)
