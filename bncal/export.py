@@ -272,10 +272,10 @@ def _names(model, inputs, input_names, output_names) -> tuple[list[str], list[st
     with torch.no_grad():
         try:  # counting outputs needs no arithmetic: try on the meta device first
             meta_inputs = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs)
-            outputs = _flatten(meta_clone(model)(*meta_inputs))
+            structure = meta_clone(model)(*meta_inputs)
         except Exception:
             try:
-                outputs = _flatten(model(*inputs))
+                structure = model(*inputs)
             except Exception as exc:
                 from .data import input_hint
 
@@ -287,6 +287,11 @@ def _names(model, inputs, input_names, output_names) -> tuple[list[str], list[st
         if parameters is not None and len(inputs) <= len(parameters):
             input_names = [name for name, x in zip(parameters, inputs) if isinstance(x, torch.Tensor)]
     input_names = _default_names(input_names, n_inputs, "input")
+    outputs = _flatten(structure)
+    if output_names is None:
+        output_names = _keyed_output_names(structure)
+        if output_names is not None and set(output_names) & set(input_names):
+            output_names = None  # a key that names an input too: ONNX names must be distinct
     output_names = _default_names(output_names, len(outputs), "output")
     return input_names, output_names
 
@@ -345,6 +350,29 @@ def _default_names(names, count: int, stem: str) -> list[str]:
     if len(set(names)) != len(names):
         raise BncalError(f"{stem} names must be distinct, got {names}")
     return names
+
+
+def _keyed_output_names(value) -> list[str] | None:
+    """Output names from the keys of dict outputs (``{"out": y, "aux": z}`` gives ``out``, ``aux``;
+    nested leaves join their path with ``_``, a leading position as ``output_<i>``), in
+    :func:`_flatten`'s order; None when no dict holds a tensor, or the names would repeat."""
+    paths: list[tuple] = []
+
+    def walk(v, path):
+        if isinstance(v, torch.Tensor):
+            paths.append(path)
+        elif isinstance(v, (tuple, list)):
+            for i, item in enumerate(v):
+                walk(item, (*path, i))
+        elif isinstance(v, dict):
+            for key, item in v.items():
+                walk(item, (*path, str(key)))
+
+    walk(value, ())
+    if not any(isinstance(p, str) for path in paths for p in path):
+        return None
+    names = ["_".join(map(str, ("output", *path) if isinstance(path[0], int) else path)) for path in paths]
+    return names if len(set(names)) == len(names) else None
 
 
 def _flatten(value) -> list[torch.Tensor]:

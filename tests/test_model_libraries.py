@@ -191,3 +191,27 @@ def test_frozen_bn_in_an_export_is_named_not_blamed_on_a_converter():
     with pytest.raises(BncalError, match=r"1 frozen BatchNorm layer \(1\) hold fixed statistics") as error:
         bncal.check_onnx(only_frozen, [x.numpy()])
     assert "converter" not in str(error.value)
+
+
+class _DictHead(nn.Module):
+    """A segmentation-style model returning ``{"out": ..., "aux": ...}`` (torchvision's FCN/DeepLab)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.aux = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return {"out": y, "aux": self.aux(y)}
+
+
+def test_dict_outputs_keep_their_keys_as_onnx_names():
+    from bncal.export import export_onnx
+
+    net = randomize(_DictHead()).eval()
+    x = torch.randn(2, 3, 5, 5)
+    proto = export_onnx(net, (x,), dynamo=False)
+    assert [o.name for o in proto.graph.output] == ["out", "aux"]
+    folded, report = bncal.fold_export_torch(net, (x,))
+    assert report.passed and [o.name for o in folded.graph.outputs] == ["out", "aux"]
