@@ -663,8 +663,10 @@ def check_onnx(
         detail = f" ({'; '.join(f'{s.name}: {s.reason}' for s in skipped)})" if skipped else ""
         raise BncalError(f"the model has no inference BatchNormalization to check{detail}"
                          f"{no_batchnorm_hint(model, 'checked')}")
+    lowered = find_lowered_normalisations(model)
     unchecked = [SkippedLayer(l.name, f"{l.describe()}: {l.reason}, its statistics folded into constants")
-                 for l in find_lowered_normalisations(model)]
+                 for l in lowered if not l.frozen]
+    skipped += [SkippedLayer(l.name, f"{l.describe()}: {l.reason}") for l in lowered if l.frozen]
     stream = BatchStream(model, select_inputs(batches, inputs), reread=False, max_samples=max_samples,
                          progress=progress)
     composition = BatchComposition()

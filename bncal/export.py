@@ -283,12 +283,16 @@ def _names(model, inputs, input_names, output_names) -> tuple[list[str], list[st
                     f"the model failed on the example inputs: {one_line(exc)}; pass inputs of the shape and "
                     f"dtype the model expects{input_hint(inputs, one_line(exc))}") from exc
     _refuse_missing_outputs(returned)
-    outputs = _flatten(returned)
     if input_names is None and n_inputs > 1:
         parameters = forward_parameter_names(model)
         if parameters is not None and len(inputs) <= len(parameters):
             input_names = [name for name, x in zip(parameters, inputs) if isinstance(x, torch.Tensor)]
     input_names = _default_names(input_names, n_inputs, "input")
+    outputs = _flatten(returned)
+    if output_names is None:
+        output_names = _keyed_output_names(returned)
+        if output_names is not None and set(output_names) & set(input_names):
+            output_names = None  # a key that names an input too: ONNX names must be distinct
     output_names = _default_names(output_names, len(outputs), "output")
     return input_names, output_names
 
@@ -366,6 +370,29 @@ def _default_names(names, count: int, stem: str) -> list[str]:
     if len(set(names)) != len(names):
         raise BncalError(f"{stem} names must be distinct, got {names}")
     return names
+
+
+def _keyed_output_names(value) -> list[str] | None:
+    """Output names from the keys of dict outputs (``{"out": y, "aux": z}`` gives ``out``, ``aux``;
+    nested leaves join their path with ``_``, a leading position as ``output_<i>``), in
+    :func:`_flatten`'s order; None when no dict holds a tensor, or the names would repeat."""
+    paths: list[tuple] = []
+
+    def walk(v, path):
+        if isinstance(v, torch.Tensor):
+            paths.append(path)
+        elif isinstance(v, (tuple, list)):
+            for i, item in enumerate(v):
+                walk(item, (*path, i))
+        elif isinstance(v, dict):
+            for key, item in v.items():
+                walk(item, (*path, str(key)))
+
+    walk(value, ())
+    if not any(isinstance(p, str) for path in paths for p in path):
+        return None
+    names = ["_".join(map(str, ("output", *path) if isinstance(path[0], int) else path)) for path in paths]
+    return names if len(set(names)) == len(names) else None
 
 
 def _flatten(value) -> list[torch.Tensor]:

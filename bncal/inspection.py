@@ -41,6 +41,7 @@ deciding what is "directly" before or after a BN.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import deque
 from pathlib import Path
 from typing import Callable, Iterable
@@ -49,6 +50,7 @@ import numpy as np
 
 from .errors import BncalError, one_line
 from .extras import is_torch_module
+from .frozen import FROZEN_NOTE
 from .onnx_view import node_attribute
 from .momentum import InverseDecayMomentum, suggest_momentum
 from .report import FoldDecision, ReportDisplay, format_table, plural
@@ -87,6 +89,7 @@ NEVER_UPDATED = "never updated"
 DEGENERATE = "degenerate"
 NOT_TRACKED = "not tracked"
 NOT_CONSTANT = "not constant"
+FROZEN = "frozen"
 
 
 @dataclasses.dataclass
@@ -114,6 +117,8 @@ class BNLayer:
     ``renorm_averages_moved``: a Keras renorm layer whose ``renorm_mean``/``renorm_stddev`` (the
     averages its training forward normalised with) left their initial values (PyTorch's
     :mod:`bncal.nn` layers keep one set, the running statistics).
+    ``frozen``: a frozen BN (torchvision's or timm's ``FrozenBatchNorm2d``): fixed statistics
+    and affine that no training or recalibration changes; ``stats`` is then ``"frozen"``.
     ``momentum_zero_signal``: the statistics still hold their initial values although the counter
     says training ran batches (PyTorch counts batches even at momentum 0): the updates were
     discarded, i.e. the momentum was 0 during training, or the statistics were reset afterwards.
@@ -136,6 +141,7 @@ class BNLayer:
     momentum_zero_signal: bool = False
     momentum_absent: bool = False
     renorm_averages_moved: bool = False
+    frozen: bool = False
 
 
 @dataclasses.dataclass(repr=False)
@@ -177,8 +183,9 @@ class InspectReport(ReportDisplay):
     def table(self) -> str:
         """The layer table, then one block per finding, then the notes."""
         rows = [(l.name, l.type, l.channels,
-                 "absent" if l.momentum_absent else "cumulative" if l.momentum_torch is None else l.momentum_torch,
-                 "absent" if l.momentum_absent else l.momentum_tf, "yes" if l.affine else "no",
+                 "-" if l.frozen else "absent" if l.momentum_absent else
+                 "cumulative" if l.momentum_torch is None else l.momentum_torch,
+                 "-" if l.frozen else "absent" if l.momentum_absent else l.momentum_tf, "yes" if l.affine else "no",
                  "yes" if l.track_running_stats else "no", l.eps,
                  l.stats + (f" ({l.num_batches_tracked} batches tracked)" if l.momentum_zero_signal else ""),
                  l.fold) for l in self.layers]
@@ -201,7 +208,9 @@ class InspectReport(ReportDisplay):
 
 @dataclasses.dataclass
 class Node:
-    """``kind``: bn, act, dropout, pass (shape-only), output, other. ``inputs[0]`` is the data.
+    """``kind``: bn, act, dropout, pass (shape-only), linear (Conv, ConvTranspose, Gemm/MatMul,
+    Linear/Dense: an op that can absorb a per-channel affine of its input), output, other.
+    ``inputs[0]`` is the data.
 
     Every front end (PyTorch, ONNX, Keras in :mod:`bncal.keras`) reduces a model to these nodes
     and :class:`BNLayer` rows, and :func:`inspect_graph` runs the same rules on them.
@@ -290,6 +299,7 @@ def statistics_status(mean: np.ndarray, var: np.ndarray, counter: int | None) ->
 _ONNX_ACTS = {"Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "Sigmoid", "HardSigmoid",
               "HardSwish", "Tanh", "Softplus", "Softsign", "Mish", "ThresholdedRelu", "Clip"}
 _ONNX_PASS = {"Flatten", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Transpose"}
+_ONNX_LINEAR = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 
 
 def _onnx_graph_and_layers(model) -> tuple[Graph, list[BNLayer]]:
@@ -322,6 +332,8 @@ def _onnx_graph_and_layers(model) -> tuple[Graph, list[BNLayer]]:
             kind = "act"
         elif node.op_type in _ONNX_PASS:
             kind = "pass"
+        elif node.op_type in _ONNX_LINEAR:
+            kind = "linear"
         elif node.op_type == "Dropout":
             ratio = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
             if ratio is None:
@@ -351,11 +363,19 @@ def _onnx_layer(info) -> BNLayer:
         stats, detail = NOT_CONSTANT, "mean or variance is computed in the graph, not stored as a constant"
     # An affine=False PyTorch BN exports scale 1 and bias 0: that is no scale/shift at all.
     affine = not (scale is not None and bias is not None and np.all(scale == 1) and np.all(bias == 0))
+    if info.frozen_class is not None:
+        return frozen_layer(info.name, info.frozen_class, info.channels or None, info.epsilon)
     return BNLayer(name=info.name, type="BatchNormalization", channels=info.channels or None,
                    momentum_torch=None if momentum_tf is None else 1.0 - momentum_tf, momentum_tf=momentum_tf,
                    affine=affine, track_running_stats=True, eps=info.epsilon,
                    stats=stats, stats_detail=detail, training_mode=info.training_mode,
                    momentum_absent=momentum_tf is None)
+
+
+def frozen_layer(name: str, cls: str, channels: int | None, eps: float) -> BNLayer:
+    """The row of a frozen BN (PyTorch's, or exported from one): fixed statistics, no momentum."""
+    return BNLayer(name=name, type=cls, channels=channels, momentum_torch=None, momentum_tf=None, affine=True,
+                   track_running_stats=True, eps=eps, stats=FROZEN, stats_detail=FROZEN_NOTE, frozen=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,7 +499,7 @@ def _statistics_findings(layers: list[BNLayer], source: str) -> list[Finding]:
             f"re-estimate the statistics ({words.recalibrate}); if it recurs, look for dead "
             "channels or overflow in the layers before"))
     # An ONNX inference graph's momentum attribute is inert (exporters write 1 for momentum=None).
-    frozen = [l for l in layers if l.track_running_stats and l.momentum_torch == 0
+    frozen = [l for l in layers if l.track_running_stats and l.momentum_torch == 0 and not l.frozen
               and (source != "onnx" or l.training_mode)]
     if frozen:
         findings.append(Finding(
@@ -519,7 +539,7 @@ def _momentum_findings(layers, batch_size, dataset_size, epochs, notes, source: 
     groups: dict = {}
     for layer in layers:
         if (not layer.track_running_stats or layer.momentum_torch == 0 or layer.training_mode
-                or layer.momentum_absent):
+                or layer.momentum_absent or layer.frozen):
             continue
         # PyTorch's cumulative average (momentum None) spans the whole run.
         window = suggestion.total_steps if layer.momentum_torch is None else 1.0 / layer.momentum_torch
@@ -553,8 +573,10 @@ def _graph_findings(graph: Graph, layers: dict[str, BNLayer], source: str) -> li
         producer = graph.producer(node.key)
         consumers = graph.consumers(node.key)
         act_consumers = [c for c in consumers if c.kind == "act"]
-        if (layer.affine and producer is not None and producer.kind == "act" and consumers
-                and not act_consumers and all(c.kind == "other" for c in consumers)
+        # Only a single linear consumer absorbs the affine: a sum with other branches (RepVGG's
+        # identity branch) or a second reader would see the output without it.
+        if (layer.affine and not layer.frozen and producer is not None and producer.kind == "act"
+                and len(consumers) == 1 and consumers[0].kind == "linear"
                 and ("BN020", layer.name) not in seen):
             seen.add(("BN020", layer.name))
             findings.append(Finding(
@@ -585,7 +607,7 @@ def _graph_findings(graph: Graph, layers: dict[str, BNLayer], source: str) -> li
 
 
 def _small_batch_findings(layers: list[BNLayer], batch_size: int, source: str) -> list[Finding]:
-    plain = [l.name for l in layers if not l.renorm and l.track_running_stats]
+    plain = [l.name for l in layers if not l.renorm and l.track_running_stats and not l.frozen]
     if not plain:
         return []
     return [Finding(
@@ -613,9 +635,15 @@ def _fold_findings(decisions: list[FoldDecision], layers: list[BNLayer], notes) 
     if unknown:
         notes.append(f"fold decisions name layers that are not BNs of this model: {_list(unknown)}")
     return [Finding("BN050", "info", names, f"{_list(names)} cannot be folded: {reason}",
-                    "keep it as a standalone BatchNormalization (latency, not accuracy), or place it "
-                    "directly after a Conv/Linear so it can be folded")
+                    "keep it as a standalone BatchNormalization (latency, not accuracy), or "
+                    + ("place it directly after a Conv/Linear so it can be folded" if _misplaced(reason)
+                       else "remove what the reason names so that it can be folded"))
             for reason, names in refusals.items()]
+
+
+def _misplaced(reason: str) -> bool:
+    """Whether a fold refusal says that no foldable op precedes the BN (not what blocks a fold)."""
+    return re.search(r"preceding: its input (comes from \S+, not Conv|'[^']*' is not produced by an op)", reason) is not None
 
 
 def _lowered_findings(lowered) -> list[Finding]:
@@ -684,6 +712,9 @@ def inspect_model(model, *, batch_size: int | None = None, dataset_size: int | N
         source, graph_source = "onnx", "onnx"
         graph, layers = _onnx_graph_and_layers(model)
         lowered = find_lowered_normalisations(model)
+        # A frozen BN exported from PyTorch is a BN row of its own, not a converter's lowering.
+        layers += [frozen_layer(l.name, l.frozen, l.channels, float("nan")) for l in lowered if l.frozen]
+        lowered = [l for l in lowered if not l.frozen]
     else:
         raise BncalError(f"cannot inspect a {type(model).__name__}; give a torch.nn.Module or an ONNX model")
 
@@ -713,6 +744,11 @@ def inspect_graph(source: str, graph: Graph, layers: list[BNLayer], *, graph_sou
     """
     notes = list(notes or [])
     findings: list[Finding] = []
+    frozen = [l.name for l in layers if l.frozen]
+    if frozen:
+        notes.append(f"{_list(frozen)} {'are frozen BatchNorms' if len(frozen) > 1 else 'is a frozen BatchNorm'}: "
+                     "fixed statistics (they fold like any BN) that cannot be recalibrated; "
+                     "bncal.unfreeze_batchnorm turns them into BatchNorm2d to recalibrate them")
     if not layers:
         notes.append("the model has no BatchNorm layers" + (" (BatchNormalization nodes)" if lowered else ""))
     findings += _lowered_findings(lowered)

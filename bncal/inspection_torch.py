@@ -13,8 +13,11 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
+from torch.nn.modules.conv import _ConvNd
+
+from .bn_modules import activation_split, is_frozen_batchnorm
 from .errors import one_line
-from .inspection import NEVER_UPDATED, NOT_TRACKED, BNLayer, Graph, Node, statistics_status
+from .inspection import NEVER_UPDATED, NOT_TRACKED, BNLayer, Graph, Node, frozen_layer, statistics_status
 
 __all__ = ["torch_layers", "torch_graph"]
 
@@ -32,13 +35,17 @@ _DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_
 _PASS_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity)
 _PASS_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
                    torch.transpose}
+_LINEAR_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+                     F.linear, torch.matmul}
 _PASS_METHODS = {"view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze", "permute",
                  "transpose"}
 
 
 def _module_kind(module: nn.Module) -> str:
-    if isinstance(module, _BatchNorm):
+    if isinstance(module, _BatchNorm) or is_frozen_batchnorm(module):
         return "bn"
+    if isinstance(module, (_ConvNd, nn.Linear)):
+        return "linear"
     if isinstance(module, _DropoutNd):
         return "dropout" if module.p > 0 else "pass"
     if isinstance(module, _ACT_MODULES):
@@ -72,9 +79,14 @@ def _fx_graph(model: nn.Module) -> Graph:
         inputs = [n.name for n in node.all_input_nodes]
         kind, label, layer = "other", node.name, None
         if node.op == "call_module":
-            kind = _module_kind(model.get_submodule(node.target))
+            module = model.get_submodule(node.target)
+            kind = _module_kind(module)
             label = str(node.target)
             layer = label if kind == "bn" else None
+            if kind == "bn" and activation_split(module) is not None:
+                # timm's BatchNormAct2d: its activation runs inside it, after the BN.
+                nodes.append(Node(f"{node.name}/bn", kind, label, inputs, layer))
+                kind, label, layer, inputs = "act", f"{label}.act", None, [f"{node.name}/bn"]
         elif node.op == "call_function":
             label = f"{_function_name(node.target)} ({node.name})"
             if node.target in _ACT_FUNCTIONS:
@@ -83,6 +95,8 @@ def _fx_graph(model: nn.Module) -> Graph:
                 kind = "pass" if _dropout_p_is_zero(node) else "dropout"
             elif node.target in _PASS_FUNCTIONS:
                 kind = "pass"
+            elif node.target in _LINEAR_FUNCTIONS:
+                kind = "linear"
         elif node.op == "call_method":
             label = f".{node.target}() ({node.name})"
             if node.target in _ACT_METHODS:
@@ -112,10 +126,14 @@ def _leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def _chain_graph(model: nn.Module, order: list[str]) -> Graph:
     nodes, previous = [], []
     for i, name in enumerate(order):
-        kind = _module_kind(model.get_submodule(name))
+        module = model.get_submodule(name)
+        kind = _module_kind(module)
         key = f"{name}#{i}"
         nodes.append(Node(key, kind, name, previous, name if kind == "bn" else None))
         previous = [key]
+        if kind == "bn" and activation_split(module) is not None:
+            nodes.append(Node(f"{key}/act", "act", f"{name}.act", previous))
+            previous = [f"{key}/act"]
     nodes.append(Node("output", "output", "model output", previous))
     return Graph(nodes)
 
@@ -164,6 +182,10 @@ def torch_layers(model: nn.Module) -> list[BNLayer]:
 
     layers = []
     for name, m in model.named_modules():
+        if is_frozen_batchnorm(m):
+            layers.append(frozen_layer(name or type(m).__name__, type(m).__name__, int(m.running_mean.shape[0]),
+                                        float(m.eps)))
+            continue
         if not isinstance(m, _BatchNorm):
             continue
         momentum = None if m.momentum is None else float(m.momentum)

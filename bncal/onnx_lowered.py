@@ -40,6 +40,7 @@ import re
 
 import numpy as np
 
+from .frozen import FROZEN_IN_GRAPH, frozen_origin
 from .names import fresh_name
 
 __all__ = ["LoweredNormalisation", "find_lowered_normalisations", "describe_lowered", "LOWERED_FIX",
@@ -69,7 +70,9 @@ class LoweredNormalisation:
     first node's name. ``ops``: the op types left of it (``("Sub", "Mul", "Add")``; for a scope
     alone, the op types named in it). ``after``: the linear op it follows (``"Conv conv1"``),
     if any. ``reason``: what gave it away. ``channels``: the constants' length (None for a
-    scope alone). ``nodes``: the node names (or first outputs) involved.
+    scope alone). ``nodes``: the node names (or first outputs) involved. ``frozen``: the class
+    of the PyTorch frozen BN the chain was exported from (:func:`bncal.frozen.frozen_origin`;
+    ``name`` is then its module path): no converter's lowering, but a fixed affine by design.
     """
 
     name: str
@@ -78,6 +81,7 @@ class LoweredNormalisation:
     channels: int | None = None
     after: str | None = None
     nodes: tuple[str, ...] = ()
+    frozen: str | None = None
 
     def describe(self) -> str:
         """``"bn1 (Sub -> Mul -> Add after Conv conv1)"``."""
@@ -93,15 +97,25 @@ def describe_lowered(found: list[LoweredNormalisation], limit: int = 4) -> str:
 
 def no_batchnorm_hint(model, done: str) -> str:
     """For the error of a command that found no BatchNormalization to work on (``done``:
-    "checked", "recalibrated"): ``"; it holds N normalisation layers ... fix it at the source: ..."``, or
-    ``""`` when the graph holds no recognised lowered normalisation either."""
-    found = find_lowered_normalisations(model)
-    if not found:
-        return ""
-    n = len(found)
-    return (f"; it holds {n} normalisation layer{'s' if n != 1 else ''} that the converter lowered to arithmetic "
-            f"({describe_lowered(found, 2)}), whose statistics are folded into constants and cannot be {done} "
-            f"in this file; fix it at the source: {LOWERED_FIX}")
+    "checked", "recalibrated"): ``"; it holds N normalisation layers ... fix it at the source: ..."``
+    and, for a PyTorch export, ``"; its N frozen BatchNorm layers (...) hold fixed statistics ..."``;
+    ``""`` when the graph holds neither."""
+    everything = find_lowered_normalisations(model)
+    found = [f for f in everything if not f.frozen]
+    frozen = [f.name for f in everything if f.frozen] + [
+        origin[1] for node in model.graph.node
+        if node.op_type == "BatchNormalization" and (origin := frozen_origin(node)) is not None]
+    hint = ""
+    if frozen:
+        shown = ", ".join(frozen[:4]) + (f" and {len(frozen) - 4} more" if len(frozen) > 4 else "")
+        hint += (f"; its {len(frozen)} frozen BatchNorm layer{'s' if len(frozen) != 1 else ''} ({shown}) hold fixed "
+                 f"statistics, the same in training and inference, which need not and cannot be {done}")
+    if found:
+        n = len(found)
+        hint += (f"; it holds {n} normalisation layer{'s' if n != 1 else ''} that the converter lowered to arithmetic "
+                 f"({describe_lowered(found, 2)}), whose statistics are folded into constants and cannot be {done} "
+                 f"in this file; fix it at the source: {LOWERED_FIX}")
+    return hint
 
 
 def _node_label(node) -> str:
@@ -304,10 +318,13 @@ def find_lowered_normalisations(model) -> list[LoweredNormalisation]:
         else:
             continue
         label = scope or _node_label(chain[0].node)
+        origin = next((o for s in chain if (o := frozen_origin(s.node)) is not None), None)
+        if origin is not None:
+            label, reason = origin[1], FROZEN_IN_GRAPH.format(cls=origin[0])
         found.append(LoweredNormalisation(
             name=fresh_name(label, taken, separator="#"), ops=ops, reason=reason, channels=chain[0].channels,
             after=f"{source.op_type} {_node_label(source)}" if linear else None,
-            nodes=tuple(_node_label(s.node) for s in chain)))
+            nodes=tuple(_node_label(s.node) for s in chain), frozen=origin[0] if origin else None))
         in_chains.update(id(s.node) for s in chain)
         if scope is not None:
             claimed_scopes.add(scope)

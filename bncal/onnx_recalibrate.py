@@ -123,8 +123,9 @@ def recalibrate_onnx(
         detail = f" ({'; '.join(f'{s.name}: {s.reason}' for s in skipped)})" if skipped else ""
         raise BncalError(f"the model has no inference BatchNormalization whose statistics bncal can update{detail}"
                          f"{no_batchnorm_hint(model, 'recalibrated')}")
-    skipped += [SkippedLayer(l.name, f"{l.describe()}: {l.reason}, its statistics folded into constants (lowered "
-                                     "to arithmetic by the converter), left as they are; bncal inspect: BN060")
+    skipped += [SkippedLayer(l.name, f"{l.describe()}: {l.reason}" if l.frozen else
+                             f"{l.describe()}: {l.reason}, its statistics folded into constants (lowered "
+                             "to arithmetic by the converter), left as they are; bncal inspect: BN060")
                 for l in find_lowered_normalisations(model)]
     stream = BatchStream(model, select_inputs(batches, inputs), reread=(mode == "eval"), max_samples=max_samples,
                          progress=progress)

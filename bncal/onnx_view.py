@@ -15,7 +15,7 @@ misses that they were never updated.
 
 Which BNs bncal handles (:attr:`BNInfo.skip_reason` is None): top-level BNs in inference mode
 whose moving statistics are initializers (possibly shared, possibly behind ``Identity`` nodes).
-The others are listed with the reason: training mode, statistics computed by a node, held in a
+The others are listed with the reason: exported from a frozen BN (:mod:`bncal.frozen`), training mode, statistics computed by a node, held in a
 ``Constant`` node, or a graph input without a default value, and BNs inside subgraphs (If/Loop
 bodies). Their values are still read where they are constant, so ``inspect`` can judge them.
 """
@@ -29,6 +29,7 @@ import onnx
 import onnx_ir as ir
 
 from .errors import BncalError
+from .frozen import FROZEN_IN_GRAPH, frozen_origin
 from .names import ONNX_DOMAINS, onnx_batchnorm_names
 
 __all__ = ["BNInfo", "find_batchnorms", "constant_source", "constant_array", "as_ir", "default_opset",
@@ -50,7 +51,8 @@ class BNInfo:
     :func:`bncal.onnx_graphs.write_statistics`). ``skip_reason`` is None for a BN bncal
     handles, else why the BN is left as it is. ``momentum`` is the attribute as the file
     stores it (ONNX convention), None when absent; ``training_mode`` whether the node
-    normalises with batch statistics. ``scale_value`` ... ``var_value`` are the constant
+    normalises with batch statistics. ``frozen_class`` names the frozen BatchNorm class torch's
+    exporter says the node came from (:func:`bncal.frozen.frozen_origin`), else None. ``scale_value`` ... ``var_value`` are the constant
     values of its inputs (float64, flat; :func:`constant_source`), None where not constant.
 
     In a derived graph: ``mean_output``/``var_output`` (batch mean and biased variance of the
@@ -82,6 +84,7 @@ class BNInfo:
     previous_var_feed: str | None = None
     momentum: float | None = None
     training_mode: bool = False
+    frozen_class: str | None = None
     scale_value: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
     bias_value: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
     mean_value: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
@@ -207,6 +210,9 @@ def _describe(node: ir.Node, index: int, name: str, opset: int) -> BNInfo:
     def skip(reason):
         return dataclasses.replace(info, skip_reason=reason)
 
+    origin = frozen_origin(node)
+    if origin is not None:
+        return dataclasses.replace(info, frozen_class=origin[0], skip_reason=FROZEN_IN_GRAPH.format(cls=origin[0]))
     if training:
         return skip("already in training mode: it normalises with batch statistics and never uses moving ones")
     if x is None or mean is None or var is None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import types
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -29,6 +28,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._progress import DataPass, pass_label
+from .bn_modules import FROZEN_NOTE, describe_frozen, frozen_batchnorm_layers
 from .calibration import (NEVER_REACHED, BatchComposition, DataOrder, LayerResult, build_report, check_mode,
                           data_source, order_warning, require_finite)
 from .data import input_hint, select_inputs
@@ -166,8 +166,12 @@ def recalibrate(
             skipped.append(SkippedLayer(name, "created with track_running_stats=False: it has no moving statistics"))
         else:
             layers.append((name, bn))
+    frozen = frozen_batchnorm_layers(model)
+    skipped += [SkippedLayer(name, FROZEN_NOTE) for name, _ in frozen]
     if not layers:
-        raise BncalError("the model has no BatchNorm layer with moving statistics; nothing to recalibrate")
+        detail = (f"; its {describe_frozen(frozen)} hold fixed statistics, which cannot be recalibrated: convert "
+                  "them with bncal.unfreeze_batchnorm first" if frozen else "")
+        raise BncalError(f"the model has no BatchNorm layer with moving statistics; nothing to recalibrate{detail}")
     if device is None:
         device = next(iter(model.parameters()), next(iter(model.buffers()), torch.empty(0))).device
     group = active_process_group(process_group)
@@ -342,13 +346,12 @@ class _Run:
                  for name, bn in self.layers if not isinstance(bn.running_mean, nn.parameter.UninitializedBuffer)}
         handles = [bn.register_forward_hook(self._hook(name)) for name, bn in self.layers]
         handles += [bn.register_forward_pre_hook(self._pre_hook(name)) for name, bn in self.layers]
-        patched = []
-        for _, bn in self.layers:
-            if isinstance(bn, nn.SyncBatchNorm):
-                # The pass needs per-rank batch statistics (moments are combined exactly after
-                # the pass), and SyncBatchNorm refuses CPU tensors: run it as a plain BN.
-                bn.forward = types.MethodType(_BatchNorm.forward, bn)
-                patched.append(bn)
+        # The pass needs per-rank batch statistics (moments are combined exactly after the pass),
+        # and a synchronising SyncBatchNorm refuses CPU tensors: its BN part runs as a plain BN,
+        # its class's own forward (a subclass's activation and drop) still runs.
+        patched = [(bn, type(bn)) for _, bn in self.layers if isinstance(bn, nn.SyncBatchNorm)]
+        for bn, cls in patched:
+            bn.__class__ = _per_rank_class(cls)
         self.model.eval()
         ok = False
         try:
@@ -357,8 +360,8 @@ class _Run:
         finally:
             for h in handles:
                 h.remove()
-            for bn in patched:
-                del bn.forward
+            for bn, cls in patched:
+                bn.__class__ = cls
             for m, training in modes.items():
                 m.training = training
             for name, bn in self.layers:
@@ -427,9 +430,11 @@ class _Run:
         self.train_mode_pass = True
         for name, bn in self.layers:
             if name in self.references:  # stays in eval mode, normalised by its pre-hook
-                bn.eval()
+                bn.training = False
                 continue
-            bn.train()
+            # The BN computation only: train() would recurse into a subclass's own modules (timm's
+            # BatchNormAct2d holds a DropBlock as ``drop``), which must stay in eval mode.
+            bn.training = True
             bn.momentum = 1.0
             if not isinstance(bn.running_mean, nn.parameter.UninitializedBuffer):
                 with torch.no_grad():  # stale NaN/Inf would survive 0 * old in the update
@@ -443,7 +448,7 @@ class _Run:
         comes in the same order as in the previous pass."""
         self.train_mode_pass = False
         for name, bn in self.layers:
-            bn.eval()
+            bn.training = False
             if isinstance(bn.running_mean, nn.parameter.UninitializedBuffer):
                 continue
             if name not in self.base:
@@ -531,6 +536,25 @@ class _Run:
                 bn.num_batches_tracked.fill_(int(start) + self.batches)
             updated.add(name)
         return updated
+
+
+class _PerRankSyncBatchNorm(nn.SyncBatchNorm):
+    """A SyncBatchNorm whose BN computation never synchronises (each rank's own batch statistics)."""
+
+    forward = _BatchNorm.forward
+
+
+_PER_RANK_CLASSES: dict[type, type] = {nn.SyncBatchNorm: _PerRankSyncBatchNorm}
+
+
+def _per_rank_class(cls: type) -> type:
+    """``cls`` (nn.SyncBatchNorm or a subclass) with its SyncBatchNorm.forward replaced by
+    _BatchNorm.forward: a subclass's ``super().forward(x)`` then reaches the plain BN, while the
+    subclass's own forward (e.g. timm's SyncBatchNormAct: BN, drop, act) runs as it is."""
+    if cls not in _PER_RANK_CLASSES:
+        # MRO: cls, its bases up to SyncBatchNorm's, then _PerRankSyncBatchNorm, then SyncBatchNorm.
+        _PER_RANK_CLASSES[cls] = type(cls.__name__, (cls, _PerRankSyncBatchNorm), {"__module__": cls.__module__})
+    return _PER_RANK_CLASSES[cls]
 
 
 def _prepare(batch, device, limit, *, fingerprint: bool, composition=None):

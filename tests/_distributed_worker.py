@@ -7,9 +7,15 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_model_libraries import _act_net  # noqa: E402
+from test_model_libraries import _act_net  # noqa: E402
 from test_recalibrate import _cnn  # noqa: E402
 
 import bncal  # noqa: E402
+
+
+#: "sync": timm-style SyncBatchNormAct layers (activation and DropBlock inside), train mode.
+MODES = ("train", "eval", "sync")
 
 
 def shards():
@@ -22,9 +28,9 @@ def main(out_prefix):
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     _, by_rank = shards()
-    for mode in ("train", "eval"):
-        net = _cnn()
-        report = bncal.recalibrate(net, by_rank[rank], mode=mode, tol=1e-7)
+    for mode in MODES:
+        net = _act_net(sync=True) if mode == "sync" else _cnn()
+        report = bncal.recalibrate(net, by_rank[rank], mode="train" if mode == "sync" else mode, tol=1e-7)
         torch.save({"state": net.state_dict(), "samples": report.samples, "batches": report.batches,
                     "world_size": report.world_size}, f"{out_prefix}.{mode}.rank{rank}.pt")
     dist.destroy_process_group()

@@ -9,7 +9,8 @@ import torch
 import bncal
 from tests_support import TESTS_DIR, torchrun_command
 
-from _distributed_worker import shards
+from _distributed_worker import MODES, shards
+from test_model_libraries import _act_net
 from test_recalibrate import _cnn
 
 
@@ -19,9 +20,9 @@ def test_two_ranks_match_one_process(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     union, _ = shards()
-    for mode in ("train", "eval"):
-        single = _cnn()
-        report = bncal.recalibrate(single, union, mode=mode, tol=1e-7)
+    for mode in MODES:
+        single = _act_net(sync=True) if mode == "sync" else _cnn()
+        report = bncal.recalibrate(single, union, mode="train" if mode == "sync" else mode, tol=1e-7)
         ranks = [torch.load(f"{prefix}.{mode}.rank{r}.pt", weights_only=True) for r in (0, 1)]
         for saved in ranks:
             assert saved["world_size"] == 2

@@ -173,7 +173,7 @@ def test_several_inputs_and_nested_outputs(dynamo):
     example = (torch.randn(1, 2, 7), torch.randn(1, 4))  # batch 1 example must still export a batch axis
     proto = export_onnx(model, example, dynamo=dynamo)
     assert [i.name for i in proto.graph.input] == ["x", "y"]  # forward(self, x, y)
-    assert [o.name for o in proto.graph.output] == ["output_0", "output_1", "output_2"]
+    assert [o.name for o in proto.graph.output] == ["features", "pair_0", "pair_1"]  # the dict keys, nested by position
     assert _dims(proto.graph.output[0])[0] == "batch"
 
     x, y = torch.randn(4, 2, 7), torch.randn(4, 4)

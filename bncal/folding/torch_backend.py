@@ -10,6 +10,9 @@ exported graph:
 - Identity and Dropout modules (and ``F.dropout(..., training=False)``) are ``Identity``;
   ``x.float()``-style casts are ``Cast``; ``nn.Flatten``, ``torch.flatten``, ``view`` and
   ``reshape`` are ``Reshape`` with the shapes recorded from ``example_inputs``;
+- a BN with an activation (timm's ``BatchNormAct2d`` family, :func:`bncal.bn_modules.activation_split`)
+  is its BN followed by an opaque op for its ``drop`` and ``act``; a frozen BN (torchvision's and
+  timm's ``FrozenBatchNorm2d``) is a ``BatchNormalization`` with its fixed statistics;
 - anything else is an opaque op named after its module class, function or method.
 
 What only a module can refuse (an overridden forward, hooks, a module called twice, weights
@@ -37,6 +40,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.utils import parametrize
 
+from ..bn_modules import activation_split, is_frozen_batchnorm
 from ..errors import BncalError, one_line
 from ..report import FoldDecision, ReportDisplay, format_table, plural
 from .graph import Graph, ModuleFacts, Node, Param
@@ -86,7 +90,9 @@ class FoldResult(ReportDisplay):
 
     ``model`` is a new module in eval mode with the original hierarchy: folded BNs are
     ``nn.Identity``, BNs turned into affine maps are :class:`ChannelAffine`, refused BNs are
-    left as they were. For a ``to-affine`` decision ``target`` is the BN's own name and
+    left as they were. A folded BN with an activation (timm's ``BatchNormAct2d``) becomes its
+    ``act`` module (its ``drop`` is the identity at inference), behind the ChannelAffine of a
+    to-affine decision. For a ``to-affine`` decision ``target`` is the BN's own name and
     ``reason`` says why it could not be folded into a neighbour.
     """
 
@@ -183,7 +189,7 @@ class _Tracer(torch.fx.Tracer):
     # BN / Conv / Linear subclasses from user code must stay call_module nodes, so that a
     # subclass's forward is judged as a whole instead of being traced into its parts.
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (_BatchNorm, _ConvNd, nn.Linear)):
+        if isinstance(m, (_BatchNorm, _ConvNd, nn.Linear)) or is_frozen_batchnorm(m):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -224,7 +230,7 @@ def _record_shapes(model: nn.Module, graph: torch.fx.Graph, inputs: tuple) -> No
 def _plan(model: nn.Module, inputs: tuple, bn_to_affine: bool):
     bn_names = {}
     for name, module in model.named_modules():
-        if isinstance(module, _BatchNorm):
+        if isinstance(module, _BatchNorm) or is_frozen_batchnorm(module):
             bn_names.setdefault(module, name)
     if not bn_names:
         return [], [], None
@@ -306,10 +312,17 @@ class _ViewBuilder:
     def _module(self, fx_node, module: nn.Module) -> Node:
         inputs = self._inputs(fx_node)
         sole_input = len(fx_node.args) == 1 and not fx_node.kwargs
-        if isinstance(module, _BatchNorm):
-            return self._add(fx_node, "BatchNormalization", inputs, name=self.bn_names[module],
-                             params=_bn_params(module, self.bn_names[module]), attrs={"epsilon": module.eps},
-                             module=self._facts(module, sole_input), handle=module)
+        if module in self.bn_names:
+            bn = self._add(fx_node, "BatchNormalization", inputs, name=self.bn_names[module],
+                           params=_bn_params(module, self.bn_names[module]), attrs={"epsilon": float(module.eps)},
+                           module=self._facts(module, sole_input), handle=module)
+            after = activation_split(module)
+            if after is None:
+                return bn
+            # Its drop and act run after the BN part, inside the module: one op the BN feeds.
+            known = all(type(m) in _EVAL_IDENTITIES and not _has_hooks(m) for m in after)
+            return self._add(fx_node, "Identity" if known else "+".join(type(m).__name__ for m in after), [bn],
+                             name=f"{self.bn_names[module]} (after its BN)")
         if isinstance(module, (_ConvNd, nn.Linear)):
             return self._linear(fx_node, module, inputs, self._facts(module, sole_input))
         if type(module) in _EVAL_IDENTITIES and not _has_hooks(module) and sole_input:
@@ -320,8 +333,10 @@ class _ViewBuilder:
 
     def _facts(self, module: nn.Module, sole_input: bool) -> ModuleFacts:
         params = list(module.parameters(recurse=False))
-        if isinstance(module, _BatchNorm):
-            plain = _PLAIN_BN_FORWARDS
+        if module in self.bn_names:
+            # A frozen BN's forward is its fixed affine; a documented activation split is modelled.
+            split = is_frozen_batchnorm(module) or activation_split(module) is not None
+            plain = (type(module).forward,) if split else _PLAIN_BN_FORWARDS
         else:
             plain = tuple(t.forward for t in _KNOWN_TARGETS if isinstance(module, t))[:1]
         return ModuleFacts(
@@ -433,12 +448,13 @@ def _padded(shape, pads):
 
 def _bn_params(bn: _BatchNorm, name: str) -> dict[int, Param]:
     """gamma, beta, mean, var at ONNX BatchNormalization's input positions (1 and 0 for
-    ``affine=False``; none without running statistics)."""
+    ``affine=False``; none without running statistics). A frozen BN holds all four as buffers."""
     if bn.running_mean is None or bn.running_var is None:
         return {}
     mean = bn.running_mean
-    gamma = bn.weight if bn.affine else torch.ones_like(mean)
-    beta = bn.bias if bn.affine else torch.zeros_like(mean)
+    affine = is_frozen_batchnorm(bn) or bn.affine
+    gamma = bn.weight if affine else torch.ones_like(mean)
+    beta = bn.bias if affine else torch.zeros_like(mean)
     tensors = {1: (gamma, "weight"), 2: (beta, "bias"), 3: (mean, "running_mean"), 4: (bn.running_var, "running_var")}
     return {i: _param(t, f"{name}.{role}") for i, (t, role) in tensors.items()}
 
@@ -479,11 +495,14 @@ def _apply(model: nn.Module, steps, view: Graph | None) -> None:
     replacements: dict[nn.Module, nn.Module] = {}
     for step in steps:
         bn = step.bn.handle
+        after = activation_split(bn)
+        act = after[-1] if after is not None else None  # the drop before it is the identity at inference
         if step.direction == TO_AFFINE:
             scale, shift = (torch.from_numpy(a).to(bn.running_mean.dtype) for a in step.scale_shift)
-            replacements[bn] = ChannelAffine(scale, shift)
+            replacements[bn] = ChannelAffine(scale, shift) if act is None else nn.Sequential(
+                ChannelAffine(scale, shift), act)
         elif step.direction is not None:
-            replacements[bn] = nn.Identity()
+            replacements[bn] = nn.Identity() if act is None else act
     with torch.no_grad():
         for node in view.nodes if view is not None else ():
             if node.changed:

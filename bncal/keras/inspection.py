@@ -130,6 +130,11 @@ def _activation_name(fn) -> str | None:
     return None if name == "linear" else name
 
 
+# Layers that can absorb a per-channel affine of their input (their own activation comes after).
+_LINEAR_LAYERS = ("Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose",
+                  "Conv3DTranspose", "DepthwiseConv1D", "DepthwiseConv2D", "SeparableConv1D", "SeparableConv2D")
+
+
 def _kind(layer) -> str:
     keras = import_keras()
     L = keras.layers
@@ -145,6 +150,9 @@ def _kind(layer) -> str:
         return "act"
     if isinstance(layer, (L.Flatten, L.Reshape, L.Permute, L.Identity)):
         return "pass"
+    linear = tuple(getattr(L, n) for n in _LINEAR_LAYERS if hasattr(L, n))
+    if isinstance(layer, linear):
+        return "linear"
     if not isinstance(layer, L.Layer):  # a keras.ops operation in a functional graph
         name = type(layer).__name__
         return "act" if name in _ACT_OPS else "pass" if name in _PASS_OPS else "other"
@@ -191,7 +199,7 @@ class _GraphBuilder:
             return self._add(label, "pass", label, self.functional(layer, inputs, inner))
         kind = _kind(layer)
         key = self._add(label, kind, label, inputs, self.names.get(id(layer)) if kind == "bn" else None)
-        activation = None if kind != "other" else _activation_name(getattr(layer, "activation", None))
+        activation = None if kind not in ("other", "linear") else _activation_name(getattr(layer, "activation", None))
         if activation:
             key = self._add(f"{label}:{activation}", "act", f"{label} (activation={activation!r})", [key])
         if kind == "other" and isinstance(layer, keras.layers.Layer) and any(
@@ -249,7 +257,7 @@ class _GraphBuilder:
             label = names[id(layer)]
             kind = _kind(layer)
             key = self._add(label, kind, label, previous, self.names.get(id(layer)) if kind == "bn" else None)
-            activation = None if kind != "other" else _activation_name(getattr(layer, "activation", None))
+            activation = None if kind not in ("other", "linear") else _activation_name(getattr(layer, "activation", None))
             if activation:
                 key = self._add(f"{label}:{activation}", "act", f"{label} (activation={activation!r})", [key])
             previous = [key]
@@ -263,7 +271,7 @@ def _leaf_layers(model) -> list[tuple[str, object]]:
     for name, layer in named_layers(model):
         if inside is not None and name.startswith(inside):
             continue
-        kept_whole = _kind(layer) != "other"
+        kept_whole = _kind(layer) not in ("other", "linear")
         if kept_whole or not sublayers(layer):
             leaves.append((name, layer))
             if kept_whole:

@@ -1,0 +1,111 @@
+"""Small stand-ins for the BatchNorm modules of timm and torchvision, so the tests need neither.
+
+Each copies its original's forward (timm 1.0 ``timm/layers/norm_act.py``, ``drop_block.py``,
+``timm/layers/norm.py``; torchvision ``ops/misc.py``) and carries its class name and, for timm's,
+its module path, which is how bncal recognises them.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DropBlock2d(nn.Module):
+    """Like timm's DropBlock2d: zeroes random blocks in training, the identity in eval mode."""
+
+    def __init__(self, drop_prob=0.5, block_size=3):
+        super().__init__()
+        self.drop_prob, self.block_size = drop_prob, block_size
+
+    def forward(self, x):
+        if not self.training or not self.drop_prob:
+            return x
+        gamma = self.drop_prob / self.block_size ** 2
+        mask = (torch.rand_like(x[:, :1]) < gamma).float()
+        mask = F.max_pool2d(mask, self.block_size, stride=1, padding=self.block_size // 2)
+        keep = 1 - mask
+        return x * keep * keep.numel() / keep.sum().clamp(min=1)
+
+
+def _batch_norm(bn, x):
+    """timm's BatchNormAct2d BN part, as written there."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    bn_training = True if bn.training else (bn.running_mean is None and bn.running_var is None)
+    return F.batch_norm(x, bn.running_mean if not bn.training or bn.track_running_stats else None,
+                        bn.running_var if not bn.training or bn.track_running_stats else None,
+                        bn.weight, bn.bias, bn_training, factor, bn.eps)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """Like timm's BatchNormAct2d: BN, then ``drop``, then ``act``, in its own forward."""
+
+    def __init__(self, num_features, drop_block=0.0, act=nn.ReLU):
+        super().__init__(num_features)
+        self.drop = DropBlock2d(drop_block) if drop_block else nn.Identity()
+        self.act = act()
+
+    def forward(self, x):
+        return self.act(self.drop(_batch_norm(self, x)))
+
+
+class SyncBatchNormAct(nn.SyncBatchNorm):
+    """Like timm's SyncBatchNormAct (what convert_sync_batchnorm makes of a BatchNormAct2d)."""
+
+    def __init__(self, num_features, drop_block=0.0, act=nn.ReLU):
+        super().__init__(num_features)
+        self.drop = DropBlock2d(drop_block) if drop_block else nn.Identity()
+        self.act = act()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """Like torchvision's ops.misc.FrozenBatchNorm2d: fixed statistics and affine, all buffers."""
+
+    def __init__(self, num_features, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x):
+        w, b = self.weight.reshape(1, -1, 1, 1), self.bias.reshape(1, -1, 1, 1)
+        rv, rm = self.running_var.reshape(1, -1, 1, 1), self.running_mean.reshape(1, -1, 1, 1)
+        scale = w * (rv + self.eps).rsqrt()
+        return x * scale + (b - rm * scale)
+
+
+class FrozenBatchNormAct2d(FrozenBatchNorm2d):
+    """Like timm's FrozenBatchNormAct2d: the frozen affine, then ``drop`` and ``act``."""
+
+    def __init__(self, num_features, act=nn.SiLU):
+        super().__init__(num_features)
+        self.drop, self.act = nn.Identity(), act()
+
+    def forward(self, x):
+        return self.act(self.drop(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                               False, 0.0, self.eps)))
+
+
+for _cls in (DropBlock2d, BatchNormAct2d, SyncBatchNormAct, FrozenBatchNormAct2d):
+    _cls.__module__ = "timm.layers.norm_act"
+
+
+def randomize(net, seed=0):
+    """Distinct statistics and affine for every BN, frozen ones included."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if hasattr(m, "running_var") and m.running_var is not None and hasattr(m, "eps"):
+                c = m.running_var.shape[0]
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(c, generator=g) - 0.5)
+                m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    return net
