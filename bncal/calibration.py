@@ -274,7 +274,7 @@ def build_report(*, mode: str, layers: Iterable[LayerResult], skipped: list[Skip
         m = layer.moments
         shift, ratio = summarize_shift(layer.before.mean, layer.before.var, m.mean, m.variance, layer.eps)
         entries.append(LayerRecalibration(
-            name=layer.name, channels=m.channels, samples=m.count, calls_per_forward=layer.calls_per_forward,
+            name=layer.name, channels=m.channels, values_per_channel=m.count, calls_per_forward=layer.calls_per_forward,
             before=layer.before, after=LayerStats(m.mean.copy(), m.variance.copy()), mean_shift=shift,
             var_ratio=ratio))
         if layer.calls_per_forward > 1:

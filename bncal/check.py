@@ -45,7 +45,7 @@ import numpy as np
 
 from .data import leading_size
 from .errors import BncalError
-from .report import ReportDisplay, SkippedLayer, format_table, plural, summarize_shift
+from .report import ReportDisplay, SkippedLayer, format_table, output_label, plural, summarize_shift
 from .stats import ChannelMoments
 
 __all__ = ["CheckThresholds", "LayerCheck", "OutputCheck", "CheckReport", "OutputAgreement", "PairedOutputs",
@@ -113,12 +113,13 @@ class LayerCheck:
     """One BN layer: moving statistics against the population statistics of its input.
 
     ``shift_limit`` and ``log_ratio_limit`` are the thresholds after the noise allowance for
-    this layer's ``samples`` (values per channel).
+    this layer's ``values_per_channel`` (samples times spatial positions; the report's
+    ``samples`` counts samples).
     """
 
     name: str
     channels: int
-    samples: int
+    values_per_channel: int
     mean_shift: float
     var_ratio: float
     shift_limit: float
@@ -211,7 +212,7 @@ class CheckReport(ReportDisplay):
                            f"{worst.var_ratio:.3g}); recalibrate them")
         for o in outputs:
             if not o.passed and not batching_warning:
-                reasons.append(f"output {o.name} differs between inference and train mode ({o.problem()})")
+                reasons.append(f"{output_label(o.name)} differs between inference and train mode ({o.problem()})")
         if batching_warning and unjudged:
             reasons.append("the batches are far from random draws of the data (see the warning), so train mode on them "
                            "cannot be compared with inference; shuffle the data and check again")
@@ -252,13 +253,13 @@ class CheckReport(ReportDisplay):
     def table(self) -> str:
         """Layer table, output table, skipped layers, thresholds, then the verdict line."""
         t = self.thresholds
-        layer_rows = [(l.name, l.channels, l.samples, l.mean_shift, l.shift_limit, l.var_ratio,
+        layer_rows = [(l.name, l.channels, l.values_per_channel, l.mean_shift, l.shift_limit, l.var_ratio,
                        f"{math.exp(-l.log_ratio_limit):.3g}..{math.exp(l.log_ratio_limit):.3g}",
                        "pass" if l.passed else "FAIL") for l in self.layers]
         output_rows = [(o.name, o.max_abs_error, o.rel_error, o.batch_rel_error, o.spread_ratio, o.top1_agreement,
                         o.batch_top1_agreement, o.criterion, "pass" if o.passed else "FAIL") for o in self.outputs]
         parts = [
-            format_table(layer_rows, ["layer", "channels", "samples", "max |shift| (sd)", "limit", "var ratio",
+            format_table(layer_rows, ["layer", "channels", "values/channel", "max |shift| (sd)", "limit", "var ratio",
                                       "allowed", "result"]),
             "",
             format_table(output_rows, ["output", "max abs err", "rel err (rms)", "rel err train/train'", "spread ratio",

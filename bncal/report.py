@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
-    "format_table", "to_jsonable", "report_json", "JSON_SCHEMA_VERSION", "ReportDisplay", "text_to_html", "plural", "FoldDecision", "LayerStats",
+    "format_table", "to_jsonable", "report_json", "JSON_SCHEMA_VERSION", "ReportDisplay", "text_to_html", "plural", "output_label", "FoldDecision", "LayerStats",
     "LayerRecalibration", "SkippedLayer", "RecalibrationReport", "summarize_shift",
 ]
 
@@ -55,6 +55,12 @@ class ReportDisplay:
 
     def _repr_html_(self) -> str:
         return text_to_html(self.table, title=f"{type(self).__name__}: {self.summary()}")
+
+
+def output_label(name: str) -> str:
+    """``output logits`` for an output named ``logits``; the name alone where it already says
+    output (``output``, ``output_0``), so that no sentence reads "output output"."""
+    return name if name.lower().startswith("output") else f"output {name}"
 
 
 def plural(count: int, noun: str) -> str:
@@ -161,8 +167,9 @@ def _fmt(value) -> str:
 
 
 #: Version of the JSON report layout (:func:`report_json`): bumped when a field is renamed or
-#: removed or changes meaning; new fields do not bump it.
-JSON_SCHEMA_VERSION = 1
+#: removed or changes meaning; new fields do not bump it. 2: a layer's ``samples`` (which counted
+#: values per channel) is ``values_per_channel``.
+JSON_SCHEMA_VERSION = 2
 
 
 def report_json(value, *, command: str | None = None, argv: list[str] | None = None) -> dict:
@@ -223,11 +230,13 @@ class LayerRecalibration:
     ``mean_shift`` is the largest per-channel ``|new_mean - old_mean| / sqrt(new_var + eps)``:
     how far the old statistics were from the new ones, in units of the new standard deviation.
     ``var_ratio`` is the per-channel ``old_var / new_var`` farthest from 1 (in log scale).
+    ``values_per_channel`` counts the values each channel's statistics pool: samples times
+    spatial positions (times calls per forward), not samples; the report's ``samples`` counts those.
     """
 
     name: str
     channels: int
-    samples: int
+    values_per_channel: int
     calls_per_forward: int
     before: LayerStats
     after: LayerStats
@@ -275,12 +284,12 @@ class RecalibrationReport(ReportDisplay):
 
     def table(self) -> str:
         rows = [
-            (l.name, l.channels, l.samples, l.mean_shift, l.var_ratio,
+            (l.name, l.channels, l.values_per_channel, l.mean_shift, l.var_ratio,
              float(np.mean(l.before.mean)), float(np.mean(l.after.mean)),
              float(np.mean(l.before.var)), float(np.mean(l.after.var)))
             for l in self.layers
         ]
-        text = format_table(rows, ["layer", "channels", "samples", "max |shift| (sd)", "var ratio",
+        text = format_table(rows, ["layer", "channels", "values/channel", "max |shift| (sd)", "var ratio",
                                    "mean before", "mean after", "var before", "var after"])
         for s in self.skipped:
             text += f"\nskipped {s.name}: {s.reason}"

@@ -74,7 +74,7 @@ def test_base_install_serves_onnx_without_torch(tmp_path):
     fixed = work / "fixed.onnx"
     result = _run([bncal, "recalibrate", STALE_ONNX, "--data", calib, "-o", fixed], cwd=work)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert result.stdout.splitlines()[0].split()[:3] == ["layer", "channels", "samples"]
+    assert result.stdout.splitlines()[0].split()[:3] == ["layer", "channels", "values/channel"]
     assert "recalibrated 7 BatchNorm layers from 4000 samples" in result.stdout
     result = _run([bncal, "check", fixed, "--data", test], cwd=work)
     assert result.returncode == 0 and result.stdout.strip().endswith("PASSED"), result.stdout + result.stderr
