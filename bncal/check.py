@@ -275,14 +275,18 @@ class CheckReport(ReportDisplay):
             f"<= {t.max_spread_ratio:g} x rms(train - train on re-paired batches)"
             + "".join(f", {f}" for f in fixed) + f" ({self.batches} batches, {self.samples} samples)")
         parts += [f"unchecked {s.name}: {s.reason}" for s in self.unchecked]
-        if self.verdict == "INCOMPLETE":
-            parts.append(f"INCOMPLETE: PASSED for {len(self.layers)} of {len(self.layers) + self.unchecked_count} "
-                         f"normalisation layers; {self._unchecked_line()}")
-        elif self.unchecked:
-            parts.append(f"FAILED: {'; '.join(self.reasons)}; and {self._unchecked_line()}")
-        else:
-            parts.append(self.verdict if self.passed else f"FAILED: {'; '.join(self.reasons)}")
+        parts.append(self.verdict_line())
         return "\n".join(parts)
+
+    def verdict_line(self) -> str:
+        """The table's last line: ``PASSED``, or ``FAILED: ...``/``INCOMPLETE: ...`` with the reasons
+        (the worst layer named)."""
+        if self.verdict == "INCOMPLETE":
+            return (f"INCOMPLETE: PASSED for {len(self.layers)} of {len(self.layers) + self.unchecked_count} "
+                    f"normalisation layers; {self._unchecked_line()}")
+        if self.unchecked:
+            return f"FAILED: {'; '.join(self.reasons)}; and {self._unchecked_line()}"
+        return self.verdict if self.passed else f"FAILED: {'; '.join(self.reasons)}"
 
 
 def assess_layer(name: str, channels: int, moving_mean, moving_var, data_moments: ChannelMoments, eps: float,

@@ -105,6 +105,20 @@ class FoldExportReport(ReportDisplay):
         return (f"{'PASSED' if self.passed else 'FAILED'}: folded {folded} of {plural(len(self.decisions), 'BN layer')}, "
                 f"{self.bn_left} BatchNormalization left{target}")
 
+    def verdict_line(self) -> str:
+        """``PASSED: folded 7 of 7 BN layers, ...; worst output logits: max err 3.1e-07 of its scale
+        (tolerance scale_tol=0.0001)`` (FAILED with the output farthest from passing)."""
+        from .verify import _distance_from_passing
+
+        figures = [c for c in (self.comparison, self.export_comparison) if c is not None]
+        worst = [(c, c.worst()) for c in figures if c.worst() is not None]
+        line = self.summary()
+        if worst:
+            comparison, o = max(worst, key=lambda pair: _distance_from_passing(pair[1]))
+            error = (o.reason if o.reason else f"max err {o.required_scale_tol:.2g} of its scale")
+            line += f"; worst {output_label(o.name)}: {error} (tolerance {comparison.tolerance})"
+        return line
+
     def _latency_cell(self, label: str, batch: int) -> str | None:
         """``"5.41 (5.2..6.8)"``: the median and the range of the timed runs."""
         median = self.latency_ms.get(label, {}).get(batch)

@@ -168,6 +168,16 @@ class InspectReport(ReportDisplay):
                 parts.append(f"{plural(len(ids), severity)} ({', '.join(ids)})")
         return f"{head}: {', '.join(parts)}"
 
+    def verdict_line(self, failed: bool) -> str:
+        """``FAILED: onnx model, 7 BN layers: 1 error (BN001), ...; worst BN001 error: moving statistics
+        never updated (0.1, 0.4 and 5 more)`` when ``failed`` (a finding at the strictness asked for);
+        else the summary alone: inspection diagnoses, it verifies nothing, so it never says PASSED."""
+        if not failed or not self.findings:
+            return self.summary()
+        worst = max(self.findings, key=lambda f: SEVERITIES.index(f.severity))
+        layers = ", ".join(worst.layers[:2]) + (f" and {len(worst.layers) - 2} more" if len(worst.layers) > 2 else "")
+        return f"FAILED: {self.summary()}; worst {worst.rule_id} {worst.severity}: {RULES[worst.rule_id][1]} ({layers})"
+
     def table(self) -> str:
         """The layer table, then one block per finding, then the notes."""
         rows = [(l.name, l.type, l.channels,

@@ -16,6 +16,7 @@ Heavy modules (torch, onnx, onnxruntime) are imported inside the commands, so ``
 from __future__ import annotations
 
 import sys
+import time
 import traceback
 
 import click
@@ -27,12 +28,13 @@ __all__ = ["main", "run_command"]
 
 
 class _Main(click.Group):
-    """The ``bncal`` group; it keeps the command line as given, for the JSON reports (``ctx.meta["bncal.argv"]``)."""
+    """The ``bncal`` group; it keeps the command line as given, for the JSON reports (``ctx.meta["bncal.argv"]``),
+    and when it was parsed, for the run's elapsed time (``ctx.meta["bncal.started"]``)."""
 
     def make_context(self, info_name, args, parent=None, **extra):
-        argv = ["bncal", *args]
+        argv, started = ["bncal", *args], time.perf_counter()
         ctx = super().make_context(info_name, args, parent=parent, **extra)
-        ctx.meta["bncal.argv"] = argv
+        ctx.meta["bncal.argv"], ctx.meta["bncal.started"] = argv, started
         return ctx
 
 

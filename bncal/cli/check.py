@@ -85,5 +85,7 @@ def command(args) -> int:
         from ..plot import plot_check
 
         plot_check({"moving vs data": report}, args.report.plot, model=args.model.display_name)
+    ui.verdict(report.verdict_line() if parity is None or parity.passed or not report.passed
+               else f"FAILED: PyTorch eval vs onnxruntime: {parity.summary()[8:]}")
     accepted = report.passed or (report.verdict == "INCOMPLETE" and args.check.allow_unchecked)
     return 0 if accepted and (parity is None or parity.passed) else 1

@@ -47,6 +47,7 @@ def command(args) -> int:
             report = _fold_export_torch(args, loaded.model, data, progress)
     except VerificationError as exc:
         ui.echo(exc.report.table())
+        ui.verdict(exc.report.verdict_line())
         raise
     ui.echo(report.table())
     check_report = None
@@ -55,12 +56,15 @@ def command(args) -> int:
     if args.report.json:
         ReportArgs.write_json(args.report.json, {"fold_export": report, "check": check_report})
     if check_report is not None and check_report.verdict == "FAILED":  # INCOMPLETE: lowered BNs, shown above
+        ui.verdict(f"FAILED: the train/inference check of the exported model: {check_report.verdict_line()[8:]}")
         if check_report.warnings:  # batches far from random draws: the check could not judge the statistics
             raise BncalError("the train/inference check cannot judge these batches (see the warning); shuffle the "
                              "data, or skip the check with --no-check")
         raise BncalError("the exported model's moving statistics do not match its batch statistics "
                          "(see the check above); recalibrate it first: bncal recalibrate MODEL --data DATA -o OUT")
-    ui.echo_after_commit(f"wrote {args.output.path} ({report.bytes_after} bytes) in {report.seconds:.2f} s")
+    ui.verdict(report.verdict_line())
+    # The whole run (loading, export, verification, check), not the fold-export step alone.
+    ui.echo_after_commit(f"wrote {args.output.path} ({report.bytes_after} bytes) in {ui.elapsed():.2f} s")
     return 0
 
 

@@ -59,4 +59,6 @@ def command(args) -> int:
     if args.report.json:
         ReportArgs.write_json(args.report.json, report)
     worst, strict = report.max_severity(), args.inspect.strict
-    return 1 if worst is not None and SEVERITIES.index(worst) >= SEVERITIES.index(strict) else 0
+    failed = worst is not None and SEVERITIES.index(worst) >= SEVERITIES.index(strict)
+    args.ui.verdict(report.verdict_line(failed))
+    return 1 if failed else 0

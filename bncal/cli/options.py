@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -216,11 +217,24 @@ def _usage_error(message: str, option: str | None = None):
 # The console: what a command prints, respecting -q. ---------------------------------------------------
 class Console:
     """Where a command's words go: reports to stdout (none with ``quiet``), warnings and errors to
-    stderr. Lines that announce a written file wait until the run's outputs are in place."""
+    stderr. Lines that announce a written file wait until the run's outputs are in place.
+    ``started`` is when the command line was parsed (:func:`time.perf_counter`), for the run's elapsed time."""
 
-    def __init__(self, verbose: bool = False, quiet: bool = False):
+    def __init__(self, verbose: bool = False, quiet: bool = False, started: float | None = None):
         self.verbose, self.quiet = verbose, quiet
+        self.started = time.perf_counter() if started is None else started
         self._after_commit: list[str] = []
+
+    def elapsed(self) -> float:
+        """Seconds since the command line was parsed: the whole run, loading and checks included."""
+        return time.perf_counter() - self.started
+
+    def verdict(self, line: str) -> None:
+        """The run's one-line verdict (``PASSED``/``FAILED``/``INCOMPLETE: ...``, naming the worst item).
+        The report on stdout already ends with it; with ``quiet``, which silences the report, it goes to
+        stderr, so that ``-q`` still says how the run ended."""
+        if self.quiet:
+            click.echo(line, err=True)
 
     def echo(self, text: str = "") -> None:
         if not self.quiet:
@@ -296,7 +310,8 @@ class VerbosityArgs(OptionGroup):
     def options() -> list[click.Option]:
         return [
             click.Option(["-v", "--verbose"], is_flag=True, help="Show the traceback of an error."),
-            click.Option(["-q", "--quiet"], is_flag=True, help="Print no report on stdout (errors and warnings still go to stderr)."),
+            click.Option(["-q", "--quiet"], is_flag=True,
+                         help="Print no report on stdout; one verdict line, errors and warnings still go to stderr."),
         ]
 
     def params(self):
@@ -306,7 +321,7 @@ class VerbosityArgs(OptionGroup):
         ctx = click.get_current_context(silent=True)
         root = ctx.find_root().meta if ctx is not None else {}
         return Console(verbose=values["verbose"] or root.get("bncal.verbose", False),
-                       quiet=values["quiet"] or root.get("bncal.quiet", False))
+                       quiet=values["quiet"] or root.get("bncal.quiet", False), started=root.get("bncal.started"))
 
 
 class ModelValue(types.SimpleNamespace):

@@ -73,6 +73,7 @@ def command(args) -> int:
     if args.recalibration.mode == "eval":
         summary += f" ({'converged' if report.converged else 'NOT converged'}: last change {report.max_rel_change:.2e})"
     ui.echo(summary)
+    ui.verdict(summary)  # no PASSED: recalibration computes statistics, it verifies nothing
     ui.echo_after_commit(f"wrote {output}")
     if args.report.json:
         ReportArgs.write_json(args.report.json, report)
