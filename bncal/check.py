@@ -45,7 +45,7 @@ import numpy as np
 
 from .data import leading_size
 from .errors import BncalError
-from .report import ReportDisplay, SkippedLayer, format_table, output_label, plural, summarize_shift
+from .report import ReportDisplay, SkippedLayer, channel_shift, format_table, output_label, plural, summarize_shift
 from .stats import ChannelMoments
 
 __all__ = ["CheckThresholds", "LayerCheck", "OutputCheck", "CheckReport", "OutputAgreement", "PairedOutputs",
@@ -125,6 +125,10 @@ class LayerCheck:
     shift_limit: float
     log_ratio_limit: float
     passed: bool
+    #: Per channel (:func:`bncal.report.channel_shift`), what ``mean_shift``/``var_ratio`` are the worst
+    #: of; for :func:`bncal.plot.plot_channels`, not part of the JSON report (None where not computed).
+    channel_mean_shift: np.ndarray | None = dataclasses.field(default=None, repr=False, metadata={"json": False})
+    channel_var_ratio: np.ndarray | None = dataclasses.field(default=None, repr=False, metadata={"json": False})
 
 
 @dataclasses.dataclass
@@ -260,10 +264,10 @@ class CheckReport(ReportDisplay):
                         o.batch_top1_agreement, o.criterion, "pass" if o.passed else "FAIL") for o in self.outputs]
         parts = [
             format_table(layer_rows, ["layer", "channels", "values/channel", "max |shift| (sd)", "limit", "var ratio",
-                                      "allowed", "result"]),
+                                      "allowed", "result"], name="layers"),
             "",
             format_table(output_rows, ["output", "max abs err", "rel err (rms)", "rel err train/train'", "spread ratio",
-                                       "top-1 agree", "top-1 train/train'", "criterion", "result"]),
+                                       "top-1 agree", "top-1 train/train'", "criterion", "result"], name="outputs"),
         ]
         parts += [f"skipped {s.name}: {s.reason}" for s in self.skipped]
         parts += [f"note: {note}" for note in self.notes]
@@ -277,6 +281,26 @@ class CheckReport(ReportDisplay):
         parts += [f"unchecked {s.name}: {s.reason}" for s in self.unchecked]
         parts.append(self.verdict_line())
         return "\n".join(parts)
+
+    #: What the per-channel pictures compare (:func:`bncal.plot.plot_channels`).
+    ratio_label = "moving / data"
+    channel_subject = "moving statistics against the data's"
+
+    def channel_rows(self) -> list[dict]:
+        """Per layer: ``{"layer", "mean_shift", "var_ratio", "passed"}``, the middle two per channel (arrays)."""
+        return [{"layer": l.name, "mean_shift": l.channel_mean_shift, "var_ratio": l.channel_var_ratio,
+                 "passed": l.passed} for l in self.layers if l.channel_mean_shift is not None]
+
+    def plot(self, path=None, *, kind: str = "layers", **options):
+        """The check's picture (needs matplotlib): ``kind="layers"`` (:func:`bncal.plot.plot_check`) or
+        ``"channels"`` (:func:`bncal.plot.plot_channels`, the failing layers per channel). Returns a
+        Figure; ``path`` writes it as a PNG too."""
+        from . import plot
+
+        draw = {"layers": plot.plot_check, "channels": plot.plot_channels}
+        if kind not in draw:
+            raise ValueError(f"kind={kind!r}: give 'layers' or 'channels'")
+        return draw[kind](self, path, **options)
 
     def verdict_line(self) -> str:
         """The table's last line: ``PASSED``, or ``FAILED: ...``/``INCOMPLETE: ...`` with the reasons
@@ -299,6 +323,7 @@ def assess_layer(name: str, channels: int, moving_mean, moving_var, data_moments
     """
     moving_mean = np.asarray(moving_mean, np.float64).reshape(-1)
     moving_var = np.asarray(moving_var, np.float64).reshape(-1)
+    per_channel = channel_shift(moving_mean, moving_var, data_moments.mean, data_moments.variance, eps) or (None, None)
     if not (np.isfinite(moving_mean).all() and np.isfinite(moving_var).all()) or (moving_var + eps <= 0).any():
         shift, ratio = math.inf, math.inf
     else:
@@ -308,7 +333,7 @@ def assess_layer(name: str, channels: int, moving_mean, moving_var, data_moments
     log_ratio_limit = thresholds.max_var_log_ratio + thresholds.noise_allowance * math.sqrt(2.0 / count)
     finite = math.isfinite(shift) and math.isfinite(ratio) and ratio > 0
     passed = finite and shift <= shift_limit and abs(math.log(ratio)) <= log_ratio_limit
-    return LayerCheck(name, channels, count, shift, ratio, shift_limit, log_ratio_limit, passed)
+    return LayerCheck(name, channels, count, shift, ratio, shift_limit, log_ratio_limit, passed, *per_channel)
 
 
 def rebatch_pair(a, b):

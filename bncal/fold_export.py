@@ -119,6 +119,13 @@ class FoldExportReport(ReportDisplay):
             line += f"; worst {output_label(o.name)}: {error} (tolerance {comparison.tolerance})"
         return line
 
+    def plot(self, path=None, **options):
+        """The error per output against its tolerance, for the fold and the export
+        (:func:`bncal.plot.plot_fold_export`; needs matplotlib). Returns a Figure; ``path`` writes it too."""
+        from .plot import plot_fold_export
+
+        return plot_fold_export(self, path, **options)
+
     def _latency_cell(self, label: str, batch: int) -> str | None:
         """``"5.41 (5.2..6.8)"``: the median and the range of the timed runs."""
         median = self.latency_ms.get(label, {}).get(batch)
@@ -134,7 +141,7 @@ class FoldExportReport(ReportDisplay):
         for batch in sorted(self.latency_ms.get("folded", {})):
             rows.append((f"ORT latency batch {batch} (ms)", self._latency_cell("original", batch),
                          self._latency_cell("folded", batch)))
-        parts = [format_table(rows, ["", "original", "folded"])]
+        parts = [format_table(rows, ["", "original", "folded"], name="ops")]
         if self.latency_range_ms:
             parts.append("latency: median (fastest..slowest) of the timed runs, the two models in alternation")
         refused = [d for d in self.decisions if not d.folded]
@@ -151,9 +158,9 @@ class FoldExportReport(ReportDisplay):
         else:
             fold = "fold: folded model vs the model (PyTorch eval; graph folds: onnxruntime, optimisations off)"
             export = "export: exported graph in onnxruntime vs the folded model in PyTorch eval"
-        parts += ["", fold, self.comparison.table()]
+        parts += ["", fold, self.comparison.table(name="fold")]
         if self.export_comparison is not None:
-            parts += ["", export, self.export_comparison.table()]
+            parts += ["", export, self.export_comparison.table(name="export")]
         return "\n".join(parts)
 
 

@@ -187,7 +187,7 @@ class InspectReport(ReportDisplay):
                  l.stats + (f" ({l.num_batches_tracked} batches tracked)" if l.momentum_zero_signal else ""),
                  l.fold) for l in self.layers]
         text = format_table(rows, ["layer", "type", "channels", "momentum (torch)", "momentum (tf)",
-                                   "affine", "running stats", "eps", "statistics", "fold"])
+                                   "affine", "running stats", "eps", "statistics", "fold"], name="layers")
         if self.findings:
             text += "\n"
             for f in self.findings:

@@ -21,7 +21,8 @@ from .options import (DataArgs, ExportArgs, FoldArgs, InputShapeArgs, ModelArgs,
     OutputArgs(help="Where to write the folded ONNX model.",
                suffixes=lambda args: ((".onnx",), "fold-export writes an ONNX model: give -o OUT.onnx")),
     VerificationArgs(),
-    ReportArgs(),
+    ReportArgs(plot="Write a PNG of each output's error against its tolerance, for the fold and the export "
+                    "(needs the 'plot' extra)."),
     VerbosityArgs(),
 )
 def command(args) -> int:
@@ -55,6 +56,8 @@ def command(args) -> int:
         check_report = _check(args, report, data, None if loaded.kind == "onnx" else loaded.model, progress)
     if args.report.json:
         ReportArgs.write_json(args.report.json, {"fold_export": report, "check": check_report})
+    if args.report.plot:
+        report.plot(args.report.plot, model=args.model.display_name)
     if check_report is not None and check_report.verdict == "FAILED":  # INCOMPLETE: lowered BNs, shown above
         ui.verdict(f"FAILED: the train/inference check of the exported model: {check_report.verdict_line()[8:]}")
         if check_report.warnings:  # batches far from random draws: the check could not judge the statistics
