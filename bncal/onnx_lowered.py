@@ -93,11 +93,18 @@ def describe_lowered(found: list[LoweredNormalisation], limit: int = 4) -> str:
 
 def no_batchnorm_hint(model, done: str) -> str:
     """For the error of a command that found no BatchNormalization to work on (``done``:
-    "checked", "recalibrated"): ``"; it holds N normalisation layers ... fix it at the source: ..."``, or
-    ``""`` when the graph holds no recognised lowered normalisation either."""
+    "checked", "recalibrated"): ``"; it holds N normalisation layers ... fix it at the source: ..."``; for a
+    graph with no BatchNormalization node and no lowered normalisation at all, whether it was already
+    folded; else ``""``."""
     found = find_lowered_normalisations(model)
     if not found:
-        return ""
+        from .onnx_graphs import find_batchnorms
+
+        if find_batchnorms(model):  # BatchNormalization nodes there are, skipped for reasons the error gives
+            return ""
+        return (f"; the graph holds no BatchNormalization node at all: was it already folded (bncal fold-export, or "
+                f"an exporter that folds BN)? The statistics are {done} on the model before folding: give that "
+                "model (or an export with its BatchNorms kept), then fold it")
     n = len(found)
     return (f"; it holds {n} normalisation layer{'s' if n != 1 else ''} that the converter lowered to arithmetic "
             f"({describe_lowered(found, 2)}), whose statistics are folded into constants and cannot be {done} "

@@ -7,7 +7,7 @@ from itertools import islice
 
 from ..errors import BncalError, VerificationError
 from .options import (DataArgs, ExportArgs, FoldArgs, InputShapeArgs, ModelArgs, OutputArgs, ReportArgs, ToleranceArgs,
-                      VerbosityArgs, VerificationArgs, command, random_inputs, torch_batches)
+                      VerbosityArgs, VerificationArgs, command, shaped_example, torch_batches)
 
 
 @command(
@@ -142,7 +142,7 @@ def _fold_export_torch(args, net, data, progress):
         batches, names = [inputs for inputs, _ in named], named[0][1]
         example = batches[0]
     elif args.shapes:
-        example = random_inputs(args.shapes.ordered(forward_parameter_names(net) or [], prefix=True))
+        example = shaped_example(args.shapes, net)
         names = (forward_parameter_names(net) or [])[:len(example)] if args.shapes.named else None
     else:
         raise BncalError("give --data or --input-shape so the model can be traced")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .options import (InputShapeArgs, ModelArgs, Options, OutputArgs, ReportArgs, TrainingArgs, VerbosityArgs, command,
-                      random_inputs)
+                      shaped_example)
 
 
 @command(
@@ -48,9 +48,7 @@ def command(args) -> int:
     elif args.shapes:
         from ..folding import analyze_foldability
 
-        from ..export import forward_parameter_names
-
-        example = random_inputs(args.shapes.ordered(forward_parameter_names(target) or [], prefix=True))
+        example = shaped_example(args.shapes, target)
         decisions = analyze_foldability(target, example)
     training = args.training
     report = inspect_model(target, batch_size=training.batch_size, dataset_size=training.dataset_size,

@@ -27,7 +27,7 @@ from ..errors import BncalError
 __all__ = [
     "OptionGroup", "Args", "command", "VerbosityArgs", "ModelArgs", "DataArgs", "InputShapeArgs", "ToleranceArgs",
     "ThresholdArgs", "DeviceArgs", "ProviderArgs", "OutputArgs", "ReportArgs", "RecalibrationArgs", "ExportArgs",
-    "FoldArgs", "VerificationArgs", "TrainingArgs", "Options", "Console", "InputShapes", "torch_batches", "random_inputs",
+    "FoldArgs", "VerificationArgs", "TrainingArgs", "Options", "Console", "InputShapes", "torch_batches", "random_inputs", "shaped_example",
 ]
 
 
@@ -551,6 +551,42 @@ class InputShapeArgs(OptionGroup):
         if named and values["input_shapes"]:
             raise _usage_error("give --input-shape (in input order) or --input-shapes (by name), not both")
         return InputShapes(positional=list(values["input_shapes"]), named=named)
+
+
+def shaped_example(shapes: InputShapes, net) -> tuple:
+    """Seeded random inputs of a PyTorch ``net`` from ``--input-shape``/``--input-shapes``, run once:
+    a model that fails on them gets an error naming the option (and, for a channel count that does
+    not fit, the shape to give), not the model's own words alone."""
+    import re
+
+    import torch
+
+    from ..errors import first_line
+    from ..export import forward_parameter_names
+
+    ordered = shapes.ordered(forward_parameter_names(net) or [], prefix=True)
+    example = random_inputs(ordered)
+    modes = {module: module.training for module in net.modules()}
+    try:
+        net.eval()  # a train-mode forward would move the running statistics this run inspects or folds
+        with torch.no_grad():
+            net(*example)
+    except Exception as exc:  # noqa: BLE001 - the model's own error, worded for the option that made its inputs
+        option = "--input-shape" if shapes.positional else "--input-shapes"
+        given = " ".join(",".join(map(str, shape)) for shape in ordered)
+        message = first_line(exc)
+        hint = ""
+        channels = re.search(r"to have (\d+) channels, but got (\d+) channels", message)
+        if channels and len(ordered) == 1 and len(ordered[0]) > 1:
+            fixed = list(ordered[0])
+            fixed[1] = int(channels.group(1))
+            count = channels.group(1)
+            hint = f"; the model expects {count} channel{'' if count == '1' else 's'}: give {option} {','.join(map(str, fixed))}"
+        raise BncalError(f"{option} {given}: the model fails on inputs of this shape ({message}){hint}") from exc
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    return example
 
 
 def random_inputs(shapes, seed: int = 0) -> tuple:

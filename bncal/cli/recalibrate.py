@@ -86,12 +86,12 @@ def command(args) -> int:
 
 def _recalibrate_torch(args):
     from ..distributed import torchrun_process_group
-    from ..loading import save_state_dict
+    from ..loading import is_whole_model_file, save_state_dict
     from ..recalibration import recalibrate
 
     options = args.recalibration
     with torchrun_process_group(args.device) as launch:
-        if args.model.weights is None and launch.is_main:
+        if args.model.weights is None and not is_whole_model_file(args.model.spec) and launch.is_main:
             args.ui.warn("no --weights given; recalibrating the factory's freshly initialised model")
         loaded = args.model.load()
         if loaded.kind == "keras":  # the factory returned a keras.Model
