@@ -352,7 +352,7 @@ class BatchStream:
     def __iter__(self):
         current = DataPass(self._fresh(), lambda batch, index, remaining: validated_feeds(
             batch, self.specs, index, remaining), max_samples=self.max_samples, progress=self.progress,
-            description=self.description)
+            description=self.description, total=self.batches or None)  # the previous pass's count
         yield from current
         self.batches, self.samples = current.batches, current.samples
 

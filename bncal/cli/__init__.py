@@ -73,6 +73,7 @@ def run_command(body, args, groups) -> None:
             with plan:
                 status = body(args) or 0
         ui.committed()
+        ui.finished()
     except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
         raise
     except Terminated:

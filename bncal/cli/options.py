@@ -251,6 +251,11 @@ class Console:
         if self.interactive:
             click.echo(f"{text}...", err=True)
 
+    def finished(self) -> None:
+        """The run's elapsed time on stderr, after its progress bars, when interactive."""
+        if self.interactive:
+            click.echo(f"finished in {self.elapsed():.1f} s", err=True)
+
     def echo_after_commit(self, text: str) -> None:
         """Print ``text`` once every output of the run is in place (never if the run fails)."""
         self._after_commit.append(text)
