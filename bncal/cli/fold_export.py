@@ -59,7 +59,8 @@ def command(args) -> int:
     if args.report.plot:
         report.plot(args.report.plot, model=args.model.display_name)
     if check_report is not None and check_report.verdict == "FAILED":  # INCOMPLETE: lowered BNs, shown above
-        ui.verdict(f"FAILED: the train/inference check of the exported model: {check_report.verdict_line()[8:]}")
+        ui.verdict("FAILED: the train/inference check of the exported model: "
+                   + check_report.verdict_line().removeprefix("FAILED: "))
         if check_report.warnings:  # batches far from random draws: the check could not judge the statistics
             raise BncalError("the train/inference check cannot judge these batches (see the warning); shuffle the "
                              "data, or skip the check with --no-check")
