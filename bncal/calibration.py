@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import BncalError
-from .report import LayerRecalibration, LayerStats, RecalibrationReport, SkippedLayer, summarize_shift
+from .report import LayerRecalibration, LayerStats, RecalibrationReport, SkippedLayer, channel_shift, summarize_shift
 from .stats import ChannelMoments
 
 __all__ = ["MODES", "check_mode", "data_source", "DataOrder", "BatchComposition", "Exchangeability", "order_warning",
@@ -273,10 +273,11 @@ def build_report(*, mode: str, layers: Iterable[LayerResult], skipped: list[Skip
     for layer in layers:
         m = layer.moments
         shift, ratio = summarize_shift(layer.before.mean, layer.before.var, m.mean, m.variance, layer.eps)
+        per_channel = channel_shift(layer.before.mean, layer.before.var, m.mean, m.variance, layer.eps) or (None, None)
         entries.append(LayerRecalibration(
-            name=layer.name, channels=m.channels, samples=m.count, calls_per_forward=layer.calls_per_forward,
+            name=layer.name, channels=m.channels, values_per_channel=m.count, calls_per_forward=layer.calls_per_forward,
             before=layer.before, after=LayerStats(m.mean.copy(), m.variance.copy()), mean_shift=shift,
-            var_ratio=ratio))
+            var_ratio=ratio, channel_mean_shift=per_channel[0], channel_var_ratio=per_channel[1]))
         if layer.calls_per_forward > 1:
             notes.append(f"{layer.name} is called {layer.calls_per_forward} times per forward: its statistics pool "
                          "the inputs of every call")

@@ -46,7 +46,8 @@ import numpy as np
 from .data import leading_size
 from .errors import BncalError
 from .extras import is_torch_module
-from .report import ReportDisplay, SkippedLayer, describe_nonfinite, format_table, plural, summarize_shift
+from .report import (ReportDisplay, SkippedLayer, channel_shift, describe_nonfinite, format_table, output_label, plural,
+                     summarize_shift)
 from .stats import ChannelMoments
 
 __all__ = ["CheckThresholds", "LayerCheck", "OutputCheck", "CheckReport", "OutputAgreement", "PairedOutputs",
@@ -114,19 +115,24 @@ class LayerCheck:
     """One BN layer: moving statistics against the population statistics of its input.
 
     ``shift_limit`` and ``log_ratio_limit`` are the thresholds after the noise allowance for
-    this layer's ``samples`` (values per channel). ``nonfinite`` says which statistics held a
-    NaN or inf, or a variance with ``var + eps <= 0`` (the layer then fails), else None.
+    this layer's ``values_per_channel`` (samples times spatial positions; the report's
+    ``samples`` counts samples). ``nonfinite`` says which statistics held a NaN or inf, or a
+    variance with ``var + eps <= 0`` (the layer then fails), else None.
     """
 
     name: str
     channels: int
-    samples: int
+    values_per_channel: int
     mean_shift: float
     var_ratio: float
     shift_limit: float
     log_ratio_limit: float
     passed: bool
     nonfinite: str | None = None
+    #: Per channel (:func:`bncal.report.channel_shift`), what ``mean_shift``/``var_ratio`` are the worst
+    #: of; for :func:`bncal.plot.plot_channels`, not part of the JSON report (None where not computed).
+    channel_mean_shift: np.ndarray | None = dataclasses.field(default=None, repr=False, metadata={"json": False})
+    channel_var_ratio: np.ndarray | None = dataclasses.field(default=None, repr=False, metadata={"json": False})
 
 
 @dataclasses.dataclass
@@ -236,9 +242,9 @@ class CheckReport(ReportDisplay):
                            f"{worst.var_ratio:.3g}); recalibrate them")
         for o in outputs:
             if o.nonfinite:  # whatever the batching
-                reasons.append(f"output {o.name} holds non-finite values ({o.nonfinite})")
+                reasons.append(f"{output_label(o.name)} holds non-finite values ({o.nonfinite})")
             elif not o.passed and not batching_warning:
-                reasons.append(f"output {o.name} differs between inference and train mode ({o.problem()})")
+                reasons.append(f"{output_label(o.name)} differs between inference and train mode ({o.problem()})")
         if batching_warning and unjudged:
             reasons.append("the batches are far from random draws of the data (see the warning), so train mode on them "
                            "cannot be compared with inference; shuffle the data and check again")
@@ -279,17 +285,17 @@ class CheckReport(ReportDisplay):
     def table(self) -> str:
         """Layer table, output table, skipped layers, thresholds, then the verdict line."""
         t = self.thresholds
-        layer_rows = [(l.name, l.channels, l.samples, l.mean_shift, l.shift_limit, l.var_ratio,
+        layer_rows = [(l.name, l.channels, l.values_per_channel, l.mean_shift, l.shift_limit, l.var_ratio,
                        f"{math.exp(-l.log_ratio_limit):.3g}..{math.exp(l.log_ratio_limit):.3g}",
                        "pass" if l.passed else "FAIL") for l in self.layers]
         output_rows = [(o.name, o.max_abs_error, o.rel_error, o.batch_rel_error, o.spread_ratio, o.top1_agreement,
                         o.batch_top1_agreement, o.criterion, "pass" if o.passed else "FAIL") for o in self.outputs]
         parts = [
-            format_table(layer_rows, ["layer", "channels", "samples", "max |shift| (sd)", "limit", "var ratio",
-                                      "allowed", "result"]),
+            format_table(layer_rows, ["layer", "channels", "values/channel", "max |shift| (sd)", "limit", "var ratio",
+                                      "allowed", "result"], name="layers"),
             "",
             format_table(output_rows, ["output", "max abs err", "rel err (rms)", "rel err train/train'", "spread ratio",
-                                       "top-1 agree", "top-1 train/train'", "criterion", "result"]),
+                                       "top-1 agree", "top-1 train/train'", "criterion", "result"], name="outputs"),
         ]
         parts += [f"skipped {s.name}: {s.reason}" for s in self.skipped]
         parts += [f"note: {note}" for note in self.notes]
@@ -301,14 +307,38 @@ class CheckReport(ReportDisplay):
             f"<= {t.max_spread_ratio:g} x rms(train - train on re-paired batches)"
             + "".join(f", {f}" for f in fixed) + f" ({self.batches} batches, {self.samples} samples)")
         parts += [f"unchecked {s.name}: {s.reason}" for s in self.unchecked]
-        if self.verdict == "INCOMPLETE":
-            parts.append(f"INCOMPLETE: PASSED for {len(self.layers)} of {len(self.layers) + self.unchecked_count} "
-                         f"normalisation layers; {self._unchecked_line()}")
-        elif self.unchecked:
-            parts.append(f"FAILED: {'; '.join(self.reasons)}; and {self._unchecked_line()}")
-        else:
-            parts.append(self.verdict if self.passed else f"FAILED: {'; '.join(self.reasons)}")
+        parts.append(self.verdict_line())
         return "\n".join(parts)
+
+    #: What the per-channel pictures compare (:func:`bncal.plot.plot_channels`).
+    ratio_label = "moving / data"
+    channel_subject = "moving statistics against the data's"
+
+    def channel_rows(self) -> list[dict]:
+        """Per layer: ``{"layer", "mean_shift", "var_ratio", "passed"}``, the middle two per channel (arrays)."""
+        return [{"layer": l.name, "mean_shift": l.channel_mean_shift, "var_ratio": l.channel_var_ratio,
+                 "passed": l.passed} for l in self.layers if l.channel_mean_shift is not None]
+
+    def plot(self, path=None, *, kind: str = "layers", **options):
+        """The check's picture (needs matplotlib): ``kind="layers"`` (:func:`bncal.plot.plot_check`) or
+        ``"channels"`` (:func:`bncal.plot.plot_channels`, the failing layers per channel). Returns a
+        Figure; ``path`` writes it as a PNG too."""
+        from . import plot
+
+        draw = {"layers": plot.plot_check, "channels": plot.plot_channels}
+        if kind not in draw:
+            raise ValueError(f"kind={kind!r}: give 'layers' or 'channels'")
+        return draw[kind](self, path, **options)
+
+    def verdict_line(self) -> str:
+        """The table's last line: ``PASSED``, or ``FAILED: ...``/``INCOMPLETE: ...`` with the reasons
+        (the worst layer named)."""
+        if self.verdict == "INCOMPLETE":
+            return (f"INCOMPLETE: PASSED for {len(self.layers)} of {len(self.layers) + self.unchecked_count} "
+                    f"normalisation layers; {self._unchecked_line()}")
+        if self.unchecked:
+            return f"FAILED: {'; '.join(self.reasons)}; and {self._unchecked_line()}"
+        return self.verdict if self.passed else f"FAILED: {'; '.join(self.reasons)}"
 
 
 def assess_layer(name: str, channels: int, moving_mean, moving_var, data_moments: ChannelMoments, eps: float,
@@ -323,6 +353,7 @@ def assess_layer(name: str, channels: int, moving_mean, moving_var, data_moments
     moving_mean = np.asarray(moving_mean, np.float64).reshape(-1)
     moving_var = np.asarray(moving_var, np.float64).reshape(-1)
     nonfinite = None
+    per_channel = channel_shift(moving_mean, moving_var, data_moments.mean, data_moments.variance, eps) or (None, None)
     if not (np.isfinite(moving_mean).all() and np.isfinite(moving_var).all()) or (moving_var + eps <= 0).any():
         shift, ratio = math.inf, math.inf
         bad = [f"moving {what} {text}" for what, text in (("mean", describe_nonfinite(moving_mean)),
@@ -341,7 +372,8 @@ def assess_layer(name: str, channels: int, moving_mean, moving_var, data_moments
     log_ratio_limit = thresholds.max_var_log_ratio + thresholds.noise_allowance * math.sqrt(2.0 / count)
     finite = math.isfinite(shift) and math.isfinite(ratio) and ratio > 0
     passed = finite and shift <= shift_limit and abs(math.log(ratio)) <= log_ratio_limit
-    return LayerCheck(name, channels, count, shift, ratio, shift_limit, log_ratio_limit, passed, nonfinite)
+    return LayerCheck(name, channels, count, shift, ratio, shift_limit, log_ratio_limit, passed, nonfinite,
+                      channel_mean_shift=per_channel[0], channel_var_ratio=per_channel[1])
 
 
 def rebatch_pair(a, b):

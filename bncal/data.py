@@ -466,6 +466,11 @@ def input_hint(batch, message: str = "") -> str:
     channels = _channel_mismatch(message)
     if channels is not None:
         expected, got = channels
+        shape = tuple(getattr(first, "shape", ()))
+        if len(shape) >= 3 and shape[-1] == expected and shape[1] == got:  # (N, H, W, C) fed to a (N, C, H, W) model
+            order = ", ".join(map(str, [0, len(shape) - 1, *range(1, len(shape) - 1)]))
+            return (f"; the data looks channels-last (shape {shape}, {expected} channel{'s' if expected != 1 else ''} on the last axis) and the model "
+                    f"takes channels first: save the array as x.transpose({order})")
         return f"; the data has {got} channels and the model expects {expected}: for an image folder give --channels {expected}"
     return ""
 

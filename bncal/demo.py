@@ -72,7 +72,7 @@ class DemoResult(ReportDisplay):
                 ("check after recalibration", verdict(self.check_after_passed)),
                 ("fold-export parity", verdict(self.fold_export_passed))]
         rows += [(f"{name} (bytes)", size) for name, size in self.files.items()]
-        return "\n".join([format_table(rows, ["", "value"]), f"demo finished in {self.seconds:.1f} s",
+        return "\n".join([format_table(rows, ["", "value"], name="figures"), f"demo finished in {self.seconds:.1f} s",
                           "PASSED" if self.passed else "FAILED"])
 
 

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ._progress import DataPass, progress_reporter
+from ._progress import DataPass, batch_count, progress_reporter
 from ._sweep_cache import Checkpoints
 from ._sweep_plan import SweepPlan, SweepRefused, build_plan, node_cost, tensor_bytes
 from .errors import BncalError, first_line
@@ -165,13 +165,16 @@ class _Sweep:
         self.names = {id(bn): name for name, bn in layers}
         self.cache, self.limit = cache, max_forward_equivalents
         self.plan: SweepPlan | None = None
-        self.report = progress_reporter(progress, description="pass 1: depth-by-depth sweep")  # counts batch steps
+        # Counts batch steps, depths x batches in all: the bar starts once the first batch has been traced.
+        self.progress, self.report = progress, None
         self.moments: dict[str, ChannelMoments] = {}
         self.executed = self.per_sample = 0.0
         self.steps_done = self.data_passes = self.recomputed = 0
 
     def run(self) -> SweepResult:
         self._step(0)
+        if self.report is not None:  # exact from here on: every depth takes each batch one step
+            self.report.set_total(self.plan.depths * len(self.cache))
         self._check_projected_cost()
         for s in range(1, self.plan.depths):
             self._step(s)
@@ -223,6 +226,8 @@ class _Sweep:
         for index, (batch, fingerprint, size) in DataPass(self.data, self._prepare, max_samples=self.max_samples):
             if s == 0 and index == 0:
                 self._first_batch(batch)
+                self.report = progress_reporter(self.progress, total=self._expected_steps(size),
+                                                description="pass 1: depth-by-depth sweep", unit="step")
             if s == 0:
                 self.cache.add(size, fingerprint)
             elif index >= len(self.cache) or not _same(self.cache.fingerprints[index], fingerprint):
@@ -232,6 +237,15 @@ class _Sweep:
             yield index, batch
         if seen != len(self.cache):
             raise SweepRefused("the data had fewer batches when read again")
+
+    def _expected_steps(self, first_size: int) -> int | None:
+        """Depths x batches, before the first step has counted the batches: the data's length, or
+        the batches ``max_samples`` allows judging by the first (None when neither is known)."""
+        known = batch_count(self.data)
+        if self.max_samples is not None:
+            allowed = math.ceil(self.max_samples / first_size)
+            known = allowed if known is None else min(known, allowed)
+        return None if known is None else self.plan.depths * known
 
     def _prepare(self, batch, index, remaining):
         (batch, fingerprint), size = _prepare(batch, self.device, remaining, fingerprint=True)

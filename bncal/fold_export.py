@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -44,7 +45,7 @@ import numpy as np
 
 from .errors import BncalError, DeploymentError, VerificationError
 from .gate import require_healthy_notes
-from .report import FoldDecision, ReportDisplay, format_table, plural
+from .report import FoldDecision, ReportDisplay, format_table, output_label, plural
 
 __all__ = [
     "FoldExportReport", "fold_export_torch", "fold_export_onnx", "torch_onnx_parity", "failed_output_path",
@@ -67,8 +68,9 @@ class FoldExportReport(ReportDisplay):
     PyTorch model, whose BNs are folded before the export: the exported graph's, each BN folded
     beforehand counted back as its BatchNormalization); ``bytes_before`` is None where no
     unfolded graph is made (a PyTorch model folded as a module).
-    ``latency_ms`` maps ``"original"``/``"folded"`` to ``{batch size: median ms}`` (empty unless
-    asked for). ``notes`` say what was adapted or skipped (batch sizes a fixed-batch graph cannot
+    ``latency_ms`` maps ``"original"``/``"folded"`` to ``{batch size: median ms}`` and
+    ``latency_range_ms`` to ``{batch size: [fastest, slowest] ms}`` over the same timed runs (both
+    empty unless asked for). ``notes`` say what was adapted or skipped (batch sizes a fixed-batch graph cannot
     take); ``step_seconds`` times each step. ``original`` is the unfolded ONNX model: the input,
     or a PyTorch model's export with ``module_fold=False`` (else None; not part of the JSON report).
     ``guard`` is the accuracy guard's :class:`bncal.guard.GuardReport` (None unless asked for).
@@ -87,6 +89,7 @@ class FoldExportReport(ReportDisplay):
     export_comparison: object = None
     notes: list[str] = dataclasses.field(default_factory=list)
     step_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    latency_range_ms: dict[str, dict[int, list[float]]] = dataclasses.field(default_factory=dict)
     original: object = dataclasses.field(default=None, repr=False, metadata={"json": False})
     guard: object = None
 
@@ -106,14 +109,45 @@ class FoldExportReport(ReportDisplay):
         return (f"{'PASSED' if self.passed else 'FAILED'}: folded {folded} of {plural(len(self.decisions), 'BN layer')}, "
                 f"{self.bn_left} BatchNormalization left{target}")
 
+    def verdict_line(self) -> str:
+        """``PASSED: folded 7 of 7 BN layers, ...; worst output logits: max err 3.1e-07 of its scale
+        (tolerance scale_tol=0.0001)`` (FAILED with the output farthest from passing)."""
+        from .verify import _distance_from_passing
+
+        figures = [c for c in (self.comparison, self.export_comparison) if c is not None]
+        worst = [(c, c.worst()) for c in figures if c.worst() is not None]
+        line = self.summary()
+        if worst:
+            comparison, o = max(worst, key=lambda pair: _distance_from_passing(pair[1]))
+            error = (o.reason if o.reason else f"max err {o.required_scale_tol:.2g} of its scale")
+            line += f"; worst {output_label(o.name)}: {error} (tolerance {comparison.tolerance})"
+        return line
+
+    def plot(self, path=None, **options):
+        """The error per output against its tolerance, for the fold and the export
+        (:func:`bncal.plot.plot_fold_export`; needs matplotlib). Returns a Figure; ``path`` writes it too."""
+        from .plot import plot_fold_export
+
+        return plot_fold_export(self, path, **options)
+
+    def _latency_cell(self, label: str, batch: int) -> str | None:
+        """``"5.41 (5.2..6.8)"``: the median and the range of the timed runs."""
+        median = self.latency_ms.get(label, {}).get(batch)
+        if median is None:
+            return None
+        spread = self.latency_range_ms.get(label, {}).get(batch)
+        return f"{median:.3g}" + (f" ({spread[0]:.3g}..{spread[1]:.3g})" if spread else "")
+
     def table(self) -> str:
         ops = sorted(set(self.ops_before) | set(self.ops_after), key=lambda k: (-self.ops_before.get(k, 0), k))
         rows = [(op, self.ops_before.get(op, 0), self.ops_after.get(op, 0)) for op in ops]
         rows.append(("file size (bytes)", self.bytes_before, self.bytes_after))
         for batch in sorted(self.latency_ms.get("folded", {})):
-            rows.append((f"ORT latency batch {batch} (ms)", self.latency_ms["original"].get(batch),
-                         self.latency_ms["folded"][batch]))
-        parts = [format_table(rows, ["", "original", "folded"])]
+            rows.append((f"ORT latency batch {batch} (ms)", self._latency_cell("original", batch),
+                         self._latency_cell("folded", batch)))
+        parts = [format_table(rows, ["", "original", "folded"], name="ops")]
+        if self.latency_range_ms:
+            parts.append("latency: median (fastest..slowest) of the timed runs, the two models in alternation")
         refused = [d for d in self.decisions if not d.folded]
         folded = len(self.decisions) - len(refused)
         parts.append(f"\nfolded {folded} of {len(self.decisions)} BatchNorm layers; "
@@ -128,9 +162,9 @@ class FoldExportReport(ReportDisplay):
         else:
             fold = "fold: folded model vs the model (PyTorch eval; graph folds: onnxruntime, optimisations off)"
             export = "export: exported graph in onnxruntime vs the folded model in PyTorch eval"
-        parts += ["", fold, self.comparison.table()]
+        parts += ["", fold, self.comparison.table(name="fold")]
         if self.export_comparison is not None:
-            parts += ["", export, self.export_comparison.table()]
+            parts += ["", export, self.export_comparison.table(name="export")]
         if self.guard is not None:
             parts += ["", self.guard.table()]
         return "\n".join(parts)
@@ -681,7 +715,7 @@ def _finish(report, proto, unfolded, output, feeds, latency_batches, level, keep
     ``guard`` (a callable giving its report) and raise if it failed; else measure latency
     (``unfolded``: the model to compare with, or a callable that makes it) and write ``output``."""
     from .onnx_io import save_onnx
-    from .runtime import compare_latency, input_specs
+    from .runtime import input_specs, latency_runs
 
     if not report.passed:
         if output is not None and keep_failed:
@@ -698,8 +732,11 @@ def _finish(report, proto, unfolded, output, feeds, latency_batches, level, keep
         with steps("latency", "measuring latency in onnxruntime"):
             unfolded = unfolded() if callable(unfolded) else unfolded
             by_batch = _latency_feeds(input_specs(unfolded), feeds, latency_batches, report.notes)
-            report.latency_ms = compare_latency({"original": unfolded, "folded": proto}, by_batch,
-                                                optimization_level=level)
+            runs = latency_runs({"original": unfolded, "folded": proto}, by_batch, optimization_level=level)
+            report.latency_ms = {label: {batch: round(statistics.median(times), 3) for batch, times in by_batch.items()}
+                                 for label, by_batch in runs.items()}
+            report.latency_range_ms = {label: {batch: [round(min(times), 3), round(max(times), 3)]
+                                               for batch, times in by_batch.items()} for label, by_batch in runs.items()}
     if output is not None:
         with steps("write", f"writing {output}"):
             report.output = save_onnx(proto, output)
@@ -713,8 +750,8 @@ def _verification_error(report: FoldExportReport) -> VerificationError:
         if o is None:
             return "no outputs were compared"
         if o.reason:
-            return f"output {o.name}: {o.reason}"
-        return (f"output {o.name}: max abs error {o.max_abs_error:.3g} = {o.required_scale_tol:.3g} of the output's "
+            return f"{output_label(o.name)}: {o.reason}"
+        return (f"{output_label(o.name)}: max abs error {o.max_abs_error:.3g} = {o.required_scale_tol:.3g} of the output's "
                 f"scale {o.scale:.3g}, would need atol {o.required_atol:.3g} or rtol {o.required_rtol:.3g}; "
                 f"tolerance {comparison.tolerance}")
 

@@ -180,6 +180,16 @@ class InspectReport(ReportDisplay):
                 parts.append(f"{plural(len(ids), severity)} ({', '.join(ids)})")
         return f"{head}: {', '.join(parts)}"
 
+    def verdict_line(self, failed: bool) -> str:
+        """``FAILED: onnx model, 7 BN layers: 1 error (BN001), ...; worst BN001 error: moving statistics
+        never updated (0.1, 0.4 and 5 more)`` when ``failed`` (a finding at the strictness asked for);
+        else the summary alone: inspection diagnoses, it verifies nothing, so it never says PASSED."""
+        if not failed or not self.findings:
+            return self.summary()
+        worst = max(self.findings, key=lambda f: SEVERITIES.index(f.severity))
+        layers = ", ".join(worst.layers[:2]) + (f" and {len(worst.layers) - 2} more" if len(worst.layers) > 2 else "")
+        return f"FAILED: {self.summary()}; worst {worst.rule_id} {worst.severity}: {RULES[worst.rule_id][1]} ({layers})"
+
     def table(self) -> str:
         """The layer table, then one block per finding, then the notes."""
         rows = [(l.name, l.type, l.channels,
@@ -190,7 +200,7 @@ class InspectReport(ReportDisplay):
                  l.stats + (f" ({l.num_batches_tracked} batches tracked)" if l.momentum_zero_signal else ""),
                  l.fold) for l in self.layers]
         text = format_table(rows, ["layer", "type", "channels", "momentum (torch)", "momentum (tf)",
-                                   "affine", "running stats", "eps", "statistics", "fold"])
+                                   "affine", "running stats", "eps", "statistics", "fold"], name="layers")
         if self.findings:
             text += "\n"
             for f in self.findings:

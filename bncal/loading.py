@@ -32,7 +32,7 @@ from .outputs import write_bytes, atomic_output
 
 __all__ = ["resolve_callable", "load_model", "load_state_dict", "fit_state_dict", "save_state_dict", "is_onnx_path",
            "spec_files", "ModelKind", "LoadedModel", "model_kind", "register_model_kind", "load_any",
-           "output_suffixes", "kind_named"]
+           "output_suffixes", "kind_named", "is_whole_model_file"]
 
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 #: Prefixes wrappers add to every key: DataParallel/DDP, Lightning and training scripts, torch.compile.
@@ -111,7 +111,13 @@ def resolve_callable(spec: str, what: str = "factory"):
     try:
         return getattr(module, attr)
     except AttributeError:
-        raise BncalError(f"{target} has no attribute {attr!r} (from {what} spec {spec!r})") from None
+        import difflib
+
+        names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n, None))]
+        close = difflib.get_close_matches(attr, names, n=3, cutoff=0.6)
+        hint = (f"; did you mean {target}:{close[0]}" + (f" (or {', '.join(close[1:])})" if close[1:] else "") + "?"
+                if close else "")
+        raise BncalError(f"{target} has no attribute {attr!r} (from {what} spec {spec!r}){hint}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,6 +249,12 @@ def load_any(spec, *, weights=None, model_kwargs: str | dict | None = None, allo
     return LoadedModel(kind.name, model, str(spec), tuple(kind.files(str(spec), weights)))
 
 
+def is_whole_model_file(spec: str) -> bool:
+    """Whether ``spec`` names a whole PyTorch model saved to a file (pickled, ``.pt2``, TorchScript),
+    which carries its own weights, rather than a factory that builds one."""
+    return Path(spec).suffix.lower() in _PICKLE_SUFFIXES + (".pt2", ".ts") and ":" not in spec
+
+
 def load_model(spec: str, *, weights=None, model_kwargs: str | dict | None = None, allow_pickle: bool = False,
                strip_prefix: str | None = None):
     """Build the model named by ``spec`` and load ``weights`` into it (strictly). Returns it in eval mode.
@@ -258,7 +270,7 @@ def load_model(spec: str, *, weights=None, model_kwargs: str | dict | None = Non
     from .keras._backend import choose_default_backend
 
     path = Path(spec)
-    if path.suffix.lower() in _PICKLE_SUFFIXES + (".pt2", ".ts") and ":" not in spec:
+    if is_whole_model_file(spec):
         require("torch", f"{spec} (a PyTorch model)")
         if not allow_pickle:
             raise BncalError(f"{spec} is a pickled model file, and loading it would execute code from it; "

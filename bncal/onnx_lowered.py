@@ -99,7 +99,8 @@ def no_batchnorm_hint(model, done: str) -> str:
     """For the error of a command that found no BatchNormalization to work on (``done``:
     "checked", "recalibrated"): ``"; it holds N normalisation layers ... fix it at the source: ..."``
     and, for a PyTorch export, ``"; its N frozen BatchNorm layers (...) hold fixed statistics ..."``;
-    ``""`` when the graph holds neither."""
+    for a graph with no BatchNormalization node and neither of those, whether it was already
+    folded; else ``""``."""
     everything = find_lowered_normalisations(model)
     found = [f for f in everything if not f.frozen]
     frozen = [f.name for f in everything if f.frozen] + [
@@ -115,6 +116,10 @@ def no_batchnorm_hint(model, done: str) -> str:
         hint += (f"; it holds {n} normalisation layer{'s' if n != 1 else ''} that the converter lowered to arithmetic "
                  f"({describe_lowered(found, 2)}), whose statistics are folded into constants and cannot be {done} "
                  f"in this file; fix it at the source: {LOWERED_FIX}")
+    if not hint and not any(node.op_type == "BatchNormalization" for node in model.graph.node):
+        hint = (f"; the graph holds no BatchNormalization node at all: was it already folded (bncal fold-export, or "
+                f"an exporter that folds BN)? The statistics are {done} on the model before folding: give that "
+                "model (or an export with its BatchNorms kept), then fold it")
     return hint
 
 

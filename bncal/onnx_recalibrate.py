@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ._progress import pass_label
+from ._progress import PassClock
 from .calibration import BatchComposition, DataOrder, LayerResult, build_report, check_mode, order_warning, require_finite
 from .data import select_inputs
 from .distributed import active_process_group, combine_across_ranks, world_size
@@ -174,9 +174,10 @@ class _Passes:
         self.sessions: dict[str, StatisticsSession] = {}
         self.batches = self.samples = 0
         self.composition = BatchComposition() if mode == "train" else None
+        self.clock = PassClock()
 
     def announce(self, number: int, max_passes: int | None) -> None:
-        self.stream.description = pass_label(number, max_passes)
+        self.stream.description = self.clock.label(number, max_passes)
 
     def session(self, kind: str) -> StatisticsSession:
         """``kind``: ``"train"``, ``"plain"`` or ``"anchored"``."""

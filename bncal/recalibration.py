@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._progress import DataPass, pass_label
+from ._progress import DataPass, PassClock, batch_count
 from .bn_modules import FROZEN_NOTE, describe_frozen, frozen_batchnorm_layers
 from .calibration import (NEVER_REACHED, BatchComposition, DataOrder, LayerResult, build_report, check_mode,
                           data_source, order_warning, require_finite)
@@ -184,7 +184,8 @@ def recalibrate(
         first_pass = run.train_pass
         if mode == "eval":
             first_pass = _sweep_or_train_pass(run, model, layers, source, custom_forward, max_samples, device,
-                                              cache_mb, spill_dir, progress, group)
+                                              cache_mb, spill_dir, progress, group,
+                                              batch_count(data) if progress and not callable(data) else None)
         moments, passes, converged, change = fixed_point_passes(
             first_pass, run.eval_pass, mode=mode, tol=tol, max_passes=max_passes, on_pass=run.announce)
         updated = run.write(moments)
@@ -202,18 +203,25 @@ def recalibrate(
 
 
 class _FreshPasses:
-    """An iterable whose every iteration is a fresh pass from a :func:`bncal.calibration.data_source`."""
+    """An iterable whose every iteration is a fresh pass from a :func:`bncal.calibration.data_source`;
+    its ``len()`` is ``count`` (the data's batches, for progress totals) when known."""
 
-    def __init__(self, fresh):
-        self.fresh = fresh
+    def __init__(self, fresh, count: int | None = None):
+        self.fresh, self.count = fresh, count
+
+    def __len__(self) -> int:
+        if self.count is None:
+            raise TypeError("the number of batches is not known")
+        return self.count
 
     def __iter__(self):
         return iter(self.fresh())
 
 
 def _sweep_or_train_pass(run, model, layers, data, forward_fn, max_samples, device, cache_mb, spill_dir, progress,
-                         group):
-    """The first pass of eval mode: the exact sweep's statistics when it applies, else the train pass."""
+                         group, count=None):
+    """The first pass of eval mode: the exact sweep's statistics when it applies, else the train pass
+    (``count``: the data's batches when known, for the progress total)."""
     if group is not None:
         run.order.notes.append("eval mode ran repeated passes: the depth-by-depth sweep does not combine ranks yet")
         return run.train_pass
@@ -223,7 +231,7 @@ def _sweep_or_train_pass(run, model, layers, data, forward_fn, max_samples, devi
         return run.train_pass
     from .eval_sweep import solve_eval_statistics
 
-    sweep = solve_eval_statistics(model, layers, _FreshPasses(data), device=torch.device(device), forward_fn=forward_fn,
+    sweep = solve_eval_statistics(model, layers, _FreshPasses(data, count), device=torch.device(device), forward_fn=forward_fn,
                                   max_samples=max_samples, cache_mb=cache_mb, spill_dir=spill_dir,
                                   progress=progress)
     if sweep.moments is None:
@@ -333,9 +341,10 @@ class _Run:
         self.label: str | None = None
         # Batch renormalisation layers: normalised as their training forward did (bncal.renorm) in every pass.
         self.references: dict = {}
+        self.clock = PassClock()
 
     def announce(self, number: int, max_passes: int | None) -> None:
-        self.label = pass_label(number, max_passes)
+        self.label = self.clock.label(number, max_passes)
 
     @contextlib.contextmanager
     def prepared(self):
@@ -471,7 +480,8 @@ class _Run:
         composition = None if eval_pass else self.composition
         current = DataPass(self.source(), lambda batch, index, remaining: _prepare(
             batch, self.device, remaining, fingerprint=eval_pass, composition=composition),
-            max_samples=self.max_samples, progress=self.progress, description=self.label)
+            max_samples=self.max_samples, progress=self.progress, description=self.label,
+            total=self.local_batches or None)  # the previous pass's count
         with torch.no_grad():
             for index, (batch, fingerprint) in current:
                 if eval_pass:

@@ -19,12 +19,15 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
-    "format_table", "describe_nonfinite", "to_jsonable", "report_json", "JSON_SCHEMA_VERSION", "ReportDisplay", "text_to_html", "plural", "FoldDecision", "LayerStats",
-    "LayerRecalibration", "SkippedLayer", "RecalibrationReport", "summarize_shift",
+    "format_table", "describe_nonfinite", "to_jsonable", "report_json", "JSON_SCHEMA_VERSION", "ReportDisplay",
+    "text_to_html", "plural", "output_label", "FoldDecision", "LayerStats",
+    "LayerRecalibration", "SkippedLayer", "RecalibrationReport", "summarize_shift", "channel_shift",
 ]
 
 # While a report renders its HTML, every format_table call records what it rendered here.
 _RENDERED_TABLES: contextvars.ContextVar[list | None] = contextvars.ContextVar("bncal_rendered_tables", default=None)
+# While a report gives its records, every format_table call records its name, headers and raw rows here.
+_RECORDED_TABLES: contextvars.ContextVar[list | None] = contextvars.ContextVar("bncal_recorded_tables", default=None)
 # Result cells that get a colour in HTML.
 _VERDICT_CLASSES = {"pass": "pass", "PASSED": "pass", "FAIL": "fail", "FAILED": "fail", "INCOMPLETE": "fail"}
 _HTML_STYLE = ("<style>.bncal-report table{border-collapse:collapse;margin:4px 0}"
@@ -55,6 +58,40 @@ class ReportDisplay:
 
     def _repr_html_(self) -> str:
         return text_to_html(self.table, title=f"{type(self).__name__}: {self.summary()}")
+
+    def to_records(self) -> dict[str, list[dict]]:
+        """Every table of :meth:`table` as records, ``{table name: [{column: value}, ...]}``, with the
+        values unformatted (numbers as numbers, None for an empty cell); ``"layers"``, ``"outputs"``,
+        ``"ops"``, ``"fold"``... (a table's name is its first column's header unless the report names it)."""
+        token = _RECORDED_TABLES.set([])
+        try:
+            self.table()
+            tables = _RECORDED_TABLES.get()
+        finally:
+            _RECORDED_TABLES.reset(token)
+        out: dict[str, list[dict]] = {}
+        for name, headers, rows in tables:
+            key, n = name, 2
+            while key in out:
+                key, n = f"{name} {n}", n + 1
+            columns = [header or "row" for header in headers]
+            out[key] = [{column: to_jsonable(value) for column, value in zip(columns, row)} for row in rows]
+        return out
+
+    def to_pandas(self) -> dict:
+        """:meth:`to_records` as pandas DataFrames, ``{table name: DataFrame}`` (needs pandas)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("to_pandas() needs pandas: pip install pandas (to_records() needs nothing)") from None
+        return {name: pd.DataFrame.from_records(rows, columns=list(rows[0]) if rows else None)
+                for name, rows in self.to_records().items()}
+
+
+def output_label(name: str) -> str:
+    """``output logits`` for an output named ``logits``; the name alone where it already says
+    output (``output``, ``output_0``), so that no sentence reads "output output"."""
+    return name if name.lower().startswith("output") else f"output {name}"
 
 
 def describe_nonfinite(values) -> str | None:
@@ -142,8 +179,13 @@ class FoldDecision:
         return self.target is not None
 
 
-def format_table(rows, headers) -> str:
-    """Render rows (sequences of cells) as an aligned text table."""
+def format_table(rows, headers, *, name: str | None = None) -> str:
+    """Render rows (sequences of cells) as an aligned text table. ``name`` names the table in
+    :meth:`ReportDisplay.to_records` (default: its first header)."""
+    rows = [list(row) for row in rows]
+    records = _RECORDED_TABLES.get()
+    if records is not None:
+        records.append((name or headers[0] or "table", list(headers), rows))
     cells = [[_fmt(c) for c in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in cells:
@@ -172,8 +214,9 @@ def _fmt(value) -> str:
 
 
 #: Version of the JSON report layout (:func:`report_json`): bumped when a field is renamed or
-#: removed or changes meaning; new fields do not bump it.
-JSON_SCHEMA_VERSION = 1
+#: removed or changes meaning; new fields do not bump it. 2: a layer's ``samples`` (which counted
+#: values per channel) is ``values_per_channel``.
+JSON_SCHEMA_VERSION = 2
 
 
 def report_json(value, *, command: str | None = None, argv: list[str] | None = None) -> dict:
@@ -234,16 +277,22 @@ class LayerRecalibration:
     ``mean_shift`` is the largest per-channel ``|new_mean - old_mean| / sqrt(new_var + eps)``:
     how far the old statistics were from the new ones, in units of the new standard deviation.
     ``var_ratio`` is the per-channel ``old_var / new_var`` farthest from 1 (in log scale).
+    ``values_per_channel`` counts the values each channel's statistics pool: samples times
+    spatial positions (times calls per forward), not samples; the report's ``samples`` counts those.
     """
 
     name: str
     channels: int
-    samples: int
+    values_per_channel: int
     calls_per_forward: int
     before: LayerStats
     after: LayerStats
     mean_shift: float
     var_ratio: float
+    #: Per channel (:func:`channel_shift`): the figures ``mean_shift`` and ``var_ratio`` are the worst of
+    #: (None without old statistics); for :func:`bncal.plot.plot_channels`, not part of the JSON report.
+    channel_mean_shift: np.ndarray | None = dataclasses.field(default=None, repr=False, metadata={"json": False})
+    channel_var_ratio: np.ndarray | None = dataclasses.field(default=None, repr=False, metadata={"json": False})
 
 
 @dataclasses.dataclass
@@ -286,29 +335,71 @@ class RecalibrationReport(ReportDisplay):
 
     def table(self) -> str:
         rows = [
-            (l.name, l.channels, l.samples, l.mean_shift, l.var_ratio,
+            (l.name, l.channels, l.values_per_channel, l.mean_shift, l.var_ratio,
              float(np.mean(l.before.mean)), float(np.mean(l.after.mean)),
              float(np.mean(l.before.var)), float(np.mean(l.after.var)))
             for l in self.layers
         ]
-        text = format_table(rows, ["layer", "channels", "samples", "max |shift| (sd)", "var ratio",
-                                   "mean before", "mean after", "var before", "var after"])
+        text = format_table(rows, ["layer", "channels", "values/channel", "max |shift| (sd)", "var ratio",
+                                   "mean before", "mean after", "var before", "var after"], name="layers")
         for s in self.skipped:
             text += f"\nskipped {s.name}: {s.reason}"
         for note in self.notes:
             text += f"\nnote: {note}"
         return text
 
+    #: What the per-channel pictures compare (:func:`bncal.plot.plot_channels`).
+    ratio_label = "old / new"
+    channel_subject = "old statistics against the recalibrated ones, the check's default limits"
+
+    def outside_check_limits(self) -> list[bool]:
+        """Per layer: whether its old statistics were outside :class:`bncal.check.CheckThresholds`'
+        default limits (``bncal check`` would have failed them)."""
+        from .check import CheckThresholds
+
+        limits = CheckThresholds()
+        return [not (l.mean_shift <= limits.max_mean_shift and abs(math.log(l.var_ratio)) <= limits.max_var_log_ratio)
+                if math.isfinite(l.mean_shift) and math.isfinite(l.var_ratio) and l.var_ratio > 0 else True
+                for l in self.layers]
+
+    def channel_rows(self) -> list[dict]:
+        """Per layer with old statistics: ``{"layer", "mean_shift", "var_ratio", "passed"}``, the first
+        two per channel (arrays), ``passed`` as :meth:`outside_check_limits` judges it."""
+        return [{"layer": l.name, "mean_shift": l.channel_mean_shift, "var_ratio": l.channel_var_ratio,
+                 "passed": not outside} for l, outside in zip(self.layers, self.outside_check_limits())
+                if l.channel_mean_shift is not None]
+
+    def plot(self, path=None, *, kind: str = "layers", **options):
+        """The recalibration's picture (needs matplotlib): ``kind="layers"``
+        (:func:`bncal.plot.plot_recalibration`) or ``"channels"`` (:func:`bncal.plot.plot_channels`).
+        Returns a Figure; ``path`` writes it as a PNG too."""
+        from . import plot
+
+        draw = {"layers": plot.plot_recalibration, "channels": plot.plot_channels}
+        if kind not in draw:
+            raise ValueError(f"kind={kind!r}: give 'layers' or 'channels'")
+        return draw[kind](self, path, **options)
+
+
+def channel_shift(old_mean, old_var, new_mean, new_var, eps: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per channel, ``(|new_mean - old_mean| / sqrt(new_var + eps), (old_var + eps) / (new_var + eps))``;
+    None when there are no old statistics of the same shape (a lazy BN not yet materialised)."""
+    old_mean, old_var = np.asarray(old_mean, np.float64).reshape(-1), np.asarray(old_var, np.float64).reshape(-1)
+    new_mean, new_var = np.asarray(new_mean, np.float64).reshape(-1), np.asarray(new_var, np.float64).reshape(-1)
+    if old_mean.shape != new_mean.shape:
+        return None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.abs(new_mean - old_mean) / np.sqrt(new_var + eps), (old_var + eps) / (new_var + eps)
+
 
 def summarize_shift(old_mean, old_var, new_mean, new_var, eps: float) -> tuple[float, float]:
-    """``(max |mean shift| in new sd, var ratio farthest from 1)`` between two sets of statistics."""
-    old_mean, old_var = np.asarray(old_mean, np.float64), np.asarray(old_var, np.float64)
-    new_mean, new_var = np.asarray(new_mean, np.float64), np.asarray(new_var, np.float64)
-    if old_mean.shape != new_mean.shape:  # no old statistics (a lazy BN not yet materialised)
+    """``(max |mean shift| in new sd, var ratio farthest from 1)`` between two sets of statistics
+    (the worst channels of :func:`channel_shift`)."""
+    channels = channel_shift(old_mean, old_var, new_mean, new_var, eps)
+    if channels is None:
         return float("nan"), float("nan")
-    shift = np.abs(new_mean - old_mean) / np.sqrt(new_var + eps)
+    shift, ratio = channels
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = (old_var + eps) / (new_var + eps)
         log_ratio = np.abs(np.log(ratio))
     if not shift.size:
         return 0.0, 1.0

@@ -44,7 +44,7 @@ from .stats import StackedMoments
 __all__ = [
     "ort_session", "resolve_providers", "available_providers", "providers_on_device", "statistics_form", "input_specs",
     "InputSpec", "batch_feeds", "validated_feeds", "first_floating", "BatchStream", "run", "run_onnx",
-    "StatisticsSession", "BatchStatistics", "measure_latency", "compare_latency",
+    "StatisticsSession", "BatchStatistics", "measure_latency", "compare_latency", "latency_runs",
 ]
 
 _LEVELS = {
@@ -352,7 +352,7 @@ class BatchStream:
     def __iter__(self):
         current = DataPass(self._fresh(), lambda batch, index, remaining: validated_feeds(
             batch, self.specs, index, remaining), max_samples=self.max_samples, progress=self.progress,
-            description=self.description)
+            description=self.description, total=self.batches or None)  # the previous pass's count
         yield from current
         self.batches, self.samples = current.batches, current.samples
 
@@ -475,7 +475,8 @@ class StatisticsSession:
 
 def measure_latency(session: ort.InferenceSession, feeds: dict[str, np.ndarray], *, warmup: int = 3,
                     repeat: int = 20) -> dict[str, float]:
-    """Wall-clock latency of ``session.run`` on ``feeds``: ``{"median_ms", "min_ms"}`` over ``repeat`` runs."""
+    """Wall-clock latency of ``session.run`` on ``feeds`` over ``repeat`` runs: ``{"median_ms", "min_ms",
+    "max_ms", "times_ms"}`` (the last: every run, in order)."""
     if repeat < 1:
         raise BncalError(f"repeat must be at least 1, not {repeat}")
     names = [o.name for o in session.get_outputs()]
@@ -486,25 +487,35 @@ def measure_latency(session: ort.InferenceSession, feeds: dict[str, np.ndarray],
         start = time.perf_counter()
         run(session, names, feeds)
         times.append((time.perf_counter() - start) * 1e3)
-    return {"median_ms": statistics.median(times), "min_ms": min(times)}
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "times_ms": times}
 
 
 def compare_latency(models: dict[str, onnx.ModelProto], feeds_by_batch: dict[int, dict[str, np.ndarray]], *,
                     optimization_level: str = "basic", rounds: int = 5) -> dict[str, dict[int, float]]:
-    """Median latency (ms, 3 decimals) of each labelled model per batch size, ``{label: {batch: ms}}``.
+    """Median latency (ms, 3 decimals) of each labelled model per batch size, ``{label: {batch: ms}}``
+    (the median of :func:`latency_runs`)."""
+    runs = latency_runs(models, feeds_by_batch, optimization_level=optimization_level, rounds=rounds)
+    return {label: {batch: round(statistics.median(times), 3) for batch, times in by_batch.items()}
+            for label, by_batch in runs.items()}
 
-    The models are measured in alternation, ``rounds`` times 5 runs each, so that machine
-    noise hits them alike; all at the same ``optimization_level``.
+
+def latency_runs(models: dict[str, onnx.ModelProto], feeds_by_batch: dict[int, dict[str, np.ndarray]], *,
+                 optimization_level: str = "basic", rounds: int = 5, repeat: int = 5) -> dict[str, dict[int, list[float]]]:
+    """Every timed run (ms) of each labelled model per batch size, ``{label: {batch: [ms, ...]}}``.
+
+    The models are measured in alternation, ``rounds`` times ``repeat`` runs each (after one
+    warm-up run per round), so that machine noise hits them alike; all at the same
+    ``optimization_level``. Their median and range are the figure and its spread.
     """
     if not feeds_by_batch:
         return {}
     sessions = {label: ort_session(model, optimization_level=optimization_level) for label, model in models.items()}
     out = {label: {} for label in sessions}
     for batch, feeds in feeds_by_batch.items():
-        samples = {label: [] for label in sessions}
+        times = {label: [] for label in sessions}
         for _ in range(rounds):
             for label, session in sessions.items():
-                samples[label].append(measure_latency(session, feeds, warmup=1, repeat=5)["median_ms"])
+                times[label] += measure_latency(session, feeds, warmup=1, repeat=repeat)["times_ms"]
         for label in sessions:
-            out[label][batch] = round(statistics.median(samples[label]), 3)
+            out[label][batch] = times[label]
     return out

@@ -170,8 +170,9 @@ class ComparisonReport(ReportDisplay):
             return "FAILED: no outputs compared"
         return f"FAILED: {len(failed)} of {plural(len(self.outputs), 'output')} beyond {within} ({', '.join(failed[:3])})"
 
-    def table(self) -> str:
-        """A text table of the errors, then the tolerance, then one line PASSED or FAILED."""
+    def table(self, *, name: str = "outputs") -> str:
+        """A text table of the errors, then the tolerance, then one line PASSED or FAILED (``name``: the
+        table's name in :meth:`to_records`)."""
         rows = [
             (o.name, o.max_abs_error, o.mean_abs_error, o.median_abs_error, o.p90_abs_error, o.p99_abs_error,
              o.max_rel_error, o.scale, o.required_scale_tol, o.required_atol, o.required_rtol,
@@ -181,7 +182,7 @@ class ComparisonReport(ReportDisplay):
         headers = ["output", "max abs err", "mean", "median", "p90", "p99", "max rel err", "scale",
                    "max err/scale", "min atol", "min rtol", "result"]
         return "\n".join([
-            format_table(rows, headers),
+            format_table(rows, headers, name=name),
             f"tolerance: {self.tolerance}; smallest passing: max err/scale alone, or atol at rtol "
             f"{self.tolerance.rtol:g}, or rtol at atol {self.tolerance.atol:g}",
             "PASSED" if self.passed else "FAILED",

@@ -98,7 +98,7 @@ def test_layer_test_uses_population_statistics_exactly():
     ratios = (moving_var + first.epsilon) / (var + first.epsilon)
     worst = ratios[np.argmax(np.abs(np.log(ratios)))]
     assert report.layers[0].var_ratio == pytest.approx(worst, rel=1e-5)
-    assert report.layers[0].samples == 64 * 36
+    assert report.layers[0].values_per_channel == 64 * 36
     assert report.outputs[0].top1_agreement is None  # (N, C, H, W) output: no arg-max test
 
 
@@ -141,7 +141,7 @@ def test_verdict_parts_against_closed_forms():
     assert layer.mean_shift == pytest.approx(0.5) and layer.var_ratio == pytest.approx(4.0)
     assert layer.shift_limit == pytest.approx(0.1 + 3 / 10)
     assert layer.log_ratio_limit == pytest.approx(0.2 + 3 * math.sqrt(2 / 100))
-    assert not layer.passed and layer.samples == 100
+    assert not layer.passed and layer.values_per_channel == 100
     near = assess_layer("bn2", 2, [0.52, 1.0], [1.05, 1.0], data, 0.0, t)
     assert near.passed
     assert math.isinf(assess_layer("nan", 2, [np.nan, 0], [1, 1], data, 0.0, t).mean_shift)

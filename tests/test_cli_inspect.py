@@ -77,6 +77,6 @@ def test_report_json_carries_version_command_and_argv(tmp_path):
     argv = ["inspect", str(MODELS / "mnist_cnn_stale.onnx"), "--report-json", str(tmp_path / "r.json")]
     assert run(*argv)[0] == 1
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["bncal_version"] == bncal.__version__ and report["schema_version"] == JSON_SCHEMA_VERSION == 1
+    assert report["bncal_version"] == bncal.__version__ and report["schema_version"] == JSON_SCHEMA_VERSION == 2
     assert report["command"] == "inspect" and report["argv"] == ["bncal", *argv]
     assert list(report)[:4] == ["bncal_version", "schema_version", "command", "argv"] and "findings" in report

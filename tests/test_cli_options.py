@@ -38,8 +38,12 @@ def test_verbosity_and_force_on_every_command(command):
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_quiet_before_or_after_the_subcommand(where):
     args = ["inspect", STALE_ONNX]
-    code, output = run(*(["-q", *args] if where == "before" else [*args, "-q"]))
-    assert code == 1 and output == ""  # BN001 (an error) fails inspect; -q leaves only the exit status
+    result = CliRunner().invoke(main, [str(a) for a in (["-q", *args] if where == "before" else [*args, "-q"])])
+    # BN001 (an error) fails inspect; -q leaves no report, only the verdict line on stderr.
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "FAILED: onnx model, 7 BN layers: 1 error (BN001); worst BN001 error: moving statistics never updated "
+        "(0.1, 0.4 and 5 more)"]
     code, output = run(*args)
     assert code == 1 and output.startswith("layer")
 
@@ -53,9 +57,42 @@ def test_verbose_before_or_after_the_subcommand(tmp_path, where):
     assert code == 1 and "Traceback" in output and output.strip().splitlines()[-1].startswith("error: ")
 
 
-def test_quiet_check_says_its_verdict_by_exit_status(tmp_path):
-    code, output = run("check", STALE_ONNX, "--data", f"{MODELS / 'zoo.py'}:heldout_batches", "-q")
-    assert code == 1 and output == ""
+def test_quiet_commands_still_say_their_verdict_on_stderr(tmp_path):
+    """-q: nothing on stdout, one verdict line on stderr naming the worst item; the same line ends the report."""
+    data = f"{MODELS / 'zoo.py'}:heldout_batches"
+    quiet = CliRunner().invoke(main, ["check", str(STALE_ONNX), "--data", data, "-q"])
+    assert quiet.exit_code == 1 and quiet.stdout == ""
+    [line] = quiet.stderr.splitlines()
+    assert line.startswith("FAILED: 7 of 7 BatchNorm layers have moving statistics off their data (worst 1.3: ")
+    assert "output differs between inference and train mode" in line and "output output" not in line
+    loud = CliRunner().invoke(main, ["check", str(STALE_ONNX), "--data", data])
+    assert loud.stdout.strip().splitlines()[-1] == line and quiet.stderr.strip() not in loud.stderr
+    folded = tmp_path / "folded.onnx"
+    quiet = CliRunner().invoke(main, ["fold-export", str(STALE_ONNX), "-o", str(folded), "--input-shape", "2,1,28,28",
+                                      "-q"])
+    assert quiet.exit_code == 0 and quiet.stdout == "" and folded.exists()
+    [line] = quiet.stderr.splitlines()
+    assert line.startswith(f"PASSED: folded 7 of 7 BN layers, 0 BatchNormalization left -> {folded}; worst output")
+    assert "of its scale (tolerance |actual - reference| <= 0.0001 * max|reference|)" in line
+
+
+def test_fold_export_reports_the_elapsed_time_of_the_whole_run(tmp_path, monkeypatch):
+    """'wrote ... in X s' counts loading too (slowed here by a known 0.6 s), not the fold-export step alone."""
+    import re
+    import time
+
+    import bncal.loading
+
+    real = bncal.loading.load_any
+    monkeypatch.setattr(bncal.loading, "load_any", lambda *a, **k: (time.sleep(0.6), real(*a, **k))[1])
+    folded = tmp_path / "folded.onnx"
+    started = time.perf_counter()
+    result = CliRunner().invoke(main, ["fold-export", str(STALE_ONNX), "-o", str(folded), "--input-shape", "2,1,28,28"])
+    wall = time.perf_counter() - started
+    assert result.exit_code == 0, result.output
+    seconds = float(re.fullmatch(rf"wrote {re.escape(str(folded))} \(\d+ bytes\) in ([0-9.]+) s",
+                                 result.stdout.strip().splitlines()[-1]).group(1))
+    assert 0.6 <= seconds <= wall + 0.01
 
 
 def test_inspect_train_batch_size_and_its_deprecated_alias(tmp_path):

@@ -67,7 +67,7 @@ def test_npy_data_end_to_end_with_json_report(project):
     torch.testing.assert_close(new["1.running_mean"].double(), h.mean((0, 2, 3)), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(new["1.running_var"].double(), h.var((0, 2, 3), unbiased=False), rtol=1e-6, atol=0)
     report = json.loads((project / "r.json").read_text())
-    assert report["mode"] == "train" and report["layers"][0]["samples"] == 24 * 64
+    assert report["mode"] == "train" and report["layers"][0]["values_per_channel"] == 24 * 64
 
 
 def test_function_data_eval_mode_and_pt_output(project):

@@ -34,8 +34,8 @@ def test_recalibrate_plot_and_missing_matplotlib_message(tmp_path, monkeypatch):
 
     bn = torch.nn.BatchNorm1d(3)
     report = bncal.recalibrate(bn, [torch.randn(8, 3) * 2 + 1])
-    path = plot_recalibration(report, tmp_path / "r.png")
-    assert path.stat().st_size > 1000
+    plot_recalibration(report, tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 1000
     real_import = builtins.__import__
 
     def no_matplotlib(name, *args, **kwargs):
@@ -49,15 +49,6 @@ def test_recalibrate_plot_and_missing_matplotlib_message(tmp_path, monkeypatch):
     assert not (tmp_path / "r2.png").exists()
 
 
-def _drawn_figure(monkeypatch):
-    """The figure the next plot function draws (captured where it is closed)."""
-    import matplotlib.pyplot as plt
-
-    drawn, close = [], plt.close
-    monkeypatch.setattr(plt, "close", lambda fig=None: (drawn.append(fig), close(fig)))
-    return drawn
-
-
 def _ring_layers(ax, n_layers):
     """Layer indices ringed in red on ``ax`` (the unfilled markers drawn over points outside their band)."""
     import numpy as np
@@ -66,7 +57,7 @@ def _ring_layers(ax, n_layers):
     return sorted({int(round(x)) for c in rings for x, _ in c.get_offsets()} & set(range(n_layers)))
 
 
-def test_check_plot_draws_each_layer_against_its_band_and_marks_failures(tmp_path, monkeypatch):
+def test_check_plot_draws_each_layer_against_its_band_and_marks_failures(tmp_path):
     import math
 
     from matplotlib.colors import to_hex
@@ -78,10 +69,8 @@ def test_check_plot_draws_each_layer_against_its_band_and_marks_failures(tmp_pat
               LayerCheck("shifted", 4, 400, 0.6, 1.0, 0.25, 0.41, False),
               LayerCheck("squeezed", 4, 100, 0.01, 0.4, 0.4, 0.62, False)]
     report = CheckReport.from_checks(layers, [OutputCheck("y", 1.0, 0.1, 1.0, True)], [], CheckThresholds(), 2, 64)
-    drawn = _drawn_figure(monkeypatch)
-    path = plot_check({"moving vs data": report}, tmp_path / "c.png", model="net.onnx")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    fig = drawn[-1]
+    fig = plot_check({"moving vs data": report}, tmp_path / "c.png", model="net.onnx")
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     top, bottom = fig.axes[:2]
     assert fig._suptitle.get_text() == "net.onnx: bncal check: FAILED (2 of 3 layers off their data)"
     # The bands: per layer, shift up to its limit, variance ratio within exp(+-log_ratio_limit).
@@ -97,17 +86,15 @@ def test_check_plot_draws_each_layer_against_its_band_and_marks_failures(tmp_pat
     assert [round(y, 9) for _, y in points] == [0.05, 0.6, 0.01]
 
 
-def test_recalibrate_plot_shows_old_against_new_only(tmp_path, monkeypatch):
+def test_recalibrate_plot_shows_old_against_new_only():
     """No 'after' series: it would be 0 shift and ratio 1 by construction."""
     import bncal
     from bncal.plot import plot_recalibration
 
     from models import zoo
 
-    drawn = _drawn_figure(monkeypatch)
     report = bncal.recalibrate(zoo.mnist_cnn_stale(), zoo.calibration_batches()[:8])
-    plot_recalibration(report, tmp_path / "r.png", model="mnist_cnn")
-    fig = drawn[-1]
+    fig = plot_recalibration(report, model="mnist_cnn")
     top, bottom = fig.axes[:2]
     labels = [t.get_text() for t in top.get_legend().get_texts()]
     assert labels[0] == "old statistics vs recalibrated" and labels[1] == "outside its band" and len(labels) == 3
@@ -119,3 +106,119 @@ def test_recalibrate_plot_shows_old_against_new_only(tmp_path, monkeypatch):
     title = fig._suptitle.get_text().replace("\n", " ")
     assert title.startswith("mnist_cnn: recalibrated 7 BN layers (train mode, 1024 samples)")
     assert "7 of 7 held statistics outside the check's limits" in title
+
+
+def _failing_check_report():
+    """A check report whose layer 'shifted' fails on channel 2 only, with its per-channel figures."""
+    import numpy as np
+
+    from bncal.check import CheckReport, CheckThresholds, LayerCheck, OutputCheck
+
+    layers = [LayerCheck("ok", 3, 400, 0.05, 1.1, 0.25, 0.41, True, np.array([0.01, 0.05, 0.02]),
+                         np.array([1.0, 1.1, 0.95])),
+              LayerCheck("shifted", 4, 400, 0.6, 1.3, 0.25, 0.41, False, np.array([0.01, 0.02, 0.6, 0.03]),
+                         np.array([1.0, 1.3, 0.9, 1.05]))]
+    return CheckReport.from_checks(layers, [OutputCheck("y", 1.0, 0.1, 1.0, True)], [], CheckThresholds(), 2, 64)
+
+
+_NOTEBOOK = r"""
+import sys, pickle
+import matplotlib
+matplotlib.use("svg")  # the user's backend: anything but Agg
+import matplotlib.pyplot as plt
+from bncal import plot
+
+report = pickle.loads(bytes.fromhex(sys.argv[1]))
+rc = dict(matplotlib.rcParams)
+mine, ax = plt.subplots()
+ax.plot([0, 1, 2], [2, 1, 3], label="mine")
+figures = [plot.plot_check(report), report.plot(kind="channels"), plot.plot_check(report, "layers.png")]
+assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
+assert plt.get_fignums() == [mine.number] and plt.gcf() is mine and plt.gca() is ax  # bncal's figures are not pyplot's
+assert dict(matplotlib.rcParams) == rc
+assert [l.get_label() for l in ax.get_lines()] == ["mine"]
+later, later_ax = plt.subplots()  # the user's next plot works as before
+later_ax.plot([1, 2], [3, 4])
+later.savefig("later.svg")
+assert plt.get_fignums() == [mine.number, later.number]
+# Drawing into the user's own axes returns the user's figure.
+grid, (top, bottom) = plt.subplots(2, 1)
+assert report.plot(axes=(top, bottom)) is grid and top.collections and grid._suptitle is None
+print("intact", [type(f).__name__ for f in figures])
+"""
+
+
+def test_plots_leave_the_users_matplotlib_state_intact(tmp_path):
+    """Notebook-style: a user's figure and backend survive bncal.plot; bncal returns Figures of its own."""
+    import pickle
+    import subprocess
+    import sys
+
+    from tests_support import ROOT
+
+    report = _failing_check_report()
+    result = subprocess.run([sys.executable, "-c", _NOTEBOOK, pickle.dumps(report).hex()], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120,
+                            env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "intact ['Figure', 'Figure', 'Figure']"
+    assert (tmp_path / "later.svg").stat().st_size > 0 and (tmp_path / "layers.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_channel_plot_shows_each_channel_of_the_failing_layers():
+    import numpy as np
+
+    report = _failing_check_report()
+    fig = report.plot(kind="channels", model="net.onnx")
+    shift_ax, ratio_ax = fig.axes[:2]
+    shift, ratio = shift_ax.images[0].get_array(), ratio_ax.images[0].get_array()
+    assert shift.shape == ratio.shape == (1, 4)  # only the failing layer, one column per channel
+    np.testing.assert_allclose(shift[0], [0.01, 0.02, 0.6, 0.03])
+    np.testing.assert_allclose(ratio[0], [1.0, 1.3, 0.9, 1.05])
+    assert [t.get_text() for t in shift_ax.get_yticklabels()] == ["shifted"]
+    assert "per-channel statistics of 1 failing layer" in fig._suptitle.get_text()
+    both = report.plot(kind="channels", layers=["ok", "shifted"])
+    padded = both.axes[0].images[0].get_array()
+    assert padded.shape == (2, 4) and padded.mask[0].tolist() == [False, False, False, True]  # 3 channels, 1 blank
+    with pytest.raises(BncalError, match="no layer nope in the report; its layers: ok, shifted"):
+        report.plot(kind="channels", layers=["nope"])
+
+
+def test_recalibration_channels_match_the_statistics_they_come_from():
+    """The per-channel figures behind the max: |new - old| / sqrt(new var + eps) and (old + eps) / (new + eps)."""
+    import numpy as np
+    import torch
+
+    import bncal
+
+    bn = torch.nn.BatchNorm1d(3)
+    x = torch.randn(64, 3, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5]) + torch.tensor([0.0, 1.0, -3.0])
+    layer = bncal.recalibrate(bn, [x.float()]).layers[0]
+    mean, var = x.mean(0).numpy(), x.var(0, unbiased=False).numpy()
+    np.testing.assert_allclose(layer.channel_mean_shift, np.abs(mean) / np.sqrt(var + bn.eps), rtol=1e-5)
+    np.testing.assert_allclose(layer.channel_var_ratio, (1 + bn.eps) / (var + bn.eps), rtol=1e-5)
+    assert layer.mean_shift == pytest.approx(layer.channel_mean_shift.max())
+
+
+def test_fold_export_plot_draws_each_outputs_error_against_its_tolerance(tmp_path):
+    import onnx
+
+    from bncal.fold_export import fold_export_onnx
+    from models import zoo
+
+    stale = zoo.Path(zoo.__file__).resolve().parent / "mnist_cnn_stale.onnx"
+    _, report = fold_export_onnx(onnx.load(str(stale)), input_shapes=[(4, 1, 28, 28)])
+    fig = report.plot(model="mnist_cnn_stale.onnx")
+    [ax] = fig.axes
+    [tolerance] = [line for line in ax.get_lines() if line.get_label().startswith("tolerance")]
+    assert list(tolerance.get_ydata()) == [1e-4, 1e-4]  # the default scale tolerance, in units of the scale
+    o = report.comparison.outputs[0]
+    [points] = [c for c in ax.collections if c.get_label() == "fold: median, p99, max"]
+    ys = sorted(y for _, y in points.get_offsets())
+    assert ys[-1] == pytest.approx(o.max_abs_error / o.scale) == pytest.approx(o.required_scale_tol)
+    assert "fold-export: PASSED" in fig._suptitle.get_text()
+    out, png = tmp_path / "f.onnx", tmp_path / "f.png"
+    result = CliRunner().invoke(main, ["fold-export", str(stale), "--input-shape", "4,1,28,28", "-o", str(out),
+                                       "--plot", str(png)])
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.exists()

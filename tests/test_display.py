@@ -161,3 +161,34 @@ def test_summaries_of_passing_failing_and_eval_results():
     report = bncal.recalibrate(bn, data, mode="eval")
     assert re.fullmatch(r"<RecalibrationReport eval mode: 1 BN layer from 48 samples, \d+ passes?, converged>",
                         repr(report)), repr(report)
+
+
+def test_every_report_table_exports_as_records_with_unformatted_values():
+    thresholds = CheckThresholds()
+    layers = [LayerCheck("bn1", 4, 3136, 0.0123456789, 1.5, 0.4, 0.6, False),
+              LayerCheck("bn2", 8, 784, 0.01, 1.0, 0.4, 0.6, True)]
+    output = OutputCheck("logits", 0.1, 0.2, 0.9, False, 0.05, 4.0, 0.99, "batch spread", 0.975)
+    report = CheckReport.from_checks(layers, [output], [], thresholds, 2, 64)
+    records = report.to_records()
+    assert list(records) == ["layers", "outputs"]
+    first = records["layers"][0]
+    assert first["layer"] == "bn1" and first["values/channel"] == 3136 and first["result"] == "FAIL"
+    assert first["max |shift| (sd)"] == 0.0123456789  # the value itself, not the table's 4 digits
+    assert [r["layer"] for r in records["layers"]] == ["bn1", "bn2"]
+    assert records["outputs"] == [{"output": "logits", "max abs err": 0.1, "rel err (rms)": 0.2,
+                                   "rel err train/train'": 0.05, "spread ratio": 4.0, "top-1 agree": 0.9,
+                                   "top-1 train/train'": 0.99, "criterion": "batch spread", "result": "FAIL"}]
+    comparison = ComparisonReport([OutputComparison("y", True, 1e-7, 1e-6, 5e-8, 1e-7, 1.0)], 0.0, 0.0, 1e-4)
+    assert list(comparison.to_records()) == ["outputs"] and comparison.to_records()["outputs"][0]["scale"] == 1.0
+    bn = torch.nn.BatchNorm1d(3)
+    recalibration = bncal.recalibrate(bn, [torch.randn(16, 3)])
+    [row] = recalibration.to_records()["layers"]
+    assert row["values/channel"] == 16 and row["var ratio"] == recalibration.layers[0].var_ratio
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match=r"to_pandas\(\) needs pandas: pip install pandas"):
+            report.to_pandas()
+    else:
+        frames = report.to_pandas()
+        assert list(frames["layers"]["layer"]) == ["bn1", "bn2"] and frames["outputs"].shape == (1, 9)

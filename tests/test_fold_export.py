@@ -308,6 +308,11 @@ def test_latency_is_opt_in_and_skips_what_a_fixed_batch_cannot_take(tmp_path):
     _, report = fold_export_onnx(proto, latency_batches=(1, 4, 32))
     assert list(report.latency_ms["folded"]) == [4] and list(report.latency_ms["original"]) == [4]
     assert report.notes == ["latency at batch 1, 32 skipped: the model's batch size is fixed at 4"]
+    # Each figure is the median of its timed runs, shown with their range (what tells noise from a difference).
+    for label in ("original", "folded"):
+        low, high = report.latency_range_ms[label][4]
+        assert 0 < low <= report.latency_ms[label][4] <= high
+        assert f"{report.latency_ms[label][4]:.3g} ({low:.3g}..{high:.3g})" in report.table()
 
 
 def test_verification_takes_the_models_own_shapes():

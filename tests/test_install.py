@@ -1,8 +1,9 @@
 """Install by need: the base package serves ONNX files without torch; a missing extra is named in one line.
 
 ``test_base_install_serves_onnx_without_torch`` builds this checkout's wheel, installs it into a
-fresh venv with pip (the constraints file, no extras: pip may need the network) and runs an ONNX
-recalibrate + check there. The other tests run in this environment and check what is imported.
+fresh venv with pip (the constraints file, no extras: pip may need the network) and runs there
+the README's console blocks marked for the base install (ONNX recalibrate, check and fold-export
+on the shipped ``.npz`` digits), exactly as written. The other tests run in this environment and check what is imported.
 """
 
 import os
@@ -42,6 +43,21 @@ def _mnist_npy(folder: Path) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
+def _base_install_commands() -> list[tuple[str, list[str]]]:
+    """``(command, documented output lines)`` of each README console block marked for the base install."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"<!-- base install: tests/test_install.py runs the next block without torch -->\n"
+                        r"```console\n(.*?)```", readme, flags=re.S)
+    commands = []
+    for block in blocks:
+        for line in block.splitlines():
+            if line.startswith("$ "):
+                commands.append((line[2:], []))
+            elif commands:
+                commands[-1][1].append(line)
+    return commands
+
+
 def _run(argv, **kwargs):
     return subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=300, **kwargs)
 
@@ -67,33 +83,40 @@ def test_base_install_serves_onnx_without_torch(tmp_path):
     absent = _run([python, "-c", f"import importlib.util as u; print([m for m in {OPTIONAL!r} if u.find_spec(m)])"])
     assert absent.stdout.strip() == "[]", absent.stdout + absent.stderr  # the base install brought no extra
 
-    calib, test = _mnist_npy(tmp_path)
+    # Exactly the README's base-install commands, with this venv's bncal first on PATH.
+    bncal = bin_dir / "bncal"
     work = tmp_path / "work"
     work.mkdir()
-    bncal = bin_dir / "bncal"
-    fixed = work / "fixed.onnx"
-    result = _run([bncal, "recalibrate", STALE_ONNX, "--data", calib, "-o", fixed], cwd=work)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert result.stdout.splitlines()[0].split()[:3] == ["layer", "channels", "samples"]
-    assert "recalibrated 7 BatchNorm layers from 4000 samples" in result.stdout
-    result = _run([bncal, "check", fixed, "--data", test], cwd=work)
-    assert result.returncode == 0 and result.stdout.strip().endswith("PASSED"), result.stdout + result.stderr
-    result = _run([bncal, "check", STALE_ONNX, "--data", test], cwd=work)
-    assert result.returncode == 1 and "FAILED: 7 of 7 BatchNorm layers" in result.stdout
+    (work / "models").symlink_to(MODELS, target_is_directory=True)
+    env = {**os.environ, "PATH": str(bin_dir) + os.pathsep + os.environ.get("PATH", "")}
+    env.pop("PYTHONPATH", None)
+    commands = _base_install_commands()
+    assert len(commands) >= 4 and all("zoo.py" not in command for command, _ in commands)
+    for command, documented in commands:
+        result = subprocess.run(command, shell=True, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+        status = [line for line in documented if line.startswith("exit status:")]
+        assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+        if status:
+            assert status[0] in result.stdout, command
+        if documented:
+            assert result.stdout.splitlines()[0].split() == documented[0].split(), command
+            assert result.stdout.split()[-1] == documented[-1].split()[-1], command  # the verdict (or exit status)
+    fixed, test = work / "mnist_cnn_fixed.onnx", MODELS / "mnist_heldout.npz"
 
     # What needs an extra says which, in one line.
     result = _run([bncal, "inspect", f"{MODELS / 'zoo.py'}:mnist_cnn"], cwd=work)
     assert result.returncode == 1
     assert result.stderr.strip() == ("error: " + f"{MODELS / 'zoo.py'}:mnist_cnn (a PyTorch model) needs PyTorch: "
                                      "pip install 'bncal[torch]'")
-    result = _run([bncal, "check", fixed, "--data", test, "--plot", work / "p.png"], cwd=work)
+    result = _run([bncal, "check", fixed, "--data", test, "--normalize", "--preset", "mnist", "--plot", work / "p.png"],
+                  cwd=work)
     assert result.returncode == 1
     assert result.stderr.strip() == "error: --plot needs matplotlib: pip install 'bncal[plot]'"
     result = _run([python, "-c", "import bncal; bncal.recalibrate"], cwd=work)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         "bncal.extras.MissingExtra: bncal.recalibrate needs PyTorch: pip install 'bncal[torch]'")
-    assert sorted(p.name for p in work.iterdir()) == ["fixed.onnx"]
+    assert sorted(p.name for p in work.iterdir()) == ["mnist_cnn_fixed.onnx", "mnist_cnn_fixed_folded.onnx", "models"]
 
 
 _PROBE = """

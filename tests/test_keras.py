@@ -101,7 +101,7 @@ def test_train_mode_first_bn_equals_float64_statistics_of_its_input(variant):
     got_mean, got_var = _stats(bn)
     np.testing.assert_allclose(got_mean, mean, rtol=1e-6, atol=1e-6 * np.sqrt(var).max())
     np.testing.assert_allclose(got_var, var, rtol=1e-6)
-    assert report.layers[0].samples == int(np.prod(conv(x).shape)) // var.size  # every axis but the channel's
+    assert report.layers[0].values_per_channel == int(np.prod(conv(x).shape)) // var.size  # every axis but the channel's
     assert (report.mode, report.batches, report.samples, report.passes) == ("train", 4, 50, 1)
     if variant == "renorm":
         # Keras derives the moving variance from moving_stddev at each renorm step: keep them consistent.
@@ -119,7 +119,7 @@ def test_masked_positions_are_left_out_as_keras_leaves_them_out():
     x = np.array([[1, 2, 0, 0, 0], [3, 4, 5, 0, 0], [6, 0, 0, 0, 0], [7, 8, 9, 1, 2]], "int32")
     report = bk.recalibrate(model, x, batch_size=2)
     kept = _np(embedding(x))[x != 0]  # 11 unmasked positions
-    assert report.layers[0].samples == 11
+    assert report.layers[0].values_per_channel == 11
     np.testing.assert_allclose(_stats(bn)[0], kept.mean(0), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(_stats(bn)[1], kept.var(0), rtol=1e-5)
 
@@ -553,7 +553,7 @@ def test_check_fails_stale_statistics_and_passes_recalibrated_ones():
     stale = bk.check(net, x, batch_size=64)
     assert not stale.passed and all(not l.passed for l in stale.layers)
     assert stale.reasons[0].startswith("4 of 4 BatchNorm layers have moving statistics off their data")
-    assert stale.layers[0].samples == 256 * 64  # the second batching's statistics are not merged
+    assert stale.layers[0].values_per_channel == 256 * 64  # the second batching's statistics are not merged
     # Outputs are judged against train mode on re-paired batches, as in the ONNX check.
     assert stale.outputs[0].criterion == "batch spread" and stale.outputs[0].spread_ratio > 1.5
     bk.recalibrate(net, x, batch_size=64, mode="eval")

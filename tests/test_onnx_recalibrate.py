@@ -109,7 +109,7 @@ def test_first_bn_equals_float64_population_statistics_for_any_split():
         new, report = recalibrate_onnx(model, split(x, sizes))
         assert_stats_close(stored(new)[first], expected, 1e-6)
         assert report.batches == len(sizes) and report.samples == 60 and report.passes == 1
-        assert report.layers[0].samples == 60 * 81
+        assert report.layers[0].values_per_channel == 60 * 81
 
 
 def test_train_mode_matches_pytorch_float64_reference():
@@ -238,8 +238,8 @@ def test_dynamic_spatial_size():
     new, report = recalibrate_onnx(model, batches)
     pooled = np.concatenate([np.moveaxis(b, 1, -1).reshape(-1, 3) for b in batches])
     assert_stats_close(list(stored(new).values())[0], moments64(pooled[:, :, None]), 1e-6)
-    assert report.layers[0].samples == 4 * 64 + 6 * 55
-    assert report.layers[1].samples == 4 * 36 + 6 * 27
+    assert report.layers[0].values_per_channel == 4 * 64 + 6 * 55
+    assert report.layers[1].values_per_channel == 4 * 36 + 6 * 27
     new_eval, _ = recalibrate_onnx(model, batches, mode="eval")
     assert_stats_close(list(stored(new_eval).values())[0], moments64(pooled[:, :, None]), 1e-6)
 

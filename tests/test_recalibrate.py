@@ -34,7 +34,7 @@ def test_first_layer_equals_float64_population_statistics(dim, shape):
     mean, var = _population(x)
     torch.testing.assert_close(bn.running_mean.double(), mean, rtol=1e-6, atol=0)
     torch.testing.assert_close(bn.running_var.double(), var, rtol=1e-6, atol=0)
-    assert report.layers[0].samples == x.numel() // 3
+    assert report.layers[0].values_per_channel == x.numel() // 3
     assert int(bn.num_batches_tracked) == 4
     assert bn.training  # the mode it had before
 
@@ -170,7 +170,7 @@ def test_inputs_as_dicts_tuples_and_forward_fn_and_max_samples():
         torch.testing.assert_close(net.bn_b.running_var.double(), b.double().var(0, unbiased=False), rtol=1e-6, atol=0)
     net = TwoInputs()
     report = bncal.recalibrate(net, [(a[:20], b[:20]), (a[20:], b[20:])], max_samples=25)
-    assert report.samples == 25 and report.layers[0].samples == 25
+    assert report.samples == 25 and report.layers[0].values_per_channel == 25
     torch.testing.assert_close(net.bn_a.running_mean.double(), a[:25].double().mean(0), rtol=1e-6, atol=1e-7)
 
 
@@ -218,7 +218,7 @@ def test_subclasses_sync_lazy_untracked_unreached_and_reused_layers():
     assert torch.equal(net.unused.running_mean, torch.zeros(3)) and torch.equal(net.unused.running_var, torch.ones(3))
     shared = next(l for l in report.layers if l.name == "shared")
     assert shared.calls_per_forward == 2 and any("shared" in n for n in report.notes)
-    assert shared.samples == 2 * x.numel() // 3
+    assert shared.values_per_channel == 2 * x.numel() // 3
 
 
 @pytest.mark.parametrize("problem,data,match", [

@@ -39,7 +39,9 @@ def test_run_onnx_and_input_specs(add_one_model, tmp_path):
     with pytest.raises(BncalError, match=r"missing \['x'\], unknown \['z'\]"):
         run_onnx(session, {"z": x})
     latency = measure_latency(session, {"x": x}, warmup=1, repeat=3)
-    assert set(latency) == {"median_ms", "min_ms"} and 0 < latency["min_ms"] <= latency["median_ms"]
+    assert set(latency) == {"median_ms", "min_ms", "max_ms", "times_ms"} and len(latency["times_ms"]) == 3
+    assert 0 < latency["min_ms"] <= latency["median_ms"] <= latency["max_ms"]
+    assert (latency["min_ms"], latency["max_ms"]) == (min(latency["times_ms"]), max(latency["times_ms"]))
 
 
 def test_session_errors_are_bncal_errors(add_one_model, tmp_path):
@@ -117,7 +119,7 @@ def test_check_onnx_feeds_by_name_or_position(form):
     for layer, name, x in zip(report.layers, ("a", "b"), (a, b)):
         x = x.astype(np.float64)
         expected = np.max(np.abs(stored[f"{name}.mean"] - x.mean(0)) / np.sqrt(x.var(0) + EPS))
-        assert layer.name == f"bn_{name}" and layer.samples == 40
+        assert layer.name == f"bn_{name}" and layer.values_per_channel == 40
         assert layer.mean_shift == pytest.approx(expected, rel=1e-5)
 
 
@@ -238,6 +240,6 @@ def test_arithmetic_form_forced_on_cpu_gives_the_same_statistics(monkeypatch):
             assert np.max(np.abs(ours[name][0] - mean) / np.sqrt(var)) < 1e-5, (mode, name)
             np.testing.assert_allclose(ours[name][1], var, rtol=1e-5, err_msg=f"{mode} {name}")
     for ours, theirs in zip(results["arithmetic"]["check"].layers, results["batchnorm"]["check"].layers, strict=True):
-        assert ours.samples == theirs.samples
+        assert ours.values_per_channel == theirs.values_per_channel
         assert ours.mean_shift == pytest.approx(theirs.mean_shift, rel=1e-5)
         assert ours.var_ratio == pytest.approx(theirs.var_ratio, rel=1e-5)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 import traceback
 
 import click
@@ -28,13 +29,14 @@ __all__ = ["main", "run_command"]
 
 
 class _Main(click.Group):
-    """The ``bncal`` group; it keeps the command line as given, for the JSON reports (``ctx.meta["bncal.argv"]``)."""
+    """The ``bncal`` group; it keeps the command line as given, for the JSON reports (``ctx.meta["bncal.argv"]``),
+    and when it was parsed, for the run's elapsed time (``ctx.meta["bncal.started"]``)."""
 
     def make_context(self, info_name, args, parent=None, **extra):
-        argv = ["bncal", *args]
+        argv, started = ["bncal", *args], time.perf_counter()
         with _interrupt_is_an_error():
             ctx = super().make_context(info_name, args, parent=parent, **extra)
-        ctx.meta["bncal.argv"] = argv
+        ctx.meta["bncal.argv"], ctx.meta["bncal.started"] = argv, started
         return ctx
 
     def invoke(self, ctx):
@@ -89,6 +91,7 @@ def run_command(body, args, groups) -> None:
             with plan:
                 status = body(args) or 0
         ui.committed()
+        ui.finished()
     except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
         raise
     except Terminated as exc:

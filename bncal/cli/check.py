@@ -65,5 +65,7 @@ def command(args) -> int:
         from ..plot import plot_check
 
         plot_check({"moving vs data": report}, args.report.plot, model=args.model.display_name)
+    ui.verdict(report.verdict_line() if parity is None or parity.passed or not report.passed
+               else f"FAILED: PyTorch eval vs onnxruntime: {parity.summary().removeprefix('FAILED: ')}")
     accepted = report.passed or (report.verdict == "INCOMPLETE" and args.check.allow_unchecked)
     return 0 if accepted else 1

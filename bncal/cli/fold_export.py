@@ -6,8 +6,8 @@ from collections import Counter
 from itertools import islice
 
 from ..errors import BncalError, DeploymentError, VerificationError
-from .options import (DataArgs, ExportArgs, FoldArgs, GateArgs, GuardArgs, InputShapeArgs, ModelArgs, OutputArgs, ReportArgs,
-                      ToleranceArgs, VerbosityArgs, VerificationArgs, command, random_inputs, torch_batches)
+from .options import (DataArgs, ExportArgs, FoldArgs, GateArgs, GuardArgs, InputShapeArgs, ModelArgs, OutputArgs,
+                      ReportArgs, ToleranceArgs, VerbosityArgs, VerificationArgs, command, shaped_example, torch_batches)
 
 
 @command(
@@ -23,7 +23,8 @@ from .options import (DataArgs, ExportArgs, FoldArgs, GateArgs, GuardArgs, Input
     VerificationArgs(),
     GateArgs(),
     GuardArgs(scored="the exported model in onnxruntime"),
-    ReportArgs(),
+    ReportArgs(plot="Write a PNG of each output's error against its tolerance, for the fold and the export "
+                    "(needs the 'plot' extra)."),
     VerbosityArgs(),
 )
 def command(args) -> int:
@@ -55,6 +56,7 @@ def command(args) -> int:
 
         if isinstance(exc.report, FoldExportReport):  # the health gate's refusal is its own one line
             ui.echo(exc.report.table())
+            ui.verdict(exc.report.verdict_line())
         raise
     ui.echo(report.table())
     check_report = None
@@ -62,13 +64,19 @@ def command(args) -> int:
         check_report = _check(args, report, data, None if loaded.kind == "onnx" else loaded.model, progress)
     if args.report.json:
         ReportArgs.write_json(args.report.json, {"fold_export": report, "check": check_report})
+    if args.report.plot:
+        report.plot(args.report.plot, model=args.model.display_name)
     if check_report is not None and check_report.verdict == "FAILED":  # INCOMPLETE: lowered BNs, shown above
+        ui.verdict("FAILED: the train/inference check of the exported model: "
+                   + check_report.verdict_line().removeprefix("FAILED: "))
         if check_report.warnings:  # batches far from random draws: the check could not judge the statistics
             raise BncalError("the train/inference check cannot judge these batches (see the warning); shuffle the "
                              "data, or skip the check with --no-check")
         raise BncalError("the exported model's moving statistics do not match its batch statistics "
                          "(see the check above); recalibrate it first: bncal recalibrate MODEL --data DATA -o OUT")
-    ui.echo_after_commit(f"wrote {args.output.path} ({report.bytes_after} bytes) in {report.seconds:.2f} s")
+    ui.verdict(report.verdict_line())
+    # The whole run (loading, export, verification, check), not the fold-export step alone.
+    ui.echo_after_commit(f"wrote {args.output.path} ({report.bytes_after} bytes) in {ui.elapsed():.2f} s")
     return 0
 
 
@@ -143,7 +151,7 @@ def _fold_export_torch(args, net, data, progress):
         batches, names = [inputs for inputs, _ in named], named[0][1]
         example = batches[0]
     elif args.shapes:
-        example = random_inputs(args.shapes.ordered(forward_parameter_names(net) or [], prefix=True))
+        example = shaped_example(args.shapes, net)
         names = (forward_parameter_names(net) or [])[:len(example)] if args.shapes.named else None
     else:
         raise BncalError("give --data or --input-shape so the model can be traced")

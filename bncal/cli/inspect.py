@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .options import (InputShapeArgs, ModelArgs, Options, OutputArgs, ReportArgs, TrainingArgs, VerbosityArgs, command,
-                      random_inputs)
+                      shaped_example)
 
 
 @command(
@@ -48,9 +48,7 @@ def command(args) -> int:
     elif args.shapes:
         from ..folding import analyze_foldability
 
-        from ..export import forward_parameter_names
-
-        example = random_inputs(args.shapes.ordered(forward_parameter_names(target) or [], prefix=True))
+        example = shaped_example(args.shapes, target)
         decisions = analyze_foldability(target, example)
     training = args.training
     report = inspect_model(target, batch_size=training.batch_size, dataset_size=training.dataset_size,
@@ -59,4 +57,6 @@ def command(args) -> int:
     if args.report.json:
         ReportArgs.write_json(args.report.json, report)
     worst, strict = report.max_severity(), args.inspect.strict
-    return 1 if worst is not None and SEVERITIES.index(worst) >= SEVERITIES.index(strict) else 0
+    failed = worst is not None and SEVERITIES.index(worst) >= SEVERITIES.index(strict)
+    args.ui.verdict(report.verdict_line(failed))
+    return 1 if failed else 0

@@ -17,6 +17,7 @@ import json
 import math
 import re
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -27,7 +28,8 @@ from ..errors import BncalError
 __all__ = [
     "OptionGroup", "Args", "command", "VerbosityArgs", "ModelArgs", "DataArgs", "InputShapeArgs", "ToleranceArgs",
     "ThresholdArgs", "DeviceArgs", "ProviderArgs", "OutputArgs", "ReportArgs", "RecalibrationArgs", "ExportArgs",
-    "FoldArgs", "VerificationArgs", "TrainingArgs", "GateArgs", "GuardArgs", "Options", "Console", "InputShapes", "torch_batches", "random_inputs",
+    "FoldArgs", "VerificationArgs", "TrainingArgs", "GateArgs", "GuardArgs", "Options", "Console", "InputShapes",
+    "torch_batches", "random_inputs", "shaped_example",
 ]
 
 
@@ -221,11 +223,24 @@ def _usage_error(message: str, option: str | None = None):
 # The console: what a command prints, respecting -q. ---------------------------------------------------
 class Console:
     """Where a command's words go: reports to stdout (none with ``quiet``), warnings and errors to
-    stderr. Lines that announce a written file wait until the run's outputs are in place."""
+    stderr. Lines that announce a written file wait until the run's outputs are in place.
+    ``started`` is when the command line was parsed (:func:`time.perf_counter`), for the run's elapsed time."""
 
-    def __init__(self, verbose: bool = False, quiet: bool = False):
+    def __init__(self, verbose: bool = False, quiet: bool = False, started: float | None = None):
         self.verbose, self.quiet = verbose, quiet
+        self.started = time.perf_counter() if started is None else started
         self._after_commit: list[str] = []
+
+    def elapsed(self) -> float:
+        """Seconds since the command line was parsed: the whole run, loading and checks included."""
+        return time.perf_counter() - self.started
+
+    def verdict(self, line: str) -> None:
+        """The run's one-line verdict (``PASSED``/``FAILED``/``INCOMPLETE: ...``, naming the worst item).
+        The report on stdout already ends with it; with ``quiet``, which silences the report, it goes to
+        stderr, so that ``-q`` still says how the run ended."""
+        if self.quiet:
+            click.echo(line, err=True)
 
     def echo(self, text: str = "") -> None:
         if not self.quiet:
@@ -241,6 +256,11 @@ class Console:
         """A step of a long command, on stderr, only when interactive (see :attr:`interactive`)."""
         if self.interactive:
             click.echo(f"{text}...", err=True)
+
+    def finished(self) -> None:
+        """The run's elapsed time on stderr, after its progress bars, when interactive."""
+        if self.interactive:
+            click.echo(f"finished in {self.elapsed():.1f} s", err=True)
 
     def echo_after_commit(self, text: str) -> None:
         """Print ``text`` once every output of the run is in place (never if the run fails)."""
@@ -301,7 +321,8 @@ class VerbosityArgs(OptionGroup):
     def options() -> list[click.Option]:
         return [
             click.Option(["-v", "--verbose"], is_flag=True, help="Show the traceback of an error."),
-            click.Option(["-q", "--quiet"], is_flag=True, help="Print no report on stdout (errors and warnings still go to stderr)."),
+            click.Option(["-q", "--quiet"], is_flag=True,
+                         help="Print no report on stdout; one verdict line, errors and warnings still go to stderr."),
         ]
 
     def params(self):
@@ -311,7 +332,7 @@ class VerbosityArgs(OptionGroup):
         ctx = click.get_current_context(silent=True)
         root = ctx.find_root().meta if ctx is not None else {}
         return Console(verbose=values["verbose"] or root.get("bncal.verbose", False),
-                       quiet=values["quiet"] or root.get("bncal.quiet", False))
+                       quiet=values["quiet"] or root.get("bncal.quiet", False), started=root.get("bncal.started"))
 
 
 class ModelValue(types.SimpleNamespace):
@@ -541,6 +562,42 @@ class InputShapeArgs(OptionGroup):
         if named and values["input_shapes"]:
             raise _usage_error("give --input-shape (in input order) or --input-shapes (by name), not both")
         return InputShapes(positional=list(values["input_shapes"]), named=named)
+
+
+def shaped_example(shapes: InputShapes, net) -> tuple:
+    """Seeded random inputs of a PyTorch ``net`` from ``--input-shape``/``--input-shapes``, run once:
+    a model that fails on them gets an error naming the option (and, for a channel count that does
+    not fit, the shape to give), not the model's own words alone."""
+    import re
+
+    import torch
+
+    from ..errors import first_line
+    from ..export import forward_parameter_names
+
+    ordered = shapes.ordered(forward_parameter_names(net) or [], prefix=True)
+    example = random_inputs(ordered)
+    modes = {module: module.training for module in net.modules()}
+    try:
+        net.eval()  # a train-mode forward would move the running statistics this run inspects or folds
+        with torch.no_grad():
+            net(*example)
+    except Exception as exc:  # noqa: BLE001 - the model's own error, worded for the option that made its inputs
+        option = "--input-shape" if shapes.positional else "--input-shapes"
+        given = " ".join(",".join(map(str, shape)) for shape in ordered)
+        message = first_line(exc)
+        hint = ""
+        channels = re.search(r"to have (\d+) channels, but got (\d+) channels", message)
+        if channels and len(ordered) == 1 and len(ordered[0]) > 1:
+            fixed = list(ordered[0])
+            fixed[1] = int(channels.group(1))
+            count = channels.group(1)
+            hint = f"; the model expects {count} channel{'' if count == '1' else 's'}: give {option} {','.join(map(str, fixed))}"
+        raise BncalError(f"{option} {given}: the model fails on inputs of this shape ({message}){hint}") from exc
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    return example
 
 
 def random_inputs(shapes, seed: int = 0) -> tuple:

@@ -80,6 +80,7 @@ def command(args) -> int:
     if args.recalibration.mode == "eval":
         summary += f" ({'converged' if report.converged else 'NOT converged'}: last change {report.max_rel_change:.2e})"
     ui.echo(summary)
+    ui.verdict(summary)  # no PASSED: recalibration computes statistics, it verifies nothing
     ui.echo_after_commit(f"wrote {output}")
     if args.report.json:
         ReportArgs.write_json(args.report.json, report)
@@ -103,12 +104,12 @@ def _judge(args, guard, recalibrated) -> None:
 def _recalibrate_torch(args):
     from ..distributed import torchrun_process_group
     from ..gate import require_healthy_notes
-    from ..loading import save_state_dict
+    from ..loading import is_whole_model_file, save_state_dict
     from ..recalibration import recalibrate
 
     options = args.recalibration
     with torchrun_process_group(args.device) as launch:
-        if args.model.weights is None and launch.is_main:
+        if args.model.weights is None and not is_whole_model_file(args.model.spec) and launch.is_main:
             args.ui.warn("no --weights given; recalibrating the factory's freshly initialised model")
         loaded = args.model.load()
         if loaded.kind == "keras":  # the factory returned a keras.Model

@@ -175,10 +175,11 @@ def _prepare(batch, remaining):
     return (batch, fingerprint), len(leaves[0])
 
 
-def batch_pass(source, *, max_samples, progress):
-    """One pass over ``source()``: yields ``(index, (inputs, fingerprint))``; ``.batches``/``.samples`` after it."""
+def batch_pass(source, *, max_samples, progress, total=None, description=None):
+    """One pass over ``source()``: yields ``(index, (inputs, fingerprint))``; ``.batches``/``.samples`` after it.
+    ``total`` (a previous pass's batches) and ``description`` label the progress bar."""
     return DataPass(source(), lambda batch, index, remaining: _prepare(batch, remaining),
-                    max_samples=max_samples, progress=progress)
+                    max_samples=max_samples, progress=progress, total=total, description=description)
 
 
 def run_forward(forward_fn, model, inputs, index):

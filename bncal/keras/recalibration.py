@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
+from .._progress import PassClock
 from ..calibration import NEVER_REACHED, DataOrder, LayerResult, build_report, check_mode, require_finite
 from ..errors import BncalError
 from ..report import RecalibrationReport, SkippedLayer
@@ -113,7 +114,7 @@ def recalibrate(
     run = _Run(model, layers, source, forward_fn or default_forward, max_samples, progress,
                one_value_ok=(mode == "eval"), references=references)
     moments, passes, converged, change = fixed_point_passes(
-        run.train_pass, run.eval_pass, mode=mode, tol=tol, max_passes=max_passes)
+        run.train_pass, run.eval_pass, mode=mode, tol=tol, max_passes=max_passes, on_pass=run.announce)
     for name, m in moments.items():
         require_finite(name, m)
 
@@ -154,6 +155,10 @@ class _Run:
         self.order = DataOrder()
         # Anchored eval passes pair each BN call with the same call of the previous eval pass.
         self.previous: dict[str, list] = {}
+        self.clock, self.label = PassClock(), None
+
+    def announce(self, number: int, max_passes: int | None) -> None:
+        self.label = self.clock.label(number, max_passes)
 
     def train_pass(self):
         def batch_statistics(name, call, count, mean, var):
@@ -198,7 +203,8 @@ class _Run:
         return moments
 
     def _pass(self, statistics, before_batch=None):
-        current = batch_pass(self.source, max_samples=self.max_samples, progress=self.progress)
+        current = batch_pass(self.source, max_samples=self.max_samples, progress=self.progress,
+                             total=self.batches or None, description=self.label)  # the previous pass's count
         with BatchNormTap(self.layers, statistics) as tap:
             for index, (inputs, fingerprint) in current:
                 if before_batch is not None:
