@@ -100,7 +100,7 @@ def _recalibrate_torch(args):
         if launch.device is not None:
             net.to(launch.device)
         data = args.data.load(rank=launch.rank, world_size=launch.world_size)
-        report = recalibrate(net, torch_batches(data, net), mode=options.mode,
+        report = recalibrate(net, torch_batches(data, net), mode=options.mode, prior=options.prior,
                              max_samples=launch.shard_limit(args.data.max_samples), tol=options.tol,
                              max_passes=options.max_passes, cache_mb=options.cache_mb, spill_dir=options.spill_dir,
                              progress=args.ui.interactive and launch.is_main)
@@ -122,8 +122,9 @@ def _recalibrate_keras(args, loaded):
     options = args.recalibration
     batches = in_model_layout(args.data.numpy_batches(), loaded.model, images=args.data.is_image_folder,
                               channels=args.data.image_options.channels)
-    report = recalibrate(loaded.model, batches, mode=options.mode, batch_size=None, max_samples=args.data.max_samples,
-                         tol=options.tol, max_passes=options.max_passes, progress=args.ui.interactive)
+    report = recalibrate(loaded.model, batches, mode=options.mode, prior=options.prior, batch_size=None,
+                         max_samples=args.data.max_samples, tol=options.tol, max_passes=options.max_passes,
+                         progress=args.ui.interactive)
     save_model(loaded.model, args.output.path)
     return report
 
@@ -139,7 +140,7 @@ def _recalibrate_onnx(args):
         proto = args.model.load().model
         providers = args.providers.resolve(launch.local_rank if launch.distributed else None)
         batches = args.data.numpy_batches(rank=launch.rank, world_size=launch.world_size, onnx_model=proto)
-        new_model, report = recalibrate_onnx(proto, batches, mode=options.mode, tol=options.tol,
+        new_model, report = recalibrate_onnx(proto, batches, mode=options.mode, prior=options.prior, tol=options.tol,
                                              max_passes=options.max_passes,
                                              max_samples=launch.shard_limit(args.data.max_samples),
                                              providers=providers, progress=args.ui.interactive and launch.is_main)
