@@ -213,3 +213,37 @@ def test_keras_prior_matches_the_float64_reference(mode):
     assert report.converged
     got = [(_np(bn.moving_mean), _np(bn.moving_variance)) for _, bn in bk.batchnorm_layers(model)]
     _assert_close(got, reference, 2e-5)
+
+
+def test_cli_prior_on_an_onnx_file_matches_the_float64_reference(net, x, tmp_path):
+    import onnx
+    from click.testing import CliRunner
+
+    from bncal.cli import main
+
+    onnx.save(export(copy.deepcopy(net), [(2, 3, 9, 9)]), str(tmp_path / "model.onnx"))
+    np.save(tmp_path / "target.npy", x)
+    result = CliRunner().invoke(main, ["recalibrate", str(tmp_path / "model.onnx"), "--data", str(tmp_path / "target.npy"),
+                                       "--no-shuffle", "--batch-size", "16", "--mode", "eval", "--prior", "40",
+                                       "--tol", "1e-8", "-o", str(tmp_path / "adapted.onnx")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "note: prior 40: the model's statistics weigh N/(N+n) = 0.4" in result.output
+    got = list(stored(onnx.load(str(tmp_path / "adapted.onnx"))).values())
+    _assert_close(got, _torch_reference(net, x, PRIOR, "eval"), 2e-5)
+
+
+def test_corruptions_stay_images_and_blur_is_the_separable_gaussian():
+    from models import corruptions
+
+    images = np.random.default_rng(0).random((3, 1, 28, 28)).astype(np.float32)
+    for kind in [*corruptions.EVALUATED, *corruptions.HELD_OUT]:
+        for severity in corruptions.SEVERITIES:
+            out = corruptions.corrupt(images, kind, severity, seed=1)
+            assert out.shape == images.shape and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1
+            np.testing.assert_array_equal(out, corruptions.corrupt(images, kind, severity, seed=1))
+    sigma, radius = 2.0, 6
+    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    kernel /= kernel.sum()
+    rows = np.apply_along_axis(lambda r: np.convolve(r, kernel, mode="same"), -1, images[0, 0].astype(np.float64))
+    expected = np.apply_along_axis(lambda c: np.convolve(c, kernel, mode="same"), 0, rows)
+    np.testing.assert_allclose(corruptions.corrupt(images, "blur", 3)[0, 0], np.clip(expected, 0, 1), atol=1e-6)
