@@ -14,6 +14,8 @@ the model lives here, once:
   that each hold one class make train-mode statistics (and ``check``'s train-mode reference)
   depend on how the data was batched, and the reports then warn;
 - :func:`require_finite`: statistics with NaN/Inf are never written;
+- :class:`SourcePrior`: ``prior=N`` mixes the model's current (source) statistics into the new
+  ones with weight ``N / (N + n)``, ``n`` the number of calibration samples;
 - :func:`build_report`: the :class:`~bncal.report.RecalibrationReport` from each layer's
   statistics before, its new moments and its eps.
 
@@ -30,10 +32,10 @@ import numpy as np
 
 from .errors import BncalError
 from .report import LayerRecalibration, LayerStats, RecalibrationReport, SkippedLayer, channel_shift, summarize_shift
-from .stats import ChannelMoments
+from .stats import ChannelMoments, mix_with_source
 
 __all__ = ["MODES", "check_mode", "data_source", "DataOrder", "BatchComposition", "Exchangeability", "order_warning",
-           "require_finite", "LayerResult", "build_report", "NEVER_REACHED"]
+           "require_finite", "SourcePrior", "source_prior", "LayerResult", "build_report", "NEVER_REACHED"]
 
 MODES = ("train", "eval")
 
@@ -81,16 +83,18 @@ class DataOrder:
     pass, only slower to converge, and :attr:`notes` says so once.
 
     Use: :meth:`start_pass` before an eval pass, :meth:`anchored` for each batch in order,
-    :meth:`end_pass` after it. The first eval pass is never anchored (no previous pass).
+    :meth:`end_pass` after it. The first eval pass is never anchored (no previous pass), and
+    none is with ``anchoring=False`` (a prior, see :class:`SourcePrior`).
     """
 
     NOTE = ("the data came in a different order in each pass (a shuffling loader?), so eval mode fell back to "
             "plain passes, which need more of them; give the batches in a fixed order")
 
-    def __init__(self):
+    def __init__(self, anchoring: bool = True):
         self._previous: list[float] | None = None
         self._current: list[float] = []
         self._anchoring = False
+        self._allowed = anchoring
         self.notes: list[str] = []
 
     @property
@@ -100,7 +104,7 @@ class DataOrder:
 
     def start_pass(self) -> None:
         self._current = []
-        self._anchoring = self._previous is not None
+        self._anchoring = self._allowed and self._previous is not None
 
     def anchored(self, index: int, fingerprint: float) -> bool:
         """Record batch ``index``'s fingerprint; True when this batch may be anchored."""
@@ -246,6 +250,78 @@ def require_finite(name: str, moments: ChannelMoments) -> None:
     if not (np.isfinite(moments.mean).all() and np.isfinite(moments.m2).all()):
         raise BncalError(f"BatchNorm {name} got non-finite statistics from the data "
                          "(an overflow in the model?); check the data's scale and the weights")
+
+
+class SourcePrior:
+    """``prior=N``: the new statistics are the exact target statistics mixed with the model's
+    current (source) ones, Schneider et al. 2020's prior::
+
+        mean = N/(N+n) mean_source + n/(N+n) mean_target,   the same for the variance
+
+    (:func:`bncal.stats.mix_with_source` says how the variances mix, and why). ``N = 0`` is no
+    prior: :func:`source_prior` then returns None and nothing is mixed.
+
+    What ``n`` is: the number of calibration samples (rows of the model input, over every
+    rank), the same for every BN, not the number of values per channel that the moments count
+    (``n * H * W`` for a BatchNorm2d). The positions of one image are not independent draws of
+    the target domain (the error of the statistics shrinks with the images, not the pixels),
+    and with values per channel the same ``N`` would weigh the source 784 times less after a
+    28x28 layer than after a 1x1 one, so no single ``N`` could be chosen for a network or
+    carried over from the paper, whose ``n`` is the number of target images too.
+
+    How it enters the passes (:func:`bncal.stats.fixed_point_passes`, argument ``mix``): a
+    train-mode pass gathers the target moments with every BN normalising with its batch
+    statistics, as without a prior, and the result is mixed. In eval mode every pass
+    normalises with the mixed statistics of the pass before, and the PyTorch sweep loads the
+    mixed statistics into each depth before the next runs, so the fixed point is that of a
+    network whose every BN normalises with its mixed statistics: what the paper's adapted
+    network computes on the ``n`` target samples as one batch. Eval passes then run plain
+    (:class:`DataOrder` with ``anchoring=False``): an anchored pass moves a BN's statistics by
+    the full move of its input within the pass, the mixed ones move by ``n/(N+n)`` of it.
+    Plain passes are exact after one pass per BN depth whatever the prior (each mix is a
+    contraction towards the source).
+    """
+
+    def __init__(self, strength: float, source: dict[str, LayerStats]):
+        self.strength = float(strength)
+        self.source = source
+
+    def source_weight(self, samples: int) -> float:
+        """``N / (N + n)``: the weight of the source statistics after ``samples`` samples."""
+        return self.strength / (self.strength + samples)
+
+    def mix(self, moments: dict[str, ChannelMoments], samples: int) -> dict[str, ChannelMoments]:
+        """Every layer's moments mixed with its source statistics (layers without moments are left out)."""
+        w = self.source_weight(samples)
+        return {name: mix_with_source(self.source[name].mean, self.source[name].var, m, w) if m.count else m
+                for name, m in moments.items()}
+
+    def note(self, samples: int) -> str:
+        w = self.source_weight(samples)
+        return (f"prior {self.strength:g}: the model's statistics weigh N/(N+n) = {w:.3g} against the data's "
+                f"{1 - w:.3g} (n = {samples} samples)")
+
+
+def source_prior(prior: float | None, source: dict[str, LayerStats]) -> SourcePrior | None:
+    """The :class:`SourcePrior` of ``prior`` over the layers' current statistics ``source``
+    (``{name: LayerStats}``), or None for no prior (``None`` or 0).
+
+    Raises BncalError for a negative or non-finite prior, or a layer whose current statistics
+    cannot be mixed (not finite, or none yet: a lazy BN before its first call).
+    """
+    try:
+        strength = float(0 if prior is None else prior)
+    except (TypeError, ValueError):
+        strength = math.nan
+    if not (math.isfinite(strength) and strength >= 0):
+        raise BncalError(f"prior must be a finite number >= 0 (0: no prior), not {prior!r}")
+    if strength == 0:
+        return None
+    for name, stats in source.items():
+        if stats.mean.size == 0 or not (np.isfinite(stats.mean).all() and np.isfinite(stats.var).all()):
+            raise BncalError(f"a prior mixes in the model's current statistics, but BatchNorm {name} has "
+                             f"{'none yet' if stats.mean.size == 0 else 'non-finite ones'}; use prior 0")
+    return SourcePrior(strength, source)
 
 
 class LayerResult(NamedTuple):

@@ -103,6 +103,7 @@ def solve_eval_statistics(
     spill_dir: str | os.PathLike | None = None,
     progress=None,
     max_forward_equivalents: float = DEFAULT_MAX_FORWARD_EQUIVALENTS,
+    prior=None,
 ) -> SweepResult:
     """Solve the eval-mode fixed point of ``layers`` (recalibrate's ``(name, bn)`` list) exactly.
 
@@ -111,7 +112,11 @@ def solve_eval_statistics(
     convention (a tensor, a tuple as positional inputs, a dict as keyword inputs), moved to
     ``device``; ``forward_fn`` other than None or :func:`bncal.recalibration.default_forward`
     is refused, since the sweep cannot see inside it. ``max_samples`` and ``progress`` (True for
-    a bar, or ``progress(batch steps done)``) are as in :func:`bncal.recalibrate`.
+    a bar, or ``progress(batch steps done)``) are as in :func:`bncal.recalibrate`. With a
+    ``prior`` (:class:`bncal.calibration.SourcePrior`) each depth is loaded with its moments
+    mixed with the source statistics before the next depth runs, so the deeper BNs see what
+    the mixed network computes; the moments returned are the unmixed ones, which the caller
+    mixes as it mixes every pass.
 
     Raises BncalError for bad input the repeated passes would reject too (non-finite data, an
     empty data set, a missing ``spill_dir``); every other obstacle is a refusal.
@@ -123,7 +128,7 @@ def solve_eval_statistics(
     if spill_dir is not None and not os.path.isdir(spill_dir):
         raise BncalError(f"the spill directory {spill_dir} does not exist; create it or pass another one")
     sweep = _Sweep(model, layers, data, torch.device(device), max_samples, progress,
-                   Checkpoints(int(cache_mb * _MIB), spill_dir, torch.device(device)), max_forward_equivalents)
+                   Checkpoints(int(cache_mb * _MIB), spill_dir, torch.device(device)), max_forward_equivalents, prior)
     try:
         with _sweep_mode(model, layers):
             return sweep.run()
@@ -159,7 +164,7 @@ def _sweep_mode(model, layers):
 class _Sweep:
     """One sweep: depth by depth over all batches, moments merged, BNs fixed as they are solved."""
 
-    def __init__(self, model, layers, data, device, max_samples, progress, cache, max_forward_equivalents):
+    def __init__(self, model, layers, data, device, max_samples, progress, cache, max_forward_equivalents, prior):
         self.model, self.data, self.device, self.max_samples = model, data, device, max_samples
         self.layers = dict(layers)
         self.names = {id(bn): name for name, bn in layers}
@@ -170,6 +175,7 @@ class _Sweep:
         self.moments: dict[str, ChannelMoments] = {}
         self.executed = self.per_sample = 0.0
         self.steps_done = self.data_passes = self.recomputed = 0
+        self.prior = prior
 
     def run(self) -> SweepResult:
         self._step(0)
@@ -212,6 +218,8 @@ class _Sweep:
         for name, node in self.plan.bn_nodes[s]:
             bn = self.layers[name]
             self.moments[name] = moments = pending[name].result()
+            if self.prior is not None:
+                moments = self.prior.mix({name: moments}, sum(self.cache.sizes))[name]
             bn.running_mean.copy_(torch.from_numpy(moments.mean))
             bn.running_var.copy_(torch.from_numpy(moments.variance))
 

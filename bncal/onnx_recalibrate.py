@@ -38,7 +38,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ._progress import PassClock
-from .calibration import BatchComposition, DataOrder, LayerResult, build_report, check_mode, order_warning, require_finite
+from .calibration import (BatchComposition, DataOrder, LayerResult, build_report, check_mode, order_warning,
+                          require_finite, source_prior)
 from .data import select_inputs
 from .distributed import active_process_group, combine_across_ranks, world_size
 from .errors import BncalError
@@ -58,6 +59,7 @@ def recalibrate_onnx(
     batches: Iterable | Callable[[], Iterable],
     *,
     mode: str = "train",
+    prior: float = 0,
     tol: float = 1e-5,
     max_passes: int | None = None,
     max_samples: int | None = None,
@@ -83,6 +85,9 @@ def recalibrate_onnx(
             within ``tol``, see :func:`bncal.stats.fixed_point_passes`, in at most
             ``max_passes`` passes). In ``eval`` mode a batch may give a BN one value per
             channel (batch size 1 before a BatchNorm1d); in ``train`` mode that is an error.
+        prior: ``N``: mix the model's current statistics into the new ones with weight
+            ``N / (N + n)``, ``n`` the number of calibration samples, as
+            :func:`bncal.recalibrate` does (:class:`bncal.calibration.SourcePrior`); 0: no prior.
         max_samples: use at most this many samples per pass (the last batch is cut to fit).
         providers: onnxruntime execution providers in order of preference, as names or
             ``(name, options)`` pairs, CPU appended last (default: CPU only). With a non-CPU
@@ -127,24 +132,27 @@ def recalibrate_onnx(
                              f"{l.describe()}: {l.reason}, its statistics folded into constants (lowered "
                              "to arithmetic by the converter), left as they are; bncal inspect: BN060")
                 for l in find_lowered_normalisations(model)]
+    initializers = {init.name: init for init in model.graph.initializer}
+    before = {info.name: LayerStats(_values(initializers[info.mean_initializer]),
+                                    _values(initializers[info.var_initializer])) for info in handled}
+    mixing = source_prior(prior, before)
     stream = BatchStream(model, select_inputs(batches, inputs), reread=(mode == "eval"), max_samples=max_samples,
                          progress=progress)
     run = _Passes(model, stream, providers, mode, active_process_group(process_group), handled)
+    run.order = DataOrder(anchoring=mixing is None)
     moments, passes, converged, change = fixed_point_passes(
-        run.train_pass, run.eval_pass, mode=mode, tol=tol, max_passes=max_passes, on_pass=run.announce)
+        run.train_pass, run.eval_pass, mode=mode, tol=tol, max_passes=max_passes, on_pass=run.announce,
+        mix=mixing and (lambda found: mixing.mix(found, run.samples)))
     for info in handled:
         require_finite(info.name, moments[info.name])
     new_model, write_notes = write_statistics(model, {info.name: (moments[info.name].mean, moments[info.name].variance)
                                                       for info in handled})
-    initializers = {init.name: init for init in model.graph.initializer}
-    layers = [LayerResult(info.name, LayerStats(_values(initializers[info.mean_initializer]),
-                                                _values(initializers[info.var_initializer])),
-                          moments[info.name], info.epsilon)
-              for info in handled]
+    layers = [LayerResult(info.name, before[info.name], moments[info.name], info.epsilon) for info in handled]
     warning = order_warning(run.composition, "recalibrate")
     report = build_report(mode=mode, layers=layers, skipped=skipped, batches=run.batches, samples=run.samples,
                           passes=passes, converged=converged, max_rel_change=change,
-                          notes=run.order.notes + write_notes, warnings=[warning] if warning else [],
+                          notes=run.order.notes + write_notes + ([mixing.note(run.samples)] if mixing else []),
+                          warnings=[warning] if warning else [],
                           world_size=world_size(run.group))
     return new_model, report
 

@@ -30,7 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ._progress import DataPass, PassClock, batch_count
 from .bn_modules import FROZEN_NOTE, describe_frozen, frozen_batchnorm_layers
 from .calibration import (NEVER_REACHED, BatchComposition, DataOrder, LayerResult, build_report, check_mode,
-                          data_source, order_warning, require_finite)
+                          data_source, order_warning, require_finite, source_prior)
 from .data import input_hint, select_inputs
 from .distributed import active_process_group, combine_across_ranks, world_size
 from .errors import BncalError, first_line
@@ -68,6 +68,7 @@ def recalibrate(
     data: Iterable,
     *,
     mode: str = "train",
+    prior: float = 0,
     forward_fn: Callable | None = None,
     inputs=None,
     max_samples: int | None = None,
@@ -103,6 +104,11 @@ def recalibrate(
             report) until the largest relative change is at most ``tol``, or ``max_passes``
             (default: one per BN layer plus one, where the result is exact; see
             :func:`bncal.stats.fixed_point_passes`).
+        prior: ``N``: mix the model's current statistics into the new ones with weight
+            ``N / (N + n)``, ``n`` the number of calibration samples (Schneider et al. 2020's
+            prior, for adapting to a new domain from few samples; 0: no prior, the new
+            statistics are the data's alone). In eval mode every pass normalises with the
+            mixed statistics, see :class:`bncal.calibration.SourcePrior`.
         max_samples: stop after this many samples (the last batch is cut to fit).
         device: where batches go; default: the device of the model's first parameter.
         progress: True for a tqdm bar on stderr, or a callable ``progress(batches_done)``.
@@ -155,8 +161,8 @@ def recalibrate(
             raise BncalError("a keras.Model reads Keras's own batches ((x, y) tuples keep x): leave inputs unset")
         from .keras import recalibrate as recalibrate_keras
 
-        return recalibrate_keras(model, data, mode=mode, forward_fn=forward_fn, max_samples=max_samples, tol=tol,
-                                 max_passes=max_passes, progress=progress)
+        return recalibrate_keras(model, data, mode=mode, prior=prior, forward_fn=forward_fn, max_samples=max_samples,
+                                 tol=tol, max_passes=max_passes, progress=progress)
     check_mode(mode)
     source = data_source(select_inputs(data, inputs), reread=(mode == "eval"))
     custom_forward, forward_fn = forward_fn, forward_fn or default_forward
@@ -177,17 +183,20 @@ def recalibrate(
     group = active_process_group(process_group)
 
     before = {name: _layer_stats(bn) for name, bn in layers}
+    mixing = source_prior(prior, before)
     run = _Run(model, layers, source, forward_fn, max_samples, torch.device(device), progress, group)
     run.references = renorm_references(layers)
     run.composition = BatchComposition() if mode == "train" else None
+    run.order = DataOrder(anchoring=mixing is None)
     with run.prepared():
         first_pass = run.train_pass
         if mode == "eval":
             first_pass = _sweep_or_train_pass(run, model, layers, source, custom_forward, max_samples, device,
-                                              cache_mb, spill_dir, progress, group,
+                                              cache_mb, spill_dir, progress, group, mixing,
                                               batch_count(data) if progress and not callable(data) else None)
         moments, passes, converged, change = fixed_point_passes(
-            first_pass, run.eval_pass, mode=mode, tol=tol, max_passes=max_passes, on_pass=run.announce)
+            first_pass, run.eval_pass, mode=mode, tol=tol, max_passes=max_passes, on_pass=run.announce,
+            mix=mixing and (lambda found: mixing.mix(found, run.samples)))
         updated = run.write(moments)
     for name, _ in layers:
         if name not in updated:
@@ -197,8 +206,9 @@ def recalibrate(
     run.order.notes += renorm_notes([(name, run.references[name], moments[name]) for name, _ in layers
                                      if name in updated and name in run.references], "recalibrate")
     warning = order_warning(run.composition, "recalibrate")
+    notes = run.order.notes + ([mixing.note(run.samples)] if mixing else [])
     return build_report(mode=mode, layers=results, skipped=skipped, batches=run.batches, samples=run.samples,
-                        passes=passes, converged=converged, max_rel_change=change, notes=run.order.notes,
+                        passes=passes, converged=converged, max_rel_change=change, notes=notes,
                         warnings=[warning] if warning else [], world_size=world_size(group))
 
 
@@ -219,9 +229,10 @@ class _FreshPasses:
 
 
 def _sweep_or_train_pass(run, model, layers, data, forward_fn, max_samples, device, cache_mb, spill_dir, progress,
-                         group, count=None):
+                         group, prior, count=None):
     """The first pass of eval mode: the exact sweep's statistics when it applies, else the train pass
-    (``count``: the data's batches when known, for the progress total)."""
+    (``prior``: the source-prior mixing of every sweep depth, or None; ``count``: the data's batches
+    when known, for the progress total)."""
     if group is not None:
         run.order.notes.append("eval mode ran repeated passes: the depth-by-depth sweep does not combine ranks yet")
         return run.train_pass
@@ -233,7 +244,7 @@ def _sweep_or_train_pass(run, model, layers, data, forward_fn, max_samples, devi
 
     sweep = solve_eval_statistics(model, layers, _FreshPasses(data, count), device=torch.device(device), forward_fn=forward_fn,
                                   max_samples=max_samples, cache_mb=cache_mb, spill_dir=spill_dir,
-                                  progress=progress)
+                                  progress=progress, prior=prior)
     if sweep.moments is None:
         run.order.notes.append(f"eval mode fell back to repeated passes: {sweep.refusal}")
         return run.train_pass

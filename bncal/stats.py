@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ChannelMoments", "StackedMoments", "batch_moments", "max_relative_change", "fixed_point_passes", "anchored_statistics"]
+__all__ = ["ChannelMoments", "StackedMoments", "batch_moments", "max_relative_change", "fixed_point_passes",
+           "anchored_statistics", "mix_with_source"]
 
 
 @dataclass
@@ -210,7 +211,7 @@ def max_relative_change(old: dict, new: dict, eps: float = 1e-12) -> float:
 
 
 def fixed_point_passes(train_pass, eval_pass, *, mode: str, tol: float, max_passes: int | None = None,
-                       on_pass=None):
+                       on_pass=None, mix=None):
     """Drive a recalibration: one train-mode pass, then (``eval`` mode) eval passes to a fixed point.
 
     ``train_pass()`` returns ``{layer: ChannelMoments}`` with every BN normalising with its
@@ -234,13 +235,21 @@ def fixed_point_passes(train_pass, eval_pass, *, mode: str, tol: float, max_pass
     ``on_pass(number, max_passes)``, where given, is called before each pass (for progress
     reports; ``max_passes`` is None before the first eval-mode pass when it is the default).
 
+    ``mix(moments) -> moments``, where given (a prior: :class:`bncal.calibration.SourcePrior`),
+    turns every pass's moments into the statistics kept: the train-mode result is mixed, and
+    every eval pass normalises with the mixed statistics of the pass before and is mixed in
+    turn, so the fixed point reached is ``s = mix(T(s))``, ``T(s)`` being the moments of every
+    BN's input when every BN normalises with ``s``. The change is measured between mixed
+    statistics.
+
     Returns ``(moments, passes, converged, last_change)``.
     """
     if mode not in ("train", "eval"):
         raise ValueError(f"mode must be 'train' or 'eval', not {mode!r}")
     if on_pass is not None:
         on_pass(1, 1 if mode == "train" else max_passes)
-    moments = train_pass()
+    mix = mix or (lambda moments: moments)
+    moments = mix(train_pass())
     passes, change = 1, 0.0
     if mode == "train":
         return moments, passes, True, change
@@ -250,7 +259,7 @@ def fixed_point_passes(train_pass, eval_pass, *, mode: str, tol: float, max_pass
     while passes < max_passes:
         if on_pass is not None:
             on_pass(passes + 1, max_passes)
-        new = eval_pass(moments)
+        new = mix(eval_pass(moments))
         passes += 1
         change = max_relative_change(moments, new)
         moments = new
@@ -280,3 +289,25 @@ def anchored_statistics(base_mean, base_var, batch_mean, batch_var, previous_mea
     mean = base_mean + (batch_mean - previous_mean)
     var = (base_var + eps) * (batch_var + eps) / (previous_var + eps) - eps
     return mean, var
+
+
+def mix_with_source(source_mean, source_var, target: ChannelMoments, source_weight: float) -> ChannelMoments:
+    """The target moments mixed with source statistics, as Schneider et al. 2020 mix them::
+
+        mean = w * source_mean + (1 - w) * target_mean
+        var  = w * source_var  + (1 - w) * target_var          (population variances)
+
+    ``w = source_weight`` in [0, 1]. The variances mix linearly, as in the paper ("Improving
+    robustness against common corruptions by covariate shift adaptation", section 3), not as
+    the variance of the two populations pooled, which would add ``w (1 - w) (mean_source -
+    mean_target)**2``: a shifted mean would then inflate the variance the prior leaves, and the
+    published N would not carry over. Returns new moments with the target's ``count`` (the
+    samples seen) whose ``mean`` and ``variance`` are the mixed ones; ``w = 0`` gives the
+    target's values, ``w = 1`` the source's.
+    """
+    w = float(source_weight)
+    if not 0.0 <= w <= 1.0:
+        raise ValueError(f"source_weight must lie in [0, 1], not {w}")
+    mean = w * np.asarray(source_mean, np.float64) + (1.0 - w) * target.mean
+    var = w * np.asarray(source_var, np.float64) + (1.0 - w) * target.variance
+    return ChannelMoments(target.count, mean, var * target.count)

@@ -806,7 +806,7 @@ class ReportArgs(OptionGroup):
 
 
 class RecalibrationArgs(OptionGroup):
-    """``--mode``, ``--tol``, ``--max-passes``, ``--cache-mb``, ``--spill-dir`` of recalibration."""
+    """``--mode``, ``--prior``, ``--tol``, ``--max-passes``, ``--cache-mb``, ``--spill-dir`` of recalibration."""
 
     name = "recalibration"
 
@@ -814,6 +814,8 @@ class RecalibrationArgs(OptionGroup):
         return [
             click.Option(["--mode"], type=click.Choice(["train", "eval"]), default="train", show_default=True,
                          help="train: BN uses batch statistics during the pass (PreciseBN). eval: inference-consistent fixed point."),
+            click.Option(["--prior"], type=FiniteFloat(0), default=0, show_default=True,
+                         help="Adapting to a new domain from few samples: mix the model's current statistics in with weight N/(N+n), n the calibration samples (0: the data's statistics alone)."),
             click.Option(["--tol"], type=FiniteFloat(0), default=1e-5, show_default=True,
                          help="eval mode: stop when statistics change less than this (relative; finite, >= 0)."),
             click.Option(["--max-passes"], type=click.IntRange(min=1), default=None,

@@ -120,7 +120,7 @@ def _recalibrate_torch(args):
             net.to(launch.device)
         guard = args.guard.start(net, args.data)
         data = args.data.load(rank=launch.rank, world_size=launch.world_size)
-        report = recalibrate(net, torch_batches(data, net), mode=options.mode,
+        report = recalibrate(net, torch_batches(data, net), mode=options.mode, prior=options.prior,
                              max_samples=launch.shard_limit(args.data.max_samples), tol=options.tol,
                              max_passes=options.max_passes, cache_mb=options.cache_mb, spill_dir=options.spill_dir,
                              progress=args.ui.interactive and launch.is_main)
@@ -148,8 +148,9 @@ def _recalibrate_keras(args, loaded):
     options = args.recalibration
     batches = in_model_layout(args.data.numpy_batches(), loaded.model, images=args.data.is_image_folder,
                               channels=args.data.image_options.channels)
-    report = recalibrate(loaded.model, batches, mode=options.mode, batch_size=None, max_samples=args.data.max_samples,
-                         tol=options.tol, max_passes=options.max_passes, progress=args.ui.interactive)
+    report = recalibrate(loaded.model, batches, mode=options.mode, prior=options.prior, batch_size=None,
+                         max_samples=args.data.max_samples, tol=options.tol, max_passes=options.max_passes,
+                         progress=args.ui.interactive)
     report.notes += require_healthy_notes(loaded.model, allow=args.gate.allow, action="write it")
     save_model(loaded.model, args.output.path)
     return report
@@ -168,7 +169,7 @@ def _recalibrate_onnx(args):
         guard = args.guard.start(proto, args.data)
         providers = args.providers.resolve(launch.local_rank if launch.distributed else None)
         batches = args.data.numpy_batches(rank=launch.rank, world_size=launch.world_size, onnx_model=proto)
-        new_model, report = recalibrate_onnx(proto, batches, mode=options.mode, tol=options.tol,
+        new_model, report = recalibrate_onnx(proto, batches, mode=options.mode, prior=options.prior, tol=options.tol,
                                              max_passes=options.max_passes,
                                              max_samples=launch.shard_limit(args.data.max_samples),
                                              providers=providers, progress=args.ui.interactive and launch.is_main)

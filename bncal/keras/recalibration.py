@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from .._progress import PassClock
-from ..calibration import NEVER_REACHED, DataOrder, LayerResult, build_report, check_mode, require_finite
+from ..calibration import NEVER_REACHED, DataOrder, LayerResult, build_report, check_mode, require_finite, source_prior
 from ..errors import BncalError
 from ..report import RecalibrationReport, SkippedLayer
 from ..stats import anchored_statistics, fixed_point_passes
@@ -56,6 +56,7 @@ def recalibrate(
     data: Iterable | np.ndarray,
     *,
     mode: str = "train",
+    prior: float = 0,
     batch_size: int | None = 32,
     forward_fn: Callable | None = None,
     max_samples: int | None = None,
@@ -81,6 +82,9 @@ def recalibrate(
             before deployment and for small batches. Reached by repeated passes until the
             largest relative change is at most ``tol``, or ``max_passes`` (default: one per BN
             plus one), see :func:`bncal.stats.fixed_point_passes`.
+        prior: ``N``: mix the layers' current moving statistics into the new ones with weight
+            ``N / (N + n)``, ``n`` the number of calibration samples, as
+            :func:`bncal.recalibrate` does (:class:`bncal.calibration.SourcePrior`); 0: no prior.
         batch_size: rows per batch when ``data`` is an array (Keras's default 32; larger is
             faster, and in ``train`` mode it is the batch the statistics are gathered over).
         forward_fn: ``forward_fn(model, inputs)``; default ``model(inputs, training=False)``.
@@ -111,10 +115,13 @@ def recalibrate(
 
     before = {name: moving_statistics(bn) for name, bn in layers}
     references = {name: renorm_reference(bn) for name, bn in layers if renorm_reference(bn) is not None}
+    mixing = source_prior(prior, before)
     run = _Run(model, layers, source, forward_fn or default_forward, max_samples, progress,
                one_value_ok=(mode == "eval"), references=references)
+    run.order = DataOrder(anchoring=mixing is None)
     moments, passes, converged, change = fixed_point_passes(
-        run.train_pass, run.eval_pass, mode=mode, tol=tol, max_passes=max_passes, on_pass=run.announce)
+        run.train_pass, run.eval_pass, mode=mode, tol=tol, max_passes=max_passes, on_pass=run.announce,
+        mix=mixing and (lambda found: mixing.mix(found, run.samples)))
     for name, m in moments.items():
         require_finite(name, m)
 
@@ -130,7 +137,8 @@ def recalibrate(
     notes = run.order.notes + renorm_notes([(name, reference, moments[name]) for name, reference in references.items()
                                             if name in moments], "recalibrate")
     return build_report(mode=mode, layers=results, skipped=skipped, batches=run.batches, samples=run.samples,
-                        passes=passes, converged=converged, max_rel_change=change, notes=notes)
+                        passes=passes, converged=converged, max_rel_change=change,
+                        notes=notes + ([mixing.note(run.samples)] if mixing else []))
 
 
 def _write(bn, mean, variance) -> None:
