@@ -1,0 +1,98 @@
+"""Run by tests/test_keras_tf.py in a subprocess: bncal on Keras's TensorFlow backend with torch
+made unimportable (a meta-path finder refuses it), as a TensorFlow user without PyTorch has it.
+
+Legacy ``.h5`` files of Keras 3 and (with tf_keras installed) Keras 2 origin go through
+``bncal inspect``, ``check`` and ``recalibrate -o .keras``; the top-level calls hand a Keras model
+over. Prints one JSON object of what happened, for the test to judge.
+"""
+
+import importlib.abc
+import json
+import os
+import sys
+
+
+class _NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.partition(".")[0] == "torch":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _NoTorch())
+os.environ["KERAS_BACKEND"] = "tensorflow"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import importlib.util  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+
+import bncal  # noqa: E402
+import bncal.keras as bk  # noqa: E402
+from bncal.cli import main  # noqa: E402
+from models import keras_zoo  # noqa: E402
+
+CALIBRATION, HELDOUT = 1000, 500
+
+
+def accuracy(model, x, y):
+    return float(np.mean(np.argmax(model.predict(x, batch_size=250, verbose=0), 1) == y))
+
+
+def cli(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def main_(folder: Path) -> dict:
+    import keras
+
+    out = {"backend": keras.backend.backend(), "files": {}}
+    x, _ = keras_zoo.mnist_nhwc("calib")
+    x = x[np.random.default_rng(0).permutation(len(x))[:CALIBRATION]]
+    x_test, y_test = keras_zoo.mnist_nhwc("test")
+    pick = np.random.default_rng(1).permutation(len(x_test))[:HELDOUT]
+    x_test, y_test = x_test[pick], y_test[pick]
+    np.save(folder / "calib.npy", x)
+    np.save(folder / "test.npy", x_test)
+
+    stale = keras_zoo.mnist_keras_stale()
+    stale.save(folder / "keras3.h5")
+    files = {"keras3": folder / "keras3.h5"}
+    if importlib.util.find_spec("tf_keras") is not None:
+        import tf_keras
+
+        old = keras_zoo.mnist_keras_cnn(keras_module=tf_keras)
+        old.set_weights(stale.get_weights())
+        old.save(folder / "keras2.h5")
+        files["keras2"] = folder / "keras2.h5"
+    for origin, path in files.items():
+        record = out["files"][origin] = {}
+        record["accuracy_before"] = accuracy(bk.load_model(path), x_test, y_test)
+        record["inspect"] = cli("inspect", path, "--train-batch-size", 2000, "--dataset-size", 4000)
+        record["check_before"] = cli("check", path, "--data", folder / "test.npy", "--batch-size", 100)
+        fixed = folder / f"{origin}-fixed.keras"
+        record["recalibrate"] = cli("recalibrate", path, "--data", folder / "calib.npy", "--batch-size", 250,
+                                    "--mode", "eval", "-o", fixed)
+        record["check_after"] = cli("check", fixed, "--data", folder / "test.npy", "--batch-size", 100)
+        model = bk.load_model(fixed)
+        record["accuracy_after"] = accuracy(model, x_test, y_test)
+        record["statistics"] = [np.asarray(bn.moving_variance).tolist() for _, bn in bk.batchnorm_layers(model)]
+
+    # The top-level calls, on a model in memory.
+    model = keras_zoo.mnist_keras_stale()
+    report = bncal.recalibrate(model, x, mode="train")
+    out["top_level"] = {"recalibrated": len(report.layers), "accuracy": accuracy(model, x_test, y_test),
+                        "inspect_source": bncal.inspect_model(model, batch_size=2000, dataset_size=4000).source}
+    try:
+        bncal.recalibrate(object(), [np.zeros(2)])
+    except bncal.MissingExtra as exc:
+        out["not_keras"] = str(exc)
+    out["torch_imported"] = "torch" in sys.modules
+    return out
+
+
+if __name__ == "__main__":
+    print("RESULT " + json.dumps(main_(Path(sys.argv[1]))))

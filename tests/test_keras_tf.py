@@ -1,0 +1,67 @@
+"""bncal for TensorFlow users, on Keras's TensorFlow backend, without torch.
+
+Runs where TensorFlow is installed (``pip install tensorflow-cpu``, and ``tf_keras`` for the
+Keras 2 file); skipped elsewhere, e.g. in bncal's main CI venv, whose Keras runs on torch. Keras
+reads its backend once per process, so the work happens in a subprocess
+(``tests/_keras_tf_worker.py``) that makes torch unimportable.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests_support import ROOT
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
+                                reason="needs TensorFlow (pip install tensorflow-cpu tf_keras)")
+
+
+@pytest.fixture(scope="module")
+def without_torch(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("keras_tf")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "_keras_tf_worker.py"), str(folder)],
+                            capture_output=True, text=True, env=env, timeout=600)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result.returncode == 0 and lines, result.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_nothing_imports_torch_and_keras_runs_on_tensorflow(without_torch):
+    assert without_torch["backend"] == "tensorflow" and without_torch["torch_imported"] is False
+    assert without_torch["not_keras"] == "recalibrating a PyTorch model needs PyTorch: pip install 'bncal[torch]'"
+
+
+@pytest.mark.parametrize("origin", ["keras3", "keras2"])
+def test_legacy_h5_files_are_inspected_checked_and_repaired(without_torch, origin):
+    if origin not in without_torch["files"]:
+        pytest.skip("needs tf_keras for a Keras 2 file")
+    record = without_torch["files"][origin]
+    code, output = record["inspect"]
+    assert code == 0 and "BN010 warning" in output and "needs the form" not in output, output
+    code, output = record["check_before"]
+    assert code == 1 and "FAILED: 5 of 5 BatchNorm layers" in output, output
+    code, output = record["recalibrate"]
+    assert code == 0 and "recalibrated 5 BatchNorm layers from 1000 samples" in output, output
+    assert "PyTorch" not in output
+    code, output = record["check_after"]
+    assert code == 0 and output.strip().endswith("PASSED"), output
+    assert record["accuracy_before"] < 0.3 and record["accuracy_after"] > 0.95
+
+
+def test_both_origins_give_the_same_statistics(without_torch):
+    files = without_torch["files"]
+    if "keras2" not in files:
+        pytest.skip("needs tf_keras for a Keras 2 file")
+    for a, b in zip(files["keras3"]["statistics"], files["keras2"]["statistics"]):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+def test_top_level_calls_hand_the_keras_model_over(without_torch):
+    top = without_torch["top_level"]
+    assert top["recalibrated"] == 5 and top["inspect_source"] == "keras" and top["accuracy"] > 0.95
