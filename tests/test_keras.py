@@ -513,6 +513,13 @@ def test_inspect_momentum_rule_speaks_keras_on_the_shipped_model():
     assert "(PyTorch)" not in finding.fix
 
 
+
+def test_a_momentum_near_one_keeps_its_digits():
+    """Keras momentum 0.9997 averages 1/(1 - 0.9997) = 3333 steps: it must not read as momentum 1."""
+    model = keras.Sequential([keras.Input((3,)), layers.Dense(4), layers.BatchNormalization(momentum=0.9997)])
+    (finding,) = [f for f in bk.inspect(model, batch_size=2000, dataset_size=4000).findings if f.rule_id == "BN010"]
+    assert finding.evidence.startswith("momentum 0.9997 averages about 3.33e+03 steps"), finding.evidence
+
 class _RegisteredOutOfOrder(keras.Model):
     """Layers created in another order than ``call`` uses them."""
 
