@@ -86,6 +86,12 @@ def main_(folder: Path) -> dict:
     report = bncal.recalibrate(model, x, mode="train")
     out["top_level"] = {"recalibrated": len(report.layers), "accuracy": accuracy(model, x_test, y_test),
                         "inspect_source": bncal.inspect_model(model, batch_size=2000, dataset_size=4000).source}
+    import tensorflow as tf
+
+    try:  # an unbatched tf.data dataset yields single samples
+        bk.recalibrate(model, tf.data.Dataset.from_tensor_slices(x[:8]))
+    except bncal.BncalError as exc:
+        out["unbatched"] = str(exc)
     try:
         bncal.recalibrate(object(), [np.zeros(2)])
     except bncal.MissingExtra as exc:

@@ -328,6 +328,10 @@ def test_bad_input_is_refused_in_one_line():
         bk.recalibrate(keras.Sequential([keras.Input((3,)), layers.Dense(2)]), np.zeros((4, 3), "float32"))
     with pytest.raises(BncalError, match="keras.Model"):
         bk.recalibrate(object(), x)
+    # Single samples, as an unbatched tf.data dataset yields them.
+    with pytest.raises(BncalError, match=r"batch 0 has shape \(8, 8, 3\) where the model takes \('batch', 8, 8, 3\): "
+                                         r"it is one sample, not a batch; batch the data"):
+        bk.recalibrate(model, list(x))
     bk.recalibrate(model, [x[:1]], mode="eval")  # one value per channel is fine for inference statistics
 
 

@@ -65,3 +65,9 @@ def test_both_origins_give_the_same_statistics(without_torch):
 def test_top_level_calls_hand_the_keras_model_over(without_torch):
     top = without_torch["top_level"]
     assert top["recalibrated"] == 5 and top["inspect_source"] == "keras" and top["accuracy"] > 0.95
+
+
+def test_an_unbatched_tf_data_dataset_is_refused_in_one_line(without_torch):
+    assert without_torch["unbatched"] == ("calibration batch 0 has shape (28, 28, 1) where the model takes ('batch', "
+                                          "28, 28, 1): it is one sample, not a batch; batch the data (a tf.data "
+                                          "dataset: dataset.batch(64))")
