@@ -96,7 +96,46 @@ def main_(folder: Path) -> dict:
         bncal.recalibrate(object(), [np.zeros(2)])
     except bncal.MissingExtra as exc:
         out["not_keras"] = str(exc)
+    out["callbacks"] = callbacks()
     out["torch_imported"] = "torch" in sys.modules
+    return out
+
+
+def callbacks() -> dict:
+    """The momentum schedule inside compiled train steps (a graph, and XLA), against the formula
+    in float64; and the recalibration at the end of fit, against the data's float64 statistics."""
+    import keras
+
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((48, 3)) * [1.0, 2.0, 0.5] + [0.5, -1.0, 2.0]).astype("float32")
+    y = np.zeros((48, 1), "float32")
+    schedule = bk.InverseDecayMomentum(base=0.8, step_scale=2, ceiling=0.9)
+    mean, var, constant = np.zeros(3), np.ones(3), np.zeros(3)
+    for step in range(6):  # 6 batches of 8, in order
+        batch = x[8 * step:8 * step + 8].astype(np.float64)
+        m = schedule.momentum(step)
+        mean, var = m * mean + (1 - m) * batch.mean(0), m * var + (1 - m) * batch.var(0)
+        constant = 0.99 * constant + 0.01 * batch.mean(0)
+    out = {"expected": [mean.tolist(), var.tolist()], "constant_momentum_mean": constant.tolist()}
+    for jit in (False, True):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization(momentum=0.99),
+                                  keras.layers.Dense(1)])
+        model.compile("sgd", "mse", jit_compile=jit)
+        weights = len(model.weights)
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
+                  callbacks=[bk.InverseDecayMomentum(base=0.8, step_scale=2, ceiling=0.9)])
+        bn = model.layers[0]
+        out[f"jit={jit}"] = {"mean": np.asarray(bn.moving_mean).tolist(), "var": np.asarray(bn.moving_variance).tolist(),
+                             "momentum_after": bn.momentum, "weights_same": len(model.weights) == weights,
+                             "run_eagerly": bool(model.run_eagerly)}
+    recalibrate = bk.RecalibrateOnTrainEnd(x[:40], mode="eval", batch_size=16)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[recalibrate])
+    bn = model.layers[0]
+    out["recalibrated"] = {"mean": np.asarray(bn.moving_mean).tolist(), "var": np.asarray(bn.moving_variance).tolist(),
+                           "reference": [x[:40].astype(np.float64).mean(0).tolist(),
+                                         x[:40].astype(np.float64).var(0).tolist()],
+                           "samples": recalibrate.report.samples}
     return out
 
 

@@ -71,3 +71,23 @@ def test_an_unbatched_tf_data_dataset_is_refused_in_one_line(without_torch):
     assert without_torch["unbatched"] == ("calibration batch 0 has shape (28, 28, 1) where the model takes ('batch', "
                                           "28, 28, 1): it is one sample, not a batch; batch the data (a tf.data "
                                           "dataset: dataset.batch(64))")
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_inverse_decay_momentum_reaches_the_compiled_train_step(without_torch, jit):
+    """fit's compiled step (a graph; XLA with jit_compile) reads the scheduled momentum at every
+    step: the moving averages follow m <- mom_t m + (1 - mom_t) batch, mom_t = min(1 - 0.8**(t/2), 0.9)."""
+    result = without_torch["callbacks"]
+    run = result[f"jit={jit}"]
+    mean, var = result["expected"]
+    np.testing.assert_allclose(run["mean"], mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(run["var"], var, rtol=1e-5, atol=1e-6)
+    assert np.abs(np.subtract(run["mean"], result["constant_momentum_mean"])).max() > 0.5  # what 0.99 would give
+    assert run["momentum_after"] == 0.99 and run["weights_same"] and not run["run_eagerly"]
+
+
+def test_recalibrate_on_train_end_leaves_the_exact_statistics(without_torch):
+    result = without_torch["callbacks"]["recalibrated"]
+    np.testing.assert_allclose(result["mean"], result["reference"][0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(result["var"], result["reference"][1], rtol=1e-6)
+    assert result["samples"] == 40
