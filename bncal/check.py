@@ -265,7 +265,7 @@ class CheckReport(ReportDisplay):
         k = self.unchecked_count
         return (f"{k} lowered to arithmetic by the converter could not be checked "
                 f"({', '.join(s.name for s in self.unchecked[:4])}{' and more' if k > 4 else ''}): recalibrate the "
-                "model before converting it, or convert it with its BatchNormalization kept (bncal inspect: BN060)")
+                "model before converting it, and convert it again (bncal inspect: BN060)")
 
     def summary(self) -> str:
         """``FAILED: 7 of 7 BN layers off their data, 1 of 1 output off train mode (1000 samples)``;

@@ -51,8 +51,8 @@ import numpy as np
 from .errors import BncalError, one_line
 from .extras import is_torch_module
 from .frozen import FROZEN_NOTE
+from .momentum import InverseDecayMomentum, format_momentum, suggest_momentum
 from .onnx_view import node_attribute
-from .momentum import InverseDecayMomentum, suggest_momentum
 from .report import FoldDecision, ReportDisplay, format_table, plural
 
 __all__ = ["inspect_model", "inspect_graph", "InspectReport", "BNLayer", "Finding", "RULES",
@@ -412,23 +412,24 @@ class _Dialect:
         if momentum_torch is None:
             return "the cumulative average (momentum None)"
         if self.convention == "tf":
-            return f"momentum {1 - momentum_torch:.3g}"
-        return f"momentum {momentum_torch:.3g} (PyTorch) / {1 - momentum_torch:.3g} (TF)"
+            return f"momentum {format_momentum(1 - momentum_torch)}"
+        return f"momentum {format_momentum(momentum_torch)} (PyTorch) / {format_momentum(1 - momentum_torch)} (TF)"
 
     def schedule(self, suggestion) -> str:
         """The suggestion's schedule, named as this kind of model applies it."""
         if self.convention != "tf" or not suggestion.use_schedule:
             return suggestion.schedule
         tf = suggestion.tf
-        return (f"inverse decay: the callback bncal.keras.InverseDecayMomentum(ceiling={tf:.3g}), momentum "
-                f"1 - 0.8**(step/10) capped at {tf:.3g} (reached after "
+        return (f"inverse decay: the callback bncal.keras.InverseDecayMomentum(ceiling={format_momentum(tf)}), momentum "
+                f"1 - 0.8**(step/10) capped at {format_momentum(tf)} (reached after "
                 f"{InverseDecayMomentum.steps_to_ceiling(tf)} steps)")
 
     def set_momentum(self, suggestion) -> str:
         if self.convention == "tf":
-            fix = f"set BatchNormalization(momentum={suggestion.tf:.3g})"
+            fix = f"set BatchNormalization(momentum={format_momentum(suggestion.tf)})"
         else:
-            fix = f"set momentum to {suggestion.torch:.3g} (PyTorch) / {suggestion.tf:.3g} (TF, ONNX)"
+            fix = (f"set momentum to {format_momentum(suggestion.torch)} (PyTorch) / {format_momentum(suggestion.tf)} "
+                   "(TF, ONNX)")
         if suggestion.use_schedule:
             fix += f", or better use {self.schedule(suggestion)}"
         return fix
@@ -540,7 +541,7 @@ def _momentum_findings(layers, batch_size, dataset_size, epochs, notes, source: 
     words = _DIALECTS[source]
     suggestion = suggest_momentum(batch_size, dataset_size, epochs)
     notes.append(f"momentum for batch {batch_size}, {dataset_size} samples, {epochs:g} epoch(s): "
-                 f"{suggestion.tf:.3g} (TF) / {suggestion.torch:.3g} (PyTorch); schedule: "
+                 f"{format_momentum(suggestion.tf)} (TF) / {format_momentum(suggestion.torch)} (PyTorch); schedule: "
                  f"{words.schedule(suggestion)}. {suggestion.rationale}")
     absent = [l.name for l in layers if l.momentum_absent]
     if absent:

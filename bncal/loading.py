@@ -2,12 +2,13 @@
 
 A model is named by a *spec*: ``package.module:factory`` or ``path/to/file.py:factory``, a
 callable returning an ``nn.Module`` or a ``keras.Model`` (the user's own code, run as written),
-or a model file (``.onnx``, ``.keras``). Weights come from ``.safetensors`` or from a ``.pt``/``.pth``/``.bin`` state dict
+or a model file (``.onnx``; ``.keras``, ``.h5``, ``.hdf5`` for Keras). Weights come from ``.safetensors`` or from a ``.pt``/``.pth``/``.bin`` state dict
 read with ``torch.load(weights_only=True)``. Whole pickled modules, TorchScript and ``.pt2``
 archives execute code from the file when loaded: they are refused unless ``allow_pickle=True``.
 
 Which kind of model a spec names is decided once, here (:func:`model_kind`), from the spec's text
-alone: ``.onnx`` and ``.keras`` files by their suffix, everything else is the PyTorch kind's.
+alone: ``.onnx`` and Keras files by their suffix (a SavedModel folder or ``.pb`` goes to the Keras
+kind too, which says what to load instead), everything else is the PyTorch kind's.
 A factory spec is only text, so what it returns decides in the end: a factory returning a
 ``keras.Model`` (on Keras's torch backend also an ``nn.Module``) is handed over to the Keras
 kind (:attr:`ModelKind.adopts`), which loads its ``.weights.h5`` weights. :func:`load_any` loads
@@ -170,8 +171,23 @@ def _spec_and_weights(spec, weights) -> list[Path]:
     return spec_files(spec) + ([Path(weights)] if weights is not None else [])
 
 
+#: Files Keras saves whole models to: Keras 3's zip, and the legacy HDF5 file of Keras 2 (tf.keras) and 3.
+KERAS_MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
+#: What a recalibrated Keras model is written as: Keras 3's format, or the legacy HDF5 file when asked for.
+KERAS_SAVE_SUFFIXES = (".keras", ".h5")
+
+
+def is_tensorflow_export(spec) -> bool:
+    """Whether ``spec`` names a TensorFlow SavedModel folder or a ``.pb`` graph: no Keras model
+    to load, but the kind a TensorFlow user hands over (the Keras kind then says what works)."""
+    path = Path(str(spec))
+    return path.suffix.lower() == ".pb" or (path.is_dir() and (path / "saved_model.pb").is_file())
+
+
 def _is_keras_path(spec) -> bool:
-    return str(spec).lower().endswith(".keras")
+    text = str(spec)
+    return ((text.lower().endswith(KERAS_MODEL_SUFFIXES) and _split_spec(text) is None)
+            or is_tensorflow_export(text))
 
 
 def _load_keras_kind(spec, *, weights=None, model_kwargs=None, allow_pickle=False, strip_prefix=None):
@@ -198,7 +214,7 @@ def _is_keras_model(obj) -> bool:
 
 _KINDS: list[ModelKind] = [
     ModelKind("onnx", is_onnx_path, _onnx_files, _load_onnx_kind, (".onnx",)),
-    ModelKind("keras", _is_keras_path, _spec_and_weights, _load_keras_kind, (".keras",),
+    ModelKind("keras", _is_keras_path, _spec_and_weights, _load_keras_kind, KERAS_SAVE_SUFFIXES,
               adopts=_is_keras_model, adopt=_adopt_keras),
     ModelKind("torch", lambda spec: True, _spec_and_weights, lambda spec, **kw: load_model(spec, **kw),
               WEIGHT_SUFFIXES),

@@ -51,7 +51,7 @@ from .errors import BncalError
 
 __all__ = [
     "torch_to_tf", "tf_to_torch", "MomentumSuggestion", "suggest_momentum", "InverseDecayMomentum",
-    "inverse_decay_tf_momentum",
+    "inverse_decay_tf_momentum", "format_momentum",
     "WINDOW_FRACTION_OF_EPOCH", "MIN_TF_MOMENTUM", "MAX_TF_MOMENTUM",
 ]
 
@@ -91,6 +91,20 @@ def torch_to_tf(momentum: float) -> float:
 def tf_to_torch(momentum: float) -> float:
     """PyTorch momentum equivalent to a TF/Keras/ONNX one: ``1 - momentum`` (range [0, 1])."""
     return 1.0 - _check_momentum(momentum, "tf")
+
+
+def format_momentum(momentum: float) -> str:
+    """``momentum`` as text with as many digits as tell it apart from 0 and from 1 (3 significant
+    digits of both ``m`` and ``1 - m``): 0.99 -> ``0.99``, 0.9997 -> ``0.9997`` (not ``1``, which
+    would say the statistics never move), 0.0003 -> ``0.0003``."""
+    momentum = float(momentum)
+    if not 0.0 < momentum < 1.0:
+        return f"{momentum:g}"
+    for digits in range(3, 17):
+        text = f"{momentum:.{digits}g}"
+        if abs(float(text) - momentum) <= 5e-4 * min(momentum, 1.0 - momentum):
+            return text
+    return repr(momentum)
 
 
 def _check_convention(convention: str) -> str:
@@ -150,9 +164,9 @@ def suggest_momentum(batch_size: int, dataset_size: int, epochs: float = 1, *,
 
     rationale = (f"{steps_per_epoch} steps per epoch at batch {batch_size}; the moving average should "
                  f"span about {WINDOW_FRACTION_OF_EPOCH:g} of an epoch ({ideal_window:.3g} steps), "
-                 f"TF momentum 1 - 1/{ideal_window:.3g} = {ideal_tf:.3g}")
+                 f"TF momentum 1 - 1/{ideal_window:.3g} = {format_momentum(ideal_tf)}")
     if tf != ideal_tf:
-        rationale += f", clipped to [{MIN_TF_MOMENTUM}, {MAX_TF_MOMENTUM}] -> {tf:.3g}"
+        rationale += f", clipped to [{MIN_TF_MOMENTUM}, {MAX_TF_MOMENTUM}] -> {format_momentum(tf)}"
     rationale += f" (window {window:.3g} steps)."
 
     reasons = []
@@ -164,11 +178,11 @@ def suggest_momentum(batch_size: int, dataset_size: int, epochs: float = 1, *,
     use_schedule = bool(reasons)
     if use_schedule:
         reach = InverseDecayMomentum.steps_to_ceiling(tf)
-        schedule = (f"inverse decay: InverseDecayMomentum(model, base=0.8, step_scale=10, ceiling={tf:.3g}), "
-                    f"TF momentum 1 - 0.8**(step/10) capped at {tf:.3g} (reached after {reach} steps)")
+        schedule = (f"inverse decay: InverseDecayMomentum(model, base=0.8, step_scale=10, ceiling={format_momentum(tf)}), "
+                    f"TF momentum 1 - 0.8**(step/10) capped at {format_momentum(tf)} (reached after {reach} steps)")
         rationale += " An inverse-decay schedule is better here: " + "; ".join(reasons) + "."
     else:
-        schedule = f"constant momentum {tf:.3g} (TF) / {1 - tf:.3g} (PyTorch)"
+        schedule = f"constant momentum {format_momentum(tf)} (TF) / {format_momentum(1 - tf)} (PyTorch)"
 
     value = tf if convention == "tf" else 1.0 - tf
     return MomentumSuggestion(value=value, convention=convention, tf=tf, torch=1.0 - tf,

@@ -23,6 +23,11 @@ constants: they can be neither checked nor recalibrated in the file, only at the
   * or a node of it is named in a BatchNorm name scope (``*/batchnorm/*``,
     ``batch_normalization``, ``FusedBatchNormV3``, ``bn1``: the names TF and Keras give);
 
+- *a BN folded into a linear op*: a Conv, ConvTranspose, MatMul or Gemm whose output or constant
+  inputs are named in a BatchNorm scope (tf2onnx names a conv's folded bias ``model/bn1/batchnorm/sub``
+  and its output ``model/bn1/FusedBatchNormV3``) or whose weights carry tf2onnx's ``_fused_bn``
+  suffix: the statistics are in its weights, one entry per BN;
+
 - *a name scope alone*: compute nodes named in a BatchNorm scope that holds no
   BatchNormalization node and no recognised chain. A BN folded into a Conv's weights leaves no
   other trace: it is reported by its scope's name where the converter kept one.
@@ -47,10 +52,11 @@ __all__ = ["LoweredNormalisation", "find_lowered_normalisations", "describe_lowe
            "no_batchnorm_hint"]
 
 #: How to fix it at the source, worded once for every report (inspect's BN060, check, recalibrate).
-LOWERED_FIX = ("recalibrate the model before converting it (bncal recalibrate model.keras "
-               "--data DATA -o fixed.keras, or a PyTorch factory spec with --weights) and convert again, or "
-               "convert it with its BatchNormalization kept (tf2onnx fuses BN in its back_to_back optimizer; "
-               "bncal's export of a PyTorch model keeps it)")
+LOWERED_FIX = ("recalibrate the model before converting it (bncal recalibrate model.keras or model.h5 "
+               "--data DATA -o fixed.keras; a PyTorch factory spec with --weights) and convert the recalibrated "
+               "model again: converters fold the statistics into constants (tf2onnx and Keras's export have no "
+               "option that keeps BatchNormalization; bncal fold-export of a PyTorch model folds it and proves "
+               "the file in onnxruntime)")
 
 _PASS = {"Transpose", "Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze", "Cast"}
 _LINEAR = {"Conv", "ConvTranspose", "MatMul", "Gemm"}
@@ -174,6 +180,10 @@ class _Constants:
                 self._values[node.output[0]] = value
                 if node.op_type in ("Sqrt", "Reciprocal") or any(i in self.from_statistics for i in node.input):
                     self.from_statistics.add(node.output[0])
+
+    def is_constant(self, name: str) -> bool:
+        """Whether ``name`` is an initializer (not a graph input) or a constant expression."""
+        return name in self._tensors or self.value(name) is not None
 
     def value(self, name: str) -> np.ndarray | None:
         """The value of constant tensor ``name``, or None (not constant, or too large)."""
@@ -333,7 +343,32 @@ def find_lowered_normalisations(model) -> list[LoweredNormalisation]:
         in_chains.update(id(s.node) for s in chain)
         if scope is not None:
             claimed_scopes.add(scope)
+    found += _folded_into_linear(graph, constants, in_chains, claimed_scopes, taken)
     found += _named_scopes(graph, constants, in_chains, claimed_scopes, taken)
+    order = {_node_label(node): i for i, node in enumerate(graph.node)}
+    return sorted(found, key=lambda f: min((order.get(n, len(order)) for n in f.nodes), default=len(order)))
+
+
+def _folded_into_linear(graph, constants, in_chains, claimed, taken) -> list[LoweredNormalisation]:
+    """Linear ops whose weights a converter folded a BN into, recognised by the names it left:
+    the BN's scope on the op's output or constant inputs, or tf2onnx's ``_fused_bn`` suffix."""
+    found = []
+    for node in graph.node:
+        if node.op_type not in _LINEAR or id(node) in in_chains:
+            continue
+        weights = [name for name in node.input[1:] if name and constants.is_constant(name)]
+        named = [*node.output, *weights]
+        scope = next((sc for name in named if (sc := _scope(name)) is not None), None)
+        fused = any(name.endswith("_fused_bn") for name in weights)
+        if scope is None and not fused or scope in claimed:
+            continue
+        if scope is not None:
+            claimed.add(scope)
+        label = scope or f"{_node_label(node)} (fused BN)"
+        found.append(LoweredNormalisation(
+            name=fresh_name(label, taken, separator="#"), ops=(node.op_type,),
+            reason=f"folded into the weights of {node.op_type} {_node_label(node)} (the names the converter left)",
+            nodes=(_node_label(node),)))
     return found
 
 

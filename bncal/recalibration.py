@@ -23,9 +23,15 @@ import math
 from collections.abc import Callable, Iterable
 
 import numpy as np
-import torch
-from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+
+try:  # the PyTorch path's; without torch (bncal[keras] alone) recalibrate() still hands Keras models over
+    import torch
+    from torch import nn
+    from torch.nn.modules.batchnorm import _BatchNorm
+except ModuleNotFoundError as exc:
+    if exc.name != "torch":
+        raise
+    torch = nn = _BatchNorm = None
 
 from ._progress import DataPass, PassClock, batch_count
 from .bn_modules import FROZEN_NOTE, describe_frozen, frozen_batchnorm_layers
@@ -34,6 +40,7 @@ from .calibration import (NEVER_REACHED, BatchComposition, DataOrder, LayerResul
 from .data import input_hint, select_inputs
 from .distributed import active_process_group, combine_across_ranks, world_size
 from .errors import BncalError, first_line
+from .extras import MissingExtra
 from .report import LayerStats, RecalibrationReport, SkippedLayer
 from .renorm import renorm_notes
 from .stats import ChannelMoments, anchored_statistics, fixed_point_passes
@@ -163,6 +170,8 @@ def recalibrate(
 
         return recalibrate_keras(model, data, mode=mode, prior=prior, forward_fn=forward_fn, max_samples=max_samples,
                                  tol=tol, max_passes=max_passes, progress=progress)
+    if torch is None:
+        raise MissingExtra("torch", "recalibrating a PyTorch model")
     check_mode(mode)
     source = data_source(select_inputs(data, inputs), reread=(mode == "eval"))
     custom_forward, forward_fn = forward_fn, forward_fn or default_forward

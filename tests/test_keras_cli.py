@@ -170,6 +170,47 @@ def test_check_and_inspect_a_keras_file(project):
     assert code == 1
 
 
+def test_legacy_h5_files_go_through_inspect_check_and_recalibrate(project):
+    """A Keras 3 model saved in the legacy HDF5 format: read by Keras's loader (safe mode), written
+    to .keras or, when asked, .h5; the statistics those of the library on the same arrays."""
+    path, _, x = project
+    stale = bk.load_model(path / "stale.keras")
+    stale.save(path / "stale.h5")
+    before = (path / "stale.h5").read_bytes()
+    assert model_kind(path / "stale.h5").name == "keras" and model_kind(path / "stale.hdf5").name == "keras"
+    code, output = run("inspect", path / "stale.h5", "--train-batch-size", 2000, "--dataset-size", 4000)
+    assert code == 0 and "BN010 warning" in output and "needs the form" not in output, output
+    code, output = run("check", path / "stale.h5", "--data", path / "data.npy", "--batch-size", 20)
+    assert code == 1 and "FAILED: 2 of 2 BatchNorm layers" in output, output
+    expected = bk.load_model(path / "stale.keras")
+    bk.recalibrate(expected, x, batch_size=8, mode="eval")
+    for out in (path / "fixed.keras", path / "fixed.h5"):
+        code, output = run("recalibrate", path / "stale.h5", "--data", path / "data.npy", "--batch-size", 8,
+                           "--mode", "eval", "-o", out)
+        assert code == 0 and f"wrote {out}" in output and "PyTorch" not in output, output
+        _assert_stats_equal(_stats(bk.load_model(out)), _stats(expected))
+    assert (path / "stale.h5").read_bytes() == before
+    assert [p.name for p in path.iterdir() if p.name.startswith(".bncal")] == []
+    code, output = run("recalibrate", path / "stale.h5", "--data", path / "data.npy", "-o", path / "fixed.pt")
+    assert code == 2 and "give -o OUT.keras (or OUT.h5" in output, output
+
+
+def test_weights_only_files_and_tensorflow_exports_say_what_works(project):
+    path, _, _ = project
+    (path / "exported").mkdir()
+    (path / "exported" / "saved_model.pb").write_bytes(b"")
+    (path / "frozen.pb").write_bytes(b"")
+    cases = {path / "stale.weights.h5": "holds weights only (model.save_weights); give the factory",
+             path / "exported": "is a TensorFlow SavedModel, whose BatchNorm statistics are constants",
+             path / "frozen.pb": "is a frozen TensorFlow graph"}
+    for model, expected in cases.items():
+        for args in (["inspect", model], ["recalibrate", model, "--data", path / "data.npy", "-o", path / "o.keras"]):
+            code, output = run(*args)
+            assert code == 1 and output.startswith("error: ") and expected in output, output
+            assert output.strip().count("\n") == 0 and "needs the form" not in output, output
+    assert not (path / "o.keras").exists()
+
+
 def test_factory_spec_returning_a_keras_model_is_handed_over(project):
     path, _, x = project
     spec = f"{path}/nets.py:make"

@@ -6,6 +6,7 @@ from torch import nn
 
 from bncal.errors import BncalError
 from bncal.momentum import (
+    format_momentum,
     InverseDecayMomentum, MAX_TF_MOMENTUM, MIN_TF_MOMENTUM, suggest_momentum, tf_to_torch, torch_to_tf,
 )
 from bncal.nn import BatchRenorm1d
@@ -122,3 +123,12 @@ def test_inverse_decay_state_dict_restore_and_torch_ceiling():
 def test_inverse_decay_refuses_model_without_bn():
     with pytest.raises(BncalError, match="no BatchNorm"):
         InverseDecayMomentum(nn.Linear(2, 2))
+
+
+@given(st.floats(1e-9, 1 - 1e-9))
+def test_formatted_momentum_tells_both_sides_apart(m):
+    """The text keeps 3 significant digits of m and of 1 - m: 0.9997 stays 0.9997, not 1."""
+    text = format_momentum(m)
+    assert abs(float(text) - m) <= 5e-4 * min(m, 1 - m)
+    assert format_momentum(0.9997) == "0.9997" and format_momentum(0.99) == "0.99"
+    assert format_momentum(1 - 0.9997) == "0.0003"

@@ -144,6 +144,48 @@ def test_a_bn_folded_into_a_conv_is_found_by_its_name_scope_only():
     assert "name scope" in found.reason
 
 
+
+def _tf2onnx_cnn(keras_generation: int):
+    """Four Conv (BN folded in) -> Relu blocks and a Dense -> BN, named as tf2onnx 1.17 names them
+    (read off its conversions of the shipped Keras CNN): from a Keras 3 model the folded conv
+    keeps only its bias's name (``m/bn1_1/batchnorm/sub:0``), from a tf_keras model its output
+    (``m/bn1/FusedBatchNormV3:0``) and ``_fused_bn`` weights."""
+    nodes, init, x = [], {}, "x"
+    for i in range(1, 5):
+        w, b = f"m/conv{i}/Conv2D_weights_fused_bn", f"m/conv{i}/Conv2D_bias_fused_bn"
+        name, out = f"m/conv{i}/Conv2D", f"m/bn{i}/FusedBatchNormV3:0"
+        if keras_generation == 3:
+            w, b = f"m/conv{i}_1/convolution/merged_input:0", f"m/bn{i}_1/batchnorm/sub:0"
+            name, out = f"Conv__{44 + 2 * i}", f"Conv__{44 + 2 * i}:0"
+        init[w] = RNG.normal(size=(C, C if i > 1 else 3, 1, 1)).astype(np.float32)
+        init[b] = RNG.normal(size=C).astype(np.float32)
+        nodes += [helper.make_node("Conv", [x, w, b], [out], name=name),
+                  helper.make_node("Relu", [out], [f"relu{i}"], name=f"m/relu{i}/Relu")]
+        x = f"relu{i}"
+    scale, shift = _folded(_statistics(), (C,))
+    init.update({"fc": RNG.normal(size=(C, C)).astype(np.float32), "m/bn_fc/batchnorm/mul:0": scale,
+                 "m/bn_fc/batchnorm/sub:0": shift})
+    nodes += [helper.make_node("GlobalAveragePool", [x], ["g"]),
+              helper.make_node("Flatten", ["g"], ["f"], name="m/flatten/Reshape"),
+              helper.make_node("MatMul", ["f", "fc"], ["d"], name="m/fc/MatMul"),
+              helper.make_node("Mul", ["d", "m/bn_fc/batchnorm/mul:0"], ["s"], name="m/bn_fc/batchnorm/mul_1"),
+              helper.make_node("Add", ["s", "m/bn_fc/batchnorm/sub:0"], ["y"], name="m/bn_fc/batchnorm/add_1")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 5, 5])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, C])], init)
+
+
+@pytest.mark.parametrize("keras_generation", [2, 3])
+def test_every_bn_of_a_tf2onnx_conversion_is_found(keras_generation):
+    """tf2onnx folds each conv BN into its Conv and lowers the Dense BN: all five are named."""
+    found = find_lowered_normalisations(_tf2onnx_cnn(keras_generation))
+    suffix = "_1" if keras_generation == 3 else ""
+    assert [f.name for f in found] == [f"m/bn{i}{suffix}" for i in range(1, 5)] + ["m/bn_fc"]
+    assert [f.ops for f in found] == [("Conv",)] * 4 + [("Mul", "Add")]
+    assert all("folded into the weights of Conv" in f.reason for f in found[:4])
+    (finding,) = inspect_model(_tf2onnx_cnn(keras_generation)).by_rule("BN060")
+    assert len(finding.layers) == 5 and "convert the recalibrated model again" in finding.fix
+    assert "no option that keeps BatchNormalization" in finding.fix
+
 def test_what_is_not_a_lowered_batchnorm_is_left_alone():
     """Input preprocessing, a bias, attention's scalar scale, LayerNorm written as arithmetic and a
     real BatchNormalization with its scope's constants: none of them is reported."""
@@ -188,7 +230,7 @@ def test_inspect_reports_bn060_with_the_fix_at_the_source():
     assert (finding.rule_id, finding.severity, finding.layers) == ("BN060", "warning", ["Mul_2"])
     assert "Mul_2 (Mul -> Add after MatMul MatMul_1)" in finding.evidence
     assert "can no longer be checked or recalibrated" in finding.evidence
-    assert "bncal recalibrate model.keras" in finding.fix and "BatchNormalization kept" in finding.fix
+    assert "bncal recalibrate model.keras" in finding.fix and "convert the recalibrated model again" in finding.fix
     assert "BN060 warning: normalisation lowered to arithmetic by the converter (Mul_2)" in report.table()
 
 

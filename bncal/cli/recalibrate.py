@@ -9,7 +9,7 @@ from .options import (DataArgs, DeviceArgs, GateArgs, GuardArgs, ModelArgs, Outp
 
 _SUFFIX_HINTS = {
     "onnx": "an .onnx model is recalibrated into an .onnx file: give -o OUT.onnx",
-    "keras": "a Keras model is recalibrated into a .keras file: give -o OUT.keras",
+    "keras": "a Keras model is recalibrated into a .keras file: give -o OUT.keras (or OUT.h5 for Keras 2 readers)",
     "torch": "a PyTorch model's recalibrated weights are a state dict (.safetensors or .pt); for an ONNX file use "
              "bncal fold-export",
 }
@@ -40,7 +40,7 @@ def _require_suffix(loaded, output) -> None:
     RecalibrationArgs(),
     DeviceArgs(),
     ProviderArgs(torch_models=False),
-    OutputArgs(help="Where to write the recalibrated weights (.safetensors or .pt) or model (.onnx, .keras).",
+    OutputArgs(help="Where to write the recalibrated weights (.safetensors or .pt) or model (.onnx, .keras, .h5).",
                suffixes=_recalibrated_suffixes),
     GateArgs(repairs="; the recalibrated model is judged, so statistics it repairs (BN001, BN002) need no --allow"),
     GuardArgs(scored="the recalibrated model"),
@@ -51,8 +51,8 @@ def command(args) -> int:
     """Recompute the moving statistics of MODEL's BatchNorm layers from calibration data.
 
     MODEL is a factory spec (package.module:factory or path/file.py:factory, with --weights),
-    an .onnx file (run in onnxruntime on --providers) or a .keras file (written to OUTPUT.keras;
-    a factory returning a keras.Model takes .weights.h5 weights). Under torchrun, each rank reads
+    an .onnx file (run in onnxruntime on --providers) or a Keras file (.keras, .h5, .hdf5; written to
+    OUTPUT.keras or .h5; a factory returning a keras.Model takes .weights.h5 weights). Under torchrun, each rank reads
     its shard of the data, the statistics are combined exactly across ranks, and rank 0 writes
     OUTPUT (PyTorch and ONNX models). The recalibrated model is written only if bncal inspect finds
     no error in it (what recalibration cannot repair, such as a training-mode BatchNormalization),

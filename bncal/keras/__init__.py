@@ -41,6 +41,7 @@ _EXPORTS = {
     "check": "check",
     "inspect": "inspection",
     "InverseDecayMomentum": "callbacks",
+    "RecalibrateOnTrainEnd": "callbacks",
 }
 
 __all__ = [*_EXPORTS, "is_keras_model"]

@@ -183,16 +183,34 @@ def batch_pass(source, *, max_samples, progress, total=None, description=None):
 
 
 def run_forward(forward_fn, model, inputs, index):
-    """``forward_fn(model, inputs)`` without gradients; the model's errors as one-line BncalErrors."""
+    """``forward_fn(model, inputs)`` without gradients; the model's errors as one-line BncalErrors
+    (a batch missing its batch axis, as an unbatched ``tf.data`` dataset gives, is named as such)."""
+    shapes = [tuple(getattr(leaf, "shape", ())) for leaf in import_keras().tree.flatten(inputs)]
+    _require_batch_axis(model, shapes, index)
     try:
         with inference_context():
             return forward_fn(model, inputs)
     except BncalError as exc:  # raised by a BN tap, and rewrapped by Keras on its way out
         raise BncalError(error_text(exc)) from None
-    except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as exc:
-        shapes = ", ".join(str(tuple(getattr(leaf, "shape", ()))) for leaf in import_keras().tree.flatten(inputs))
-        raise BncalError(f"the model failed on calibration batch {index} (input shape {shapes}): "
-                         f"{error_text(exc)}") from exc
+    except Exception as exc:  # noqa: BLE001 -- TensorFlow's OpErrors are none of Python's own kinds
+        if not isinstance(exc, (RuntimeError, ValueError, TypeError, IndexError, KeyError)) and \
+                not type(exc).__module__.startswith(("tensorflow", "jax", "jaxlib")):
+            raise
+        raise BncalError(f"the model failed on calibration batch {index} (input shape "
+                         f"{', '.join(map(str, shapes))}): {error_text(exc)}") from exc
+
+
+def _require_batch_axis(model, shapes, index) -> None:
+    """Refuse a batch whose inputs have one axis fewer than the model's inputs (one sample, not a batch)."""
+    expected = [tuple(t.shape) for t in getattr(model, "inputs", None) or []]
+    if len(expected) != len(shapes):
+        return
+    for shape, model_shape in zip(shapes, expected):
+        if len(shape) == len(model_shape) - 1 and tuple(shape) == tuple(
+                d if d is not None else s for d, s in zip(model_shape[1:], shape)):
+            raise BncalError(f"calibration batch {index} has shape {shape} where the model takes "
+                             f"{('batch',) + tuple(model_shape[1:])}: it is one sample, not a batch; batch the data "
+                             "(a tf.data dataset: dataset.batch(64))")
 
 
 def error_text(exc: BaseException) -> str:

@@ -1,8 +1,10 @@
 """Loading Keras models safely, and saving them atomically.
 
-A model is a ``.keras`` file, read with Keras's ``safe_mode=True`` by default: a ``Lambda``
-layer stores Python bytecode that would run when the file is loaded, so such files load only
-with ``safe_mode=False``, for files you trust. Or a spec ``package.module:factory`` /
+A model is a ``.keras`` file or a legacy HDF5 ``.h5``/``.hdf5`` file (Keras 2's ``tf.keras`` and
+Keras 3 write it; Keras 3's loader reads both), read with Keras's ``safe_mode=True`` by default:
+a ``Lambda`` layer stores Python bytecode that would run when the file is loaded, so such files
+load only with ``safe_mode=False``, for files you trust. A TensorFlow SavedModel folder or a
+``.pb`` graph holds no Keras model: :func:`tensorflow_export_refusal` says what works instead. Or a spec ``package.module:factory`` /
 ``path/file.py:factory`` (the user's own code, run as written, see
 :func:`bncal.loading.resolve_callable`) returning a ``keras.Model``, optionally with weights
 from a ``.weights.h5`` file.
@@ -14,15 +16,15 @@ from pathlib import Path
 
 from ..outputs import atomic_output
 from ..errors import BncalError, one_line
-from ..loading import _parse_kwargs, resolve_callable
+from ..loading import KERAS_MODEL_SUFFIXES, KERAS_SAVE_SUFFIXES, _parse_kwargs, is_tensorflow_export, resolve_callable
 from ._backend import import_keras
 
-__all__ = ["load_model", "save_model", "adopt_factory_model"]
+__all__ = ["load_model", "save_model", "adopt_factory_model", "tensorflow_export_refusal"]
 
 
 def load_model(path_or_spec, *, weights=None, model_kwargs: str | dict | None = None, safe_mode: bool = True,
                custom_objects: dict | None = None, compile: bool = True):
-    """A ``keras.Model`` from a ``.keras`` file or a factory spec.
+    """A ``keras.Model`` from a ``.keras``, ``.h5`` or ``.hdf5`` file or a factory spec.
 
     ``safe_mode`` (default True) refuses files whose ``Lambda`` layers would run code;
     ``custom_objects`` and ``compile`` are passed to ``keras.saving.load_model``.
@@ -30,30 +32,33 @@ def load_model(path_or_spec, *, weights=None, model_kwargs: str | dict | None = 
 
     Raises:
         BncalError: a missing or unreadable file, a refused Lambda layer, a spec that does not
-            give a ``keras.Model``, weights that do not fit.
+            give a ``keras.Model``, weights that do not fit, a ``.weights.h5`` file alone, a
+            SavedModel folder or ``.pb`` graph.
     """
     text = str(path_or_spec)
     path = Path(text)
+    if is_tensorflow_export(text):
+        raise BncalError(tensorflow_export_refusal(path))
     if path.suffix.lower() == ".keras" and path.is_file():
         _check_keras_archive(path)  # before importing Keras (seconds), which would say "File not found"
     keras = import_keras()
-    if path.suffix.lower() in (".h5", ".hdf5") and ":" not in text:
-        raise BncalError(f"{path} is a legacy HDF5 model; bncal reads the .keras format: re-save it with "
-                         "model.save('model.keras')")
-    if path.suffix.lower() == ".keras":
+    if text.lower().endswith(KERAS_MODEL_SUFFIXES) and ":" not in text:
+        if path.name.lower().endswith(".weights.h5"):
+            raise BncalError(f"{path} holds weights only (model.save_weights); give the factory that builds the "
+                             f"model, with the weights: bncal ... path/file.py:factory --weights {path}")
         if not path.is_file():
             raise BncalError(f"model file {path} does not exist")
         if weights is not None or model_kwargs is not None:
-            raise BncalError("a .keras file holds its weights and configuration; weights and model_kwargs apply "
-                             "to a factory spec only")
-        try:
+            raise BncalError(f"a {path.suffix} file holds its weights and configuration; weights and model_kwargs "
+                             "apply to a factory spec only")
+        try:  # .h5/.hdf5: Keras 3's reader of the legacy format (Keras 2 and 3 files), safe_mode as for .keras
             return keras.saving.load_model(path, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode)
         except Exception as exc:  # Keras raises ValueError, TypeError, zipfile and h5py errors...
             if safe_mode and "safe_mode" in str(exc):
                 raise BncalError(f"{path} contains a Lambda layer whose Python code would run when it is loaded; "
                                  "pass safe_mode=False (bncal commands: --allow-pickle) only for a file you trust") from exc
-            raise BncalError(f"cannot load {path} as a Keras model ({one_line(exc)}); is it a .keras file saved by "
-                             "Keras 3, with its custom layers given as custom_objects?") from exc
+            raise BncalError(f"cannot load {path} as a Keras model ({one_line(exc)}); is it a whole model saved by "
+                             "Keras (model.save), with its custom layers given as custom_objects?") from exc
     factory = resolve_callable(text, "model")
     if not callable(factory):
         raise BncalError(f"{text} is not callable")
@@ -110,15 +115,25 @@ def adopt_factory_model(model, spec: str, *, weights=None, allow_pickle: bool = 
 
 
 def save_model(model, path) -> Path:
-    """Write ``model`` to the ``.keras`` file ``path`` atomically: a temporary ``.keras`` file in
-    the same directory, renamed over ``path`` once complete (an interrupted save leaves
-    ``path`` as it was)."""
+    """Write ``model`` to ``path`` atomically: a ``.keras`` file, or the legacy HDF5 format for
+    ``.h5`` (what Keras 2 code reads). Written to a temporary file of the same suffix in the same
+    directory, renamed over ``path`` once complete (an interrupted save leaves ``path`` as it was)."""
     keras = import_keras()
     path = Path(path)
-    if path.suffix.lower() != ".keras":
-        raise BncalError(f"{path}: a Keras model is saved as a .keras file; give a path ending in .keras")
+    if path.suffix.lower() not in KERAS_SAVE_SUFFIXES:
+        raise BncalError(f"{path}: a Keras model is saved as a .keras file (or .h5 for Keras 2 readers); give a "
+                         "path ending in .keras")
     if not path.parent.is_dir():
         raise BncalError(f"output directory {path.parent} does not exist; create it first")
-    with atomic_output(path) as tmp:  # staged under its own name, so Keras sees the .keras suffix
+    with atomic_output(path) as tmp:  # staged under its own name, so Keras sees the suffix
         keras.saving.save_model(model, tmp)
     return path
+
+
+def tensorflow_export_refusal(path: Path) -> str:
+    """The one line for a SavedModel folder or a ``.pb`` graph: what bncal can repair instead."""
+    what = "a frozen TensorFlow graph" if path.suffix.lower() == ".pb" else "a TensorFlow SavedModel"
+    return (f"{path} is {what}, whose BatchNorm statistics are constants of the exported graph; recalibrate the "
+            "Keras model that produced it (its .keras/.h5 file, or a factory with --weights model.weights.h5) and "
+            "export again, or for tf.compat.v1 code recalibrate the graph's variables with "
+            "bncal.tf.recalibrate_tf1 before freezing")

@@ -1,0 +1,143 @@
+"""Run by tests/test_keras_tf.py in a subprocess: bncal on Keras's TensorFlow backend with torch
+made unimportable (a meta-path finder refuses it), as a TensorFlow user without PyTorch has it.
+
+Legacy ``.h5`` files of Keras 3 and (with tf_keras installed) Keras 2 origin go through
+``bncal inspect``, ``check`` and ``recalibrate -o .keras``; the top-level calls hand a Keras model
+over. Prints one JSON object of what happened, for the test to judge.
+"""
+
+import importlib.abc
+import json
+import os
+import sys
+
+
+class _NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.partition(".")[0] == "torch":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _NoTorch())
+os.environ["KERAS_BACKEND"] = "tensorflow"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import importlib.util  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+
+import bncal  # noqa: E402
+import bncal.keras as bk  # noqa: E402
+from bncal.cli import main  # noqa: E402
+from models import keras_zoo  # noqa: E402
+
+CALIBRATION, HELDOUT = 1000, 500
+
+
+def accuracy(model, x, y):
+    return float(np.mean(np.argmax(model.predict(x, batch_size=250, verbose=0), 1) == y))
+
+
+def cli(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def main_(folder: Path) -> dict:
+    import keras
+
+    out = {"backend": keras.backend.backend(), "files": {}}
+    x, _ = keras_zoo.mnist_nhwc("calib")
+    x = x[np.random.default_rng(0).permutation(len(x))[:CALIBRATION]]
+    x_test, y_test = keras_zoo.mnist_nhwc("test")
+    pick = np.random.default_rng(1).permutation(len(x_test))[:HELDOUT]
+    x_test, y_test = x_test[pick], y_test[pick]
+    np.save(folder / "calib.npy", x)
+    np.save(folder / "test.npy", x_test)
+
+    stale = keras_zoo.mnist_keras_stale()
+    stale.save(folder / "keras3.h5")
+    files = {"keras3": folder / "keras3.h5"}
+    if importlib.util.find_spec("tf_keras") is not None:
+        import tf_keras
+
+        old = keras_zoo.mnist_keras_cnn(keras_module=tf_keras)
+        old.set_weights(stale.get_weights())
+        old.save(folder / "keras2.h5")
+        files["keras2"] = folder / "keras2.h5"
+    for origin, path in files.items():
+        record = out["files"][origin] = {}
+        record["accuracy_before"] = accuracy(bk.load_model(path), x_test, y_test)
+        record["inspect"] = cli("inspect", path, "--train-batch-size", 2000, "--dataset-size", 4000)
+        record["check_before"] = cli("check", path, "--data", folder / "test.npy", "--batch-size", 100)
+        fixed = folder / f"{origin}-fixed.keras"
+        record["recalibrate"] = cli("recalibrate", path, "--data", folder / "calib.npy", "--batch-size", 250,
+                                    "--mode", "eval", "-o", fixed)
+        record["check_after"] = cli("check", fixed, "--data", folder / "test.npy", "--batch-size", 100)
+        model = bk.load_model(fixed)
+        record["accuracy_after"] = accuracy(model, x_test, y_test)
+        record["statistics"] = [np.asarray(bn.moving_variance).tolist() for _, bn in bk.batchnorm_layers(model)]
+
+    # The top-level calls, on a model in memory.
+    model = keras_zoo.mnist_keras_stale()
+    report = bncal.recalibrate(model, x, mode="train")
+    out["top_level"] = {"recalibrated": len(report.layers), "accuracy": accuracy(model, x_test, y_test),
+                        "inspect_source": bncal.inspect_model(model, batch_size=2000, dataset_size=4000).source}
+    import tensorflow as tf
+
+    try:  # an unbatched tf.data dataset yields single samples
+        bk.recalibrate(model, tf.data.Dataset.from_tensor_slices(x[:8]))
+    except bncal.BncalError as exc:
+        out["unbatched"] = str(exc)
+    try:
+        bncal.recalibrate(object(), [np.zeros(2)])
+    except bncal.MissingExtra as exc:
+        out["not_keras"] = str(exc)
+    out["callbacks"] = callbacks()
+    out["torch_imported"] = "torch" in sys.modules
+    return out
+
+
+def callbacks() -> dict:
+    """The momentum schedule inside compiled train steps (a graph, and XLA), against the formula
+    in float64; and the recalibration at the end of fit, against the data's float64 statistics."""
+    import keras
+
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((48, 3)) * [1.0, 2.0, 0.5] + [0.5, -1.0, 2.0]).astype("float32")
+    y = np.zeros((48, 1), "float32")
+    schedule = bk.InverseDecayMomentum(base=0.8, step_scale=2, ceiling=0.9)
+    mean, var, constant = np.zeros(3), np.ones(3), np.zeros(3)
+    for step in range(6):  # 6 batches of 8, in order
+        batch = x[8 * step:8 * step + 8].astype(np.float64)
+        m = schedule.momentum(step)
+        mean, var = m * mean + (1 - m) * batch.mean(0), m * var + (1 - m) * batch.var(0)
+        constant = 0.99 * constant + 0.01 * batch.mean(0)
+    out = {"expected": [mean.tolist(), var.tolist()], "constant_momentum_mean": constant.tolist()}
+    for jit in (False, True):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization(momentum=0.99),
+                                  keras.layers.Dense(1)])
+        model.compile("sgd", "mse", jit_compile=jit)
+        weights = len(model.weights)
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
+                  callbacks=[bk.InverseDecayMomentum(base=0.8, step_scale=2, ceiling=0.9)])
+        bn = model.layers[0]
+        out[f"jit={jit}"] = {"mean": np.asarray(bn.moving_mean).tolist(), "var": np.asarray(bn.moving_variance).tolist(),
+                             "momentum_after": bn.momentum, "weights_same": len(model.weights) == weights,
+                             "run_eagerly": bool(model.run_eagerly)}
+    recalibrate = bk.RecalibrateOnTrainEnd(x[:40], mode="eval", batch_size=16)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[recalibrate])
+    bn = model.layers[0]
+    out["recalibrated"] = {"mean": np.asarray(bn.moving_mean).tolist(), "var": np.asarray(bn.moving_variance).tolist(),
+                           "reference": [x[:40].astype(np.float64).mean(0).tolist(),
+                                         x[:40].astype(np.float64).var(0).tolist()],
+                           "samples": recalibrate.report.samples}
+    return out
+
+
+if __name__ == "__main__":
+    print("RESULT " + json.dumps(main_(Path(sys.argv[1]))))

@@ -1,0 +1,93 @@
+"""bncal for TensorFlow users, on Keras's TensorFlow backend, without torch.
+
+Runs where TensorFlow is installed (``pip install tensorflow-cpu``, and ``tf_keras`` for the
+Keras 2 file); skipped elsewhere, e.g. in bncal's main CI venv, whose Keras runs on torch. Keras
+reads its backend once per process, so the work happens in a subprocess
+(``tests/_keras_tf_worker.py``) that makes torch unimportable.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests_support import ROOT
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
+                                reason="needs TensorFlow (pip install tensorflow-cpu tf_keras)")
+
+
+@pytest.fixture(scope="module")
+def without_torch(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("keras_tf")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "_keras_tf_worker.py"), str(folder)],
+                            capture_output=True, text=True, env=env, timeout=600)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result.returncode == 0 and lines, result.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_nothing_imports_torch_and_keras_runs_on_tensorflow(without_torch):
+    assert without_torch["backend"] == "tensorflow" and without_torch["torch_imported"] is False
+    assert without_torch["not_keras"] == "recalibrating a PyTorch model needs PyTorch: pip install 'bncal[torch]'"
+
+
+@pytest.mark.parametrize("origin", ["keras3", "keras2"])
+def test_legacy_h5_files_are_inspected_checked_and_repaired(without_torch, origin):
+    if origin not in without_torch["files"]:
+        pytest.skip("needs tf_keras for a Keras 2 file")
+    record = without_torch["files"][origin]
+    code, output = record["inspect"]
+    assert code == 0 and "BN010 warning" in output and "needs the form" not in output, output
+    code, output = record["check_before"]
+    assert code == 1 and "FAILED: 5 of 5 BatchNorm layers" in output, output
+    code, output = record["recalibrate"]
+    assert code == 0 and "recalibrated 5 BatchNorm layers from 1000 samples" in output, output
+    assert "PyTorch" not in output
+    code, output = record["check_after"]
+    assert code == 0 and output.strip().endswith("PASSED"), output
+    assert record["accuracy_before"] < 0.3 and record["accuracy_after"] > 0.95
+
+
+def test_both_origins_give_the_same_statistics(without_torch):
+    files = without_torch["files"]
+    if "keras2" not in files:
+        pytest.skip("needs tf_keras for a Keras 2 file")
+    for a, b in zip(files["keras3"]["statistics"], files["keras2"]["statistics"]):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+def test_top_level_calls_hand_the_keras_model_over(without_torch):
+    top = without_torch["top_level"]
+    assert top["recalibrated"] == 5 and top["inspect_source"] == "keras" and top["accuracy"] > 0.95
+
+
+def test_an_unbatched_tf_data_dataset_is_refused_in_one_line(without_torch):
+    assert without_torch["unbatched"] == ("calibration batch 0 has shape (28, 28, 1) where the model takes ('batch', "
+                                          "28, 28, 1): it is one sample, not a batch; batch the data (a tf.data "
+                                          "dataset: dataset.batch(64))")
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_inverse_decay_momentum_reaches_the_compiled_train_step(without_torch, jit):
+    """fit's compiled step (a graph; XLA with jit_compile) reads the scheduled momentum at every
+    step: the moving averages follow m <- mom_t m + (1 - mom_t) batch, mom_t = min(1 - 0.8**(t/2), 0.9)."""
+    result = without_torch["callbacks"]
+    run = result[f"jit={jit}"]
+    mean, var = result["expected"]
+    np.testing.assert_allclose(run["mean"], mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(run["var"], var, rtol=1e-5, atol=1e-6)
+    assert np.abs(np.subtract(run["mean"], result["constant_momentum_mean"])).max() > 0.5  # what 0.99 would give
+    assert run["momentum_after"] == 0.99 and run["weights_same"] and not run["run_eagerly"]
+
+
+def test_recalibrate_on_train_end_leaves_the_exact_statistics(without_torch):
+    result = without_torch["callbacks"]["recalibrated"]
+    np.testing.assert_allclose(result["mean"], result["reference"][0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(result["var"], result["reference"][1], rtol=1e-6)
+    assert result["samples"] == 40
