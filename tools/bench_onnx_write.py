@@ -19,6 +19,12 @@ of the write alone, and the growth of the process's peak RSS during the write (w
 holds beyond the model). Both files are checked to be the same model (every initializer equal).
 
     python tools/bench_onnx_write.py [--rounds 3] [--layers 8] [--width 4096]
+
+Measured (2026-12, 2 cores shared with other work, 3 rounds, 512 MiB model): bncal 6.8 s median
+(5.4-8.9), peak RSS +0 MiB; ``ir.save`` 34.2 s (29.8-56.4), +322 MiB, 5.0x bncal; ``ir.save``
+with external data 7.4 s (2.7-10.6), 1.09x, but two files. Before this writer (VGG-11, 530 MB),
+fold-export made a ``ModelProto`` (2.9 s) and serialized it (1.5-3.0 s) against 1.5 s for the
+whole export: the copies this writer avoids.
 """
 
 from __future__ import annotations
