@@ -30,7 +30,7 @@ from torch.fx.node import Node, map_arg
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import first_line
-from .recalibration import default_call
+from .torch_passes import default_call
 
 __all__ = ["SweepRefused", "SweepPlan", "build_plan"]
 

@@ -118,9 +118,9 @@ def sync_to_batchnorm(model: nn.Module, dims: int = 2, *, inplace: bool = False)
         raise ValueError(f"dims must be 1, 2 or 3, not {dims!r}")
 
     def make(sync: nn.SyncBatchNorm) -> nn.Module:
-        from .nn import _copy_layer
+        from .nn import copy_batchnorm_state
 
         new = classes[dims](sync.num_features, sync.eps, sync.momentum, sync.affine, sync.track_running_stats)
-        return _copy_layer(sync, new)
+        return copy_batchnorm_state(sync, new)
 
     return _replace(model, make, lambda m: type(m) is nn.SyncBatchNorm, inplace)

@@ -24,7 +24,8 @@ from .calibration import BatchComposition, order_warning
 from .check import CheckReport, CheckThresholds, PairedOutputs, assess_layer
 from .data import select_inputs
 from .errors import BncalError
-from .recalibration import _prepare, batchnorm_layers, default_forward, renorm_references
+from .recalibration import batchnorm_layers, renorm_references
+from .torch_passes import default_forward, output_tensors, prepare_batch
 from .renorm import renorm_notes
 from .report import SkippedLayer
 from .stats import ChannelMoments
@@ -69,7 +70,7 @@ def check_torch(model: torch.nn.Module, batches: Iterable, *, thresholds: CheckT
             raise
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
             raise BncalError(f"the model failed on batch {index}: {str(exc).splitlines()[0]}") from exc
-        return [t.detach().cpu().double().numpy() for t in _tensors(value)]
+        return [t.detach().cpu().double().numpy() for t in output_tensors(value)]
 
     def train_outputs(batch, index, merge=False):
         def hook(name, bn):
@@ -102,7 +103,7 @@ def check_torch(model: torch.nn.Module, batches: Iterable, *, thresholds: CheckT
 
     paired, composition = None, BatchComposition()
     current = DataPass(select_inputs(batches, inputs),
-                       lambda batch, index, remaining: _prepare(batch, device, remaining, fingerprint=False,
+                       lambda batch, index, remaining: prepare_batch(batch, device, remaining, fingerprint=False,
                                                                 composition=composition),
                        max_samples=max_samples, progress=progress)
     with _all_eval(model):
@@ -139,16 +140,6 @@ def _all_eval(model):
     finally:
         for m, training in modes.items():
             m.training = training
-
-
-def _tensors(value) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    return []
 
 
 def _numpy(batch):

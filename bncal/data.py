@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BncalError, one_line
-from .loading import resolve_callable
+from .specs import resolve_callable
 
 __all__ = ["ArrayBatches", "FunctionBatches", "SelectedInputs", "TorchBatches", "NumpyBatches", "ImageOptions",
            "load_data", "load_labelled_data", "LabelledBatches", "select_inputs", "select_batch", "parse_selectors", "input_hint", "leading_size",

@@ -55,7 +55,7 @@ from ._progress import DataPass, batch_count, progress_reporter
 from ._sweep_cache import Checkpoints
 from ._sweep_plan import SweepPlan, SweepRefused, build_plan, node_cost, tensor_bytes
 from .errors import BncalError, first_line
-from .recalibration import _LayerMoments, _prepare, default_forward
+from .torch_passes import LayerMoments, default_forward, prepare_batch
 from .stats import ChannelMoments
 
 __all__ = ["solve_eval_statistics", "SweepResult", "DEFAULT_CACHE_MB", "DEFAULT_MAX_FORWARD_EQUIVALENTS"]
@@ -201,14 +201,14 @@ class _Sweep:
 
     def _step(self, s: int) -> None:
         """Take every batch to frontier ``s``, merge the moments of the depth-``s + 1`` BNs, fix them."""
-        pending: dict[str, _LayerMoments] = {}
+        pending: dict[str, LayerMoments] = {}
         for b, batch in self._batches(s):
             env = self._advance(b, batch, s)
             for name, node in self.plan.bn_nodes[s]:
                 x = env[node.args[0]]
                 mean, var = _channel_moments(x)
                 if name not in pending:
-                    pending[name] = _LayerMoments(x.shape[1], x.device)
+                    pending[name] = LayerMoments(x.shape[1], x.device)
                 pending[name].add(x.numel() // x.shape[1], mean, var)
                 self.executed += x.numel()
             self.cache.store(b, s, [env[n] for n in self.plan.frontiers[s]])
@@ -255,8 +255,8 @@ class _Sweep:
             known = allowed if known is None else min(known, allowed)
         return None if known is None else self.plan.depths * known
 
-    def _prepare(self, batch, index, remaining):
-        (batch, fingerprint), size = _prepare(batch, self.device, remaining, fingerprint=True)
+    def prepare_batch(self, batch, index, remaining):
+        (batch, fingerprint), size = prepare_batch(batch, self.device, remaining, fingerprint=True)
         return (batch, fingerprint, size), size
 
     def _first_batch(self, batch) -> None:
@@ -264,7 +264,7 @@ class _Sweep:
         self.plan = plan = build_plan(self.model, self.names, batch)
         if plan.depths == 0:
             raise SweepRefused("no BatchNorm to recalibrate is called in the traced forward")
-        (small, _), samples = _prepare(batch, self.device, 2, fingerprint=False)
+        (small, _), samples = prepare_batch(batch, self.device, 2, fingerprint=False)
         env = {**plan.constants, **plan.bind(small)}
         for node in plan.nodes:
             if node in plan.calls:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .outputs import atomic_output
+from .torch_passes import output_tensors
 from .errors import BncalError, one_line
 from .folding import as_tuple, check_initialized, meta_clone
 
@@ -288,7 +289,7 @@ def _names(model, inputs, input_names, output_names) -> tuple[list[str], list[st
         if parameters is not None and len(inputs) <= len(parameters):
             input_names = [name for name, x in zip(parameters, inputs) if isinstance(x, torch.Tensor)]
     input_names = _default_names(input_names, n_inputs, "input")
-    outputs = _flatten(returned)
+    outputs = output_tensors(returned)
     if output_names is None:
         output_names = _keyed_output_names(returned)
         if output_names is not None and set(output_names) & set(input_names):
@@ -393,17 +394,6 @@ def _keyed_output_names(value) -> list[str] | None:
         return None
     names = ["_".join(map(str, ("output", *path) if isinstance(path[0], int) else path)) for path in paths]
     return names if len(set(names)) == len(names) else None
-
-
-def _flatten(value) -> list[torch.Tensor]:
-    """Tensor leaves in the order the exporters emit them (dicts in insertion order)."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _flatten(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _flatten(v)]
-    return []
 
 
 def _check_and_save(proto: onnx.ModelProto, path) -> onnx.ModelProto:

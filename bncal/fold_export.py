@@ -112,13 +112,13 @@ class FoldExportReport(ReportDisplay):
     def verdict_line(self) -> str:
         """``PASSED: folded 7 of 7 BN layers, ...; worst output logits: max err 3.1e-07 of its scale
         (tolerance scale_tol=0.0001)`` (FAILED with the output farthest from passing)."""
-        from .verify import _distance_from_passing
+        from .verify import distance_from_passing
 
         figures = [c for c in (self.comparison, self.export_comparison) if c is not None]
         worst = [(c, c.worst()) for c in figures if c.worst() is not None]
         line = self.summary()
         if worst:
-            comparison, o = max(worst, key=lambda pair: _distance_from_passing(pair[1]))
+            comparison, o = max(worst, key=lambda pair: distance_from_passing(pair[1]))
             error = (o.reason if o.reason else f"max err {o.required_scale_tol:.2g} of its scale")
             line += f"; worst {output_label(o.name)}: {error} (tolerance {comparison.tolerance})"
         return line
@@ -556,6 +556,7 @@ def _verify_torch(model, folded_module, exported, folded, batches, steps, tolera
     """
     import torch
 
+    from .torch_passes import output_arrays
     from .verify import compare_outputs
 
     folded_session = _session(folded, "onnxruntime cannot load the folded model")
@@ -571,10 +572,10 @@ def _verify_torch(model, folded_module, exported, folded, batches, steps, tolera
                 if steps.report is not None and len(batches) > 1:
                     steps.report(f"verifying batch {index + 1} of {len(batches)}")
                 batch = tuple(batch)
-                expected = _flatten_outputs(model(*batch))
+                expected = output_arrays(model(*batch))
                 if len(expected) != len(names):
                     raise BncalError(f"the model returns {len(expected)} tensors, its export has {len(names)} outputs")
-                folded = expected if folded_module is None else _flatten_outputs(folded_module(*batch))
+                folded = expected if folded_module is None else output_arrays(folded_module(*batch))
                 feeds = _feeds(folded_session, batch)
                 got = _run(folded_session, feeds, "the folded model")
                 before = got if exported_session is None else _run(exported_session, feeds, "the export")
@@ -599,6 +600,8 @@ def torch_onnx_parity(model, proto, batches, *, atol: float | None = None, rtol:
     train/eval flags are restored afterwards."""
     import torch
 
+    from .torch_passes import output_arrays
+
     from .runtime import ort_session
     from .verify import compare_outputs
 
@@ -612,7 +615,7 @@ def torch_onnx_parity(model, proto, batches, *, atol: float | None = None, rtol:
             for batch in batches:
                 batch = tuple(batch)
                 got = _run(session, _feeds(session, batch), "the exported model")
-                for name, value in zip(names, _flatten_outputs(model(*batch))):
+                for name, value in zip(names, output_arrays(model(*batch))):
                     reference.setdefault(name, []).append(value)
                     actual.setdefault(name, []).append(got[name])
     finally:
@@ -766,16 +769,3 @@ def _verification_error(report: FoldExportReport) -> VerificationError:
     error = VerificationError(message)
     error.report = report
     return error
-
-
-def _flatten_outputs(value) -> list[np.ndarray]:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return [value.detach().cpu().numpy()]
-    if isinstance(value, dict):
-        value = list(value.values())
-    out = []
-    for item in value:
-        out.extend(_flatten_outputs(item))
-    return out

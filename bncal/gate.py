@@ -161,7 +161,9 @@ def assert_deployable(model_or_onnx, data=None, guard=None, *, allow=(), metric=
         report.reasons.append(refusal(refused, "pass it as deployable"))
     report.allowed = allowed_notes(inspection.findings, allowed)
     if data is not None:
-        report.check = _check(model, data, thresholds, inputs)
+        from .check import CheckThresholds, check
+
+        report.check = check(model, data, thresholds=thresholds or CheckThresholds(), inputs=inputs)
         if not report.check.passed:
             report.reasons.append(f"check {report.check.verdict}: " + ("; ".join(report.check.reasons)
                                                                        or "some normalisation could not be checked"))
@@ -174,27 +176,3 @@ def assert_deployable(model_or_onnx, data=None, guard=None, *, allow=(), metric=
     if report.reasons:
         raise DeploymentError("not deployable: " + " | ".join(report.reasons), report=report)
     return report
-
-
-def _check(model, data, thresholds, inputs):
-    from .check import CheckThresholds, check_onnx
-    from .data import NumpyBatches, TorchBatches, select_inputs
-    from .inspection import _is_torch_module
-    from .keras import is_keras_model
-
-    thresholds = thresholds or CheckThresholds()
-    batches = select_inputs(data, inputs)
-    if is_keras_model(model):
-        from .keras import check as check_keras
-
-        return check_keras(model, batches, thresholds=thresholds, batch_size=None)
-    if _is_torch_module(model):
-        from .export import export_onnx, positional_inputs
-
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-        first = next(iter(TorchBatches(batches, dtype)), None)
-        if first is None:
-            raise BncalError("the data is empty; give at least one batch to check on")
-        example, names = positional_inputs(model, first)
-        model = export_onnx(model, example, keep_batchnorm=True, input_names=names)
-    return check_onnx(model, NumpyBatches(batches), thresholds=thresholds)

@@ -32,6 +32,7 @@ import math
 import numpy as np
 
 from .errors import BncalError
+from .extras import is_torch_module
 from .report import ReportDisplay, format_table, plural
 
 __all__ = ["GuardReport", "DEFAULT_GUARD_TOL", "top1", "load_metric", "guard_batches", "score", "start_guard",
@@ -60,7 +61,7 @@ def load_metric(metric):
         return "top-1", top1
     if callable(metric):
         return getattr(metric, "__name__", "metric"), metric
-    from .loading import resolve_callable
+    from .specs import resolve_callable
 
     function = resolve_callable(str(metric), "metric")
     if not callable(function):
@@ -155,10 +156,8 @@ def score(model, batches, metric, *, batch_stats: bool = False) -> tuple[float, 
     gradients, or an ONNX model run in onnxruntime) on ``(inputs, labels)`` ``batches``; with
     ``batch_stats`` every BatchNorm normalises by each batch's own statistics (moving
     statistics and train/eval flags untouched). ``metric`` is a function as in the module docstring."""
-    from .inspection import _is_torch_module
-
     inputs, labels = [], []
-    run = _torch_outputs if _is_torch_module(model) else _onnx_outputs
+    run = _torch_outputs if is_torch_module(model) else _onnx_outputs
     for index, batch in enumerate(batches):
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise BncalError(f"guard batch {index} is not an (inputs, labels) pair; the guard needs labelled data")
@@ -177,7 +176,7 @@ def _torch_outputs(model, inputs, batch_stats: bool) -> list[np.ndarray]:
 
     from .data import TorchBatches
     from .export import positional_inputs
-    from .fold_export import _flatten_outputs
+    from .torch_passes import output_arrays
 
     parameter = next((p for p in model.parameters() if p.is_floating_point()), None)
     dtype, device = (parameter.dtype, parameter.device) if parameter is not None else (None, "cpu")
@@ -194,7 +193,7 @@ def _torch_outputs(model, inputs, batch_stats: bool) -> list[np.ndarray]:
             for batch in TorchBatches(inputs, dtype):
                 args, _ = positional_inputs(model, batch)
                 out = model(*(a.to(device) if isinstance(a, torch.Tensor) else a for a in args))
-                got.append(_flatten_outputs(out)[0])
+                got.append(output_arrays(out)[0])
     finally:
         for m, (training, track) in modes.items():
             m.training = training
@@ -223,14 +222,12 @@ def _onnx_outputs(model, inputs, batch_stats: bool) -> list[np.ndarray]:
 
 def _batch_stats_note(model, batches) -> str | None:
     """Why the batch-statistics score cannot be taken, or None when it can."""
-    from .inspection import _is_torch_module
-
     if any(_leading(inputs) < 2 for inputs, _ in batches):
         return "no batch-statistics score: a guard batch holds fewer than 2 samples"
-    if _is_torch_module(model):
-        from .nn import _BatchRenorm
+    if is_torch_module(model):
+        from .nn import is_batch_renorm
 
-        if any(isinstance(m, _BatchRenorm) for m in model.modules()):
+        if any(is_batch_renorm(m) for m in model.modules()):
             return "no batch-statistics score: batch renormalisation layers train with renorm statistics, not batch ones"
     return None
 

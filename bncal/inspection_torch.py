@@ -178,7 +178,7 @@ def torch_graph(model: nn.Module, example_inputs, notes: list[str]) -> tuple[Gra
 
 
 def torch_layers(model: nn.Module) -> list[BNLayer]:
-    from .nn import _BatchRenorm  # local: bncal.nn imports nothing from here, but keep it light
+    from .nn import is_batch_renorm  # local: bncal.nn imports nothing from here, but keep it light
 
     layers = []
     for name, m in model.named_modules():
@@ -200,6 +200,6 @@ def torch_layers(model: nn.Module) -> list[BNLayer]:
             name=name or type(m).__name__, type=type(m).__name__, channels=int(m.num_features),
             momentum_torch=momentum, momentum_tf=None if momentum is None else 1.0 - momentum,
             affine=bool(m.affine), track_running_stats=bool(m.track_running_stats), eps=float(m.eps),
-            stats=stats, stats_detail=detail, renorm=isinstance(m, _BatchRenorm), num_batches_tracked=counter,
+            stats=stats, stats_detail=detail, renorm=is_batch_renorm(m), num_batches_tracked=counter,
             momentum_zero_signal=stats == NEVER_UPDATED and bool(counter)))
     return layers

@@ -19,17 +19,16 @@ with :func:`register_model_kind`.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import json
 import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from .errors import BncalError, first_line, one_line
 from .extras import missing_extra, require
 from .outputs import write_bytes, atomic_output
+from .specs import (KERAS_MODEL_SUFFIXES, KERAS_SAVE_SUFFIXES, is_onnx_path, is_tensorflow_export, parse_model_kwargs,
+                    resolve_callable, spec_files, split_spec)
 
 __all__ = ["resolve_callable", "load_model", "load_state_dict", "fit_state_dict", "save_state_dict", "is_onnx_path",
            "spec_files", "ModelKind", "LoadedModel", "model_kind", "register_model_kind", "load_any",
@@ -39,86 +38,6 @@ _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 #: Prefixes wrappers add to every key: DataParallel/DDP, Lightning and training scripts, torch.compile.
 COMMON_PREFIXES = ("module.", "model.", "_orig_mod.")
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
-
-
-def is_onnx_path(spec) -> bool:
-    return str(spec).lower().endswith(".onnx")
-
-
-def _split_spec(spec: str) -> tuple[str, str, bool] | None:
-    """``(target, attribute, is_file)`` of a ``target:attribute`` spec, or None without a colon."""
-    if ":" not in spec:
-        return None
-    target, _, attr = spec.rpartition(":")
-    return target, attr, target.endswith(".py") or "/" in target or "\\" in target
-
-
-def spec_files(spec) -> list[Path]:
-    """The files a model or data spec names, found without running anything from them.
-
-    A path: that file, or a folder (every file inside it is an input). ``file.py:func``:
-    ``file.py``. ``package.module:func``: the module's source file, where it can be found.
-    """
-    text = str(spec)
-    path = Path(text)
-    if path.exists():
-        return [path]
-    parts = _split_spec(text)
-    if parts is None:
-        return [path]
-    target, _, is_file = parts
-    if is_file:
-        return [Path(target)]
-    try:
-        found = importlib.util.find_spec(target)
-    except (ImportError, ValueError, AttributeError):
-        return []
-    origin = getattr(found, "origin", None)
-    return [Path(origin)] if origin and Path(origin).is_file() else []
-
-
-def resolve_callable(spec: str, what: str = "factory"):
-    """Import ``module:attr`` or ``path/file.py:attr`` and return the attribute."""
-    parts = _split_spec(spec)
-    if parts is None:
-        raise BncalError(f"{what} spec {spec!r} needs the form 'package.module:function' or 'path/file.py:function'")
-    target, attr, is_file = parts
-    if is_file:
-        path = Path(target)
-        if not path.is_file():
-            raise BncalError(f"{what} file {path} does not exist")
-        module_name = f"_bncal_user_{abs(hash(str(path.resolve())))}"
-        module = sys.modules.get(module_name)
-        if module is None:
-            spec_obj = importlib.util.spec_from_file_location(module_name, path)
-            module = importlib.util.module_from_spec(spec_obj)
-            sys.modules[module_name] = module
-            # Let the file import its neighbours, as running it as a script would.
-            sys.path.insert(0, str(path.resolve().parent))
-            try:
-                spec_obj.loader.exec_module(module)
-            except Exception as exc:
-                del sys.modules[module_name]
-                raise BncalError(f"importing {path} (for {what} spec {spec}) failed: {one_line(exc)}") from exc
-            finally:
-                sys.path.remove(str(path.resolve().parent))
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as exc:
-            raise BncalError(f"cannot import module {target!r} for {what} spec {spec!r}: {exc}") from exc
-        except Exception as exc:
-            raise BncalError(f"importing module {target} (for {what} spec {spec}) failed: {one_line(exc)}") from exc
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        import difflib
-
-        names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n, None))]
-        close = difflib.get_close_matches(attr, names, n=3, cutoff=0.6)
-        hint = (f"; did you mean {target}:{close[0]}" + (f" (or {', '.join(close[1:])})" if close[1:] else "") + "?"
-                if close else "")
-        raise BncalError(f"{target} has no attribute {attr!r} (from {what} spec {spec!r}){hint}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,22 +90,9 @@ def _spec_and_weights(spec, weights) -> list[Path]:
     return spec_files(spec) + ([Path(weights)] if weights is not None else [])
 
 
-#: Files Keras saves whole models to: Keras 3's zip, and the legacy HDF5 file of Keras 2 (tf.keras) and 3.
-KERAS_MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
-#: What a recalibrated Keras model is written as: Keras 3's format, or the legacy HDF5 file when asked for.
-KERAS_SAVE_SUFFIXES = (".keras", ".h5")
-
-
-def is_tensorflow_export(spec) -> bool:
-    """Whether ``spec`` names a TensorFlow SavedModel folder or a ``.pb`` graph: no Keras model
-    to load, but the kind a TensorFlow user hands over (the Keras kind then says what works)."""
-    path = Path(str(spec))
-    return path.suffix.lower() == ".pb" or (path.is_dir() and (path / "saved_model.pb").is_file())
-
-
 def _is_keras_path(spec) -> bool:
     text = str(spec)
-    return ((text.lower().endswith(KERAS_MODEL_SUFFIXES) and _split_spec(text) is None)
+    return ((text.lower().endswith(KERAS_MODEL_SUFFIXES) and split_spec(text) is None)
             or is_tensorflow_export(text))
 
 
@@ -246,7 +152,7 @@ def output_suffixes(spec) -> tuple[str, ...]:
     """The suffixes a recalibrated copy of the model ``spec`` names may be written to: its
     kind's, and for a factory spec also those of the kinds it may turn out to be."""
     kind = model_kind(spec)
-    if kind.name != "torch" or _split_spec(str(spec)) is None:
+    if kind.name != "torch" or split_spec(str(spec)) is None:
         return kind.saves_as
     return kind.saves_as + tuple(s for k in _KINDS if k.adopts is not None for s in k.saves_as)
 
@@ -295,7 +201,7 @@ def load_model(spec: str, *, weights=None, model_kwargs: str | dict | None = Non
             raise BncalError(f"model file {path} does not exist")
         model = _load_pickled_module(path)
     else:
-        kwargs = _parse_kwargs(model_kwargs)
+        kwargs = parse_model_kwargs(model_kwargs)
         choose_default_backend()  # the factory's file may import keras itself
         try:
             factory = resolve_callable(spec, "model")
@@ -328,20 +234,6 @@ def load_model(spec: str, *, weights=None, model_kwargs: str | dict | None = Non
     elif strip_prefix is not None:
         raise BncalError("--strip-prefix applies to the keys of --weights; give --weights too")
     return model.eval()
-
-
-def _parse_kwargs(model_kwargs):
-    if model_kwargs is None:
-        return {}
-    if isinstance(model_kwargs, dict):
-        return model_kwargs
-    try:
-        value = json.loads(model_kwargs)
-    except json.JSONDecodeError as exc:
-        raise BncalError(f"--model-kwargs is not valid JSON ({exc.msg}); give an object such as '{{\"width\": 32}}'") from None
-    if not isinstance(value, dict):
-        raise BncalError("--model-kwargs must be a JSON object such as '{\"width\": 32}'")
-    return value
 
 
 def _load_pickled_module(path: Path):

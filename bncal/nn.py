@@ -39,7 +39,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import BncalError
 
-__all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "is_batch_renorm", "convert_to_batchrenorm",
+__all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "is_batch_renorm", "copy_batchnorm_state", "convert_to_batchrenorm",
            "convert_to_batchnorm"]
 
 
@@ -175,7 +175,9 @@ def is_batch_renorm(module: nn.Module) -> bool:
     return isinstance(module, _BatchRenorm)
 
 
-def _copy_layer(old: _BatchNorm, new: _BatchNorm) -> _BatchNorm:
+def copy_batchnorm_state(old: _BatchNorm, new: _BatchNorm) -> _BatchNorm:
+    """``new`` (another BN class) given ``old``'s parameters, statistics, device, dtype, mode and
+    ``requires_grad`` flags; returns ``new``."""
     ref = old.running_mean if old.running_mean is not None else old.weight
     new.to(device=ref.device, dtype=ref.dtype)
     new.load_state_dict(old.state_dict())
@@ -219,7 +221,7 @@ def convert_to_batchrenorm(model: nn.Module, *, inplace: bool = False, momentum=
                              "renormalisation; enable track_running_stats before converting")
         layer_momentum = bn.momentum if momentum == "keep" else momentum
         new = _TO_RENORM[type(bn)](bn.num_features, bn.eps, layer_momentum, bn.affine, **renorm_kwargs)
-        return _copy_layer(bn, new)
+        return copy_batchnorm_state(bn, new)
 
     return _replace(model, _TO_RENORM, make, inplace)
 
@@ -234,6 +236,6 @@ def convert_to_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Modul
 
     def make(layer: _BatchRenorm) -> _BatchNorm:
         new = _TO_NORM[type(layer)](layer.num_features, layer.eps, layer.momentum, layer.affine)
-        return _copy_layer(layer, new)
+        return copy_batchnorm_state(layer, new)
 
     return _replace(model, _TO_NORM, make, inplace)

@@ -19,7 +19,6 @@ passes in PyTorch.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -28,13 +27,15 @@ try:  # the PyTorch path's; without torch (bncal[keras] alone) recalibrate() sti
     import torch
     from torch import nn
     from torch.nn.modules.batchnorm import _BatchNorm
+
+    from .bn_modules import FROZEN_NOTE, describe_frozen, frozen_batchnorm_layers
+    from .torch_passes import LayerMoments, default_forward, describe_batch, prepare_batch
 except ModuleNotFoundError as exc:
     if exc.name != "torch":
         raise
     torch = nn = _BatchNorm = None
 
 from ._progress import DataPass, PassClock, batch_count
-from .bn_modules import FROZEN_NOTE, describe_frozen, frozen_batchnorm_layers
 from .calibration import (NEVER_REACHED, BatchComposition, DataOrder, LayerResult, build_report, check_mode,
                           data_source, order_warning, require_finite, source_prior)
 from .data import input_hint, select_inputs
@@ -51,23 +52,6 @@ __all__ = ["recalibrate", "batchnorm_layers", "default_forward"]
 def batchnorm_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
     """Every BatchNorm module of ``model`` (BatchNorm1d/2d/3d, SyncBatchNorm, lazy BN, subclasses)."""
     return [(name or "<root>", m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
-
-
-def default_call(batch) -> tuple[tuple, dict]:
-    """``(args, kwargs)`` of the default call convention: a tensor is one input, a tuple/list
-    holds positional inputs, a dict keyword inputs."""
-    if isinstance(batch, dict):
-        return (), dict(batch)
-    if isinstance(batch, (tuple, list)):
-        return tuple(batch), {}
-    return (batch,), {}
-
-
-def default_forward(model: nn.Module, batch):
-    """Call ``model`` on one batch by :func:`default_call`. For ``(inputs, labels)`` loaders pass
-    ``inputs=0`` to :func:`recalibrate` (or a ``forward_fn``)."""
-    args, kwargs = default_call(batch)
-    return model(*args, **kwargs)
 
 
 def recalibrate(
@@ -266,9 +250,9 @@ def _sweep_or_train_pass(run, model, layers, data, forward_fn, max_samples, devi
 def renorm_references(layers) -> dict:
     """``{name: RenormReference}`` of the batch renormalisation layers among ``[(name, bn)]``
     (:mod:`bncal.renorm`), read before any pass touches their statistics."""
-    from .nn import _BatchRenorm
+    from .nn import is_batch_renorm
 
-    return {name: bn.training_reference() for name, bn in layers if isinstance(bn, _BatchRenorm)}
+    return {name: bn.training_reference() for name, bn in layers if is_batch_renorm(bn)}
 
 
 def _layer_stats(bn: _BatchNorm) -> LayerStats:
@@ -278,68 +262,6 @@ def _layer_stats(bn: _BatchNorm) -> LayerStats:
                       bn.running_var.detach().double().cpu().numpy().copy())
 
 
-class _LayerMoments:
-    """One BN's moments during a pass, merged call by call (:meth:`ChannelMoments.merge`, in
-    place) into float64 accumulators on the BN's device; in eval passes also each call's
-    ``(mean, variance)``, which the next pass anchors on (:meth:`previous`).
-
-    Nothing recorded outlives a call except into tensors allocated once per recalibration:
-    the accumulators, and two record buffers of ``(calls, 2, channels)`` (this pass's and the
-    previous one's, swapped per pass, grown only when a pass has more calls than any before).
-    Small tensors kept across a forward would sit between its large activations in the C
-    allocator's heap and keep it from reusing their space: measured on ResNet-18, keeping each
-    call's statistics as its own tensors grew the peak memory of a pass by 100 MB to 550 MB.
-    The pass syncs with the device once, at its end (:meth:`result`).
-    """
-
-    def __init__(self, channels: int, device):
-        zeros = torch.zeros(channels, dtype=torch.float64, device=device)
-        self.moments = ChannelMoments(0, zeros, zeros.clone())
-        self.records = self.previous_records = None
-        self.calls = self.previous_calls = 0
-        self.recording = False
-
-    def start_pass(self, *, record: bool, expected_calls: int) -> None:
-        """Reset the moments; with ``record``, keep this pass's calls (room for ``expected_calls``)."""
-        self.moments.count = 0
-        self.records, self.previous_records = self.previous_records, self.records
-        self.calls, self.previous_calls = 0, (self.calls if self.recording else 0)
-        self.recording = record
-        if record and self.previous_records is not None and self.records is None:
-            self.records = torch.empty_like(self.previous_records)
-        if record and self.records is not None and self.records.shape[0] < expected_calls:
-            self.records = self.records.new_empty((expected_calls, *self.records.shape[1:]))
-        self._expected = expected_calls
-
-    def add(self, count: int, mean, biased_var) -> None:
-        if self.recording:
-            if self.records is None or self.records.dtype != mean.dtype or self.calls == self.records.shape[0]:
-                self._grow(mean)
-            self.records[self.calls, 0].copy_(mean)
-            self.records[self.calls, 1].copy_(biased_var)
-            self.calls += 1
-        mean = mean.to(torch.float64)
-        self.moments.merge(ChannelMoments(count, mean, biased_var.to(torch.float64) * count))
-
-    def _grow(self, like) -> None:
-        """Room for more calls, or for calls in another dtype (autocast); keeps the calls so far."""
-        old = self.records
-        rows = max(self._expected, 2 * (0 if old is None else old.shape[0]), 1)
-        self.records = like.new_empty((rows, 2, like.shape[0]))
-        if old is not None:
-            self.records[:self.calls].copy_(old[:self.calls])
-
-    def previous(self, call: int):
-        """Call ``call``'s ``(mean, variance)`` in the previous eval pass, or None."""
-        if call >= self.previous_calls:
-            return None
-        return self.previous_records[call, 0], self.previous_records[call, 1]
-
-    def result(self) -> ChannelMoments:
-        m = self.moments
-        return ChannelMoments(m.count, m.mean.cpu().numpy().copy(), m.m2.cpu().numpy().copy())
-
-
 class _Run:
     """The state of one recalibration: the model prepared for it, and its passes."""
 
@@ -347,7 +269,7 @@ class _Run:
         self.model, self.layers, self.source = model, layers, source
         self.forward_fn, self.max_samples, self.device = forward_fn, max_samples, device
         self.progress, self.group = progress, group
-        self.pending: dict[str, _LayerMoments] = {}  # this pass's, by BN name (kept across passes, reset)
+        self.pending: dict[str, LayerMoments] = {}  # this pass's, by BN name (kept across passes, reset)
         self.calls: dict[str, int] = {}
         self.calls_per_forward: dict[str, int] = {}
         self.batches = self.samples = 0
@@ -444,11 +366,11 @@ class _Run:
             module.running_var.copy_(base_var)
         return hook
 
-    def _layer(self, name, module) -> _LayerMoments:
+    def _layer(self, name, module) -> LayerMoments:
         """This pass's moments of BN ``name`` (accumulators allocated on its first call ever)."""
         layer = self.pending.get(name)
         if layer is None:
-            layer = self.pending[name] = _LayerMoments(module.running_mean.shape[0], module.running_mean.device)
+            layer = self.pending[name] = LayerMoments(module.running_mean.shape[0], module.running_mean.device)
             layer.start_pass(record=not self.train_mode_pass, expected_calls=self._expected_calls(name))
         return layer
 
@@ -498,7 +420,7 @@ class _Run:
         self.anchored = False
         eval_pass = not self.train_mode_pass
         composition = None if eval_pass else self.composition
-        current = DataPass(self.source(), lambda batch, index, remaining: _prepare(
+        current = DataPass(self.source(), lambda batch, index, remaining: prepare_batch(
             batch, self.device, remaining, fingerprint=eval_pass, composition=composition),
             max_samples=self.max_samples, progress=self.progress, description=self.label,
             total=self.local_batches or None)  # the previous pass's count
@@ -532,7 +454,7 @@ class _Run:
                 raise BncalError(f"batch {index} gives a BatchNorm only one value per channel, so its batch "
                                  "statistics (train mode) are undefined; use batches of 2 or more samples, "
                                  "or mode 'eval'") from exc
-            raise BncalError(f"the model failed on calibration batch {index} (input {_describe(batch)}): "
+            raise BncalError(f"the model failed on calibration batch {index} (input {describe_batch(batch)}): "
                              f"{msg}{input_hint(batch, msg)}") from exc
 
     def written(self, name: str, moments: ChannelMoments) -> ChannelMoments:
@@ -585,51 +507,3 @@ def _per_rank_class(cls: type) -> type:
         # MRO: cls, its bases up to SyncBatchNorm's, then _PerRankSyncBatchNorm, then SyncBatchNorm.
         _PER_RANK_CLASSES[cls] = type(cls.__name__, (cls, _PerRankSyncBatchNorm), {"__module__": cls.__module__})
     return _PER_RANK_CLASSES[cls]
-
-
-def _prepare(batch, device, limit, *, fingerprint: bool, composition=None):
-    """Move tensors to ``device``, check they are finite, cut to ``limit`` samples.
-
-    Returns ``((batch, fingerprint), size)``. With ``fingerprint`` (eval passes) it is the
-    float64 sum of the first floating tensor, which tells whether a later pass sees the same
-    batch in the same place; else None. Finiteness costs one sum in the tensor's own dtype
-    (no copy); only a sum that is not finite is looked at element by element. The first
-    floating tensor also goes to ``composition`` (where given), before it moves.
-    """
-    sizes, sums = [], []
-
-    def visit(x):
-        if isinstance(x, np.ndarray):
-            x = torch.from_numpy(x)
-        if isinstance(x, torch.Tensor):
-            if x.dim() > 0 and limit is not None and x.shape[0] > limit:
-                x = x[:limit]
-            if x.dim() > 0:
-                sizes.append(x.shape[0])
-            if x.is_floating_point():
-                total = float(x.sum(dtype=torch.float64) if fingerprint else x.sum())
-                if not math.isfinite(total) and not bool(torch.isfinite(x).all()):
-                    raise BncalError("the calibration data contains NaN or Inf values; clean or filter it first")
-                if composition is not None and not sums:
-                    composition.add(x)
-                sums.append(total)
-            return x.to(device, non_blocking=True)
-        if isinstance(x, dict):
-            return {k: visit(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return type(x)(visit(v) for v in x)
-        return x
-
-    batch = visit(batch)
-    mark = (sums[0] if sums else float(len(sizes))) if fingerprint else None
-    return (batch, mark), (sizes[0] if sizes else 1)
-
-
-def _describe(batch) -> str:
-    if isinstance(batch, torch.Tensor):
-        return f"shape {tuple(batch.shape)}"
-    if isinstance(batch, dict):
-        return ", ".join(f"{k}: {_describe(v)}" for k, v in batch.items())
-    if isinstance(batch, (list, tuple)):
-        return ", ".join(_describe(v) for v in batch)
-    return type(batch).__name__

@@ -150,13 +150,13 @@ class ComparisonReport(ReportDisplay):
 
     def worst(self) -> OutputComparison | None:
         """The output farthest from passing: a failed one first, then the largest error / scale."""
-        return max(self.outputs, key=_distance_from_passing, default=None)
+        return max(self.outputs, key=distance_from_passing, default=None)
 
     def worse_per_output(self, other: "ComparisonReport") -> "ComparisonReport":
         """This comparison with each output replaced by ``other``'s same-named one where that is
         farther from passing (two steps checked separately, reported as one figure)."""
         by_name = {o.name: o for o in other.outputs}
-        outputs = [max(o, by_name.get(o.name, o), key=_distance_from_passing) for o in self.outputs]
+        outputs = [max(o, by_name.get(o.name, o), key=distance_from_passing) for o in self.outputs]
         return dataclasses.replace(self, outputs=outputs)
 
     def summary(self) -> str:
@@ -197,7 +197,8 @@ class ComparisonReport(ReportDisplay):
             raise VerificationError(f"outputs differ beyond {self.tolerance}: {details}")
 
 
-def _distance_from_passing(o: OutputComparison) -> tuple[bool, float]:
+def distance_from_passing(o: OutputComparison) -> tuple[bool, float]:
+    """A sort key: failed outputs after passing ones, then by the scale tolerance each would need."""
     ratio = o.required_scale_tol if o.required_scale_tol is not None else math.inf
     return (not o.passed, ratio if ratio == ratio else math.inf)
 

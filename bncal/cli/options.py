@@ -392,7 +392,7 @@ class DataValue(types.SimpleNamespace):
     """The parsed data options; :meth:`load` opens the data (this rank's shard under torchrun)."""
 
     def files(self) -> list[Path]:
-        from ..loading import spec_files
+        from ..specs import spec_files
 
         return spec_files(self.spec) if self.spec else []
 
@@ -939,7 +939,7 @@ class GuardArgs(OptionGroup):
         return GuardValue(spec=values["guard_spec"], metric=values["metric"], tol=values["guard_tol"])
 
     def plan(self, value, plan, args):
-        from ..loading import spec_files
+        from ..specs import spec_files
 
         for spec in (value.spec, value.metric):
             if spec:

@@ -6,7 +6,7 @@ a ``Lambda`` layer stores Python bytecode that would run when the file is loaded
 load only with ``safe_mode=False``, for files you trust. A TensorFlow SavedModel folder or a
 ``.pb`` graph holds no Keras model: :func:`tensorflow_export_refusal` says what works instead. Or a spec ``package.module:factory`` /
 ``path/file.py:factory`` (the user's own code, run as written, see
-:func:`bncal.loading.resolve_callable`) returning a ``keras.Model``, optionally with weights
+:func:`bncal.specs.resolve_callable`) returning a ``keras.Model``, optionally with weights
 from a ``.weights.h5`` file.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..outputs import atomic_output
 from ..errors import BncalError, one_line
-from ..loading import KERAS_MODEL_SUFFIXES, KERAS_SAVE_SUFFIXES, _parse_kwargs, is_tensorflow_export, resolve_callable
+from ..specs import KERAS_MODEL_SUFFIXES, KERAS_SAVE_SUFFIXES, is_tensorflow_export, parse_model_kwargs, resolve_callable
 from ._backend import import_keras
 
 __all__ = ["load_model", "save_model", "adopt_factory_model", "tensorflow_export_refusal"]
@@ -63,7 +63,7 @@ def load_model(path_or_spec, *, weights=None, model_kwargs: str | dict | None = 
     if not callable(factory):
         raise BncalError(f"{text} is not callable")
     try:
-        model = factory(**_parse_kwargs(model_kwargs))
+        model = factory(**parse_model_kwargs(model_kwargs))
     except TypeError as exc:
         raise BncalError(f"calling {text} failed: {exc}; check model_kwargs") from exc
     if not isinstance(model, keras.Model):
