@@ -600,9 +600,8 @@ def torch_onnx_parity(model, proto, batches, *, atol: float | None = None, rtol:
     train/eval flags are restored afterwards."""
     import torch
 
-    from .torch_passes import output_arrays
-
     from .runtime import ort_session
+    from .torch_passes import output_arrays
     from .verify import compare_outputs
 
     names = [o.name for o in proto.graph.output]

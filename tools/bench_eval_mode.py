@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import bncal  # noqa: E402
 from bncal.eval_sweep import solve_eval_statistics  # noqa: E402
-from bncal.recalibration import _Run, batchnorm_layers, default_forward  # noqa: E402  (the passes, timed alone)
+from bncal.recalibration import _Run, batchnorm_layers, default_forward  # noqa: E402
 from bncal.stats import fixed_point_passes  # noqa: E402
 from models import zoo  # noqa: E402
 
