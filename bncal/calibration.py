@@ -183,13 +183,16 @@ class BatchComposition:
         self._batches = 0
         self._usable = True
 
-    def add(self, x) -> None:
-        """Record one batch's input (an array of shape (n, C, ...) or (n,); integer inputs are ignored)."""
+    def add(self, x, channel_axis: int = 1) -> None:
+        """Record one batch's input (an array of shape (n, C, ...) or (n,), channels on
+        ``channel_axis``: -1 for channels-last layouts; integer inputs are ignored)."""
         if not self._usable or getattr(x, "ndim", 0) == 0 or x.shape[0] == 0:
             return
         floating = x.is_floating_point() if hasattr(x, "is_floating_point") else np.issubdtype(x.dtype, np.floating)
         if not floating:
             return
+        if x.ndim > 2 and channel_axis % x.ndim != 1:
+            x = x.movedim(channel_axis, 1) if hasattr(x, "movedim") else np.moveaxis(x, channel_axis, 1)
         n = int(x.shape[0])
         channels = int(x.shape[1]) if x.ndim > 1 else 1
         means = x.reshape(n, channels, -1).mean(-1)  # per sample and channel; numpy and torch alike

@@ -148,11 +148,13 @@ def calibration_data(data, batch_size: int | None, *, reiterable: bool):
     return data_source(data, reread=reiterable)
 
 
-def _prepare(batch, remaining):
+def _prepare(batch, remaining, composition=None):
     """A batch's model inputs (Keras convention: ``(x,)``, ``(x, y)``, ``(x, y, sample_weight)``
     tuples give ``x``), cut to ``remaining`` rows, checked finite; with its fingerprint (the
     float64 sum of the first floating input, else of the first input, by which
-    :class:`bncal.calibration.DataOrder` recognises the batch in a later pass) and size."""
+    :class:`bncal.calibration.DataOrder` recognises the batch in a later pass) and size. The
+    first floating input also goes to ``composition`` (where given), channels last as Keras
+    lays them out."""
     keras = import_keras()
     if isinstance(batch, (tuple, list)):
         batch = keras.utils.unpack_x_y_sample_weight(tuple(batch))[0]
@@ -169,16 +171,19 @@ def _prepare(batch, remaining):
             total = float(np.sum(array, dtype=np.float64))
             if not math.isfinite(total) and not np.isfinite(array.astype(np.float64)).all():
                 raise BncalError("the calibration data contains NaN or Inf values; clean or filter it first")
+            if fingerprint is None and composition is not None:
+                composition.add(array, channel_axis=-1)
             fingerprint = total if fingerprint is None else fingerprint
     if fingerprint is None:  # integer inputs only (token ids)
         fingerprint = float(np.sum(np.asarray(keras.ops.convert_to_numpy(leaves[0])), dtype=np.float64))
     return (batch, fingerprint), len(leaves[0])
 
 
-def batch_pass(source, *, max_samples, progress, total=None, description=None):
+def batch_pass(source, *, max_samples, progress, total=None, description=None, composition=None):
     """One pass over ``source()``: yields ``(index, (inputs, fingerprint))``; ``.batches``/``.samples`` after it.
-    ``total`` (a previous pass's batches) and ``description`` label the progress bar."""
-    return DataPass(source(), lambda batch, index, remaining: _prepare(batch, remaining),
+    ``total`` (a previous pass's batches) and ``description`` label the progress bar; each batch's
+    input goes to ``composition`` (a :class:`bncal.calibration.BatchComposition`) where given."""
+    return DataPass(source(), lambda batch, index, remaining: _prepare(batch, remaining, composition),
                     max_samples=max_samples, progress=progress, total=total, description=description)
 
 

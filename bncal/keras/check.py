@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
+from ..calibration import BatchComposition, order_warning
 from ..check import CheckReport, CheckThresholds, PairedOutputs, assess_layer
 from ..errors import BncalError
 from ..report import SkippedLayer
@@ -84,7 +85,8 @@ def check(
             return _outputs(keras, run_forward(forward_fn, model, inputs, index))
 
     paired = None
-    current = batch_pass(source, max_samples=max_samples, progress=progress)
+    composition = BatchComposition()
+    current = batch_pass(source, max_samples=max_samples, progress=progress, composition=composition)
     for index, (inputs, _) in current:
         inferred = _outputs(keras, run_forward(forward_fn, model, inputs, index))
         with BatchNormTap(layers, batch_statistics) as tap:  # the moving statistics come back after it
@@ -102,7 +104,8 @@ def check(
         checks.append(assess_layer(name, moments[name].channels, moving[name].mean, moving[name].var, reference,
                                    bn.epsilon, thresholds))
     outputs = paired.checks(thresholds) if paired else []
-    report = CheckReport.from_checks(checks, outputs, skipped, thresholds, current.batches, current.samples)
+    report = CheckReport.from_checks(checks, outputs, skipped, thresholds, current.batches, current.samples,
+                                     batching_warning=order_warning(composition, "check"))
     report.notes += renorm_notes([(name, reference, moments[name]) for name, reference in references.items()
                                   if moments[name].count], "check")
     return report

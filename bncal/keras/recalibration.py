@@ -36,7 +36,8 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from .._progress import PassClock
-from ..calibration import NEVER_REACHED, DataOrder, LayerResult, build_report, check_mode, require_finite, source_prior
+from ..calibration import (NEVER_REACHED, BatchComposition, DataOrder, LayerResult, build_report, check_mode,
+                           order_warning, require_finite, source_prior)
 from ..errors import BncalError
 from ..report import RecalibrationReport, SkippedLayer
 from ..stats import anchored_statistics, fixed_point_passes
@@ -119,6 +120,7 @@ def recalibrate(
     run = _Run(model, layers, source, forward_fn or default_forward, max_samples, progress,
                one_value_ok=(mode == "eval"), references=references)
     run.order = DataOrder(anchoring=mixing is None)
+    run.composition = BatchComposition() if mode == "train" else None
     moments, passes, converged, change = fixed_point_passes(
         run.train_pass, run.eval_pass, mode=mode, tol=tol, max_passes=max_passes, on_pass=run.announce,
         mix=mixing and (lambda found: mixing.mix(found, run.samples)))
@@ -136,9 +138,11 @@ def recalibrate(
         results.append(LayerResult(name, before[name], written, bn.epsilon, run.calls_per_forward.get(name, 0)))
     notes = run.order.notes + renorm_notes([(name, reference, moments[name]) for name, reference in references.items()
                                             if name in moments], "recalibrate")
+    warning = order_warning(run.composition, "recalibrate")
     return build_report(mode=mode, layers=results, skipped=skipped, batches=run.batches, samples=run.samples,
                         passes=passes, converged=converged, max_rel_change=change,
-                        notes=notes + ([mixing.note(run.samples)] if mixing else []))
+                        notes=notes + ([mixing.note(run.samples)] if mixing else []),
+                        warnings=[warning] if warning else [])
 
 
 def _write(bn, mean, variance) -> None:
@@ -164,6 +168,7 @@ class _Run:
         # Anchored eval passes pair each BN call with the same call of the previous eval pass.
         self.previous: dict[str, list] = {}
         self.clock, self.label = PassClock(), None
+        self.composition: BatchComposition | None = None  # train mode: are the batches random draws?
 
     def announce(self, number: int, max_passes: int | None) -> None:
         self.label = self.clock.label(number, max_passes)
@@ -211,8 +216,10 @@ class _Run:
         return moments
 
     def _pass(self, statistics, before_batch=None):
+        composition = self.composition if before_batch is None else None  # train passes: batches as drawn
         current = batch_pass(self.source, max_samples=self.max_samples, progress=self.progress,
-                             total=self.batches or None, description=self.label)  # the previous pass's count
+                             total=self.batches or None, description=self.label,  # the previous pass's count
+                             composition=composition)
         with BatchNormTap(self.layers, statistics) as tap:
             for index, (inputs, fingerprint) in current:
                 if before_batch is not None:
