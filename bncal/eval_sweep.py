@@ -255,7 +255,7 @@ class _Sweep:
             known = allowed if known is None else min(known, allowed)
         return None if known is None else self.plan.depths * known
 
-    def prepare_batch(self, batch, index, remaining):
+    def _prepare(self, batch, index, remaining):
         (batch, fingerprint), size = prepare_batch(batch, self.device, remaining, fingerprint=True)
         return (batch, fingerprint, size), size
 
