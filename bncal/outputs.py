@@ -98,16 +98,15 @@ def _linked_folders(folder: Path) -> list[Path]:
     return roots
 
 
-def _inside(path: Path, folder: Path) -> Path | None:
+def _inside(path: Path, folder: Path, roots: list[Path]) -> Path | None:
     """The file of ``folder`` (searched recursively, symlinked folders followed) that ``path`` is
     or links to, if any.
 
     A path that resolves into the folder and exists is one of its files; a hard link from
-    elsewhere is found by its inode (looked for only when the file has several links)."""
-    if not (path.exists() or path.is_symlink()):
-        return None
+    elsewhere is found by its inode (looked for only when the file has several links).
+    ``roots``: :func:`_linked_folders` of ``folder``."""
     resolved, root = path.resolve(), folder.resolve()
-    for linked in _linked_folders(folder):
+    for linked in roots:
         if resolved == linked or linked in resolved.parents:
             return resolved
     try:
@@ -291,6 +290,7 @@ class OutputPlan:
         self.force = force
         self.hold_staging = hold_staging
         self.inputs: list[Path] = []
+        self._folder_roots: dict[Path, list[Path]] = {}
         self.outputs: list[_Planned] = []
         self.directories: list[Path] = []
         self._created: list[Path] = []
@@ -306,7 +306,11 @@ class OutputPlan:
         """The input ``path`` would overwrite, if any."""
         for item in self.inputs:
             if item.is_dir():
-                inside = _inside(path, item)
+                if not (path.exists() or path.is_symlink()):
+                    continue  # a new file is inside no folder
+                if item not in self._folder_roots:  # walked once per run, however many outputs
+                    self._folder_roots[item] = _linked_folders(item)
+                inside = _inside(path, item, self._folder_roots[item])
                 if inside is not None:
                     return inside
             elif _same_file(path, item):

@@ -208,13 +208,20 @@ def test_a_rank_killed_under_torchrun_leaves_no_staging_folder(project):
 def test_sighup_removes_the_staging_folders_like_sigterm(tmp_path):
     from bncal.outputs import OutputPlan, Terminated, terminate_on_sigterm, write_text
 
+    def unhandled(signum, frame):  # instead of the default action, which would end the test run
+        raise AssertionError("SIGHUP reached the process's own handler: bncal did not catch it")
+
     plan = OutputPlan()
     plan.add(tmp_path / "out.txt", "-o")
-    with pytest.raises(Terminated) as caught:
-        with terminate_on_sigterm(), plan:
-            write_text(tmp_path / "out.txt", "half")
-            assert staging_left(tmp_path)
-            os.kill(os.getpid(), signal.SIGHUP)
+    previous = signal.signal(signal.SIGHUP, unhandled)
+    try:
+        with pytest.raises(Terminated) as caught:
+            with terminate_on_sigterm(), plan:
+                write_text(tmp_path / "out.txt", "half")
+                assert staging_left(tmp_path)
+                os.kill(os.getpid(), signal.SIGHUP)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
     assert caught.value.signal_name == "SIGHUP" and caught.value.signum == signal.SIGHUP
     assert list(tmp_path.iterdir()) == []
 
