@@ -105,6 +105,11 @@ class CheckThresholds:
     max_spread_ratio: float = 1.5
 
 
+RECALIBRATE_ADVICE = "recalibrate them"
+#: Only the first BN off its data, the later ones fitting theirs: the input differs, not the statistics.
+PREPROCESSING_CAUSE = ("only the first BatchNorm layer is off and the layers after it fit their data, so the input "
+                       "is likely preprocessed otherwise than in training: check --preset or --mean/--std, the "
+                       "channel order (RGB vs BGR) and the layout (NHWC vs NCHW)")
 FALLBACK_OUTPUT_LIMITS = (0.8, 0.5)  # (min top-1 agreement, max rel error) where no second batching exists
 
 
@@ -201,6 +206,9 @@ class CheckReport(ReportDisplay):
         ``warnings``."""
         reasons = []
         bad = [l for l in layers if not l.passed]
+        advice = RECALIBRATE_ADVICE
+        if len(layers) >= 2 and bad == [layers[0]] and not batching_warning:
+            advice = f"likely cause: {PREPROCESSING_CAUSE}"
         unjudged = bool([l for l in bad if l is not layers[0]] or [o for o in outputs if not o.passed])
         if batching_warning:
             bad = [l for l in bad if l is layers[0]]
@@ -208,7 +216,7 @@ class CheckReport(ReportDisplay):
             worst = max(bad, key=lambda l: l.mean_shift if math.isfinite(l.mean_shift) else math.inf)
             reasons.append(f"{len(bad)} of {len(layers)} BatchNorm layers have moving statistics off their data "
                            f"(worst {worst.name}: mean shift {worst.mean_shift:.3g} sd, var ratio "
-                           f"{worst.var_ratio:.3g}); recalibrate them")
+                           f"{worst.var_ratio:.3g}); {advice}")
         for o in outputs:
             if not o.passed and not batching_warning:
                 reasons.append(f"output {o.name} differs between inference and train mode ({o.problem()})")
@@ -219,6 +227,12 @@ class CheckReport(ReportDisplay):
                    outputs=list(outputs), skipped=list(skipped), thresholds=thresholds, batches=batches,
                    samples=samples, unchecked=list(unchecked), unchecked_count=len(unchecked),
                    warnings=[batching_warning] if batching_warning else [])
+
+    def blame(self, cause: str) -> None:
+        """Name ``cause``, a setup problem the caller knows of (a freshly initialised model), as
+        the likely cause of off statistics instead of advising recalibration; also a warning."""
+        self.warnings.append(cause)
+        self.reasons = [r.replace(RECALIBRATE_ADVICE, f"likely cause: {cause}") for r in self.reasons]
 
     @property
     def verdict(self) -> str:

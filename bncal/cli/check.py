@@ -40,6 +40,9 @@ def command(args) -> int:
 
     ui = args.ui
     thresholds = CheckThresholds(**args.thresholds)
+    fresh = args.model.kind.name == "torch" and args.model.weights is None  # a factory spec without weights
+    if fresh:
+        ui.warn(f"no --weights given: checking the factory's {FRESH_MODEL}")
     loaded = args.model.load()
     data = args.data.numpy_batches(onnx_model=loaded.model if loaded.kind == "onnx" else None)
     parity = None
@@ -76,6 +79,8 @@ def command(args) -> int:
         report = check_onnx(proto, data, thresholds=thresholds, max_samples=args.data.max_samples,
                             providers=args.providers.resolve(), progress=ui.interactive)
     report.notes += args.data.notes(data)
+    if fresh:
+        report.blame(f"the {FRESH_MODEL} (no --weights): give the trained weights with --weights")
     if parity is not None:
         ui.echo("PyTorch eval vs onnxruntime (exported graph):")
         ui.echo(parity.table())
@@ -95,6 +100,9 @@ def command(args) -> int:
         plot_check({"moving vs data": report}, args.report.plot, model=args.model.display_name)
     accepted = report.passed or (report.verdict == "INCOMPLETE" and args.check.allow_unchecked)
     return 0 if accepted and (parity is None or parity.passed) else 1
+
+
+FRESH_MODEL = "freshly initialised model, whose statistics are their initial values, not stale ones"
 
 
 def _has_renorm(net) -> bool:
