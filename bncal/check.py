@@ -48,7 +48,7 @@ from .errors import BncalError
 from .report import ReportDisplay, SkippedLayer, format_table, plural, summarize_shift
 from .stats import ChannelMoments
 
-__all__ = ["CheckThresholds", "LayerCheck", "OutputCheck", "CheckReport", "OutputAgreement", "PairedOutputs",
+__all__ = ["CheckThresholds", "LayerCheck", "BatchSpread", "OutputCheck", "CheckReport", "OutputAgreement", "PairedOutputs",
            "assess_layer", "rebatch_pair", "unpair", "check_onnx"]
 
 
@@ -118,7 +118,7 @@ class LayerCheck:
     """One BN layer: moving statistics against the population statistics of its input.
 
     ``shift_limit`` and ``log_ratio_limit`` are the thresholds after the noise allowance for
-    this layer's ``samples`` (values per channel).
+    this layer's ``samples`` (values per channel). ``data_factor``: see :attr:`unresolved`.
     """
 
     name: str
@@ -129,6 +129,14 @@ class LayerCheck:
     shift_limit: float
     log_ratio_limit: float
     passed: bool
+    data_factor: float | None = None
+
+    @property
+    def unresolved(self) -> bool:
+        """Off its limits, but by no more than the check's own data can resolve (see
+        :func:`assess_layer`): not enough data to judge; ``data_factor`` times the check's
+        samples would be enough."""
+        return not self.passed and self.data_factor is not None
 
 
 @dataclasses.dataclass
@@ -205,7 +213,7 @@ class CheckReport(ReportDisplay):
         other failure becomes one reason asking for shuffled data; the warning goes to
         ``warnings``."""
         reasons = []
-        bad = [l for l in layers if not l.passed]
+        bad = [l for l in layers if not l.passed and not l.unresolved]
         advice = RECALIBRATE_ADVICE
         if len(layers) >= 2 and bad == [layers[0]] and not batching_warning:
             advice = f"likely cause: {PREPROCESSING_CAUSE}"
@@ -223,7 +231,8 @@ class CheckReport(ReportDisplay):
         if batching_warning and unjudged:
             reasons.append("the batches are far from random draws of the data (see the warning), so train mode on them "
                            "cannot be compared with inference; shuffle the data and check again")
-        return cls(passed=not (reasons or unjudged or unchecked), reasons=reasons, layers=list(layers),
+        unresolved = [l for l in layers if l.unresolved]
+        return cls(passed=not (reasons or unjudged or unchecked or unresolved), reasons=reasons, layers=list(layers),
                    outputs=list(outputs), skipped=list(skipped), thresholds=thresholds, batches=batches,
                    samples=samples, unchecked=list(unchecked), unchecked_count=len(unchecked),
                    warnings=[batching_warning] if batching_warning else [])
@@ -240,7 +249,20 @@ class CheckReport(ReportDisplay):
         check); ``FAILED``."""
         if self.passed:
             return "PASSED"
-        return "FAILED" if self.reasons else "INCOMPLETE"
+        if self.reasons:
+            return "FAILED"
+        return "NOT ENOUGH DATA" if any(l.unresolved for l in self.layers) else "INCOMPLETE"
+
+    def unresolved_line(self) -> str | None:
+        """Which layers the check's data cannot judge and how many samples would (None if none)."""
+        unresolved = [l for l in self.layers if l.unresolved]
+        if not unresolved:
+            return None
+        names = ", ".join(l.name for l in unresolved[:4]) + (" and more" if len(unresolved) > 4 else "")
+        return (f"{len(unresolved)} of {len(self.layers)} BatchNorm layers differ from their data by no more than the "
+                f"check's {plural(self.samples, 'sample')} can resolve ({names}): not enough data to judge them, not "
+                f"evidence of stale statistics; about {math.ceil(max(l.data_factor for l in unresolved) * self.samples)} "
+                "samples would tell")
 
     def _unchecked_line(self) -> str:
         k = self.unchecked_count
@@ -254,6 +276,10 @@ class CheckReport(ReportDisplay):
         bad_layers = sum(not l.passed for l in self.layers)
         bad_outputs = sum(not o.passed for o in self.outputs)
         unchecked = f", {plural(self.unchecked_count, 'lowered BN')} unchecked" if self.unchecked else ""
+        if not self.reasons and self.verdict == "NOT ENOUGH DATA":
+            unresolved = sum(l.unresolved for l in self.layers)
+            return (f"NOT ENOUGH DATA: {unresolved} of {plural(len(self.layers), 'BN layer')} need more samples to judge "
+                    f"({plural(self.samples, 'sample')})")
         if not self.reasons:
             return (f"{self.verdict}: {plural(len(self.layers), 'BN layer')} and {plural(len(self.outputs), 'output')} "
                     f"within limits{unchecked} ({plural(self.samples, 'sample')})")
@@ -268,7 +294,7 @@ class CheckReport(ReportDisplay):
         t = self.thresholds
         layer_rows = [(l.name, l.channels, l.samples, l.mean_shift, l.shift_limit, l.var_ratio,
                        f"{math.exp(-l.log_ratio_limit):.3g}..{math.exp(l.log_ratio_limit):.3g}",
-                       "pass" if l.passed else "FAIL") for l in self.layers]
+                       "pass" if l.passed else "more data" if l.unresolved else "FAIL") for l in self.layers]
         output_rows = [(o.name, o.max_abs_error, o.rel_error, o.batch_rel_error, o.spread_ratio, o.top1_agreement,
                         o.batch_top1_agreement, o.criterion, "pass" if o.passed else "FAIL") for o in self.outputs]
         parts = [
@@ -280,6 +306,8 @@ class CheckReport(ReportDisplay):
         ]
         parts += [f"skipped {s.name}: {s.reason}" for s in self.skipped]
         parts += [f"note: {note}" for note in self.notes]
+        if self.unresolved_line() and self.verdict != "NOT ENOUGH DATA":
+            parts.append(f"note: {self.unresolved_line()}")
         fixed = [f"top-1 agreement >= {t.min_top1_agreement:g}"] if t.min_top1_agreement is not None else []
         fixed += [f"output rel error <= {t.max_output_rel_error:g}"] if t.max_output_rel_error is not None else []
         parts.append(
@@ -288,7 +316,9 @@ class CheckReport(ReportDisplay):
             f"<= {t.max_spread_ratio:g} x rms(train - train on re-paired batches)"
             + "".join(f", {f}" for f in fixed) + f" ({self.batches} batches, {self.samples} samples)")
         parts += [f"unchecked {s.name}: {s.reason}" for s in self.unchecked]
-        if self.verdict == "INCOMPLETE":
+        if self.verdict == "NOT ENOUGH DATA":
+            parts.append(f"NOT ENOUGH DATA: {self.unresolved_line()}")
+        elif self.verdict == "INCOMPLETE":
             parts.append(f"INCOMPLETE: PASSED for {len(self.layers)} of {len(self.layers) + self.unchecked_count} "
                          f"normalisation layers; {self._unchecked_line()}")
         elif self.unchecked:
@@ -298,13 +328,44 @@ class CheckReport(ReportDisplay):
         return "\n".join(parts)
 
 
+class BatchSpread:
+    """One BN's per-batch input statistics over a check, for the standard error of its
+    population statistics that the data really has: the values of one sample (the positions of
+    an image) are correlated, so ``1 / sqrt(values per channel)`` understates it, most in deep
+    layers with few positions per image. :meth:`add` each batch's (or call's) per-channel mean
+    and biased variance."""
+
+    def __init__(self):
+        self.means, self.variances = [], []
+
+    def add(self, mean, var) -> None:
+        self.means.append(np.asarray(mean, np.float64).reshape(-1))
+        self.variances.append(np.asarray(var, np.float64).reshape(-1))
+
+    def standard_errors(self, data_moments: ChannelMoments, eps: float):
+        """Per channel, the standard errors of the population mean (in its standard deviations)
+        and of the log variance, from the spread of the batches (None with fewer than 4)."""
+        if len(self.means) < 4:
+            return None
+        sd = np.sqrt(data_moments.variance + eps)
+        means = (np.stack(self.means) - data_moments.mean) / sd
+        logs = np.log(np.stack(self.variances) + eps)
+        batches = len(self.means)
+        return means.std(axis=0, ddof=1) / math.sqrt(batches), logs.std(axis=0, ddof=1) / math.sqrt(batches)
+
+
 def assess_layer(name: str, channels: int, moving_mean, moving_var, data_moments: ChannelMoments, eps: float,
-                 thresholds: CheckThresholds) -> LayerCheck:
+                 thresholds: CheckThresholds, spread: BatchSpread | None = None) -> LayerCheck:
     """One BN's moving statistics against the population statistics of its input (``data_moments``).
 
     The limits are ``thresholds``' widened by ``noise_allowance`` standard errors of the
     check's own estimate from ``data_moments.count`` values per channel. NaN/Inf moving
     statistics, or a moving variance with ``var + eps <= 0``, count as infinitely far (failed).
+
+    With the batches' ``spread`` (:class:`BatchSpread`), a layer off those limits but within
+    ``noise_allowance`` of the standard errors its batches really show (every channel) is
+    unresolved (:attr:`LayerCheck.unresolved`): not enough data to judge, with the factor of
+    more data at which that allowance would shrink to the thresholds.
     """
     moving_mean = np.asarray(moving_mean, np.float64).reshape(-1)
     moving_var = np.asarray(moving_var, np.float64).reshape(-1)
@@ -317,7 +378,20 @@ def assess_layer(name: str, channels: int, moving_mean, moving_var, data_moments
     log_ratio_limit = thresholds.max_var_log_ratio + thresholds.noise_allowance * math.sqrt(2.0 / count)
     finite = math.isfinite(shift) and math.isfinite(ratio) and ratio > 0
     passed = finite and shift <= shift_limit and abs(math.log(ratio)) <= log_ratio_limit
-    return LayerCheck(name, channels, count, shift, ratio, shift_limit, log_ratio_limit, passed)
+    needed = None
+    errors = None if passed or not finite or spread is None else spread.standard_errors(data_moments, eps)
+    if errors is not None:
+        se_mean, se_log = errors
+        k = thresholds.noise_allowance
+        sd = np.sqrt(data_moments.variance + eps)
+        shifts = np.abs(moving_mean - data_moments.mean) / sd
+        logs = np.abs(np.log((moving_var + eps) / (data_moments.variance + eps)))
+        if (np.all(shifts <= thresholds.max_mean_shift + k * se_mean)
+                and np.all(logs <= thresholds.max_var_log_ratio + k * se_log)):
+            factor = max(float(np.max(k * se_mean / thresholds.max_mean_shift)) ** 2,
+                         float(np.max(k * se_log / thresholds.max_var_log_ratio)) ** 2, 1.0)
+            needed = factor
+    return LayerCheck(name, channels, count, shift, ratio, shift_limit, log_ratio_limit, passed, needed)
 
 
 def rebatch_pair(a, b):
@@ -539,6 +613,7 @@ def check_onnx(
     train = StatisticsSession.train_graph(model, outputs=output_names, providers=providers)
 
     moments = train.new_moments()
+    spreads: dict[str, BatchSpread] = {}
     single_value_fix = "check with batches of 2 or more samples (32+ is better)"
     if fixed_batch_size(input_specs(model)) == 1:
         single_value_fix = ("the model's batch size is fixed at 1, so its train mode cannot be run: check a copy "
@@ -547,13 +622,15 @@ def check_onnx(
     for index, feeds in stream:
         composition.add(first_floating(feeds))
         inferred = run(inference, output_names, feeds, index=index)
-        trained, _ = train.collect(feeds, index, moments, single_value_fix=single_value_fix)
+        trained, batch_stats = train.collect(feeds, index, moments, single_value_fix=single_value_fix)
+        for name, stats in batch_stats.items():
+            spreads.setdefault(name, BatchSpread()).add(stats.mean, stats.var)
         paired.add(index, feeds, inferred, trained)
 
     initializers = {init.name: init for init in model.graph.initializer}
     layers = [assess_layer(info.name, info.channels, numpy_helper.to_array(initializers[info.mean_initializer]),
                            numpy_helper.to_array(initializers[info.var_initializer]), moments.layers[info.name],
-                           info.epsilon, thresholds)
+                           info.epsilon, thresholds, spreads.get(info.name))
               for info in train.infos]
     outputs = paired.checks(thresholds)
     return CheckReport.from_checks(layers, outputs, skipped, thresholds, stream.batches, stream.samples, unchecked,

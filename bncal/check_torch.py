@@ -21,7 +21,7 @@ import torch
 
 from ._progress import DataPass
 from .calibration import BatchComposition, order_warning
-from .check import CheckReport, CheckThresholds, PairedOutputs, assess_layer
+from .check import BatchSpread, CheckReport, CheckThresholds, PairedOutputs, assess_layer
 from .data import select_inputs
 from .errors import BncalError
 from .recalibration import _prepare, batchnorm_layers, default_forward, renorm_references
@@ -59,6 +59,7 @@ def check_torch(model: torch.nn.Module, batches: Iterable, *, thresholds: CheckT
     references = renorm_references(layers)
     device = next(iter(model.parameters()), next(iter(model.buffers()), torch.empty(0))).device
     moments = {name: ChannelMoments.empty(bn.num_features) for name, bn in layers}
+    spreads = {name: BatchSpread() for name, _ in layers}
     moving = {name: (bn.running_mean.detach().clone(), bn.running_var.detach().clone()) for name, bn in layers}
 
     def outputs(batch, index) -> list[np.ndarray]:
@@ -83,6 +84,7 @@ def check_torch(model: torch.nn.Module, batches: Iterable, *, thresholds: CheckT
                 mean, var = mean.cpu().numpy(), var.cpu().numpy()
                 if merge:
                     moments[name].add_batch(count, mean, var)
+                    spreads[name].add(mean, var)
                 if name in references:
                     mean, var = references[name].training_statistics(mean, var)
                 module.running_mean.copy_(torch.from_numpy(mean))
@@ -121,7 +123,8 @@ def check_torch(model: torch.nn.Module, batches: Iterable, *, thresholds: CheckT
             continue
         reference = references[name].training_moments(m) if name in references else m
         checks.append(assess_layer(name, m.channels, moving[name][0].double().cpu().numpy(),
-                                   moving[name][1].double().cpu().numpy(), reference, bn.eps, thresholds))
+                                   moving[name][1].double().cpu().numpy(), reference, bn.eps, thresholds,
+                                   spreads[name]))
     report = CheckReport.from_checks(checks, paired.checks(thresholds) if paired else [], skipped, thresholds,
                                      current.batches, current.samples,
                                      batching_warning=order_warning(composition, "check"))
