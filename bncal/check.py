@@ -213,6 +213,9 @@ class CheckReport(ReportDisplay):
         other failure becomes one reason asking for shuffled data; the warning goes to
         ``warnings``."""
         reasons = []
+        if batching_warning:  # the batches' spread is then not sampling error: no layer is unresolved by it
+            for layer in layers:
+                layer.data_factor = None
         bad = [l for l in layers if not l.passed and not l.unresolved]
         advice = RECALIBRATE_ADVICE
         if len(layers) >= 2 and bad == [layers[0]] and not batching_warning:
