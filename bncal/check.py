@@ -211,7 +211,13 @@ class CheckReport(ReportDisplay):
         from random draws: train mode on them differs from inference whatever the statistics,
         so only the first layer (whose input no other BN affects) is still blamed, and any
         other failure becomes one reason asking for shuffled data; the warning goes to
-        ``warnings``."""
+        ``warnings``.
+
+        Before advising recalibration it names other causes: layers off by no more than their
+        batches resolve (:attr:`LayerCheck.unresolved`) are not failures (verdict ``NOT ENOUGH
+        DATA`` when nothing else failed), and only the first BN off, every later one fitting its
+        data, blames preprocessing (:data:`PREPROCESSING_CAUSE`). :meth:`blame` names a cause
+        the caller knows of."""
         reasons = []
         if batching_warning:  # the batches' spread is then not sampling error: no layer is unresolved by it
             for layer in layers:
@@ -249,7 +255,8 @@ class CheckReport(ReportDisplay):
     @property
     def verdict(self) -> str:
         """``PASSED``; ``INCOMPLETE`` (all it checked passed, some normalisation it could not
-        check); ``FAILED``."""
+        check); ``NOT ENOUGH DATA`` (nothing failed, but some layers are off by no more than the
+        data resolves: :attr:`LayerCheck.unresolved`); ``FAILED``."""
         if self.passed:
             return "PASSED"
         if self.reasons:
@@ -275,7 +282,8 @@ class CheckReport(ReportDisplay):
 
     def summary(self) -> str:
         """``FAILED: 7 of 7 BN layers off their data, 1 of 1 output off train mode (1000 samples)``;
-        ``INCOMPLETE: ... within limits, 1 lowered BN unchecked (...)`` when some could not be checked."""
+        ``INCOMPLETE: ... within limits, 1 lowered BN unchecked (...)`` when some could not be checked;
+        ``NOT ENOUGH DATA: 2 of 7 BN layers need more samples to judge (128 samples)``."""
         bad_layers = sum(not l.passed for l in self.layers)
         bad_outputs = sum(not o.passed for o in self.outputs)
         unchecked = f", {plural(self.unchecked_count, 'lowered BN')} unchecked" if self.unchecked else ""
@@ -320,7 +328,8 @@ class CheckReport(ReportDisplay):
             + "".join(f", {f}" for f in fixed) + f" ({self.batches} batches, {self.samples} samples)")
         parts += [f"unchecked {s.name}: {s.reason}" for s in self.unchecked]
         if self.verdict == "NOT ENOUGH DATA":
-            parts.append(f"NOT ENOUGH DATA: {self.unresolved_line()}")
+            parts.append(f"NOT ENOUGH DATA: {self.unresolved_line()}"
+                         + (f"; and {self._unchecked_line()}" if self.unchecked else ""))
         elif self.verdict == "INCOMPLETE":
             parts.append(f"INCOMPLETE: PASSED for {len(self.layers)} of {len(self.layers) + self.unchecked_count} "
                          f"normalisation layers; {self._unchecked_line()}")
