@@ -147,3 +147,19 @@ def test_input_off_at_the_first_bn_only_is_blamed_on_preprocessing(files):
     assert code == 1 and failed.startswith("FAILED: 1 of 7 BatchNorm layers"), output
     assert "preprocessed" in failed and "--mean/--std" in failed and "NHWC vs NCHW" in failed
     assert "recalibrate them" not in failed
+
+
+def test_a_spec_with_renorm_layers_is_checked_in_pytorch(files, tmp_path):
+    (tmp_path / "renorm_net.py").write_text(
+        "import torch\nfrom bncal.nn import BatchRenorm2d\n\n"
+        "def net():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), BatchRenorm2d(4), torch.nn.ReLU(),\n"
+        "                               torch.nn.Conv2d(4, 4, 3), BatchRenorm2d(4), torch.nn.Flatten(),\n"
+        "                               torch.nn.Linear(4 * 24 * 24, 10))\n")
+    code, output = run("check", f"{tmp_path / 'renorm_net.py'}:net", "--data", files / "calib.npy", "--batch-size", 64,
+                       "--max-samples", 256)
+    assert "checked in PyTorch, not in onnxruntime" in output and "PyTorch eval vs onnxruntime" not in output
+    # Never trained: its warm-up bounds r = 1, d = 0 make it plain BN, freshly initialised, and blamed as such.
+    (failed,) = [line for line in output.splitlines() if line.startswith("FAILED")]
+    assert code == 1 and "likely cause: the freshly initialised model" in failed
