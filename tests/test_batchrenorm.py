@@ -412,7 +412,7 @@ def test_never_updated_renorm_model_keeps_its_accuracy_and_passes_check(never_up
     # Teeth: population statistics (what plain recalibration writes) would change what the network computes.
     plain = convert_to_batchnorm(models[True])
     recalibrate(plain, calib)
-    assert _accuracy(plain, x, y, test_idx) < trained - 0.05
+    assert _accuracy(plain, x, y, test_idx) < trained - 0.03  # measured 0.880 against 0.931
 
 
 def test_stale_plain_model_still_fails_check_and_is_repaired(never_updated_models, one_thread):
