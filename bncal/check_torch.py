@@ -23,7 +23,7 @@ from ._progress import DataPass
 from .calibration import BatchComposition, order_warning
 from .check import BatchSpread, CheckReport, CheckThresholds, PairedOutputs, assess_layer
 from .data import select_inputs
-from .errors import BncalError
+from .errors import BncalError, first_line
 from .recalibration import _prepare, batchnorm_layers, default_forward, renorm_references
 from .renorm import renorm_notes
 from .report import SkippedLayer
@@ -69,7 +69,7 @@ def check_torch(model: torch.nn.Module, batches: Iterable, *, thresholds: CheckT
         except BncalError:
             raise
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-            raise BncalError(f"the model failed on batch {index}: {str(exc).splitlines()[0]}") from exc
+            raise BncalError(f"the model failed on batch {index}: {first_line(exc)}") from exc
         return [t.detach().cpu().double().numpy() for t in _tensors(value)]
 
     def train_outputs(batch, index, merge=False):
