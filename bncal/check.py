@@ -50,8 +50,8 @@ from .report import (ReportDisplay, SkippedLayer, channel_shift, describe_nonfin
                      summarize_shift)
 from .stats import ChannelMoments
 
-__all__ = ["CheckThresholds", "LayerCheck", "OutputCheck", "CheckReport", "OutputAgreement", "PairedOutputs",
-           "assess_layer", "rebatch_pair", "unpair", "check", "check_onnx"]
+__all__ = ["CheckThresholds", "LayerCheck", "BatchSpread", "OutputCheck", "CheckReport", "OutputAgreement",
+           "PairedOutputs", "assess_layer", "rebatch_pair", "unpair", "check", "check_onnx"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +107,11 @@ class CheckThresholds:
     max_spread_ratio: float = 1.5
 
 
+RECALIBRATE_ADVICE = "recalibrate them"
+#: Only the first BN off its data, the later ones fitting theirs: the input differs, not the statistics.
+PREPROCESSING_CAUSE = ("only the first BatchNorm layer is off and the layers after it fit their data, so the input "
+                       "is likely preprocessed otherwise than in training: check --preset or --mean/--std, the "
+                       "channel order (RGB vs BGR) and the layout (NHWC vs NCHW)")
 FALLBACK_OUTPUT_LIMITS = (0.8, 0.5)  # (min top-1 agreement, max rel error) where no second batching exists
 
 
@@ -117,7 +122,8 @@ class LayerCheck:
     ``shift_limit`` and ``log_ratio_limit`` are the thresholds after the noise allowance for
     this layer's ``values_per_channel`` (samples times spatial positions; the report's
     ``samples`` counts samples). ``nonfinite`` says which statistics held a NaN or inf, or a
-    variance with ``var + eps <= 0`` (the layer then fails), else None.
+    variance with ``var + eps <= 0`` (the layer then fails), else None. ``data_factor``: see
+    :attr:`unresolved`.
     """
 
     name: str
@@ -129,10 +135,18 @@ class LayerCheck:
     log_ratio_limit: float
     passed: bool
     nonfinite: str | None = None
+    data_factor: float | None = None
     #: Per channel (:func:`bncal.report.channel_shift`), what ``mean_shift``/``var_ratio`` are the worst
     #: of; for :func:`bncal.plot.plot_channels`, not part of the JSON report (None where not computed).
     channel_mean_shift: np.ndarray | None = dataclasses.field(default=None, repr=False, metadata={"json": False})
     channel_var_ratio: np.ndarray | None = dataclasses.field(default=None, repr=False, metadata={"json": False})
+
+    @property
+    def unresolved(self) -> bool:
+        """Off its limits, but by no more than the check's own data can resolve (see
+        :func:`assess_layer`): not enough data to judge; ``data_factor`` times the check's
+        samples would be enough."""
+        return not self.passed and self.data_factor is not None
 
 
 @dataclasses.dataclass
@@ -223,9 +237,21 @@ class CheckReport(ReportDisplay):
         from random draws: train mode on them differs from inference whatever the statistics,
         so only the first layer (whose input no other BN affects) is still blamed, and any
         other failure becomes one reason asking for shuffled data; the warning goes to
-        ``warnings``."""
+        ``warnings``.
+
+        Before advising recalibration it names other causes: layers off by no more than their
+        batches resolve (:attr:`LayerCheck.unresolved`) are not failures (verdict ``NOT ENOUGH
+        DATA`` when nothing else failed), and only the first BN off, every later one fitting its
+        data, blames preprocessing (:data:`PREPROCESSING_CAUSE`). :meth:`blame` names a cause
+        the caller knows of."""
         reasons = []
-        bad = [l for l in layers if not l.passed]
+        if batching_warning:  # the batches' spread is then not sampling error: no layer is unresolved by it
+            for layer in layers:
+                layer.data_factor = None
+        bad = [l for l in layers if not l.passed and not l.unresolved]
+        advice = RECALIBRATE_ADVICE
+        if len(layers) >= 2 and bad == [layers[0]] and not batching_warning:
+            advice = f"likely cause: {PREPROCESSING_CAUSE}"
         unjudged = bool([l for l in bad if l is not layers[0]] or [o for o in outputs if not o.passed])
         broken = [l for l in bad if l.nonfinite]  # failed whatever the batching
         if batching_warning:
@@ -239,7 +265,7 @@ class CheckReport(ReportDisplay):
             worst = max(bad, key=lambda l: l.mean_shift if math.isfinite(l.mean_shift) else math.inf)
             reasons.append(f"{len(bad)} of {len(layers)} BatchNorm layers have moving statistics off their data "
                            f"(worst {worst.name}: mean shift {worst.mean_shift:.3g} sd, var ratio "
-                           f"{worst.var_ratio:.3g}); recalibrate them")
+                           f"{worst.var_ratio:.3g}); {advice}")
         for o in outputs:
             if o.nonfinite:  # whatever the batching
                 reasons.append(f"{output_label(o.name)} holds non-finite values ({o.nonfinite})")
@@ -248,18 +274,39 @@ class CheckReport(ReportDisplay):
         if batching_warning and unjudged:
             reasons.append("the batches are far from random draws of the data (see the warning), so train mode on them "
                            "cannot be compared with inference; shuffle the data and check again")
-        return cls(passed=not (reasons or unjudged or unchecked), reasons=reasons, layers=list(layers),
+        unresolved = [l for l in layers if l.unresolved]
+        return cls(passed=not (reasons or unjudged or unchecked or unresolved), reasons=reasons, layers=list(layers),
                    outputs=list(outputs), skipped=list(skipped), thresholds=thresholds, batches=batches,
                    samples=samples, unchecked=list(unchecked), unchecked_count=len(unchecked),
                    warnings=[batching_warning] if batching_warning else [])
 
+    def blame(self, cause: str) -> None:
+        """Name ``cause``, a setup problem the caller knows of (a freshly initialised model), as
+        the likely cause of off statistics instead of advising recalibration; also a warning."""
+        self.warnings.append(cause)
+        self.reasons = [r.replace(RECALIBRATE_ADVICE, f"likely cause: {cause}") for r in self.reasons]
+
     @property
     def verdict(self) -> str:
         """``PASSED``; ``INCOMPLETE`` (all it checked passed, some normalisation it could not
-        check); ``FAILED``."""
+        check); ``NOT ENOUGH DATA`` (nothing failed, but some layers are off by no more than the
+        data resolves: :attr:`LayerCheck.unresolved`); ``FAILED``."""
         if self.passed:
             return "PASSED"
-        return "FAILED" if self.reasons else "INCOMPLETE"
+        if self.reasons:
+            return "FAILED"
+        return "NOT ENOUGH DATA" if any(l.unresolved for l in self.layers) else "INCOMPLETE"
+
+    def unresolved_line(self) -> str | None:
+        """Which layers the check's data cannot judge and how many samples would (None if none)."""
+        unresolved = [l for l in self.layers if l.unresolved]
+        if not unresolved:
+            return None
+        names = ", ".join(l.name for l in unresolved[:4]) + (" and more" if len(unresolved) > 4 else "")
+        return (f"{len(unresolved)} of {len(self.layers)} BatchNorm layers differ from their data by no more than the "
+                f"check's {plural(self.samples, 'sample')} can resolve ({names}): not enough data to judge them, not "
+                f"evidence of stale statistics; about {math.ceil(max(l.data_factor for l in unresolved) * self.samples)} "
+                "samples would tell")
 
     def _unchecked_line(self) -> str:
         k = self.unchecked_count
@@ -269,10 +316,15 @@ class CheckReport(ReportDisplay):
 
     def summary(self) -> str:
         """``FAILED: 7 of 7 BN layers off their data, 1 of 1 output off train mode (1000 samples)``;
-        ``INCOMPLETE: ... within limits, 1 lowered BN unchecked (...)`` when some could not be checked."""
+        ``INCOMPLETE: ... within limits, 1 lowered BN unchecked (...)`` when some could not be checked;
+        ``NOT ENOUGH DATA: 2 of 7 BN layers need more samples to judge (128 samples)``."""
         bad_layers = sum(not l.passed for l in self.layers)
         bad_outputs = sum(not o.passed for o in self.outputs)
         unchecked = f", {plural(self.unchecked_count, 'lowered BN')} unchecked" if self.unchecked else ""
+        if not self.reasons and self.verdict == "NOT ENOUGH DATA":
+            unresolved = sum(l.unresolved for l in self.layers)
+            return (f"NOT ENOUGH DATA: {unresolved} of {plural(len(self.layers), 'BN layer')} need more samples to judge "
+                    f"({plural(self.samples, 'sample')})")
         if not self.reasons:
             return (f"{self.verdict}: {plural(len(self.layers), 'BN layer')} and {plural(len(self.outputs), 'output')} "
                     f"within limits{unchecked} ({plural(self.samples, 'sample')})")
@@ -287,7 +339,7 @@ class CheckReport(ReportDisplay):
         t = self.thresholds
         layer_rows = [(l.name, l.channels, l.values_per_channel, l.mean_shift, l.shift_limit, l.var_ratio,
                        f"{math.exp(-l.log_ratio_limit):.3g}..{math.exp(l.log_ratio_limit):.3g}",
-                       "pass" if l.passed else "FAIL") for l in self.layers]
+                       "pass" if l.passed else "more data" if l.unresolved else "FAIL") for l in self.layers]
         output_rows = [(o.name, o.max_abs_error, o.rel_error, o.batch_rel_error, o.spread_ratio, o.top1_agreement,
                         o.batch_top1_agreement, o.criterion, "pass" if o.passed else "FAIL") for o in self.outputs]
         parts = [
@@ -299,6 +351,8 @@ class CheckReport(ReportDisplay):
         ]
         parts += [f"skipped {s.name}: {s.reason}" for s in self.skipped]
         parts += [f"note: {note}" for note in self.notes]
+        if self.unresolved_line() and self.verdict != "NOT ENOUGH DATA":
+            parts.append(f"note: {self.unresolved_line()}")
         fixed = [f"top-1 agreement >= {t.min_top1_agreement:g}"] if t.min_top1_agreement is not None else []
         fixed += [f"output rel error <= {t.max_output_rel_error:g}"] if t.max_output_rel_error is not None else []
         parts.append(
@@ -331,8 +385,11 @@ class CheckReport(ReportDisplay):
         return draw[kind](self, path, **options)
 
     def verdict_line(self) -> str:
-        """The table's last line: ``PASSED``, or ``FAILED: ...``/``INCOMPLETE: ...`` with the reasons
-        (the worst layer named)."""
+        """The table's last line: ``PASSED``, or ``FAILED: ...``/``NOT ENOUGH DATA: ...``/``INCOMPLETE: ...``
+        with the reasons (the worst layer named)."""
+        if self.verdict == "NOT ENOUGH DATA":
+            return f"NOT ENOUGH DATA: {self.unresolved_line()}" + (
+                f"; and {self._unchecked_line()}" if self.unchecked else "")
         if self.verdict == "INCOMPLETE":
             return (f"INCOMPLETE: PASSED for {len(self.layers)} of {len(self.layers) + self.unchecked_count} "
                     f"normalisation layers; {self._unchecked_line()}")
@@ -341,14 +398,45 @@ class CheckReport(ReportDisplay):
         return self.verdict if self.passed else f"FAILED: {'; '.join(self.reasons)}"
 
 
+class BatchSpread:
+    """One BN's per-batch input statistics over a check, for the standard error of its
+    population statistics that the data really has: the values of one sample (the positions of
+    an image) are correlated, so ``1 / sqrt(values per channel)`` understates it, most in deep
+    layers with few positions per image. :meth:`add` each batch's (or call's) per-channel mean
+    and biased variance."""
+
+    def __init__(self):
+        self.means, self.variances = [], []
+
+    def add(self, mean, var) -> None:
+        self.means.append(np.asarray(mean, np.float64).reshape(-1))
+        self.variances.append(np.asarray(var, np.float64).reshape(-1))
+
+    def standard_errors(self, data_moments: ChannelMoments, eps: float):
+        """Per channel, the standard errors of the population mean (in its standard deviations)
+        and of the log variance, from the spread of the batches (None with fewer than 4)."""
+        if len(self.means) < 4:
+            return None
+        sd = np.sqrt(data_moments.variance + eps)
+        means = (np.stack(self.means) - data_moments.mean) / sd
+        logs = np.log(np.stack(self.variances) + eps)
+        batches = len(self.means)
+        return means.std(axis=0, ddof=1) / math.sqrt(batches), logs.std(axis=0, ddof=1) / math.sqrt(batches)
+
+
 def assess_layer(name: str, channels: int, moving_mean, moving_var, data_moments: ChannelMoments, eps: float,
-                 thresholds: CheckThresholds) -> LayerCheck:
+                 thresholds: CheckThresholds, spread: BatchSpread | None = None) -> LayerCheck:
     """One BN's moving statistics against the population statistics of its input (``data_moments``).
 
     The limits are ``thresholds``' widened by ``noise_allowance`` standard errors of the
     check's own estimate from ``data_moments.count`` values per channel. NaN/Inf moving or data
     statistics, or a moving variance with ``var + eps <= 0``, count as infinitely far (failed,
     ``nonfinite`` says which).
+
+    With the batches' ``spread`` (:class:`BatchSpread`), a layer off those limits but within
+    ``noise_allowance`` of the standard errors its batches really show (every channel) is
+    unresolved (:attr:`LayerCheck.unresolved`): not enough data to judge, with the factor of
+    more data at which that allowance would shrink to the thresholds.
     """
     moving_mean = np.asarray(moving_mean, np.float64).reshape(-1)
     moving_var = np.asarray(moving_var, np.float64).reshape(-1)
@@ -372,8 +460,21 @@ def assess_layer(name: str, channels: int, moving_mean, moving_var, data_moments
     log_ratio_limit = thresholds.max_var_log_ratio + thresholds.noise_allowance * math.sqrt(2.0 / count)
     finite = math.isfinite(shift) and math.isfinite(ratio) and ratio > 0
     passed = finite and shift <= shift_limit and abs(math.log(ratio)) <= log_ratio_limit
+    needed = None
+    errors = None if passed or not finite or spread is None else spread.standard_errors(data_moments, eps)
+    if errors is not None:
+        se_mean, se_log = errors
+        k = thresholds.noise_allowance
+        sd = np.sqrt(data_moments.variance + eps)
+        shifts = np.abs(moving_mean - data_moments.mean) / sd
+        logs = np.abs(np.log((moving_var + eps) / (data_moments.variance + eps)))
+        if (np.all(shifts <= thresholds.max_mean_shift + k * se_mean)
+                and np.all(logs <= thresholds.max_var_log_ratio + k * se_log)):
+            factor = max(float(np.max(k * se_mean / thresholds.max_mean_shift)) ** 2,
+                         float(np.max(k * se_log / thresholds.max_var_log_ratio)) ** 2, 1.0)
+            needed = factor
     return LayerCheck(name, channels, count, shift, ratio, shift_limit, log_ratio_limit, passed, nonfinite,
-                      channel_mean_shift=per_channel[0], channel_var_ratio=per_channel[1])
+                      data_factor=needed, channel_mean_shift=per_channel[0], channel_var_ratio=per_channel[1])
 
 
 def rebatch_pair(a, b):
@@ -707,6 +808,7 @@ def check_onnx(
     train = StatisticsSession.train_graph(model, outputs=output_names, providers=providers)
 
     moments = train.new_moments()
+    spreads: dict[str, BatchSpread] = {}
     single_value_fix = "check with batches of 2 or more samples (32+ is better)"
     if fixed_batch_size(input_specs(model)) == 1:
         single_value_fix = ("the model's batch size is fixed at 1, so its train mode cannot be run: check a copy "
@@ -715,13 +817,15 @@ def check_onnx(
     for index, feeds in stream:
         composition.add(first_floating(feeds))
         inferred = run(inference, output_names, feeds, index=index)
-        trained, _ = train.collect(feeds, index, moments, single_value_fix=single_value_fix)
+        trained, batch_stats = train.collect(feeds, index, moments, single_value_fix=single_value_fix)
+        for name, stats in batch_stats.items():
+            spreads.setdefault(name, BatchSpread()).add(stats.mean, stats.var)
         paired.add(index, feeds, inferred, trained)
 
     initializers = {init.name: init for init in model.graph.initializer}
     layers = [assess_layer(info.name, info.channels, numpy_helper.to_array(initializers[info.mean_initializer]),
                            numpy_helper.to_array(initializers[info.var_initializer]), moments.layers[info.name],
-                           info.epsilon, thresholds)
+                           info.epsilon, thresholds, spreads.get(info.name))
               for info in train.infos]
     outputs = paired.checks(thresholds)
     return CheckReport.from_checks(layers, outputs, skipped, thresholds, stream.batches, stream.samples, unchecked,

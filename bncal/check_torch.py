@@ -21,9 +21,9 @@ import torch
 
 from ._progress import DataPass
 from .calibration import BatchComposition, order_warning
-from .check import CheckReport, CheckThresholds, PairedOutputs, assess_layer
+from .check import BatchSpread, CheckReport, CheckThresholds, PairedOutputs, assess_layer
 from .data import select_inputs
-from .errors import BncalError
+from .errors import BncalError, first_line
 from .recalibration import batchnorm_layers, renorm_references
 from .torch_passes import default_forward, output_tensors, prepare_batch
 from .renorm import renorm_notes
@@ -60,6 +60,7 @@ def check_torch(model: torch.nn.Module, batches: Iterable, *, thresholds: CheckT
     references = renorm_references(layers)
     device = next(iter(model.parameters()), next(iter(model.buffers()), torch.empty(0))).device
     moments = {name: ChannelMoments.empty(bn.num_features) for name, bn in layers}
+    spreads = {name: BatchSpread() for name, _ in layers}
     moving = {name: (bn.running_mean.detach().clone(), bn.running_var.detach().clone()) for name, bn in layers}
 
     def outputs(batch, index) -> list[np.ndarray]:
@@ -69,7 +70,7 @@ def check_torch(model: torch.nn.Module, batches: Iterable, *, thresholds: CheckT
         except BncalError:
             raise
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-            raise BncalError(f"the model failed on batch {index}: {str(exc).splitlines()[0]}") from exc
+            raise BncalError(f"the model failed on batch {index}: {first_line(exc)}") from exc
         return [t.detach().cpu().double().numpy() for t in output_tensors(value)]
 
     def train_outputs(batch, index, merge=False):
@@ -84,6 +85,7 @@ def check_torch(model: torch.nn.Module, batches: Iterable, *, thresholds: CheckT
                 mean, var = mean.cpu().numpy(), var.cpu().numpy()
                 if merge:
                     moments[name].add_batch(count, mean, var)
+                    spreads[name].add(mean, var)
                 if name in references:
                     mean, var = references[name].training_statistics(mean, var)
                 module.running_mean.copy_(torch.from_numpy(mean))
@@ -122,7 +124,8 @@ def check_torch(model: torch.nn.Module, batches: Iterable, *, thresholds: CheckT
             continue
         reference = references[name].training_moments(m) if name in references else m
         checks.append(assess_layer(name, m.channels, moving[name][0].double().cpu().numpy(),
-                                   moving[name][1].double().cpu().numpy(), reference, bn.eps, thresholds))
+                                   moving[name][1].double().cpu().numpy(), reference, bn.eps, thresholds,
+                                   spreads[name]))
     report = CheckReport.from_checks(checks, paired.checks(thresholds) if paired else [], skipped, thresholds,
                                      current.batches, current.samples,
                                      batching_warning=order_warning(composition, "check"))

@@ -64,7 +64,7 @@ class RenormReference:
         reproduce the forward anyway."""
         mean = np.asarray(mean, np.float64)
         sigma = np.sqrt(np.asarray(var, np.float64) + self.eps)
-        r_raw, d_raw = sigma / self.std, (mean - self.mean) / self.std
+        r_raw, d_raw = self.corrections(mean, var)
         r, d = np.clip(r_raw, self.rmin, self.rmax), np.clip(d_raw, -self.dmax, self.dmax)
         scale = sigma / r
         free = (r == r_raw) & (d == d_raw)

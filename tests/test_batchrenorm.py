@@ -412,7 +412,7 @@ def test_never_updated_renorm_model_keeps_its_accuracy_and_passes_check(never_up
     # Teeth: population statistics (what plain recalibration writes) would change what the network computes.
     plain = convert_to_batchnorm(models[True])
     recalibrate(plain, calib)
-    assert _accuracy(plain, x, y, test_idx) < trained - 0.05
+    assert _accuracy(plain, x, y, test_idx) < trained - 0.03  # measured 0.880 against 0.931
 
 
 def test_stale_plain_model_still_fails_check_and_is_repaired(never_updated_models, one_thread):
@@ -431,3 +431,21 @@ def test_stale_plain_model_still_fails_check_and_is_repaired(never_updated_model
     assert _accuracy(model, x, y, test_idx) > stale + 0.1
     after = check_torch(model, held)
     assert after.passed, after.table()
+
+
+def test_renorm_in_its_warm_up_recalibrates_as_plain_batchnorm():
+    from bncal import recalibrate
+
+    # num_batches_tracked 3 < warmup_start 5000: r = 1, d = 0 in training, i.e. plain BN on batch statistics.
+    plain = _train_a_little(_mixed_model())
+    renorm = convert_to_batchrenorm(plain)
+    gen = torch.Generator().manual_seed(2)
+    data = [torch.randn(16, 3, 8, 8, generator=gen) * 2 + 1 for _ in range(4)]
+    recalibrate(plain, data)
+    report = recalibrate(renorm, data)
+    state = renorm.state_dict()
+    for key, value in plain.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6)
+    assert any("clipped on this data in 3 of 3 channels" in n for n in report.notes)
+    assert int(renorm[0].num_batches_tracked) == 3  # its warm-up step is no recalibration's business

@@ -246,3 +246,31 @@ def test_batches_of_one_sample_are_not_judged_and_one_batch_uses_fixed_limits():
     paired.add(np.full((4, 2), 1.5), np.full((4, 2), 1.0), np.full((4, 2), 1.0))
     # now rms(inference - train) = sqrt((8 * 0.01 + 8 * 0.25) / 16), rms(train - train') = sqrt(8 * 0.01 / 16)
     assert paired.check("y", t).spread_ratio == pytest.approx(math.sqrt(2.08 / 0.08)) and not paired.check("y", t).passed
+
+
+def test_a_difference_within_what_the_samples_resolve_is_not_enough_data_not_failed():
+    import bncal
+    from bncal.check_torch import check_torch
+
+    gen = torch.Generator().manual_seed(0)
+
+    def images(n):  # one value per channel at all 8x8 positions: the positions are not 64 independent samples
+        return (torch.randn(n, 4, 1, 1, generator=gen) * 2 + 1).expand(n, 4, 8, 8).contiguous()
+
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(4))
+    bncal.recalibrate(model, [images(16) for _ in range(8)])  # 128 images
+    held_out = [images(16) for _ in range(8)]  # 128 others
+    report = check_torch(model, held_out)
+    (layer,) = report.layers
+    # 8192 values per channel would resolve 0.13 sd; 128 images resolve only about 3 / sqrt(128) = 0.27.
+    assert layer.shift_limit < layer.mean_shift < 0.1 + 3 / np.sqrt(128) and layer.unresolved
+    assert not report.passed and report.verdict == "NOT ENOUGH DATA" and report.reasons == []
+    assert report.summary().startswith("NOT ENOUGH DATA")
+    last = report.table().splitlines()[-1]
+    needed = int(last.split("about ")[1].split()[0])
+    assert last.startswith("NOT ENOUGH DATA") and "not evidence of stale statistics" in last and needed > 128
+    # Stale by 1 sd: far beyond what the samples resolve, FAILED as before.
+    with torch.no_grad():
+        model[0].running_mean += 2.0
+    stale = check_torch(model, held_out)
+    assert stale.verdict == "FAILED" and "recalibrate them" in stale.reasons[0] and not stale.layers[0].unresolved

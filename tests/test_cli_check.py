@@ -124,3 +124,42 @@ def test_a_file_with_a_fixed_batch_reads_file_data_in_that_batch_size(files):
     assert code == 0 and "PASSED" in output and "(128 batches, 512 samples)" in output, output
     code, output = run("check", fixed, "--data", files / "calib.npy", "--batch-size", 32)
     assert code == 1 and "expected shape (4, 1, 28, 28)" in output and "--batch-size 4" in output, output
+
+
+def test_a_factory_spec_without_weights_is_blamed_as_freshly_initialised(files):
+    code, output = run("check", MODEL, "--data", files / "calib.npy", "--batch-size", 64, "--max-samples", 256)
+    assert code == 1 and "freshly initialised" in output
+    (failed,) = [line for line in output.splitlines() if line.startswith("FAILED")]
+    assert failed.startswith("FAILED") and "likely cause: the freshly initialised model" in failed
+    assert "recalibrate them" not in failed
+
+
+def test_input_off_at_the_first_bn_only_is_blamed_on_preprocessing(files):
+    import bncal
+
+    x = np.load(files / "calib.npy")[:256]
+    model = zoo.mnist_cnn_stale()
+    bncal.recalibrate(model, [torch.from_numpy(x[i:i + 64]) for i in range(0, len(x), 64)], mode="eval")
+    onnx.save(export_onnx(model, (torch.randn(2, 1, 28, 28),), keep_batchnorm=True), files / "fixed_eval.onnx")
+    np.save(files / "unscaled.npy", x * 255)  # pixels 0..255: the /255 of training left out
+    code, output = run("check", files / "fixed_eval.onnx", "--data", files / "unscaled.npy", "--batch-size", 64)
+    (failed,) = [line for line in output.splitlines() if line.startswith("FAILED")]
+    assert code == 1 and failed.startswith("FAILED: 1 of 7 BatchNorm layers"), output
+    assert "preprocessed" in failed and "--mean/--std" in failed and "NHWC vs NCHW" in failed
+    assert "recalibrate them" not in failed
+
+
+def test_a_spec_with_renorm_layers_is_checked_in_pytorch(files, tmp_path):
+    (tmp_path / "renorm_net.py").write_text(
+        "import torch\nfrom bncal.nn import BatchRenorm2d\n\n"
+        "def net():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), BatchRenorm2d(4), torch.nn.ReLU(),\n"
+        "                               torch.nn.Conv2d(4, 4, 3), BatchRenorm2d(4), torch.nn.Flatten(),\n"
+        "                               torch.nn.Linear(4 * 24 * 24, 10))\n")
+    code, output = run("check", f"{tmp_path / 'renorm_net.py'}:net", "--data", files / "calib.npy", "--batch-size", 64,
+                       "--max-samples", 256)
+    assert "checked in PyTorch, not in onnxruntime" in output and "PyTorch eval vs onnxruntime" not in output
+    # Never trained: its warm-up bounds r = 1, d = 0 make it plain BN, freshly initialised, and blamed as such.
+    (failed,) = [line for line in output.splitlines() if line.startswith("FAILED")]
+    assert code == 1 and "likely cause: the freshly initialised model" in failed

@@ -1,5 +1,6 @@
 """Keras ``BatchNormalization(renorm=True)``: the rule of :mod:`bncal.renorm` against Keras's own
-training forward, and a never-updated renorm model through inspect, check and recalibrate."""
+training forward, and a never-updated renorm model through inspect, check and recalibrate; and the
+Keras check's NOT ENOUGH DATA verdict (issue 21)."""
 
 import os
 
@@ -99,3 +100,17 @@ def test_never_updated_keras_model(mnist_nhwc, renorm):
         assert bk.check(model, x[test[:400]], batch_size=50).passed
     else:
         assert after > before + 0.1
+
+
+def test_keras_check_says_not_enough_data_where_the_images_cannot_resolve_the_difference():
+    rng = np.random.default_rng(0)
+
+    def images(n):  # one value per channel at all 8x8 positions: not 64 independent samples per image
+        return np.broadcast_to(rng.normal(1, 2, (n, 1, 1, 4)), (n, 8, 8, 4)).astype("float32").copy()
+
+    model = keras.Sequential([keras.Input((8, 8, 4)), keras.layers.BatchNormalization()])
+    bk.recalibrate(model, images(128), batch_size=16)
+    report = bk.check(model, images(128), batch_size=16)
+    (layer,) = report.layers
+    assert layer.shift_limit < layer.mean_shift and layer.unresolved, report.table()
+    assert report.verdict == "NOT ENOUGH DATA" and not report.passed and report.reasons == []

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from ..calibration import BatchComposition, order_warning
-from ..check import CheckReport, CheckThresholds, PairedOutputs, assess_layer
+from ..check import BatchSpread, CheckReport, CheckThresholds, PairedOutputs, assess_layer
 from ..errors import BncalError
 from ..report import SkippedLayer
 from ..stats import ChannelMoments
@@ -80,6 +80,7 @@ def check(
     moving = {name: moving_statistics(bn) for name, bn in layers}
     references = {name: renorm_reference(bn) for name, bn in layers if renorm_reference(bn) is not None}
     moments = {name: ChannelMoments.empty(moving[name].mean.shape[0]) for name, _ in layers}
+    spreads = {name: BatchSpread() for name, _ in layers}
     def train_outputs(inputs, index):  # a second batching's: its statistics are not merged
         with BatchNormTap(layers, batch_statistics):
             return _outputs(keras, run_forward(forward_fn, model, inputs, index))
@@ -93,6 +94,7 @@ def check(
             trained = _outputs(keras, run_forward(forward_fn, model, inputs, index))
         for name, m in tap.moments().items():
             moments[name].merge(m)
+            spreads[name].add(m.mean, m.variance)
         paired = paired or PairedOutputs(_output_names(model, len(inferred)), train_outputs)
         paired.add(index, inputs, inferred, trained)
     checks = []
@@ -102,7 +104,7 @@ def check(
             continue
         reference = references[name].training_moments(moments[name]) if name in references else moments[name]
         checks.append(assess_layer(name, moments[name].channels, moving[name].mean, moving[name].var, reference,
-                                   bn.epsilon, thresholds))
+                                   bn.epsilon, thresholds, spreads[name]))
     outputs = paired.checks(thresholds) if paired else []
     report = CheckReport.from_checks(checks, outputs, skipped, thresholds, current.batches, current.samples,
                                      batching_warning=order_warning(composition, "check"))
