@@ -215,3 +215,48 @@ def test_dict_outputs_keep_their_keys_as_onnx_names():
     assert [o.name for o in proto.graph.output] == ["out", "aux"]
     folded, report = bncal.fold_export_torch(net, (x,))
     assert report.passed and [o.name for o in folded.graph.outputs] == ["out", "aux"]
+
+
+def _lcnet_like():
+    """A small LCNet-like net (depthwise separable blocks with hardswish, squeeze-excitation at
+    3x3 pixels): its deepest BNs see 9 values per sample and channel."""
+
+    class SqueezeExcite(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.reduce, self.expand = nn.Conv2d(c, c // 4, 1), nn.Conv2d(c // 4, c, 1)
+
+        def forward(self, x):
+            return x * nn.functional.hardsigmoid(self.expand(torch.relu(self.reduce(x.mean((2, 3), keepdim=True)))))
+
+    def block(cin, cout, stride, se=False):
+        return nn.Sequential(nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.BatchNorm2d(cin),
+                             nn.Hardswish(), *([SqueezeExcite(cin)] if se else []),
+                             nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.Hardswish())
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.Hardswish(),
+                         block(8, 16, 1), block(16, 24, 2), block(24, 24, 1), block(24, 48, 2), block(48, 48, 1),
+                         block(48, 96, 2), block(96, 96, 1, se=True), block(96, 96, 1, se=True),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(96, 10)).eval()
+
+
+def test_check_says_batch_too_small_for_an_exact_model_and_still_fails_a_stale_one():
+    from bncal.export import export_onnx
+
+    data = np.random.default_rng(0).standard_normal((256, 3, 40, 40)).astype(np.float32)
+    exact, stale = _lcnet_like(), _lcnet_like()
+    bncal.recalibrate(exact, [torch.from_numpy(data[i:i + 32]) for i in range(0, 256, 32)], mode="eval")
+    example = (torch.randn(2, 3, 40, 40),)
+    batches = lambda size: [data[i:i + size] for i in range(0, 256, size)]
+
+    exported = export_onnx(exact, example, keep_batchnorm=True)
+    small = bncal.check_onnx(exported, batches(8))
+    assert small.verdict == "BATCH TOO SMALL" and not small.passed and not small.reasons
+    (layer,) = small.too_small
+    assert layer.name == "10.1" and layer.var_ratio > 1.3 and 8 < layer.needed_batch <= 32
+    assert f"batches of {layer.needed_batch} or more" in small.table()
+    assert bncal.check_onnx(exported, batches(32)).passed
+
+    failed = bncal.check_onnx(export_onnx(stale, example, keep_batchnorm=True), batches(8))
+    assert failed.verdict == "FAILED" and not failed.too_small
