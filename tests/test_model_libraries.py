@@ -244,19 +244,16 @@ def _lcnet_like():
 def test_check_says_batch_too_small_for_an_exact_model_and_still_fails_a_stale_one():
     from bncal.export import export_onnx
 
-    data = np.random.default_rng(0).standard_normal((256, 3, 40, 40)).astype(np.float32)
-    exact, stale = _lcnet_like(), _lcnet_like()
-    bncal.recalibrate(exact, [torch.from_numpy(data[i:i + 32]) for i in range(0, 256, 32)], mode="eval")
-    example = (torch.randn(2, 3, 40, 40),)
-    batches = lambda size: [data[i:i + size] for i in range(0, 256, size)]
+    data = np.random.default_rng(0).standard_normal((192, 3, 32, 32)).astype(np.float32)
+    batches = lambda size: [data[i:i + size] for i in range(0, len(data), size)]
+    stale = export_onnx(_lcnet_like(), (torch.randn(2, 3, 32, 32),), keep_batchnorm=True, dynamo=False)
+    exact, _ = bncal.recalibrate_onnx(stale, batches(32), mode="eval")
 
-    exported = export_onnx(exact, example, keep_batchnorm=True)
-    small = bncal.check_onnx(exported, batches(8))
+    small = bncal.check_onnx(exact, batches(16))
     assert small.verdict == "BATCH TOO SMALL" and not small.passed and not small.reasons
-    (layer,) = small.too_small
-    assert layer.name == "10.1" and layer.var_ratio > 1.3 and 8 < layer.needed_batch <= 32
+    (layer,) = small.too_small  # the BN after the squeeze-excitation at 2x2 pixels
+    assert "10.1" in layer.name and layer.var_ratio > 1.2 and 16 < layer.needed_batch <= 32
     assert f"batches of {layer.needed_batch} or more" in small.table()
-    assert bncal.check_onnx(exported, batches(32)).passed
-
-    failed = bncal.check_onnx(export_onnx(stale, example, keep_batchnorm=True), batches(8))
+    assert bncal.check_onnx(exact, batches(32)).passed
+    failed = bncal.check_onnx(stale, batches(16))
     assert failed.verdict == "FAILED" and not failed.too_small
