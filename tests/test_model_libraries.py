@@ -252,7 +252,7 @@ def test_check_says_batch_too_small_for_an_exact_model_and_still_fails_a_stale_o
     small = bncal.check_onnx(exact, batches(16))
     assert small.verdict == "BATCH TOO SMALL" and not small.passed and not small.reasons
     (layer,) = small.too_small  # the BN after the squeeze-excitation at 2x2 pixels
-    assert "10.1" in layer.name and layer.var_ratio > 1.2 and 16 < layer.needed_batch <= 32
+    assert "10.1" in layer.name and layer.var_ratio > 1.3 and 16 < layer.needed_batch <= 32
     assert f"batches of {layer.needed_batch} or more" in small.table()
     assert bncal.check_onnx(exact, batches(32)).passed
     failed = bncal.check_onnx(stale, batches(16))
