@@ -59,6 +59,8 @@ _EXPORTS = {
     "InverseDecayMomentum": "momentum",
     "convert_to_batchrenorm": "nn",
     "convert_to_batchnorm": "nn",
+    "unfreeze_batchnorm": "bn_modules",
+    "sync_to_batchnorm": "bn_modules",
 }
 
 __all__ = ["BncalError", "VerificationError", "__version__", *_EXPORTS]
