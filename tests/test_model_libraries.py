@@ -1,6 +1,6 @@
 """The BatchNorm modules model libraries build with (timm's BatchNormAct2d with a DropBlock, its
 SyncBatchNormAct, frozen BN of torchvision and timm), through recalibrate, fold, fold-export and
-inspect, against float64 references. The modules are look-alikes (tests/library_lookalikes.py)."""
+inspect, against float64 references. The modules are look-alikes (models/library_lookalikes.py)."""
 
 import copy
 
@@ -13,8 +13,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 import bncal
 from bncal.bn_modules import is_frozen_batchnorm, sync_to_batchnorm, unfreeze_batchnorm
 from bncal.errors import BncalError
-from library_lookalikes import (BatchNormAct2d, FrozenBatchNorm2d, FrozenBatchNormAct2d, SyncBatchNormAct,
-                                randomize)
+from models.library_lookalikes import (BatchNormAct2d, FrozenBatchNorm2d, FrozenBatchNormAct2d, SyncBatchNormAct,
+                                       lcnet_like, randomize)
 
 
 def _act_net(sync: bool = False):
@@ -217,36 +217,12 @@ def test_dict_outputs_keep_their_keys_as_onnx_names():
     assert report.passed and [o.name for o in folded.graph.outputs] == ["out", "aux"]
 
 
-def _lcnet_like():
-    """A small LCNet-like net (depthwise separable blocks with hardswish, squeeze-excitation at
-    3x3 pixels): its deepest BNs see 9 values per sample and channel."""
-
-    class SqueezeExcite(nn.Module):
-        def __init__(self, c):
-            super().__init__()
-            self.reduce, self.expand = nn.Conv2d(c, c // 4, 1), nn.Conv2d(c // 4, c, 1)
-
-        def forward(self, x):
-            return x * nn.functional.hardsigmoid(self.expand(torch.relu(self.reduce(x.mean((2, 3), keepdim=True)))))
-
-    def block(cin, cout, stride, se=False):
-        return nn.Sequential(nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.BatchNorm2d(cin),
-                             nn.Hardswish(), *([SqueezeExcite(cin)] if se else []),
-                             nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.Hardswish())
-
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.Hardswish(),
-                         block(8, 16, 1), block(16, 24, 2), block(24, 24, 1), block(24, 48, 2), block(48, 48, 1),
-                         block(48, 96, 2), block(96, 96, 1, se=True), block(96, 96, 1, se=True),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(96, 10)).eval()
-
-
 def test_check_says_batch_too_small_for_an_exact_model_and_still_fails_a_stale_one():
     from bncal.export import export_onnx
 
     data = np.random.default_rng(0).standard_normal((192, 3, 32, 32)).astype(np.float32)
     batches = lambda size: [data[i:i + size] for i in range(0, len(data), size)]
-    stale = export_onnx(_lcnet_like(), (torch.randn(2, 3, 32, 32),), keep_batchnorm=True, dynamo=False)
+    stale = export_onnx(lcnet_like(), (torch.randn(2, 3, 32, 32),), keep_batchnorm=True, dynamo=False)
     exact, _ = bncal.recalibrate_onnx(stale, batches(32), mode="eval")
 
     small = bncal.check_onnx(exact, batches(16))
