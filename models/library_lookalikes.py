@@ -5,9 +5,12 @@ Each copies its original's forward (timm 1.0 ``timm/layers/norm_act.py``, ``drop
 its module path, which is how bncal recognises them.
 """
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 
 class DropBlock2d(nn.Module):
@@ -136,3 +139,39 @@ def lcnet_like(seed=0):
                          block(8, 16, 1), block(16, 24, 2), block(24, 24, 1), block(24, 48, 2), block(48, 48, 1),
                          block(48, 96, 2), block(96, 96, 1, se=True), block(96, 96, 1, se=True),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(96, 10)).eval()
+
+
+def float64_bn_statistics(net, batches, *, one_batch: bool):
+    """Each BN's input population statistics ``(mean, biased var)`` in float64 with only the BNs in
+    training mode (their drop and act modules, dropout, DropBlock in eval mode): over the batches
+    as they come (what train-mode recalibration computes), or over all data as one batch (the
+    eval-mode fixed point). BNs in ``net.modules()`` order."""
+    ref = copy.deepcopy(net).double().eval()
+    bns = [m for m in ref.modules() if isinstance(m, _BatchNorm)]
+    seen = {m: [] for m in bns}
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen[m].append(a[0])) for m in bns]
+    for m in bns:
+        m.training = True
+    with torch.no_grad():
+        for x in ([torch.cat(list(batches))] if one_batch else batches):
+            ref(x.double())
+    for h in hooks:
+        h.remove()
+    stats = []
+    for m in bns:
+        x = torch.cat(seen[m])
+        dims = [0, *range(2, x.dim())]
+        stats.append((x.mean(dims), x.var(dims, unbiased=False)))
+    return stats
+
+
+def error_in_sd(net, reference) -> float:
+    """The largest error of ``net``'s BN statistics against ``reference``
+    (:func:`float64_bn_statistics`), in units of the reference standard deviation (mean, and sd)."""
+    worst = 0.0
+    bns = [m for m in net.modules() if isinstance(m, _BatchNorm)]
+    for bn, (mean, var) in zip(bns, reference, strict=True):
+        sd = var.sqrt()
+        worst = max(worst, float(((bn.running_mean.double() - mean).abs() / sd).max()),
+                    float(((bn.running_var.double().sqrt() - sd).abs() / sd).max()))
+    return worst
