@@ -64,6 +64,8 @@ _EXPORTS = {
     "DeploymentReport": "gate",
     "GuardReport": "guard",
     "load_labelled_data": "data",
+    "unfreeze_batchnorm": "bn_modules",
+    "sync_to_batchnorm": "bn_modules",
 }
 
 __all__ = ["BncalError", "VerificationError", "DeploymentError", "__version__", *_EXPORTS]

@@ -23,6 +23,15 @@ same calibration batches and reports:
   expected spread is the same). An exactly recalibrated model measures a ratio near 1 (0.89 to
   1.03 on the MNIST CNN at batches of 8 to 64), a stale one 2.6 to 7.5 (see :class:`CheckThresholds`).
 
+Batches too small to judge: train mode departs from inference even with exact moving
+statistics, by a systematic part that shrinks about as ``1 / batch size`` (each BN upstream
+normalises with its batch's statistics; a layer deep in a net at 3x3 pixels sees few values per
+batch) on top of the batch noise the tests allow for. :func:`check_onnx` therefore also runs
+train mode on consecutive batches merged two by two (:class:`BatchSizeProbe`). A layer or output
+that fails at batch ``n`` but passes once the trend from ``n`` to ``2n`` is followed to larger
+batches is reported as judged at too small a batch, with the batch size at which it would be
+judged (``needed_batch``), instead of failing: verdict ``BATCH TOO SMALL``, ``passed`` False.
+
 Normalisation a converter lowered to arithmetic (:mod:`bncal.onnx_lowered`: no
 BatchNormalization node, the statistics folded into constants) cannot be checked. The report
 lists it as ``unchecked`` and never says PASSED as if it had seen every normalisation layer:
@@ -50,8 +59,8 @@ from .report import (ReportDisplay, SkippedLayer, channel_shift, describe_nonfin
                      summarize_shift)
 from .stats import ChannelMoments
 
-__all__ = ["CheckThresholds", "LayerCheck", "BatchSpread", "OutputCheck", "CheckReport", "OutputAgreement",
-           "PairedOutputs", "assess_layer", "rebatch_pair", "unpair", "check", "check_onnx"]
+__all__ = ["CheckThresholds", "LayerCheck", "BatchSpread", "BatchSizeProbe", "OutputCheck", "CheckReport",
+           "OutputAgreement", "PairedOutputs", "assess_layer", "rebatch_pair", "unpair", "check", "check_onnx"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +132,8 @@ class LayerCheck:
     this layer's ``values_per_channel`` (samples times spatial positions; the report's
     ``samples`` counts samples). ``nonfinite`` says which statistics held a NaN or inf, or a
     variance with ``var + eps <= 0`` (the layer then fails), else None. ``data_factor``: see
-    :attr:`unresolved`.
+    :attr:`unresolved`. ``needed_batch``: for a layer that failed only because the batches were
+    too small (:class:`BatchSizeProbe`), the batch size it needs.
     """
 
     name: str
@@ -136,6 +146,7 @@ class LayerCheck:
     passed: bool
     nonfinite: str | None = None
     data_factor: float | None = None
+    needed_batch: int | None = None
     #: Per channel (:func:`bncal.report.channel_shift`), what ``mean_shift``/``var_ratio`` are the worst
     #: of; for :func:`bncal.plot.plot_channels`, not part of the JSON report (None where not computed).
     channel_mean_shift: np.ndarray | None = dataclasses.field(default=None, repr=False, metadata={"json": False})
@@ -174,6 +185,7 @@ class OutputCheck:
     criterion: str = "fixed limits"
     top1_limit: float | None = None
     nonfinite: str | None = None
+    needed_batch: int | None = None  # failed only because the batches were too small: the size it needs
 
     def problem(self) -> str:
         """What differs, in a few words (for the report's reasons)."""
@@ -248,7 +260,8 @@ class CheckReport(ReportDisplay):
         if batching_warning:  # the batches' spread is then not sampling error: no layer is unresolved by it
             for layer in layers:
                 layer.data_factor = None
-        bad = [l for l in layers if not l.passed and not l.unresolved]
+        too_small = [c for c in [*layers, *outputs] if not c.passed and c.needed_batch]
+        bad = [l for l in layers if not l.passed and not l.unresolved and not l.needed_batch]
         advice = RECALIBRATE_ADVICE
         if len(layers) >= 2 and bad == [layers[0]] and not batching_warning:
             advice = f"likely cause: {PREPROCESSING_CAUSE}"
@@ -269,13 +282,14 @@ class CheckReport(ReportDisplay):
         for o in outputs:
             if o.nonfinite:  # whatever the batching
                 reasons.append(f"{output_label(o.name)} holds non-finite values ({o.nonfinite})")
-            elif not o.passed and not batching_warning:
+            elif not o.passed and not o.needed_batch and not batching_warning:
                 reasons.append(f"{output_label(o.name)} differs between inference and train mode ({o.problem()})")
         if batching_warning and unjudged:
             reasons.append("the batches are far from random draws of the data (see the warning), so train mode on them "
                            "cannot be compared with inference; shuffle the data and check again")
         unresolved = [l for l in layers if l.unresolved]
-        return cls(passed=not (reasons or unjudged or unchecked or unresolved), reasons=reasons, layers=list(layers),
+        return cls(passed=not (reasons or unjudged or unchecked or unresolved or too_small), reasons=reasons,
+                   layers=list(layers),
                    outputs=list(outputs), skipped=list(skipped), thresholds=thresholds, batches=batches,
                    samples=samples, unchecked=list(unchecked), unchecked_count=len(unchecked),
                    warnings=[batching_warning] if batching_warning else [])
@@ -287,6 +301,18 @@ class CheckReport(ReportDisplay):
         self.reasons = [r.replace(RECALIBRATE_ADVICE, f"likely cause: {cause}") for r in self.reasons]
 
     @property
+    def too_small(self) -> list:
+        """The layers and outputs that failed only because the batches were too small to judge them."""
+        return [c for c in [*self.layers, *self.outputs] if not c.passed and c.needed_batch]
+
+    def _too_small_line(self) -> str:
+        names = [c.name for c in self.too_small]
+        batch = self.samples / self.batches if self.batches else 0
+        return (f"batch too small to judge {', '.join(names[:4])}{' and more' if len(names) > 4 else ''}: at batches "
+                f"of {batch:.3g} train mode departs from inference by what the batch size alone explains; check with "
+                f"batches of {max(c.needed_batch for c in self.too_small)} or more")
+
+    @property
     def verdict(self) -> str:
         """``PASSED``; ``INCOMPLETE`` (all it checked passed, some normalisation it could not
         check); ``NOT ENOUGH DATA`` (nothing failed, but some layers are off by no more than the
@@ -295,6 +321,8 @@ class CheckReport(ReportDisplay):
             return "PASSED"
         if self.reasons:
             return "FAILED"
+        if self.too_small:
+            return "BATCH TOO SMALL"
         return "NOT ENOUGH DATA" if any(l.unresolved for l in self.layers) else "INCOMPLETE"
 
     def unresolved_line(self) -> str | None:
@@ -321,6 +349,8 @@ class CheckReport(ReportDisplay):
         bad_layers = sum(not l.passed for l in self.layers)
         bad_outputs = sum(not o.passed for o in self.outputs)
         unchecked = f", {plural(self.unchecked_count, 'lowered BN')} unchecked" if self.unchecked else ""
+        if not self.reasons and self.too_small:
+            return f"BATCH TOO SMALL: {self._too_small_line()}{unchecked} ({plural(self.samples, 'sample')})"
         if not self.reasons and self.verdict == "NOT ENOUGH DATA":
             unresolved = sum(l.unresolved for l in self.layers)
             return (f"NOT ENOUGH DATA: {unresolved} of {plural(len(self.layers), 'BN layer')} need more samples to judge "
@@ -337,11 +367,18 @@ class CheckReport(ReportDisplay):
     def table(self) -> str:
         """Layer table, output table, skipped layers, thresholds, then the verdict line."""
         t = self.thresholds
+        def result(c) -> str:
+            if c.passed:
+                return "pass"
+            if c.needed_batch:
+                return f"batch < {c.needed_batch}"
+            return "more data" if getattr(c, "unresolved", False) else "FAIL"
+
         layer_rows = [(l.name, l.channels, l.values_per_channel, l.mean_shift, l.shift_limit, l.var_ratio,
                        f"{math.exp(-l.log_ratio_limit):.3g}..{math.exp(l.log_ratio_limit):.3g}",
-                       "pass" if l.passed else "more data" if l.unresolved else "FAIL") for l in self.layers]
+                       result(l)) for l in self.layers]
         output_rows = [(o.name, o.max_abs_error, o.rel_error, o.batch_rel_error, o.spread_ratio, o.top1_agreement,
-                        o.batch_top1_agreement, o.criterion, "pass" if o.passed else "FAIL") for o in self.outputs]
+                        o.batch_top1_agreement, o.criterion, result(o)) for o in self.outputs]
         parts = [
             format_table(layer_rows, ["layer", "channels", "values/channel", "max |shift| (sd)", "limit", "var ratio",
                                       "allowed", "result"], name="layers"),
@@ -362,6 +399,8 @@ class CheckReport(ReportDisplay):
             + "".join(f", {f}" for f in fixed) + f" ({self.batches} batches, {self.samples} samples)")
         parts += [f"unchecked {s.name}: {s.reason}" for s in self.unchecked]
         parts.append(self.verdict_line())
+        if self.reasons and self.too_small:
+            parts.append(f"also {self._too_small_line()}")
         return "\n".join(parts)
 
     #: What the per-channel pictures compare (:func:`bncal.plot.plot_channels`).
@@ -385,8 +424,11 @@ class CheckReport(ReportDisplay):
         return draw[kind](self, path, **options)
 
     def verdict_line(self) -> str:
-        """The table's last line: ``PASSED``, or ``FAILED: ...``/``NOT ENOUGH DATA: ...``/``INCOMPLETE: ...``
-        with the reasons (the worst layer named)."""
+        """The table's last line: ``PASSED``, or ``FAILED: ...``/``BATCH TOO SMALL: ...``/``NOT ENOUGH
+        DATA: ...``/``INCOMPLETE: ...`` with the reasons (the worst layer named)."""
+        if self.verdict == "BATCH TOO SMALL":
+            return f"BATCH TOO SMALL: {self._too_small_line()}" + (
+                f"; and {self._unchecked_line()}" if self.unchecked else "")
         if self.verdict == "NOT ENOUGH DATA":
             return f"NOT ENOUGH DATA: {self.unresolved_line()}" + (
                 f"; and {self._unchecked_line()}" if self.unchecked else "")
@@ -475,6 +517,113 @@ def assess_layer(name: str, channels: int, moving_mean, moving_var, data_moments
             needed = factor
     return LayerCheck(name, channels, count, shift, ratio, shift_limit, log_ratio_limit, passed, nonfinite,
                       data_factor=needed, channel_mean_shift=per_channel[0], channel_var_ratio=per_channel[1])
+
+
+class BatchSizeProbe:
+    """Train mode on the check's batches merged two by two: is a failure the batch size's doing?
+
+    :meth:`add` each batch with its inference and train-mode outputs and its own train-mode
+    moments (:meth:`bncal.runtime.StatisticsSession.collect` into a fresh
+    ``new_moments()``); every two consecutive batches are joined and run in train mode once more
+    (``train(feeds, index, moments)`` merges the joined batch's statistics and returns its
+    outputs). Over the samples of the joined pairs it keeps each BN's moments at batch ``n``
+    (the check's batches) and ``2n`` (joined), and per output ``rms(inference - train)`` at both.
+
+    With exact moving statistics, train mode departs from inference by batch noise plus a
+    systematic part that shrinks as ``1/n``; with wrong statistics by an offset that does not
+    shrink. :meth:`needed_batch_for_layer` follows the layer's statistics from ``n`` to ``2n``
+    on to larger batches (``s(N) = s_inf + (s(n) - s_inf) n / N``, ``s_inf = 2 s(2n) - s(n)``)
+    and returns the smallest batch (up to 64 ``n``) at which :func:`assess_layer` passes, or None
+    (it fails at any batch: the statistics are off). :meth:`needed_batch_for_output` fits
+    ``rms(inference - train) ~ n^-a`` from the two batch sizes; the batch-spread reference
+    ``rms(train - train')`` shrinks as ``n^-1/2``, so for ``a`` above 1/2 the spread ratio falls
+    as ``n^(1/2 - a)`` and the batch size where it meets the limit is returned; None for ``a``
+    at or below 0.6 (the gap shrinks no faster than noise), and for an output that failed
+    another test than the spread ratio (the caller's fixed limits).
+    """
+
+    MAX_FACTOR = 64
+    MIN_OUTPUT_EXPONENT = 0.6
+
+    def __init__(self, new_moments: Callable, names: list[str], train: Callable):
+        self.at_n, self.at_2n = new_moments(), new_moments()
+        self.names, self.train = list(names), train
+        self.held = None
+        self.gap_sq = {name: [0.0, 0.0] for name in self.names}  # sum (inference - train)^2 at n, at 2n
+        self.samples = self.pairs = 0
+
+    def add(self, index: int, batch, inferred, trained, moments) -> None:
+        if self.held is None:
+            self.held = (batch, inferred, trained, moments)
+            return
+        (a, inf_a, train_a, moments_a), self.held = self.held, None
+        len_a, len_b = leading_size(a) or 0, leading_size(batch) or 0
+        if min(len_a, len_b) < 2:
+            return
+        joined = _join(a, batch)
+        train_2n = self.train(joined, index, self.at_2n)
+        for mine, theirs in ((self.at_n, moments_a), (self.at_n, moments)):
+            for layer, other in zip(mine.layers.values(), theirs.layers.values()):
+                layer.merge(other)
+        for k, name in enumerate(self.names):
+            inf = np.concatenate([np.asarray(inf_a[k], np.float64), np.asarray(inferred[k], np.float64)])
+            at_n = np.concatenate([np.asarray(train_a[k], np.float64), np.asarray(trained[k], np.float64)])
+            at_2n = np.asarray(train_2n[k], np.float64)
+            if inf.shape[:1] != (len_a + len_b,) or at_2n.shape != inf.shape:
+                continue  # not one row per sample
+            self.gap_sq[name][0] += float(np.sum(np.square(inf - at_n)))
+            self.gap_sq[name][1] += float(np.sum(np.square(inf - at_2n)))
+        self.samples += len_a + len_b
+        self.pairs += 1
+
+    @property
+    def batch_size(self) -> float:
+        """The mean batch size ``n`` of the joined pairs' halves."""
+        return self.samples / (2 * self.pairs) if self.pairs else 0.0
+
+    def needed_batch_for_layer(self, check: LayerCheck, moving_mean, moving_var, eps: float,
+                               thresholds: CheckThresholds) -> int | None:
+        if not self.pairs or check.name not in self.at_n.layers:
+            return None
+        n, n2 = self.at_n.layers[check.name], self.at_2n.layers[check.name]
+        if not (n.count and n2.count):
+            return None
+        mean_inf, var_inf = 2 * n2.mean - n.mean, np.maximum(2 * n2.variance - n.variance, 0.0)
+        for step in range(1, 25):  # N = n * 2^(step/4), up to 64 n
+            factor = 2.0 ** (step / 4)
+            mean = mean_inf + (n.mean - mean_inf) / factor
+            var = var_inf + (n.variance - var_inf) / factor
+            moments = ChannelMoments(check.values_per_channel, mean, var * check.values_per_channel)
+            if assess_layer(check.name, check.channels, moving_mean, moving_var, moments, eps, thresholds).passed:
+                return math.ceil(self.batch_size * factor)
+        return None
+
+    def needed_batch_for_output(self, check: OutputCheck, thresholds: CheckThresholds) -> int | None:
+        at_n, at_2n = self.gap_sq.get(check.name, (0.0, 0.0))
+        ratio = check.spread_ratio
+        if not (self.pairs and at_n > 0 and at_2n > 0 and ratio is not None and math.isfinite(ratio)
+                and ratio > thresholds.max_spread_ratio):
+            return None  # no batch-spread failure (a fixed limit given by the caller, the top-1 count)
+        if thresholds.max_output_rel_error is not None and check.rel_error > thresholds.max_output_rel_error:
+            return None
+        if (thresholds.min_top1_agreement is not None and check.top1_agreement is not None
+                and check.top1_agreement < thresholds.min_top1_agreement):
+            return None
+        exponent = 0.5 * math.log2(at_n / at_2n)  # rms ~ n^-exponent
+        if exponent <= self.MIN_OUTPUT_EXPONENT:
+            return None
+        factor = (ratio / thresholds.max_spread_ratio) ** (1.0 / (exponent - 0.5))
+        return math.ceil(self.batch_size * factor) if factor <= self.MAX_FACTOR else None
+
+
+def _join(a, b):
+    """Two batches as one (arrays, or dicts / tuples of arrays, samples on the first axis)."""
+    join = lambda x, y: np.concatenate([np.asarray(x), np.asarray(y)])
+    if isinstance(a, dict):
+        return {k: join(a[k], b[k]) for k in a}
+    if isinstance(a, (tuple, list)):
+        return tuple(join(x, y) for x, y in zip(a, b))
+    return join(a, b)
 
 
 def rebatch_pair(a, b):
@@ -810,23 +959,42 @@ def check_onnx(
     moments = train.new_moments()
     spreads: dict[str, BatchSpread] = {}
     single_value_fix = "check with batches of 2 or more samples (32+ is better)"
-    if fixed_batch_size(input_specs(model)) == 1:
+    fixed_batch = fixed_batch_size(input_specs(model))
+    if fixed_batch == 1:
         single_value_fix = ("the model's batch size is fixed at 1, so its train mode cannot be run: check a copy "
                             "exported with a dynamic or larger batch size")
     paired = PairedOutputs(output_names, lambda feeds, index: run(train.session, output_names, feeds, index=index))
+    # A graph with a fixed batch size cannot run two batches joined: no probe there.
+    probe = None
+    if fixed_batch is None:
+        probe = BatchSizeProbe(train.new_moments, output_names,
+                               lambda feeds, index, into: train.collect(feeds, index, into)[0])
     for index, feeds in stream:
         composition.add(first_floating(feeds))
         inferred = run(inference, output_names, feeds, index=index)
-        trained, batch_stats = train.collect(feeds, index, moments, single_value_fix=single_value_fix)
+        own = train.new_moments()
+        trained, batch_stats = train.collect(feeds, index, own, single_value_fix=single_value_fix)
+        for layer, other in zip(moments.layers.values(), own.layers.values()):
+            layer.merge(other)
         for name, stats in batch_stats.items():
             spreads.setdefault(name, BatchSpread()).add(stats.mean, stats.var)
         paired.add(index, feeds, inferred, trained)
+        if probe is not None:
+            probe.add(index, feeds, inferred, trained, own)
 
     initializers = {init.name: init for init in model.graph.initializer}
-    layers = [assess_layer(info.name, info.channels, numpy_helper.to_array(initializers[info.mean_initializer]),
-                           numpy_helper.to_array(initializers[info.var_initializer]), moments.layers[info.name],
-                           info.epsilon, thresholds, spreads.get(info.name))
-              for info in train.infos]
+    layers = []
+    for info in train.infos:
+        moving = (numpy_helper.to_array(initializers[info.mean_initializer]),
+                  numpy_helper.to_array(initializers[info.var_initializer]))
+        layer = assess_layer(info.name, info.channels, *moving, moments.layers[info.name], info.epsilon, thresholds,
+                             spreads.get(info.name))
+        if not layer.passed and probe is not None:
+            layer.needed_batch = probe.needed_batch_for_layer(layer, *moving, info.epsilon, thresholds)
+        layers.append(layer)
     outputs = paired.checks(thresholds)
+    for output in outputs:
+        if not output.passed and probe is not None:
+            output.needed_batch = probe.needed_batch_for_output(output, thresholds)
     return CheckReport.from_checks(layers, outputs, skipped, thresholds, stream.batches, stream.samples, unchecked,
                                    batching_warning=order_warning(composition, "check"))

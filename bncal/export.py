@@ -63,7 +63,9 @@ def export_onnx(
     inputs are named after the parameters of ``model.forward`` they are passed to
     (``forward(self, image, meta)``: ``image``, ``meta``), so that dict batches by those names
     feed the graph; ``input_0, ...`` where the parameters cannot name them (``*args``), and
-    ``output_0, ...`` for several outputs. ``dynamo=False`` uses the deprecated TorchScript
+    ``output_0, ...`` for several outputs; outputs in dicts are named after their keys
+    (``{"out": y, "aux": z}``: ``out``, ``aux``; nested ones join their path with ``_``).
+    ``dynamo=False`` uses the deprecated TorchScript
     exporter. ``keep_batchnorm=True`` keeps every BatchNormalization node (a reference export of
     an unfolded model): the graph gets constant folding only, none of onnxscript's rewrite rules
     (which fuse BN into Conv/Gemm). If ``path`` is given the model is written there atomically,

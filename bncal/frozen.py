@@ -20,7 +20,8 @@ FROZEN_NOTE = ("a frozen BatchNorm: its statistics are fixed constants (it has n
                "recalibrated; convert it with bncal.unfreeze_batchnorm to recalibrate it")
 #: Why a frozen BN in an exported graph is neither checked nor recalibrated.
 FROZEN_IN_GRAPH = ("exported from a frozen BatchNorm ({cls}): fixed statistics, the same in training and inference, "
-                   "so there is nothing to check or recalibrate (bncal.unfreeze_batchnorm in PyTorch makes it trainable)")
+                   "so there is nothing to check or recalibrate (bncal.unfreeze_batchnorm in PyTorch makes it "
+                   "trainable)")
 
 
 def is_frozen_class_name(name: str) -> bool:

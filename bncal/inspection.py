@@ -654,7 +654,8 @@ def _fold_findings(decisions: list[FoldDecision], layers: list[BNLayer], notes) 
 
 def _misplaced(reason: str) -> bool:
     """Whether a fold refusal says that no foldable op precedes the BN (not what blocks a fold)."""
-    return re.search(r"preceding: its input (comes from \S+, not Conv|'[^']*' is not produced by an op)", reason) is not None
+    pattern = r"preceding: its input (comes from \S+, not Conv|'[^']*' is not produced by an op)"
+    return re.search(pattern, reason) is not None
 
 
 def _lowered_findings(lowered) -> list[Finding]:

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # models/
 from test_model_libraries import _act_net  # noqa: E402
 from test_model_libraries import _act_net  # noqa: E402
 from test_recalibrate import _cnn  # noqa: E402

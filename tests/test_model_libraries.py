@@ -1,6 +1,6 @@
 """The BatchNorm modules model libraries build with (timm's BatchNormAct2d with a DropBlock, its
 SyncBatchNormAct, frozen BN of torchvision and timm), through recalibrate, fold, fold-export and
-inspect, against float64 references. The modules are look-alikes (tests/library_lookalikes.py)."""
+inspect, against float64 references. The modules are look-alikes (models/library_lookalikes.py)."""
 
 import copy
 
@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 import bncal
 from bncal.bn_modules import is_frozen_batchnorm, sync_to_batchnorm, unfreeze_batchnorm
 from bncal.errors import BncalError
-from library_lookalikes import (BatchNormAct2d, FrozenBatchNorm2d, FrozenBatchNormAct2d, SyncBatchNormAct,
-                                randomize)
+from models.library_lookalikes import (BatchNormAct2d, FrozenBatchNorm2d, FrozenBatchNormAct2d, SyncBatchNormAct,
+                                       error_in_sd, float64_bn_statistics, lcnet_like, randomize)
 
 
 def _act_net(sync: bool = False):
@@ -28,50 +27,18 @@ def _act_net(sync: bool = False):
     return randomize(net)
 
 
-def _bn_inputs(net, batches, *, one_batch: bool):
-    """Each BN's input population statistics in float64 with only the BNs in training mode
-    (drop modules in eval mode): over the batches as they come (train mode), or over all data as
-    one batch (the eval-mode fixed point)."""
-    ref = copy.deepcopy(net).double().eval()
-    bns = [m for m in ref.modules() if isinstance(m, _BatchNorm)]
-    seen = {m: [] for m in bns}
-    hooks = [m.register_forward_pre_hook(lambda m, a: seen[m].append(a[0])) for m in bns]
-    for m in bns:
-        m.training = True
-    with torch.no_grad():
-        for x in ([torch.cat(batches)] if one_batch else batches):
-            ref(x.double())
-    for h in hooks:
-        h.remove()
-    stats = []
-    for m in bns:
-        x = torch.cat(seen[m])
-        stats.append((x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)))
-    return stats
-
-
-def _error_in_sd(net, reference) -> float:
-    worst = 0.0
-    bns = [m for m in net.modules() if isinstance(m, _BatchNorm)]
-    for bn, (mean, var) in zip(bns, reference, strict=True):
-        sd = var.sqrt()
-        worst = max(worst, float(((bn.running_mean.double() - mean).abs() / sd).max()),
-                    float(((bn.running_var.double().sqrt() - sd).abs() / sd).max()))
-    return worst
-
-
 @pytest.mark.parametrize("sync", [False, True], ids=["BatchNormAct2d", "SyncBatchNormAct"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_bn_with_activation_and_dropblock_recalibrates_to_float64(mode, sync):
     net = _act_net(sync)
     torch.manual_seed(1)
     batches = [torch.randn(n, 3, 8, 8) * 2 + 0.5 for n in (16, 16, 9)]
-    reference = _bn_inputs(net, batches, one_batch=mode == "eval")
+    reference = float64_bn_statistics(net, batches, one_batch=mode == "eval")
     twice = copy.deepcopy(net)
     bncal.recalibrate(net, batches, mode=mode, tol=1e-8)
-    assert _error_in_sd(net, reference) < 1e-5
+    assert error_in_sd(net, reference) < 1e-5
     bncal.recalibrate(twice, batches, mode=mode, tol=1e-8)  # no random drop: the same result again
-    assert _error_in_sd(twice, reference) < 1e-5
+    assert error_in_sd(twice, reference) < 1e-5
     # Modes and classes as they were: the DropBlocks are still in train mode, SyncBatchNorm subclasses intact.
     assert net[1].drop.training and type(net[3]) is (SyncBatchNormAct if sync else BatchNormAct2d)
 
@@ -215,3 +182,21 @@ def test_dict_outputs_keep_their_keys_as_onnx_names():
     assert [o.name for o in proto.graph.output] == ["out", "aux"]
     folded, report = bncal.fold_export_torch(net, (x,))
     assert report.passed and [o.name for o in folded.graph.outputs] == ["out", "aux"]
+
+
+def test_check_says_batch_too_small_for_an_exact_model_and_still_fails_a_stale_one():
+    from bncal.export import export_onnx
+
+    data = np.random.default_rng(0).standard_normal((192, 3, 32, 32)).astype(np.float32)
+    batches = lambda size: [data[i:i + size] for i in range(0, len(data), size)]
+    stale = export_onnx(lcnet_like(), (torch.randn(2, 3, 32, 32),), keep_batchnorm=True, dynamo=False)
+    exact, _ = bncal.recalibrate_onnx(stale, batches(32), mode="eval")
+
+    small = bncal.check_onnx(exact, batches(16))
+    assert small.verdict == "BATCH TOO SMALL" and not small.passed and not small.reasons
+    (layer,) = small.too_small  # the BN after the squeeze-excitation at 2x2 pixels
+    assert "10.1" in layer.name and layer.var_ratio > 1.3 and 16 < layer.needed_batch <= 32
+    assert f"batches of {layer.needed_batch} or more" in small.table()
+    assert bncal.check_onnx(exact, batches(32)).passed
+    failed = bncal.check_onnx(stale, batches(16))
+    assert failed.verdict == "FAILED" and not failed.too_small

@@ -257,7 +257,8 @@ class _GraphBuilder:
             label = names[id(layer)]
             kind = _kind(layer)
             key = self._add(label, kind, label, previous, self.names.get(id(layer)) if kind == "bn" else None)
-            activation = None if kind not in ("other", "linear") else _activation_name(getattr(layer, "activation", None))
+            activation = (None if kind not in ("other", "linear")
+                          else _activation_name(getattr(layer, "activation", None)))
             if activation:
                 key = self._add(f"{label}:{activation}", "act", f"{label} (activation={activation!r})", [key])
             previous = [key]

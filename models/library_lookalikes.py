@@ -1,13 +1,16 @@
-"""Small stand-ins for the BatchNorm modules of timm and torchvision, so the tests need neither.
+"""Small stand-ins for the BatchNorm modules of timm and torchvision, so tests and benchmarks need neither.
 
 Each copies its original's forward (timm 1.0 ``timm/layers/norm_act.py``, ``drop_block.py``,
 ``timm/layers/norm.py``; torchvision ``ops/misc.py``) and carries its class name and, for timm's,
 its module path, which is how bncal recognises them.
 """
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 
 class DropBlock2d(nn.Module):
@@ -109,3 +112,66 @@ def randomize(net, seed=0):
                 m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
                 m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
     return net
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-excitation as LCNet/MobileNetV3 use it (global mean, two 1x1 convs, hardsigmoid gate)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.reduce, self.expand = nn.Conv2d(c, c // 4, 1), nn.Conv2d(c // 4, c, 1)
+
+    def forward(self, x):
+        return x * F.hardsigmoid(self.expand(torch.relu(self.reduce(x.mean((2, 3), keepdim=True)))))
+
+
+def lcnet_like(seed=0):
+    """A small LCNet-like net (depthwise separable blocks with hardswish, squeeze-excitation in the
+    last two blocks): at 32x32 inputs its deepest BNs see 4 values per sample and channel."""
+
+    def block(cin, cout, stride, se=False):
+        return nn.Sequential(nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.BatchNorm2d(cin),
+                             nn.Hardswish(), *([SqueezeExcite(cin)] if se else []),
+                             nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.Hardswish())
+
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.Hardswish(),
+                         block(8, 16, 1), block(16, 24, 2), block(24, 24, 1), block(24, 48, 2), block(48, 48, 1),
+                         block(48, 96, 2), block(96, 96, 1, se=True), block(96, 96, 1, se=True),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(96, 10)).eval()
+
+
+def float64_bn_statistics(net, batches, *, one_batch: bool):
+    """Each BN's input population statistics ``(mean, biased var)`` in float64 with only the BNs in
+    training mode (their drop and act modules, dropout, DropBlock in eval mode): over the batches
+    as they come (what train-mode recalibration computes), or over all data as one batch (the
+    eval-mode fixed point). BNs in ``net.modules()`` order."""
+    ref = copy.deepcopy(net).double().eval()
+    bns = [m for m in ref.modules() if isinstance(m, _BatchNorm)]
+    seen = {m: [] for m in bns}
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen[m].append(a[0])) for m in bns]
+    for m in bns:
+        m.training = True
+    with torch.no_grad():
+        for x in ([torch.cat(list(batches))] if one_batch else batches):
+            ref(x.double())
+    for h in hooks:
+        h.remove()
+    stats = []
+    for m in bns:
+        x = torch.cat(seen[m])
+        dims = [0, *range(2, x.dim())]
+        stats.append((x.mean(dims), x.var(dims, unbiased=False)))
+    return stats
+
+
+def error_in_sd(net, reference) -> float:
+    """The largest error of ``net``'s BN statistics against ``reference``
+    (:func:`float64_bn_statistics`), in units of the reference standard deviation (mean, and sd)."""
+    worst = 0.0
+    bns = [m for m in net.modules() if isinstance(m, _BatchNorm)]
+    for bn, (mean, var) in zip(bns, reference, strict=True):
+        sd = var.sqrt()
+        worst = max(worst, float(((bn.running_mean.double() - mean).abs() / sd).max()),
+                    float(((bn.running_var.double().sqrt() - sd).abs() / sd).max()))
+    return worst
