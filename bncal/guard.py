@@ -277,6 +277,27 @@ def run_guard(scored: dict[str, object], guard, *, before, judged: str, **option
     return report
 
 
+def guarded_step(model, guard, metric=None, tol=None):
+    """A context for a step that changes ``model`` (PyTorch, in place): the guard started on it,
+    or None without ``guard``; after the step, :func:`finish_step` judges the result."""
+    return None if guard is None else start_guard(model, guard, metric=metric, tol=tol)
+
+
+def finish_step(report: GuardReport | None, result, step_report, *, restore=None) -> None:
+    """Judge ``result`` as ``"after"`` against the guard ``report`` started before the step, attach
+    it to ``step_report.guard``; if it got worse, call ``restore`` (undoing an in-place step) and
+    raise :class:`bncal.errors.DeploymentError` (``exc.report`` the ``step_report``)."""
+    from .errors import DeploymentError
+
+    if report is None:
+        return
+    step_report.guard = report.judge("after", result)
+    if not report.passed:
+        if restore is not None:
+            restore()
+        raise DeploymentError(f"{report.reason()}; nothing was written", report=step_report)
+
+
 def guard_model(model, guard, *, metric=None, tol: float | None = None) -> GuardReport:
     """The guard on ``model`` as it is (:func:`bncal.assert_deployable`): its inference score
     against its batch-statistics score."""

@@ -42,6 +42,7 @@ from .calibration import BatchComposition, DataOrder, LayerResult, build_report,
 from .data import select_inputs
 from .distributed import active_process_group, combine_across_ranks, world_size
 from .errors import BncalError
+from .guard import finish_step, guarded_step
 from .fold_export import fixed_batch_size
 from .onnx_graphs import find_batchnorms, write_statistics
 from .onnx_lowered import find_lowered_normalisations, no_batchnorm_hint
@@ -64,6 +65,9 @@ def recalibrate_onnx(
     progress: bool | Callable[[int], None] = False,
     inputs=None,
     process_group=None,
+    guard=None,
+    metric=None,
+    guard_tol: float | None = None,
 ) -> tuple[onnx.ModelProto, RecalibrationReport]:
     """Recompute the moving mean and variance of every BatchNorm in ``model`` from ``batches``.
 
@@ -96,6 +100,9 @@ def recalibrate_onnx(
             of the data and the moments are combined across ranks after every pass, so every
             rank ends with the statistics one process would compute over the union of the
             shards (to float64 rounding), and the same report; let one rank write the model.
+        guard, metric, guard_tol: the accuracy guard, as for :func:`bncal.recalibrate`: the new
+            model scored in onnxruntime against ``model``; if it got worse,
+            :class:`bncal.errors.DeploymentError` is raised (``exc.report`` the report).
 
     Returns:
         ``(new_model, report)``: a copy of ``model`` in which only the initializers holding
@@ -125,6 +132,7 @@ def recalibrate_onnx(
     skipped += [SkippedLayer(l.name, f"{l.describe()}: {l.reason}, its statistics folded into constants (lowered "
                                      "to arithmetic by the converter), left as they are; bncal inspect: BN060")
                 for l in find_lowered_normalisations(model)]
+    guard_report = guarded_step(model, guard, metric, guard_tol)
     stream = BatchStream(model, select_inputs(batches, inputs), reread=(mode == "eval"), max_samples=max_samples,
                          progress=progress)
     run = _Passes(model, stream, providers, mode, active_process_group(process_group), handled)
@@ -144,6 +152,7 @@ def recalibrate_onnx(
                           passes=passes, converged=converged, max_rel_change=change,
                           notes=run.order.notes + write_notes, warnings=[warning] if warning else [],
                           world_size=world_size(run.group))
+    finish_step(guard_report, new_model, report)
     return new_model, report
 
 

@@ -135,17 +135,22 @@ def test_the_guard_accepts_a_repaired_model_and_refuses_one_that_got_worse(shipp
     assert code == 0 and "PASSED: top-1 97.70 % (onnxruntime) vs 97.70 % (before)" in output, output
 
 
-def test_assert_deployable_fails_on_the_shipped_example_until_it_is_recalibrated(shipped):
+# In-memory (images, labels) batches of 250 held-out digits: PyTorch runs them in 4 calls.
+GUARD_BATCHES = list(zoo.mnist_batches("test", batch_size=250))
+BATCH_STATS_250 = 0.979  # the shipped model's held-out top-1 with the statistics of these batches
+
+
+def test_assert_deployable_fails_on_the_shipped_example_until_it_is_recalibrated():
     model = bncal.load_model(f"{MODELS}/zoo.py:mnist_cnn", weights=MODELS / "mnist_cnn_stale.safetensors")
     heldout = zoo.heldout_batches(batch_size=100)[:4]
     with pytest.raises(DeploymentError) as caught:
-        bncal.assert_deployable(model, data=heldout, guard=shipped / "heldout.npz")
+        bncal.assert_deployable(model, data=heldout, guard=GUARD_BATCHES)
     report = caught.value.report
     assert isinstance(caught.value, bncal.BncalError) and not report.passed
     assert report.inspect.by_rule("BN001") and report.check.verdict == "FAILED" and not report.guard.passed
     assert len(report.reasons) == 3 and report.reasons[0].startswith("refusing to pass it as deployable: BN001")
     bncal.recalibrate(model, zoo.calibration_batches())
-    report = bncal.assert_deployable(model, data=heldout, guard=shipped / "heldout.npz")
+    report = bncal.assert_deployable(model, data=heldout, guard=GUARD_BATCHES)
     assert report.passed and report.check.passed and report.guard.scores["inference"] == pytest.approx(0.977)
 
 
@@ -167,3 +172,16 @@ def test_labelled_data_from_class_folders_and_npz(tmp_path):
     with pytest.raises(bncal.BncalError, match="is not in a class subfolder"):
         Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "imgs" / "loose.png")
         load_labelled_data(tmp_path / "imgs")
+
+
+def test_library_recalibrate_with_a_guard_puts_the_statistics_back_when_the_model_got_worse():
+    model = zoo.mnist_cnn_stale()
+    report = bncal.recalibrate(model, zoo.calibration_batches(), guard=GUARD_BATCHES)
+    assert report.guard.passed and report.guard.scores == pytest.approx(
+        {"before": 0.100, "batch statistics": BATCH_STATS_250, "after": 0.977})
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(DeploymentError, match=r"accuracy guard: top-1 65\.\d0 % \(after\)") as caught:
+        bncal.recalibrate(model, [-b for b in zoo.calibration_batches()], guard=GUARD_BATCHES)
+    guard = caught.value.report.guard
+    assert not guard.passed and guard.baseline == "batch statistics" and guard.scores["before"] == pytest.approx(0.977)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # nothing changed
