@@ -156,7 +156,11 @@ def score(model, batches, metric, *, batch_stats: bool = False) -> tuple[float, 
     ``batch_stats`` every BatchNorm normalises by each batch's own statistics (moving
     statistics and train/eval flags untouched). ``metric`` is a function as in the module docstring."""
     from .inspection import _is_torch_module
+    from .keras import is_keras_model
 
+    if is_keras_model(model):  # an nn.Module too on Keras's torch backend: ask first
+        raise BncalError("the accuracy guard scores PyTorch and ONNX models; score a Keras model on your held-out "
+                         "data yourself")
     inputs, labels = [], []
     run = _torch_outputs if _is_torch_module(model) else _onnx_outputs
     for index, batch in enumerate(batches):
