@@ -24,7 +24,8 @@ import dataclasses
 from .errors import BncalError, DeploymentError
 from .report import ReportDisplay
 
-__all__ = ["require_healthy", "require_healthy_notes", "refused_findings", "refusal", "allowed_rules", "allowed_notes", "DeploymentReport", "assert_deployable"]
+__all__ = ["require_healthy", "require_healthy_notes", "refused_findings", "refusal", "allowed_rules", "allowed_notes",
+           "DeploymentReport", "assert_deployable"]
 
 
 def allowed_rules(allow) -> frozenset[str]:

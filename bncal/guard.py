@@ -156,6 +156,11 @@ def score(model, batches, metric, *, batch_stats: bool = False) -> tuple[float, 
     gradients, or an ONNX model run in onnxruntime) on ``(inputs, labels)`` ``batches``; with
     ``batch_stats`` every BatchNorm normalises by each batch's own statistics (moving
     statistics and train/eval flags untouched). ``metric`` is a function as in the module docstring."""
+    from .keras import is_keras_model
+
+    if is_keras_model(model):  # an nn.Module too on Keras's torch backend: ask first
+        raise BncalError("the accuracy guard scores PyTorch and ONNX models; score a Keras model on your held-out "
+                         "data yourself")
     inputs, labels = [], []
     run = _torch_outputs if is_torch_module(model) else _onnx_outputs
     for index, batch in enumerate(batches):
@@ -272,6 +277,27 @@ def run_guard(scored: dict[str, object], guard, *, before, judged: str, **option
     if judged not in scored:
         report.judge(judged)
     return report
+
+
+def guarded_step(model, guard, metric=None, tol=None):
+    """A context for a step that changes ``model`` (PyTorch, in place): the guard started on it,
+    or None without ``guard``; after the step, :func:`finish_step` judges the result."""
+    return None if guard is None else start_guard(model, guard, metric=metric, tol=tol)
+
+
+def finish_step(report: GuardReport | None, result, step_report, *, restore=None) -> None:
+    """Judge ``result`` as ``"after"`` against the guard ``report`` started before the step, attach
+    it to ``step_report.guard``; if it got worse, call ``restore`` (undoing an in-place step) and
+    raise :class:`bncal.errors.DeploymentError` (``exc.report`` the ``step_report``)."""
+    from .errors import DeploymentError
+
+    if report is None:
+        return
+    step_report.guard = report.judge("after", result)
+    if not report.passed:
+        if restore is not None:
+            restore()
+        raise DeploymentError(f"{report.reason()}; nothing was written", report=step_report)
 
 
 def guard_model(model, guard, *, metric=None, tol: float | None = None) -> GuardReport:

@@ -43,6 +43,7 @@ from .calibration import (BatchComposition, DataOrder, LayerResult, build_report
 from .data import select_inputs
 from .distributed import active_process_group, combine_across_ranks, world_size
 from .errors import BncalError
+from .guard import finish_step, guarded_step
 from .fold_export import fixed_batch_size
 from .onnx_graphs import write_statistics
 from .onnx_view import find_batchnorms
@@ -67,6 +68,9 @@ def recalibrate_onnx(
     progress: bool | Callable[[int], None] = False,
     inputs=None,
     process_group=None,
+    guard=None,
+    metric=None,
+    guard_tol: float | None = None,
 ) -> tuple[onnx.ModelProto, RecalibrationReport]:
     """Recompute the moving mean and variance of every BatchNorm in ``model`` from ``batches``.
 
@@ -102,6 +106,9 @@ def recalibrate_onnx(
             of the data and the moments are combined across ranks after every pass, so every
             rank ends with the statistics one process would compute over the union of the
             shards (to float64 rounding), and the same report; let one rank write the model.
+        guard, metric, guard_tol: the accuracy guard, as for :func:`bncal.recalibrate`: the new
+            model scored in onnxruntime against ``model``; if it got worse,
+            :class:`bncal.errors.DeploymentError` is raised (``exc.report`` the report).
 
     Returns:
         ``(new_model, report)``: a copy of ``model`` in which only the initializers holding
@@ -132,6 +139,7 @@ def recalibrate_onnx(
                              f"{l.describe()}: {l.reason}, its statistics folded into constants (lowered "
                              "to arithmetic by the converter), left as they are; bncal inspect: BN060")
                 for l in find_lowered_normalisations(model)]
+    guard_report = guarded_step(model, guard, metric, guard_tol)
     initializers = {init.name: init for init in model.graph.initializer}
     before = {info.name: LayerStats(_values(initializers[info.mean_initializer]),
                                     _values(initializers[info.var_initializer])) for info in handled}
@@ -154,6 +162,7 @@ def recalibrate_onnx(
                           notes=run.order.notes + write_notes + ([mixing.note(run.samples)] if mixing else []),
                           warnings=[warning] if warning else [],
                           world_size=world_size(run.group))
+    finish_step(guard_report, new_model, report)
     return new_model, report
 
 

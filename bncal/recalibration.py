@@ -42,6 +42,7 @@ from .data import input_hint, select_inputs
 from .distributed import active_process_group, combine_across_ranks, world_size
 from .errors import BncalError, first_line
 from .extras import MissingExtra
+from .guard import finish_step, guarded_step
 from .report import LayerStats, RecalibrationReport, SkippedLayer
 from .renorm import renorm_notes
 from .stats import ChannelMoments, anchored_statistics, fixed_point_passes
@@ -70,6 +71,9 @@ def recalibrate(
     process_group=None,
     cache_mb: float = 1024,
     spill_dir=None,
+    guard=None,
+    metric=None,
+    guard_tol: float | None = None,
 ) -> RecalibrationReport:
     """Recompute the moving statistics of every BatchNorm in ``model`` from ``data``, in place.
 
@@ -133,6 +137,13 @@ def recalibrate(
     current pass: 4 values per channel per BN call per batch, in the BN's dtype (ResNet-18,
     4,800 BN channels: 77 KB per batch, 2.5 MB for 32 batches).
 
+    ``guard`` (held-out ``(inputs, labels)`` batches or a labelled data spec, :mod:`bncal.guard`):
+    the model is scored with ``metric`` (default top-1) before and after; worse than before (or
+    than the model with the guard batches' own statistics, if better) by more than
+    ``guard_tol`` points (default 0.5), the statistics are put back as they were and
+    :class:`bncal.errors.DeploymentError` is raised, ``exc.report`` the report with its
+    ``guard`` (also set when the guard passed).
+
     The stored ``running_var`` is the population (biased) variance, see :mod:`bncal.stats`.
     ``num_batches_tracked`` grows by the number of batches seen (over all ranks), as one
     training epoch over the data would make it.
@@ -150,6 +161,9 @@ def recalibrate(
                              "it on and in one process: leave device and process_group unset")
         if inputs is not None:
             raise BncalError("a keras.Model reads Keras's own batches ((x, y) tuples keep x): leave inputs unset")
+        if guard is not None:
+            raise BncalError("the accuracy guard scores PyTorch and ONNX models; score a Keras model on your held-out "
+                             "data yourself")
         from .keras import recalibrate as recalibrate_keras
 
         return recalibrate_keras(model, data, mode=mode, prior=prior, forward_fn=forward_fn, max_samples=max_samples,
@@ -177,6 +191,8 @@ def recalibrate(
 
     before = {name: _layer_stats(bn) for name, bn in layers}
     mixing = source_prior(prior, before)
+    guard_report = guarded_step(model, guard, metric, guard_tol)
+    buffers = {name: [b.detach().clone() for b in bn.buffers()] for name, bn in layers} if guard is not None else {}
     run = _Run(model, layers, source, forward_fn, max_samples, torch.device(device), progress, group)
     run.references = renorm_references(layers)
     run.composition = BatchComposition() if mode == "train" else None
@@ -200,9 +216,18 @@ def recalibrate(
                                      if name in updated and name in run.references], "recalibrate")
     warning = order_warning(run.composition, "recalibrate")
     notes = run.order.notes + ([mixing.note(run.samples)] if mixing else [])
-    return build_report(mode=mode, layers=results, skipped=skipped, batches=run.batches, samples=run.samples,
-                        passes=passes, converged=converged, max_rel_change=change, notes=notes,
-                        warnings=[warning] if warning else [], world_size=world_size(group))
+    report = build_report(mode=mode, layers=results, skipped=skipped, batches=run.batches, samples=run.samples,
+                          passes=passes, converged=converged, max_rel_change=change, notes=notes,
+                          warnings=[warning] if warning else [], world_size=world_size(group))
+
+    def restore():
+        with torch.no_grad():
+            for name, bn in layers:
+                for buffer, saved in zip(bn.buffers(), buffers[name]):
+                    buffer.copy_(saved)
+
+    finish_step(guard_report, model, report, restore=restore)
+    return report
 
 
 class _FreshPasses:

@@ -322,6 +322,7 @@ class RecalibrationReport(ReportDisplay):
     world_size: int = 1
     notes: list[str] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)
+    guard: object = None  # the accuracy guard's bncal.guard.GuardReport, where one was asked for
 
     def summary(self) -> str:
         """``train mode: 7 BN layers from 4000 samples, 1 pass`` (eval mode: and whether it converged)."""
@@ -346,6 +347,8 @@ class RecalibrationReport(ReportDisplay):
             text += f"\nskipped {s.name}: {s.reason}"
         for note in self.notes:
             text += f"\nnote: {note}"
+        if self.guard is not None:
+            text += "\n\n" + self.guard.table()
         return text
 
     #: What the per-channel pictures compare (:func:`bncal.plot.plot_channels`).

@@ -43,21 +43,17 @@ def _conv_bn(var=(1.0, 0.5, 2.0), weight_nan=False, training_bn=False):
 
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory):
-    """Held-out digits as a guard set (.npz with labels), an inverted-data function, and the
-    shipped stale ONNX model recalibrated (good) and recalibrated on inverted digits (worse)."""
+    """Held-out digits as a guard set (.npz with labels) and a data function of inverted digits
+    (another distribution)."""
     d = tmp_path_factory.mktemp("gate")
     x, y = zoo.mnist_arrays("test")
     np.savez(d / "heldout.npz", images=x.numpy(), labels=y.numpy())
     (d / "other.py").write_text("from models import zoo\n\n\ndef inverted():\n"
                                 "    return [-b for b in zoo.calibration_batches()]\n")
-    good, _ = bncal.recalibrate_onnx(onnx.load(STALE_ONNX), zoo.calibration_batches())
-    onnx.save(good, d / "good.onnx")
-    bad, _ = bncal.recalibrate_onnx(good, [-b for b in zoo.calibration_batches()])
-    onnx.save(bad, d / "bad.onnx")
     return d
 
 
-def test_the_stale_shipped_model_is_refused_by_fold_export_unless_allowed(shipped, tmp_path):
+def test_the_stale_shipped_model_is_refused_by_fold_export_unless_allowed(tmp_path):
     out = tmp_path / "m.onnx"
     for model in (STALE_SPEC + ["--input-shape", "2,1,28,28"], [str(STALE_ONNX)]):
         code, output = run("fold-export", *model, "-o", out)
@@ -99,6 +95,8 @@ def test_a_negative_variance_is_refused_and_nan_outputs_never_pass(tmp_path):
     assert any(r.startswith("output y holds non-finite values (inference mode: 256 of 768 elements non-finite "
                             "(256 NaN, 0 inf)") for r in report.reasons), report.reasons
     assert any("non-finite or negative statistics (bn: the data reaching it" in r for r in report.reasons)
+    with pytest.raises(DeploymentError, match=r"^not deployable: check FAILED: 1 of 1 BatchNorm layers have non-finite"):
+        bncal.assert_deployable(_conv_bn(weight_nan=True), data=feeds)
 
 
 def test_recalibrate_repairs_never_updated_statistics_but_not_a_training_mode_bn(tmp_path):
@@ -121,31 +119,38 @@ def test_the_guard_accepts_a_repaired_model_and_refuses_one_that_got_worse(shipp
     assert "before            10.00 %" in output and "after             97.70 %  judged" in output
     assert "PASSED: top-1 97.70 % (after) vs 97.30 % (batch statistics), tolerance 0.5 points (1000 samples)" in output
     worse = tmp_path / "worse.onnx"
-    code, output = run("recalibrate", shipped / "good.onnx", "--data", f"{shipped}/other.py:inverted", "-o", worse, *guard)
+    other = ["--data", f"{shipped}/other.py:inverted"]
+    code, output = run("recalibrate", fixed, *other, "-o", worse, *guard)
     last = output.strip().splitlines()[-1]
     assert code == 1 and not worse.exists(), output
     assert last.startswith("error: accuracy guard: top-1 65.50 % (after) is 32.20 points below 97.70 % (before)"), last
-    # fold-export: the worse model (written by the library) is refused, the repaired one passes in onnxruntime.
+    code, output = run("recalibrate", fixed, *other, "-o", worse, *guard, "--guard-tol", "40")
+    assert code == 0 and worse.exists(), output
+    # fold-export: the worse model is refused against its own batch statistics, the repaired one passes.
     out = tmp_path / "out.onnx"
-    code, output = run("fold-export", shipped / "bad.onnx", "-o", out, *guard)
-    assert code == 1 and not out.exists() and "error: accuracy guard: top-1 65.50 % (onnxruntime)" in output, output
-    code, output = run("fold-export", shipped / "bad.onnx", "-o", out, *guard, "--guard-tol", "40")
-    assert code == 0 and out.exists(), output
-    code, output = run("fold-export", fixed, "-o", tmp_path / "fixed_folded.onnx", *guard)
-    assert code == 0 and "PASSED: top-1 97.70 % (onnxruntime) vs 97.70 % (before)" in output, output
+    code, output = run("fold-export", worse, "-o", out, *guard)
+    assert code == 1 and not out.exists(), output
+    assert "error: accuracy guard: top-1 65.50 % (onnxruntime) is 31.80 points below 97.30 % (batch statistics)" in output
+    code, output = run("fold-export", fixed, "-o", out, *guard)
+    assert code == 0 and out.exists() and "PASSED: top-1 97.70 % (onnxruntime) vs 97.70 % (before)" in output, output
 
 
-def test_assert_deployable_fails_on_the_shipped_example_until_it_is_recalibrated(shipped):
+# In-memory (images, labels) batches of 250 held-out digits: PyTorch runs them in 4 calls.
+GUARD_BATCHES = list(zoo.mnist_batches("test", batch_size=250))
+BATCH_STATS_250 = 0.979  # the shipped model's held-out top-1 with the statistics of these batches
+
+
+def test_assert_deployable_fails_on_the_shipped_example_until_it_is_recalibrated():
     model = bncal.load_model(f"{MODELS}/zoo.py:mnist_cnn", weights=MODELS / "mnist_cnn_stale.safetensors")
     heldout = zoo.heldout_batches(batch_size=100)[:4]
     with pytest.raises(DeploymentError) as caught:
-        bncal.assert_deployable(model, data=heldout, guard=shipped / "heldout.npz")
+        bncal.assert_deployable(model, guard=GUARD_BATCHES)
     report = caught.value.report
-    assert isinstance(caught.value, bncal.BncalError) and not report.passed
-    assert report.inspect.by_rule("BN001") and report.check.verdict == "FAILED" and not report.guard.passed
-    assert len(report.reasons) == 3 and report.reasons[0].startswith("refusing to pass it as deployable: BN001")
+    assert isinstance(caught.value, bncal.BncalError) and not report.passed and report.check is None
+    assert report.inspect.by_rule("BN001") and not report.guard.passed and report.guard.scores["inference"] == 0.1
+    assert len(report.reasons) == 2 and report.reasons[0].startswith("refusing to pass it as deployable: BN001")
     bncal.recalibrate(model, zoo.calibration_batches())
-    report = bncal.assert_deployable(model, data=heldout, guard=shipped / "heldout.npz")
+    report = bncal.assert_deployable(model, data=heldout, guard=GUARD_BATCHES)
     assert report.passed and report.check.passed and report.guard.scores["inference"] == pytest.approx(0.977)
 
 
@@ -167,3 +172,16 @@ def test_labelled_data_from_class_folders_and_npz(tmp_path):
     with pytest.raises(bncal.BncalError, match="is not in a class subfolder"):
         Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "imgs" / "loose.png")
         load_labelled_data(tmp_path / "imgs")
+
+
+def test_library_recalibrate_with_a_guard_puts_the_statistics_back_when_the_model_got_worse():
+    model = zoo.mnist_cnn_stale()
+    report = bncal.recalibrate(model, zoo.calibration_batches(), guard=GUARD_BATCHES)
+    assert report.guard.passed and report.guard.scores == pytest.approx(
+        {"before": 0.100, "batch statistics": BATCH_STATS_250, "after": 0.977})
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(DeploymentError, match=r"accuracy guard: top-1 65\.\d0 % \(after\)") as caught:
+        bncal.recalibrate(model, [-b for b in zoo.calibration_batches()], guard=GUARD_BATCHES)
+    guard = caught.value.report.guard
+    assert not guard.passed and guard.baseline == "batch statistics" and guard.scores["before"] == pytest.approx(0.977)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # nothing changed

@@ -889,7 +889,7 @@ class GateArgs(OptionGroup):
 
 
 class GuardValue(types.SimpleNamespace):
-    """The parsed guard options; :meth:`start` scores the model as given (:func:`bncal.guard.start_guard`)."""
+    """The parsed guard options: ``spec``, ``metric``, ``tol``; :meth:`batches` reads the data."""
 
     def batches(self, data):
         """The guard data as ``(inputs, labels)`` batches, read with the image options, ``--normalize``
@@ -900,14 +900,6 @@ class GuardValue(types.SimpleNamespace):
 
         return guard_batches(self.spec, batch_size=data.batch_size, image_options=data.image_options,
                              normalize=data.normalize)
-
-    def start(self, model, data):
-        """The guard's report with ``model`` (as given) scored (:func:`bncal.guard.start_guard`), or None."""
-        if not self.spec:
-            return None
-        from ..guard import start_guard
-
-        return start_guard(model, self.batches(data), metric=self.metric, tol=self.tol)
 
 
 class GuardArgs(OptionGroup):

@@ -59,18 +59,22 @@ def command(args) -> int:
     unless --allow names the rule; with --guard, only if it keeps its accuracy on held-out labelled data.
     """
     ui, output = args.ui, args.output.path
-    guard = None
-    if args.model.kind.name == "onnx":
-        report, is_main, guard = _recalibrate_onnx(args)
-    elif args.model.kind.name == "keras":
-        report, is_main = _recalibrate_keras(args, args.model.load()), True
-    else:
-        report, is_main, guard = _recalibrate_torch(args)
+    try:
+        if args.model.kind.name == "onnx":
+            report, is_main = _recalibrate_onnx(args)
+        elif args.model.kind.name == "keras":
+            report, is_main = _recalibrate_keras(args, args.model.load()), True
+        else:
+            report, is_main = _recalibrate_torch(args)
+    except DeploymentError as exc:
+        from ..report import RecalibrationReport
+
+        if isinstance(exc.report, RecalibrationReport):  # the accuracy guard: what it measured, then the reason
+            ui.echo(exc.report.table())
+        raise
     if not is_main:
         return 0
     ui.echo(report.table())
-    if guard is not None:
-        ui.echo("\n" + guard.table())
     for warning in report.warnings:
         ui.warn(warning)
     summary = f"recalibrated {len(report.layers)} BatchNorm layers from {report.samples} samples in {report.batches} batches"
@@ -91,14 +95,9 @@ def command(args) -> int:
     return 0
 
 
-def _judge(args, guard, recalibrated) -> None:
-    """Score the recalibrated model on the guard data; refuse it (nothing written) if it got worse."""
-    if guard is None:
-        return
-    guard.judge("after", recalibrated)
-    if not guard.passed:
-        args.ui.echo(guard.table())
-        raise DeploymentError(f"{guard.reason()}; nothing was written", report=guard)
+def _guard(args) -> dict:
+    """The accuracy guard's keywords of :func:`bncal.recalibrate` / ``recalibrate_onnx``."""
+    return dict(guard=args.guard.batches(args.data), metric=args.guard.metric, guard_tol=args.guard.tol)
 
 
 def _recalibrate_torch(args):
@@ -113,24 +112,22 @@ def _recalibrate_torch(args):
             args.ui.warn("no --weights given; recalibrating the factory's freshly initialised model")
         loaded = args.model.load()
         if loaded.kind == "keras":  # the factory returned a keras.Model
-            return _recalibrate_keras(args, loaded), True, None
+            return _recalibrate_keras(args, loaded), True
         _require_suffix(loaded, args.output.path)
         net = loaded.model
         if launch.device is not None:
             net.to(launch.device)
-        guard = args.guard.start(net, args.data)
         data = args.data.load(rank=launch.rank, world_size=launch.world_size)
         report = recalibrate(net, torch_batches(data, net), mode=options.mode, prior=options.prior,
                              max_samples=launch.shard_limit(args.data.max_samples), tol=options.tol,
                              max_passes=options.max_passes, cache_mb=options.cache_mb, spill_dir=options.spill_dir,
-                             progress=args.ui.interactive and launch.is_main)
+                             progress=args.ui.interactive and launch.is_main, **_guard(args))
         report.notes += args.data.notes(data)
         report.notes += require_healthy_notes(net, allow=args.gate.allow, action="write it")
-        _judge(args, guard, net)
         if launch.is_main:
             net.to("cpu")
             save_state_dict(net, args.output.path)
-    return report, launch.is_main, guard
+    return report, launch.is_main
 
 
 def _recalibrate_keras(args, loaded):
@@ -166,16 +163,15 @@ def _recalibrate_onnx(args):
     # The moments are combined on the host: a gloo group (device "cpu"), whatever runs onnxruntime.
     with torchrun_process_group("cpu") as launch:
         proto = args.model.load().model
-        guard = args.guard.start(proto, args.data)
         providers = args.providers.resolve(launch.local_rank if launch.distributed else None)
         batches = args.data.numpy_batches(rank=launch.rank, world_size=launch.world_size, onnx_model=proto)
         new_model, report = recalibrate_onnx(proto, batches, mode=options.mode, prior=options.prior, tol=options.tol,
                                              max_passes=options.max_passes,
                                              max_samples=launch.shard_limit(args.data.max_samples),
-                                             providers=providers, progress=args.ui.interactive and launch.is_main)
+                                             providers=providers, progress=args.ui.interactive and launch.is_main,
+                                             **_guard(args))
         report.notes += args.data.notes(batches)
         report.notes += require_healthy_notes(new_model, allow=args.gate.allow, action="write it")
-        _judge(args, guard, new_model)
         if launch.is_main:
             save_onnx(new_model, args.output.path)
-    return report, launch.is_main, guard
+    return report, launch.is_main
