@@ -230,21 +230,21 @@ def plot_channels(report, path=None, *, layers=None, model: str | None = None, a
     width = min(20.0, max(8.0, 0.12 * width_channels + 4.0))
     height = min(16.0, 1.8 + 0.42 * len(rows)) * 2
     if axes is None:
-        fig, (left, right) = _figure(width, height, 2, 1)
+        fig, (top, bottom) = _figure(width, height, 2, 1)
     else:
-        left, right = axes
-        fig = left.figure
-    span = np.nanmax(np.abs(np.log(ratio))) if np.isfinite(ratio).any() else 1.0
-    span = max(float(span), 0.05)
+        top, bottom = axes
+        fig = top.figure
+    largest_shift = float(np.nanmax(shift)) if np.isfinite(shift).any() else 1.0
+    span = float(np.nanmax(np.abs(np.log(ratio)))) if np.isfinite(ratio).any() else 1.0
+    span = max(span, 0.05)  # a colour scale, even when every ratio is 1
     images = (
-        (left, np.ma.masked_invalid(shift), dict(cmap="Reds", vmin=0.0, vmax=max(float(np.nanmax(shift)) if np.isfinite(shift).any() else 1.0, 1e-9)),
-         "|mean shift| (sd)"),
-        (right, np.ma.masked_invalid(ratio), dict(cmap="RdBu_r", norm=LogNorm(vmin=math.exp(-span), vmax=math.exp(span))),
+        (top, shift, dict(cmap="Reds", vmin=0.0, vmax=max(largest_shift, 1e-9)), "|mean shift| (sd)"),
+        (bottom, ratio, dict(cmap="RdBu_r", norm=LogNorm(vmin=math.exp(-span), vmax=math.exp(span))),
          f"variance ratio ({report.ratio_label})"),
     )
     names = [_short(r["layer"]) for r in rows]
     for ax, values, colour, label in images:
-        image = ax.imshow(values, aspect="auto", interpolation="nearest", **colour)
+        image = ax.imshow(np.ma.masked_invalid(values), aspect="auto", interpolation="nearest", **colour)
         ax.set_yticks(range(len(rows)), names, fontsize=9)
         ax.set_xlabel("channel", fontsize=10)
         ax.set_facecolor("#eeeeee")  # blank cells: channels a layer does not have
@@ -252,7 +252,7 @@ def plot_channels(report, path=None, *, layers=None, model: str | None = None, a
     failing = sum(not r["passed"] for r in rows)
     name = f"{model}: " if model else ""
     which = f"{failing} failing layer{'s' if failing != 1 else ''}" if failing else "every layer (none fails)"
-    _title(fig, [left], f"{name}per-channel statistics of {which} ({report.channel_subject})", width, own=axes is None)
+    _title(fig, [top], f"{name}per-channel statistics of {which} ({report.channel_subject})", width, own=axes is None)
     return _done(fig, path)
 
 
