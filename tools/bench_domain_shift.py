@@ -216,6 +216,26 @@ def compare_onnx(torch_path, onnx_path, evaluated, sizes, chosen, log):
     return {"runs": runs, "max_rel_stat_diff": worst_stat, "max_error_diff": worst_error}
 
 
+def merged(results):
+    """Results of one path run apart (by n) joined, the means recomputed over the sets."""
+    out = {}
+    for r in results:
+        if r["path"] not in out:
+            out[r["path"]] = json.loads(json.dumps(r))
+            continue
+        into = out[r["path"]]
+        for field in ("chosen_prior", "held_out_mean_error", "full", "prior"):
+            into[field].update(r[field])
+        into["seconds"] += r["seconds"]
+    for r in out.values():
+        sets = list(r["source"])
+        r["mean"] = {"source": float(np.mean(list(r["source"].values())))}
+        for n in r["chosen_prior"]:
+            for setting in ("full", "prior"):
+                r["mean"][f"{setting},{n}"] = float(np.mean([r[setting][f"{key},{n}"] for key in sets]))
+    return list(out.values())
+
+
 def markdown(result, sizes):
     chosen = result["chosen_prior"]
     head = (["corruption", "severity", "source"] + [f"full, n={n}" for n in sizes]
@@ -270,8 +290,9 @@ def main():
                         help="target draws per n below 1024 and test set (the held-out choice of N: 1)")
     parser.add_argument("--large-repeats", type=int, default=1, help="target draws for n >= 1024")
     parser.add_argument("--keras-repeats", type=int, default=1, help="--repeats for the Keras path")
-    parser.add_argument("--keras-priors", metavar="n:N,...",
-                        help="N per n for the Keras path instead of its own choice on the held-out corruptions")
+    parser.add_argument("--priors", metavar="n:N,...",
+                        help="N per n instead of each path's own choice on the held-out corruptions (to split a run "
+                             "by n into processes after the choice; --merge joins them)")
     parser.add_argument("--plot", type=Path, help="write the error-vs-n figure here")
     parser.add_argument("--json", type=Path, help="write every number here")
     parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
@@ -284,21 +305,24 @@ def main():
     repeats = lambda small: lambda n: small if n < 1024 else args.large_repeats  # noqa: E731
 
     if args.merge:
-        results = [r for path in args.merge for r in json.loads(path.read_text())["results"]]
-        sizes = [int(n) for n in results[0]["chosen_prior"]]
+        results = merged([r for path in args.merge for r in json.loads(path.read_text())["results"]])
+        sizes = sorted(int(n) for n in results[0]["chosen_prior"])
+        for result in results:
+            log(markdown(result, sizes))
         report(results, sizes, args.plot, log)
         return
-    evaluated, held_out = Domains(C.EVALUATED), Domains(C.HELD_OUT)
+    chosen = args.priors and {int(n): float(p) for n, p in (v.split(":") for v in args.priors.split(",")) if int(n) in sizes}
+    evaluated, held_out = Domains(C.EVALUATED), Domains({} if chosen else C.HELD_OUT)
     results, extra = [], {}
     if "torch" in paths or "onnx" in paths:
         torch_path = TorchPath()
-        results.append(run_protocol(torch_path, evaluated, held_out, sizes, grid, repeats(args.repeats), log))
+        results.append(run_protocol(torch_path, evaluated, held_out, sizes, grid, repeats(args.repeats), log,
+                                    chosen=chosen))
         log(markdown(results[-1], sizes))
     if "onnx" in paths:
         chosen = {n: results[0]["chosen_prior"][str(n)] for n in sizes}
         extra["onnx_vs_torch"] = compare_onnx(torch_path, OnnxPath(), evaluated, sizes, chosen, log)
     if "keras" in paths:
-        chosen = args.keras_priors and {int(n): float(p) for n, p in (v.split(":") for v in args.keras_priors.split(","))}
         results.append(run_protocol(KerasPath(), evaluated, held_out, sizes, grid, repeats(args.keras_repeats), log,
                                     chosen=chosen))
         log(markdown(results[-1], sizes))
