@@ -268,9 +268,10 @@ class SourcePrior:
     rank), the same for every BN, not the number of values per channel that the moments count
     (``n * H * W`` for a BatchNorm2d). The positions of one image are not independent draws of
     the target domain (the error of the statistics shrinks with the images, not the pixels),
-    and with values per channel the same ``N`` would weigh the source 784 times less after a
-    28x28 layer than after a 1x1 one, so no single ``N`` could be chosen for a network or
-    carried over from the paper, whose ``n`` is the number of target images too.
+    and counting values would make ``n`` 784 times larger after a 28x28 layer than after a
+    1x1 head, so one ``N`` would weigh the source differently at every layer and could neither
+    be chosen for a network nor carried over from the paper, whose ``n`` is the number of
+    target images too.
 
     How it enters the passes (:func:`bncal.stats.fixed_point_passes`, argument ``mix``): a
     train-mode pass gathers the target moments with every BN normalising with its batch
@@ -281,8 +282,8 @@ class SourcePrior:
     network computes on the ``n`` target samples as one batch. Eval passes then run plain
     (:class:`DataOrder` with ``anchoring=False``): an anchored pass moves a BN's statistics by
     the full move of its input within the pass, the mixed ones move by ``n/(N+n)`` of it.
-    Plain passes are exact after one pass per BN depth whatever the prior (each mix is a
-    contraction towards the source).
+    Plain passes are exact after one pass per BN depth with or without a prior: each pass
+    makes one more depth exact, given the exact ones upstream.
     """
 
     def __init__(self, strength: float, source: dict[str, LayerStats]):

@@ -155,20 +155,26 @@ def mean_errors(path, domains, sizes, priors, repeats):
                 errors = [path.error(path.adapt(domains.draw(key, n, r), prior), test, domains.labels)
                           for r in range(repeats(n))]
                 per_set[key, n, prior] = float(np.mean(errors))
+        print(f"  {path.name} {key[0]} {key[1]}: " + ", ".join(f"n={n} N={p:g} {per_set[key, n, p]:.3f}"
+                                                            for n in sizes for p in priors), flush=True)
     means = {(n, prior): float(np.mean([per_set[key, n, prior] for key in domains.sets]))
              for n in sizes for prior in priors}
     return means, per_set
 
 
-def run_protocol(path, evaluated, held_out, sizes, grid, repeats, log):
+def run_protocol(path, evaluated, held_out, sizes, grid, repeats, log, chosen=None):
+    """Source errors, the choice of N per n on ``held_out`` (unless ``chosen`` gives it), and the
+    errors of full adaptation and of the chosen prior on ``evaluated``."""
     t0 = time.perf_counter()
     source_errors = {key: path.error(path.source, test, evaluated.labels) for key, (test, _) in evaluated.sets.items()}
     clean = path.error(path.source, evaluated.clean, evaluated.labels)
-    held_means, _ = mean_errors(path, held_out, sizes, grid, lambda n: 1)
-    chosen = {n: min((p for p in grid if p > 0), key=lambda p: held_means[n, p]) for n in sizes}
-    log(f"{path.name}: held-out corruptions, mean error by n and N: "
-        + "; ".join(f"n={n}: " + ", ".join(f"{p:g}:{held_means[n, p]:.3f}" for p in grid) for n in sizes))
-    log(f"{path.name}: N chosen per n: {chosen}")
+    held_means = {}
+    if chosen is None:
+        held_means, _ = mean_errors(path, held_out, sizes, grid, lambda n: 1)
+        chosen = {n: min((p for p in grid if p > 0), key=lambda p: held_means[n, p]) for n in sizes}
+        log(f"{path.name}: held-out corruptions, mean error by n and N: "
+            + "; ".join(f"n={n}: " + ", ".join(f"{p:g}:{held_means[n, p]:.3f}" for p in grid) for n in sizes))
+    log(f"{path.name}: N per n: {chosen}")
     per_set = {}
     for n in sizes:
         for prior in sorted({0, chosen[n]}):
@@ -190,9 +196,12 @@ def run_protocol(path, evaluated, held_out, sizes, grid, repeats, log):
 
 
 def compare_onnx(torch_path, onnx_path, evaluated, sizes, chosen, log):
-    """ONNX vs PyTorch on the first draw of every n, full adaptation and the chosen prior."""
+    """ONNX vs PyTorch on the first draw of every n, full adaptation and the chosen prior, at the
+    strongest severity of every corruption."""
     worst_stat, worst_error, runs = 0.0, 0.0, 0
     for key, (test, _) in evaluated.sets.items():
+        if key[1] != C.SEVERITIES[-1]:
+            continue
         for n in sizes:
             for prior in sorted({0, chosen[n]}):
                 target = evaluated.draw(key, n, 0)
@@ -205,6 +214,26 @@ def compare_onnx(torch_path, onnx_path, evaluated, sizes, chosen, log):
     log(f"ONNX vs PyTorch, {runs} adaptations: largest relative difference of a statistic {worst_stat:.2e}, "
         f"largest difference of a test error {worst_error:.4f}")
     return {"runs": runs, "max_rel_stat_diff": worst_stat, "max_error_diff": worst_error}
+
+
+def merged(results):
+    """Results of one path run apart (by n) joined, the means recomputed over the sets."""
+    out = {}
+    for r in results:
+        if r["path"] not in out:
+            out[r["path"]] = json.loads(json.dumps(r))
+            continue
+        into = out[r["path"]]
+        for field in ("chosen_prior", "held_out_mean_error", "full", "prior"):
+            into[field].update(r[field])
+        into["seconds"] += r["seconds"]
+    for r in out.values():
+        sets = list(r["source"])
+        r["mean"] = {"source": float(np.mean(list(r["source"].values())))}
+        for n in r["chosen_prior"]:
+            for setting in ("full", "prior"):
+                r["mean"][f"{setting},{n}"] = float(np.mean([r[setting][f"{key},{n}"] for key in sets]))
+    return list(out.values())
 
 
 def markdown(result, sizes):
@@ -256,11 +285,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--paths", default="torch", help="comma-separated: torch, onnx, keras")
     parser.add_argument("--sizes", default="8,32,128,1024")
-    parser.add_argument("--grid", default="0,4,8,16,32,64,128", help="priors N tried on the held-out corruptions")
-    parser.add_argument("--repeats", type=int, default=2,
+    parser.add_argument("--grid", default="0,8,16,32,64", help="priors N tried on the held-out corruptions")
+    parser.add_argument("--repeats", type=int, default=1,
                         help="target draws per n below 1024 and test set (the held-out choice of N: 1)")
     parser.add_argument("--large-repeats", type=int, default=1, help="target draws for n >= 1024")
     parser.add_argument("--keras-repeats", type=int, default=1, help="--repeats for the Keras path")
+    parser.add_argument("--priors", metavar="n:N,...",
+                        help="N per n instead of each path's own choice on the held-out corruptions (to split a run "
+                             "by n into processes after the choice; --merge joins them)")
     parser.add_argument("--plot", type=Path, help="write the error-vs-n figure here")
     parser.add_argument("--json", type=Path, help="write every number here")
     parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
@@ -273,21 +305,26 @@ def main():
     repeats = lambda small: lambda n: small if n < 1024 else args.large_repeats  # noqa: E731
 
     if args.merge:
-        results = [r for path in args.merge for r in json.loads(path.read_text())["results"]]
-        sizes = [int(n) for n in results[0]["chosen_prior"]]
+        results = merged([r for path in args.merge for r in json.loads(path.read_text())["results"]])
+        sizes = sorted(int(n) for n in results[0]["chosen_prior"])
+        for result in results:
+            log(markdown(result, sizes))
         report(results, sizes, args.plot, log)
         return
-    evaluated, held_out = Domains(C.EVALUATED), Domains(C.HELD_OUT)
+    chosen = args.priors and {int(n): float(p) for n, p in (v.split(":") for v in args.priors.split(",")) if int(n) in sizes}
+    evaluated, held_out = Domains(C.EVALUATED), Domains({} if chosen else C.HELD_OUT)
     results, extra = [], {}
-    torch_path = TorchPath()
     if "torch" in paths or "onnx" in paths:
-        results.append(run_protocol(torch_path, evaluated, held_out, sizes, grid, repeats(args.repeats), log))
+        torch_path = TorchPath()
+        results.append(run_protocol(torch_path, evaluated, held_out, sizes, grid, repeats(args.repeats), log,
+                                    chosen=chosen))
         log(markdown(results[-1], sizes))
     if "onnx" in paths:
         chosen = {n: results[0]["chosen_prior"][str(n)] for n in sizes}
         extra["onnx_vs_torch"] = compare_onnx(torch_path, OnnxPath(), evaluated, sizes, chosen, log)
     if "keras" in paths:
-        results.append(run_protocol(KerasPath(), evaluated, held_out, sizes, grid, repeats(args.keras_repeats), log))
+        results.append(run_protocol(KerasPath(), evaluated, held_out, sizes, grid, repeats(args.keras_repeats), log,
+                                    chosen=chosen))
         log(markdown(results[-1], sizes))
     if args.json:
         args.json.write_text(json.dumps({"results": results, **extra}, indent=1))
