@@ -91,3 +91,16 @@ def test_recalibrate_on_train_end_leaves_the_exact_statistics(without_torch):
     np.testing.assert_allclose(result["mean"], result["reference"][0], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(result["var"], result["reference"][1], rtol=1e-6)
     assert result["samples"] == 40
+
+
+def test_a_tf_keras_model_in_memory_is_recalibrated_like_the_keras_3_one(without_torch):
+    """Keras 2's BatchNormalization holds the same variables: the same statistics as Keras 3's
+    (tested against float64 in tests/test_keras.py) on the same weights and data."""
+    if "tf_keras" not in without_torch:
+        pytest.skip("needs tf_keras")
+    result = without_torch["tf_keras"]
+    assert result["handed_over"] and result["layers"] == 5 and result["accuracy"] > 0.95
+    statistics = result["statistics"]
+    for (mean_2, var_2), (mean_3, var_3) in zip(statistics[:5], statistics[5:]):
+        np.testing.assert_allclose(mean_2, mean_3, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(var_2, var_3, rtol=1e-5)
