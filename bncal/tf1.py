@@ -42,7 +42,7 @@ from .stats import ChannelMoments, batch_moments, fixed_point_passes
 __all__ = ["recalibrate", "batchnorm_variables"]
 
 _DEFAULT_EPSILON = 1e-3  # tf.compat.v1.layers.batch_normalization's
-_VARIABLE_READS = {"VariableV2", "VarHandleOp", "ReadVariableOp", "Const", "Identity", "Placeholder"}
+_VARIABLE_READS = {"VariableV2", "VarHandleOp", "ReadVariableOp", "Const", "Identity"}
 
 
 def batchnorm_variables(graph) -> dict[str, tuple]:
@@ -62,7 +62,7 @@ def batchnorm_variables(graph) -> dict[str, tuple]:
 
 
 def _is_variable_value(tensor, scope: str) -> bool:
-    """Whether ``tensor`` is a variable's value, a constant or a placeholder (not the BN's data)."""
+    """Whether ``tensor`` is a variable's value or a constant (not the BN's data)."""
     op = tensor.op
     while op.type == "Identity" and op.inputs:
         op = op.inputs[0].op

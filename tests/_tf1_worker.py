@@ -126,6 +126,12 @@ def main():
             errors[name] = [float(np.max(np.abs(got_mean - mean) / np.sqrt(var))),
                             float(np.max(np.abs(got_var / var - 1)))]
         out["errors"] = errors
+        # Train mode (PreciseBN): the first BN's input depends on no BN, so its statistics are the same.
+        bncal.tf1.recalibrate(session, x, batches, training=training, mode="train")
+        got_mean, got_var = (np.asarray(session.run(v), np.float64) for v in variables["bn1"])
+        mean, var = expected["bn1"]
+        out["train_bn1_errors"] = [float(np.max(np.abs(got_mean - mean) / np.sqrt(var))),
+                                   float(np.max(np.abs(got_var / var - 1)))]
         try:
             bncal.tf1.recalibrate(session, x, [x_calib[:1]], training=training, mode="train")
         except bncal.BncalError as exc:
