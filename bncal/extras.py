@@ -7,6 +7,7 @@ else is an extra of ``pyproject.toml``; this table is the one place that says wh
     pip install 'bncal[images]'   image-folder data: pillow
     pip install 'bncal[plot]'     --plot: matplotlib
     pip install 'bncal[keras]'    Keras models
+    pip install 'bncal[tf]'       TensorFlow 1 graphs (bncal.tf1); also Keras's TensorFlow backend
 
 :func:`require` imports a module or raises :class:`MissingExtra` naming the extra;
 :func:`missing_extra` turns an ``ImportError`` raised anywhere (a lazy ``import torch`` deep in a
@@ -30,6 +31,7 @@ EXTRAS = {
     "PIL": ("Pillow", "images"),
     "matplotlib": ("matplotlib", "plot"),
     "keras": ("Keras", "keras"),
+    "tensorflow": ("TensorFlow", "tf"),
 }
 
 

@@ -81,6 +81,19 @@ def main_(folder: Path) -> dict:
         record["accuracy_after"] = accuracy(model, x_test, y_test)
         record["statistics"] = [np.asarray(bn.moving_variance).tolist() for _, bn in bk.batchnorm_layers(model)]
 
+    if "keras2" in files:  # a tf.keras (Keras 2) model in memory, against the same model in Keras 3
+        import tf_keras
+
+        old = keras_zoo.mnist_keras_cnn(keras_module=tf_keras)
+        old.set_weights(stale.get_weights())
+        new = keras_zoo.mnist_keras_stale()
+        report = bncal.recalibrate(old, x, mode="eval")
+        bk.recalibrate(new, x, mode="eval", batch_size=32)
+        out["tf_keras"] = {"handed_over": bk.is_keras_model(old), "layers": len(report.layers),
+                           "accuracy": accuracy(old, x_test, y_test),
+                           "statistics": [[np.asarray(v).tolist() for v in (bn.moving_mean, bn.moving_variance)]
+                                          for m in (old, new) for _, bn in bk.batchnorm_layers(m)]}
+
     # The top-level calls, on a model in memory.
     model = keras_zoo.mnist_keras_stale()
     report = bncal.recalibrate(model, x, mode="train")

@@ -21,15 +21,18 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
                                 reason="needs TensorFlow (pip install tensorflow-cpu tf_keras)")
 
 
-@pytest.fixture(scope="module")
-def without_torch(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("keras_tf")
+def _worker(script: str, *args) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "_keras_tf_worker.py"), str(folder)],
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / script), *map(str, args)],
                             capture_output=True, text=True, env=env, timeout=600)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     assert result.returncode == 0 and lines, result.stderr[-3000:]
     return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def without_torch(tmp_path_factory):
+    return _worker("_keras_tf_worker.py", tmp_path_factory.mktemp("keras_tf"))
 
 
 def test_nothing_imports_torch_and_keras_runs_on_tensorflow(without_torch):
@@ -91,3 +94,32 @@ def test_recalibrate_on_train_end_leaves_the_exact_statistics(without_torch):
     np.testing.assert_allclose(result["mean"], result["reference"][0], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(result["var"], result["reference"][1], rtol=1e-6)
     assert result["samples"] == 40
+
+
+def test_a_tf_keras_model_in_memory_is_recalibrated_like_the_keras_3_one(without_torch):
+    """Keras 2's BatchNormalization holds the same variables: the same statistics as Keras 3's
+    (tested against float64 in tests/test_keras.py) on the same weights and data."""
+    if "tf_keras" not in without_torch:
+        pytest.skip("needs tf_keras")
+    result = without_torch["tf_keras"]
+    assert result["handed_over"] and result["layers"] == 5 and result["accuracy"] > 0.95
+    statistics = result["statistics"]
+    for (mean_2, var_2), (mean_3, var_3) in zip(statistics[:5], statistics[5:]):
+        np.testing.assert_allclose(mean_2, mean_3, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(var_2, var_3, rtol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tf_keras") is None, reason="tf.compat.v1.layers needs tf_keras")
+def test_the_seeds_tf1_graph_is_repaired_to_its_float64_exact_accuracy():
+    """conv-BN-ReLU blocks and a dense BN, trained without the UPDATE_OPS dependency (moving
+    statistics still 0/1): bncal.tf1.recalibrate writes the float64 eval-mode statistics, computed
+    independently in numpy, into the graph's variables."""
+    result = _worker("_tf1_worker.py")
+    assert result["report"] == {"layers": ["bn1", "bn2", "bn_fc"], "passes": 4, "converged": True}
+    for name, (mean_error_sd, var_error) in result["errors"].items():
+        assert mean_error_sd < 1e-5 and var_error < 1e-5, (name, mean_error_sd, var_error)
+    assert result["accuracy_stale"] < 0.5
+    assert result["accuracy_recalibrated"] == result["accuracy_float64"] > 0.9
+    assert max(result["train_bn1_errors"]) < 1e-5
+    assert "only 1 value per channel" in result["one_sample_train"]
+    assert result["torch_imported"] is False

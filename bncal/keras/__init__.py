@@ -48,13 +48,16 @@ __all__ = [*_EXPORTS, "is_keras_model"]
 
 
 def is_keras_model(obj) -> bool:
-    """Whether ``obj`` is a ``keras.Model``, without importing Keras (an object cannot be one
-    unless Keras is imported). On the torch backend a ``keras.Model`` is an ``nn.Module`` too:
-    every entry point that takes either asks this first and hands Keras models to
-    :mod:`bncal.keras`."""
-    keras = sys.modules.get("keras")
-    model_class = getattr(keras, "Model", None) if keras is not None else None
-    return isinstance(model_class, type) and isinstance(obj, model_class)
+    """Whether ``obj`` is a ``keras.Model`` (Keras 3, or Keras 2's ``tf_keras``), without
+    importing Keras (an object cannot be one unless Keras is imported). On the torch backend a
+    ``keras.Model`` is an ``nn.Module`` too: every entry point that takes either asks this first
+    and hands Keras models to :mod:`bncal.keras`."""
+    for module in ("keras", "tf_keras"):
+        api = sys.modules.get(module)
+        model_class = getattr(api, "Model", None) if api is not None else None
+        if isinstance(model_class, type) and isinstance(obj, model_class):
+            return True
+    return False
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import BncalError, one_line
 
-__all__ = ["import_keras", "inference_context", "choose_default_backend"]
+__all__ = ["import_keras", "inference_context", "choose_default_backend", "keras_apis", "keras_classes"]
 
 INSTALL_HINT = "pip install 'bncal[keras]'"
 
@@ -70,3 +70,27 @@ def inference_context():
 
         return torch.no_grad()
     return contextlib.nullcontext()
+
+
+def keras_apis() -> list:
+    """The Keras APIs whose models bncal takes: Keras 3, and Keras 2 (``tf_keras``, TensorFlow's
+    ``tf.keras`` with ``TF_USE_LEGACY_KERAS=1``) where the user's code imported it. Its
+    BatchNormalization holds the same variables (``moving_mean``, ``moving_variance``, tf.Variables
+    Keras 3 reads on the TensorFlow backend). Imports nothing that is not imported yet."""
+    apis = [import_keras()]
+    legacy = sys.modules.get("tf_keras")
+    if legacy is not None and getattr(legacy, "Model", None) is not None:
+        apis.append(legacy)
+    return apis
+
+
+def keras_classes(path: str) -> tuple[type, ...]:
+    """``keras.<path>`` (``"Model"``, ``"layers.BatchNormalization"``) of each of :func:`keras_apis`."""
+    found = []
+    for api in keras_apis():
+        value = api
+        for part in path.split("."):
+            value = getattr(value, part, None)
+        if isinstance(value, type):
+            found.append(value)
+    return tuple(found)

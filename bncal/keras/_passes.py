@@ -28,7 +28,7 @@ from ..calibration import data_source
 from ..errors import BncalError
 from ..stats import ChannelMoments, batch_moments
 from ._backend import import_keras, inference_context
-from .layers import statistics_variables
+from .layers import channel_axis, statistics_variables
 
 __all__ = ["BatchNormTap", "calibration_data", "default_forward", "run_forward", "batch_pass"]
 
@@ -98,7 +98,7 @@ class BatchNormTap:
             if takes_training:
                 bound.arguments["training"] = False
             x = np.asarray(keras.ops.convert_to_numpy(inputs))
-            axis = bn.axis % x.ndim
+            axis = channel_axis(bn, x.ndim)
             if mask is not None:
                 if axis != x.ndim - 1:
                     raise BncalError(f"BatchNormalization {name} gets a mask with axis={bn.axis}; bncal handles "

@@ -13,9 +13,9 @@ import numpy as np
 from ..errors import BncalError
 from ..names import fresh_name
 from ..report import LayerStats
-from ._backend import import_keras
+from ._backend import import_keras, keras_classes
 
-__all__ = ["sublayers", "named_layers", "batchnorm_layers", "is_batchnorm", "moving_statistics",
+__all__ = ["sublayers", "named_layers", "batchnorm_layers", "is_batchnorm", "channel_axis", "moving_statistics",
            "statistics_variables", "require_model", "renorm_reference"]
 
 
@@ -45,7 +45,19 @@ def named_layers(model) -> list[tuple[str, object]]:
 
 
 def is_batchnorm(layer) -> bool:
-    return isinstance(layer, import_keras().layers.BatchNormalization)
+    """A BatchNormalization of Keras 3 or of Keras 2 (``tf_keras``), subclasses included."""
+    return isinstance(layer, keras_classes("layers.BatchNormalization"))
+
+
+def channel_axis(bn, ndim: int) -> int:
+    """The axis ``bn`` normalises per channel, in ``[0, ndim)`` (Keras 2 keeps ``axis`` as a list)."""
+    axis = bn.axis
+    if isinstance(axis, (list, tuple)):
+        if len(axis) != 1:
+            raise BncalError(f"BatchNormalization {bn.name} normalises over axes {list(axis)}; bncal handles one "
+                             "channel axis")
+        axis = axis[0]
+    return int(axis) % ndim
 
 
 def batchnorm_layers(model) -> list[tuple[str, object]]:
@@ -88,11 +100,10 @@ def moving_statistics(bn) -> LayerStats:
 
 def require_model(model) -> None:
     """Refuse what is not a built Keras layer or model, with the fix."""
-    keras = import_keras()
-    if not isinstance(model, keras.layers.Layer):
+    if not isinstance(model, keras_classes("layers.Layer")):
         raise BncalError(f"expected a keras.Model, got {type(model).__name__}; load a .keras file with "
                          "bncal.keras.load_model")
-    unbuilt = [name for name, bn in batchnorm_layers(model) if bn.moving_mean is None]
+    unbuilt = [name for name, bn in batchnorm_layers(model) if getattr(bn, "moving_mean", None) is None]
     if unbuilt:
         raise BncalError(f"the model is not built ({unbuilt[0]} has no statistics yet); call it once on a "
                          "batch, or model.build(input_shape), first")

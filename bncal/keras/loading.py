@@ -136,4 +136,4 @@ def tensorflow_export_refusal(path: Path) -> str:
     return (f"{path} is {what}, whose BatchNorm statistics are constants of the exported graph; recalibrate the "
             "Keras model that produced it (its .keras/.h5 file, or a factory with --weights model.weights.h5) and "
             "export again, or for tf.compat.v1 code recalibrate the graph's variables with "
-            "bncal.tf.recalibrate_tf1 before freezing")
+            "bncal.tf1.recalibrate before freezing")
