@@ -22,6 +22,7 @@ import bncal.tf1  # noqa: E402
 from models.mnist_data import mnist_numpy  # noqa: E402
 
 tf.compat.v1.disable_eager_execution()
+tf.config.experimental.enable_op_determinism()
 v1 = tf.compat.v1
 EPS = 1e-3
 
@@ -102,7 +103,9 @@ def main():
     with graph.as_default():
         v1.set_random_seed(0)
         x, y, training, logits, train = build()
-        session = v1.Session(graph=graph)
+        # One thread and deterministic ops: the same trained weights on every run.
+        session = v1.Session(graph=graph, config=v1.ConfigProto(intra_op_parallelism_threads=1,
+                                                                inter_op_parallelism_threads=1))
         session.run(v1.global_variables_initializer())
         for step in range(60):  # batch 128
             i = (step * 128) % (len(x_train) - 128)
