@@ -20,8 +20,11 @@ the same clean recalibration, in onnxruntime) for the first draw of every n, and
 errors and statistics with PyTorch's on the same draws. ``--paths keras`` runs the whole protocol
 on the shipped Keras CNN (another network, so other numbers; its N chosen on its own).
 
-    python tools/bench_domain_shift.py                       # PyTorch, about 5 minutes on 2 cores
     python tools/bench_domain_shift.py --paths torch,onnx,keras --plot tools/readme/domain-shift.png
+
+That is about 30 minutes of a loaded 2-core machine. To split it: one run chooses N (its log
+line "N per n"), then runs per n with ``--sizes n --priors n:N,...`` (each writes ``--json``),
+joined by ``--merge *.json --plot ...``.
 """
 
 from __future__ import annotations
