@@ -20,8 +20,11 @@ the same clean recalibration, in onnxruntime) for the first draw of every n, and
 errors and statistics with PyTorch's on the same draws. ``--paths keras`` runs the whole protocol
 on the shipped Keras CNN (another network, so other numbers; its N chosen on its own).
 
-    python tools/bench_domain_shift.py                       # PyTorch, about 5 minutes on 2 cores
     python tools/bench_domain_shift.py --paths torch,onnx,keras --plot tools/readme/domain-shift.png
+
+That is about 30 minutes of a loaded 2-core machine. To split it: one run chooses N (its log
+line "N per n"), then runs per n with ``--sizes n --priors n:N,...`` (each writes ``--json``),
+joined by ``--merge *.json --plot ...``.
 """
 
 from __future__ import annotations
@@ -267,13 +270,14 @@ def plot(results, sizes, path):
         ax.plot(sizes, [100 * mean["source"]] * len(sizes), style, color="0.5", label=f"{name}: source statistics")
         ax.plot(sizes, [100 * mean[f"full,{n}"] for n in sizes], style, marker="o", color="C3",
                 label=f"{name}: full adaptation (prior 0)")
+        how = "chosen on held-out corruptions" if result["held_out_mean_error"] else "given (--priors)"
         ax.plot(sizes, [100 * mean[f"prior,{n}"] for n in sizes], style, marker="s", color="C0",
-                label=f"{name}: prior, N chosen on held-out corruptions")
+                label=f"{name}: prior, N {how}")
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(n) for n in sizes])
     ax.set_xlabel("target samples n")
     ax.set_ylabel("mean corruption error (%)")
-    ax.set_title("MNIST CNN, 6 corruptions x 3 severities")
+    ax.set_title("MNIST CNNs, 6 corruptions x 3 severities")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
