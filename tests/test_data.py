@@ -278,12 +278,14 @@ def test_eval_mode_progress_names_each_pass(monkeypatch):
     # A custom forward_fn: no depth-by-depth sweep, eval mode runs its passes over the data.
     report = bncal.recalibrate(net, data, mode="eval", tol=0.0, max_passes=3, progress=lambda done: None,
                                forward_fn=lambda model, batch: model(batch))
-    assert report.passes == 3 and labels == ["pass 1 of at most 3", "pass 2 of at most 3", "pass 3 of at most 3"]
+    # From pass 3 on the label adds the overall estimate (the time of pass 2, times the passes left).
+    assert report.passes == 3 and labels[:2] == ["pass 1 of at most 3", "pass 2 of at most 3"]
+    assert labels[2].startswith("pass 3 of at most 3, ~") and labels[2].endswith(" s left")
     labels.clear()
     # The sweep is pass 1 (its own progress counts batch steps); the confirming eval passes are numbered.
     report = bncal.recalibrate(net, data, mode="eval", tol=0.0, max_passes=3, progress=lambda done: None)
     assert any("depth-by-depth sweep" in note for note in report.notes)
-    assert report.passes == 3 and labels[1:] == ["pass 2 of at most 3", "pass 3 of at most 3"]
+    assert report.passes == 3 and labels[1] == "pass 2 of at most 3" and labels[2].startswith("pass 3 of at most 3")
     labels.clear()
     bncal.recalibrate(net, data, progress=lambda done: None)
     assert labels == [None]

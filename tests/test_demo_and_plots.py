@@ -114,10 +114,11 @@ def _failing_check_report():
 
     from bncal.check import CheckReport, CheckThresholds, LayerCheck, OutputCheck
 
-    layers = [LayerCheck("ok", 3, 400, 0.05, 1.1, 0.25, 0.41, True, np.array([0.01, 0.05, 0.02]),
-                         np.array([1.0, 1.1, 0.95])),
-              LayerCheck("shifted", 4, 400, 0.6, 1.3, 0.25, 0.41, False, np.array([0.01, 0.02, 0.6, 0.03]),
-                         np.array([1.0, 1.3, 0.9, 1.05]))]
+    layers = [LayerCheck("ok", 3, 400, 0.05, 1.1, 0.25, 0.41, True, channel_mean_shift=np.array([0.01, 0.05, 0.02]),
+                         channel_var_ratio=np.array([1.0, 1.1, 0.95])),
+              LayerCheck("shifted", 4, 400, 0.6, 1.3, 0.25, 0.41, False,
+                         channel_mean_shift=np.array([0.01, 0.02, 0.6, 0.03]),
+                         channel_var_ratio=np.array([1.0, 1.3, 0.9, 1.05]))]
     return CheckReport.from_checks(layers, [OutputCheck("y", 1.0, 0.1, 1.0, True)], [], CheckThresholds(), 2, 64)
 
 
@@ -207,7 +208,7 @@ def test_fold_export_plot_draws_each_outputs_error_against_its_tolerance(tmp_pat
     from models import zoo
 
     stale = zoo.Path(zoo.__file__).resolve().parent / "mnist_cnn_stale.onnx"
-    _, report = fold_export_onnx(onnx.load(str(stale)), input_shapes=[(4, 1, 28, 28)])
+    _, report = fold_export_onnx(onnx.load(str(stale)), input_shapes=[(4, 1, 28, 28)], allow=["BN001"])
     fig = report.plot(model="mnist_cnn_stale.onnx")
     [ax] = fig.axes
     [tolerance] = [line for line in ax.get_lines() if line.get_label().startswith("tolerance")]
@@ -219,6 +220,6 @@ def test_fold_export_plot_draws_each_outputs_error_against_its_tolerance(tmp_pat
     assert "fold-export: PASSED" in fig._suptitle.get_text()
     out, png = tmp_path / "f.onnx", tmp_path / "f.png"
     result = CliRunner().invoke(main, ["fold-export", str(stale), "--input-shape", "4,1,28,28", "-o", str(out),
-                                       "--plot", str(png)])
+                                       "--allow", "BN001", "--plot", str(png)])
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.exists()

@@ -392,7 +392,7 @@ def test_loading_is_safe_by_default(tmp_path):
     with pytest.raises(BncalError, match="does not exist"):
         bk.load_model(tmp_path / "missing.keras")
     (tmp_path / "junk.keras").write_bytes(b"not a zip")
-    with pytest.raises(BncalError, match="cannot load"):
+    with pytest.raises(BncalError, match="is not a .keras file: a .keras file is a zip archive"):
         bk.load_model(tmp_path / "junk.keras")
 
 

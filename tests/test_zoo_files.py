@@ -163,7 +163,7 @@ def test_statistics_shared_through_identity_nodes_are_folded():
                         nn.ReLU()).eval()
     model = torchscript_export(net, 1)
     assert [n.op_type for n in model.graph.node].count("Identity") >= 4
-    folded, report = fold_export_onnx(model)
+    folded, report = fold_export_onnx(model, allow=["BN001"])  # never updated: that is what makes them shared
     assert report.passed and all(d.folded for d in report.decisions)
     assert [n.op_type for n in folded.graph.node] == ["Conv", "Relu", "Conv", "Relu"]
     onnx.checker.check_model(folded)
