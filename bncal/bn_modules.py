@@ -29,7 +29,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .frozen import FROZEN_NOTE, is_frozen_class_name
 
 __all__ = ["is_frozen_batchnorm", "activation_split", "frozen_batchnorm_layers", "describe_frozen",
-           "unfreeze_batchnorm", "sync_to_batchnorm", "FROZEN_NOTE"]
+           "unfreeze_batchnorm", "sync_to_batchnorm", "per_rank_class", "FROZEN_NOTE"]
 
 # timm's classes, which document their split in their source rather than with the attribute.
 _TIMM_ACTIVATION_CLASSES = {"BatchNormAct1d", "BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d"}
@@ -124,3 +124,22 @@ def sync_to_batchnorm(model: nn.Module, dims: int = 2, *, inplace: bool = False)
         return copy_batchnorm_state(sync, new)
 
     return _replace(model, make, lambda m: type(m) is nn.SyncBatchNorm, inplace)
+
+
+class _PerRankSyncBatchNorm(nn.SyncBatchNorm):
+    """A SyncBatchNorm whose BN computation never synchronises (each rank's own batch statistics)."""
+
+    forward = _BatchNorm.forward
+
+
+_PER_RANK_CLASSES: dict[type, type] = {nn.SyncBatchNorm: _PerRankSyncBatchNorm}
+
+
+def per_rank_class(cls: type) -> type:
+    """``cls`` (nn.SyncBatchNorm or a subclass) with its SyncBatchNorm.forward replaced by
+    _BatchNorm.forward: a subclass's ``super().forward(x)`` then reaches the plain BN, while the
+    subclass's own forward (e.g. timm's SyncBatchNormAct: BN, drop, act) runs as it is."""
+    if cls not in _PER_RANK_CLASSES:
+        # MRO: cls, its bases up to SyncBatchNorm's, then _PerRankSyncBatchNorm, then SyncBatchNorm.
+        _PER_RANK_CLASSES[cls] = type(cls.__name__, (cls, _PerRankSyncBatchNorm), {"__module__": cls.__module__})
+    return _PER_RANK_CLASSES[cls]

@@ -28,7 +28,7 @@ try:  # the PyTorch path's; without torch (bncal[keras] alone) recalibrate() sti
     from torch import nn
     from torch.nn.modules.batchnorm import _BatchNorm
 
-    from .bn_modules import FROZEN_NOTE, describe_frozen, frozen_batchnorm_layers
+    from .bn_modules import FROZEN_NOTE, describe_frozen, frozen_batchnorm_layers, per_rank_class
     from .torch_passes import LayerMoments, default_forward, describe_batch, prepare_batch
 except ModuleNotFoundError as exc:
     if exc.name != "torch":
@@ -327,7 +327,7 @@ class _Run:
         # its class's own forward (a subclass's activation and drop) still runs.
         patched = [(bn, type(bn)) for _, bn in self.layers if isinstance(bn, nn.SyncBatchNorm)]
         for bn, cls in patched:
-            bn.__class__ = _per_rank_class(cls)
+            bn.__class__ = per_rank_class(cls)
         self.model.eval()
         ok = False
         try:
@@ -513,22 +513,3 @@ class _Run:
                 bn.num_batches_tracked.fill_(int(start) + self.batches)
             updated.add(name)
         return updated
-
-
-class _PerRankSyncBatchNorm(nn.SyncBatchNorm):
-    """A SyncBatchNorm whose BN computation never synchronises (each rank's own batch statistics)."""
-
-    forward = _BatchNorm.forward
-
-
-_PER_RANK_CLASSES: dict[type, type] = {nn.SyncBatchNorm: _PerRankSyncBatchNorm}
-
-
-def _per_rank_class(cls: type) -> type:
-    """``cls`` (nn.SyncBatchNorm or a subclass) with its SyncBatchNorm.forward replaced by
-    _BatchNorm.forward: a subclass's ``super().forward(x)`` then reaches the plain BN, while the
-    subclass's own forward (e.g. timm's SyncBatchNormAct: BN, drop, act) runs as it is."""
-    if cls not in _PER_RANK_CLASSES:
-        # MRO: cls, its bases up to SyncBatchNorm's, then _PerRankSyncBatchNorm, then SyncBatchNorm.
-        _PER_RANK_CLASSES[cls] = type(cls.__name__, (cls, _PerRankSyncBatchNorm), {"__module__": cls.__module__})
-    return _PER_RANK_CLASSES[cls]
