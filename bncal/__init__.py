@@ -8,6 +8,7 @@ onnxruntime::
     report = bncal.recalibrate(model, loader)          # exact moving statistics, in place
     result = bncal.fold(model, (example,))              # BN folded into neighbouring ops
     onnx_model, report = bncal.fold_export_torch(model, (example,), "model.onnx")  # export + parity proof
+    verdict = bncal.check(model, heldout).verdict       # moving vs batch statistics, any model kind
     bncal.assert_deployable(model, data=loader, guard=labelled)  # raises DeploymentError if not fit to deploy
 
 Results show themselves (:class:`bncal.report.ReportDisplay`): ``repr`` is one line, ``print``
@@ -29,7 +30,7 @@ _EXPORTS = {
     "batchnorm_layers": "recalibration",
     "ChannelMoments": "stats",
     "RecalibrationReport": "report",
-    "CheckReport": "check",
+    "CheckReport": "checking",
     "InspectReport": "inspection",
     "FoldExportReport": "fold_export",
     "ComparisonReport": "verify",
@@ -51,8 +52,9 @@ _EXPORTS = {
     "recalibrate_onnx": "onnx_recalibrate",
     "make_train_graph": "onnx_graphs",
     "make_stats_graph": "onnx_graphs",
-    "check_onnx": "check",
-    "CheckThresholds": "check",
+    "check": "checking",
+    "check_onnx": "checking",
+    "CheckThresholds": "checking",
     "inspect_model": "inspection",
     "suggest_momentum": "momentum",
     "torch_to_tf": "momentum",

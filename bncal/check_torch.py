@@ -1,7 +1,7 @@
 """Check a PyTorch model's BatchNorm statistics against its data, in PyTorch itself.
 
-The verdict is the ONNX check's (:mod:`bncal.check`: :func:`~bncal.check.assess_layer`,
-:class:`~bncal.check.PairedOutputs`, :meth:`~bncal.check.CheckReport.from_checks`). The ONNX
+The verdict is the ONNX check's (:mod:`bncal.checking`: :func:`~bncal.checking.assess_layer`,
+:class:`~bncal.checking.PairedOutputs`, :meth:`~bncal.checking.CheckReport.from_checks`). The ONNX
 check runs an exported graph, in which a batch renormalisation layer (:mod:`bncal.nn`) is a
 plain BatchNormalization, so its train mode would normalise with batch statistics, which is not
 what that layer did in training. Here every BN runs in eval mode, fed per batch the statistics
@@ -21,7 +21,7 @@ import torch
 
 from ._progress import DataPass
 from .calibration import BatchComposition, order_warning
-from .check import BatchSpread, CheckReport, CheckThresholds, PairedOutputs, assess_layer
+from .checking import BatchSpread, CheckReport, CheckThresholds, PairedOutputs, assess_layer
 from .data import select_inputs
 from .errors import BncalError, first_line
 from .recalibration import batchnorm_layers, renorm_references
@@ -40,8 +40,8 @@ def check_torch(model: torch.nn.Module, batches: Iterable, *, thresholds: CheckT
 
     Batches as for :func:`bncal.recalibrate` (one pass: a one-shot iterator is fine; ``inputs``
     picks the model inputs, ``forward_fn(model, batch)`` calls the model). Batches should be
-    drawn at random and hold 16 or more samples (see :class:`bncal.check.CheckThresholds`);
-    batches far from random draws are named in ``warnings``, as in :func:`bncal.check.check_onnx`. The
+    drawn at random and hold 16 or more samples (see :class:`bncal.checking.CheckThresholds`);
+    batches far from random draws are named in ``warnings``, as in :func:`bncal.checking.check_onnx`. The
     model is left as it was: modes, statistics and weights.
 
     Raises:
@@ -146,7 +146,7 @@ def _all_eval(model):
 
 
 def _numpy(batch):
-    """A batch's tensors as numpy arrays, for :func:`bncal.check.rebatch_pair`."""
+    """A batch's tensors as numpy arrays, for :func:`bncal.checking.rebatch_pair`."""
     if isinstance(batch, torch.Tensor):
         return batch.detach().cpu().numpy()
     if isinstance(batch, dict):

@@ -147,11 +147,11 @@ def plot_recalibration(report, path=None, *, model: str | None = None, axes=None
 
     Per layer, the old mean's shift in units of the new standard deviation and the ratio old
     variance / new variance (the report's ``mean_shift`` and ``var_ratio``), against the band
-    :class:`bncal.check.CheckThresholds` allows by default: layers outside it held statistics
+    :class:`bncal.checking.CheckThresholds` allows by default: layers outside it held statistics
     that ``bncal check`` would have failed. Returns the Figure (``axes``, ``path``: as for
     :func:`plot_layer_series`).
     """
-    from .check import CheckThresholds
+    from .checking import CheckThresholds
 
     limits = CheckThresholds()
     layers = report.layers

@@ -356,9 +356,9 @@ class RecalibrationReport(ReportDisplay):
     channel_subject = "old statistics against the recalibrated ones, the check's default limits"
 
     def outside_check_limits(self) -> list[bool]:
-        """Per layer: whether its old statistics were outside :class:`bncal.check.CheckThresholds`'
+        """Per layer: whether its old statistics were outside :class:`bncal.checking.CheckThresholds`'
         default limits (``bncal check`` would have failed them)."""
-        from .check import CheckThresholds
+        from .checking import CheckThresholds
 
         limits = CheckThresholds()
         return [not (l.mean_shift <= limits.max_mean_shift and abs(math.log(l.var_ratio)) <= limits.max_var_log_ratio)

@@ -10,7 +10,7 @@
 - :func:`run` and :func:`run_onnx`: ``session.run`` with onnxruntime's errors as one line;
 - :class:`StatisticsSession`: a derived graph of :mod:`bncal.onnx_graphs` (in the form
   :func:`statistics_form` picks) read as per-BN batch statistics and merged into
-  :class:`~bncal.stats.ChannelMoments` (used by :func:`bncal.check.check_onnx` and
+  :class:`~bncal.stats.ChannelMoments` (used by :func:`bncal.checking.check_onnx` and
   :func:`bncal.onnx_recalibrate.recalibrate_onnx`);
 - :func:`measure_latency` and :func:`compare_latency`.
 

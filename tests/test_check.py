@@ -12,7 +12,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from bncal.check import CheckThresholds, check_onnx
+from bncal.checking import CheckThresholds, check_onnx
 from bncal.errors import BncalError
 from bncal.onnx_graphs import find_batchnorms
 from bncal.onnx_recalibrate import recalibrate_onnx
@@ -132,7 +132,7 @@ def test_one_value_per_channel_is_refused(mnist):
 
 def test_verdict_parts_against_closed_forms():
     """assess_layer, OutputAgreement and CheckReport.from_checks: what a check in another framework uses."""
-    from bncal.check import CheckReport, OutputAgreement, assess_layer
+    from bncal.checking import CheckReport, OutputAgreement, assess_layer
     from bncal.stats import ChannelMoments
 
     t = CheckThresholds()
@@ -164,7 +164,7 @@ def test_check_module_imports_neither_onnx_nor_torch():
     import subprocess
     import sys
 
-    script = ("import sys\nimport bncal.check\n"
+    script = ("import sys\nimport bncal.checking\n"
               "loaded = [m for m in ('onnx', 'onnxruntime', 'torch') if m in sys.modules]\n"
               "assert not loaded, loaded\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -172,7 +172,7 @@ def test_check_module_imports_neither_onnx_nor_torch():
 
 
 def test_rebatch_pair_gives_every_sample_new_batch_mates_and_unpair_restores_the_order():
-    from bncal.check import rebatch_pair, unpair
+    from bncal.checking import rebatch_pair, unpair
 
     a, b = np.arange(6.0).reshape(6, 1), 10 + np.arange(4.0).reshape(4, 1)
     a2, b2 = rebatch_pair(a, b)
@@ -227,7 +227,7 @@ def test_random_init_net_on_random_inputs_passes_after_exact_eval_recalibration(
 
 
 def test_batches_of_one_sample_are_not_judged_and_one_batch_uses_fixed_limits():
-    from bncal.check import OutputAgreement
+    from bncal.checking import OutputAgreement
 
     t = CheckThresholds()
     single = OutputAgreement()

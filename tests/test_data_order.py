@@ -193,7 +193,7 @@ def test_check_still_blames_a_stale_first_layer_on_ordered_data(recalibrated):
 
 
 def test_check_verdict_on_batches_far_from_random_blames_only_the_first_layer():
-    from bncal.check import CheckReport, CheckThresholds, LayerCheck, OutputCheck
+    from bncal.checking import CheckReport, CheckThresholds, LayerCheck, OutputCheck
 
     def layer(name, passed):
         return LayerCheck(name, 4, 1000, 0.01 if passed else 2.0, 1.0, 0.2, 0.3, passed)

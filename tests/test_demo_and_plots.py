@@ -62,7 +62,7 @@ def test_check_plot_draws_each_layer_against_its_band_and_marks_failures(tmp_pat
 
     from matplotlib.colors import to_hex
 
-    from bncal.check import CheckReport, CheckThresholds, LayerCheck, OutputCheck
+    from bncal.checking import CheckReport, CheckThresholds, LayerCheck, OutputCheck
     from bncal.plot import plot_check
 
     layers = [LayerCheck("ok", 4, 400, 0.05, 1.1, 0.25, 0.41, True),
@@ -112,7 +112,7 @@ def _failing_check_report():
     """A check report whose layer 'shifted' fails on channel 2 only, with its per-channel figures."""
     import numpy as np
 
-    from bncal.check import CheckReport, CheckThresholds, LayerCheck, OutputCheck
+    from bncal.checking import CheckReport, CheckThresholds, LayerCheck, OutputCheck
 
     layers = [LayerCheck("ok", 3, 400, 0.05, 1.1, 0.25, 0.41, True, channel_mean_shift=np.array([0.01, 0.05, 0.02]),
                          channel_var_ratio=np.array([1.0, 1.1, 0.95])),

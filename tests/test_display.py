@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import bncal
-from bncal.check import CheckThresholds, LayerCheck, OutputCheck, CheckReport
+from bncal.checking import CheckThresholds, LayerCheck, OutputCheck, CheckReport
 from bncal.report import SkippedLayer, format_table, text_to_html
 from bncal.verify import ComparisonReport, OutputComparison
 from models import zoo

@@ -330,7 +330,7 @@ def test_no_torch_import_at_run_time(tmp_path):
     script = f"""
 import sys, numpy as np, onnx
 from bncal.onnx_recalibrate import recalibrate_onnx
-from bncal.check import check_onnx
+from bncal.checking import check_onnx
 model = onnx.load({str(path)!r})
 x = np.random.default_rng(0).normal(0, 1, (8, 3, 9, 9)).astype(np.float32)
 new, _ = recalibrate_onnx(model, [x[:4], x[4:]], mode="eval")

@@ -17,7 +17,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 import bncal
-from bncal.check import check_onnx
+from bncal.checking import check_onnx
 from bncal.folding import fold_onnx
 from bncal.onnx_recalibrate import recalibrate_onnx
 from bncal.onnx_view import constant_array, find_batchnorms
@@ -129,3 +129,13 @@ def test_constant_array_follows_identity_chains_only():
     values = {v.name: v for node in model.graph for v in node.outputs}
     np.testing.assert_array_equal(constant_array(values["var"]), [1, 1, 1])
     assert constant_array(values["c"]) is None  # computed by a Conv
+
+
+def test_bncal_check_is_the_front_door_whatever_was_imported_first(shared_file, data):
+    """``bncal.check`` is the function even after its module was imported by name (it lives in
+    bncal.checking, so no submodule import can shadow it), and it routes an ONNX model to check_onnx."""
+    import bncal.checking  # noqa: F401
+
+    _, model = shared_file
+    report = bncal.check(model, data)
+    assert callable(bncal.check) and report.verdict == check_onnx(model, data).verdict == "FAILED"

@@ -33,7 +33,7 @@ def command(args) -> int:
     with its BatchNorms kept; the report then also shows PyTorch-eval vs onnxruntime parity),
     or a .keras file (checked in Keras itself). Use batches of 32 or more.
     """
-    from ..check import CheckThresholds, check
+    from ..checking import CheckThresholds, check
 
     ui = args.ui
     fresh = args.model.kind.name == "torch" and args.model.weights is None  # a factory spec without weights

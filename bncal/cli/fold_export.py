@@ -89,7 +89,7 @@ _KERAS_REFUSAL = (
 def _check(args, report, data, net, progress):
     """The train/inference check of the unfolded model on ``data`` (a PyTorch ``net``'s batches
     in its graph-input order), or None with a note when there is nothing to check."""
-    from ..check import check
+    from ..checking import check
     from ..data import NumpyBatches
     from ..fold_export import fit_to_batch_size, fixed_batch_size
     from ..onnx_view import find_batchnorms

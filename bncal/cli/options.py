@@ -645,7 +645,7 @@ class ToleranceArgs(OptionGroup):
 
 
 class ThresholdArgs(OptionGroup):
-    """The limits of ``bncal check`` (:class:`bncal.check.CheckThresholds`), as keyword arguments."""
+    """The limits of ``bncal check`` (:class:`bncal.checking.CheckThresholds`), as keyword arguments."""
 
     name = "thresholds"
 

@@ -15,7 +15,7 @@ torch is::
     print(bncal.keras.inspect(model, batch_size=2000, dataset_size=4000).table())
 
 The results are the same report types as the PyTorch and ONNX paths
-(:class:`bncal.report.RecalibrationReport`, :class:`bncal.check.CheckReport`,
+(:class:`bncal.report.RecalibrationReport`, :class:`bncal.checking.CheckReport`,
 :class:`bncal.inspection.InspectReport`), computed by the same statistics core
 (:mod:`bncal.stats`), the same recalibration policy (:mod:`bncal.calibration`) and the same
 rules. ``bncal.recalibrate`` and ``bncal.inspect_model`` hand a ``keras.Model`` over to these
@@ -38,7 +38,7 @@ _EXPORTS = {
     "save_model": "loading",
     "batchnorm_layers": "layers",
     "recalibrate": "recalibration",
-    "check": "check",
+    "check": "checking",
     "inspect": "inspection",
     "InverseDecayMomentum": "callbacks",
     "RecalibrateOnTrainEnd": "callbacks",

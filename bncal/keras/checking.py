@@ -1,7 +1,7 @@
 """Check a Keras model's BatchNormalization statistics against its data.
 
-The verdict is the ONNX check's (:mod:`bncal.check`: :func:`~bncal.check.assess_layer`,
-:class:`~bncal.check.OutputAgreement`, :meth:`~bncal.check.CheckReport.from_checks`), the
+The verdict is the ONNX check's (:mod:`bncal.checking`: :func:`~bncal.checking.assess_layer`,
+:class:`~bncal.checking.OutputAgreement`, :meth:`~bncal.checking.CheckReport.from_checks`), the
 thresholds and the table the same. Per batch the model runs twice, eagerly:
 
 - inference mode, as deployed (``training=False``, every BN on its moving statistics);
@@ -11,7 +11,7 @@ thresholds and the table the same. Per batch the model runs twice, eagerly:
 
 Per layer the moving statistics are compared with those population statistics; per model
 output, inference with train mode, judged against train mode on a second batching of the same
-samples (:class:`bncal.check.PairedOutputs`, as in the ONNX check). A ``trainable=False`` layer (Keras runs it in inference
+samples (:class:`bncal.checking.PairedOutputs`, as in the ONNX check). A ``trainable=False`` layer (Keras runs it in inference
 mode in training too) keeps its moving statistics in both runs and is listed as skipped. A
 ``renorm=True`` layer runs its own training forward in train mode (normalisation by its renorm
 averages where r and d are not clipped, :mod:`bncal.renorm`), and its moving statistics are
@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from ..calibration import BatchComposition, order_warning
-from ..check import BatchSpread, CheckReport, CheckThresholds, PairedOutputs, assess_layer
+from ..checking import BatchSpread, CheckReport, CheckThresholds, PairedOutputs, assess_layer
 from ..errors import BncalError
 from ..report import SkippedLayer
 from ..stats import ChannelMoments
@@ -53,7 +53,7 @@ def check(
     ``data``, ``batch_size``, ``forward_fn``, ``max_samples`` and ``progress`` as for
     :func:`bncal.keras.recalibrate` (one pass: a one-shot iterator is fine). Batches should be
     drawn at random and hold 16 or more samples for the output tests to mean something (see
-    :class:`bncal.check.CheckThresholds`). The model is not modified.
+    :class:`bncal.checking.CheckThresholds`). The model is not modified.
 
     Raises:
         BncalError: not a built Keras model, no BN to check, empty or non-finite data, a batch
