@@ -126,12 +126,9 @@ def derive_train_graph(model: onnx.ModelProto, *, expose_stats: bool = False, ke
                        form: str = "batchnorm") -> tuple[ir.Model, list[BNInfo]]:
     """:func:`make_train_graph` as an ``onnx_ir.Model`` (its weights those of ``model``, not
     copied), for :func:`bncal.runtime.ort_session`."""
-    _require_opset(model)
-    _require_form(form)
     if not keep_model_outputs and not expose_stats:
         raise ValueError("keep_model_outputs=False needs expose_stats=True: the graph would have no outputs")
-    derived = _DerivedGraph(model)
-    result = []
+    derived, result = _DerivedGraph.start(model, form), []
     for info in find_batchnorms(derived.model):
         if not info.handled:
             result.append(info)
@@ -167,10 +164,7 @@ def derive_stats_graph(model: onnx.ModelProto, *, keep_model_outputs: bool = Tru
                        form: str = "batchnorm") -> tuple[ir.Model, list[BNInfo]]:
     """:func:`make_stats_graph` as an ``onnx_ir.Model`` (its weights those of ``model``, not
     copied), for :func:`bncal.runtime.ort_session`."""
-    _require_opset(model)
-    _require_form(form)
-    derived = _DerivedGraph(model)
-    result = []
+    derived, result = _DerivedGraph.start(model, form), []
     for info in find_batchnorms(derived.model):
         if not info.handled:
             result.append(info)
@@ -481,6 +475,13 @@ class _DerivedGraph:
         self.opset = default_opset(self.model)
         self.constants = {}  # (dtype, shape, bytes) -> a shared initializer
         self.exposed: list[ir.Value] = []  # statistics outputs, in BN order
+
+    @classmethod
+    def start(cls, model: onnx.ModelProto, form: str) -> "_DerivedGraph":
+        """The derived graph of ``model`` in statistics ``form``, once both are known to be usable."""
+        _require_opset(model)
+        _require_form(form)
+        return cls(model)
 
     def fresh(self, hint: str) -> str:
         return fresh_name(_PREFIX + hint, self.taken)

@@ -100,6 +100,20 @@ for _cls in (DropBlock2d, BatchNormAct2d, SyncBatchNormAct, FrozenBatchNormAct2d
     _cls.__module__ = "timm.layers.norm_act"
 
 
+class RepVGGBlock(nn.Module):
+    """RepVGG's training-time block: 3x3 conv + BN, 1x1 conv + BN and an identity BN, summed, then ReLU.
+    The identity BN has no layer of its own to fold into (its affine is summed with two others)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv3, self.bn3 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)
+        self.identity = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(self.bn3(self.conv3(x)) + self.bn1(self.conv1(x)) + self.identity(x))
+
+
 def randomize(net, seed=0):
     """Distinct statistics and affine for every BN, frozen ones included."""
     g = torch.Generator().manual_seed(seed)

@@ -265,12 +265,20 @@ def test_bad_input(project, monkeypatch, case):
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # huge.png has 4096 pixels, the others 64
     if setup:
         setup(project)
+    run_refused(project, argv, expected_code, words)
+
+
+def run_refused(project, argv, expected_code: int, words: str) -> str:
+    """Run the CLI on ``argv`` (``{d}``: the project folder) and hold it to the contract: the exit
+    status, one error line holding ``words``, nothing written, no temporary left, every input
+    unchanged. Returns the error line."""
     before = snapshot(project)
     code, output = run(*[a.replace("{d}", str(project)) for a in argv])
     assert code == expected_code, output
     line = error_line(code, output)
     assert words.replace("{d}", str(project)) in line, line
-    assert snapshot(project) == before  # nothing written, no temporary left, every input unchanged
+    assert snapshot(project) == before
+    return line
 
 
 def test_big_endian_npy_reads_as_the_same_numbers(project):

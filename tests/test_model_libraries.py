@@ -12,8 +12,8 @@ from torch import nn
 import bncal
 from bncal.bn_modules import is_frozen_batchnorm, sync_to_batchnorm, unfreeze_batchnorm
 from bncal.errors import BncalError
-from models.library_lookalikes import (BatchNormAct2d, FrozenBatchNorm2d, FrozenBatchNormAct2d, SyncBatchNormAct,
-                                       error_in_sd, float64_bn_statistics, lcnet_like, randomize)
+from models.library_lookalikes import (BatchNormAct2d, FrozenBatchNorm2d, FrozenBatchNormAct2d, RepVGGBlock,
+                                       SyncBatchNormAct, error_in_sd, float64_bn_statistics, lcnet_like, randomize)
 
 
 def _act_net(sync: bool = False):
@@ -101,23 +101,10 @@ def test_unfreeze_and_sync_to_batchnorm_keep_eval_outputs():
     assert is_frozen_batchnorm(net[3])  # the input is never modified
 
 
-class _RepVGGBlock(nn.Module):
-    """RepVGG's training-time block: 3x3 conv + BN, 1x1 conv + BN and an identity BN, summed, then ReLU."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.conv3, self.bn3 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-        self.conv1, self.bn1 = nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)
-        self.identity = nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        return torch.relu(self.bn3(self.conv3(x)) + self.bn1(self.conv1(x)) + self.identity(x))
-
-
 def test_inspect_lists_frozen_bn_and_agrees_with_the_fold():
     from bncal.folding import analyze_foldability
 
-    net = nn.Sequential(_library_net(), nn.Conv2d(4, 4, 1), nn.ReLU(), _RepVGGBlock(4), nn.ReLU(),
+    net = nn.Sequential(_library_net(), nn.Conv2d(4, 4, 1), nn.ReLU(), RepVGGBlock(4), nn.ReLU(),
                         nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
     randomize(net, seed=4)
     x = torch.randn(2, 3, 8, 8)

@@ -45,7 +45,7 @@ def lookalike_families() -> dict:
     import torch
     from torch import nn
 
-    from models.library_lookalikes import (BatchNormAct2d, FrozenBatchNorm2d, SyncBatchNormAct, lcnet_like,
+    from models.library_lookalikes import (BatchNormAct2d, FrozenBatchNorm2d, RepVGGBlock, SyncBatchNormAct, lcnet_like,
                                            randomize)
 
     def byob(bn_act):
@@ -73,16 +73,6 @@ def lookalike_families() -> dict:
         return randomize(nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), FrozenBatchNorm2d(16), nn.ReLU(),
                                        Basic(16, FrozenBatchNorm2d), Basic(16, nn.BatchNorm2d),
                                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)))
-
-    class RepVGGBlock(nn.Module):
-        def __init__(self, c):
-            super().__init__()
-            self.conv3, self.bn3 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-            self.conv1, self.bn1 = nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)
-            self.identity = nn.BatchNorm2d(c)
-
-        def forward(self, x):
-            return torch.relu(self.bn3(self.conv3(x)) + self.bn1(self.conv1(x)) + self.identity(x))
 
     def repvgg():
         torch.manual_seed(0)
