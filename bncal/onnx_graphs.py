@@ -128,13 +128,8 @@ def derive_train_graph(model: onnx.ModelProto, *, expose_stats: bool = False, ke
     copied), for :func:`bncal.runtime.ort_session`."""
     if not keep_model_outputs and not expose_stats:
         raise ValueError("keep_model_outputs=False needs expose_stats=True: the graph would have no outputs")
-    derived, result = _DerivedGraph.start(model, form), []
-    for info in find_batchnorms(derived.model):
-        if not info.handled:
-            result.append(info)
-            continue
-        bn = derived.nodes[info.node_index]
-        dtype = derived.dtype_of(info.mean_initializer)
+    derived = _DerivedGraph.start(model, form)
+    for info, bn, dtype in derived.handled_batchnorms():
         if form == "batchnorm":
             train = derived.training_form(bn, info, dtype)
             derived.graph.insert_before(bn, train)
@@ -154,24 +149,19 @@ def derive_train_graph(model: onnx.ModelProto, *, expose_stats: bool = False, ke
             mean, var, size = stats.mean, stats.var, stats.size
         if expose_stats:
             derived.expose(mean, var, size, dtype, info.channels)
-            result.append(dataclasses.replace(info, mean_output=mean.name, var_output=var.name, count_output=size.name))
+            derived.infos.append(dataclasses.replace(info, mean_output=mean.name, var_output=var.name, count_output=size.name))
         else:
-            result.append(info)
-    return derived.finish(keep_model_outputs), result
+            derived.infos.append(info)
+    return derived.finish(keep_model_outputs), derived.infos
 
 
 def derive_stats_graph(model: onnx.ModelProto, *, keep_model_outputs: bool = True, anchored: bool = False,
                        form: str = "batchnorm") -> tuple[ir.Model, list[BNInfo]]:
     """:func:`make_stats_graph` as an ``onnx_ir.Model`` (its weights those of ``model``, not
     copied), for :func:`bncal.runtime.ort_session`."""
-    derived, result = _DerivedGraph.start(model, form), []
-    for info in find_batchnorms(derived.model):
-        if not info.handled:
-            result.append(info)
-            continue
-        bn = derived.nodes[info.node_index]
+    derived = _DerivedGraph.start(model, form)
+    for info, bn, dtype in derived.handled_batchnorms():
         x = bn.inputs[0]
-        dtype = derived.dtype_of(info.mean_initializer)
         # Graph inputs with the model's statistics as defaults: fed per pass, else the model's.
         mean_feed = derived.initializer(derived.value_of(info.mean_initializer), f"{info.name}.running_mean",
                                         as_input=True)
@@ -194,9 +184,9 @@ def derive_stats_graph(model: onnx.ModelProto, *, keep_model_outputs: bool = Tru
         else:
             derived.graph.insert_after(bn, stats_nodes)
         derived.expose(mean, var, size, dtype, info.channels)
-        result.append(dataclasses.replace(info, mean_output=mean.name, var_output=var.name, count_output=size.name,
+        derived.infos.append(dataclasses.replace(info, mean_output=mean.name, var_output=var.name, count_output=size.name,
                                           mean_feed=mean_feed.name, var_feed=var_feed.name, **previous))
-    return derived.finish(keep_model_outputs), result
+    return derived.finish(keep_model_outputs), derived.infos
 
 
 def _anchor(derived, bn, info, dtype, mean_feed, var_feed, batch_mean, batch_var) -> tuple[list, dict]:
@@ -475,6 +465,7 @@ class _DerivedGraph:
         self.opset = default_opset(self.model)
         self.constants = {}  # (dtype, shape, bytes) -> a shared initializer
         self.exposed: list[ir.Value] = []  # statistics outputs, in BN order
+        self.infos: list[BNInfo] = []  # every BN's, in graph order (see handled_batchnorms)
 
     @classmethod
     def start(cls, model: onnx.ModelProto, form: str) -> "_DerivedGraph":
@@ -482,6 +473,15 @@ class _DerivedGraph:
         _require_opset(model)
         _require_form(form)
         return cls(model)
+
+    def handled_batchnorms(self):
+        """``(info, BN node, statistics dtype)`` of each BN bncal handles, in graph order; the
+        others' infos go to :attr:`infos` as they pass, where the caller adds each handled one's."""
+        for info in find_batchnorms(self.model):
+            if not info.handled:
+                self.infos.append(info)
+                continue
+            yield info, self.nodes[info.node_index], self.dtype_of(info.mean_initializer)
 
     def fresh(self, hint: str) -> str:
         return fresh_name(_PREFIX + hint, self.taken)
