@@ -280,7 +280,7 @@ def run_guard(scored: dict[str, object], guard, *, before, judged: str, **option
 
 
 def guarded_step(model, guard, metric=None, tol=None):
-    """A context for a step that changes ``model`` (PyTorch, in place): the guard started on it,
+    """Before a step that changes ``model`` in place: the guard started on it (its score as given),
     or None without ``guard``; after the step, :func:`finish_step` judges the result."""
     return None if guard is None else start_guard(model, guard, metric=metric, tol=tol)
 
