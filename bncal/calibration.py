@@ -34,13 +34,17 @@ from .errors import BncalError
 from .report import LayerRecalibration, LayerStats, RecalibrationReport, SkippedLayer, channel_shift, summarize_shift
 from .stats import ChannelMoments, mix_with_source
 
-__all__ = ["MODES", "check_mode", "data_source", "DataOrder", "BatchComposition", "Exchangeability", "order_warning",
-           "require_finite", "SourcePrior", "source_prior", "LayerResult", "build_report", "NEVER_REACHED"]
+__all__ = ["MODES", "check_mode", "data_source", "batch_fingerprint", "DataOrder", "BatchComposition", "Exchangeability", "order_warning",
+           "require_finite", "SourcePrior", "source_prior", "LayerResult", "build_report", "NEVER_REACHED",
+           "one_value_error", "require_layers"]
 
 MODES = ("train", "eval")
 
 #: The skip reason of a BN the calibration data never reached.
 NEVER_REACHED = "never reached by the data: its statistics were left as they were"
+
+#: The refusal of calibration or check data holding NaN or Inf.
+NONFINITE_DATA = "the calibration data contains NaN or Inf values; clean or filter it first"
 
 ONE_SHOT_REFUSAL = ("mode 'eval' passes over the data several times; give a list, a DataLoader or a function "
                     "returning a fresh iterable, not a one-shot iterator")
@@ -69,6 +73,18 @@ def data_source(data, *, reread: bool) -> Callable[[], Iterable]:
     if reread and iter(data) is data:
         raise BncalError(ONE_SHOT_REFUSAL)
     return lambda: data
+
+
+def batch_fingerprint(x) -> float:
+    """The float64 sum of a batch's first floating input (a numpy array or a tensor; else its
+    first input; None gives 0): how :class:`DataOrder` recognises the batch in a later pass."""
+    if x is None:
+        return 0.0
+    if isinstance(x, np.ndarray):
+        return float(np.sum(x, dtype=np.float64))
+    if hasattr(x, "double"):  # a torch tensor, wherever it lives
+        return float(x.detach().double().sum())
+    return float(np.sum(np.asarray(x), dtype=np.float64))
 
 
 class DataOrder:
@@ -326,6 +342,23 @@ def source_prior(prior: float | None, source: dict[str, LayerStats]) -> SourcePr
             raise BncalError(f"a prior mixes in the model's current statistics, but BatchNorm {name} has "
                              f"{'none yet' if stats.mean.size == 0 else 'non-finite ones'}; use prior 0")
     return SourcePrior(strength, source)
+
+
+def one_value_error(index: int, fix: str, name: str | None = None, count: int = 1) -> BncalError:
+    """The error for a train-mode batch giving a BN (``name`` where known) ``count`` value per
+    channel, where batch statistics are undefined; the message ends with the caller's ``fix``."""
+    which = f"BatchNorm {name}" if name else "a BatchNorm"
+    values = "one value" if count == 1 else f"{count} values"
+    return BncalError(f"batch {index} gives {which} only {values} per channel, so its batch statistics "
+                      f"(train mode) are undefined; {fix}")
+
+
+def require_layers(layers: list, skipped: list[SkippedLayer], what: str, hint: str = "") -> None:
+    """Refuse a model with no BN to ``what`` ("recalibrate", "check"), naming the skipped ones and ``hint``."""
+    if layers:
+        return
+    detail = f" ({'; '.join(f'{s.name}: {s.reason}' for s in skipped)})" if skipped else ""
+    raise BncalError(f"the model has no BatchNorm layer with moving statistics to {what}{detail}{hint}")
 
 
 class LayerResult(NamedTuple):

@@ -1,10 +1,9 @@
-"""Check an ONNX model's BatchNorm statistics against its data, in onnxruntime.
+"""The verdict of a check of BatchNorm statistics against data: per layer, per output, and the report.
 
 A BN computes one thing in training (normalise with the batch's statistics) and another at
 inference (normalise with the stored moving statistics). The two agree only when the moving
-statistics are those of the data the BN sees. :func:`check_onnx` runs the inference graph and
-the train-mode graph (:func:`bncal.onnx_graphs.make_train_graph`, statistics exposed) on the
-same calibration batches and reports:
+statistics are those of the data the BN sees. A check (:func:`bncal.driver.run_check`, for
+every framework) runs the model in inference and in train mode on the same batches and reports:
 
 - per BN layer (exact, the primary test): the moving statistics against the population
   statistics of the layer's input over all batches (merged exactly by
@@ -26,7 +25,7 @@ same calibration batches and reports:
 Batches too small to judge: train mode departs from inference even with exact moving
 statistics, by a systematic part that shrinks about as ``1 / batch size`` (each BN upstream
 normalises with its batch's statistics; a layer deep in a net at 3x3 pixels sees few values per
-batch) on top of the batch noise the tests allow for. :func:`check_onnx` therefore also runs
+batch) on top of the batch noise the tests allow for. The check therefore also runs
 train mode on consecutive batches merged two by two (:class:`BatchSizeProbe`). A layer or output
 that fails at batch ``n`` but passes once the trend from ``n`` to ``2n`` is followed to larger
 batches is reported as judged at too small a batch, with the batch size at which it would be
@@ -39,9 +38,8 @@ when everything it could check passed, the verdict is ``INCOMPLETE`` ("PASSED fo
 normalisation layers; K lowered to arithmetic by the converter could not be checked") and
 ``passed`` is False, so ``bncal check`` exits 1 (``--allow-unchecked`` accepts it).
 
-The verdict needs neither onnx nor onnxruntime: :func:`assess_layer`, :class:`OutputAgreement`
-and :meth:`CheckReport.from_checks` take numbers from any framework; only :func:`check_onnx`
-imports the ONNX modules, when called.
+The verdict needs no framework: :func:`assess_layer`, :class:`OutputAgreement` and
+:meth:`CheckReport.from_checks` take numbers from any framework's check.
 """
 
 from __future__ import annotations
@@ -53,19 +51,17 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from .data import leading_size
-from .errors import BncalError
-from .extras import is_torch_module
 from .report import (ReportDisplay, SkippedLayer, channel_shift, describe_nonfinite, format_table, output_label, plural,
                      summarize_shift)
 from .stats import ChannelMoments
 
 __all__ = ["CheckThresholds", "LayerCheck", "BatchSpread", "BatchSizeProbe", "OutputCheck", "CheckReport",
-           "OutputAgreement", "PairedOutputs", "assess_layer", "rebatch_pair", "unpair", "check", "check_onnx"]
+           "OutputAgreement", "PairedOutputs", "assess_layer", "rebatch_pair", "unpair"]
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckThresholds:
-    """Limits for :func:`check_onnx`; a model passes when every layer and output is within them.
+    """Limits for a check (:func:`bncal.check`); a model passes when every layer and output is within them.
 
     ``max_mean_shift`` (0.1): largest per-channel ``|moving mean - population mean| /
     sqrt(population var + eps)``: the BN output moves by that many of its own standard
@@ -209,7 +205,7 @@ class CheckReport(ReportDisplay):
     ``unchecked`` lists the normalisation layers the check knows of but could not check
     (lowered to arithmetic by a converter), ``unchecked_count`` their number; with any of them
     ``passed`` is False and :attr:`verdict` is ``INCOMPLETE`` when all else passed.
-    Built by :meth:`from_checks` (by :func:`check_onnx`, and by any other framework's check).
+    Built by :meth:`from_checks` (by :func:`bncal.driver.run_check`, for every framework).
     """
 
     passed: bool
@@ -523,10 +519,9 @@ class BatchSizeProbe:
     """Train mode on the check's batches merged two by two: is a failure the batch size's doing?
 
     :meth:`add` each batch with its inference and train-mode outputs and its own train-mode
-    moments (:meth:`bncal.runtime.StatisticsSession.collect` into a fresh
-    ``new_moments()``); every two consecutive batches are joined and run in train mode once more
-    (``train(feeds, index, moments)`` merges the joined batch's statistics and returns its
-    outputs). Over the samples of the joined pairs it keeps each BN's moments at batch ``n``
+    moments (``{BN name: ChannelMoments}``; ``new_moments()`` gives an empty such dict); every
+    two consecutive batches are joined and run in train mode once more (``train(batch, index,
+    into)`` merges the joined batch's moments into ``into`` and returns its outputs). Over the samples of the joined pairs it keeps each BN's moments at batch ``n``
     (the check's batches) and ``2n`` (joined), and per output ``rms(inference - train)`` at both.
 
     With exact moving statistics, train mode departs from inference by batch noise plus a
@@ -546,7 +541,7 @@ class BatchSizeProbe:
     MIN_OUTPUT_EXPONENT = 0.6
 
     def __init__(self, new_moments: Callable, names: list[str], train: Callable):
-        self.at_n, self.at_2n = new_moments(), new_moments()
+        self.at_n, self.at_2n = new_moments(), new_moments()  # {BN name: ChannelMoments}
         self.names, self.train = list(names), train
         self.held = None
         self.gap_sq = {name: [0.0, 0.0] for name in self.names}  # sum (inference - train)^2 at n, at 2n
@@ -562,9 +557,9 @@ class BatchSizeProbe:
             return
         joined = _join(a, batch)
         train_2n = self.train(joined, index, self.at_2n)
-        for mine, theirs in ((self.at_n, moments_a), (self.at_n, moments)):
-            for layer, other in zip(mine.layers.values(), theirs.layers.values()):
-                layer.merge(other)
+        for theirs in (moments_a, moments):
+            for name, other in theirs.items():
+                self.at_n[name].merge(other)
         for k, name in enumerate(self.names):
             inf = np.concatenate([np.asarray(inf_a[k], np.float64), np.asarray(inferred[k], np.float64)])
             at_n = np.concatenate([np.asarray(train_a[k], np.float64), np.asarray(trained[k], np.float64)])
@@ -583,9 +578,9 @@ class BatchSizeProbe:
 
     def needed_batch_for_layer(self, check: LayerCheck, moving_mean, moving_var, eps: float,
                                thresholds: CheckThresholds) -> int | None:
-        if not self.pairs or check.name not in self.at_n.layers:
+        if not self.pairs or check.name not in self.at_n:
             return None
-        n, n2 = self.at_n.layers[check.name], self.at_2n.layers[check.name]
+        n, n2 = self.at_n[check.name], self.at_2n[check.name]
         if not (n.count and n2.count):
             return None
         mean_inf, var_inf = 2 * n2.mean - n.mean, np.maximum(2 * n2.variance - n.variance, 0.0)
@@ -808,193 +803,3 @@ class OutputAgreement:
         if thresholds.min_top1_agreement is not None and agreement is not None:
             out.passed = out.passed and agreement >= thresholds.min_top1_agreement
         return out
-
-
-def check(
-    model,
-    data: Iterable,
-    *,
-    thresholds: CheckThresholds = CheckThresholds(),
-    max_samples: int | None = None,
-    providers: list | None = None,
-    progress: bool | Callable[[int], None] = False,
-    inputs=None,
-    parity_batches: int = 3,
-) -> CheckReport:
-    """Check whether ``model``'s moving BN statistics match ``data``: the front door of every model kind.
-
-    - an ``onnx.ModelProto`` or ``.onnx`` path: :func:`check_onnx`, in onnxruntime;
-    - a ``torch.nn.Module`` with batch renormalisation layers: :func:`bncal.check_torch.check_torch`,
-      in PyTorch (an export would make them plain BatchNorms, whose train mode is not theirs);
-    - any other ``torch.nn.Module``: exported to ONNX with its BatchNorms kept (inputs shaped like
-      the first batch, a dynamic batch axis), then :func:`check_onnx` on that graph; PyTorch
-      eval and onnxruntime are first compared on the first ``parity_batches`` batches
-      (:attr:`CheckReport.parity`), and a failed parity fails the check: the export would not
-      speak for the model. The model's train/eval flags are left as they were;
-    - a Keras model or ``.keras`` path: :func:`bncal.keras.check`, in Keras itself
-      (``providers`` does not apply there).
-
-    ``data`` is an iterable of batches (numpy arrays or tensors; tuples or dicts for several
-    inputs; ``inputs`` picks them out of ``(inputs, labels)`` batches, see
-    :func:`bncal.data.select_inputs`). Returns the :class:`CheckReport`; ``report.passed`` and
-    ``report.verdict`` give the outcome.
-
-    Raises:
-        BncalError: a model of another kind, data not matching the model, no BN to check.
-    """
-    from pathlib import Path
-
-    from .data import NumpyBatches, select_inputs
-    from .keras import is_keras_model
-
-    if isinstance(model, (str, Path)):
-        from .loading import model_kind
-
-        path = Path(model)
-        if model_kind(path).name == "keras":
-            from .keras import load_model as load_keras
-
-            model = load_keras(path)
-        else:
-            import onnx
-
-            if not path.is_file():
-                raise BncalError(f"{path} is not a file; give an .onnx or .keras model, or a model object")
-            model = onnx.load(str(path))
-    if is_keras_model(model):
-        from .keras import check as check_keras
-
-        return check_keras(model, select_inputs(data, inputs), thresholds=thresholds, max_samples=max_samples,
-                           progress=progress)
-    if type(model).__name__ == "ModelProto":
-        return check_onnx(model, data, thresholds=thresholds, max_samples=max_samples, providers=providers,
-                          progress=progress, inputs=inputs)
-    if not is_torch_module(model):
-        raise BncalError(f"cannot check a {type(model).__name__}; give an ONNX model, a torch.nn.Module or a "
-                         "Keras model")
-    from itertools import islice
-
-    import torch
-
-    from .data import TorchBatches
-    from .export import export_onnx, positional_inputs
-    from .fold_export import torch_onnx_parity
-    from .nn import is_batch_renorm
-
-    selected = select_inputs(data, inputs)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    if any(is_batch_renorm(m) for m in model.modules()):
-        # An export turns a renorm layer into a plain BatchNormalization, whose train mode is not renorm's.
-        from .check_torch import check_torch
-
-        report = check_torch(model, TorchBatches(selected, dtype), thresholds=thresholds, max_samples=max_samples,
-                             progress=progress)
-        report.notes.append("checked in PyTorch, not in onnxruntime: the model has batch renormalisation layers, "
-                            "which an ONNX export turns into plain BatchNormalization")
-        return report
-    first = [positional_inputs(model, batch) for batch in islice(TorchBatches(selected, dtype), parity_batches)]
-    if not first:
-        raise BncalError("the data is empty; give at least one batch")
-    # Dict batches name the graph inputs, so that they feed it by name whatever their key order.
-    proto = export_onnx(model, first[0][0], keep_batchnorm=True, input_names=first[0][1])
-    parity = torch_onnx_parity(model, proto, [batch for batch, _ in first])
-    report = check_onnx(proto, NumpyBatches(selected), thresholds=thresholds, max_samples=max_samples,
-                        providers=providers, progress=progress)
-    return report.with_parity(parity)
-
-
-def check_onnx(
-    model,
-    batches: Iterable,
-    *,
-    thresholds: CheckThresholds = CheckThresholds(),
-    max_samples: int | None = None,
-    providers: list[str] | None = None,
-    progress: bool | Callable[[int], None] = False,
-    inputs=None,
-) -> CheckReport:
-    """Compare an ONNX model's moving BN statistics and inference outputs with train mode on ``batches``.
-
-    ``model`` is an ``onnx.ModelProto``. One pass over the data (a one-shot iterator is fine);
-    batches as for :func:`bncal.onnx_recalibrate.recalibrate_onnx` (see
-    :mod:`bncal.runtime`). Batches should be drawn at random and hold 16 or more samples for
-    the output tests to be meaningful (see :class:`CheckThresholds`); batches far from random
-    draws (:class:`bncal.calibration.BatchComposition`) are named in ``warnings`` and the
-    verdict, instead of blaming the statistics. ``inputs`` picks the model inputs out of each
-    batch (:func:`bncal.data.select_inputs`).
-
-    Raises:
-        BncalError: no BN to check, data not matching the model, NaN/Inf in the data, or a
-            batch giving a BN one value per channel (train mode is undefined there).
-    """
-    import onnx
-    from onnx import numpy_helper
-
-    from .calibration import BatchComposition, order_warning
-    from .data import select_inputs
-    from .onnx_view import find_batchnorms
-    from .fold_export import fixed_batch_size
-    from .onnx_lowered import find_lowered_normalisations, no_batchnorm_hint
-    from .runtime import BatchStream, StatisticsSession, first_floating, input_specs, ort_session, run
-
-    if not isinstance(model, onnx.ModelProto):
-        raise BncalError(f"expected an onnx.ModelProto, got {type(model).__name__}; load the file with onnx.load first")
-    infos = find_batchnorms(model)
-    skipped = [SkippedLayer(i.name, i.skip_reason) for i in infos if not i.handled]
-    if not any(i.handled for i in infos):
-        detail = f" ({'; '.join(f'{s.name}: {s.reason}' for s in skipped)})" if skipped else ""
-        raise BncalError(f"the model has no inference BatchNormalization to check{detail}"
-                         f"{no_batchnorm_hint(model, 'checked')}")
-    lowered = find_lowered_normalisations(model)
-    unchecked = [SkippedLayer(l.name, f"{l.describe()}: {l.reason}, its statistics folded into constants")
-                 for l in lowered if not l.frozen]
-    skipped += [SkippedLayer(l.name, f"{l.describe()}: {l.reason}") for l in lowered if l.frozen]
-    stream = BatchStream(model, select_inputs(batches, inputs), reread=False, max_samples=max_samples,
-                         progress=progress)
-    composition = BatchComposition()
-    output_names = [o.name for o in model.graph.output]
-    inference = ort_session(model, optimization_level="all", providers=providers)
-    train = StatisticsSession.train_graph(model, outputs=output_names, providers=providers)
-
-    moments = train.new_moments()
-    spreads: dict[str, BatchSpread] = {}
-    single_value_fix = "check with batches of 2 or more samples (32+ is better)"
-    fixed_batch = fixed_batch_size(input_specs(model))
-    if fixed_batch == 1:
-        single_value_fix = ("the model's batch size is fixed at 1, so its train mode cannot be run: check a copy "
-                            "exported with a dynamic or larger batch size")
-    paired = PairedOutputs(output_names, lambda feeds, index: run(train.session, output_names, feeds, index=index))
-    # A graph with a fixed batch size cannot run two batches joined: no probe there.
-    probe = None
-    if fixed_batch is None:
-        probe = BatchSizeProbe(train.new_moments, output_names,
-                               lambda feeds, index, into: train.collect(feeds, index, into)[0])
-    for index, feeds in stream:
-        composition.add(first_floating(feeds))
-        inferred = run(inference, output_names, feeds, index=index)
-        own = train.new_moments()
-        trained, batch_stats = train.collect(feeds, index, own, single_value_fix=single_value_fix)
-        for layer, other in zip(moments.layers.values(), own.layers.values()):
-            layer.merge(other)
-        for name, stats in batch_stats.items():
-            spreads.setdefault(name, BatchSpread()).add(stats.mean, stats.var)
-        paired.add(index, feeds, inferred, trained)
-        if probe is not None:
-            probe.add(index, feeds, inferred, trained, own)
-
-    initializers = {init.name: init for init in model.graph.initializer}
-    layers = []
-    for info in train.infos:
-        moving = (numpy_helper.to_array(initializers[info.mean_initializer]),
-                  numpy_helper.to_array(initializers[info.var_initializer]))
-        layer = assess_layer(info.name, info.channels, *moving, moments.layers[info.name], info.epsilon, thresholds,
-                             spreads.get(info.name))
-        if not layer.passed and probe is not None:
-            layer.needed_batch = probe.needed_batch_for_layer(layer, *moving, info.epsilon, thresholds)
-        layers.append(layer)
-    outputs = paired.checks(thresholds)
-    for output in outputs:
-        if not output.passed and probe is not None:
-            output.needed_batch = probe.needed_batch_for_output(output, thresholds)
-    return CheckReport.from_checks(layers, outputs, skipped, thresholds, stream.batches, stream.samples, unchecked,
-                                   batching_warning=order_warning(composition, "check"))

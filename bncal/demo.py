@@ -109,7 +109,7 @@ def run_demo(out_dir, *, models_dir=None, plot: str | Path | None = None, echo: 
     """Run the demo, writing its files to ``out_dir``; ``echo`` receives the narrative lines."""
     import torch
 
-    from .checking import check_onnx
+    from .onnx_check import check_onnx
     from .export import export_onnx
     from .fold_export import fold_export_torch
     from .folding import analyze_foldability

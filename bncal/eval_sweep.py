@@ -54,8 +54,9 @@ from torch import nn
 from ._progress import DataPass, batch_count, progress_reporter
 from ._sweep_cache import Checkpoints
 from ._sweep_plan import SweepPlan, SweepRefused, build_plan, node_cost, tensor_bytes
+from .calibration import batch_fingerprint
 from .errors import BncalError, first_line
-from .torch_passes import LayerMoments, default_forward, prepare_batch
+from .torch_passes import LayerMoments, channel_moments, default_forward, prepare_batch
 from .stats import ChannelMoments
 
 __all__ = ["solve_eval_statistics", "SweepResult", "DEFAULT_CACHE_MB", "DEFAULT_MAX_FORWARD_EQUIVALENTS"]
@@ -206,7 +207,7 @@ class _Sweep:
             env = self._advance(b, batch, s)
             for name, node in self.plan.bn_nodes[s]:
                 x = env[node.args[0]]
-                mean, var = _channel_moments(x)
+                mean, var = channel_moments(x)
                 if name not in pending:
                     pending[name] = LayerMoments(x.shape[1], x.device)
                 pending[name].add(x.numel() // x.shape[1], mean, var)
@@ -256,15 +257,15 @@ class _Sweep:
         return None if known is None else self.plan.depths * known
 
     def _prepare(self, batch, index, remaining):
-        (batch, fingerprint), size = prepare_batch(batch, self.device, remaining, fingerprint=True)
-        return (batch, fingerprint, size), size
+        (batch, first), size = prepare_batch(batch, self.device, remaining)
+        return (batch, batch_fingerprint(first), size), size
 
     def _first_batch(self, batch) -> None:
         """Trace for the first batch's call, then probe two of its samples for node costs and sizes."""
         self.plan = plan = build_plan(self.model, self.names, batch)
         if plan.depths == 0:
             raise SweepRefused("no BatchNorm to recalibrate is called in the traced forward")
-        (small, _), samples = prepare_batch(batch, self.device, 2, fingerprint=False)
+        (small, _), samples = prepare_batch(batch, self.device, 2)
         env = {**plan.constants, **plan.bind(small)}
         for node in plan.nodes:
             if node in plan.calls:
@@ -314,14 +315,6 @@ class _Sweep:
             notes.append(f"{self.recomputed} batch steps were recomputed from older checkpoints "
                          f"(cache_mb={self.cache.budget / _MIB:g})")
         return notes
-
-
-def _channel_moments(x: torch.Tensor):
-    """Per-channel mean and biased variance of a BN input over every axis but 1, in two passes
-    (on CPU about 10x faster than ``torch.var_mean`` over those axes, and as exact)."""
-    y = x.reshape(x.shape[0], x.shape[1], -1)
-    mean = y.mean((0, 2))
-    return mean, (y - mean[:, None]).square_().mean((0, 2))
 
 
 def _same(a: float, b: float) -> bool:

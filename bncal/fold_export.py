@@ -49,7 +49,7 @@ from .report import FoldDecision, ReportDisplay, format_table, output_label, plu
 
 __all__ = [
     "FoldExportReport", "fold_export_torch", "fold_export_onnx", "torch_onnx_parity", "failed_output_path",
-    "fixed_batch_size", "fit_to_batch_size", "example_feeds", "DEFAULT_LATENCY_BATCHES", "VERIFY_BATCH_SIZES",
+    "fit_to_batch_size", "example_feeds", "DEFAULT_LATENCY_BATCHES", "VERIFY_BATCH_SIZES",
 ]
 
 DEFAULT_LATENCY_BATCHES = (1, 32)
@@ -179,17 +179,6 @@ def failed_output_path(output) -> Path:
 # Shapes: the model's own static dimensions first
 
 
-def fixed_batch_size(specs) -> int | None:
-    """The batch size a graph fixes (dim 0 of every input, all equal), or None if any input lets it vary."""
-    sizes = {_static_batch(s) for s in specs}
-    return sizes.pop() if len(sizes) == 1 else None
-
-
-def _static_batch(spec) -> int | None:
-    """Dim 0 of one graph input where the graph fixes it, else None."""
-    return spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 0 else None
-
-
 def fit_to_batch_size(batches, size: int | None, notes: list[str] | None = None):
     """Yield ``batches`` (tuples/lists/dicts of arrays or tensors, or bare ones) cut into pieces of
     ``size`` samples (None: unchanged). Samples that do not fill a piece are dropped; each change is
@@ -228,7 +217,7 @@ def example_feeds(model, *, input_shapes=None, batch_sizes=VERIFY_BATCH_SIZES, s
     dimension needs ``input_shapes`` (shapes in graph-input order, or ``{name: shape}``), which
     then give whole shapes (two batches, as given). Floating inputs are standard normal, others 0.
     """
-    from .runtime import input_specs
+    from .runtime import fixed_batch_size, input_specs
 
     specs = input_specs(model)
     shapes = _shapes_by_name(specs, input_shapes)
@@ -295,6 +284,8 @@ def _latency_feeds(specs, template: dict, batch_sizes, notes: list[str]) -> dict
     """Feeds for each latency batch size, shaped like the verification feeds ``template``; sizes
     that a fixed batch forbids are skipped with a note (measured at the fixed size instead when
     none is left)."""
+    from .runtime import fixed_batch_size, static_batch_size
+
     fixed = fixed_batch_size(specs)
     sizes = list(dict.fromkeys(int(b) for b in batch_sizes))
     if fixed is not None:
@@ -309,7 +300,7 @@ def _latency_feeds(specs, template: dict, batch_sizes, notes: list[str]) -> dict
         feeds = {}
         for spec in specs:
             value = np.asarray(template[spec.name])
-            dynamic = _static_batch(spec) is None
+            dynamic = static_batch_size(spec) is None
             shape = (size, *value.shape[1:]) if dynamic and value.ndim else value.shape
             feeds[spec.name] = (rng.standard_normal(shape) if np.issubdtype(value.dtype, np.floating)
                                 else np.zeros(shape)).astype(value.dtype)
@@ -658,7 +649,7 @@ def fold_export_onnx(
     :func:`fold_export_torch`.
     """
     from .folding import fold_onnx, op_counts
-    from .runtime import input_specs
+    from .runtime import fixed_batch_size, input_specs
     from .verify import compare_outputs
 
     start = time.perf_counter()

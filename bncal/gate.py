@@ -162,7 +162,8 @@ def assert_deployable(model_or_onnx, data=None, guard=None, *, allow=(), metric=
         report.reasons.append(refusal(refused, "pass it as deployable"))
     report.allowed = allowed_notes(inspection.findings, allowed)
     if data is not None:
-        from .checking import CheckThresholds, check
+        from .api import check
+        from .checking import CheckThresholds
 
         report.check = check(model, data, thresholds=thresholds or CheckThresholds(), inputs=inputs)
         if not report.check.passed:

@@ -37,20 +37,17 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ._progress import PassClock
-from .calibration import (BatchComposition, DataOrder, LayerResult, build_report, check_mode, order_warning,
-                          require_finite, source_prior)
+from .calibration import check_mode
 from .data import select_inputs
-from .distributed import active_process_group, combine_across_ranks, world_size
+from .distributed import active_process_group
+from .driver import BNLayer, RecalibrationBackend, run_recalibration
 from .errors import BncalError
-from .guard import finish_step, guarded_step
-from .fold_export import fixed_batch_size
 from .onnx_graphs import write_statistics
 from .onnx_view import find_batchnorms
 from .onnx_lowered import find_lowered_normalisations, no_batchnorm_hint
 from .report import LayerStats, RecalibrationReport, SkippedLayer
-from .runtime import BatchStatistics, BatchStream, StatisticsSession, first_floating, input_specs
-from .stats import ChannelMoments, fixed_point_passes
+from .runtime import (BatchStatistics, StatisticsSession, first_floating, fixed_batch_size, input_specs,
+                      validated_feeds)
 
 __all__ = ["recalibrate_onnx"]
 
@@ -126,75 +123,63 @@ def recalibrate_onnx(
             train-mode batch with one value per channel, a one-shot iterator in eval mode.
     """
     check_mode(mode)
-    if not isinstance(model, onnx.ModelProto):
-        raise BncalError(f"expected an onnx.ModelProto, got {type(model).__name__}; load the file with onnx.load first")
-    infos = find_batchnorms(model)
-    handled = [info for info in infos if info.handled]
-    skipped = [SkippedLayer(info.name, info.skip_reason) for info in infos if not info.handled]
-    if not handled:
-        detail = f" ({'; '.join(f'{s.name}: {s.reason}' for s in skipped)})" if skipped else ""
-        raise BncalError(f"the model has no inference BatchNormalization whose statistics bncal can update{detail}"
-                         f"{no_batchnorm_hint(model, 'recalibrated')}")
-    skipped += [SkippedLayer(l.name, f"{l.describe()}: {l.reason}" if l.frozen else
-                             f"{l.describe()}: {l.reason}, its statistics folded into constants (lowered "
-                             "to arithmetic by the converter), left as they are; bncal inspect: BN060")
-                for l in find_lowered_normalisations(model)]
-    guard_report = guarded_step(model, guard, metric, guard_tol)
-    initializers = {init.name: init for init in model.graph.initializer}
-    before = {info.name: LayerStats(_values(initializers[info.mean_initializer]),
-                                    _values(initializers[info.var_initializer])) for info in handled}
-    mixing = source_prior(prior, before)
-    stream = BatchStream(model, select_inputs(batches, inputs), reread=(mode == "eval"), max_samples=max_samples,
-                         progress=progress)
-    run = _Passes(model, stream, providers, mode, active_process_group(process_group), handled)
-    run.order = DataOrder(anchoring=mixing is None)
-    moments, passes, converged, change = fixed_point_passes(
-        run.train_pass, run.eval_pass, mode=mode, tol=tol, max_passes=max_passes, on_pass=run.announce,
-        mix=mixing and (lambda found: mixing.mix(found, run.samples)))
-    for info in handled:
-        require_finite(info.name, moments[info.name])
-    new_model, write_notes = write_statistics(model, {info.name: (moments[info.name].mean, moments[info.name].variance)
-                                                      for info in handled})
-    layers = [LayerResult(info.name, before[info.name], moments[info.name], info.epsilon) for info in handled]
-    warning = order_warning(run.composition, "recalibrate")
-    report = build_report(mode=mode, layers=layers, skipped=skipped, batches=run.batches, samples=run.samples,
-                          passes=passes, converged=converged, max_rel_change=change,
-                          notes=run.order.notes + write_notes + ([mixing.note(run.samples)] if mixing else []),
-                          warnings=[warning] if warning else [],
-                          world_size=world_size(run.group))
-    finish_step(guard_report, new_model, report)
-    return new_model, report
+    backend = OnnxRecalibration(model, mode, providers)
+    report = run_recalibration(backend, select_inputs(batches, inputs), mode=mode, prior=prior, tol=tol,
+                               max_passes=max_passes, max_samples=max_samples, progress=progress,
+                               group=active_process_group(process_group), guard=guard, metric=metric,
+                               guard_tol=guard_tol)
+    return backend.result(), report
 
 
-class _Passes:
-    """The passes of one recalibration over ``stream``, each on its derived graph's session.
+class OnnxRecalibration(RecalibrationBackend):
+    """The onnxruntime part of a recalibration (:func:`bncal.driver.run_recalibration`).
 
     The train pass runs :func:`~bncal.onnx_graphs.make_train_graph`'s graph. An eval pass runs
-    :func:`~bncal.onnx_graphs.make_stats_graph`'s, fed the current statistics; batch by batch
-    while :class:`~bncal.calibration.DataOrder` allows, its anchored form, fed as well each
-    BN's statistics of the same batch in the previous eval pass (Gauss-Seidel, see
-    :func:`bncal.stats.anchored_statistics`). Sessions are built on first use. With a process
-    ``group`` every pass ends with :func:`~bncal.distributed.combine_across_ranks`; ``batches``
-    and ``samples`` then count every rank's.
+    :func:`~bncal.onnx_graphs.make_stats_graph`'s, fed the current statistics; for a batch the
+    driver anchors, its anchored form, fed as well each BN's statistics of the same batch in the
+    previous eval pass (Gauss-Seidel, see :func:`bncal.stats.anchored_statistics`). Sessions are
+    built on first use. :meth:`write` makes the new model; only the statistics initializers change.
     """
 
-    def __init__(self, model: onnx.ModelProto, stream: BatchStream, providers, mode: str, group, handled):
-        self.model, self.stream, self.providers, self.group = model, stream, providers, group
-        self.channels = {info.name: info.channels for info in handled}
+    def __init__(self, model, mode: str, providers):
+        if not isinstance(model, onnx.ModelProto):
+            raise BncalError(f"expected an onnx.ModelProto, got {type(model).__name__}; load the file with onnx.load "
+                             "first")
+        infos = find_batchnorms(model)
+        self.handled = [info for info in infos if info.handled]
+        self.skipped = [SkippedLayer(info.name, info.skip_reason) for info in infos if not info.handled]
+        if not self.handled:
+            detail = f" ({'; '.join(f'{s.name}: {s.reason}' for s in self.skipped)})" if self.skipped else ""
+            raise BncalError(f"the model has no inference BatchNormalization whose statistics bncal can update{detail}"
+                             f"{no_batchnorm_hint(model, 'recalibrated')}")
+        self.skipped += [SkippedLayer(l.name, f"{l.describe()}: {l.reason}" if l.frozen else
+                                      f"{l.describe()}: {l.reason}, its statistics folded into constants (lowered "
+                                      "to arithmetic by the converter), left as they are; bncal inspect: BN060")
+                         for l in find_lowered_normalisations(model)]
+        initializers = {init.name: init for init in model.graph.initializer}
+        self.layers = [BNLayer(info.name, info.epsilon, LayerStats(_values(initializers[info.mean_initializer]),
+                                                                    _values(initializers[info.var_initializer])))
+                       for info in self.handled]
+        self.dtypes = {info.name: np.dtype(helper.tensor_dtype_to_np_dtype(initializers[info.mean_initializer].data_type))
+                       for info in self.handled}
+        self.model, self.providers, self.specs = model, providers, input_specs(model)
+        self.new_model = None
+        self.notes: list[str] = []
+        self.calls_per_forward: dict[str, int] = {}
         self.single_value_fix = None
         if mode == "train":
-            fixed_at_one = fixed_batch_size(input_specs(model)) == 1
+            fixed_at_one = fixed_batch_size(self.specs) == 1
             self.single_value_fix = ("the model's batch size is fixed at 1: use mode 'eval' (exact at any batch size)"
                                      if fixed_at_one else "use batches of 2 or more samples, or mode 'eval'")
-        self.order = DataOrder()
-        self.previous: list[dict[str, BatchStatistics]] = []  # per batch of this rank's last eval pass
         self.sessions: dict[str, StatisticsSession] = {}
-        self.batches = self.samples = 0
-        self.composition = BatchComposition() if mode == "train" else None
-        self.clock = PassClock()
+        self.previous: list[dict[str, BatchStatistics]] = []  # per batch of the last eval pass
+        self.records: list[dict[str, BatchStatistics]] = []
+        self.moments = self.current = None
+        self.fed: dict[str, dict] = {}
 
-    def announce(self, number: int, max_passes: int | None) -> None:
-        self.stream.description = self.clock.label(number, max_passes)
+    def prepare(self, batch, index, remaining):
+        feeds, size = validated_feeds(batch, self.specs, index, remaining)
+        return (feeds, first_floating(feeds)), size
 
     def session(self, kind: str) -> StatisticsSession:
         """``kind``: ``"train"``, ``"plain"`` or ``"anchored"``."""
@@ -207,57 +192,41 @@ class _Passes:
             self.sessions[kind] = session
         return self.sessions[kind]
 
-    def _combined(self, moments: dict[str, ChannelMoments]) -> dict[str, ChannelMoments]:
-        self.batches, self.samples = self.stream.batches, self.stream.samples
-        if self.group is None:
-            return moments
-        moments, self.batches, self.samples = combine_across_ranks(moments, self.channels, self.batches,
-                                                                   self.samples, self.group)
-        return moments
+    def start_pass(self, statistics) -> None:
+        self.current, self.fed, self.records = statistics, {}, []
+        self.moments = self.session("train" if statistics is None else "plain").new_moments()
 
-    def train_pass(self) -> dict[str, ChannelMoments]:
-        session = self.session("train")
-        moments = session.new_moments()
-        for index, feeds in self.stream:
-            session.collect(feeds, index, moments, single_value_fix=self.single_value_fix)
-            if self.composition is not None:
-                self.composition.add(first_floating(feeds))
-        return self._combined(moments.layers)
+    def run_batch(self, feeds, index, anchored) -> None:
+        if self.current is None:
+            self.session("train").collect(feeds, index, self.moments, single_value_fix=self.single_value_fix)
+            return
+        kind = "anchored" if anchored else "plain"
+        session = self.session(kind)
+        if kind not in self.fed:  # the current statistics, as the stats graph's inputs
+            self.fed[kind] = {name: value for info in session.infos for name, value in (
+                (info.mean_feed, self.current[info.name].mean.astype(self.dtypes[info.name])),
+                (info.var_feed, self.current[info.name].variance.astype(self.dtypes[info.name])))}
+        extra = dict(self.fed[kind])
+        if anchored:
+            for info in session.infos:
+                previous = self.previous[index][info.name]
+                extra[info.previous_mean_feed], extra[info.previous_var_feed] = previous.mean, previous.var
+        _, found = session.collect({**feeds, **extra}, index, self.moments)
+        self.records.append(found)
 
-    def eval_pass(self, current: dict[str, ChannelMoments]) -> dict[str, ChannelMoments]:
-        moments, records, fed = None, [], {}
-        self.order.start_pass()
-        for index, feeds in self.stream:
-            kind = "anchored" if self.order.anchored(index, float(np.sum(first_floating(feeds), dtype=np.float64))) \
-                else "plain"
-            session = self.session(kind)
-            if moments is None:  # the plain and anchored graphs list the same BNs, in the same order
-                moments = session.new_moments()
-            if kind not in fed:  # the current statistics, as the stats graph's inputs
-                fed[kind] = {name: value for info in session.infos for name, value in (
-                    (info.mean_feed, current[info.name].mean.astype(_stats_dtype(self.model, info))),
-                    (info.var_feed, current[info.name].variance.astype(_stats_dtype(self.model, info))))}
-            extra = dict(fed[kind])
-            if kind == "anchored":
-                for info in session.infos:
-                    previous = self.previous[index][info.name]
-                    extra[info.previous_mean_feed], extra[info.previous_var_feed] = previous.mean, previous.var
-            _, found = session.collect({**feeds, **extra}, index, moments)
-            records.append(found)
-        self.order.end_pass()
-        self.previous = records
-        return self._combined(moments.layers if moments is not None else {})
+    def end_pass(self):
+        if self.current is not None:
+            self.previous = self.records
+        return dict(self.moments.layers)
 
+    def write(self, statistics, batches) -> None:
+        self.new_model, notes = write_statistics(self.model, {name: (m.mean, m.variance)
+                                                              for name, m in statistics.items()})
+        self.notes += notes
 
-
-
-def _stats_dtype(model, info) -> np.dtype:
-    for init in model.graph.initializer:
-        if init.name == info.mean_initializer:
-            return np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type))
-    raise KeyError(info.mean_initializer)
+    def result(self):
+        return self.new_model
 
 
 def _values(initializer: onnx.TensorProto) -> np.ndarray:
     return numpy_helper.to_array(initializer).astype(np.float64).reshape(-1)
-

@@ -29,23 +29,21 @@ try:  # the PyTorch path's; without torch (bncal[keras] alone) recalibrate() sti
     from torch.nn.modules.batchnorm import _BatchNorm
 
     from .bn_modules import FROZEN_NOTE, describe_frozen, frozen_batchnorm_layers, per_rank_class
-    from .torch_passes import LayerMoments, default_forward, describe_batch, prepare_batch
+    from .torch_passes import LayerMoments, channel_moments, default_forward, describe_batch, prepare_batch
 except ModuleNotFoundError as exc:
     if exc.name != "torch":
         raise
     torch = nn = _BatchNorm = None
 
-from ._progress import DataPass, PassClock, batch_count
-from .calibration import (NEVER_REACHED, BatchComposition, DataOrder, LayerResult, build_report, check_mode,
-                          data_source, order_warning, require_finite, source_prior)
+from ._progress import batch_count
+from .calibration import check_mode, one_value_error, require_layers
 from .data import input_hint, select_inputs
-from .distributed import active_process_group, combine_across_ranks, world_size
+from .distributed import active_process_group
+from .driver import BNLayer, EvalSolution, RecalibrationBackend, run_recalibration
 from .errors import BncalError, first_line
 from .extras import MissingExtra
-from .guard import finish_step, guarded_step
 from .report import LayerStats, RecalibrationReport, SkippedLayer
-from .renorm import renorm_notes
-from .stats import ChannelMoments, anchored_statistics, fixed_point_passes
+from .stats import ChannelMoments, anchored_statistics
 
 __all__ = ["recalibrate", "batchnorm_layers", "default_forward"]
 
@@ -171,63 +169,12 @@ def recalibrate(
     if torch is None:
         raise MissingExtra("torch", "recalibrating a PyTorch model")
     check_mode(mode)
-    source = data_source(select_inputs(data, inputs), reread=(mode == "eval"))
-    custom_forward, forward_fn = forward_fn, forward_fn or default_forward
-    layers, skipped = [], []
-    for name, bn in batchnorm_layers(model):
-        if not bn.track_running_stats or bn.running_mean is None:
-            skipped.append(SkippedLayer(name, "created with track_running_stats=False: it has no moving statistics"))
-        else:
-            layers.append((name, bn))
-    frozen = frozen_batchnorm_layers(model)
-    skipped += [SkippedLayer(name, FROZEN_NOTE) for name, _ in frozen]
-    if not layers:
-        detail = (f"; its {describe_frozen(frozen)} hold fixed statistics, which cannot be recalibrated: convert "
-                  "them with bncal.unfreeze_batchnorm first" if frozen else "")
-        raise BncalError(f"the model has no BatchNorm layer with moving statistics; nothing to recalibrate{detail}")
-    if device is None:
-        device = next(iter(model.parameters()), next(iter(model.buffers()), torch.empty(0))).device
-    group = active_process_group(process_group)
-
-    before = {name: _layer_stats(bn) for name, bn in layers}
-    mixing = source_prior(prior, before)
-    guard_report = guarded_step(model, guard, metric, guard_tol)
-    buffers = {name: [b.detach().clone() for b in bn.buffers()] for name, bn in layers} if guard is not None else {}
-    run = _Run(model, layers, source, forward_fn, max_samples, torch.device(device), progress, group)
-    run.references = renorm_references(layers)
-    run.composition = BatchComposition() if mode == "train" else None
-    run.order = DataOrder(anchoring=mixing is None)
-    with run.prepared():
-        first_pass = run.train_pass
-        if mode == "eval":
-            first_pass = _sweep_or_train_pass(run, model, layers, source, custom_forward, max_samples, device,
-                                              cache_mb, spill_dir, progress, group, mixing,
-                                              batch_count(data) if progress and not callable(data) else None)
-        moments, passes, converged, change = fixed_point_passes(
-            first_pass, run.eval_pass, mode=mode, tol=tol, max_passes=max_passes, on_pass=run.announce,
-            mix=mixing and (lambda found: mixing.mix(found, run.samples)))
-        updated = run.write(moments)
-    for name, _ in layers:
-        if name not in updated:
-            skipped.append(SkippedLayer(name, NEVER_REACHED))
-    results = [LayerResult(name, before[name], run.written(name, moments[name]), bn.eps,
-                           run.calls_per_forward.get(name, 0)) for name, bn in layers if name in updated]
-    run.order.notes += renorm_notes([(name, run.references[name], moments[name]) for name, _ in layers
-                                     if name in updated and name in run.references], "recalibrate")
-    warning = order_warning(run.composition, "recalibrate")
-    notes = run.order.notes + ([mixing.note(run.samples)] if mixing else [])
-    report = build_report(mode=mode, layers=results, skipped=skipped, batches=run.batches, samples=run.samples,
-                          passes=passes, converged=converged, max_rel_change=change, notes=notes,
-                          warnings=[warning] if warning else [], world_size=world_size(group))
-
-    def restore():
-        with torch.no_grad():
-            for name, bn in layers:
-                for buffer, saved in zip(bn.buffers(), buffers[name]):
-                    buffer.copy_(saved)
-
-    finish_step(guard_report, model, report, restore=restore)
-    return report
+    backend = TorchRecalibration(model, forward_fn, device, cache_mb=cache_mb, spill_dir=spill_dir,
+                                 batches=batch_count(data) if progress and not callable(data) else None)
+    return run_recalibration(backend, select_inputs(data, inputs), mode=mode, prior=prior, tol=tol,
+                             max_passes=max_passes, max_samples=max_samples, progress=progress,
+                             group=active_process_group(process_group), guard=guard, metric=metric,
+                             guard_tol=guard_tol)
 
 
 class _FreshPasses:
@@ -246,32 +193,6 @@ class _FreshPasses:
         return iter(self.fresh())
 
 
-def _sweep_or_train_pass(run, model, layers, data, forward_fn, max_samples, device, cache_mb, spill_dir, progress,
-                         group, prior, count=None):
-    """The first pass of eval mode: the exact sweep's statistics when it applies, else the train pass
-    (``prior``: the source-prior mixing of every sweep depth, or None; ``count``: the data's batches
-    when known, for the progress total)."""
-    if group is not None:
-        run.order.notes.append("eval mode ran repeated passes: the depth-by-depth sweep does not combine ranks yet")
-        return run.train_pass
-    if run.references:
-        run.order.notes.append("eval mode ran repeated passes: the depth-by-depth sweep does not model batch "
-                               "renormalisation layers")
-        return run.train_pass
-    from .eval_sweep import solve_eval_statistics
-
-    sweep = solve_eval_statistics(model, layers, _FreshPasses(data, count), device=torch.device(device), forward_fn=forward_fn,
-                                  max_samples=max_samples, cache_mb=cache_mb, spill_dir=spill_dir,
-                                  progress=progress, prior=prior)
-    if sweep.moments is None:
-        run.order.notes.append(f"eval mode fell back to repeated passes: {sweep.refusal}")
-        return run.train_pass
-    run.batches, run.samples = sweep.batches, sweep.samples
-    run.order.notes.append(f"eval mode: exact depth-by-depth sweep ({sweep.forward_equivalents:.2f} forward-equivalents, "
-                     f"{sweep.cached_bytes_peak / 2**20:.0f} MiB cached), then one eval pass to confirm")
-    return lambda: sweep.moments
-
-
 def renorm_references(layers) -> dict:
     """``{name: RenormReference}`` of the batch renormalisation layers among ``[(name, bn)]``
     (:mod:`bncal.renorm`), read before any pass touches their statistics."""
@@ -280,52 +201,86 @@ def renorm_references(layers) -> dict:
     return {name: bn.training_reference() for name, bn in layers if is_batch_renorm(bn)}
 
 
-def _layer_stats(bn: _BatchNorm) -> LayerStats:
+def moving_statistics(bn: _BatchNorm) -> LayerStats:
+    """A BN's moving statistics in float64 (empty arrays for a lazy BN not yet initialised)."""
     if isinstance(bn.running_mean, nn.parameter.UninitializedBuffer):
         return LayerStats(np.full(0, np.nan), np.full(0, np.nan))
     return LayerStats(bn.running_mean.detach().double().cpu().numpy().copy(),
                       bn.running_var.detach().double().cpu().numpy().copy())
 
 
-class _Run:
-    """The state of one recalibration: the model prepared for it, and its passes."""
+def tracked_batchnorms(model: nn.Module, what: str) -> tuple[list[tuple[str, _BatchNorm]], list[BNLayer],
+                                                             list[SkippedLayer]]:
+    """The model's BNs with moving statistics as ``(modules, BNLayers, skipped)``; refuses a model
+    without any (``what``: "recalibrate" or "check")."""
+    modules, skipped = [], []
+    for name, bn in batchnorm_layers(model):
+        if not bn.track_running_stats or bn.running_mean is None:
+            skipped.append(SkippedLayer(name, "created with track_running_stats=False: it has no moving statistics"))
+        else:
+            modules.append((name, bn))
+    frozen = frozen_batchnorm_layers(model)
+    skipped += [SkippedLayer(name, FROZEN_NOTE) for name, _ in frozen]
+    hint = (f"; its {describe_frozen(frozen)} hold fixed statistics, which cannot be recalibrated: convert "
+            "them with bncal.unfreeze_batchnorm first" if frozen else "")
+    require_layers(modules, skipped, what, hint)
+    references = renorm_references(modules)
+    layers = [BNLayer(name, bn.eps, moving_statistics(bn), references.get(name)) for name, bn in modules]
+    return modules, layers, skipped
 
-    def __init__(self, model, layers, source, forward_fn, max_samples, device, progress, group):
-        self.model, self.layers, self.source = model, layers, source
-        self.forward_fn, self.max_samples, self.device = forward_fn, max_samples, device
-        self.progress, self.group = progress, group
+
+def model_device(model: nn.Module):
+    """The device of the model's first parameter (else buffer; else the CPU)."""
+    return next(iter(model.parameters()), next(iter(model.buffers()), torch.empty(0))).device
+
+
+class TorchRecalibration(RecalibrationBackend):
+    """The PyTorch part of a recalibration (:func:`bncal.driver.run_recalibration`).
+
+    Forward hooks see each BN's input. Train passes put each BN (and only its BN computation:
+    a subclass's own modules, such as timm's ``drop``, stay in eval mode) in training mode with
+    momentum 1, so its own update leaves the batch's statistics in its buffers; eval passes
+    load, per call, the statistics to normalise with (anchored where the driver says so) in a
+    pre-hook. A renorm layer stays in eval mode and is fed its training forward's statistics in
+    every pass. Every other module is in eval mode (dropout off).
+    """
+
+    solves_eval = True
+
+    def __init__(self, model, forward_fn, device, *, cache_mb=1024, spill_dir=None, batches=None):
+        self.model = model
+        self.modules, self.layers, self.skipped = tracked_batchnorms(model, "recalibrate")
+        self.references = {layer.name: layer.reference for layer in self.layers if layer.reference is not None}
+        self.custom_forward, self.forward_fn = forward_fn, forward_fn or default_forward
+        self.device = torch.device(device) if device is not None else model_device(model)
+        self.cache_mb, self.spill_dir, self.data_batches = cache_mb, spill_dir, batches
+        self.notes: list[str] = []
         self.pending: dict[str, LayerMoments] = {}  # this pass's, by BN name (kept across passes, reset)
         self.calls: dict[str, int] = {}
         self.calls_per_forward: dict[str, int] = {}
-        self.batches = self.samples = 0
         self.train_mode_pass = True
         self.local_batches = 0  # this rank's batches in the last pass
-        # Anchored eval passes: whether this batch is anchored; each BN's statistics to normalise with.
-        self.order = DataOrder()
         self.anchored = False
-        self.base: dict[str, tuple] = {}  # allocated once, refilled per pass
-        self.composition: BatchComposition | None = None  # train mode: are the batches random draws?
-        self.label: str | None = None
-        # Batch renormalisation layers: normalised as their training forward did (bncal.renorm) in every pass.
-        self.references: dict = {}
-        self.clock = PassClock()
+        self.base: dict[str, list] = {}  # each BN's statistics to normalise with in eval passes, refilled per pass
+        self.saved: dict[str, tuple] = {}
 
-    def announce(self, number: int, max_passes: int | None) -> None:
-        self.label = self.clock.label(number, max_passes)
+    def prepare(self, batch, index, remaining):
+        return prepare_batch(batch, self.device, remaining)
 
     @contextlib.contextmanager
     def prepared(self):
         """Every module in eval mode (dropout off), BN layers set up per pass; all restored after."""
         modes = {m: m.training for m in self.model.modules()}
-        self.saved = saved = {name: (bn.momentum, bn.running_mean.detach().clone(), bn.running_var.detach().clone(),
-                        None if bn.num_batches_tracked is None else bn.num_batches_tracked.detach().clone())
-                 for name, bn in self.layers if not isinstance(bn.running_mean, nn.parameter.UninitializedBuffer)}
-        handles = [bn.register_forward_hook(self._hook(name)) for name, bn in self.layers]
-        handles += [bn.register_forward_pre_hook(self._pre_hook(name)) for name, bn in self.layers]
+        self.saved = saved = {
+            name: (bn.momentum, bn.running_mean.detach().clone(), bn.running_var.detach().clone(),
+                   None if bn.num_batches_tracked is None else bn.num_batches_tracked.detach().clone())
+            for name, bn in self.modules if not isinstance(bn.running_mean, nn.parameter.UninitializedBuffer)}
+        handles = [bn.register_forward_hook(self._hook(name)) for name, bn in self.modules]
+        handles += [bn.register_forward_pre_hook(self._pre_hook(name)) for name, bn in self.modules]
         # The pass needs per-rank batch statistics (moments are combined exactly after the pass),
         # and a synchronising SyncBatchNorm refuses CPU tensors: its BN part runs as a plain BN,
         # its class's own forward (a subclass's activation and drop) still runs.
-        patched = [(bn, type(bn)) for _, bn in self.layers if isinstance(bn, nn.SyncBatchNorm)]
+        patched = [(bn, type(bn)) for _, bn in self.modules if isinstance(bn, nn.SyncBatchNorm)]
         for bn, cls in patched:
             bn.__class__ = per_rank_class(cls)
         self.model.eval()
@@ -340,7 +295,7 @@ class _Run:
                 bn.__class__ = cls
             for m, training in modes.items():
                 m.training = training
-            for name, bn in self.layers:
+            for name, bn in self.modules:
                 if name not in saved:
                     continue
                 momentum, mean, var, tracked = saved[name]
@@ -372,7 +327,7 @@ class _Run:
                 return
             self.calls[name] = self.calls.get(name, 0) + 1
             x = args[0].detach()
-            var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
+            mean, var = channel_moments(x)
             layer = self._layer(name, module)
             previous = layer.previous(layer.calls) if self.anchored else None
             layer.add(x.numel() // x.shape[1], mean, var)
@@ -402,71 +357,45 @@ class _Run:
     def _expected_calls(self, name) -> int:
         return self.local_batches * self.calls_per_forward.get(name, 1)
 
-    def train_pass(self):
-        self.train_mode_pass = True
-        for name, bn in self.layers:
-            if name in self.references:  # stays in eval mode, normalised by its pre-hook
-                bn.training = False
+    def start_pass(self, statistics) -> None:
+        self.train_mode_pass = statistics is None
+        for name, bn in self.modules:
+            if self.train_mode_pass and name not in self.references:
+                # The BN computation only: train() would recurse into a subclass's own modules (timm's
+                # BatchNormAct2d holds a DropBlock as ``drop``), which must stay in eval mode.
+                bn.training = True
+                bn.momentum = 1.0
+                if not isinstance(bn.running_mean, nn.parameter.UninitializedBuffer):
+                    with torch.no_grad():  # stale NaN/Inf would survive 0 * old in the update
+                        bn.running_mean.zero_()
+                        bn.running_var.fill_(1.0)
                 continue
-            # The BN computation only: train() would recurse into a subclass's own modules (timm's
-            # BatchNormAct2d holds a DropBlock as ``drop``), which must stay in eval mode.
-            bn.training = True
-            bn.momentum = 1.0
-            if not isinstance(bn.running_mean, nn.parameter.UninitializedBuffer):
-                with torch.no_grad():  # stale NaN/Inf would survive 0 * old in the update
-                    bn.running_mean.zero_()
-                    bn.running_var.fill_(1.0)
-        return self._pass()
-
-    def eval_pass(self, stats):
-        """Moments of every BN input with every BN normalising with ``stats``, anchored
-        (:func:`bncal.stats.anchored_statistics`) from the second eval pass on, when the data
-        comes in the same order as in the previous pass."""
-        self.train_mode_pass = False
-        for name, bn in self.layers:
-            bn.training = False
-            if isinstance(bn.running_mean, nn.parameter.UninitializedBuffer):
+            bn.training = False  # a renorm layer always: it is normalised by its pre-hook
+            if self.train_mode_pass or isinstance(bn.running_mean, nn.parameter.UninitializedBuffer):
                 continue
             if name not in self.base:
                 self.base[name] = [torch.empty_like(bn.running_mean), torch.empty_like(bn.running_var), False]
             base = self.base[name]
-            base[2] = name in stats and stats[name].count > 0  # a BN no batch reached keeps its statistics
+            base[2] = name in statistics and statistics[name].count > 0  # a BN no batch reached keeps its statistics
             if base[2]:
-                base[0].copy_(torch.from_numpy(stats[name].mean))
-                base[1].copy_(torch.from_numpy(stats[name].variance))
-        self.order.start_pass()
-        moments = self._pass()
-        self.order.end_pass()
-        return moments
-
-    def _pass(self):
+                base[0].copy_(torch.from_numpy(statistics[name].mean))
+                base[1].copy_(torch.from_numpy(statistics[name].variance))
         for name, layer in self.pending.items():
             layer.start_pass(record=not self.train_mode_pass, expected_calls=self._expected_calls(name))
-        self.anchored = False
-        eval_pass = not self.train_mode_pass
-        composition = None if eval_pass else self.composition
-        current = DataPass(self.source(), lambda batch, index, remaining: prepare_batch(
-            batch, self.device, remaining, fingerprint=eval_pass, composition=composition),
-            max_samples=self.max_samples, progress=self.progress, description=self.label,
-            total=self.local_batches or None)  # the previous pass's count
+        self.local_batches = 0
+
+    def run_batch(self, inputs, index, anchored) -> None:
+        self.anchored = anchored
+        self.calls.clear()
         with torch.no_grad():
-            for index, (batch, fingerprint) in current:
-                if eval_pass:
-                    self.anchored = self.order.anchored(index, fingerprint)
-                self.calls.clear()
-                self._forward(batch, index)
-                for name, n in self.calls.items():
-                    self.calls_per_forward[name] = max(self.calls_per_forward.get(name, 0), n)
-        batches, samples = self.batches, self.samples = current.batches, current.samples
-        self.local_batches = batches
-        moments = {name: self.pending[name].result() for name, _ in self.layers
-                   if name in self.pending and self.pending[name].moments.count}
-        if self.group is not None:
-            channels = {name: bn.running_mean.shape[0] for name, bn in self.layers
-                        if not isinstance(bn.running_mean, nn.parameter.UninitializedBuffer)}
-            moments, self.batches, self.samples = combine_across_ranks(moments, channels, batches, samples,
-                                                                       self.group)
-        return moments
+            self._forward(inputs, index)
+        for name, n in self.calls.items():
+            self.calls_per_forward[name] = max(self.calls_per_forward.get(name, 0), n)
+        self.local_batches += 1
+
+    def end_pass(self) -> dict[str, ChannelMoments]:
+        return {name: self.pending[name].result() for name, _ in self.modules
+                if name in self.pending and self.pending[name].moments.count}
 
     def _forward(self, batch, index):
         try:
@@ -476,40 +405,47 @@ class _Run:
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
             msg = first_line(exc)
             if "Expected more than 1 value per channel when training" in msg:
-                raise BncalError(f"batch {index} gives a BatchNorm only one value per channel, so its batch "
-                                 "statistics (train mode) are undefined; use batches of 2 or more samples, "
-                                 "or mode 'eval'") from exc
+                raise one_value_error(index, "use batches of 2 or more samples, or mode 'eval'") from exc
             raise BncalError(f"the model failed on calibration batch {index} (input {describe_batch(batch)}): "
                              f"{msg}{input_hint(batch, msg)}") from exc
 
-    def written(self, name: str, moments: ChannelMoments) -> ChannelMoments:
-        """The statistics layer ``name`` gets from its input's ``moments``: those moments, or a
-        renorm layer's training statistics on them (:mod:`bncal.renorm`)."""
-        reference = self.references.get(name)
-        return moments if reference is None else reference.training_moments(moments)
+    def solve_eval(self, source, *, max_samples, progress, prior) -> EvalSolution:
+        from .eval_sweep import solve_eval_statistics
 
-    def _load(self, bn, moments: ChannelMoments):
-        with torch.no_grad():
-            bn.running_mean.copy_(torch.from_numpy(moments.mean))
-            bn.running_var.copy_(torch.from_numpy(moments.variance))
+        sweep = solve_eval_statistics(self.model, self.modules, _FreshPasses(source, self.data_batches),
+                                      device=self.device, forward_fn=self.custom_forward, max_samples=max_samples,
+                                      cache_mb=self.cache_mb, spill_dir=self.spill_dir, progress=progress,
+                                      prior=prior)
+        if sweep.moments is None:
+            return EvalSolution(None, sweep.refusal)
+        return EvalSolution(sweep.moments, f"eval mode: exact depth-by-depth sweep ({sweep.forward_equivalents:.2f} "
+                            f"forward-equivalents, {sweep.cached_bytes_peak / 2**20:.0f} MiB cached), then one eval "
+                            "pass to confirm", sweep.batches, sweep.samples)
 
-    def write(self, moments) -> set[str]:
-        """Store the final statistics; returns the names of the layers updated."""
-        updated = set()
-        for name, bn in self.layers:
-            m = moments.get(name)
-            if m is None or m.count == 0:
+    def write(self, statistics, batches) -> None:
+        for name, bn in self.modules:
+            m = statistics.get(name)
+            if m is None:
                 if name in self.saved:  # never reached: put back what the pass reset
                     with torch.no_grad():
                         bn.running_mean.copy_(self.saved[name][1])
                         bn.running_var.copy_(self.saved[name][2])
                 continue
-            require_finite(name, m)
-            self._load(bn, self.written(name, m))
+            with torch.no_grad():
+                bn.running_mean.copy_(torch.from_numpy(m.mean))
+                bn.running_var.copy_(torch.from_numpy(m.variance))
             # A renorm layer's counter is its warm-up schedule's step: recalibrating is no training.
             if bn.num_batches_tracked is not None and name not in self.references:
                 # The train pass counted its own batches; count each batch once in all.
                 start = self.saved[name][3] if name in self.saved and self.saved[name][3] is not None else 0
-                bn.num_batches_tracked.fill_(int(start) + self.batches)
-            updated.add(name)
-        return updated
+                bn.num_batches_tracked.fill_(int(start) + batches)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for name, bn in self.modules:
+                if name in self.saved:
+                    _, mean, var, tracked = self.saved[name]
+                    bn.running_mean.copy_(mean)
+                    bn.running_var.copy_(var)
+                    if tracked is not None:
+                        bn.num_batches_tracked.copy_(tracked)

@@ -5,12 +5,11 @@
   :func:`resolve_providers` (names as the user writes them), :func:`available_providers`, and
   :func:`statistics_form`, the form of derived graph the providers get;
 - :func:`input_specs`, :func:`batch_feeds`, :func:`validated_feeds`: user batches as feeds by
-  input name, checked against the graph inputs;
-- :class:`BatchStream`: the validated feeds of one pass over the data, as often as needed;
+  input name, checked against the graph inputs; :func:`fixed_batch_size`;
 - :func:`run` and :func:`run_onnx`: ``session.run`` with onnxruntime's errors as one line;
 - :class:`StatisticsSession`: a derived graph of :mod:`bncal.onnx_graphs` (in the form
   :func:`statistics_form` picks) read as per-BN batch statistics and merged into
-  :class:`~bncal.stats.ChannelMoments` (used by :func:`bncal.checking.check_onnx` and
+  :class:`~bncal.stats.ChannelMoments` (used by :func:`bncal.onnx_check.check_onnx` and
   :func:`bncal.onnx_recalibrate.recalibrate_onnx`);
 - :func:`measure_latency` and :func:`compare_latency`.
 
@@ -32,8 +31,7 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from ._progress import DataPass
-from .calibration import data_source
+from .calibration import one_value_error
 from .data import input_hint
 from .errors import BncalError, first_line
 from .names import fresh_name
@@ -43,7 +41,7 @@ from .stats import StackedMoments
 
 __all__ = [
     "ort_session", "resolve_providers", "available_providers", "providers_on_device", "statistics_form", "input_specs",
-    "InputSpec", "batch_feeds", "validated_feeds", "first_floating", "BatchStream", "run", "run_onnx",
+    "InputSpec", "batch_feeds", "validated_feeds", "first_floating", "fixed_batch_size", "static_batch_size", "run", "run_onnx",
     "StatisticsSession", "BatchStatistics", "measure_latency", "compare_latency", "latency_runs",
 ]
 
@@ -321,40 +319,23 @@ def _format_shape(shape) -> str:
     return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
 
 
+def fixed_batch_size(specs) -> int | None:
+    """The batch size a graph fixes (dim 0 of every input, all equal), or None if any input lets it vary."""
+    sizes = {static_batch_size(s) for s in specs}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def static_batch_size(spec) -> int | None:
+    """Dim 0 of one graph input where the graph fixes it, else None."""
+    return spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 0 else None
+
+
 def first_floating(feeds: dict[str, np.ndarray]) -> np.ndarray:
     """The batch's first floating input (else its first input): what identifies a batch
     (:class:`bncal.calibration.DataOrder`) and what its composition is judged on
     (:class:`bncal.calibration.BatchComposition`)."""
     values = list(feeds.values())
     return next((v for v in values if np.issubdtype(v.dtype, np.floating)), values[0])
-
-
-class BatchStream:
-    """Validated feeds for ``model`` from user batches, one pass per iteration.
-
-    Iterating yields ``(batch index, {input name: array})`` (see :func:`validated_feeds`),
-    reporting ``progress`` per batch and stopping at ``max_samples`` (the last batch cut to
-    fit). After a pass, ``batches`` and ``samples`` hold its counts. ``batches`` is an iterable
-    or a function returning a fresh one; ``reread=True`` refuses a one-shot iterator
-    (:func:`bncal.calibration.data_source`).
-    """
-
-    def __init__(self, model, batches, *, reread: bool, max_samples: int | None = None, progress=False):
-        self._fresh = data_source(batches, reread=reread)
-        if max_samples is not None and max_samples < 1:
-            raise BncalError(f"max_samples must be at least 1, not {max_samples}")
-        self.specs = input_specs(model)
-        self.max_samples = max_samples
-        self.progress = progress
-        self.description: str | None = None  # the progress bar's label for the next pass
-        self.batches = self.samples = 0
-
-    def __iter__(self):
-        current = DataPass(self._fresh(), lambda batch, index, remaining: validated_feeds(
-            batch, self.specs, index, remaining), max_samples=self.max_samples, progress=self.progress,
-            description=self.description, total=self.batches or None)  # the previous pass's count
-        yield from current
-        self.batches, self.samples = current.batches, current.samples
 
 
 # ------------------------------------------------------------------------------------------------
@@ -461,8 +442,7 @@ class StatisticsSession:
         too_few = [(count, info) for count, info in zip(counts, self.infos) if count < 2]
         if single_value_fix is not None and too_few:
             count, info = too_few[0]
-            raise BncalError(f"batch {index} gives BatchNorm {info.name} only {count} value per channel, so its "
-                             f"batch statistics (train mode) are undefined; {single_value_fix}")
+            raise one_value_error(index, single_value_fix, info.name, count)
         moments.add_batches(counts, means, variances)
         found = {info.name: BatchStatistics(count, mean, var)
                  for info, count, mean, var in zip(self.infos, counts, means, variances)}

@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .calibration import NONFINITE_DATA
 from .errors import BncalError
 from .stats import ChannelMoments
 
-__all__ = ["default_call", "default_forward", "prepare_batch", "describe_batch", "LayerMoments", "output_tensors",
+__all__ = ["default_call", "default_forward", "prepare_batch", "describe_batch", "channel_moments", "LayerMoments", "output_tensors",
            "output_arrays"]
 
 
@@ -40,16 +41,15 @@ def default_forward(model: nn.Module, batch):
     return model(*args, **kwargs)
 
 
-def prepare_batch(batch, device, limit, *, fingerprint: bool, composition=None):
+def prepare_batch(batch, device, limit):
     """Move tensors to ``device``, check they are finite, cut to ``limit`` samples.
 
-    Returns ``((batch, fingerprint), size)``. With ``fingerprint`` (eval passes) it is the
-    float64 sum of the first floating tensor, which tells whether a later pass sees the same
-    batch in the same place; else None. Finiteness costs one sum in the tensor's own dtype
-    (no copy); only a sum that is not finite is looked at element by element. The first
-    floating tensor also goes to ``composition`` (where given), before it moves.
+    Returns ``((batch, first), size)``, ``first`` the first floating tensor as given (else the
+    first tensor; None without any): what the driver fingerprints and tests the composition on
+    (:mod:`bncal.driver`). Finiteness costs one sum in the tensor's own dtype (no copy); only a
+    sum that is not finite is looked at element by element.
     """
-    sizes, sums = [], []
+    sizes, floating, other = [], [], []
 
     def visit(x):
         if isinstance(x, np.ndarray):
@@ -60,12 +60,9 @@ def prepare_batch(batch, device, limit, *, fingerprint: bool, composition=None):
             if x.dim() > 0:
                 sizes.append(x.shape[0])
             if x.is_floating_point():
-                total = float(x.sum(dtype=torch.float64) if fingerprint else x.sum())
-                if not math.isfinite(total) and not bool(torch.isfinite(x).all()):
-                    raise BncalError("the calibration data contains NaN or Inf values; clean or filter it first")
-                if composition is not None and not sums:
-                    composition.add(x)
-                sums.append(total)
+                if not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):
+                    raise BncalError(NONFINITE_DATA)
+            (floating if x.is_floating_point() else other).append(x)
             return x.to(device, non_blocking=True)
         if isinstance(x, dict):
             return {k: visit(v) for k, v in x.items()}
@@ -74,8 +71,8 @@ def prepare_batch(batch, device, limit, *, fingerprint: bool, composition=None):
         return x
 
     batch = visit(batch)
-    mark = (sums[0] if sums else float(len(sizes))) if fingerprint else None
-    return (batch, mark), (sizes[0] if sizes else 1)
+    first = (floating or other or [None])[0]
+    return (batch, first), (sizes[0] if sizes else 1)
 
 
 def describe_batch(batch) -> str:
@@ -86,6 +83,14 @@ def describe_batch(batch) -> str:
     if isinstance(batch, (list, tuple)):
         return ", ".join(describe_batch(v) for v in batch)
     return type(batch).__name__
+
+
+def channel_moments(x: torch.Tensor):
+    """Per-channel mean and biased variance of a BN input over every axis but 1, in two passes
+    (on CPU about 10x faster than ``torch.var_mean`` over those axes, and as exact)."""
+    y = x.reshape(x.shape[0], x.shape[1], -1)
+    mean = y.mean((0, 2))
+    return mean, (y - mean[:, None]).square_().mean((0, 2))
 
 
 class LayerMoments:

@@ -12,7 +12,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from bncal.checking import CheckThresholds, check_onnx
+from bncal import CheckThresholds, check_onnx
 from bncal.errors import BncalError
 from bncal.onnx_graphs import find_batchnorms
 from bncal.onnx_recalibrate import recalibrate_onnx
@@ -126,7 +126,7 @@ def test_thresholds_are_applied(mnist):
 
 def test_one_value_per_channel_is_refused(mnist):
     model, calib, _ = mnist
-    with pytest.raises(BncalError, match="only 1 value per channel"):
+    with pytest.raises(BncalError, match="only one value per channel"):
         check_onnx(model, [calib[0][:1]])
 
 

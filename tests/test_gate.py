@@ -9,7 +9,7 @@ import torch
 from onnx import helper, numpy_helper
 
 import bncal
-from bncal.checking import check_onnx
+from bncal import check_onnx
 from bncal.data import load_labelled_data
 from bncal.errors import DeploymentError
 from bncal.fold_export import fold_export_onnx

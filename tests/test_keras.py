@@ -322,11 +322,11 @@ def test_bad_input_is_refused_in_one_line():
         bk.recalibrate(model, np.full((4, 8, 8, 3), np.nan, "float32"))
     with pytest.raises(BncalError, match="one-shot iterator"):
         bk.recalibrate(model, iter([x]), mode="eval")
-    with pytest.raises(BncalError, match="only 1 value per channel"):
+    with pytest.raises(BncalError, match="only one value per channel"):
         bk.recalibrate(model, [x[:1]])
     with pytest.raises(BncalError, match="empty"):
         bk.recalibrate(model, [])
-    with pytest.raises(BncalError, match="no BatchNormalization"):
+    with pytest.raises(BncalError, match="no BatchNorm layer"):
         bk.recalibrate(keras.Sequential([keras.Input((3,)), layers.Dense(2)]), np.zeros((4, 3), "float32"))
     with pytest.raises(BncalError, match="keras.Model"):
         bk.recalibrate(object(), x)

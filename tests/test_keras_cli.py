@@ -341,7 +341,7 @@ def test_keras_export_lowers_every_bn_and_bncal_finds_them(keras_export):
     import onnxruntime as ort
     from onnx import numpy_helper
 
-    from bncal.checking import check_onnx
+    from bncal import check_onnx
     from bncal.onnx_lowered import find_lowered_normalisations
 
     model, path, x = keras_export

@@ -123,5 +123,5 @@ def test_the_seeds_tf1_graph_is_repaired_to_its_float64_exact_accuracy():
     assert abs(result["accuracy_recalibrated"] - result["accuracy_float64"]) <= 0.002
     assert result["accuracy_float64"] > 0.9
     assert max(result["train_bn1_errors"]) < 1e-5
-    assert "only 1 value per channel" in result["one_sample_train"]
+    assert "only one value per channel" in result["one_sample_train"]
     assert result["torch_imported"] is False

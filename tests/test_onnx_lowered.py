@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from bncal.checking import check_onnx
+from bncal import check_onnx
 from bncal.cli import main
 from bncal.errors import BncalError
 from bncal.inspection import inspect_model

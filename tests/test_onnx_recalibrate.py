@@ -293,7 +293,7 @@ def test_eval_mode_accepts_a_function_returning_batches_and_batches_of_one():
     ([np.full((4, 3, 9, 9), np.nan, np.float32)], "train", "NaN or Inf"),
     ([], "train", "empty"),
     ((b for b in [np.zeros((4, 3, 9, 9), np.float32)]), "eval", "one-shot iterator"),
-    ([np.ones((1, 3, 9, 9), np.float32)], "train", "only 1 value per channel"),
+    ([np.ones((1, 3, 9, 9), np.float32)], "train", "only one value per channel"),
     (np.zeros((4, 3, 9, 9), np.float32), "train", "not a single batch"),
     ([np.zeros((4, 3, 9, 9), np.float32)], "fast", "mode must be"),
 ])
@@ -330,7 +330,7 @@ def test_no_torch_import_at_run_time(tmp_path):
     script = f"""
 import sys, numpy as np, onnx
 from bncal.onnx_recalibrate import recalibrate_onnx
-from bncal.checking import check_onnx
+from bncal import check_onnx
 model = onnx.load({str(path)!r})
 x = np.random.default_rng(0).normal(0, 1, (8, 3, 9, 9)).astype(np.float32)
 new, _ = recalibrate_onnx(model, [x[:4], x[4:]], mode="eval")

@@ -17,7 +17,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 import bncal
-from bncal.checking import check_onnx
+from bncal import check_onnx
 from bncal.folding import fold_onnx
 from bncal.onnx_recalibrate import recalibrate_onnx
 from bncal.onnx_view import constant_array, find_batchnorms
@@ -133,8 +133,8 @@ def test_constant_array_follows_identity_chains_only():
 
 def test_bncal_check_is_the_front_door_whatever_was_imported_first(shared_file, data):
     """``bncal.check`` is the function even after its module was imported by name (it lives in
-    bncal.checking, so no submodule import can shadow it), and it routes an ONNX model to check_onnx."""
-    import bncal.checking  # noqa: F401
+    bncal.api, so no submodule import can shadow it), and it routes an ONNX model to check_onnx."""
+    import bncal.api  # noqa: F401
 
     _, model = shared_file
     report = bncal.check(model, data)

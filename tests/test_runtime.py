@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bncal.calibration import DataOrder, data_source
-from bncal.checking import check_onnx
+from bncal import check_onnx
 from bncal.errors import BncalError
 from bncal.onnx_graphs import find_batchnorms
 from bncal.onnx_recalibrate import recalibrate_onnx

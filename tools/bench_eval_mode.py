@@ -8,9 +8,9 @@ plain forwards and is divided by their mean; the median over ``--rounds`` is rep
             the repeated (anchored) passes;
 - sweep:    :func:`bncal.eval_sweep.solve_eval_statistics` alone (forward-equivalents it counts,
             peak frontier cache);
-- sweep+1:  the proposed wiring: the sweep's statistics as the start of recalibrate's fixed-point
-            loop, which then runs one confirming eval pass (it iterates on if that pass moved
-            anything by more than ``tol``).
+- sweep+1:  ``bncal.recalibrate(mode="eval")`` as it runs by default: the sweep's statistics as
+            the start of the fixed-point loop, which then runs one confirming eval pass (it
+            iterates on if that pass moved anything by more than ``tol``).
 
 Errors: the largest mean error in units of the sd, and relative variance error, over every BN,
 against the one-batch fixed point computed in float64 (every BN in train mode over all inputs
@@ -39,8 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import bncal  # noqa: E402
 from bncal.eval_sweep import solve_eval_statistics  # noqa: E402
-from bncal.recalibration import _Run, batchnorm_layers, default_forward  # noqa: E402
-from bncal.stats import fixed_point_passes  # noqa: E402
+from bncal.recalibration import batchnorm_layers  # noqa: E402
 from models import zoo  # noqa: E402
 
 METHODS = ("passes", "sweep", "sweep+1")
@@ -137,15 +136,9 @@ def run_sweep(model, batches, cache_mb):
 
 
 def run_sweep_then_confirm(model, batches, tol, cache_mb):
-    """The proposed wiring of recalibrate(mode="eval"): sweep first, the usual loop confirms."""
-    layers = batchnorm_layers(model)
-    run = _Run(model, layers, batches, default_forward, None, torch.device("cpu"), False, None)
-    with run.prepared():
-        sweep = solve_eval_statistics(model, layers, batches, device="cpu", cache_mb=cache_mb)
-        start = run.train_pass if sweep.moments is None else (lambda: sweep.moments)
-        moments, passes, converged, change = fixed_point_passes(start, run.eval_pass, mode="eval", tol=tol)
-        run.write(moments)
-    return {"passes": passes, "converged": converged, "change": change}
+    """recalibrate(mode="eval") as wired: the sweep first, the fixed-point loop confirms."""
+    report = bncal.recalibrate(model, batches, mode="eval", tol=tol, cache_mb=cache_mb)
+    return {"passes": report.passes, "converged": report.converged, "change": report.max_rel_change}
 
 
 def measure(name, model, x, batch_size, tol, cache_mb, rounds, only=METHODS) -> dict:

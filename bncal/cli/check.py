@@ -33,7 +33,8 @@ def command(args) -> int:
     with its BatchNorms kept; the report then also shows PyTorch-eval vs onnxruntime parity),
     or a .keras file (checked in Keras itself). Use batches of 32 or more.
     """
-    from ..checking import CheckThresholds, check
+    from ..api import check
+    from ..checking import CheckThresholds
 
     ui = args.ui
     fresh = args.model.kind.name == "torch" and args.model.weights is None  # a factory spec without weights

@@ -89,11 +89,11 @@ _KERAS_REFUSAL = (
 def _check(args, report, data, net, progress):
     """The train/inference check of the unfolded model on ``data`` (a PyTorch ``net``'s batches
     in its graph-input order), or None with a note when there is nothing to check."""
-    from ..checking import check
+    from ..api import check
     from ..data import NumpyBatches
-    from ..fold_export import fit_to_batch_size, fixed_batch_size
+    from ..fold_export import fit_to_batch_size
     from ..onnx_view import find_batchnorms
-    from ..runtime import input_specs
+    from ..runtime import fixed_batch_size, input_specs
 
     ui, original = args.ui, report.original
     infos = find_batchnorms(original)

@@ -416,8 +416,7 @@ class DataValue(types.SimpleNamespace):
 
         fixed = None
         if onnx_model is not None:
-            from ..fold_export import fixed_batch_size
-            from ..runtime import input_specs
+            from ..runtime import fixed_batch_size, input_specs
 
             fixed = fixed_batch_size(input_specs(onnx_model))
         return NumpyBatches(self.load(rank=rank, world_size=world_size, batch_size=fixed))

@@ -23,14 +23,13 @@ import math
 
 import numpy as np
 
-from .._progress import DataPass
-from ..calibration import data_source
+from ..calibration import NONFINITE_DATA, data_source
 from ..errors import BncalError
 from ..stats import ChannelMoments, batch_moments
 from ._backend import import_keras, inference_context
 from .layers import channel_axis, statistics_variables
 
-__all__ = ["BatchNormTap", "calibration_data", "default_forward", "run_forward", "batch_pass"]
+__all__ = ["BatchNormTap", "calibration_data", "default_forward", "run_forward", "prepare_batch"]
 
 _MISSING = object()
 
@@ -148,13 +147,11 @@ def calibration_data(data, batch_size: int | None, *, reiterable: bool):
     return data_source(data, reread=reiterable)
 
 
-def _prepare(batch, remaining, composition=None):
-    """A batch's model inputs (Keras convention: ``(x,)``, ``(x, y)``, ``(x, y, sample_weight)``
-    tuples give ``x``), cut to ``remaining`` rows, checked finite; with its fingerprint (the
-    float64 sum of the first floating input, else of the first input, by which
-    :class:`bncal.calibration.DataOrder` recognises the batch in a later pass) and size. The
-    first floating input also goes to ``composition`` (where given), channels last as Keras
-    lays them out."""
+def prepare_batch(batch, remaining):
+    """``((inputs, first), size)`` for one batch: its model inputs (Keras convention: ``(x,)``,
+    ``(x, y)``, ``(x, y, sample_weight)`` tuples give ``x``), cut to ``remaining`` rows, checked
+    finite; ``first`` the first floating input as a numpy array (else the first input), what
+    the driver fingerprints and tests the composition on (:mod:`bncal.driver`)."""
     keras = import_keras()
     if isinstance(batch, (tuple, list)):
         batch = keras.utils.unpack_x_y_sample_weight(tuple(batch))[0]
@@ -164,27 +161,16 @@ def _prepare(batch, remaining, composition=None):
     if remaining is not None and len(leaves[0]) > remaining:
         batch = keras.tree.map_structure(lambda a: a[:remaining], batch)
         leaves = keras.tree.flatten(batch)
-    fingerprint = None
+    first = None
     for leaf in leaves:
         array = leaf if isinstance(leaf, np.ndarray) else np.asarray(keras.ops.convert_to_numpy(leaf))
         if np.issubdtype(array.dtype, np.floating) or array.dtype.kind == "V":
-            total = float(np.sum(array, dtype=np.float64))
-            if not math.isfinite(total) and not np.isfinite(array.astype(np.float64)).all():
-                raise BncalError("the calibration data contains NaN or Inf values; clean or filter it first")
-            if fingerprint is None and composition is not None:
-                composition.add(array, channel_axis=-1)
-            fingerprint = total if fingerprint is None else fingerprint
-    if fingerprint is None:  # integer inputs only (token ids)
-        fingerprint = float(np.sum(np.asarray(keras.ops.convert_to_numpy(leaves[0])), dtype=np.float64))
-    return (batch, fingerprint), len(leaves[0])
-
-
-def batch_pass(source, *, max_samples, progress, total=None, description=None, composition=None):
-    """One pass over ``source()``: yields ``(index, (inputs, fingerprint))``; ``.batches``/``.samples`` after it.
-    ``total`` (a previous pass's batches) and ``description`` label the progress bar; each batch's
-    input goes to ``composition`` (a :class:`bncal.calibration.BatchComposition`) where given."""
-    return DataPass(source(), lambda batch, index, remaining: _prepare(batch, remaining, composition),
-                    max_samples=max_samples, progress=progress, total=total, description=description)
+            if not math.isfinite(float(np.sum(array))) and not np.isfinite(array.astype(np.float64)).all():
+                raise BncalError(NONFINITE_DATA)
+            first = array if first is None else first
+    if first is None:  # integer inputs only (token ids)
+        first = np.asarray(keras.ops.convert_to_numpy(leaves[0]))
+    return (batch, first), len(leaves[0])
 
 
 def run_forward(forward_fn, model, inputs, index):

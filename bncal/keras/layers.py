@@ -16,7 +16,10 @@ from ..report import LayerStats
 from ._backend import import_keras, keras_classes
 
 __all__ = ["sublayers", "named_layers", "batchnorm_layers", "is_batchnorm", "channel_axis", "moving_statistics",
-           "statistics_variables", "require_model", "renorm_reference"]
+           "statistics_variables", "require_model", "renorm_reference", "trainable_batchnorms", "FROZEN_REASON"]
+
+FROZEN_REASON = ("trainable=False: Keras ran it in inference mode during training, so the network was trained "
+                 "against its moving statistics; left as they were")
 
 
 def sublayers(layer) -> list:
@@ -63,6 +66,23 @@ def channel_axis(bn, ndim: int) -> int:
 def batchnorm_layers(model) -> list[tuple[str, object]]:
     """Every ``keras.layers.BatchNormalization`` (subclasses included) in ``model``, named."""
     return [(name, layer) for name, layer in named_layers(model) if is_batchnorm(layer)]
+
+
+def trainable_batchnorms(model, what: str):
+    """``(modules, BNLayers, skipped)`` for the BN layers a run handles: every trainable one
+    (``trainable=False`` ones are skipped, :data:`FROZEN_REASON`); refuses a model with none
+    (``what``: "recalibrate" or "check")."""
+    from ..calibration import require_layers
+    from ..driver import BNLayer
+    from ..report import SkippedLayer
+
+    modules, skipped = [], []
+    for name, bn in batchnorm_layers(model):
+        (modules if bn.trainable else skipped).append((name, bn))
+    skipped = [SkippedLayer(name, FROZEN_REASON) for name, _ in skipped]
+    require_layers(modules, skipped, what)
+    layers = [BNLayer(name, float(bn.epsilon), moving_statistics(bn), renorm_reference(bn)) for name, bn in modules]
+    return modules, layers, skipped
 
 
 def statistics_variables(bn) -> list:

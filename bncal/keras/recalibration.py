@@ -35,21 +35,17 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from .._progress import PassClock
-from ..calibration import (NEVER_REACHED, BatchComposition, DataOrder, LayerResult, build_report, check_mode,
-                           order_warning, require_finite, source_prior)
-from ..errors import BncalError
-from ..report import RecalibrationReport, SkippedLayer
-from ..stats import anchored_statistics, fixed_point_passes
+import contextlib
+
+from ..calibration import check_mode, one_value_error
+from ..driver import RecalibrationBackend, run_recalibration
+from ..report import RecalibrationReport
+from ..stats import anchored_statistics
 from ._backend import import_keras
-from ._passes import BatchNormTap, batch_pass, calibration_data, default_forward, run_forward
-from ..renorm import renorm_notes
-from .layers import batchnorm_layers, moving_statistics, renorm_reference, require_model
+from ._passes import BatchNormTap, calibration_data, default_forward, prepare_batch, run_forward
+from .layers import require_model, trainable_batchnorms
 
-__all__ = ["recalibrate", "FROZEN_REASON"]
-
-FROZEN_REASON = ("trainable=False: Keras ran it in inference mode during training, so the network was trained "
-                 "against its moving statistics; left as they were")
+__all__ = ["recalibrate"]
 
 
 def recalibrate(
@@ -107,42 +103,8 @@ def recalibrate(
     check_mode(mode)
     require_model(model)
     source = calibration_data(data, batch_size, reiterable=(mode == "eval"))
-    skipped, layers = [], []
-    for name, bn in batchnorm_layers(model):
-        (skipped.append(SkippedLayer(name, FROZEN_REASON)) if not bn.trainable else layers.append((name, bn)))
-    if not layers:
-        detail = f" ({'; '.join(f'{s.name}: {s.reason}' for s in skipped)})" if skipped else ""
-        raise BncalError(f"the model has no BatchNormalization layer to recalibrate{detail}")
-
-    before = {name: moving_statistics(bn) for name, bn in layers}
-    references = {name: renorm_reference(bn) for name, bn in layers if renorm_reference(bn) is not None}
-    mixing = source_prior(prior, before)
-    run = _Run(model, layers, source, forward_fn or default_forward, max_samples, progress,
-               one_value_ok=(mode == "eval"), references=references)
-    run.order = DataOrder(anchoring=mixing is None)
-    run.composition = BatchComposition() if mode == "train" else None
-    moments, passes, converged, change = fixed_point_passes(
-        run.train_pass, run.eval_pass, mode=mode, tol=tol, max_passes=max_passes, on_pass=run.announce,
-        mix=mixing and (lambda found: mixing.mix(found, run.samples)))
-    for name, m in moments.items():
-        require_finite(name, m)
-
-    results = []
-    for name, bn in layers:
-        m = moments.get(name)
-        if m is None or m.count == 0:
-            skipped.append(SkippedLayer(name, NEVER_REACHED))
-            continue
-        written = references[name].training_moments(m) if name in references else m
-        _write(bn, written.mean, written.variance)
-        results.append(LayerResult(name, before[name], written, bn.epsilon, run.calls_per_forward.get(name, 0)))
-    notes = run.order.notes + renorm_notes([(name, reference, moments[name]) for name, reference in references.items()
-                                            if name in moments], "recalibrate")
-    warning = order_warning(run.composition, "recalibrate")
-    return build_report(mode=mode, layers=results, skipped=skipped, batches=run.batches, samples=run.samples,
-                        passes=passes, converged=converged, max_rel_change=change,
-                        notes=notes + ([mixing.note(run.samples)] if mixing else []),
-                        warnings=[warning] if warning else [])
+    return run_recalibration(KerasRecalibration(model, forward_fn, one_value_ok=(mode == "eval")), source, mode=mode,
+                             prior=prior, tol=tol, max_passes=max_passes, max_samples=max_samples, progress=progress)
 
 
 def _write(bn, mean, variance) -> None:
@@ -153,81 +115,82 @@ def _write(bn, mean, variance) -> None:
         bn.moving_stddev.assign(keras.ops.cast(np.sqrt(variance + bn.epsilon), bn.moving_stddev.dtype))
 
 
-class _Run:
-    """The passes of one recalibration over ``source()``."""
+class KerasRecalibration(RecalibrationBackend):
+    """The Keras part of a recalibration (:func:`bncal.driver.run_recalibration`): each pass runs
+    inside a :class:`~bncal.keras._passes.BatchNormTap`, which records every BN call's input
+    moments and feeds it the statistics to normalise with (the batch's own, or a renorm layer's
+    training statistics, in train passes; the given ones, anchored where the driver says so, in
+    eval passes)."""
 
-    def __init__(self, model, layers, source, forward_fn, max_samples, progress, one_value_ok, references):
-        self.model, self.layers, self.source = model, layers, source
-        self.references = references  # renorm layers: every pass runs their training forward
+    channel_axis = -1  # Keras lays channels last
+
+    def __init__(self, model, forward_fn, *, one_value_ok: bool):
+        self.model, self.forward_fn = model, forward_fn or default_forward
+        self.modules, self.layers, self.skipped = trainable_batchnorms(model, "recalibrate")
+        self.by_name = {layer.name: layer for layer in self.layers}
         self.one_value_ok = one_value_ok  # eval mode only starts from the train pass: any start will do
-        self.forward_fn, self.max_samples, self.progress = forward_fn, max_samples, progress
-        self.eps = {name: bn.epsilon for name, bn in layers}
+        self.notes: list[str] = []
         self.calls_per_forward: dict[str, int] = {}
-        self.batches = self.samples = 0
-        self.order = DataOrder()
-        # Anchored eval passes pair each BN call with the same call of the previous eval pass.
-        self.previous: dict[str, list] = {}
-        self.clock, self.label = PassClock(), None
-        self.composition: BatchComposition | None = None  # train mode: are the batches random draws?
+        self.previous: dict[str, list] = {}  # each BN call of the previous eval pass, for anchoring
+        self.tap = self.base = None
+        self.index, self.anchored = 0, False
 
-    def announce(self, number: int, max_passes: int | None) -> None:
-        self.label = self.clock.label(number, max_passes)
+    def prepare(self, batch, index, remaining):
+        return prepare_batch(batch, remaining)
 
-    def train_pass(self):
-        def batch_statistics(name, call, count, mean, var):
-            if count < 2 and not self.one_value_ok:
-                raise BncalError(f"a batch gives BatchNormalization {name} only {count} value per channel, so its "
-                                 "batch statistics are undefined in mode 'train'; use batches of 2 or more samples, "
-                                 "or mode 'eval'")
-            return self._training_forward(name, mean, var)
-        return self._pass(batch_statistics)[0]
+    @contextlib.contextmanager
+    def prepared(self):
+        try:
+            yield self
+        finally:
+            if self.tap is not None:  # a pass that raised: its tap puts the statistics back
+                self.tap.__exit__(None, None, None)
+                self.tap = None
 
     def _training_forward(self, name, mean, var):
-        """The statistics layer ``name`` normalises with on data of ``(mean, var)``: those, or a
-        renorm layer's training statistics (:mod:`bncal.renorm`)."""
-        reference = self.references.get(name)
+        reference = self.by_name[name].reference
         return (mean, var) if reference is None else reference.training_statistics(mean, var)
 
-    def eval_pass(self, stats):
-        """Moments of every BN input with every BN normalising with ``stats``; anchored
-        (:func:`bncal.stats.anchored_statistics`) from the second eval pass on, batch by batch
-        while :class:`~bncal.calibration.DataOrder` says the batches come in the previous order."""
-        base = {name: (m.mean, m.variance) for name, m in stats.items() if m.count}
-        previous, state = self.previous, {"anchored": False, "first": {}}
+    def _batch_statistics(self, name, call, count, mean, var):
+        if count < 2 and not self.one_value_ok:
+            raise one_value_error(self.index, "use batches of 2 or more samples, or mode 'eval'", name, count)
+        return self._training_forward(name, mean, var)
 
-        def given(name, call, count, mean, var):
-            if name not in base:
-                return None
-            base_mean, base_var = base[name]
-            calls = previous.get(name, [])
-            if state["anchored"] and call < len(calls):
-                _, previous_mean, previous_var = calls[call]
-                base_mean, base_var = anchored_statistics(base_mean, base_var, mean, var, previous_mean, previous_var,
-                                                          self.eps[name])
-            return self._training_forward(name, base_mean, base_var)
+    def _given_statistics(self, name, call, count, mean, var):
+        if name not in self.base:
+            return None
+        base_mean, base_var = self.base[name]
+        calls = self.previous.get(name, [])
+        if self.anchored and call < len(calls):
+            _, previous_mean, previous_var = calls[call]
+            base_mean, base_var = anchored_statistics(base_mean, base_var, mean, var, previous_mean, previous_var,
+                                                      self.by_name[name].eps)
+        return self._training_forward(name, base_mean, base_var)
 
-        def before_batch(index, fingerprint):
-            state["anchored"] = self.order.anchored(index, fingerprint)
+    def start_pass(self, statistics) -> None:
+        if statistics is None:
+            self.tap = BatchNormTap(self.modules, self._batch_statistics)
+        else:
+            self.base = {name: (m.mean, m.variance) for name, m in statistics.items() if m.count}
+            self.tap = BatchNormTap(self.modules, self._given_statistics)
+        self.eval_pass = statistics is not None
+        self.tap.__enter__()
 
-        self.order.start_pass()
-        moments, records = self._pass(given, before_batch)
-        self.order.end_pass()
-        self.previous = records
-        return moments
+    def run_batch(self, inputs, index, anchored) -> None:
+        self.index, self.anchored = index, anchored
+        counts = {name: len(calls) for name, calls in self.tap.records.items()}
+        run_forward(self.forward_fn, self.model, inputs, index)
+        for name, calls in self.tap.records.items():
+            self.calls_per_forward[name] = max(self.calls_per_forward.get(name, 0), len(calls) - counts[name])
 
-    def _pass(self, statistics, before_batch=None):
-        composition = self.composition if before_batch is None else None  # train passes: batches as drawn
-        current = batch_pass(self.source, max_samples=self.max_samples, progress=self.progress,
-                             total=self.batches or None, description=self.label,  # the previous pass's count
-                             composition=composition)
-        with BatchNormTap(self.layers, statistics) as tap:
-            for index, (inputs, fingerprint) in current:
-                if before_batch is not None:
-                    before_batch(index, fingerprint)
-                counts = {name: len(calls) for name, calls in tap.records.items()}
-                run_forward(self.forward_fn, self.model, inputs, index)
-                for name, calls in tap.records.items():
-                    n = len(calls) - counts[name]
-                    self.calls_per_forward[name] = max(self.calls_per_forward.get(name, 0), n)
-        self.batches, self.samples = current.batches, current.samples
-        return tap.moments(), {name: list(calls) for name, calls in tap.records.items()}
+    def end_pass(self):
+        tap, self.tap = self.tap, None
+        tap.__exit__(None, None, None)
+        if self.eval_pass:
+            self.previous = {name: list(calls) for name, calls in tap.records.items()}
+        return tap.moments()
+
+    def write(self, statistics, batches) -> None:
+        for name, bn in self.modules:
+            if name in statistics:
+                _write(bn, statistics[name].mean, statistics[name].variance)
