@@ -1,6 +1,6 @@
 """The recalibration policy shared by the PyTorch and ONNX paths (no torch, no onnxruntime here).
 
-Both :func:`bncal.recalibration.recalibrate` and :func:`bncal.onnx_recalibrate.recalibrate_onnx`
+Both :func:`bncal.torch.recalibration.recalibrate` and :func:`bncal.onnx.recalibration.recalibrate_onnx`
 reduce their passes to per-BN :class:`~bncal.stats.ChannelMoments` and drive them with
 :func:`bncal.stats.fixed_point_passes`. Everything around that which is the same whatever runs
 the model lives here, once:
@@ -182,12 +182,8 @@ class BatchComposition:
     networks. The input is what both the PyTorch and the ONNX paths hold, so they test the
     same numbers.
 
-    Calibration (``python tools/data_order_study.py --calibrate``: the 5000 shipped MNIST
-    digits, held-out, calibration and whole sets, batch sizes 2 to 512): shuffled batches gave
-    at most 0.86 of the limit over 300 shuffles per setting (at 8 batches the statistic follows
-    ``chi2(7) / 7``, whose 99.9th percentile is 0.66 of the limit there); class-ordered batches
-    at least 1.28 times the limit wherever 8 or more batches were tested (15 to 19 at batches
-    of 32, against limits of 2.0 to 3.1).
+    The limit is calibrated by ``python tools/data_order_study.py --calibrate`` (the figures:
+    README, "Measured figures behind the defaults").
     """
 
     MIN_BATCHES = 8

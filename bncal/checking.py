@@ -31,7 +31,7 @@ that fails at batch ``n`` but passes once the trend from ``n`` to ``2n`` is foll
 batches is reported as judged at too small a batch, with the batch size at which it would be
 judged (``needed_batch``), instead of failing: verdict ``BATCH TOO SMALL``, ``passed`` False.
 
-Normalisation a converter lowered to arithmetic (:mod:`bncal.onnx_lowered`: no
+Normalisation a converter lowered to arithmetic (:mod:`bncal.onnx.lowered`: no
 BatchNormalization node, the statistics folded into constants) cannot be checked. The report
 lists it as ``unchecked`` and never says PASSED as if it had seen every normalisation layer:
 when everything it could check passed, the verdict is ``INCOMPLETE`` ("PASSED for N of M

@@ -109,14 +109,15 @@ def run_demo(out_dir, *, models_dir=None, plot: str | Path | None = None, echo: 
     """Run the demo, writing its files to ``out_dir``; ``echo`` receives the narrative lines."""
     import torch
 
-    from .onnx_check import check_onnx
-    from .export import export_onnx
-    from .fold_export import fold_export_torch
+    from .onnx.check import check_onnx
+    from .torch.export import export_onnx
+    from .folding.export import fold_export_torch
     from .folding import analyze_foldability
-    from .inspection import RULES, inspect_model
-    from .loading import load_model, resolve_callable, save_state_dict
+    from .inspect import RULES, inspect_model
+    from .specs import resolve_callable
+    from .torch.loading import load_model, save_state_dict
     from .outputs import staged_size
-    from .recalibration import recalibrate
+    from .torch.recalibration import recalibrate
 
     start = time.perf_counter()
     models_dir = Path(models_dir) if models_dir else default_models_dir()

@@ -9,9 +9,9 @@ written here once, in :func:`run_recalibration` and :func:`run_check`. What depe
 framework (how a BN's input is seen and its statistics replaced, how batches are validated and
 moved, how statistics are written) is a backend's:
 
-- :class:`RecalibrationBackend`: ``bncal.recalibration`` (PyTorch), ``bncal.onnx_recalibrate``
+- :class:`RecalibrationBackend`: ``bncal.torch.recalibration`` (PyTorch), ``bncal.onnx.recalibration``
   (onnxruntime), ``bncal.keras.recalibration`` (Keras);
-- :class:`CheckBackend`: ``bncal.check_torch``, ``bncal.checking.check_onnx``, ``bncal.keras.checking``.
+- :class:`CheckBackend`: ``bncal.torch.check``, ``bncal.checking.check_onnx``, ``bncal.keras.checking``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from ._progress import DataPass, PassClock
+from .progress import DataPass, PassClock
 from .calibration import (NEVER_REACHED, BatchComposition, DataOrder, LayerResult, batch_fingerprint, build_report,
                           check_mode, data_source, order_warning, require_finite, source_prior)
 from .checking import BatchSizeProbe, BatchSpread, CheckReport, CheckThresholds, PairedOutputs, assess_layer

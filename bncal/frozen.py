@@ -6,7 +6,7 @@ train/inference mismatch to check and nothing to recalibrate. torch's exporter t
 two into ``Mul -> Add`` and the last into an inference ``BatchNormalization``; in either case
 each node records the PyTorch classes it came from (``pkg.torch.onnx.class_hierarchy``, with the
 module paths in ``pkg.torch.onnx.name_scopes``), which is how :func:`frozen_origin` tells a
-frozen BN from a converter's lowering (:mod:`bncal.onnx_lowered`) or a trainable BN.
+frozen BN from a converter's lowering (:mod:`bncal.onnx.lowered`) or a trainable BN.
 """
 
 from __future__ import annotations

@@ -1,15 +1,15 @@
 """The deployment gate: a model with a known BatchNorm failure is not written, nor passed as deployable.
 
 Every command that writes a deployable model (``fold-export``, ``recalibrate``) and
-:func:`assert_deployable` ask :func:`require_healthy`, which runs the static rules of
-``bncal inspect`` (:func:`bncal.inspection.inspect_model`, the one rulebook) and refuses a model
+:func:`bncal.assert_deployable` ask :func:`require_healthy`, which runs the static rules of
+``bncal inspect`` (:func:`bncal.inspect.inspect_model`, the one rulebook) and refuses a model
 with an error-severity finding (BN001 statistics never updated, BN002 degenerate statistics,
 BN005 training-mode BatchNormalization in an inference graph, and any rule rated an error
 later) with :class:`bncal.errors.DeploymentError`: one line per finding, its evidence and fix.
 A finding the user accepts explicitly (``allow=["BN001"]``, ``--allow BN001``) lets the model
 through, with a note in the report.
 
-:func:`assert_deployable` adds the train/inference check (with ``data``) and the accuracy guard
+:func:`bncal.assert_deployable` (:mod:`bncal.api`) adds the train/inference check (with ``data``) and the accuracy guard
 (with ``guard``, :mod:`bncal.guard`), for a project's own test suite::
 
     import bncal
@@ -25,12 +25,12 @@ from .errors import BncalError, DeploymentError
 from .report import ReportDisplay
 
 __all__ = ["require_healthy", "require_healthy_notes", "refused_findings", "refusal", "allowed_rules", "allowed_notes",
-           "DeploymentReport", "assert_deployable"]
+           "DeploymentReport"]
 
 
 def allowed_rules(allow) -> frozenset[str]:
     """``allow`` (a rule id, or several) as a set of known rule ids; an unknown id is refused."""
-    from .inspection import RULES
+    from .inspect.model import RULES
 
     if allow is None:
         return frozenset()
@@ -50,7 +50,7 @@ def _layers(names: list[str]) -> str:
 def refusal(findings, action: str) -> str:
     """One line naming each refused finding (rule, title, evidence with its layers, fix) and how to accept
     it; ``action`` is what was refused (``"export it"``, ``"write it"``)."""
-    from .inspection import RULES
+    from .inspect.model import RULES
 
     parts = [f"{f.rule_id} {f.severity}, {RULES[f.rule_id][1]}: {f.evidence} fix: {f.fix}" for f in findings]
     accept = " ".join(f"--allow {f.rule_id}" for f in findings)
@@ -61,7 +61,7 @@ def refusal(findings, action: str) -> str:
 
 def allowed_notes(findings, allow) -> list[str]:
     """Notes for the error ``findings`` that the gate let through because ``allow`` names their rule."""
-    from .inspection import RULES
+    from .inspect.model import RULES
 
     allowed = allowed_rules(allow)
     return [f"{f.rule_id} allowed: {RULES[f.rule_id][1]} ({_layers(f.layers)})"
@@ -78,8 +78,8 @@ def require_healthy(model, *, allow=(), action: str = "export it") -> object:
     """Run ``bncal inspect``'s rules on ``model`` (a PyTorch module, an ONNX model or its path, a
     Keras model) and raise :class:`DeploymentError` (``report`` a :class:`DeploymentReport`) for
     every error-severity finding whose rule is not in ``allow``; ``action`` says what is refused
-    (``"export it"``, ``"write it"``). Returns the :class:`bncal.inspection.InspectReport`."""
-    from .inspection import inspect_model
+    (``"export it"``, ``"write it"``). Returns the :class:`bncal.inspect.model.InspectReport`."""
+    from .inspect import inspect_model
 
     report = inspect_model(model)
     refused = refused_findings(report, allow)
@@ -95,7 +95,7 @@ def require_healthy_notes(model, *, allow=(), action: str = "export it") -> list
 
 @dataclasses.dataclass(repr=False)
 class DeploymentReport(ReportDisplay):
-    """What :func:`assert_deployable` found: the inspection, and the check and guard where run (else None).
+    """What :func:`bncal.assert_deployable` found: the inspection, and the check and guard where run (else None).
 
     ``allowed`` lists the error findings accepted by ``allow``; ``reasons`` say what failed.
     """
@@ -124,57 +124,3 @@ class DeploymentReport(ReportDisplay):
         parts += [f"note: {line}" for line in self.allowed]
         parts.append("PASSED: deployable" if self.passed else "FAILED: " + "; ".join(self.reasons))
         return "\n\n".join(parts)
-
-
-def assert_deployable(model_or_onnx, data=None, guard=None, *, allow=(), metric=None, guard_tol: float | None = None,
-                      thresholds=None, inputs=None) -> DeploymentReport:
-    """Raise :class:`DeploymentError` unless ``model_or_onnx`` is fit to deploy; else return the
-    :class:`DeploymentReport`.
-
-    ``model_or_onnx``: a PyTorch module (checked in eval mode, not modified), an ONNX
-    ``ModelProto`` or ``.onnx`` path, or a Keras model. Always: ``bncal inspect``'s rules, every
-    error-severity finding not in ``allow`` fails. With ``data`` (batches as for
-    :func:`bncal.check_onnx`; ``inputs`` picks the model inputs out of each batch): the
-    train/inference check under ``thresholds``; a PyTorch model is exported with its BatchNorms
-    kept and checked in onnxruntime, a Keras model is checked in Keras. With ``guard`` (labelled
-    batches or a data spec, :func:`bncal.guard.guard_batches`): the accuracy guard, the model
-    in inference mode against itself normalising with the guard batches' own statistics,
-    ``metric`` (default top-1) within ``guard_tol`` points (default 0.5). The error's
-    ``report`` is the :class:`DeploymentReport`.
-    """
-    from .inspection import inspect_model
-
-    allowed = allowed_rules(allow)
-    model = model_or_onnx
-    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
-        from pathlib import Path
-
-        if Path(model).suffix.lower() == ".onnx":
-            import onnx
-
-            if not Path(model).is_file():
-                raise BncalError(f"{model} is not a file; give an .onnx model or a model object")
-            model = onnx.load(str(model))
-    inspection = inspect_model(model)
-    report = DeploymentReport(inspect=inspection)
-    refused = refused_findings(inspection, allowed)
-    if refused:
-        report.reasons.append(refusal(refused, "pass it as deployable"))
-    report.allowed = allowed_notes(inspection.findings, allowed)
-    if data is not None:
-        from .api import check
-        from .checking import CheckThresholds
-
-        report.check = check(model, data, thresholds=thresholds or CheckThresholds(), inputs=inputs)
-        if not report.check.passed:
-            report.reasons.append(f"check {report.check.verdict}: " + ("; ".join(report.check.reasons)
-                                                                       or "some normalisation could not be checked"))
-    if guard is not None:
-        from .guard import guard_model
-
-        report.guard = guard_model(model, guard, metric=metric, tol=guard_tol)
-        if not report.guard.passed:
-            report.reasons.append(report.guard.reason())
-    if report.reasons:
-        raise DeploymentError("not deployable: " + " | ".join(report.reasons), report=report)
-    return report

@@ -180,8 +180,8 @@ def _torch_outputs(model, inputs, batch_stats: bool) -> list[np.ndarray]:
     from torch.nn.modules.batchnorm import _BatchNorm
 
     from .data import TorchBatches
-    from .export import positional_inputs
-    from .torch_passes import output_arrays
+    from .torch.export import positional_inputs
+    from .torch.passes import output_arrays
 
     parameter = next((p for p in model.parameters() if p.is_floating_point()), None)
     dtype, device = (parameter.dtype, parameter.device) if parameter is not None else (None, "cpu")
@@ -209,12 +209,12 @@ def _torch_outputs(model, inputs, batch_stats: bool) -> list[np.ndarray]:
 
 def _onnx_outputs(model, inputs, batch_stats: bool) -> list[np.ndarray]:
     from .data import NumpyBatches
-    from .runtime import batch_feeds, ort_session, run
+    from .onnx.runtime import batch_feeds, ort_session, run
 
     if batch_stats:
         import onnx_ir as ir
 
-        from .onnx_graphs import make_train_graph
+        from .onnx.graphs import make_train_graph
 
         proto = model if type(model).__name__ == "ModelProto" else ir.serde.serialize_model(model)
         model, _ = make_train_graph(proto)
@@ -230,7 +230,7 @@ def _batch_stats_note(model, batches) -> str | None:
     if any(_leading(inputs) < 2 for inputs, _ in batches):
         return "no batch-statistics score: a guard batch holds fewer than 2 samples"
     if is_torch_module(model):
-        from .nn import is_batch_renorm
+        from .torch.nn import is_batch_renorm
 
         if any(is_batch_renorm(m) for m in model.modules()):
             return "no batch-statistics score: batch renormalisation layers train with renorm statistics, not batch ones"

@@ -213,7 +213,7 @@ class InverseDecayMomentum:
     training forward pass (like a learning-rate scheduler) to move to the next step.
 
     Every :class:`torch.nn.modules.batchnorm._BatchNorm` in ``model`` is affected, which
-    includes SyncBatchNorm and :mod:`bncal.nn`'s BatchRenorm layers. :meth:`restore` puts back
+    includes SyncBatchNorm and :mod:`bncal.torch.nn`'s BatchRenorm layers. :meth:`restore` puts back
     the momenta the layers had when the scheduler was created.
     """
 

@@ -21,7 +21,7 @@ the demo's files, anything later):
 * files are created with the mode the umask gives (0666 & ~umask), as any other program's;
 * an OS error while writing names the path and the reason.
 
-Library functions that write (:func:`bncal.loading.save_state_dict`, :func:`bncal.onnx_io.save_onnx`,
+Library functions that write (:func:`bncal.torch.loading.save_state_dict`, :func:`bncal.onnx.io.save_onnx`,
 the plots) call :func:`atomic_output`; inside an active plan their files are staged with the
 plan's other outputs, so the CLI's all-or-nothing promise covers them without new parameters.
 """

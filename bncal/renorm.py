@@ -1,7 +1,7 @@
 """Batch renormalisation: the statistics a renorm layer's training forward normalised with.
 
 Renorm's training forward (Ioffe 2017, Algorithm 1), with ``(mu_R, sigma_R)`` the renorm
-averages (PyTorch :mod:`bncal.nn`: the running statistics, ``sigma_R = sqrt(running_var +
+averages (PyTorch :mod:`bncal.torch.nn`: the running statistics, ``sigma_R = sqrt(running_var +
 eps)``; Keras: ``renorm_mean`` and ``max(renorm_stddev, sqrt(epsilon))``)::
 
     sigma_B = sqrt(var_B + eps)

@@ -102,6 +102,8 @@ def resolve_callable(spec: str, what: str = "factory"):
 
 
 #: Files Keras saves whole models to: Keras 3's zip, and the legacy HDF5 file of Keras 2 (tf.keras) and 3.
+#: PyTorch weight files a recalibrated model's weights can be written to.
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 KERAS_MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
 #: What a recalibrated Keras model is written as: Keras 3's format, or the legacy HDF5 file when asked for.
 KERAS_SAVE_SUFFIXES = (".keras", ".h5")

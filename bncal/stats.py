@@ -1,7 +1,7 @@
 """The statistics core: exact per-channel population moments, shared by every path.
 
-Both recalibration paths (PyTorch in :mod:`bncal.recalibration`, ONNX in
-:mod:`bncal.onnx_recalibrate`) reduce what they see to per-batch, per-channel
+Both recalibration paths (PyTorch in :mod:`bncal.torch.recalibration`, ONNX in
+:mod:`bncal.onnx.recalibration`) reduce what they see to per-batch, per-channel
 ``(count, mean, biased variance)`` triples and hand them to :class:`ChannelMoments`, which
 merges them in float64 with Chan et al.'s pairwise update::
 
@@ -227,8 +227,7 @@ def fixed_point_passes(train_pass, eval_pass, *, mode: str, tol: float, max_pass
     error of the deeper layers down undamped, so they need about one pass per BN depth. Both
     paths therefore anchor their eval passes from the second one on
     (:func:`anchored_statistics`), which damps the error by the batch-to-batch spread of each
-    layer's response: measured 4 to 5 passes in all for 1e-5 on ResNet-style (20 BN) and
-    MNIST (7 BN) nets, 11 to 13 on a 22-BN MobileNet-style net, against 8 to 20 or more.
+    layer's response (the passes measured: README, "Measured figures behind the defaults").
     ``max_passes=None`` means one pass per BN layer plus one, the bound at which plain passes
     are exact whatever the graph.
 
@@ -284,7 +283,7 @@ def anchored_statistics(base_mean, base_var, batch_mean, batch_var, previous_mea
 
     (``eps``, the BN's own, keeps a channel with zero variance well defined.) Works on numpy
     arrays and torch tensors alike (arithmetic only); the ONNX path builds the same formula
-    as graph nodes (:func:`bncal.onnx_graphs.make_stats_graph` with ``anchored=True``).
+    as graph nodes (:func:`bncal.onnx.graphs.make_stats_graph` with ``anchored=True``).
     """
     mean = base_mean + (batch_mean - previous_mean)
     var = (base_var + eps) * (batch_var + eps) / (previous_var + eps) - eps

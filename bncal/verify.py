@@ -8,16 +8,10 @@ Each term is 0 unless given. When none is given, the default is ``scale = 1e-4``
 (:data:`DEFAULT_SCALE_TOL`): every element within 1e-4 of its output's own scale, which is what
 "numerically the same model" means for a float32 network. A fold, an exporter or onnxruntime's
 own graph rewrites reorder float32 sums, which moves a result by the rounding of the *largest*
-values it accumulates, not of each element, and deep networks amplify it. Measured on
-torchvision families with recalibrated, randomised BatchNorms (tools/bench_zoo.py): PyTorch
-float32 itself differs from float64 by up to 1.6e-5 of the output's scale (ResNet-50), the
-fold by 2.0e-5 and onnxruntime's own Conv+BN fusion by 2.2e-5; ResNet-50 logits of scale 140
-differ by 7e-5 (5e-7 of the scale) between PyTorch and onnxruntime, model-zoo logits of scale
-2e4 by 1.6e-3 between two onnxruntime optimisation levels. A fixed atol (numpy's 1e-5 + 1e-4 *
-|r|) rejects those, a limit of 1e-5 of the scale rejects ResNet-50 and comes within 1.3x of
-MobileNetV2; 1e-4 leaves a margin of 5x over the worst, and still rejects a wrong fold by
-10x or more (a wrong epsilon, 1e-3 for 1e-5: 5e-3 of the scale; a folded weight rounded to
-float16: about 1e-3). ``atol``/``rtol`` alone give numpy.allclose's criterion exactly.
+values it accumulates, not of each element, and deep networks amplify it. The default leaves a
+margin over what float32 itself does to torchvision families and still rejects a wrong fold by
+10x or more (``tools/bench_zoo.py``; the figures are in the README, "Measured figures behind
+the defaults"). ``atol``/``rtol`` alone give numpy.allclose's criterion exactly.
 
 A NaN or an infinity on either side fails the output, whatever the other side holds (a model
 whose outputs are all NaN matches its all-NaN export, and neither is deployable); the reason
@@ -27,7 +21,7 @@ relative error, the mean, median, 90th and 99th percentile absolute error, the r
 scale (max |reference|), and the smallest tolerance of each kind that would have passed.
 
 The comparison is plain numpy (no onnxruntime needed). Running models (sessions, feeds,
-latency) is :mod:`bncal.runtime`'s; its ``ort_session``, ``run_onnx``, ``measure_latency`` and
+latency) is :mod:`bncal.onnx.runtime`'s; its ``ort_session``, ``run_onnx``, ``measure_latency`` and
 ``input_specs``, which lived here before, are still importable from here.
 """
 
@@ -53,7 +47,7 @@ _IN_RUNTIME = ("ort_session", "run_onnx", "measure_latency", "input_specs")
 
 def __getattr__(name):
     if name in _IN_RUNTIME:  # imported on use, so comparing outputs does not load onnxruntime
-        from . import runtime
+        from .onnx import runtime
 
         return getattr(runtime, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from onnx import numpy_helper
 
 from bncal.data import ArrayBatches
-from bncal.onnx_recalibrate import recalibrate_onnx
+from bncal.onnx.recalibration import recalibrate_onnx
 
 
 def main(model_path, data_path, out_prefix):

@@ -76,7 +76,7 @@ def template(tmp_path_factory):
     from PIL import Image
     from safetensors.torch import save_file
 
-    from bncal.export import export_onnx
+    from bncal.torch.export import export_onnx
 
     root = tmp_path_factory.mktemp("project")
     (root / "tiny.py").write_text(SOURCE)
@@ -344,7 +344,7 @@ def test_write_error_names_the_path_and_leaves_nothing(tmp_path):
 
 def test_output_plan_protects_the_file_behind_a_spec_and_folder_contents(tmp_path):
     from bncal.errors import BncalError
-    from bncal.loading import spec_files
+    from bncal.specs import spec_files
     from bncal.outputs import OutputPlan
 
     (tmp_path / "net.py").write_text("def build(): pass\n")

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bncal.errors import BncalError
-from bncal.nn import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, convert_to_batchnorm, convert_to_batchrenorm
+from bncal.torch.nn import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, convert_to_batchnorm, convert_to_batchrenorm
 
 MNIST_NPZ = Path(__file__).resolve().parents[1] / "models" / "mnist5k.npz"
 
@@ -392,7 +392,7 @@ def test_never_updated_renorm_model_keeps_its_accuracy_and_passes_check(never_up
     import copy
 
     from bncal import inspect_model, recalibrate
-    from bncal.check_torch import check_torch
+    from bncal.torch.check import check_torch
 
     models, x, y, calib, held, test_idx = never_updated_models
     model = copy.deepcopy(models[True])
@@ -419,7 +419,7 @@ def test_stale_plain_model_still_fails_check_and_is_repaired(never_updated_model
     import copy
 
     from bncal import inspect_model, recalibrate
-    from bncal.check_torch import check_torch
+    from bncal.torch.check import check_torch
 
     models, x, y, calib, held, test_idx = never_updated_models
     model = copy.deepcopy(models[False])

@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import bncal
 from bncal.names import batchnorm_names, fresh_name
-from bncal.onnx_graphs import find_batchnorms
+from bncal.onnx.graphs import find_batchnorms
 
 EXPECTED = ["y1", "bn", "bn#2"]
 

@@ -14,8 +14,8 @@ from torch import nn
 
 from bncal import CheckThresholds, check_onnx
 from bncal.errors import BncalError
-from bncal.onnx_graphs import find_batchnorms
-from bncal.onnx_recalibrate import recalibrate_onnx
+from bncal.onnx.graphs import find_batchnorms
+from bncal.onnx.recalibration import recalibrate_onnx
 
 
 def export(net, shape):
@@ -209,7 +209,7 @@ def test_random_init_net_on_random_inputs_passes_after_exact_eval_recalibration(
     inference and train mode is 0.77 to 0.88, about what two batchings of the same samples give
     (0.80 to 0.82): a fixed limit of 0.8, as before, fails such models by chance; the batch-spread
     criterion passes them."""
-    from bncal.export import export_onnx
+    from bncal.torch.export import export_onnx
     from models import zoo
 
     torch.manual_seed(0)
@@ -250,7 +250,7 @@ def test_batches_of_one_sample_are_not_judged_and_one_batch_uses_fixed_limits():
 
 def test_a_difference_within_what_the_samples_resolve_is_not_enough_data_not_failed():
     import bncal
-    from bncal.check_torch import check_torch
+    from bncal.torch.check import check_torch
 
     gen = torch.Generator().manual_seed(0)
 

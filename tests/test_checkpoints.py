@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from bncal.cli import main
 from bncal.errors import BncalError
-from bncal.loading import fit_state_dict, load_model, load_state_dict
+from bncal.torch.loading import fit_state_dict, load_model, load_state_dict
 from models import zoo
 
 SPEC = f"{zoo.HERE / 'zoo.py'}:mnist_cnn"

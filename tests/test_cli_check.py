@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from bncal.cli import main
-from bncal.export import export_onnx
+from bncal.torch.export import export_onnx
 from models import zoo
 
 MODEL = str(zoo.Path(zoo.__file__).resolve().parent / "zoo.py") + ":mnist_cnn"
@@ -151,7 +151,7 @@ def test_input_off_at_the_first_bn_only_is_blamed_on_preprocessing(files):
 
 def test_a_spec_with_renorm_layers_is_checked_in_pytorch(files, tmp_path):
     (tmp_path / "renorm_net.py").write_text(
-        "import torch\nfrom bncal.nn import BatchRenorm2d\n\n"
+        "import torch\nfrom bncal.torch.nn import BatchRenorm2d\n\n"
         "def net():\n"
         "    torch.manual_seed(0)\n"
         "    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), BatchRenorm2d(4), torch.nn.ReLU(),\n"

@@ -47,7 +47,7 @@ def test_momentum_zero_signal_in_table_evidence_and_json(tmp_path):
     """Statistics at their initial values although num_batches_tracked is 131: training ran at momentum 0."""
     import torch
 
-    from bncal.loading import save_state_dict
+    from bncal.torch.loading import save_state_dict
 
     net = zoo.mnist_cnn()
     for m in net.modules():

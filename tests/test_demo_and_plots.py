@@ -204,7 +204,7 @@ def test_recalibration_channels_match_the_statistics_they_come_from():
 def test_fold_export_plot_draws_each_outputs_error_against_its_tolerance(tmp_path):
     import onnx
 
-    from bncal.fold_export import fold_export_onnx
+    from bncal.folding.export import fold_export_onnx
     from models import zoo
 
     stale = zoo.Path(zoo.__file__).resolve().parent / "mnist_cnn_stale.onnx"

@@ -41,7 +41,7 @@ def test_onnx_two_ranks_match_one_process(tmp_path):
     import onnx
 
     from bncal.data import ArrayBatches
-    from bncal.onnx_recalibrate import recalibrate_onnx
+    from bncal.onnx.recalibration import recalibrate_onnx
     from test_onnx_recalibrate import assert_stats_close, data, export, first_bn_net, stored
 
     model = export(first_bn_net(), [(2, 3, 9, 9)])
@@ -91,7 +91,7 @@ def test_onnx_two_ranks_match_one_process(tmp_path):
 
 def stored_arrays(model, initializers):
     """``{bn name: (mean, var)}`` read from saved initializer arrays of a copy of ``model``."""
-    from bncal.onnx_graphs import find_batchnorms
+    from bncal.onnx.graphs import find_batchnorms
 
     return {i.name: (initializers[i.mean_initializer].astype(np.float64), initializers[i.var_initializer].astype(np.float64))
             for i in find_batchnorms(model) if i.handled}

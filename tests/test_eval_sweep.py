@@ -1,4 +1,4 @@
-"""The eval-mode sweep (bncal.eval_sweep) against the one-batch fixed point in float64."""
+"""The eval-mode sweep (bncal.torch.eval_sweep) against the one-batch fixed point in float64."""
 
 import copy
 import os
@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from bncal.eval_sweep import solve_eval_statistics
-from bncal.recalibration import batchnorm_layers
+from bncal.torch.eval_sweep import solve_eval_statistics
+from bncal.torch.recalibration import batchnorm_layers
 from models import zoo
 from tests_support import Reshuffled
 

@@ -13,7 +13,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from bncal.errors import BncalError
-from bncal.export import export_onnx, export_train_mode_onnx
+from bncal.torch.export import export_onnx, export_train_mode_onnx
 from bncal.folding import fold
 
 
@@ -97,7 +97,7 @@ def test_export_matches_pytorch_with_dynamic_batch(cnn, tmp_path, capfd):
 
 
 def test_a_one_sample_example_is_traced_at_batch_two_and_the_export_takes_any_batch(cnn):
-    from bncal.export import traced_batch
+    from bncal.torch.export import traced_batch
 
     x, meta = torch.randn(1, 3, 16, 16), 7
     doubled = traced_batch((x, meta))
@@ -146,7 +146,7 @@ def test_keep_batchnorm_rules_are_the_default_minus_the_bn_fusions():
     from onnxscript import rewriter
     from onnxscript.rewriter.rules import common
 
-    from bncal.export import rewrite_rules_keeping_batchnorm
+    from bncal.torch.export import rewrite_rules_keeping_batchnorm
 
     rules = rewrite_rules_keeping_batchnorm()
     fusions = [common.fuse_batchnorm_into_conv_rule, common.fuse_batchnorm_into_conv_transpose_rule,

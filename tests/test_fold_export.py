@@ -14,7 +14,7 @@ import bncal
 import bncal.folding
 from bncal.cli import main
 from bncal.errors import VerificationError
-from bncal.fold_export import fold_export_onnx, fold_export_torch
+from bncal.folding.export import fold_export_onnx, fold_export_torch
 from models import zoo
 
 
@@ -316,7 +316,7 @@ def test_latency_is_opt_in_and_skips_what_a_fixed_batch_cannot_take(tmp_path):
 
 
 def test_verification_takes_the_models_own_shapes():
-    from bncal.fold_export import example_feeds
+    from bncal.folding.export import example_feeds
 
     fixed = _gemm_bn_model()
     fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 3
@@ -332,7 +332,7 @@ def test_verification_takes_the_models_own_shapes():
 
 
 def test_fit_to_batch_size_cuts_and_skips_with_notes():
-    from bncal.fold_export import fit_to_batch_size
+    from bncal.folding.export import fit_to_batch_size
 
     notes = []
     batches = [np.arange(10).reshape(5, 2), np.zeros((1, 2)), {"x": np.ones((4, 2))}]

@@ -12,7 +12,7 @@ import bncal
 from bncal import check_onnx
 from bncal.data import load_labelled_data
 from bncal.errors import DeploymentError
-from bncal.fold_export import fold_export_onnx
+from bncal.folding.export import fold_export_onnx
 from models import zoo
 from test_cli_check import run
 

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from bncal.inspection import RULES, inspect_model
-from bncal.nn import BatchRenorm2d
+from bncal.inspect import RULES, inspect_model
+from bncal.torch.nn import BatchRenorm2d
 from bncal.report import FoldDecision, to_jsonable
 
 ZOO = Path(__file__).resolve().parents[1] / "models" / "zoo.py"

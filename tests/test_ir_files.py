@@ -1,5 +1,5 @@
 """Writing and running an ``onnx_ir.Model`` without a protobuf copy of its weights
-(:mod:`bncal.onnx_io`): the file is one ONNX file that onnx and onnxruntime read as the
+(:mod:`bncal.onnx.io`): the file is one ONNX file that onnx and onnxruntime read as the
 model, byte for byte in its tensors, and a session fed the tensors' own memory computes the same."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from bncal.export import export_owned_ir
+from bncal.torch.export import export_owned_ir
 from bncal.folding import fold
-from bncal.onnx_io import save_onnx, serialized_size
-from bncal.runtime import ort_session
+from bncal.onnx.io import save_onnx, serialized_size
+from bncal.onnx.runtime import ort_session
 
 
 def _model() -> ir.Model:

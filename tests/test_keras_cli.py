@@ -342,7 +342,7 @@ def test_keras_export_lowers_every_bn_and_bncal_finds_them(keras_export):
     from onnx import numpy_helper
 
     from bncal import check_onnx
-    from bncal.onnx_lowered import find_lowered_normalisations
+    from bncal.onnx.lowered import find_lowered_normalisations
 
     model, path, x = keras_export
     proto = onnx.load(str(path))

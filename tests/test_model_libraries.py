@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import bncal
-from bncal.bn_modules import is_frozen_batchnorm, sync_to_batchnorm, unfreeze_batchnorm
+from bncal.torch.bn_modules import is_frozen_batchnorm, sync_to_batchnorm, unfreeze_batchnorm
 from bncal.errors import BncalError
 from models.library_lookalikes import (BatchNormAct2d, FrozenBatchNorm2d, FrozenBatchNormAct2d, RepVGGBlock,
                                        SyncBatchNormAct, error_in_sd, float64_bn_statistics, lcnet_like, randomize)
@@ -124,7 +124,7 @@ def test_inspect_lists_frozen_bn_and_agrees_with_the_fold():
 
 
 def test_frozen_bn_in_an_export_is_named_not_blamed_on_a_converter():
-    from bncal.export import export_onnx
+    from bncal.torch.export import export_onnx
 
     torch.manual_seed(5)
     net = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), FrozenBatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1),
@@ -161,7 +161,7 @@ class _DictHead(nn.Module):
 
 
 def test_dict_outputs_keep_their_keys_as_onnx_names():
-    from bncal.export import export_onnx
+    from bncal.torch.export import export_onnx
 
     net = randomize(_DictHead()).eval()
     x = torch.randn(2, 3, 5, 5)
@@ -172,7 +172,7 @@ def test_dict_outputs_keep_their_keys_as_onnx_names():
 
 
 def test_check_says_batch_too_small_for_an_exact_model_and_still_fails_a_stale_one():
-    from bncal.export import export_onnx
+    from bncal.torch.export import export_onnx
 
     data = np.random.default_rng(0).standard_normal((192, 3, 32, 32)).astype(np.float32)
     batches = lambda size: [data[i:i + size] for i in range(0, len(data), size)]

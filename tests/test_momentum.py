@@ -9,7 +9,7 @@ from bncal.momentum import (
     format_momentum,
     InverseDecayMomentum, MAX_TF_MOMENTUM, MIN_TF_MOMENTUM, suggest_momentum, tf_to_torch, torch_to_tf,
 )
-from bncal.nn import BatchRenorm1d
+from bncal.torch.nn import BatchRenorm1d
 
 
 @given(st.floats(0.0, 1.0))

@@ -492,7 +492,7 @@ def test_a_full_disk_while_spilling_names_the_spill_directory(tmp_path):
 
     import torch
 
-    from bncal._sweep_cache import Checkpoints
+    from bncal.torch.sweep_cache import Checkpoints
     from bncal.errors import BncalError
 
     checkpoints = Checkpoints(0, tmp_path, "cpu")  # no memory budget: every checkpoint goes to disk

@@ -1,4 +1,4 @@
-"""bncal.onnx_graphs: derived graphs against the ONNX reference evaluator, PyTorch and numpy float64."""
+"""bncal.onnx.graphs: derived graphs against the ONNX reference evaluator, PyTorch and numpy float64."""
 
 import copy
 import io
@@ -14,7 +14,7 @@ from onnx.reference import ReferenceEvaluator
 from torch import nn
 
 from bncal.errors import BncalError
-from bncal.onnx_graphs import FORMS, find_batchnorms, make_stats_graph, make_train_graph, write_statistics
+from bncal.onnx.graphs import FORMS, find_batchnorms, make_stats_graph, make_train_graph, write_statistics
 from tests_support import randomize_bn
 
 
@@ -311,7 +311,7 @@ def test_anchored_stats_graph_normalises_with_the_core_formula():
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from bncal.onnx_graphs import make_stats_graph
+    from bncal.onnx.graphs import make_stats_graph
     from bncal.stats import anchored_statistics
 
     rng = np.random.default_rng(0)

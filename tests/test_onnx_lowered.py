@@ -20,9 +20,9 @@ from onnx import TensorProto, helper, numpy_helper
 from bncal import check_onnx
 from bncal.cli import main
 from bncal.errors import BncalError
-from bncal.inspection import inspect_model
-from bncal.onnx_lowered import find_lowered_normalisations
-from bncal.onnx_recalibrate import recalibrate_onnx
+from bncal.inspect import inspect_model
+from bncal.onnx.lowered import find_lowered_normalisations
+from bncal.onnx.recalibration import recalibrate_onnx
 from bncal.report import to_jsonable
 from tests_support import ROOT
 

@@ -1,4 +1,4 @@
-"""bncal.onnx_recalibrate against float64 references, PyTorch, and the inputs it must refuse."""
+"""bncal.onnx.recalibration against float64 references, PyTorch, and the inputs it must refuse."""
 
 import copy
 import io
@@ -16,8 +16,8 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from bncal.errors import BncalError
-from bncal.onnx_graphs import find_batchnorms, make_train_graph
-from bncal.onnx_recalibrate import recalibrate_onnx
+from bncal.onnx.graphs import find_batchnorms, make_train_graph
+from bncal.onnx.recalibration import recalibrate_onnx
 from tests_support import randomize_bn
 
 
@@ -329,7 +329,7 @@ def test_no_torch_import_at_run_time(tmp_path):
     onnx.save(model, str(path))
     script = f"""
 import sys, numpy as np, onnx
-from bncal.onnx_recalibrate import recalibrate_onnx
+from bncal.onnx.recalibration import recalibrate_onnx
 from bncal import check_onnx
 model = onnx.load({str(path)!r})
 x = np.random.default_rng(0).normal(0, 1, (8, 3, 9, 9)).astype(np.float32)
@@ -348,7 +348,7 @@ def test_eval_mode_anchored_passes_and_shuffled_fallback():
     import torch
 
     import bncal
-    from bncal.onnx_recalibrate import recalibrate_onnx
+    from bncal.onnx.recalibration import recalibrate_onnx
     from models import zoo
 
     model = onnx.load(zoo.Path(zoo.__file__).with_name("mnist_cnn_stale.onnx"))

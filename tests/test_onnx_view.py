@@ -1,4 +1,4 @@
-"""One ONNX BatchNorm view (bncal.onnx_view) read by inspect, check, recalibrate and fold-export.
+"""One ONNX BatchNorm view (bncal.onnx.view) read by inspect, check, recalibrate and fold-export.
 
 The case that split them before: a TorchScript export (IR 3, every initializer also a graph
 input) of a network whose statistics were never updated. The exporter deduplicates the equal
@@ -19,8 +19,8 @@ from torch import nn
 import bncal
 from bncal import check_onnx
 from bncal.folding import fold_onnx
-from bncal.onnx_recalibrate import recalibrate_onnx
-from bncal.onnx_view import constant_array, find_batchnorms
+from bncal.onnx.recalibration import recalibrate_onnx
+from bncal.onnx.view import constant_array, find_batchnorms
 from models import other_exporters
 
 

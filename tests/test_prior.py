@@ -18,8 +18,8 @@ from torch import nn
 
 import bncal
 from bncal.errors import BncalError
-from bncal.onnx_recalibrate import recalibrate_onnx
-from bncal.recalibration import batchnorm_layers
+from bncal.onnx.recalibration import recalibrate_onnx
+from bncal.torch.recalibration import batchnorm_layers
 from bncal.stats import ChannelMoments, mix_with_source
 from test_onnx_recalibrate import bn_modules, data, export, first_bn_net, split, stored
 

@@ -8,10 +8,10 @@ from click.testing import CliRunner
 from torch import nn
 
 import bncal
-from bncal._progress import DataPass
+from bncal.progress import DataPass
 from bncal.cli import main
-from bncal.eval_sweep import solve_eval_statistics
-from bncal.recalibration import batchnorm_layers
+from bncal.torch.eval_sweep import solve_eval_statistics
+from bncal.torch.recalibration import batchnorm_layers
 from models import zoo
 
 

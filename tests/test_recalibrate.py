@@ -10,7 +10,7 @@ from torch import nn
 
 import bncal
 from bncal.errors import BncalError
-from bncal.recalibration import batchnorm_layers
+from bncal.torch.recalibration import batchnorm_layers
 from tests_support import Reshuffled
 
 

@@ -1,4 +1,4 @@
-"""bncal.runtime: sessions, feeds by input name or position, latency; and the shared calibration policy."""
+"""bncal.onnx.runtime: sessions, feeds by input name or position, latency; and the shared calibration policy."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from onnx import TensorProto, helper, numpy_helper
 from bncal.calibration import DataOrder, data_source
 from bncal import check_onnx
 from bncal.errors import BncalError
-from bncal.onnx_graphs import find_batchnorms
-from bncal.onnx_recalibrate import recalibrate_onnx
-from bncal.runtime import input_specs, measure_latency, ort_session, run_onnx
+from bncal.onnx.graphs import find_batchnorms
+from bncal.onnx.recalibration import recalibrate_onnx
+from bncal.onnx.runtime import input_specs, measure_latency, ort_session, run_onnx
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +185,7 @@ def test_data_source_refusals():
 
 
 def test_provider_names_resolve_as_users_write_them():
-    from bncal.runtime import available_providers, resolve_providers
+    from bncal.onnx.runtime import available_providers, resolve_providers
 
     assert available_providers()[-1] == "CPUExecutionProvider"
     assert "AzureExecutionProvider" not in available_providers()
@@ -196,7 +196,7 @@ def test_provider_names_resolve_as_users_write_them():
 
 
 def test_statistics_form_follows_the_first_provider():
-    from bncal.runtime import providers_on_device, statistics_form
+    from bncal.onnx.runtime import providers_on_device, statistics_form
 
     assert statistics_form(None) == statistics_form([]) == statistics_form(["CPUExecutionProvider"]) == "batchnorm"
     for first in ("CUDAExecutionProvider", "TensorrtExecutionProvider", "OpenVINOExecutionProvider",
@@ -221,7 +221,7 @@ def test_ort_session_takes_providers_with_options(add_one_model):
 
 def test_arithmetic_form_forced_on_cpu_gives_the_same_statistics(monkeypatch):
     """What a CUDA/TensorRT/OpenVINO session would run, run on the CPU: same recalibration, same check."""
-    import bncal.runtime
+    import bncal.onnx.runtime
 
     from test_onnx_recalibrate import data, export, first_bn_net, split, stored
 
@@ -230,7 +230,7 @@ def test_arithmetic_form_forced_on_cpu_gives_the_same_statistics(monkeypatch):
     results, used = {}, []
     for form in ("batchnorm", "arithmetic"):
         # Every derived graph is built in the form statistics_form picks: force it, and see it asked.
-        monkeypatch.setattr(bncal.runtime, "statistics_form", lambda providers=None, form=form: used.append(form) or form)
+        monkeypatch.setattr(bncal.onnx.runtime, "statistics_form", lambda providers=None, form=form: used.append(form) or form)
         results[form] = {mode: recalibrate_onnx(model, batches, mode=mode, tol=1e-7)[0] for mode in ("train", "eval")}
         results[form]["check"] = check_onnx(model, batches)
     assert set(used) == {"batchnorm", "arithmetic"}

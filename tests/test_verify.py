@@ -104,9 +104,9 @@ def test_comparing_needs_no_onnxruntime_and_old_runtime_imports_still_work():
         "import sys\n"
         "from bncal.verify import compare_outputs\n"
         "assert 'onnxruntime' not in sys.modules\n"
-        "import bncal.runtime\n"
+        "import bncal.onnx.runtime\n"
         "from bncal.verify import ort_session, run_onnx, measure_latency, input_specs\n"
-        "assert ort_session is bncal.runtime.ort_session and input_specs is bncal.runtime.input_specs\n"
+        "assert ort_session is bncal.onnx.runtime.ort_session and input_specs is bncal.onnx.runtime.input_specs\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

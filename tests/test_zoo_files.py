@@ -91,7 +91,7 @@ def test_fold_export_check_recalibrate_with_the_defaults(files, name, batch, ext
 
 
 def test_large_logits_pass_by_scale_where_a_fixed_atol_would_not(files):
-    from bncal.fold_export import fold_export_onnx
+    from bncal.folding.export import fold_export_onnx
 
     model = onnx.load(files / "logits1e4.onnx")
     _, report = fold_export_onnx(model)
@@ -156,7 +156,7 @@ def test_statistics_shared_through_identity_nodes_are_folded():
     """The TorchScript exporter deduplicates equal initializers: BNs whose statistics were never
     updated read one shared tensor through Identity nodes. Those are constants: folded, and the
     Identity nodes that fed only them go too."""
-    from bncal.fold_export import fold_export_onnx
+    from bncal.folding.export import fold_export_onnx
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4),

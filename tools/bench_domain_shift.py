@@ -91,7 +91,7 @@ class TorchPath:
 
     def statistics(self, model):
         return [np.concatenate([bn.running_mean.double().numpy(), bn.running_var.double().numpy()])
-                for _, bn in bncal.recalibration.batchnorm_layers(model)]
+                for _, bn in bncal.torch.recalibration.batchnorm_layers(model)]
 
 
 class OnnxPath:
@@ -114,7 +114,7 @@ class OnnxPath:
         return float((logits.argmax(1) != labels).mean())
 
     def statistics(self, model):
-        from bncal.onnx_graphs import find_batchnorms
+        from bncal.onnx.graphs import find_batchnorms
         from onnx import numpy_helper
 
         values = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}

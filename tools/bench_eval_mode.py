@@ -1,4 +1,4 @@
-"""Eval-mode recalibration: repeated passes vs the topological sweep (bncal.eval_sweep), side by side.
+"""Eval-mode recalibration: repeated passes vs the topological sweep (bncal.torch.eval_sweep), side by side.
 
 For each net, with BN statistics reset as if never updated, the same calibration inputs, and
 one plain ``torch.no_grad()`` eval forward over them as the time unit (each run sits between two
@@ -6,7 +6,7 @@ plain forwards and is divided by their mean; the median over ``--rounds`` is rep
 
 - passes:   ``bncal.recalibrate(mode="eval")`` through a custom ``forward_fn``, which always takes
             the repeated (anchored) passes;
-- sweep:    :func:`bncal.eval_sweep.solve_eval_statistics` alone (forward-equivalents it counts,
+- sweep:    :func:`bncal.torch.eval_sweep.solve_eval_statistics` alone (forward-equivalents it counts,
             peak frontier cache);
 - sweep+1:  ``bncal.recalibrate(mode="eval")`` as it runs by default: the sweep's statistics as
             the start of the fixed-point loop, which then runs one confirming eval pass (it
@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import bncal  # noqa: E402
-from bncal.eval_sweep import solve_eval_statistics  # noqa: E402
-from bncal.recalibration import batchnorm_layers  # noqa: E402
+from bncal.torch.eval_sweep import solve_eval_statistics  # noqa: E402
+from bncal.torch.recalibration import batchnorm_layers  # noqa: E402
 from models import zoo  # noqa: E402
 
 METHODS = ("passes", "sweep", "sweep+1")

@@ -6,12 +6,12 @@ mean/var, weight and bias) -- ``models/zoo.py``'s ``resnet_small`` (3x32x32), ``
 small decoder (ConvTranspose2d + BatchNorm2d, one ConvTranspose with groups=4) and an MLP
 (Linear + BatchNorm1d) -- it writes one ONNX file per method:
 
-- ``bncal``: ``bncal.fold_export.fold_export_torch`` (one export with every BN kept, graph fold,
+- ``bncal``: ``bncal.folding.export.fold_export_torch`` (one export with every BN kept, graph fold,
   verification in onnxruntime);
 - ``torch default``: ``torch.onnx.export(model, x, f, external_data=False)`` with the defaults
   (``dynamo=True, optimize=True``: onnxscript's rewrite rules may fold BN);
 - ``torchscript``: ``torch.onnx.export(..., dynamo=False)`` (default constant folding);
-- ``ORT fusion``: an unfolded export (``bncal.export.export_onnx(keep_batchnorm=True)``) that
+- ``ORT fusion``: an unfolded export (``bncal.torch.export.export_onnx(keep_batchnorm=True)``) that
   onnxruntime optimises at ``ORT_ENABLE_BASIC``, saved via ``SessionOptions.optimized_model_filepath``.
 
 Every export has a dynamic batch axis (example batch 2). Per model and method it reports the
@@ -132,7 +132,7 @@ def quiet():
 
 
 def export_bncal(model, x, path):
-    from bncal.fold_export import fold_export_torch
+    from bncal.folding.export import fold_export_torch
 
     with quiet():
         proto, _report = fold_export_torch(model, (x,), path, latency_batches=())
@@ -163,7 +163,7 @@ def export_ort_fusion(model, x, path):
     import onnx
     import onnxruntime as ort
 
-    from bncal.export import export_onnx
+    from bncal.torch.export import export_onnx
 
     with quiet():
         unfolded = export_onnx(model, (x,), keep_batchnorm=True)
@@ -184,7 +184,7 @@ EXPORTERS = {"bncal": export_bncal, "torch default": export_torch_default,
 # --------------------------------------------------------------------------------------------
 
 def session(proto, threads):
-    from bncal.runtime import ort_session
+    from bncal.onnx.runtime import ort_session
 
     return ort_session(proto, optimization_level="basic", threads=threads)  # "basic" for all
 
@@ -203,7 +203,7 @@ def relative_error(sess, reference: np.ndarray, x: np.ndarray) -> float:
 
 def latency(sessions: dict, shape, rounds: int, repeat: int) -> dict[str, dict[int, float]]:
     """Median ms per method and batch; methods measured in turn within a round, order rotated."""
-    from bncal.runtime import measure_latency
+    from bncal.onnx.runtime import measure_latency
 
     rng = np.random.default_rng(0)
     labels = list(sessions)

@@ -110,10 +110,10 @@ def family_row(name: str, build, size: int, rounds: int, folder: Path) -> dict:
     import torch
 
     import bncal
-    from bncal.bn_modules import frozen_batchnorm_layers, unfreeze_batchnorm
-    from bncal.export import traced_batch
+    from bncal.torch.bn_modules import frozen_batchnorm_layers, unfreeze_batchnorm
+    from bncal.torch.export import traced_batch
     from bncal.folding import analyze_foldability
-    from bncal.recalibration import batchnorm_layers
+    from bncal.torch.recalibration import batchnorm_layers
     from models.library_lookalikes import error_in_sd, float64_bn_statistics
 
     model = build().eval()

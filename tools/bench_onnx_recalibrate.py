@@ -4,7 +4,7 @@ Exports a ResNet-style CNN (``models/zoo.py:resnet_small``, 20 BatchNorms) to ON
 BatchNorms kept (TorchScript exporter, ``training=TrainingMode.PRESERVE``; the default eval
 export folds Conv+BN), then times, over the same batches, in interleaved repetitions:
 
-- ``inference``: one pass of a plain inference session (:func:`bncal.runtime.ort_session` at
+- ``inference``: one pass of a plain inference session (:func:`bncal.onnx.runtime.ort_session` at
   level ``all``, the level of recalibration's own sessions and onnxruntime's default; created
   beforehand, so its runs are warm);
 - ``recalibrate``: ``recalibrate_onnx(model, batches, mode="train")`` end to end (graph
@@ -105,7 +105,7 @@ def normalisation_floor(model, kind: str):
     import onnx
     from onnx import helper, numpy_helper
 
-    from bncal.onnx_graphs import find_batchnorms
+    from bncal.onnx.graphs import find_batchnorms
 
     floor = onnx.ModelProto()
     floor.CopyFrom(model)
@@ -149,8 +149,8 @@ def main(argv=None) -> int:
 
     import onnxruntime as ort
 
-    from bncal.onnx_recalibrate import recalibrate_onnx
-    from bncal.runtime import ort_session, statistics_form
+    from bncal.onnx.recalibration import recalibrate_onnx
+    from bncal.onnx.runtime import ort_session, statistics_form
 
     model = export_resnet(args.size, args.width)
     rng = np.random.default_rng(0)
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
         runs[f"recalibrate (previous, {args.compare_with}{default_threads})"] = (
             lambda: previous.recalibrate_onnx(model, batches, mode="train"))
     if not args.no_graphs:
-        from bncal.onnx_graphs import make_stats_graph, make_train_graph
+        from bncal.onnx.graphs import make_stats_graph, make_train_graph
 
         def graph_pass(session):
             names = [o.name for o in session.get_outputs()]

@@ -1,12 +1,12 @@
 """Writing a large onnx_ir model as one file: bncal's writer against onnx_ir's own ``ir.save``.
 
-``bncal.onnx_io.save_onnx`` writes an ``onnx_ir.Model`` (what torch's exporter builds, its
+``bncal.onnx.io.save_onnx`` writes an ``onnx_ir.Model`` (what torch's exporter builds, its
 initializers the PyTorch model's own tensors) with a hand-written protobuf layout: the graph
 without its large initializers, then each of those as a ``ModelProto.graph`` field of its own,
 ``raw_data`` written straight from the tensor's memory. It stays only while it beats onnx_ir's
 own writer; this measures both on the same model, side by side:
 
-- ``bncal``: ``bncal.onnx_io.save_onnx(model, path)`` (the fold-export write);
+- ``bncal``: ``bncal.onnx.io.save_onnx(model, path)`` (the fold-export write);
 - ``ir.save``: ``onnx_ir.save(model, path)``, one file, no external data;
 - ``ir.save external``: ``onnx_ir.save(model, path, external_data=...)``, the layout torch's
   exporter writes by default (graph file plus a data file), for reference.
@@ -67,7 +67,7 @@ def _one_write(writer: str, layers: int, width: int, cache: Path, out: Path) -> 
     before = _peak_rss_bytes()
     start = time.perf_counter()
     if writer == "bncal":
-        from bncal.onnx_io import save_onnx
+        from bncal.onnx.io import save_onnx
 
         save_onnx(model, out)
     else:

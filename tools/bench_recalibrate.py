@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import bncal  # noqa: E402
-from bncal.recalibration import batchnorm_layers  # noqa: E402
+from bncal.torch.recalibration import batchnorm_layers  # noqa: E402
 from models import zoo  # noqa: E402
 from _previous import previous_module  # noqa: E402  (tools/ is this script's folder)
 from torch import nn  # noqa: E402

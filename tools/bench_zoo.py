@@ -200,7 +200,7 @@ def worst_scale_error(comparison) -> float | None:
 
 
 def onnx_file_rows(family: str, model, x) -> list[dict]:
-    from bncal.fold_export import fold_export_onnx
+    from bncal.folding.export import fold_export_onnx
     from models.other_exporters import as_ir3, torchscript_file
 
     rows = []
@@ -234,8 +234,8 @@ def family_row(family: str, rounds: int, folder: Path) -> tuple[dict, list[dict]
 
     import bncal
     from bncal.errors import BncalError
-    from bncal.export import traced_batch
-    from bncal.fold_export import fold_export_torch
+    from bncal.torch.export import traced_batch
+    from bncal.folding.export import fold_export_torch
 
     model = build(family)
     data = batches(family, CALIBRATION_BATCHES, CALIBRATION_BATCH, seed=1)
@@ -336,11 +336,11 @@ def main(argv=None) -> int:
 
     import torch
 
-    import bncal.runtime
+    import bncal.onnx.runtime
 
     torch.set_num_threads(args.threads)
     # Every session bncal opens gets the same thread count (bncal looks ort_session up at call time).
-    bncal.runtime.ort_session = functools.partial(bncal.runtime.ort_session, threads=args.threads)
+    bncal.onnx.runtime.ort_session = functools.partial(bncal.onnx.runtime.ort_session, threads=args.threads)
     rows, onnx_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for family in [f.strip() for f in args.families.split(",") if f.strip()]:

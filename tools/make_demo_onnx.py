@@ -14,7 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bncal.export import export_onnx  # noqa: E402
+from bncal.torch.export import export_onnx  # noqa: E402
 from models import zoo  # noqa: E402
 
 if __name__ == "__main__":

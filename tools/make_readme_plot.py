@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bncal import check_onnx, recalibrate_onnx  # noqa: E402
-from bncal.fold_export import fold_export_onnx  # noqa: E402
+from bncal.folding.export import fold_export_onnx  # noqa: E402
 from bncal.plot import plot_check  # noqa: E402
 
 

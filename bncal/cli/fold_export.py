@@ -52,7 +52,7 @@ def command(args) -> int:
         else:
             report = _fold_export_torch(args, loaded.model, data, progress)
     except (VerificationError, DeploymentError) as exc:
-        from ..fold_export import FoldExportReport
+        from ..folding.export import FoldExportReport
 
         if isinstance(exc.report, FoldExportReport):  # the health gate's refusal is its own one line
             ui.echo(exc.report.table())
@@ -91,9 +91,9 @@ def _check(args, report, data, net, progress):
     in its graph-input order), or None with a note when there is nothing to check."""
     from ..api import check
     from ..data import NumpyBatches
-    from ..fold_export import fit_to_batch_size
-    from ..onnx_view import find_batchnorms
-    from ..runtime import fixed_batch_size, input_specs
+    from ..folding.export import fit_to_batch_size
+    from ..onnx.view import find_batchnorms
+    from ..onnx.runtime import fixed_batch_size, input_specs
 
     ui, original = args.ui, report.original
     infos = find_batchnorms(original)
@@ -119,8 +119,8 @@ def _check(args, report, data, net, progress):
 
 def _fold_export_onnx(args, proto, data, progress):
     from ..data import NumpyBatches
-    from ..fold_export import fold_export_onnx
-    from ..runtime import batch_feeds
+    from ..folding.export import fold_export_onnx
+    from ..onnx.runtime import batch_feeds
 
     initializers = {t.name for t in proto.graph.initializer}
     names = [i.name for i in proto.graph.input if i.name not in initializers]
@@ -140,8 +140,8 @@ def _fold_export_onnx(args, proto, data, progress):
 
 
 def _fold_export_torch(args, net, data, progress):
-    from ..export import forward_parameter_names, positional_inputs
-    from ..fold_export import fold_export_torch
+    from ..torch.export import forward_parameter_names, positional_inputs
+    from ..folding.export import fold_export_torch
 
     batches, names = None, None
     if data is not None:
@@ -179,7 +179,7 @@ class _Positional:
         self.data, self.net = data, net
 
     def __iter__(self):
-        from ..export import positional_inputs
+        from ..torch.export import positional_inputs
 
         for batch in self.data:
             yield positional_inputs(self.net, batch)[0]

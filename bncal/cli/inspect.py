@@ -28,7 +28,7 @@ def command(args) -> int:
     layers run in). Exit 1 when a finding is an error (such as BN001, statistics never
     updated), or reaches the --strict severity.
     """
-    from ..inspection import SEVERITIES, inspect_model
+    from ..inspect import SEVERITIES, inspect_model
 
     loaded = args.model.load()
     target, example, decisions = loaded.model, None, None

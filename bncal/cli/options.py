@@ -191,7 +191,7 @@ class OpsetType(click.ParamType):
             opset = int(value)
         except (TypeError, ValueError):
             self.fail(f"{value!r} is not an integer", param, ctx)
-        from ..export import supported_opsets
+        from ..torch.export import supported_opsets
 
         opsets = supported_opsets()
         if opset not in opsets:
@@ -416,7 +416,7 @@ class DataValue(types.SimpleNamespace):
 
         fixed = None
         if onnx_model is not None:
-            from ..runtime import fixed_batch_size, input_specs
+            from ..onnx.runtime import fixed_batch_size, input_specs
 
             fixed = fixed_batch_size(input_specs(onnx_model))
         return NumpyBatches(self.load(rank=rank, world_size=world_size, batch_size=fixed))
@@ -572,7 +572,7 @@ def shaped_example(shapes: InputShapes, net) -> tuple:
     import torch
 
     from ..errors import first_line
-    from ..export import forward_parameter_names
+    from ..torch.export import forward_parameter_names
 
     ordered = shapes.ordered(forward_parameter_names(net) or [], prefix=True)
     example = random_inputs(ordered)
@@ -687,7 +687,7 @@ class ProviderValue(types.SimpleNamespace):
     def resolve(self, local_rank: int | None = None) -> list:
         """The providers to run on: those given, else every one onnxruntime offers (CPU last).
         With ``local_rank`` (a torchrun launch), GPU providers run on that rank's device."""
-        from ..runtime import available_providers, providers_on_device
+        from ..onnx.runtime import available_providers, providers_on_device
 
         providers = self.names if self.names is not None else available_providers()
         return providers if local_rank is None else providers_on_device(providers, local_rank)
@@ -720,7 +720,7 @@ class ProviderArgs(OptionGroup):
         if not self.torch_models and model is not None and model.kind.name != "onnx":
             raise _usage_error("--providers applies to .onnx models, which run in onnxruntime; "
                                "a PyTorch model runs on --device", "--providers")
-        from ..runtime import resolve_providers
+        from ..onnx.runtime import resolve_providers
 
         try:
             return ProviderValue(names=resolve_providers(names))
@@ -975,7 +975,7 @@ class VerificationArgs(OptionGroup):
 
     def plan(self, value, plan, args):
         if value.keep_failed:
-            from ..fold_export import failed_output_path
+            from ..folding.export import failed_output_path
 
             plan.add(failed_output_path(args.output.path), "--keep-failed", keep_on_failure=True)
 
@@ -1012,13 +1012,13 @@ def command(name: str, *groups: OptionGroup):
     """Make a click command of ``groups``; the decorated body gets an :class:`Args` and returns an exit status.
 
     The body runs inside the run's output plan (every group's :meth:`OptionGroup.plan`, checked
-    before the body starts) and under the CLI's error handling (:func:`bncal.cli.run_command`).
+    before the body starts) and under the CLI's error handling (:func:`bncal.cli.runner.run_command`).
     """
     def decorate(body):
         by_group = [(group, group.params()) for group in groups]
 
         def callback(**values):
-            from . import run_command
+            from .runner import run_command
 
             args = Args()
             for group, params in by_group:

@@ -103,8 +103,8 @@ def _guard(args) -> dict:
 def _recalibrate_torch(args):
     from ..distributed import torchrun_process_group
     from ..gate import require_healthy_notes
-    from ..loading import is_whole_model_file, save_state_dict
-    from ..recalibration import recalibrate
+    from ..torch.loading import is_whole_model_file, save_state_dict
+    from ..torch.recalibration import recalibrate
 
     options = args.recalibration
     with torchrun_process_group(args.device) as launch:
@@ -156,8 +156,8 @@ def _recalibrate_keras(args, loaded):
 def _recalibrate_onnx(args):
     from ..distributed import torchrun_process_group
     from ..gate import require_healthy_notes
-    from ..onnx_io import save_onnx
-    from ..onnx_recalibrate import recalibrate_onnx
+    from ..onnx.io import save_onnx
+    from ..onnx.recalibration import recalibrate_onnx
 
     options = args.recalibration
     # The moments are combined on the host: a gloo group (device "cpu"), whatever runs onnxruntime.

@@ -19,7 +19,7 @@ import onnx
 import onnx_ir as ir
 
 from ..names import ONNX_DOMAINS, fresh_name, onnx_batchnorm_names
-from ..onnx_view import constant_array, constant_source
+from ..onnx.view import constant_array, constant_source
 from ..report import FoldDecision
 from .graph import Graph, Node, Param
 from .planner import plan

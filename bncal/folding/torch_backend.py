@@ -10,7 +10,7 @@ exported graph:
 - Identity and Dropout modules (and ``F.dropout(..., training=False)``) are ``Identity``;
   ``x.float()``-style casts are ``Cast``; ``nn.Flatten``, ``torch.flatten``, ``view`` and
   ``reshape`` are ``Reshape`` with the shapes recorded from ``example_inputs``;
-- a BN with an activation (timm's ``BatchNormAct2d`` family, :func:`bncal.bn_modules.activation_split`)
+- a BN with an activation (timm's ``BatchNormAct2d`` family, :func:`bncal.torch.bn_modules.activation_split`)
   is its BN followed by an opaque op for its ``drop`` and ``act``; a frozen BN (torchvision's and
   timm's ``FrozenBatchNorm2d``) is a ``BatchNormalization`` with its fixed statistics;
 - anything else is an opaque op named after its module class, function or method.
@@ -40,7 +40,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.utils import parametrize
 
-from ..bn_modules import activation_split, is_frozen_batchnorm
+from ..torch.bn_modules import activation_split, is_frozen_batchnorm
 from ..errors import BncalError, one_line
 from ..report import FoldDecision, ReportDisplay, format_table, plural
 from .graph import Graph, ModuleFacts, Node, Param

@@ -16,7 +16,7 @@ torch is::
 
 The results are the same report types as the PyTorch and ONNX paths
 (:class:`bncal.report.RecalibrationReport`, :class:`bncal.checking.CheckReport`,
-:class:`bncal.inspection.InspectReport`), computed by the same statistics core
+:class:`bncal.inspect.model.InspectReport`), computed by the same statistics core
 (:mod:`bncal.stats`), the same recalibration policy (:mod:`bncal.calibration`) and the same
 rules. ``bncal.recalibrate`` and ``bncal.inspect_model`` hand a ``keras.Model`` over to these
 functions (:func:`is_keras_model`). On the command line a ``.keras`` file, or a factory spec
@@ -33,7 +33,7 @@ from .._lazy import lazy_exports
 
 # Public name -> submodule that defines it; imported (with Keras) on first use.
 _EXPORTS = {
-    "import_keras": "_backend",
+    "import_keras": "backend",
     "load_model": "loading",
     "save_model": "loading",
     "batchnorm_layers": "layers",

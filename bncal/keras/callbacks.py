@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..errors import BncalError
 from ..momentum import inverse_decay_tf_momentum
-from ._backend import import_keras
+from .backend import import_keras
 from .layers import batchnorm_layers
 
 keras = import_keras()

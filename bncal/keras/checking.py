@@ -6,7 +6,7 @@ thresholds and the table the same. Per batch the model runs twice, eagerly:
 - inference mode, as deployed (``training=False``, every BN on its moving statistics);
 - train mode in bncal's sense: every BN normalises with its batch statistics, Dropout and
   every other layer stay in inference mode. Each BN's input is reduced to float64 moments
-  there (:class:`bncal.keras._passes.BatchNormTap`) and merged over all batches.
+  there (:class:`bncal.keras.passes.BatchNormTap`) and merged over all batches.
 
 Per layer the moving statistics are compared with those population statistics; per model
 output, inference with train mode, judged against train mode on a second batching of the same
@@ -27,8 +27,8 @@ import numpy as np
 from ..calibration import one_value_error
 from ..checking import CheckReport, CheckThresholds
 from ..driver import CheckBackend, run_check
-from ._backend import import_keras
-from ._passes import BatchNormTap, calibration_data, default_forward, prepare_batch, run_forward
+from .backend import import_keras
+from .passes import BatchNormTap, calibration_data, default_forward, prepare_batch, run_forward
 from .layers import require_model, trainable_batchnorms
 
 __all__ = ["check"]
@@ -64,7 +64,7 @@ def check(
 
 class KerasCheck(CheckBackend):
     """The Keras part of a check (:func:`bncal.driver.run_check`): inference is the model's own
-    call; train mode runs inside a :class:`~bncal.keras._passes.BatchNormTap` that feeds every
+    call; train mode runs inside a :class:`~bncal.keras.passes.BatchNormTap` that feeds every
     BN its batch's statistics (a renorm layer its training statistics) and records its input's
     moments."""
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._backend import import_keras
+from .backend import import_keras
 
 __all__ = ["takes_channels_last", "in_model_layout"]
 

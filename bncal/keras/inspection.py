@@ -1,8 +1,8 @@
 """``bncal inspect`` for Keras models: the same rules on Keras layers.
 
 The model is reduced to the rows and the graph every front end produces
-(:class:`bncal.inspection.BNLayer`, :class:`bncal.inspection.Graph`) and handed to
-:func:`bncal.inspection.inspect_graph`, so rule ids, severities and evidence are those of the
+(:class:`bncal.inspect.model.BNLayer`, :class:`bncal.inspect.model.Graph`) and handed to
+:func:`bncal.inspect.model.inspect_graph`, so rule ids, severities and evidence are those of the
 PyTorch and ONNX paths; fixes are worded for Keras (``BatchNormalization(momentum=...)``,
 ``renorm=True``, ``center=``). Momentum is reported in the Keras convention (the report's
 ``momentum_tf`` is ``BatchNormalization.momentum``; ``momentum_torch`` is ``1 - momentum``).
@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BncalError, one_line
-from ..inspection import DEGENERATE, NEVER_UPDATED, BNLayer, Graph, InspectReport, Node, inspect_graph, statistics_status
+from ..inspect.model import DEGENERATE, NEVER_UPDATED, BNLayer, Graph, InspectReport, Node, statistics_status
+from ..inspect.rules import inspect_graph
 from ..names import fresh_name
-from ._backend import import_keras, inference_context
+from .backend import import_keras, inference_context
 from .layers import batchnorm_layers, is_batchnorm, moving_statistics, named_layers, renorm_reference, sublayers
 
 __all__ = ["inspect"]
@@ -160,7 +161,7 @@ def _kind(layer) -> str:
 
 
 class _GraphBuilder:
-    """Builds :class:`bncal.inspection.Graph` nodes from Keras layers; ``names`` maps
+    """Builds :class:`bncal.inspect.model.Graph` nodes from Keras layers; ``names`` maps
     ``id(bn)`` to the BN's report name."""
 
     def __init__(self, names: dict[int, str]):

@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import BncalError
 from ..names import fresh_name
 from ..report import LayerStats
-from ._backend import import_keras, keras_classes
+from .backend import import_keras, keras_classes
 
 __all__ = ["sublayers", "named_layers", "batchnorm_layers", "is_batchnorm", "channel_axis", "moving_statistics",
            "statistics_variables", "require_model", "renorm_reference", "trainable_batchnorms", "FROZEN_REASON"]

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..outputs import atomic_output
 from ..errors import BncalError, one_line
 from ..specs import KERAS_MODEL_SUFFIXES, KERAS_SAVE_SUFFIXES, is_tensorflow_export, parse_model_kwargs, resolve_callable
-from ._backend import import_keras
+from .backend import import_keras
 
 __all__ = ["load_model", "save_model", "adopt_factory_model", "tensorflow_export_refusal"]
 

@@ -5,7 +5,7 @@ per batch and per BN call, the layer's input is reduced to float64 ``(count, mea
 variance)`` per channel and merged with :class:`~bncal.stats.ChannelMoments` (every axis but
 the layer's ``axis`` counts as samples, batches weigh by their size, so the result does not
 depend on the batch split); the passes are driven by :func:`~bncal.stats.fixed_point_passes`.
-How each BN's input is seen: :class:`bncal.keras._passes.BatchNormTap` (works for Sequential,
+How each BN's input is seen: :class:`bncal.keras.passes.BatchNormTap` (works for Sequential,
 functional and subclassed models alike).
 
 Keras conventions met here:
@@ -41,8 +41,8 @@ from ..calibration import check_mode, one_value_error
 from ..driver import RecalibrationBackend, run_recalibration
 from ..report import RecalibrationReport
 from ..stats import anchored_statistics
-from ._backend import import_keras
-from ._passes import BatchNormTap, calibration_data, default_forward, prepare_batch, run_forward
+from .backend import import_keras
+from .passes import BatchNormTap, calibration_data, default_forward, prepare_batch, run_forward
 from .layers import require_model, trainable_batchnorms
 
 __all__ = ["recalibrate"]
@@ -117,7 +117,7 @@ def _write(bn, mean, variance) -> None:
 
 class KerasRecalibration(RecalibrationBackend):
     """The Keras part of a recalibration (:func:`bncal.driver.run_recalibration`): each pass runs
-    inside a :class:`~bncal.keras._passes.BatchNormTap`, which records every BN call's input
+    inside a :class:`~bncal.keras.passes.BatchNormTap`, which records every BN call's input
     moments and feeds it the statistics to normalise with (the batch's own, or a renorm layer's
     training statistics, in train passes; the given ones, anchored where the driver says so, in
     eval passes)."""

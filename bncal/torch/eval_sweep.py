@@ -8,13 +8,13 @@ calibration set as one batch uses. In a graph without cycles a BN's input depend
 BNs upstream of it, so the fixed point can be solved in order rather than iterated:
 
 1. trace the model with torch.fx (BN modules kept as calls) and give every node its BN depth
-   (:mod:`bncal._sweep_plan`);
+   (:mod:`bncal.torch.sweep_plan`);
 2. for depth ``k = 1, 2, ...``: run, over all data, the nodes between depth ``k - 1`` and
    ``k`` with every shallower BN already holding its final statistics, merge the moments of
    the inputs of the depth-``k`` BNs (:class:`bncal.stats.ChannelMoments`, float64, batches
    weighted by their sample count), and load them into those BNs;
 3. between depths, keep for every batch the values deeper nodes still need (the frontier, skip
-   connections included), so no node runs twice (:mod:`bncal._sweep_cache`).
+   connections included), so no node runs twice (:mod:`bncal.torch.sweep_cache`).
 
 Each node that some BN input depends on runs once per sample, the head after the last BN not
 at all: the sweep costs about one forward (``forward_equivalents`` counts the compute it
@@ -22,9 +22,8 @@ executed, in units of one plain forward over the same data), where repeated eval
 one per BN depth or, anchored, 10 to 30 on MobileNet/EfficientNet-style nets.
 
 Memory: the frontiers are held on the model's device within ``cache_mb`` MiB (default
-:data:`DEFAULT_CACHE_MB`, 1 GiB). Measured peaks for 128 inputs of 3x224x224: 368 MiB
-(regnet_y_400mf), 392 (mobilenet_v3_large), 588 (efficientnet_b0), 686 (densenet121), 784
-(resnet50); at 3x128x128 a third of that. A batch whose frontier does not fit is written to a
+:data:`DEFAULT_CACHE_MB`, 1 GiB), which holds the frontiers of torchvision's families for 128
+inputs of 3x224x224 (``tools/bench_eval_mode.py --torchvision`` prints the peaks). A batch whose frontier does not fit is written to a
 temporary directory under ``spill_dir`` when one is named (removed afterwards, also on error),
 else it is recomputed from its last checkpoint (or from the data). Before committing to
 recomputation the sweep projects its cost and refuses beyond ``max_forward_equivalents``
@@ -51,13 +50,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ._progress import DataPass, batch_count, progress_reporter
-from ._sweep_cache import Checkpoints
-from ._sweep_plan import SweepPlan, SweepRefused, build_plan, node_cost, tensor_bytes
-from .calibration import batch_fingerprint
-from .errors import BncalError, first_line
-from .torch_passes import LayerMoments, channel_moments, default_forward, prepare_batch
-from .stats import ChannelMoments
+from ..progress import DataPass, batch_count, progress_reporter
+from .sweep_cache import Checkpoints
+from .sweep_plan import SweepPlan, SweepRefused, build_plan, node_cost, tensor_bytes
+from ..calibration import batch_fingerprint
+from ..errors import BncalError, first_line
+from .passes import LayerMoments, channel_moments, default_forward, prepare_batch
+from ..stats import ChannelMoments
 
 __all__ = ["solve_eval_statistics", "SweepResult", "DEFAULT_CACHE_MB", "DEFAULT_MAX_FORWARD_EQUIVALENTS"]
 
@@ -111,7 +110,7 @@ def solve_eval_statistics(
     Nothing of ``model`` changes: modes, BN buffers, ``inplace`` flags are restored, no hook is
     added, the caller stores the returned moments. Batches go through the default call
     convention (a tensor, a tuple as positional inputs, a dict as keyword inputs), moved to
-    ``device``; ``forward_fn`` other than None or :func:`bncal.recalibration.default_forward`
+    ``device``; ``forward_fn`` other than None or :func:`bncal.torch.recalibration.default_forward`
     is refused, since the sweep cannot see inside it. ``max_samples`` and ``progress`` (True for
     a bar, or ``progress(batch steps done)``) are as in :func:`bncal.recalibrate`. With a
     ``prior`` (:class:`bncal.calibration.SourcePrior`) each depth is loaded with its moments

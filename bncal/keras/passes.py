@@ -26,7 +26,7 @@ import numpy as np
 from ..calibration import NONFINITE_DATA, data_source
 from ..errors import BncalError
 from ..stats import ChannelMoments, batch_moments
-from ._backend import import_keras, inference_context
+from .backend import import_keras, inference_context
 from .layers import channel_axis, statistics_variables
 
 __all__ = ["BatchNormTap", "calibration_data", "default_forward", "run_forward", "prepare_batch"]

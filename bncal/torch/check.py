@@ -1,7 +1,7 @@
 """Check a PyTorch model's BatchNorm statistics against its data, in PyTorch itself.
 
 The check's policy and verdict are every framework's (:func:`bncal.driver.run_check`). The ONNX
-check runs an exported graph, in which a batch renormalisation layer (:mod:`bncal.nn`) is a
+check runs an exported graph, in which a batch renormalisation layer (:mod:`bncal.torch.nn`) is a
 plain BatchNormalization, so its train mode would normalise with batch statistics, which is not
 what that layer did in training. Here every BN runs in eval mode, fed per batch the statistics
 its training forward normalises with: the batch's own, or for a renorm layer the statistics that
@@ -18,14 +18,14 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 
-from .calibration import one_value_error
-from .checking import CheckReport, CheckThresholds
-from .data import select_inputs
-from .driver import CheckBackend, run_check
-from .errors import BncalError, first_line
+from ..calibration import one_value_error
+from ..checking import CheckReport, CheckThresholds
+from ..data import select_inputs
+from ..driver import CheckBackend, run_check
+from ..errors import BncalError, first_line
 from .recalibration import model_device, tracked_batchnorms
-from .stats import ChannelMoments
-from .torch_passes import channel_moments, default_forward, output_tensors, prepare_batch
+from ..stats import ChannelMoments
+from .passes import channel_moments, default_forward, output_tensors, prepare_batch
 
 __all__ = ["check_torch"]
 
@@ -38,7 +38,7 @@ def check_torch(model: torch.nn.Module, batches: Iterable, *, thresholds: CheckT
     Batches as for :func:`bncal.recalibrate` (one pass: a one-shot iterator is fine; ``inputs``
     picks the model inputs, ``forward_fn(model, batch)`` calls the model). Batches should be
     drawn at random and hold 16 or more samples (see :class:`bncal.checking.CheckThresholds`);
-    batches far from random draws are named in ``warnings``, as in :func:`bncal.onnx_check.check_onnx`. The
+    batches far from random draws are named in ``warnings``, as in :func:`bncal.onnx.check.check_onnx`. The
     model is left as it was: modes, statistics and weights.
 
     Raises:

@@ -1,7 +1,7 @@
 """Check an ONNX model's BatchNorm statistics against its data, in onnxruntime.
 
 The check's policy and verdict are :func:`bncal.driver.run_check`'s; here onnxruntime runs the
-inference graph and the train-mode graph (:func:`bncal.onnx_graphs.make_train_graph`, each BN's
+inference graph and the train-mode graph (:func:`bncal.onnx.graphs.make_train_graph`, each BN's
 batch statistics exposed as outputs) on the same batches.
 """
 
@@ -13,13 +13,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .checking import CheckReport, CheckThresholds
-from .data import select_inputs
-from .driver import BNLayer, CheckBackend, run_check
-from .errors import BncalError
-from .onnx_lowered import find_lowered_normalisations, no_batchnorm_hint
-from .onnx_view import find_batchnorms
-from .report import LayerStats, SkippedLayer
+from ..checking import CheckReport, CheckThresholds
+from ..data import select_inputs
+from ..driver import BNLayer, CheckBackend, run_check
+from ..errors import BncalError
+from .lowered import find_lowered_normalisations, no_batchnorm_hint
+from .view import find_batchnorms
+from ..report import LayerStats, SkippedLayer
 from .runtime import StatisticsSession, first_floating, fixed_batch_size, input_specs, ort_session, run, validated_feeds
 
 __all__ = ["check_onnx"]
@@ -38,8 +38,8 @@ def check_onnx(
     """Compare an ONNX model's moving BN statistics and inference outputs with train mode on ``batches``.
 
     ``model`` is an ``onnx.ModelProto``. One pass over the data (a one-shot iterator is fine);
-    batches as for :func:`bncal.onnx_recalibrate.recalibrate_onnx` (see
-    :mod:`bncal.runtime`). Batches should be drawn at random and hold 16 or more samples for
+    batches as for :func:`bncal.onnx.recalibration.recalibrate_onnx` (see
+    :mod:`bncal.onnx.runtime`). Batches should be drawn at random and hold 16 or more samples for
     the output tests to be meaningful (see :class:`bncal.checking.CheckThresholds`); batches far
     from random draws (:class:`bncal.calibration.BatchComposition`) are named in ``warnings`` and
     the verdict, instead of blaming the statistics. ``inputs`` picks the model inputs out of

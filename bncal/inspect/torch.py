@@ -1,4 +1,4 @@
-"""The PyTorch front end of :mod:`bncal.inspection`: BN layers and the producer/consumer graph of a module.
+"""The PyTorch front end of :mod:`bncal.inspect.model`: BN layers and the producer/consumer graph of a module.
 
 Kept apart so that inspecting an ONNX file never imports torch. The graph comes from ``torch.fx``
 (BN, dropout and activation modules kept as leaves); when tracing fails the leaf modules are
@@ -15,9 +15,9 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from torch.nn.modules.conv import _ConvNd
 
-from .bn_modules import activation_split, is_frozen_batchnorm
-from .errors import one_line
-from .inspection import NEVER_UPDATED, NOT_TRACKED, BNLayer, Graph, Node, frozen_layer, statistics_status
+from ..torch.bn_modules import activation_split, is_frozen_batchnorm
+from ..errors import one_line
+from .model import NEVER_UPDATED, NOT_TRACKED, BNLayer, Graph, Node, frozen_layer, statistics_status
 
 __all__ = ["torch_layers", "torch_graph"]
 
@@ -178,7 +178,7 @@ def torch_graph(model: nn.Module, example_inputs, notes: list[str]) -> tuple[Gra
 
 
 def torch_layers(model: nn.Module) -> list[BNLayer]:
-    from .nn import is_batch_renorm  # local: bncal.nn imports nothing from here, but keep it light
+    from ..torch.nn import is_batch_renorm  # local: bncal.torch.nn imports nothing from here, but keep it light
 
     layers = []
     for name, m in model.named_modules():

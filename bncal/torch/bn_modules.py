@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .frozen import FROZEN_NOTE, is_frozen_class_name
+from ..frozen import FROZEN_NOTE, is_frozen_class_name
 
 __all__ = ["is_frozen_batchnorm", "activation_split", "frozen_batchnorm_layers", "describe_frozen",
            "unfreeze_batchnorm", "sync_to_batchnorm", "per_rank_class", "FROZEN_NOTE"]

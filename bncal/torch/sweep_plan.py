@@ -1,4 +1,4 @@
-"""The graph side of the eval-mode sweep (:mod:`bncal.eval_sweep`): a torch.fx trace of the
+"""The graph side of the eval-mode sweep (:mod:`bncal.torch.eval_sweep`): a torch.fx trace of the
 model, cut into segments by BatchNorm depth.
 
 Depth: a node's depth is the largest number of recalibrated BN calls on any path from the
@@ -29,8 +29,8 @@ from torch import fx, nn
 from torch.fx.node import Node, map_arg
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .errors import first_line
-from .torch_passes import default_call
+from ..errors import first_line
+from .passes import default_call
 
 __all__ = ["SweepRefused", "SweepPlan", "build_plan"]
 

@@ -1,16 +1,16 @@
 """Recalibrate the BatchNorm statistics of an ONNX model with onnxruntime alone (no PyTorch).
 
-The same definitions as :func:`bncal.recalibration.recalibrate`, on the same core
+The same definitions as :func:`bncal.torch.recalibration.recalibrate`, on the same core
 (:mod:`bncal.stats`): per batch, every BN contributes its input's ``(count, mean, biased
 variance)`` to a :class:`~bncal.stats.ChannelMoments`, and the passes are driven by
 :func:`~bncal.stats.fixed_point_passes`.
 
-- ``train`` mode runs the train graph of :func:`bncal.onnx_graphs.make_train_graph`, where
+- ``train`` mode runs the train graph of :func:`bncal.onnx.graphs.make_train_graph`, where
   every BN normalises with its batch statistics (PreciseBN); on the CPU the statistics come
   out of the training-mode BN ops themselves, so the pass costs about one forward plus the
   BN work inference fuses away.
 - ``eval`` mode starts from the train-mode result and runs the stats graph of
-  :func:`bncal.onnx_graphs.make_stats_graph`, fed each pass with the statistics of the previous
+  :func:`bncal.onnx.graphs.make_stats_graph`, fed each pass with the statistics of the previous
   one (anchored from the second eval pass on while the data comes in the same order, see
   :class:`bncal.calibration.DataOrder`), until they stop changing: every BN then holds the
   statistics of its input when every BN uses its new statistics, i.e. those of one train-mode
@@ -18,8 +18,8 @@ variance)`` to a :class:`~bncal.stats.ChannelMoments`, and the passes are driven
 
 The policy around the passes (mode, data that can be re-read, data order, non-finite
 statistics, the report) is :mod:`bncal.calibration`'s, shared with the PyTorch path; running
-the graphs is :mod:`bncal.runtime`'s, which also picks how the derived graphs compute batch
-statistics for the execution providers (:func:`bncal.runtime.statistics_form`).
+the graphs is :mod:`bncal.onnx.runtime`'s, which also picks how the derived graphs compute batch
+statistics for the execution providers (:func:`bncal.onnx.runtime.statistics_form`).
 
 Across processes (``process_group``, or a torchrun launch whose group is initialised), each
 rank runs onnxruntime on its own shard and the moments are combined after every pass by
@@ -37,15 +37,15 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .calibration import check_mode
-from .data import select_inputs
-from .distributed import active_process_group
-from .driver import BNLayer, RecalibrationBackend, run_recalibration
-from .errors import BncalError
-from .onnx_graphs import write_statistics
-from .onnx_view import find_batchnorms
-from .onnx_lowered import find_lowered_normalisations, no_batchnorm_hint
-from .report import LayerStats, RecalibrationReport, SkippedLayer
+from ..calibration import check_mode
+from ..data import select_inputs
+from ..distributed import active_process_group
+from ..driver import BNLayer, RecalibrationBackend, run_recalibration
+from ..errors import BncalError
+from .graphs import write_statistics
+from .view import find_batchnorms
+from .lowered import find_lowered_normalisations, no_batchnorm_hint
+from ..report import LayerStats, RecalibrationReport, SkippedLayer
 from .runtime import (BatchStatistics, StatisticsSession, first_floating, fixed_batch_size, input_specs,
                       validated_feeds)
 
@@ -93,7 +93,7 @@ def recalibrate_onnx(
         providers: onnxruntime execution providers in order of preference, as names or
             ``(name, options)`` pairs, CPU appended last (default: CPU only). With a non-CPU
             provider first the derived graphs compute batch statistics with plain arithmetic
-            ops, which every provider implements (:func:`bncal.runtime.statistics_form`).
+            ops, which every provider implements (:func:`bncal.onnx.runtime.statistics_form`).
         progress: True for a tqdm bar, or a callable given the number of batches done in the
             current pass after each batch.
         inputs: the model inputs to pick out of each batch (:func:`bncal.data.select_inputs`),
@@ -112,7 +112,7 @@ def recalibrate_onnx(
         BN moving statistics changed (same dtype and shape; the stored variance is the
         population, biased, variance), and a :class:`~bncal.report.RecalibrationReport`.
         Statistics tensors shared between nodes (the TorchScript exporter deduplicates equal
-        initializers) are un-shared first, see :func:`bncal.onnx_graphs.write_statistics`;
+        initializers) are un-shared first, see :func:`bncal.onnx.graphs.write_statistics`;
         the report's notes list each such change. In train mode the report warns
         (``report.warnings``) when the batches are far from random draws of the data
         (:class:`bncal.calibration.BatchComposition`).
@@ -134,8 +134,8 @@ def recalibrate_onnx(
 class OnnxRecalibration(RecalibrationBackend):
     """The onnxruntime part of a recalibration (:func:`bncal.driver.run_recalibration`).
 
-    The train pass runs :func:`~bncal.onnx_graphs.make_train_graph`'s graph. An eval pass runs
-    :func:`~bncal.onnx_graphs.make_stats_graph`'s, fed the current statistics; for a batch the
+    The train pass runs :func:`~bncal.onnx.graphs.make_train_graph`'s graph. An eval pass runs
+    :func:`~bncal.onnx.graphs.make_stats_graph`'s, fed the current statistics; for a batch the
     driver anchors, its anchored form, fed as well each BN's statistics of the same batch in the
     previous eval pass (Gauss-Seidel, see :func:`bncal.stats.anchored_statistics`). Sessions are
     built on first use. :meth:`write` makes the new model; only the statistics initializers change.

@@ -7,10 +7,10 @@
 - :func:`input_specs`, :func:`batch_feeds`, :func:`validated_feeds`: user batches as feeds by
   input name, checked against the graph inputs; :func:`fixed_batch_size`;
 - :func:`run` and :func:`run_onnx`: ``session.run`` with onnxruntime's errors as one line;
-- :class:`StatisticsSession`: a derived graph of :mod:`bncal.onnx_graphs` (in the form
+- :class:`StatisticsSession`: a derived graph of :mod:`bncal.onnx.graphs` (in the form
   :func:`statistics_form` picks) read as per-BN batch statistics and merged into
-  :class:`~bncal.stats.ChannelMoments` (used by :func:`bncal.onnx_check.check_onnx` and
-  :func:`bncal.onnx_recalibrate.recalibrate_onnx`);
+  :class:`~bncal.stats.ChannelMoments` (used by :func:`bncal.onnx.check.check_onnx` and
+  :func:`bncal.onnx.recalibration.recalibrate_onnx`);
 - :func:`measure_latency` and :func:`compare_latency`.
 
 A batch is given as a ``{input name: array}`` dict (any key order), a tuple or list of arrays
@@ -31,13 +31,13 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from .calibration import one_value_error
-from .data import input_hint
-from .errors import BncalError, first_line
-from .names import fresh_name
-from .onnx_graphs import derive_stats_graph, derive_train_graph
-from .onnx_io import ir_session_parts, is_ir_model
-from .stats import StackedMoments
+from ..calibration import one_value_error
+from ..data import input_hint
+from ..errors import BncalError, first_line
+from ..names import fresh_name
+from .graphs import derive_stats_graph, derive_train_graph
+from .io import ir_session_parts, is_ir_model
+from ..stats import StackedMoments
 
 __all__ = [
     "ort_session", "resolve_providers", "available_providers", "providers_on_device", "statistics_form", "input_specs",
@@ -115,11 +115,11 @@ def providers_on_device(providers, device_id: int) -> list:
 
 
 def statistics_form(providers=None) -> str:
-    """The form of derived graph (:data:`bncal.onnx_graphs.FORMS`) for sessions on ``providers``.
+    """The form of derived graph (:data:`bncal.onnx.graphs.FORMS`) for sessions on ``providers``.
 
     ``"batchnorm"`` (training-mode BatchNormalization) when the CPU provider comes first or
-    alone: measured faster there (its train graph 1.4-1.5x faster than ``"arithmetic"``'s; why
-    no faster exact form was found: :mod:`bncal.onnx_graphs`). ``"arithmetic"`` when another
+    alone: faster there (``tools/bench_onnx_recalibrate.py``; why no faster exact form was
+    found: :mod:`bncal.onnx.graphs`). ``"arithmetic"`` when another
     provider comes first: CUDA lacks training-mode BatchNormalization from opset 14 on
     (onnxruntime issue 16867), and plain arithmetic runs on every provider. Remote providers
     (Azure) run no node, so they do not count as first.
@@ -385,11 +385,11 @@ class BatchStatistics:
 
 
 class StatisticsSession:
-    """A session of a derived graph (:func:`bncal.onnx_graphs.make_train_graph` with
-    ``expose_stats=True``, or :func:`~bncal.onnx_graphs.make_stats_graph`), read as per-BN
+    """A session of a derived graph (:func:`bncal.onnx.graphs.make_train_graph` with
+    ``expose_stats=True``, or :func:`~bncal.onnx.graphs.make_stats_graph`), read as per-BN
     batch statistics.
 
-    ``infos`` are the derived graph's :class:`~bncal.onnx_graphs.BNInfo` (those not handled are
+    ``infos`` are the derived graph's :class:`~bncal.onnx.graphs.BNInfo` (those not handled are
     ignored); ``outputs`` names model outputs to fetch as well. Sessions run at optimisation
     level ``all`` (the derived graphs are never saved). :meth:`train_graph` and
     :meth:`stats_graph` derive the graph from a model in the form :func:`statistics_form`
@@ -416,7 +416,7 @@ class StatisticsSession:
     def stats_graph(cls, model: onnx.ModelProto, *, anchored: bool = False, providers=None,
                     form: str | None = None) -> "StatisticsSession":
         """The statistics graph of ``model`` (BNs normalising with fed statistics, see
-        :func:`bncal.onnx_graphs.make_stats_graph`), statistics outputs only."""
+        :func:`bncal.onnx.graphs.make_stats_graph`), statistics outputs only."""
         graph, infos = derive_stats_graph(model, keep_model_outputs=False, anchored=anchored,
                                           form=form or statistics_form(providers))
         return cls(graph, infos, providers=providers)

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import BncalError, first_line, one_line
-from .outputs import atomic_output
+from ..errors import BncalError, first_line, one_line
+from ..outputs import atomic_output
 
 __all__ = ["load_onnx", "save_onnx", "onnx_files"]
 

@@ -45,8 +45,8 @@ import re
 
 import numpy as np
 
-from .frozen import FROZEN_IN_GRAPH, frozen_origin
-from .names import fresh_name
+from ..frozen import FROZEN_IN_GRAPH, frozen_origin
+from ..names import fresh_name
 
 __all__ = ["LoweredNormalisation", "find_lowered_normalisations", "describe_lowered", "LOWERED_FIX",
            "no_batchnorm_hint"]

@@ -1,13 +1,11 @@
 """Export PyTorch models to ONNX: eval-mode inference graphs, and train-mode graphs for checks.
 
-:func:`export_onnx` uses ``torch.onnx.export(dynamo=True, optimize=True)`` by default. Measured
-on a ResNet-like CNN (11 Conv + 11 BN, 3x64x64, 2 shared CPU cores, torch 2.13, onnxscript
-0.7.2): the default ``torch.onnx.export`` takes 4.8-6.3 s for the first export in a process and
-0.9-2.4 s afterwards; ``optimize=False`` is no faster and leaves shape arithmetic behind; the
-TorchScript exporter (``dynamo=False``) takes 0.2-0.8 s warm but is deprecated and leaves
-Identity nodes. ``optimize=True`` folds BN into Conv/ConvTranspose/Gemm with onnxscript's rewrite
+:func:`export_onnx` uses ``torch.onnx.export(dynamo=True, optimize=True)`` by default:
+``optimize=False`` is no faster and leaves shape arithmetic behind, and the TorchScript exporter
+(``dynamo=False``) is deprecated and leaves Identity nodes (timings: README, "Measured figures
+behind the defaults"). ``optimize=True`` folds BN into Conv/ConvTranspose/Gemm with onnxscript's rewrite
 rules, so what is left depends on the onnxscript version. ``fold-export``
-(:func:`bncal.fold_export.fold_export_torch`) therefore folds with bncal's own rules, in the
+(:func:`bncal.folding.export.fold_export_torch`) therefore folds with bncal's own rules, in the
 module before the export (:func:`export_owned_ir` of the folded copy) and in the graph for
 what is left, exporting with ``keep_batchnorm=True`` (onnxscript's optimizer without its
 BN-fusion rules); BN and linear nodes are named after their PyTorch modules, so its decisions
@@ -28,10 +26,10 @@ import onnx
 import torch
 from torch import nn
 
-from .outputs import atomic_output
-from .torch_passes import output_tensors
-from .errors import BncalError, one_line
-from .folding import as_tuple, check_initialized, meta_clone
+from ..outputs import atomic_output
+from .passes import output_tensors
+from ..errors import BncalError, one_line
+from ..folding import as_tuple, check_initialized, meta_clone
 
 __all__ = ["export_onnx", "export_train_mode_onnx", "supported_opsets", "forward_parameter_names",
            "positional_inputs"]
@@ -103,7 +101,7 @@ def export_owned_module(work: nn.Module, example_inputs, path=None, *, opset: in
 def export_owned_ir(work: nn.Module, example_inputs, *, opset: int | None = None, input_names=None,
                     output_names=None, dynamic_batch: bool = True, keep_batchnorm: bool = False):
     """:func:`export_owned_module` with torch's dynamo exporter, as the ``onnx_ir.Model`` it
-    builds: no ``ModelProto``, whose weights would be copies (see :mod:`bncal.onnx_io`). Its
+    builds: no ``ModelProto``, whose weights would be copies (see :mod:`bncal.onnx.io`). Its
     initializers are ``work``'s own tensors. Not checked."""
     inputs = as_tuple(example_inputs)
     input_names, output_names = _names(work, inputs, input_names, output_names)
@@ -280,7 +278,7 @@ def _names(model, inputs, input_names, output_names) -> tuple[list[str], list[st
             try:
                 returned = model(*inputs)
             except Exception as exc:
-                from .data import input_hint
+                from ..data import input_hint
 
                 raise BncalError(
                     f"the model failed on the example inputs: {one_line(exc)}; pass inputs of the shape and "

@@ -1,4 +1,4 @@
-"""Per-batch checkpoints of the eval-mode sweep (:mod:`bncal.eval_sweep`): each batch's latest
+"""Per-batch checkpoints of the eval-mode sweep (:mod:`bncal.torch.eval_sweep`): each batch's latest
 frontier, held in memory within a byte budget, spilled to disk beyond it when a directory is
 named, or not held at all (the batch is then recomputed from an older checkpoint, or from the
 data). One placement rule (:meth:`Checkpoints._where`) serves both the real run and the cost
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ._sweep_plan import tensor_bytes
-from .errors import BncalError
+from .sweep_plan import tensor_bytes
+from ..errors import BncalError
 
 __all__ = ["Checkpoints"]
 

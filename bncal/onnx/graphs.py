@@ -33,7 +33,7 @@ forms (:data:`FORMS`), the same numbers to float32 rounding:
 
 Both keep the model's opset imports (the arithmetic ops are written for the model's own
 opset: ``ReduceMean``'s ``axes`` moved from attribute to input in opset 18).
-:func:`bncal.runtime.statistics_form` picks the form for a session's providers.
+:func:`bncal.onnx.runtime.statistics_form` picks the form for a session's providers.
 
 Why no faster exact form for onnxruntime's CPU provider: the study and its figures are in
 ``tools/bench_onnx_recalibrate.py``.
@@ -63,9 +63,9 @@ import onnx
 import onnx_ir as ir
 from onnx import helper, numpy_helper
 
-from .errors import BncalError
-from .names import fresh_name, subgraphs
-from .onnx_view import TRAINING_MODE_OPSET, BNInfo, default_opset, find_batchnorms
+from ..errors import BncalError
+from ..names import fresh_name, subgraphs
+from .view import TRAINING_MODE_OPSET, BNInfo, default_opset, find_batchnorms
 
 __all__ = ["BNInfo", "FORMS", "find_batchnorms", "make_train_graph", "make_stats_graph", "write_statistics",
            "default_opset"]
@@ -125,7 +125,7 @@ def make_stats_graph(model: onnx.ModelProto, *, keep_model_outputs: bool = True,
 def derive_train_graph(model: onnx.ModelProto, *, expose_stats: bool = False, keep_model_outputs: bool = True,
                        form: str = "batchnorm") -> tuple[ir.Model, list[BNInfo]]:
     """:func:`make_train_graph` as an ``onnx_ir.Model`` (its weights those of ``model``, not
-    copied), for :func:`bncal.runtime.ort_session`."""
+    copied), for :func:`bncal.onnx.runtime.ort_session`."""
     if not keep_model_outputs and not expose_stats:
         raise ValueError("keep_model_outputs=False needs expose_stats=True: the graph would have no outputs")
     derived = _DerivedGraph.start(model, form)
@@ -158,7 +158,7 @@ def derive_train_graph(model: onnx.ModelProto, *, expose_stats: bool = False, ke
 def derive_stats_graph(model: onnx.ModelProto, *, keep_model_outputs: bool = True, anchored: bool = False,
                        form: str = "batchnorm") -> tuple[ir.Model, list[BNInfo]]:
     """:func:`make_stats_graph` as an ``onnx_ir.Model`` (its weights those of ``model``, not
-    copied), for :func:`bncal.runtime.ort_session`."""
+    copied), for :func:`bncal.onnx.runtime.ort_session`."""
     derived = _DerivedGraph.start(model, form)
     for info, bn, dtype in derived.handled_batchnorms():
         x = bn.inputs[0]

@@ -28,9 +28,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from .errors import BncalError
-from .frozen import FROZEN_IN_GRAPH, frozen_origin
-from .names import ONNX_DOMAINS, onnx_batchnorm_names
+from ..errors import BncalError
+from ..frozen import FROZEN_IN_GRAPH, frozen_origin
+from ..names import ONNX_DOMAINS, onnx_batchnorm_names
 
 __all__ = ["BNInfo", "find_batchnorms", "constant_source", "constant_array", "as_ir", "default_opset",
            "node_attribute", "ONNX_DOMAINS", "TRAINING_MODE_OPSET"]
@@ -48,7 +48,7 @@ class BNInfo:
     ``scale``, ``bias``, ``mean``, ``var`` are the node's input tensor names in the given model;
     ``mean_initializer``/``var_initializer`` the initializers holding its moving statistics
     (reached through Identity nodes if need be; possibly shared, see
-    :func:`bncal.onnx_graphs.write_statistics`). ``skip_reason`` is None for a BN bncal
+    :func:`bncal.onnx.graphs.write_statistics`). ``skip_reason`` is None for a BN bncal
     handles, else why the BN is left as it is. ``momentum`` is the attribute as the file
     stores it (ONNX convention), None when absent; ``training_mode`` whether the node
     normalises with batch statistics. ``frozen_class`` names the frozen BatchNorm class torch's

@@ -2,7 +2,7 @@
 
 A PyTorch model is folded as a module first (:func:`bncal.folding.fold`, on a copy that shares
 the weights it leaves alone), and the folded copy is exported once
-(:func:`bncal.export.export_owned_ir`): exporting BatchNorms costs
+(:func:`bncal.torch.export.export_owned_ir`): exporting BatchNorms costs
 torch's exporter more than the fold itself (ResNet-18: the folded model exports in about half
 the time). The BNs the module fold must keep for reasons of modules only (hooks, a module called
 twice, tied weights) are exported as BatchNormalization and folded in the graph
@@ -43,9 +43,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BncalError, DeploymentError, VerificationError
-from .gate import require_healthy_notes
-from .report import FoldDecision, ReportDisplay, format_table, output_label, plural
+from ..errors import BncalError, DeploymentError, VerificationError
+from ..gate import require_healthy_notes
+from ..report import FoldDecision, ReportDisplay, format_table, output_label, plural
 
 __all__ = [
     "FoldExportReport", "fold_export_torch", "fold_export_onnx", "torch_onnx_parity", "failed_output_path",
@@ -112,7 +112,7 @@ class FoldExportReport(ReportDisplay):
     def verdict_line(self) -> str:
         """``PASSED: folded 7 of 7 BN layers, ...; worst output logits: max err 3.1e-07 of its scale
         (tolerance scale_tol=0.0001)`` (FAILED with the output farthest from passing)."""
-        from .verify import distance_from_passing
+        from ..verify import distance_from_passing
 
         figures = [c for c in (self.comparison, self.export_comparison) if c is not None]
         worst = [(c, c.worst()) for c in figures if c.worst() is not None]
@@ -126,7 +126,7 @@ class FoldExportReport(ReportDisplay):
     def plot(self, path=None, **options):
         """The error per output against its tolerance, for the fold and the export
         (:func:`bncal.plot.plot_fold_export`; needs matplotlib). Returns a Figure; ``path`` writes it too."""
-        from .plot import plot_fold_export
+        from ..plot import plot_fold_export
 
         return plot_fold_export(self, path, **options)
 
@@ -217,7 +217,7 @@ def example_feeds(model, *, input_shapes=None, batch_sizes=VERIFY_BATCH_SIZES, s
     dimension needs ``input_shapes`` (shapes in graph-input order, or ``{name: shape}``), which
     then give whole shapes (two batches, as given). Floating inputs are standard normal, others 0.
     """
-    from .runtime import fixed_batch_size, input_specs
+    from ..onnx.runtime import fixed_batch_size, input_specs
 
     specs = input_specs(model)
     shapes = _shapes_by_name(specs, input_shapes)
@@ -284,7 +284,7 @@ def _latency_feeds(specs, template: dict, batch_sizes, notes: list[str]) -> dict
     """Feeds for each latency batch size, shaped like the verification feeds ``template``; sizes
     that a fixed batch forbids are skipped with a note (measured at the fixed size instead when
     none is left)."""
-    from .runtime import fixed_batch_size, static_batch_size
+    from ..onnx.runtime import fixed_batch_size, static_batch_size
 
     fixed = fixed_batch_size(specs)
     sizes = list(dict.fromkeys(int(b) for b in batch_sizes))
@@ -335,7 +335,7 @@ class _Steps:
 
 
 def _session(proto, what: str):
-    from .runtime import ort_session
+    from ..onnx.runtime import ort_session
 
     try:
         return ort_session(proto, optimization_level=_VERIFY_LEVEL)
@@ -344,7 +344,7 @@ def _session(proto, what: str):
 
 
 def _run(session, feeds: dict, what: str) -> dict[str, np.ndarray]:
-    from .runtime import run
+    from ..onnx.runtime import run
 
     names = [o.name for o in session.get_outputs()]
     try:
@@ -354,7 +354,7 @@ def _run(session, feeds: dict, what: str) -> dict[str, np.ndarray]:
 
 
 def _feeds(session, batch) -> dict:
-    from .runtime import batch_feeds
+    from ..onnx.runtime import batch_feeds
 
     feeds = batch_feeds(batch, [i.name for i in session.get_inputs()])
     return {k: v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v) for k, v in feeds.items()}
@@ -392,14 +392,14 @@ def fold_export_torch(
     """Fold a PyTorch model's BatchNorms, export it to ONNX, and verify both steps.
 
     The model is folded as a module (:func:`bncal.folding.fold`, on a copy), the folded copy is
-    exported once (:func:`bncal.export.export_owned_ir`, BNs it kept still as BatchNormalization),
+    exported once (:func:`bncal.torch.export.export_owned_ir`, BNs it kept still as BatchNormalization),
     and the exported graph is folded by the same rules (:func:`bncal.folding.fold_onnx`), which
     fold what only a module must refuse (hooks, a module called twice, tied weights). With
     ``module_fold=False`` the model is exported unchanged and folded in the graph alone, and the
     report keeps that unfolded export as ``report.original`` (for a train/inference check).
     On ``verify_batches`` (tuples of input tensors; default ``example_inputs``, with a dynamic
     batch axis followed by one seeded random sample unless the example is one sample, which is
-    traced at batch 2 (:func:`bncal.export.traced_batch`): a batch size the export was not
+    traced at batch 2 (:func:`bncal.torch.export.traced_batch`): a batch size the export was not
     traced at) two figures are computed under
     ``Tolerance.given(atol, rtol, scale_tol)``: the fold figure (module docstring) and the
     export figure. With a fixed batch (``dynamic_batch=False``) the batches are cut to the
@@ -427,15 +427,14 @@ def fold_export_torch(
     torch's exporter builds it (``onnx_ir.to_proto(folded)`` gives a ``ModelProto``). It is
     never copied into a ``ModelProto`` here: its weights that the fold left alone are the
     model's own tensors, written to the file and given to onnxruntime from their memory
-    (:mod:`bncal.onnx_io`; VGG-11, 530 MB: fold-export 4.7-7.6x the default export before,
-    1.6x after), so a change to the model's weights afterwards shows in ``folded`` too.
+    (:mod:`bncal.onnx.io`; ``tools/bench_fold.py`` measures the cost), so a change to the model's weights afterwards shows in ``folded`` too.
     """
     import onnx_ir as ir
     import torch
 
-    from .export import export_onnx, export_owned_ir, traced_batch
-    from .folding import check_initialized, fold, fold_onnx, op_counts
-    from .onnx_io import serialized_size
+    from ..torch.export import export_onnx, export_owned_ir, traced_batch
+    from . import check_initialized, fold, fold_onnx, op_counts
+    from ..onnx.io import serialized_size
 
     start = time.perf_counter()
     steps = _Steps(progress)
@@ -523,7 +522,7 @@ def _unfolded_op_counts(exported_ops: dict[str, int], module) -> dict[str, int]:
     """The op counts of the model's export without any fold: the exported graph's, with each BN
     the module fold removed counted back as the one BatchNormalization it exports as (a BN
     turned into an affine map exports as Mul + Add instead)."""
-    from .folding.rules import TO_AFFINE
+    from .rules import TO_AFFINE
 
     counts = dict(exported_ops)
     for d in module.decisions if module is not None else []:
@@ -547,8 +546,8 @@ def _verify_torch(model, folded_module, exported, folded, batches, steps, tolera
     """
     import torch
 
-    from .torch_passes import output_arrays
-    from .verify import compare_outputs
+    from ..torch.passes import output_arrays
+    from ..verify import compare_outputs
 
     folded_session = _session(folded, "onnxruntime cannot load the folded model")
     exported_session = None if exported is None else _session(exported, "onnxruntime cannot load the export")
@@ -591,9 +590,9 @@ def torch_onnx_parity(model, proto, batches, *, atol: float | None = None, rtol:
     train/eval flags are restored afterwards."""
     import torch
 
-    from .runtime import ort_session
-    from .torch_passes import output_arrays
-    from .verify import compare_outputs
+    from ..onnx.runtime import ort_session
+    from ..torch.passes import output_arrays
+    from ..verify import compare_outputs
 
     names = [o.name for o in proto.graph.output]
     session = ort_session(proto, optimization_level=optimization_level)
@@ -648,9 +647,9 @@ def fold_export_onnx(
     the health rules (``allow``) and the accuracy guard (``guard``, ``metric``, ``guard_tol``) as in
     :func:`fold_export_torch`.
     """
-    from .folding import fold_onnx, op_counts
-    from .runtime import fixed_batch_size, input_specs
-    from .verify import compare_outputs
+    from . import fold_onnx, op_counts
+    from ..onnx.runtime import fixed_batch_size, input_specs
+    from ..verify import compare_outputs
 
     start = time.perf_counter()
     steps = _Steps(progress)
@@ -696,7 +695,7 @@ def _guard(model, exported, guard, metric, tol):
     """The accuracy guard of the exported model, as a callable (None without ``guard``)."""
     if guard is None:
         return None
-    from .guard import run_guard
+    from ..guard import run_guard
 
     return lambda: run_guard({"onnxruntime": exported}, guard, before=model, judged="onnxruntime", metric=metric,
                              tol=tol)
@@ -707,8 +706,8 @@ def _finish(report, proto, unfolded, output, feeds, latency_batches, level, keep
     """Raise for a failed verification (after keeping the file if asked); else run the accuracy
     ``guard`` (a callable giving its report) and raise if it failed; else measure latency
     (``unfolded``: the model to compare with, or a callable that makes it) and write ``output``."""
-    from .onnx_io import save_onnx
-    from .runtime import input_specs, latency_runs
+    from ..onnx.io import save_onnx
+    from ..onnx.runtime import input_specs, latency_runs
 
     if not report.passed:
         if output is not None and keep_failed:

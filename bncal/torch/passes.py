@@ -4,7 +4,7 @@ How a batch calls a model (:func:`default_call`, :func:`default_forward`) and wh
 (:func:`output_tensors`), how a batch is
 prepared for a pass (:func:`prepare_batch`: on the device, finite, cut to a sample limit,
 fingerprinted), and how one BN's moments are merged call by call during a pass
-(:class:`LayerMoments`). Kept apart from :mod:`bncal.recalibration` so that the modules built on
+(:class:`LayerMoments`). Kept apart from :mod:`bncal.torch.recalibration` so that the modules built on
 them import them from below, not from each other.
 """
 
@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .calibration import NONFINITE_DATA
-from .errors import BncalError
-from .stats import ChannelMoments
+from ..calibration import NONFINITE_DATA
+from ..errors import BncalError
+from ..stats import ChannelMoments
 
 __all__ = ["default_call", "default_forward", "prepare_batch", "describe_batch", "channel_moments", "LayerMoments", "output_tensors",
            "output_arrays"]
@@ -87,7 +87,7 @@ def describe_batch(batch) -> str:
 
 def channel_moments(x: torch.Tensor):
     """Per-channel mean and biased variance of a BN input over every axis but 1, in two passes
-    (on CPU about 10x faster than ``torch.var_mean`` over those axes, and as exact)."""
+    (on CPU much faster than ``torch.var_mean`` over those axes, and as exact)."""
     y = x.reshape(x.shape[0], x.shape[1], -1)
     mean = y.mean((0, 2))
     return mean, (y - mean[:, None]).square_().mean((0, 2))
@@ -102,8 +102,8 @@ class LayerMoments:
     the accumulators, and two record buffers of ``(calls, 2, channels)`` (this pass's and the
     previous one's, swapped per pass, grown only when a pass has more calls than any before).
     Small tensors kept across a forward would sit between its large activations in the C
-    allocator's heap and keep it from reusing their space: measured on ResNet-18, keeping each
-    call's statistics as its own tensors grew the peak memory of a pass by 100 MB to 550 MB.
+    allocator's heap and keep it from reusing their space (on ResNet-18 that grew the peak memory
+    of a pass several-fold).
     The pass syncs with the device once, at its end (:meth:`result`).
     """
 

@@ -11,9 +11,9 @@ merged in float64 (:mod:`bncal.stats`), so the statistics do not depend on the b
 Unlike ``torch.optim.swa_utils.update_bn``, every non-BN module runs in eval mode (dropout
 off), and batches are weighted by their sample count.
 
-The policy shared with the ONNX path (mode, re-readable data, data order for anchored eval
-passes, non-finite statistics, the report) is :mod:`bncal.calibration`'s; this module runs the
-passes in PyTorch.
+The passes, their policy and the report are every path's (:func:`bncal.driver.run_recalibration`);
+this module is the PyTorch backend (:class:`TorchRecalibration`). ``bncal.recalibrate``
+(:func:`bncal.api.recalibrate`) hands PyTorch models here and Keras models to :mod:`bncal.keras`.
 """
 
 from __future__ import annotations
@@ -23,27 +23,20 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-try:  # the PyTorch path's; without torch (bncal[keras] alone) recalibrate() still hands Keras models over
-    import torch
-    from torch import nn
-    from torch.nn.modules.batchnorm import _BatchNorm
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-    from .bn_modules import FROZEN_NOTE, describe_frozen, frozen_batchnorm_layers, per_rank_class
-    from .torch_passes import LayerMoments, channel_moments, default_forward, describe_batch, prepare_batch
-except ModuleNotFoundError as exc:
-    if exc.name != "torch":
-        raise
-    torch = nn = _BatchNorm = None
-
-from ._progress import batch_count
-from .calibration import check_mode, one_value_error, require_layers
-from .data import input_hint, select_inputs
-from .distributed import active_process_group
-from .driver import BNLayer, EvalSolution, RecalibrationBackend, run_recalibration
-from .errors import BncalError, first_line
-from .extras import MissingExtra
-from .report import LayerStats, RecalibrationReport, SkippedLayer
-from .stats import ChannelMoments, anchored_statistics
+from ..calibration import check_mode, one_value_error, require_layers
+from ..data import input_hint, select_inputs
+from ..distributed import active_process_group
+from ..driver import BNLayer, EvalSolution, RecalibrationBackend, run_recalibration
+from ..errors import BncalError, first_line
+from ..progress import batch_count
+from ..report import LayerStats, RecalibrationReport, SkippedLayer
+from ..stats import ChannelMoments, anchored_statistics
+from .bn_modules import FROZEN_NOTE, describe_frozen, frozen_batchnorm_layers, per_rank_class
+from .passes import LayerMoments, channel_moments, default_forward, describe_batch, prepare_batch
 
 __all__ = ["recalibrate", "batchnorm_layers", "default_forward"]
 
@@ -110,7 +103,7 @@ def recalibrate(
             moments are combined across ranks after every pass, so every rank ends with the
             statistics one process would compute over the union of the shards.
         cache_mb, spill_dir: eval mode first tries the depth-by-depth sweep
-            (:func:`bncal.eval_sweep.solve_eval_statistics`), exact in about one forward over the
+            (:func:`bncal.torch.eval_sweep.solve_eval_statistics`), exact in about one forward over the
             data: it caches the activations still needed at the frontier of fixed BNs, at most
             ``cache_mb`` MiB on the model's device, spilling the rest to files in ``spill_dir``
             (removed afterwards) when given, else recomputing from older checkpoints. One eval
@@ -121,12 +114,6 @@ def recalibrate(
     In train mode the report warns (``report.warnings``) when the batches are far from random
     draws of the data (:class:`bncal.calibration.BatchComposition`), e.g. one class per batch:
     train-mode statistics then depend on the batching; shuffle the data or use eval mode.
-
-    A ``keras.Model`` (on Keras's torch backend an ``nn.Module`` too) is handed over to
-    :func:`bncal.keras.recalibrate` with ``mode``, ``forward_fn``, ``max_samples``, ``tol``,
-    ``max_passes`` and ``progress`` (arrays in ``data`` are cut into batches of 32 rows there);
-    ``device`` and ``process_group`` do not apply to it and are refused; ``cache_mb``,
-    ``spill_dir`` (the torch eval sweep's) are not used there, ``inputs`` is refused.
 
     Memory beyond the forward itself: per BN, two float64 vectors of its channels (its
     moments, merged call by call on the model's device). The eval sweep adds its cache, at
@@ -151,23 +138,6 @@ def recalibrate(
             one-shot iterator in eval mode instead of the data, non-finite data or statistics,
             a train-mode batch with one value per channel, or a forward that fails on the data.
     """
-    from .keras import is_keras_model
-
-    if is_keras_model(model):
-        if device is not None or process_group is not None:
-            raise BncalError("a keras.Model is recalibrated by bncal.keras.recalibrate, on the devices Keras places "
-                             "it on and in one process: leave device and process_group unset")
-        if inputs is not None:
-            raise BncalError("a keras.Model reads Keras's own batches ((x, y) tuples keep x): leave inputs unset")
-        if guard is not None:
-            raise BncalError("the accuracy guard scores PyTorch and ONNX models; score a Keras model on your held-out "
-                             "data yourself")
-        from .keras import recalibrate as recalibrate_keras
-
-        return recalibrate_keras(model, data, mode=mode, prior=prior, forward_fn=forward_fn, max_samples=max_samples,
-                                 tol=tol, max_passes=max_passes, progress=progress)
-    if torch is None:
-        raise MissingExtra("torch", "recalibrating a PyTorch model")
     check_mode(mode)
     backend = TorchRecalibration(model, forward_fn, device, cache_mb=cache_mb, spill_dir=spill_dir,
                                  batches=batch_count(data) if progress and not callable(data) else None)
