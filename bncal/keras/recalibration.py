@@ -43,6 +43,8 @@ from ..report import RecalibrationReport, SkippedLayer
 from ..stats import anchored_statistics, fixed_point_passes
 from ._backend import import_keras
 from ._passes import BatchNormTap, batch_pass, calibration_data, default_forward, run_forward
+from .compiled import (CompiledRefused, compiled_forward, compiled_refusal, merge_calls, run_compiled_pass,
+                       statistics_put_back)
 from ..renorm import renorm_notes
 from .layers import batchnorm_layers, moving_statistics, renorm_reference, require_model
 
@@ -119,6 +121,7 @@ def recalibrate(
     mixing = source_prior(prior, before)
     run = _Run(model, layers, source, forward_fn or default_forward, max_samples, progress,
                one_value_ok=(mode == "eval"), references=references)
+    run.eager_reason = compiled_refusal(layers, custom_forward=forward_fn is not None, renorm=bool(references))
     run.order = DataOrder(anchoring=mixing is None)
     run.composition = BatchComposition() if mode == "train" else None
     moments, passes, converged, change = fixed_point_passes(
@@ -153,6 +156,11 @@ def _write(bn, mean, variance) -> None:
         bn.moving_stddev.assign(keras.ops.cast(np.sqrt(variance + bn.epsilon), bn.moving_stddev.dtype))
 
 
+def _one_value_error(name, count) -> BncalError:
+    return BncalError(f"a batch gives BatchNormalization {name} only {count} value per channel, so its batch "
+                      "statistics are undefined in mode 'train'; use batches of 2 or more samples, or mode 'eval'")
+
+
 class _Run:
     """The passes of one recalibration over ``source()``."""
 
@@ -169,6 +177,7 @@ class _Run:
         self.previous: dict[str, list] = {}
         self.clock, self.label = PassClock(), None
         self.composition: BatchComposition | None = None  # train mode: are the batches random draws?
+        self.eager_reason: str | None = "not asked"  # why the passes run eagerly (None: compiled, bncal.keras.compiled)
 
     def announce(self, number: int, max_passes: int | None) -> None:
         self.label = self.clock.label(number, max_passes)
@@ -176,11 +185,9 @@ class _Run:
     def train_pass(self):
         def batch_statistics(name, call, count, mean, var):
             if count < 2 and not self.one_value_ok:
-                raise BncalError(f"a batch gives BatchNormalization {name} only {count} value per channel, so its "
-                                 "batch statistics are undefined in mode 'train'; use batches of 2 or more samples, "
-                                 "or mode 'eval'")
+                raise _one_value_error(name, count)
             return self._training_forward(name, mean, var)
-        return self._pass(batch_statistics)[0]
+        return self._pass(batch_statistics, normalisation="batch")[0]
 
     def _training_forward(self, name, mean, var):
         """The statistics layer ``name`` normalises with on data of ``(mean, var)``: those, or a
@@ -210,16 +217,24 @@ class _Run:
             state["anchored"] = self.order.anchored(index, fingerprint)
 
         self.order.start_pass()
-        moments, records = self._pass(given, before_batch)
+        moments, records = self._pass(given, before_batch,  # a pass that anchors no batch may run compiled
+                                      normalisation=None if self.order.may_anchor else "moving", written=base)
         self.order.end_pass()
         self.previous = records
         return moments
 
-    def _pass(self, statistics, before_batch=None):
+    def _pass(self, statistics, before_batch=None, normalisation=None, written=None):
         composition = self.composition if before_batch is None else None  # train passes: batches as drawn
         current = batch_pass(self.source, max_samples=self.max_samples, progress=self.progress,
                              total=self.batches or None, description=self.label,  # the previous pass's count
                              composition=composition)
+        if normalisation is not None and self.eager_reason is None:
+            try:
+                return self._compiled_pass(current, normalisation, before_batch, written or {})
+            except CompiledRefused as exc:  # found while tracing the first batch: no moments kept yet
+                self.eager_reason = str(exc)
+                current = batch_pass(self.source, max_samples=self.max_samples, progress=self.progress,
+                                     total=self.batches or None, description=self.label, composition=composition)
         with BatchNormTap(self.layers, statistics) as tap:
             for index, (inputs, fingerprint) in current:
                 if before_batch is not None:
@@ -231,3 +246,23 @@ class _Run:
                     self.calls_per_forward[name] = max(self.calls_per_forward.get(name, 0), n)
         self.batches, self.samples = current.batches, current.samples
         return tap.moments(), {name: list(calls) for name, calls in tap.records.items()}
+
+    def _compiled_pass(self, current, normalisation, before_batch, written):
+        """:meth:`_pass` through one compiled forward per batch (:mod:`bncal.keras.compiled`); the
+        BNs normalise with ``written`` (``{name: (mean, var)}``, put back afterwards), with their
+        current moving statistics where it has none, or with their batch statistics."""
+        def after_batch(found):
+            for name, calls in found.items():
+                self.calls_per_forward[name] = max(self.calls_per_forward.get(name, 0), len(calls))
+                if normalisation == "batch" and not self.one_value_ok and any(count < 2 for count, _, _ in calls):
+                    raise _one_value_error(name, min(count for count, _, _ in calls))
+
+        forward = compiled_forward(self.model, self.layers, normalisation)
+        run_batch = lambda fn, inputs, index: run_forward(fn, self.model, inputs, index)
+        with statistics_put_back([bn for name, bn in self.layers if name in written]):
+            for name, bn in self.layers:
+                if name in written:
+                    _write(bn, *written[name])
+            records = run_compiled_pass(forward, current, run_batch, before_batch, after_batch)
+        self.batches, self.samples = current.batches, current.samples
+        return merge_calls(records), records
