@@ -187,6 +187,7 @@ def compiled() -> dict:
             recalibration.compiled_refusal = refusal
         h = np.asarray(fast.get_layer(index=1)(x), np.float64).reshape(-1, 5)
         out[mode] = {"compiled": stats(fast), "eager": stats(slow), "traces": traces, "samples": report.samples,
+                     "passes": report.passes, "converged": report.converged, "notes": report.notes,
                      "reference": [h.mean(0).tolist(), h.var(0).tolist()]}
     return out
 

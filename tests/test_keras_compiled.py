@@ -97,3 +97,75 @@ def test_an_error_in_a_compiled_eval_pass_puts_the_statistics_back():
     for (mean_a, var_a), (mean_b, var_b) in zip(_statistics(model), before):
         np.testing.assert_array_equal(mean_a, mean_b)
         np.testing.assert_array_equal(var_a, var_b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eval mode: the depth-by-depth sweep (bncal.keras.sweep).
+
+def _repeated_passes(monkeypatch, model, data, **kwargs):
+    """The eval-mode statistics by repeated passes alone, the sweep switched off."""
+    with monkeypatch.context() as patch:
+        patch.setattr(recalibration, "_sweep_or_train_pass", lambda run, mixing: run.train_pass)
+        return bk.recalibrate(model, data, mode="eval", tol=1e-8, max_passes=12, **kwargs)
+
+
+def _assert_same_statistics(a, b, rtol=1e-5):
+    for (mean_a, var_a), (mean_b, var_b) in zip(_statistics(a), _statistics(b)):
+        np.testing.assert_allclose(mean_a, mean_b, rtol=rtol, atol=rtol * np.sqrt(var_b).max())
+        np.testing.assert_allclose(var_a, var_b, rtol=rtol)
+
+
+@pytest.mark.parametrize("prior", [0, 30])
+def test_the_sweep_reaches_the_repeated_passes_fixed_point_in_one_confirmed_pass(monkeypatch, prior):
+    x = (np.random.default_rng(5).standard_normal((42, 6, 6, 3)) * 2 + 1).astype("float32")
+    swept, iterated = _branchy(), _branchy()
+    report = bk.recalibrate(swept, x, batch_size=16, mode="eval", prior=prior)
+    assert (report.passes, report.converged, report.samples) == (2, True, 42)
+    assert report.notes[0].startswith("eval mode: exact depth-by-depth sweep (")
+    assert report.max_rel_change < 1e-6  # the confirming pass runs the sweep's own steps
+    reference = _repeated_passes(monkeypatch, iterated, x, batch_size=16, prior=prior)
+    assert reference.converged and reference.passes > 2
+    _assert_same_statistics(swept, iterated)
+
+
+def test_a_small_cache_recomputes_from_the_data_and_a_reordered_reread_is_refused():
+    from bncal.keras._passes import calibration_data
+    from bncal.keras.sweep import solve_eval_statistics
+
+    model = _branchy()
+    x = np.random.default_rng(6).standard_normal((40, 6, 6, 3)).astype("float32")
+    found = {}
+    for cache_mb in (64, 0):
+        result = solve_eval_statistics(model, bk.batchnorm_layers(model), calibration_data(x, 10, reiterable=True),
+                                       cache_mb=cache_mb)
+        found[cache_mb] = result
+    assert found[64].depths == 3 and found[64].batches == 4 and found[64].cached_bytes_peak > 0
+    assert found[64].forward_equivalents < 1 < found[0].forward_equivalents  # the head never runs; recomputation
+    assert found[0].cached_bytes_peak == 0
+    for name, moments in found[64].moments.items():
+        np.testing.assert_allclose(found[0].moments[name].mean, moments.mean, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(found[0].moments[name].variance, moments.variance, rtol=1e-6)
+    reads = []
+
+    def shuffled():
+        reads.append(1)
+        return [x[:10], x[10:20]] if len(reads) == 1 else [x[10:20], x[:10]]
+
+    refused = solve_eval_statistics(model, bk.batchnorm_layers(model), shuffled, cache_mb=0)
+    assert refused.moments is None and refused.refusal.startswith("the data came back in another order")
+    np.testing.assert_array_equal(_np(model.get_layer(index=2).moving_variance), np.ones(5))  # put back
+
+
+def test_models_the_sweep_cannot_take_fall_back_with_the_reason(monkeypatch):
+    x = np.random.default_rng(7).standard_normal((24, 4)).astype("float32")
+    keras.utils.set_random_seed(8)
+    inner = keras.Sequential([keras.Input((4,)), layers.Dense(5), layers.BatchNormalization()])
+    inputs = keras.Input((4,))
+    nested = keras.Model(inputs, layers.Dense(2)(inner(inputs)))
+    shared_bn = layers.BatchNormalization()
+    inputs = keras.Input((4,))
+    shared = keras.Model(inputs, shared_bn(layers.Dense(4)(shared_bn(inputs))))
+    for model, reason in ((nested, "a BatchNormalization inside"), (shared, "is called more than once")):
+        report = bk.recalibrate(model, x, batch_size=8, mode="eval")
+        assert report.notes[0].startswith("eval mode ran repeated passes: the depth-by-depth sweep does not apply")
+        assert reason in report.notes[0]

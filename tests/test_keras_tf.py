@@ -111,10 +111,14 @@ def test_a_tf_keras_model_in_memory_is_recalibrated_like_the_keras_3_one(without
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_the_traced_forward_gives_the_eager_taps_statistics(without_torch, mode):
-    """One tf.function per normalisation, traced once for the batches of 16 and once for the
-    short last one (train; eval adds the inference-mode trace of its compiled eval pass)."""
+    """Train: one tf.function, traced for the batches of 16 and once more for the short last one.
+    Eval: the depth-by-depth sweep and one confirming pass through its own traced steps."""
     result = without_torch["compiled"][mode]
-    assert result["samples"] == 50 and result["traces"] == (2 if mode == "train" else 4)
+    assert result["samples"] == 50 and result["converged"]
+    if mode == "train":
+        assert result["traces"] == 2 and result["passes"] == 1
+    else:
+        assert result["passes"] == 2 and result["notes"][0].startswith("eval mode: exact depth-by-depth sweep (")
     for (mean_a, var_a), (mean_b, var_b) in zip(result["compiled"], result["eager"]):
         np.testing.assert_allclose(mean_a, mean_b, rtol=1e-5, atol=1e-6 * np.sqrt(var_b).max())
         np.testing.assert_allclose(var_a, var_b, rtol=1e-5)

@@ -36,7 +36,7 @@ from ..stats import ChannelMoments
 from ._backend import import_keras, inference_context
 from .layers import channel_axis, statistics_variables
 
-__all__ = ["CompiledRefused", "compiled_refusal", "CompiledForward", "compiled_forward", "merge_calls",
+__all__ = ["CompiledRefused", "compiled_refusal", "CompiledForward", "compiled_forward", "channel_moments", "merge_calls",
            "run_compiled_pass", "statistics_put_back"]
 
 NORMALISATIONS = ("batch", "moving")
@@ -122,27 +122,34 @@ class CompiledForward:
             if mask is not None:
                 raise CompiledRefused(f"{name} is given a mask")
             x = ops.cast(inputs, "float32") if standardize_dtype(inputs.dtype) in ("float16", "bfloat16") else inputs
-            axis = channel_axis(bn, len(x.shape))
-            channels = int(x.shape[axis])
-            axes = [a for a in range(len(x.shape)) if a != axis]
-            wide = ops.cast(x, "float64")
-            mean = ops.mean(wide, axis=axes)
-            shape = [1] * len(x.shape)
-            shape[axis] = -1
-            var = ops.mean(ops.square(wide - ops.reshape(mean, shape)), axis=axes)
-            count = ops.cast(ops.size(x), "float64") / channels
+            count, mean, var = channel_moments(bn, x)
             calls.append((count, mean, var))
             if moving:
                 use_mean, use_var = bn.moving_mean, bn.moving_variance
             else:
                 use_mean, use_var = mean, var
             outputs = ops.batch_normalization(
-                x, ops.cast(use_mean, x.dtype), ops.cast(use_var, x.dtype), axis=axis,
+                x, ops.cast(use_mean, x.dtype), ops.cast(use_var, x.dtype), axis=channel_axis(bn, len(x.shape)),
                 offset=ops.cast(bn.beta, x.dtype) if bn.center else None,
                 scale=ops.cast(bn.gamma, x.dtype) if bn.scale else None, epsilon=bn.epsilon)
             return ops.cast(outputs, bn.compute_dtype)
 
         return call
+
+
+def channel_moments(bn, x):
+    """``(count, mean, biased variance)`` per channel of BN ``bn``'s input ``x`` as backend
+    tensors: float64 reductions over every axis but the channel's, the variance taken around the
+    float64 mean (two passes), ``count`` the values per channel as a float64 scalar."""
+    ops = import_keras().ops
+    axis = channel_axis(bn, len(x.shape))
+    axes = [a for a in range(len(x.shape)) if a != axis]
+    wide = ops.cast(x, "float64")
+    mean = ops.mean(wide, axis=axes)
+    shape = [1] * len(x.shape)
+    shape[axis] = -1
+    var = ops.mean(ops.square(wide - ops.reshape(mean, shape)), axis=axes)
+    return ops.cast(ops.size(x), "float64") / int(x.shape[axis]), mean, var
 
 
 _FORWARDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

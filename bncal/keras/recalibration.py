@@ -124,8 +124,9 @@ def recalibrate(
     run.eager_reason = compiled_refusal(layers, custom_forward=forward_fn is not None, renorm=bool(references))
     run.order = DataOrder(anchoring=mixing is None)
     run.composition = BatchComposition() if mode == "train" else None
+    first_pass = run.train_pass if mode == "train" else _sweep_or_train_pass(run, mixing)
     moments, passes, converged, change = fixed_point_passes(
-        run.train_pass, run.eval_pass, mode=mode, tol=tol, max_passes=max_passes, on_pass=run.announce,
+        first_pass, run.eval_pass, mode=mode, tol=tol, max_passes=max_passes, on_pass=run.announce,
         mix=mixing and (lambda found: mixing.mix(found, run.samples)))
     for name, m in moments.items():
         require_finite(name, m)
@@ -146,6 +147,27 @@ def recalibrate(
                         passes=passes, converged=converged, max_rel_change=change,
                         notes=notes + ([mixing.note(run.samples)] if mixing else []),
                         warnings=[warning] if warning else [])
+
+
+def _sweep_or_train_pass(run, mixing):
+    """The first pass of eval mode: the depth-by-depth sweep's statistics (:mod:`bncal.keras.sweep`)
+    where it applies, else the train pass; the report's notes say which and why."""
+    reason = run.eager_reason or ("batch renormalisation layers are not modelled by it" if run.references else None)
+    if reason is None:
+        from .sweep import solve_eval_statistics
+
+        sweep = solve_eval_statistics(run.model, run.layers, run.source, max_samples=run.max_samples,
+                                      progress=run.progress, mix=mixing and mixing.mix)
+        if sweep.moments is not None:
+            run.batches, run.samples = sweep.batches, sweep.samples
+            run.eval_forward = sweep.forward  # the confirming pass runs the sweep's own traced steps
+            run.order.notes.append(f"eval mode: exact depth-by-depth sweep ({sweep.forward_equivalents:.2f} "
+                                   f"forward-equivalents, {sweep.cached_bytes_peak / 2**20:.0f} MiB cached), then "
+                                   "one eval pass to confirm")
+            return lambda: sweep.moments
+        reason = sweep.refusal
+    run.order.notes.append(f"eval mode ran repeated passes: the depth-by-depth sweep does not apply ({reason})")
+    return run.train_pass
 
 
 def _write(bn, mean, variance) -> None:
@@ -177,6 +199,7 @@ class _Run:
         self.previous: dict[str, list] = {}
         self.clock, self.label = PassClock(), None
         self.composition: BatchComposition | None = None  # train mode: are the batches random draws?
+        self.eval_forward = None  # after a sweep: its steps chained, for the plain eval passes
         self.eager_reason: str | None = "not asked"  # why the passes run eagerly (None: compiled, bncal.keras.compiled)
 
     def announce(self, number: int, max_passes: int | None) -> None:
@@ -257,7 +280,8 @@ class _Run:
                 if normalisation == "batch" and not self.one_value_ok and any(count < 2 for count, _, _ in calls):
                     raise _one_value_error(name, min(count for count, _, _ in calls))
 
-        forward = compiled_forward(self.model, self.layers, normalisation)
+        forward = self.eval_forward if normalisation == "moving" and self.eval_forward else \
+            compiled_forward(self.model, self.layers, normalisation)
         run_batch = lambda fn, inputs, index: run_forward(fn, self.model, inputs, index)
         with statistics_put_back([bn for name, bn in self.layers if name in written]):
             for name, bn in self.layers:
