@@ -165,7 +165,19 @@ def test_models_the_sweep_cannot_take_fall_back_with_the_reason(monkeypatch):
     shared_bn = layers.BatchNormalization()
     inputs = keras.Input((4,))
     shared = keras.Model(inputs, shared_bn(layers.Dense(4)(shared_bn(inputs))))
-    for model, reason in ((nested, "a BatchNormalization inside"), (shared, "is called more than once")):
+
+    class Subclassed(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense, self.bn = layers.Dense(3), layers.BatchNormalization()
+
+        def call(self, inputs):
+            return self.bn(self.dense(inputs))
+
+    subclassed = Subclassed()
+    subclassed(x[:2])
+    for model, reason in ((nested, "a BatchNormalization inside"), (shared, "is called more than once"),
+                          (subclassed, "not a functional or Sequential model")):
         report = bk.recalibrate(model, x, batch_size=8, mode="eval")
         assert report.notes[0].startswith("eval mode ran repeated passes: the depth-by-depth sweep does not apply")
         assert reason in report.notes[0]

@@ -53,7 +53,7 @@ def compiled_refusal(layers, *, custom_forward: bool, renorm: bool) -> str | Non
     if custom_forward:
         return "a custom forward_fn"
     if renorm:
-        return "batch renormalisation layers (their training forward is modelled in numpy)"
+        return "batch renormalisation layers, whose training forward is modelled in numpy"
     own_call = keras.layers.BatchNormalization.call
     for name, bn in layers:
         if not isinstance(bn, keras.layers.BatchNormalization):
@@ -137,19 +137,40 @@ class CompiledForward:
         return call
 
 
+PARTIAL_SUM_LIMIT = 128  # float32 partial sums over at most this many values (error ~ sqrt(n) * 6e-8)
+
+
 def channel_moments(bn, x):
     """``(count, mean, biased variance)`` per channel of BN ``bn``'s input ``x`` as backend
-    tensors: float64 reductions over every axis but the channel's, the variance taken around the
-    float64 mean (two passes), ``count`` the values per channel as a float64 scalar."""
+    tensors, float64, ``count`` the values per channel as a float64 scalar. Two passes (the
+    variance taken around the mean) of sums over every axis but the channel's: the values along
+    one short spatial axis (at most :data:`PARTIAL_SUM_LIMIT`) are summed in ``x``'s own dtype,
+    those partial sums in float64, so the float64 copy is that axis's length times smaller
+    than ``x`` (without such an axis, as for a Dense BN, everything is summed in float64)."""
     ops = import_keras().ops
-    axis = channel_axis(bn, len(x.shape))
-    axes = [a for a in range(len(x.shape)) if a != axis]
-    wide = ops.cast(x, "float64")
-    mean = ops.mean(wide, axis=axes)
-    shape = [1] * len(x.shape)
+    ndim = len(x.shape)
+    axis = channel_axis(bn, ndim)
+    count = ops.cast(ops.size(x), "float64") / int(x.shape[axis])
+    short = [a for a in range(1, ndim) if a != axis and x.shape[a] is not None and x.shape[a] <= PARTIAL_SUM_LIMIT]
+    inner = min(short, key=lambda a: -x.shape[a]) if short else None  # the longest short axis
+
+    def total(t):
+        """Float64 per-channel sums of ``t`` (shaped like ``x``)."""
+        if inner is None:
+            wide, left = ops.cast(t, "float64"), [a for a in range(ndim) if a != axis]
+        else:
+            wide = ops.cast(ops.sum(t, axis=inner), "float64")
+            kept_axis = axis - (inner < axis)
+            left = [a for a in range(ndim - 1) if a != kept_axis]
+        return ops.sum(wide, axis=left)
+
+    shape = [1] * ndim
     shape[axis] = -1
-    var = ops.mean(ops.square(wide - ops.reshape(mean, shape)), axis=axes)
-    return ops.cast(ops.size(x), "float64") / int(x.shape[axis]), mean, var
+    mean = total(x) / count
+    centred = x - ops.reshape(ops.cast(mean, x.dtype), shape)
+    shift = total(centred) / count  # what rounding the mean to x's dtype left
+    var = ops.maximum(total(ops.square(centred)) / count - ops.square(shift), 0.0)
+    return count, mean + shift, var
 
 
 _FORWARDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

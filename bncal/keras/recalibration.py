@@ -5,8 +5,10 @@ per batch and per BN call, the layer's input is reduced to float64 ``(count, mea
 variance)`` per channel and merged with :class:`~bncal.stats.ChannelMoments` (every axis but
 the layer's ``axis`` counts as samples, batches weigh by their size, so the result does not
 depend on the batch split); the passes are driven by :func:`~bncal.stats.fixed_point_passes`.
-How each BN's input is seen: :class:`bncal.keras._passes.BatchNormTap` (works for Sequential,
-functional and subclassed models alike).
+How each BN's input is seen: one traced forward per batch with the moments as extra outputs
+(:mod:`bncal.keras.compiled`), and for eval mode on functional and Sequential models the
+depth-by-depth sweep (:mod:`bncal.keras.sweep`); where those do not apply (the report notes why
+in eval mode), :class:`bncal.keras._passes.BatchNormTap`, which calls the model eagerly.
 
 Keras conventions met here:
 
@@ -82,9 +84,11 @@ def recalibrate(
             training (PreciseBN); the right choice when training goes on with these batch
             sizes. ``"eval"``: the statistics each BN sees when every BN uses its new ones, i.e.
             those of one train-mode forward of all the data as one batch; the right choice
-            before deployment and for small batches. Reached by repeated passes until the
-            largest relative change is at most ``tol``, or ``max_passes`` (default: one per BN
-            plus one), see :func:`bncal.stats.fixed_point_passes`.
+            before deployment and for small batches. Solved depth by depth for functional and
+            Sequential models (:mod:`bncal.keras.sweep`) and confirmed by one eval pass; else
+            reached by repeated passes until the largest relative change is at most ``tol``, or
+            ``max_passes`` (default: one per BN plus one), see
+            :func:`bncal.stats.fixed_point_passes`.
         prior: ``N``: mix the layers' current moving statistics into the new ones with weight
             ``N / (N + n)``, ``n`` the number of calibration samples, as
             :func:`bncal.recalibrate` does (:class:`bncal.calibration.SourcePrior`); 0: no prior.

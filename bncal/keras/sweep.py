@@ -98,7 +98,7 @@ class _Plan:
         names = {id(bn): name for name, bn in layers}
         nodes = [node for depth in sorted(graph._nodes_by_depth, reverse=True)
                  for node in graph._nodes_by_depth[depth] if node.operation is not None and not node.is_input]
-        self.graph, self.inputs = graph, list(graph.inputs)
+        self._graph, self.inputs = weakref.ref(graph), list(graph.inputs)  # kept with the model: no cycle
         depth = {id(t): 0 for t in self.inputs}
         self.bn_nodes: dict[str, object] = {}
         level: dict[int, int] = {}  # node -> depth of its outputs
@@ -158,6 +158,10 @@ class _Plan:
         self.frontier = {k: [tensors[i] for i in tensors if made.get(i, -1) <= k < last_read.get(i, -1)]
                          for k in range(1, self.depths + 1)}
         self.frontier[0] = self.inputs  # step 1 takes every model input
+
+    @property
+    def graph(self):
+        return self._graph()
 
     def step_nodes(self, k):
         return [n for n in self.nodes if self.step_of[id(n)] == k]
@@ -239,7 +243,7 @@ def _plan_and_steps(model, layers):
     next recalibration reuses the traces."""
     key = tuple((name, id(bn)) for name, bn in layers)
     kept = _PLANS.setdefault(model, {})
-    if key not in kept:
+    if key not in kept or kept[key][0].graph is not _graph(model):  # a Sequential rebuilds its graph when changed
         plan = _Plan(model, layers)
         kept[key] = plan, {k: _Step(plan, k) for k in range(1, plan.depths + 1)}
     return kept[key]
