@@ -143,7 +143,8 @@ PARTIAL_SUM_LIMIT = 128  # float32 partial sums over at most this many values (e
 def channel_moments(bn, x):
     """``(count, mean, biased variance)`` per channel of BN ``bn``'s input ``x`` as backend
     tensors, float64, ``count`` the values per channel as a float64 scalar. Two passes (the
-    variance taken around the mean) of sums over every axis but the channel's: the values along
+    variance taken around the mean rounded to ``x``'s dtype, the rounding then taken out) of sums
+    over every axis but the channel's: the values along
     one short spatial axis (at most :data:`PARTIAL_SUM_LIMIT`) are summed in ``x``'s own dtype,
     those partial sums in float64, so the float64 copy is that axis's length times smaller
     than ``x`` (without such an axis, as for a Dense BN, everything is summed in float64)."""
@@ -167,10 +168,10 @@ def channel_moments(bn, x):
     shape = [1] * ndim
     shape[axis] = -1
     mean = total(x) / count
-    centred = x - ops.reshape(ops.cast(mean, x.dtype), shape)
-    shift = total(centred) / count  # what rounding the mean to x's dtype left
-    var = ops.maximum(total(ops.square(centred)) / count - ops.square(shift), 0.0)
-    return count, mean + shift, var
+    rounded = ops.cast(mean, x.dtype)  # the centre, in x's dtype; off the mean by what rounding left
+    centred = x - ops.reshape(rounded, shape)
+    var = ops.maximum(total(ops.square(centred)) / count - ops.square(mean - ops.cast(rounded, "float64")), 0.0)
+    return count, mean, var
 
 
 _FORWARDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

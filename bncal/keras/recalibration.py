@@ -176,8 +176,9 @@ def _sweep_or_train_pass(run, mixing):
 
 def _write(bn, mean, variance) -> None:
     keras = import_keras()
-    bn.moving_mean.assign(keras.ops.cast(mean, bn.moving_mean.dtype))
-    bn.moving_variance.assign(keras.ops.cast(variance, bn.moving_variance.dtype))
+    dtype = lambda variable: keras.backend.standardize_dtype(variable.dtype)  # cast in numpy: one op less
+    bn.moving_mean.assign(np.asarray(mean, dtype(bn.moving_mean)))
+    bn.moving_variance.assign(np.asarray(variance, dtype(bn.moving_variance)))
     if getattr(bn, "renorm", False):
         bn.moving_stddev.assign(keras.ops.cast(np.sqrt(variance + bn.epsilon), bn.moving_stddev.dtype))
 
