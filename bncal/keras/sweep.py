@@ -13,9 +13,11 @@ fixed point is solved in order instead of iterated:
    float64 moments of the depth-``k`` BN inputs merge over batches
    (:class:`~bncal.stats.ChannelMoments`, as :mod:`bncal.keras.compiled` reduces them) and
    are written into those BNs (mixed with the source prior first, where one is given);
-3. each step is one traced function (``tf.function`` on TensorFlow, eager elsewhere), each
-   frontier kept per batch within ``cache_mb`` MiB; a batch whose frontier does not fit is
-   recomputed from the data at the next step (counted in ``forward_equivalents``).
+3. each step is one traced function (``tf.function`` on TensorFlow, eager elsewhere); the new
+   frontiers of a step are kept per batch within ``cache_mb`` MiB (each replacing the batch's
+   previous one); a batch whose frontier does not fit is recomputed from the data at the next
+   step (counted in ``forward_equivalents``), not from an earlier checkpoint as the PyTorch
+   sweep can.
 
 Nodes no BN input needs (the head after the last BN) never run. ``forward_equivalents`` is the
 work done in units of one forward over the same data, work counted per node as multiply-adds
@@ -249,8 +251,8 @@ def _plan_and_steps(model, layers):
     return kept[key]
 
 
-def solve_eval_statistics(model, layers, source, *, max_samples=None, progress=False, cache_mb: float = DEFAULT_CACHE_MB,
-                          mix: Callable | None = None) -> SweepResult:
+def solve_eval_statistics(model, layers, source, *, max_samples=None, progress=False,
+                          cache_mb: float = DEFAULT_CACHE_MB, mix: Callable | None = None) -> SweepResult:
     """The eval-mode statistics of ``layers`` (``[(name, bn)]``, the BNs to recalibrate) of
     ``model`` over ``source()`` (a zero-argument callable giving one pass of batches, read again
     only for batches whose frontier did not fit in ``cache_mb`` MiB). ``mix(moments, samples)``,
@@ -267,7 +269,7 @@ def solve_eval_statistics(model, layers, source, *, max_samples=None, progress=F
     bns = dict(layers)
     budget = cache_mb * 2**20
     result = SweepResult(depths=plan.depths)
-    cached: list = []  # per batch: (frontier values, step) or None (recompute from the data)
+    cached: list = []  # per batch: its frontier after the last step, or None (recompute from the data)
     fingerprints: list = []
     sizes: list = []
     work = 0.0
@@ -283,62 +285,55 @@ def solve_eval_statistics(model, layers, source, *, max_samples=None, progress=F
         return values, moments
 
     try:
-        _sweep(plan, steps, bns, source, max_samples, progress, budget, mix, run_from, result, found,
-               cached, fingerprints, sizes)
+        with statistics_put_back(list(bns.values())):
+            for k in range(1, plan.depths + 1):
+                level = {name: None for name in plan.targets[k]}
+                held = 0
+                if k == 1:
+                    current = batch_pass(source, max_samples=max_samples, progress=progress, description="depth 1")
+                    batches = ((index, inputs, fingerprint) for index, (inputs, fingerprint) in current)
+                else:
+                    batches = _reread(source, max_samples, cached, fingerprints)
+                for index, inputs, fingerprint in batches:
+                    if k == 1:
+                        flat = keras.tree.flatten(plan.graph._standardize_inputs(inputs))
+                        fingerprints.append(fingerprint)
+                        sizes.append(len(flat[0]))
+                        values, moments = run_from(flat, 1, 1, index)
+                    elif cached[index] is not None:
+                        values, moments = run_from(cached[index], k, k, index)
+                    else:
+                        flat = keras.tree.flatten(plan.graph._standardize_inputs(inputs))
+                        values, moments = run_from(flat, 1, k, index)
+                    for name, (count, mean, var) in zip(plan.targets[k], moments):
+                        if level[name] is None:
+                            level[name] = ChannelMoments.empty(int(mean.shape[0]))
+                        level[name].add_batch(int(round(float(keras.ops.convert_to_numpy(count)))),
+                                              np.asarray(keras.ops.convert_to_numpy(mean), np.float64),
+                                              np.asarray(keras.ops.convert_to_numpy(var), np.float64))
+                    size = sum(int(np.prod(v.shape)) * np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize
+                               for v in values)
+                    keep = k < plan.depths and held + size <= budget
+                    held += size if keep else 0
+                    if k == 1:
+                        cached.append(values if keep else None)
+                    else:
+                        cached[index] = values if keep else None
+                result.cached_bytes_peak = max(result.cached_bytes_peak, held)
+                if k == 1:
+                    result.batches, result.samples = current.batches, current.samples
+                level = {name: m for name, m in level.items() if m is not None}
+                found.update(level)
+                use = mix(level, result.samples) if mix is not None else level
+                for name, m in use.items():
+                    bn = bns[name]
+                    bn.moving_mean.assign(keras.ops.cast(m.mean, bn.moving_mean.dtype))
+                    bn.moving_variance.assign(keras.ops.cast(m.variance, bn.moving_variance.dtype))
     except _OrderChanged:
         return SweepResult(refusal="the data came back in another order when a batch had to be read again")
     result.moments, result.forward = found, SweepForward(plan, steps)
     result.forward_equivalents = work / (plan.full_cost * max(sum(sizes), 1))
     return result
-
-
-def _sweep(plan, steps, bns, source, max_samples, progress, budget, mix, run_from, result, found, cached,
-           fingerprints, sizes):
-    keras = import_keras()
-    with statistics_put_back(list(bns.values())):
-        for k in range(1, plan.depths + 1):
-            level = {name: None for name in plan.targets[k]}
-            held = 0
-            if k == 1:
-                current = batch_pass(source, max_samples=max_samples, progress=progress, description="depth 1")
-                batches = ((index, inputs, fingerprint) for index, (inputs, fingerprint) in current)
-            else:
-                batches = _reread(source, max_samples, cached, fingerprints)
-            for index, inputs, fingerprint in batches:
-                if k == 1:
-                    flat = keras.tree.flatten(plan.graph._standardize_inputs(inputs))
-                    fingerprints.append(fingerprint)
-                    sizes.append(len(flat[0]))
-                    values, moments = run_from(flat, 1, 1, index)
-                elif cached[index] is not None:
-                    values, moments = run_from(cached[index], k, k, index)
-                else:
-                    flat = keras.tree.flatten(plan.graph._standardize_inputs(inputs))
-                    values, moments = run_from(flat, 1, k, index)
-                for name, (count, mean, var) in zip(plan.targets[k], moments):
-                    if level[name] is None:
-                        level[name] = ChannelMoments.empty(int(mean.shape[0]))
-                    level[name].add_batch(int(round(float(keras.ops.convert_to_numpy(count)))),
-                                          np.asarray(keras.ops.convert_to_numpy(mean), np.float64),
-                                          np.asarray(keras.ops.convert_to_numpy(var), np.float64))
-                size = sum(int(np.prod(v.shape)) * np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize
-                           for v in values)
-                keep = k < plan.depths and held + size <= budget
-                held += size if keep else 0
-                if k == 1:
-                    cached.append(values if keep else None)
-                else:
-                    cached[index] = values if keep else None
-            result.cached_bytes_peak = max(result.cached_bytes_peak, held)
-            if k == 1:
-                result.batches, result.samples = current.batches, current.samples
-            level = {name: m for name, m in level.items() if m is not None}
-            found.update(level)
-            use = mix(level, result.samples) if mix is not None else level
-            for name, m in use.items():
-                bn = bns[name]
-                bn.moving_mean.assign(keras.ops.cast(m.mean, bn.moving_mean.dtype))
-                bn.moving_variance.assign(keras.ops.cast(m.variance, bn.moving_variance.dtype))
 
 
 def _reread(source, max_samples, cached, fingerprints):
