@@ -118,6 +118,11 @@ class DataOrder:
         """True once an eval pass has ended (the next one may be anchored)."""
         return self._previous is not None
 
+    @property
+    def may_anchor(self) -> bool:
+        """True when the pass just started may anchor some batch (after :meth:`start_pass`)."""
+        return self._anchoring
+
     def start_pass(self) -> None:
         self._current = []
         self._anchoring = self._allowed and self._previous is not None

@@ -66,13 +66,22 @@ def require_sample_limit(max_samples: int | None) -> None:
 @dataclasses.dataclass
 class EvalSolution:
     """What a backend's direct eval-mode solver (the depth-by-depth sweep) found: the moments of
-    every BN input, with the data's batches and samples; or ``moments`` None and the ``note``
-    saying why it did not apply."""
+    every BN input, with the data's batches and samples, the work in forward-equivalents and the
+    peak bytes it cached; or ``moments`` None and the ``refusal`` saying why it did not apply."""
 
     moments: dict | None
-    note: str
+    refusal: str = ""
     batches: int = 0
     samples: int = 0
+    forward_equivalents: float = 0.0
+    cached_bytes: int = 0
+
+    def note(self) -> str:
+        """The report's note on how eval mode was solved."""
+        if self.moments is None:
+            return f"eval mode ran repeated passes: the depth-by-depth sweep does not apply ({self.refusal})"
+        return (f"eval mode: exact depth-by-depth sweep ({self.forward_equivalents:.2f} forward-equivalents, "
+                f"{self.cached_bytes / 2**20:.0f} MiB cached), then one eval pass to confirm")
 
 
 class RecalibrationBackend:
@@ -102,9 +111,10 @@ class RecalibrationBackend:
         statistics too when the block raises)."""
         return contextlib.nullcontext()
 
-    def start_pass(self, statistics: dict[str, ChannelMoments] | None) -> None:
+    def start_pass(self, statistics: dict[str, ChannelMoments] | None, may_anchor: bool = False) -> None:
         """Begin a pass: train mode (``statistics`` None: every BN on its batch statistics) or an
-        eval pass (every BN normalising with ``statistics``; a BN not in it keeps its own)."""
+        eval pass (every BN normalising with ``statistics``; a BN not in it keeps its own).
+        ``may_anchor``: whether :meth:`run_batch` may be asked to anchor a batch in this pass."""
         raise NotImplementedError
 
     def run_batch(self, inputs, index: int, anchored: bool) -> None:
@@ -117,7 +127,8 @@ class RecalibrationBackend:
         raise NotImplementedError
 
     def solve_eval(self, source: Callable, *, max_samples, progress, prior) -> EvalSolution:
-        """Eval mode solved directly (only where :attr:`solves_eval`)."""
+        """Eval mode solved directly (only where :attr:`solves_eval`); ``prior`` the
+        :class:`~bncal.calibration.SourcePrior` each solved depth is mixed with, or None."""
         raise NotImplementedError
 
     def write(self, statistics: dict[str, ChannelMoments], batches: int) -> None:
@@ -158,7 +169,7 @@ class _Passes:
 
     def _pass(self, statistics) -> dict[str, ChannelMoments]:
         backend, eval_pass = self.backend, statistics is not None
-        backend.start_pass(statistics)
+        backend.start_pass(statistics, may_anchor=eval_pass and self.order.may_anchor)
         current = DataPass(self.source(), backend.prepare, max_samples=self.max_samples, progress=self.progress,
                            description=self.label, total=self.local_batches or None)  # the previous pass's count
         for index, (inputs, first) in current:
@@ -195,11 +206,10 @@ class _Passes:
                                     "renormalisation layers")
             return self.train_pass
         solution = backend.solve_eval(self.source, max_samples=self.max_samples, progress=self.progress, prior=prior)
+        self.order.notes.append(solution.note())
         if solution.moments is None:
-            self.order.notes.append(f"eval mode fell back to repeated passes: {solution.note}")
             return self.train_pass
         self.batches, self.samples = solution.batches, solution.samples
-        self.order.notes.append(solution.note)
         return lambda: solution.moments
 
 

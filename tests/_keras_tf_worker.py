@@ -110,6 +110,7 @@ def main_(folder: Path) -> dict:
     except bncal.MissingExtra as exc:
         out["not_keras"] = str(exc)
     out["callbacks"] = callbacks()
+    out["compiled"] = compiled()
     out["torch_imported"] = "torch" in sys.modules
     return out
 
@@ -149,6 +150,45 @@ def callbacks() -> dict:
                            "reference": [x[:40].astype(np.float64).mean(0).tolist(),
                                          x[:40].astype(np.float64).var(0).tolist()],
                            "samples": recalibrate.report.samples}
+    return out
+
+
+def compiled() -> dict:
+    """Train- and eval-mode recalibration through the traced forward (bncal.keras.compiled) and
+    through the eager tap, on a small branching model; and the first BN's float64 reference."""
+    import keras
+    from keras import layers
+
+    from bncal.keras import compiled as engine, recalibration
+
+    def model():
+        keras.utils.set_random_seed(11)
+        x = keras.Input((6, 6, 3))
+        a = layers.ReLU()(layers.BatchNormalization()(layers.Conv2D(5, 3, padding="same")(x)))
+        b = layers.BatchNormalization()(layers.Conv2D(5, 1)(x))
+        out = layers.ReLU()(layers.BatchNormalization()(layers.Add()([layers.Conv2D(5, 3, padding="same")(a), b])))
+        return keras.Model(x, layers.Dense(4)(layers.BatchNormalization()(layers.Dense(7)(layers.Flatten()(out)))))
+
+    x = (np.random.default_rng(3).standard_normal((50, 6, 6, 3)) * 2 + 1).astype("float32")
+    batches = [x[:16], x[16:32], x[32:48], x[48:]]
+    stats = lambda m: [[np.asarray(v, np.float64).tolist() for v in (bn.moving_mean, bn.moving_variance)]
+                       for _, bn in bk.batchnorm_layers(m)]
+    out = {}
+    for mode in ("train", "eval"):
+        fast = model()
+        report = bk.recalibrate(fast, batches, mode=mode, tol=1e-7)
+        traces = sum(f.traces for kept in engine._FORWARDS.get(fast, {}).values() for f in [kept])
+        refusal = recalibration.compiled_refusal
+        recalibration.compiled_refusal = lambda *a, **k: "asked for the eager tap"
+        try:
+            slow = model()
+            bk.recalibrate(slow, batches, mode=mode, tol=1e-7)
+        finally:
+            recalibration.compiled_refusal = refusal
+        h = np.asarray(fast.get_layer(index=1)(x), np.float64).reshape(-1, 5)
+        out[mode] = {"compiled": stats(fast), "eager": stats(slow), "traces": traces, "samples": report.samples,
+                     "passes": report.passes, "converged": report.converged, "notes": report.notes,
+                     "reference": [h.mean(0).tolist(), h.var(0).tolist()]}
     return out
 
 

@@ -109,6 +109,23 @@ def test_a_tf_keras_model_in_memory_is_recalibrated_like_the_keras_3_one(without
         np.testing.assert_allclose(var_2, var_3, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_the_traced_forward_gives_the_eager_taps_statistics(without_torch, mode):
+    """Train: one tf.function, traced for the batches of 16 and once more for the short last one.
+    Eval: the depth-by-depth sweep and one confirming pass through its own traced steps."""
+    result = without_torch["compiled"][mode]
+    assert result["samples"] == 50 and result["converged"]
+    if mode == "train":
+        assert result["traces"] == 2 and result["passes"] == 1
+    else:
+        assert result["passes"] == 2 and result["notes"][0].startswith("eval mode: exact depth-by-depth sweep (")
+    for (mean_a, var_a), (mean_b, var_b) in zip(result["compiled"], result["eager"]):
+        np.testing.assert_allclose(mean_a, mean_b, rtol=1e-5, atol=1e-6 * np.sqrt(var_b).max())
+        np.testing.assert_allclose(var_a, var_b, rtol=1e-5)
+    np.testing.assert_allclose(result["compiled"][0][0], result["reference"][0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(result["compiled"][0][1], result["reference"][1], rtol=1e-6)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("tf_keras") is None, reason="tf.compat.v1.layers needs tf_keras")
 def test_the_seeds_tf1_graph_is_repaired_to_its_float64_exact_accuracy():
     """conv-BN-ReLU blocks and a dense BN, trained without the UPDATE_OPS dependency (moving

@@ -4,9 +4,12 @@ The same definitions and the same core as the PyTorch and ONNX paths (:mod:`bnca
 per batch and per BN call, the layer's input is reduced to float64 ``(count, mean, biased
 variance)`` per channel and merged with :class:`~bncal.stats.ChannelMoments` (every axis but
 the layer's ``axis`` counts as samples, batches weigh by their size, so the result does not
-depend on the batch split); the passes are driven by :func:`~bncal.stats.fixed_point_passes`.
-How each BN's input is seen: :class:`bncal.keras.passes.BatchNormTap` (works for Sequential,
-functional and subclassed models alike).
+depend on the batch split); the passes, their policy and the report are every path's
+(:func:`bncal.driver.run_recalibration`), this module is the Keras backend.
+How each BN's input is seen: one traced forward per batch with the moments as extra outputs
+(:mod:`bncal.keras.compiled`), and for eval mode on functional and Sequential models the
+depth-by-depth sweep (:mod:`bncal.keras.sweep`); where those do not apply (the report notes why
+in eval mode), :class:`bncal.keras.passes.BatchNormTap`, which calls the model eagerly.
 
 Keras conventions met here:
 
@@ -31,17 +34,17 @@ Keras conventions met here:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 
 import numpy as np
 
-import contextlib
-
 from ..calibration import check_mode, one_value_error
-from ..driver import RecalibrationBackend, run_recalibration
+from ..driver import EvalSolution, RecalibrationBackend, run_recalibration
 from ..report import RecalibrationReport
 from ..stats import anchored_statistics
 from .backend import import_keras
+from .compiled import (CompiledRefused, compiled_forward, compiled_refusal, merge_calls, statistics_put_back)
 from .passes import BatchNormTap, calibration_data, default_forward, prepare_batch, run_forward
 from .layers import require_model, trainable_batchnorms
 
@@ -76,9 +79,11 @@ def recalibrate(
             training (PreciseBN); the right choice when training goes on with these batch
             sizes. ``"eval"``: the statistics each BN sees when every BN uses its new ones, i.e.
             those of one train-mode forward of all the data as one batch; the right choice
-            before deployment and for small batches. Reached by repeated passes until the
-            largest relative change is at most ``tol``, or ``max_passes`` (default: one per BN
-            plus one), see :func:`bncal.stats.fixed_point_passes`.
+            before deployment and for small batches. Solved depth by depth for functional and
+            Sequential models (:mod:`bncal.keras.sweep`) and confirmed by one eval pass; else
+            reached by repeated passes until the largest relative change is at most ``tol``, or
+            ``max_passes`` (default: one per BN plus one), see
+            :func:`bncal.stats.fixed_point_passes`.
         prior: ``N``: mix the layers' current moving statistics into the new ones with weight
             ``N / (N + n)``, ``n`` the number of calibration samples, as
             :func:`bncal.recalibrate` does (:class:`bncal.calibration.SourcePrior`); 0: no prior.
@@ -109,20 +114,28 @@ def recalibrate(
 
 def _write(bn, mean, variance) -> None:
     keras = import_keras()
-    bn.moving_mean.assign(keras.ops.cast(mean, bn.moving_mean.dtype))
-    bn.moving_variance.assign(keras.ops.cast(variance, bn.moving_variance.dtype))
+    dtype = lambda variable: keras.backend.standardize_dtype(variable.dtype)  # cast in numpy: one op less
+    bn.moving_mean.assign(np.asarray(mean, dtype(bn.moving_mean)))
+    bn.moving_variance.assign(np.asarray(variance, dtype(bn.moving_variance)))
     if getattr(bn, "renorm", False):
         bn.moving_stddev.assign(keras.ops.cast(np.sqrt(variance + bn.epsilon), bn.moving_stddev.dtype))
 
 
 class KerasRecalibration(RecalibrationBackend):
-    """The Keras part of a recalibration (:func:`bncal.driver.run_recalibration`): each pass runs
-    inside a :class:`~bncal.keras.passes.BatchNormTap`, which records every BN call's input
-    moments and feeds it the statistics to normalise with (the batch's own, or a renorm layer's
-    training statistics, in train passes; the given ones, anchored where the driver says so, in
-    eval passes)."""
+    """The Keras part of a recalibration (:func:`bncal.driver.run_recalibration`).
+
+    A pass runs one compiled forward per batch (:mod:`bncal.keras.compiled`: the BN inputs'
+    moments as extra outputs; the BNs normalising with their batch statistics in a train pass,
+    with the given statistics in an eval pass that anchors no batch). Where that does not apply
+    (a custom ``forward_fn``, renorm layers, tf_keras layers, anchored eval passes) each pass runs
+    inside a :class:`~bncal.keras.passes.BatchNormTap`, which calls the model eagerly and feeds each
+    BN call its statistics (the batch's own, or a renorm layer's training statistics, in train
+    passes; the given ones, anchored where the driver says so, in eval passes). Eval mode starts
+    from the depth-by-depth sweep (:mod:`bncal.keras.sweep`) where it applies.
+    """
 
     channel_axis = -1  # Keras lays channels last
+    solves_eval = True
 
     def __init__(self, model, forward_fn, *, one_value_ok: bool):
         self.model, self.forward_fn = model, forward_fn or default_forward
@@ -132,8 +145,14 @@ class KerasRecalibration(RecalibrationBackend):
         self.notes: list[str] = []
         self.calls_per_forward: dict[str, int] = {}
         self.previous: dict[str, list] = {}  # each BN call of the previous eval pass, for anchoring
-        self.tap = self.base = None
-        self.index, self.anchored = 0, False
+        # Why the passes run eagerly (None: through one compiled forward per batch).
+        self.eager_reason = compiled_refusal(self.modules, custom_forward=forward_fn is not None,
+                                             renorm=any(layer.reference is not None for layer in self.layers))
+        self.eval_forward = None  # after a sweep: its steps chained, for the plain eval passes
+        self.tap = self.compiled = self.base = None
+        self.records: dict[str, list] = {}
+        self.put_back = None
+        self.index, self.anchored, self.eval_pass = 0, False, False
 
     def prepare(self, batch, index, remaining):
         return prepare_batch(batch, remaining)
@@ -143,9 +162,14 @@ class KerasRecalibration(RecalibrationBackend):
         try:
             yield self
         finally:
-            if self.tap is not None:  # a pass that raised: its tap puts the statistics back
-                self.tap.__exit__(None, None, None)
-                self.tap = None
+            self._close_pass()  # a pass that raised: its statistics are put back
+
+    def _close_pass(self):
+        if self.tap is not None:
+            self.tap.__exit__(None, None, None)
+        if self.put_back is not None:
+            self.put_back.__exit__(None, None, None)
+        self.tap = self.put_back = self.compiled = None
 
     def _training_forward(self, name, mean, var):
         reference = self.by_name[name].reference
@@ -167,28 +191,79 @@ class KerasRecalibration(RecalibrationBackend):
                                                       self.by_name[name].eps)
         return self._training_forward(name, base_mean, base_var)
 
-    def start_pass(self, statistics) -> None:
-        if statistics is None:
-            self.tap = BatchNormTap(self.modules, self._batch_statistics)
-        else:
-            self.base = {name: (m.mean, m.variance) for name, m in statistics.items() if m.count}
-            self.tap = BatchNormTap(self.modules, self._given_statistics)
+    def start_pass(self, statistics, may_anchor=False) -> None:
         self.eval_pass = statistics is not None
+        self.base = {name: (m.mean, m.variance) for name, m in (statistics or {}).items() if m.count}
+        self.records = {name: [] for name, _ in self.modules}
+        if self.eager_reason is None and not may_anchor:
+            self._start_compiled()
+        else:
+            self._start_eager()
+
+    def _start_compiled(self):
+        if self.eval_pass:  # the BNs normalise with the given statistics, put back after the pass
+            self.compiled = self.eval_forward or compiled_forward(self.model, self.modules, "moving")
+            self.put_back = statistics_put_back([bn for name, bn in self.modules if name in self.base])
+            self.put_back.__enter__()
+            for name, bn in self.modules:
+                if name in self.base:
+                    _write(bn, *self.base[name])
+        else:
+            self.compiled = compiled_forward(self.model, self.modules, "batch")
+
+    def _start_eager(self):
+        self.tap = BatchNormTap(self.modules, self._given_statistics if self.eval_pass else self._batch_statistics)
         self.tap.__enter__()
 
     def run_batch(self, inputs, index, anchored) -> None:
         self.index, self.anchored = index, anchored
+        if self.compiled is not None:
+            try:
+                found = run_forward(lambda model, batch: self.compiled(batch), self.model, inputs, index)
+            except CompiledRefused as exc:  # found while tracing the first batch: nothing recorded yet
+                if any(self.records.values()):
+                    raise
+                self.eager_reason = str(exc)
+                self.eval_forward = None
+                if self.put_back is not None:
+                    self.put_back.__exit__(None, None, None)
+                    self.put_back = None
+                self.compiled = None
+                self._start_eager()
+                return self.run_batch(inputs, index, anchored)
+            for name, calls in found.items():
+                self.calls_per_forward[name] = max(self.calls_per_forward.get(name, 0), len(calls))
+                too_few = [count for count, _, _ in calls if count < 2]
+                if too_few and not self.eval_pass and not self.one_value_ok:
+                    raise one_value_error(index, "use batches of 2 or more samples, or mode 'eval'", name,
+                                          min(too_few))
+                self.records[name].extend(calls)
+            return
         counts = {name: len(calls) for name, calls in self.tap.records.items()}
         run_forward(self.forward_fn, self.model, inputs, index)
         for name, calls in self.tap.records.items():
             self.calls_per_forward[name] = max(self.calls_per_forward.get(name, 0), len(calls) - counts[name])
 
     def end_pass(self):
-        tap, self.tap = self.tap, None
-        tap.__exit__(None, None, None)
+        if self.tap is not None:
+            self.records = {name: list(calls) for name, calls in self.tap.records.items()}
+        self._close_pass()
         if self.eval_pass:
-            self.previous = {name: list(calls) for name, calls in tap.records.items()}
-        return tap.moments()
+            self.previous = self.records
+        return merge_calls(self.records)
+
+    def solve_eval(self, source, *, max_samples, progress, prior) -> EvalSolution:
+        if self.eager_reason is not None:
+            return EvalSolution(None, self.eager_reason)
+        from .sweep import solve_eval_statistics
+
+        sweep = solve_eval_statistics(self.model, self.modules, source, max_samples=max_samples, progress=progress,
+                                      mix=prior and prior.mix)
+        if sweep.moments is None:
+            return EvalSolution(None, sweep.refusal)
+        self.eval_forward = sweep.forward  # the confirming pass runs the sweep's own traced steps
+        return EvalSolution(sweep.moments, batches=sweep.batches, samples=sweep.samples,
+                            forward_equivalents=sweep.forward_equivalents, cached_bytes=sweep.cached_bytes_peak)
 
     def write(self, statistics, batches) -> None:
         for name, bn in self.modules:

@@ -192,7 +192,7 @@ class OnnxRecalibration(RecalibrationBackend):
             self.sessions[kind] = session
         return self.sessions[kind]
 
-    def start_pass(self, statistics) -> None:
+    def start_pass(self, statistics, may_anchor=False) -> None:
         self.current, self.fed, self.records = statistics, {}, []
         self.moments = self.session("train" if statistics is None else "plain").new_moments()
 

@@ -327,7 +327,7 @@ class TorchRecalibration(RecalibrationBackend):
     def _expected_calls(self, name) -> int:
         return self.local_batches * self.calls_per_forward.get(name, 1)
 
-    def start_pass(self, statistics) -> None:
+    def start_pass(self, statistics, may_anchor=False) -> None:
         self.train_mode_pass = statistics is None
         for name, bn in self.modules:
             if self.train_mode_pass and name not in self.references:
@@ -388,9 +388,8 @@ class TorchRecalibration(RecalibrationBackend):
                                       prior=prior)
         if sweep.moments is None:
             return EvalSolution(None, sweep.refusal)
-        return EvalSolution(sweep.moments, f"eval mode: exact depth-by-depth sweep ({sweep.forward_equivalents:.2f} "
-                            f"forward-equivalents, {sweep.cached_bytes_peak / 2**20:.0f} MiB cached), then one eval "
-                            "pass to confirm", sweep.batches, sweep.samples)
+        return EvalSolution(sweep.moments, batches=sweep.batches, samples=sweep.samples,
+                            forward_equivalents=sweep.forward_equivalents, cached_bytes=sweep.cached_bytes_peak)
 
     def write(self, statistics, batches) -> None:
         for name, bn in self.modules:
