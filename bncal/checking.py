@@ -60,7 +60,7 @@ from .report import (ReportDisplay, SkippedLayer, channel_shift, describe_nonfin
 from .stats import ChannelMoments
 
 __all__ = ["CheckThresholds", "LayerCheck", "BatchSpread", "BatchSizeProbe", "OutputCheck", "CheckReport",
-           "OutputAgreement", "PairedOutputs", "assess_layer", "unresolved_allowance", "rebatch_pair", "unpair", "check", "check_onnx"]
+           "OutputAgreement", "PairedOutputs", "assess_layer", "unresolved_allowance", "input_off", "rebatch_pair", "unpair", "check", "check_onnx"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,10 +134,17 @@ class CheckThresholds:
 
 
 RECALIBRATE_ADVICE = "recalibrate them"
+PREPROCESSING_CHECKS = ("check --preset or --mean/--std, the channel order (RGB vs BGR) and the layout "
+                        "(NHWC vs NCHW)")
 #: Only the first BN off its data, the later ones fitting theirs: the input differs, not the statistics.
 PREPROCESSING_CAUSE = ("only the first BatchNorm layer is off and the layers after it fit their data, so the input "
-                       "is likely preprocessed otherwise than in training: check --preset or --mean/--std, the "
-                       "channel order (RGB vs BGR) and the layout (NHWC vs NCHW)")
+                       f"is likely preprocessed otherwise than in training: {PREPROCESSING_CHECKS}")
+#: :func:`input_off` tells an input scaled or shifted as a whole: the first BN's input standard deviation
+#: off by this factor or more, or its mean off by this many of the moving standard deviations, ...
+INPUT_SCALE_FACTOR = 3.0
+INPUT_MEAN_SHIFT = 3.0
+#: ... in at least this fraction of its channels, all in the same direction.
+INPUT_OFF_FRACTION = 0.9
 FALLBACK_OUTPUT_LIMITS = (0.8, 0.5)  # (min top-1 agreement, max rel error) where no second batching exists
 
 
@@ -275,8 +282,9 @@ class CheckReport(ReportDisplay):
         Before advising recalibration it names other causes: layers off by no more than their
         batches resolve (:attr:`LayerCheck.unresolved`) are not failures (verdict ``NOT ENOUGH
         DATA`` when nothing else failed), and only the first BN off, every later one fitting its
-        data, blames preprocessing (:data:`PREPROCESSING_CAUSE`). :meth:`blame` names a cause
-        the caller knows of."""
+        data, blames preprocessing (:data:`PREPROCESSING_CAUSE`), and so does a first BN whose
+        input is off as a whole (:func:`input_off`) whatever the later layers do. :meth:`blame`
+        names a cause the caller knows of."""
         reasons = []
         if batching_warning:  # the batches' spread is then not sampling error: no layer is unresolved by it
             for layer in layers:
@@ -284,7 +292,12 @@ class CheckReport(ReportDisplay):
         too_small = [c for c in [*layers, *outputs] if not c.passed and c.needed_batch]
         bad = [l for l in layers if not l.passed and not l.unresolved and not l.needed_batch]
         advice = RECALIBRATE_ADVICE
-        if len(layers) >= 2 and bad == [layers[0]] and not batching_warning:
+        off = input_off(layers[0]) if layers and layers[0] in bad else None
+        if off:
+            advice = (f"likely cause: the first BatchNorm layer's input {off}, as an input scaled or shifted as a whole "
+                      f"makes it, so the input is likely preprocessed otherwise than in training: {PREPROCESSING_CHECKS}"
+                      + ("; judge the other layers again once it matches" if len(bad) > 1 else ""))
+        elif len(layers) >= 2 and bad == [layers[0]] and not batching_warning:
             advice = f"likely cause: {PREPROCESSING_CAUSE}"
         unjudged = bool([l for l in bad if l is not layers[0]] or [o for o in outputs if not o.passed])
         broken = [l for l in bad if l.nonfinite]  # failed whatever the batching
@@ -355,7 +368,14 @@ class CheckReport(ReportDisplay):
         return (f"{len(unresolved)} of {len(self.layers)} BatchNorm layers differ from their data by no more than the "
                 f"check's {plural(self.samples, 'sample')} can resolve ({names}): not enough data to judge them, not "
                 f"evidence of stale statistics; about {math.ceil(max(l.data_factor for l in unresolved) * self.samples)} "
-                "samples would tell")
+                "samples would tell" + self._moving_samples_note())
+
+    def _moving_samples_note(self) -> str:
+        ratio = self.thresholds.moving_samples_ratio
+        if math.isinf(ratio):
+            return ""
+        return " (to check with, and as many to recalibrate on)" if ratio == 1 else \
+            f" (to check with, and {ratio:g} times as many to recalibrate on)"
 
     def _unchecked_line(self) -> str:
         k = self.unchecked_count
@@ -461,6 +481,40 @@ class CheckReport(ReportDisplay):
         return self.verdict if self.passed else f"FAILED: {'; '.join(self.reasons)}"
 
 
+def input_off(layer: LayerCheck) -> str | None:
+    """How a (first) BN's input is off as a whole, in words, or None.
+
+    Preprocessing acts on the input as a whole: ``x`` scaled by ``a`` (pixels 0..255 instead of
+    0..1, a missing ``/ std``) scales every channel of the first BN's input by ``|a|`` (the
+    layers before it are linear: a convolution, a bias), and ``x`` shifted (a missing ``-
+    mean``) moves every channel's mean by the filter's response to the shift. Statistics gone
+    stale as the weights changed in training are off channel by channel, some up and some down,
+    mostly by a fraction of their standard deviation. So the input is called off when, in at
+    least :data:`INPUT_OFF_FRACTION` of the channels, its standard deviation is
+    :data:`INPUT_SCALE_FACTOR` or more times larger (or smaller) than the moving variance says,
+    all in the same direction, or its mean is :data:`INPUT_MEAN_SHIFT` or more moving standard
+    deviations away. Moving statistics at their initial values (mean 0, variance 1: never
+    updated, :attr:`LayerCheck.initial_statistics`) say nothing about the input: None.
+    """
+    if layer.passed or layer.initial_statistics or layer.nonfinite or layer.channel_var_ratio is None:
+        return None
+    ratio, shift = np.asarray(layer.channel_var_ratio, np.float64), np.asarray(layer.channel_mean_shift, np.float64)
+    if not ratio.size or not (np.isfinite(ratio).all() and (ratio > 0).all() and np.isfinite(shift).all()):
+        return None
+    log_scale = -0.5 * np.log(ratio)  # log(data sd / moving sd) per channel
+    median = float(np.median(log_scale))
+    limit = math.log(INPUT_SCALE_FACTOR)
+    if abs(median) >= limit and np.mean(np.sign(median) * log_scale >= limit) >= INPUT_OFF_FRACTION:
+        factor = math.exp(abs(median))
+        return (f"has a standard deviation {factor:.3g} times {'larger' if median > 0 else 'smaller'} than its moving "
+                f"statistics say (median over its {layer.channels} channels)")
+    moving_sd_shift = shift * np.exp(log_scale)  # |data mean - moving mean| / moving sd
+    if np.mean(moving_sd_shift >= INPUT_MEAN_SHIFT) >= INPUT_OFF_FRACTION:
+        return (f"has its mean {float(np.median(moving_sd_shift)):.3g} moving standard deviations away (median over "
+                f"its {layer.channels} channels)")
+    return None
+
+
 class BatchSpread:
     """One BN's per-batch input statistics over a check, for the standard errors of its
     population statistics that the data really has: the values of one sample (the positions of
@@ -524,7 +578,7 @@ def unresolved_allowance(channels: int, thresholds: CheckThresholds) -> float:
     quantile at which ``2 * channels`` statistics (a mean and a variance per channel) all stay
     within it with probability ``1 - thresholds.false_alarm`` (Bonferroni), times
     ``sqrt(1 + 1 / thresholds.moving_samples_ratio)`` for the moving statistics' own sampling
-    error (independent of the check's). About 4.6 x 1.41 = 6.5 for 1152 channels at the
+    error (independent of the check's). About 5.05 x 1.41 = 7.1 for 1152 channels at the
     defaults; the old fixed 3 was exceeded by chance in about 1 channel of 370."""
     from statistics import NormalDist
 
