@@ -60,7 +60,8 @@ from .report import (ReportDisplay, SkippedLayer, channel_shift, describe_nonfin
 from .stats import ChannelMoments
 
 __all__ = ["CheckThresholds", "LayerCheck", "BatchSpread", "BatchSizeProbe", "OutputCheck", "CheckReport",
-           "OutputAgreement", "PairedOutputs", "assess_layer", "unresolved_allowance", "input_off", "rebatch_pair", "unpair", "check", "check_onnx"]
+           "OutputAgreement", "PairedOutputs", "assess_layer", "unresolved_allowance", "input_off", "rebatch_pair",
+           "unpair", "check", "check_onnx"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,9 +107,9 @@ class CheckThresholds:
     (:meth:`OutputAgreement.moving_error_factor`): 1.016 for batches of 32 in 1000 samples,
     1.22 for batches of 64 in 128 (``OutputCheck.spread_limit``). For ``(N, classes)`` outputs
     the arg-max must agree as well: the samples whose inference arg-max differs from train
-    mode's may number at most that limit times those that differ between the two batchings, plus three Poisson
-    standard errors (``3 * sqrt(that + 1)``): a randomly initialised network on random inputs
-    has logits with tiny margins, and both counts are then large together.
+    mode's may number at most that limit times those that differ between the two batchings,
+    plus three Poisson standard errors (``3 * sqrt(that + 1)``): a randomly initialised network
+    on random inputs has logits with tiny margins, and both counts are then large together.
 
     ``min_top1_agreement`` and ``max_output_rel_error`` (None): optional fixed limits on the
     fraction of samples whose arg-max agrees between inference and train mode, and on
@@ -294,8 +295,9 @@ class CheckReport(ReportDisplay):
         advice = RECALIBRATE_ADVICE
         off = input_off(layers[0]) if layers and layers[0] in bad else None
         if off:
-            advice = (f"likely cause: the first BatchNorm layer's input {off}, as an input scaled or shifted as a whole "
-                      f"makes it, so the input is likely preprocessed otherwise than in training: {PREPROCESSING_CHECKS}"
+            advice = (f"likely cause: the first BatchNorm layer's input {off}, as an input scaled or shifted as a "
+                      "whole makes it, so the input is likely preprocessed otherwise than in training: "
+                      f"{PREPROCESSING_CHECKS}"
                       + ("; judge the other layers again once it matches" if len(bad) > 1 else ""))
         elif len(layers) >= 2 and bad == [layers[0]] and not batching_warning:
             advice = f"likely cause: {PREPROCESSING_CAUSE}"

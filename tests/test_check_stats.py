@@ -39,7 +39,8 @@ def layer_statistics(values, batch):
 @pytest.mark.parametrize("batch", [32, 64])
 def test_statistics_from_as_many_samples_of_the_same_data_are_not_failed(batch):
     """Moving statistics computed from 128 samples, checked on 128 others of the same
-    distribution: the difference is sampling alone, so hardly any layer fails; one channel moved by 1 sd, or its variance cut to 1/8, fails every layer
+    distribution: the difference is sampling alone, so hardly any layer fails; one channel moved
+    by 1 sd, or its variance cut to 1/8, fails every layer
     (at kurtosis 6, 128 samples resolve the log variance only to about sqrt(5 / 128) = 0.2 each)."""
     rng = np.random.default_rng(batch)
     channels, layers = 256, 60
