@@ -93,9 +93,11 @@ def test_standard_errors_from_two_batches_weighted_by_their_counts():
     assert se_mean[0] == pytest.approx(math.sqrt(expected))
     log_dev = math.log(4.0) - math.log(4.75)
     assert se_log[0] == pytest.approx(math.sqrt(log_dev ** 2 / 1))
-    one = BatchSpread()
-    one.add([1.0], [4.0])
+    one = BatchSpread()  # no spread to see: the errors of independent normal values
     assert one.standard_errors(moments, 0.0) is None
+    one.add([1.5], [4.75], 40)
+    assert [float(e[0]) for e in one.standard_errors(moments, 0.0)] == pytest.approx([1 / math.sqrt(40),
+                                                                                      math.sqrt(2 / 40)])
 
 
 def test_the_output_limit_allows_for_moving_statistics_from_few_samples():
