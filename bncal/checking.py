@@ -607,7 +607,8 @@ def assess_layer(name: str, channels: int, moving_mean, moving_var, data_moments
     the thresholds plus :func:`unresolved_allowance` of the standard errors its batches really
     show (every channel) is unresolved (:attr:`LayerCheck.unresolved`): not enough data to
     judge, with the factor of more data (for the check, and in proportion for the moving
-    statistics) at which that allowance would shrink to the thresholds.
+    statistics) at which that allowance would shrink to the thresholds. Never for moving
+    statistics at their initial values (mean 0, variance 1: never updated, not estimated).
     """
     moving_mean = np.asarray(moving_mean, np.float64).reshape(-1)
     moving_var = np.asarray(moving_var, np.float64).reshape(-1)
@@ -632,7 +633,10 @@ def assess_layer(name: str, channels: int, moving_mean, moving_var, data_moments
     finite = math.isfinite(shift) and math.isfinite(ratio) and ratio > 0
     passed = finite and shift <= shift_limit and abs(math.log(ratio)) <= log_ratio_limit
     needed = None
-    errors = None if passed or not finite or spread is None else spread.standard_errors(data_moments, eps)
+    # Initial values (never updated) were not estimated from any data: too few samples cannot explain them.
+    initial = bool(moving_mean.size) and not np.any(moving_mean) and bool(np.all(moving_var == 1))
+    unjudged = passed or not finite or spread is None or initial
+    errors = None if unjudged else spread.standard_errors(data_moments, eps)
     if errors is not None:
         se_mean, se_log = errors
         k = unresolved_allowance(moving_mean.size, thresholds)
@@ -644,7 +648,6 @@ def assess_layer(name: str, channels: int, moving_mean, moving_var, data_moments
             factor = max(float(np.max(k * se_mean / thresholds.max_mean_shift)) ** 2,
                          float(np.max(k * se_log / thresholds.max_var_log_ratio)) ** 2, 1.0)
             needed = factor
-    initial = bool(moving_mean.size) and not np.any(moving_mean) and bool(np.all(moving_var == 1))
     return LayerCheck(name, channels, count, shift, ratio, shift_limit, log_ratio_limit, passed, nonfinite,
                       data_factor=needed, initial_statistics=initial, channel_mean_shift=per_channel[0],
                       channel_var_ratio=per_channel[1])

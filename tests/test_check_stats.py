@@ -197,3 +197,16 @@ def test_preprocessing_is_named_even_when_later_layers_fail_too():
     assert line.startswith("FAILED: 2 of 2 BatchNorm layers") and "recalibrate them" not in line
     assert "times larger" in line and "preprocessed otherwise" in line and "--mean/--std" in line
     assert "NHWC vs NCHW" in line and "judge the other layers again once it matches" in line
+
+
+def test_never_updated_statistics_are_never_put_down_to_too_few_samples():
+    """One batch of 24 samples x 64 positions, variance 1.45 against a moving 1: off the limits but
+    within what 1536 values resolve. Moving statistics at their initial 0 and 1 were never
+    estimated, so that is FAILED; the same numbers estimated from data are NOT ENOUGH DATA."""
+    moments = ChannelMoments.empty(4).add_batch(1536, np.zeros(4), np.full(4, 1.45))
+    spread = BatchSpread()
+    spread.add(np.zeros(4), np.full(4, 1.45), 1536)
+    initial = assess_layer("bn", 4, np.zeros(4), np.ones(4), moments, 0.0, CheckThresholds(), spread)
+    assert initial.initial_statistics and not initial.passed and not initial.unresolved
+    estimated = assess_layer("bn", 4, np.full(4, 1e-3), np.ones(4), moments, 0.0, CheckThresholds(), spread)
+    assert not estimated.initial_statistics and not estimated.passed and estimated.unresolved
