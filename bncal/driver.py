@@ -339,7 +339,7 @@ def run_check(backend: CheckBackend, data, *, thresholds: CheckThresholds = Chec
             trained, found = backend.train(inputs, index)
             for name, m in found.items():
                 moments[name].merge(m)
-                spreads[name].add(m.mean, m.variance)
+                spreads[name].add(m.mean, m.variance, m.count)
             if paired is None:
                 names = backend.output_names(len(inferred))
                 paired = PairedOutputs(names, train_outputs)
