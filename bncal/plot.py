@@ -151,7 +151,7 @@ def plot_recalibration(report, path=None, *, model: str | None = None, axes=None
     that ``bncal check`` would have failed. Returns the Figure (``axes``, ``path``: as for
     :func:`plot_layer_series`).
     """
-    from .checking import CheckThresholds
+    from .limits import CheckThresholds
 
     limits = CheckThresholds()
     layers = report.layers

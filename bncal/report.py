@@ -358,7 +358,7 @@ class RecalibrationReport(ReportDisplay):
     def outside_check_limits(self) -> list[bool]:
         """Per layer: whether its old statistics were outside :class:`bncal.checking.CheckThresholds`'
         default limits (``bncal check`` would have failed them)."""
-        from .checking import CheckThresholds
+        from .limits import CheckThresholds
 
         limits = CheckThresholds()
         return [not (l.mean_shift <= limits.max_mean_shift and abs(math.log(l.var_ratio)) <= limits.max_var_log_ratio)
