@@ -57,8 +57,8 @@ from .report import (ReportDisplay, SkippedLayer, channel_shift, describe_nonfin
 from .stats import ChannelMoments
 
 __all__ = ["CheckThresholds", "LayerCheck", "BatchSpread", "BatchSizeProbe", "OutputCheck", "CheckReport",
-           "OutputAgreement", "PairedOutputs", "assess_layer", "unresolved_allowance", "input_off", "rebatch_pair",
-           "unpair"]
+           "OutputAgreement", "PairedOutputs", "assess_layer", "unresolved_allowance", "input_off", "split_batch",
+           "rebatch_pair", "unpair"]
 
 
 RECALIBRATE_ADVICE = "recalibrate them"
@@ -480,8 +480,9 @@ class BatchSpread:
         the layer's mean over its channels (``C (B - 1)`` degrees of freedom), which weighs as
         :attr:`PRIOR_BATCHES` batches: with 2 to 4 batches nearly the layer's value, with many
         each channel's own. Measured on EfficientNetB0 (128 images, batches of 32 and 64) the
-        layer's value matches the spread over 5 independent check sets within 10 %. A single
-        batch shows no spread: then the errors of ``data_moments.count`` independent normal
+        layer's value matches the spread over 5 independent check sets within 10 %. (A check of a
+        single batch adds its two halves instead, :func:`bncal.driver.run_check`.) Given one
+        batch alone there is no spread: then the errors of ``data_moments.count`` independent normal
         values, ``1 / sqrt(n)`` and ``sqrt(2 / n)``, which understate them where a sample's values
         are correlated or heavy-tailed (so fewer layers are called unresolved, not more).
         """
@@ -687,6 +688,17 @@ def _join(a, b):
     return join(a, b)
 
 
+def split_batch(batch):
+    """A batch's two halves, ``(batch[:n // 2], batch[n // 2:])`` (an array, or a dict / tuple of
+    arrays, one per input, first axis the samples)."""
+    half = leading_size(batch) // 2
+    if isinstance(batch, dict):
+        return {k: np.asarray(v)[:half] for k, v in batch.items()}, {k: np.asarray(v)[half:] for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return tuple(np.asarray(v)[:half] for v in batch), tuple(np.asarray(v)[half:] for v in batch)
+    return np.asarray(batch)[:half], np.asarray(batch)[half:]
+
+
 def rebatch_pair(a, b):
     """A second batching of two batches' samples: ``(A[:ha] + B[hb:], B[:hb] + A[ha:])`` with
     ``ha = len(A) // 2``, ``hb = len(B) // 2``. ``a`` and ``b`` are arrays, or dicts / tuples of
@@ -713,16 +725,22 @@ class PairedOutputs:
     :meth:`add` each batch with its inference and train-mode outputs (lists in ``names``
     order); consecutive batches are paired, and ``train_outputs(batch, index)`` (train mode,
     moving statistics untouched, the same output list) runs on their re-paired batches
-    (:func:`rebatch_pair`) to give the second batching the outputs are judged against. A batch
-    left without a pair, or a pair with a batch of one sample, is compared without one.
+    (:func:`rebatch_pair`) to give the second batching the outputs are judged against. The data
+    of a single batch (4 samples or more) is judged against train mode on its two halves
+    (:func:`split_batch`): a half's statistics differ from the whole batch's by as much as the
+    whole batch's differ from the population's (variance ``s^2 / n`` both), as a re-paired batch's
+    do. A batch left without a pair otherwise, or a pair with a batch of one sample, is compared
+    without a second batching.
     """
 
     def __init__(self, names: list[str], train_outputs: Callable):
         self.names, self.train_outputs = list(names), train_outputs
         self.agreement = {name: OutputAgreement() for name in self.names}
         self.held = None  # (index, batch, inferred, trained) waiting for its pair
+        self.batches = 0
 
     def add(self, index: int, batch, inferred, trained) -> None:
+        self.batches += 1
         if self.held is None:
             self.held = (index, batch, inferred, trained)
             return
@@ -744,6 +762,18 @@ class PairedOutputs:
             self.agreement[name].add(inf_a[k], train_a[k], again_a)
             self.agreement[name].add(inferred[k], trained[k], again_b)
 
+    def _add_halved(self, index: int, batch, inferred, trained) -> None:
+        """The only batch, judged against train mode on its two halves."""
+        first, second = split_batch(batch)
+        out_1, out_2 = self.train_outputs(first, index), self.train_outputs(second, index)
+        size = leading_size(batch)
+        for k, name in enumerate(self.names):
+            if np.shape(trained[k])[:1] != (size,):  # not one row per sample: no second batching
+                self.agreement[name].add(inferred[k], trained[k])
+                continue
+            again = np.concatenate([np.asarray(out_1[k]), np.asarray(out_2[k])])
+            self.agreement[name].add(inferred[k], trained[k], again)
+
     def _add_unpaired(self, inferred, trained) -> None:
         for name, a, b in zip(self.names, inferred, trained):
             self.agreement[name].add(a, b)
@@ -751,7 +781,11 @@ class PairedOutputs:
     def checks(self, thresholds: CheckThresholds) -> list[OutputCheck]:
         """Each output's :class:`OutputCheck`, after adding a batch still waiting for its pair."""
         if self.held is not None:
-            self._add_unpaired(*self.held[2:])
+            index, batch, inferred, trained = self.held
+            if self.batches == 1 and (leading_size(batch) or 0) >= 4:
+                self._add_halved(index, batch, inferred, trained)
+            else:
+                self._add_unpaired(inferred, trained)
             self.held = None
         return [self.agreement[name].check(name, thresholds) for name in self.names]
 

@@ -25,7 +25,9 @@ import numpy as np
 from .progress import DataPass, PassClock
 from .calibration import (NEVER_REACHED, BatchComposition, DataOrder, LayerResult, batch_fingerprint, build_report,
                           check_mode, data_source, order_warning, require_finite, source_prior)
-from .checking import BatchSizeProbe, BatchSpread, CheckReport, CheckThresholds, PairedOutputs, assess_layer
+from .checking import (BatchSizeProbe, BatchSpread, CheckReport, CheckThresholds, PairedOutputs, assess_layer,
+                       split_batch)
+from .data import leading_size
 from .errors import BncalError
 from .guard import finish_step, guarded_step
 from .renorm import renorm_notes
@@ -99,6 +101,8 @@ class RecalibrationBackend:
     channel_axis: int = 1
     #: Whether :meth:`solve_eval` can solve eval mode directly.
     solves_eval: bool = False
+    #: Whether eval passes may anchor a batch on the previous pass (:func:`bncal.stats.anchored_statistics`).
+    anchors: bool = True
 
     def prepare(self, batch, index: int, remaining: int | None):
         """``((inputs, first input), samples)`` for one user batch: validated, cut to ``remaining``
@@ -231,7 +235,7 @@ def run_recalibration(backend: RecalibrationBackend, data, *, mode: str = "train
     mixing = source_prior(prior, before)
     guard_report = guarded_step(backend.model, guard, metric, guard_tol)
     passes = _Passes(backend, source, mode=mode, max_samples=max_samples, progress=progress, group=group,
-                     anchoring=mixing is None)
+                     anchoring=mixing is None and backend.anchors)
     with backend.prepared():
         first_pass = passes.first_eval_pass(mixing) if mode == "eval" else passes.train_pass
         moments, count, converged, change = fixed_point_passes(
@@ -311,7 +315,10 @@ def run_check(backend: CheckBackend, data, *, thresholds: CheckThresholds = Chec
     population); each output judged against train mode on a second batching of the same
     samples (:class:`bncal.checking.PairedOutputs`); and, where batches can be joined, train
     mode at twice the batch size (:class:`bncal.checking.BatchSizeProbe`), which tells a batch
-    too small from wrong statistics. Batches far from random draws are named in the warnings.
+    too small from wrong statistics. The standard errors of each layer's population statistics
+    come from the spread of its batch statistics (:class:`bncal.checking.BatchSpread`); data of a
+    single batch is run once more as its two halves for that. Batches far from random draws are
+    named in the warnings.
     """
     layers = backend.layers
     require_sample_limit(max_samples)
@@ -330,7 +337,7 @@ def run_check(backend: CheckBackend, data, *, thresholds: CheckThresholds = Chec
             into[name].merge(m)
         return outputs
 
-    paired = probe = None
+    paired = probe = first = None
     current = DataPass(source(), backend.prepare, max_samples=max_samples, progress=progress)
     with backend.checking():
         for index, (inputs, first) in current:
@@ -345,9 +352,16 @@ def run_check(backend: CheckBackend, data, *, thresholds: CheckThresholds = Chec
                 paired = PairedOutputs(names, train_outputs)
                 probe = BatchSizeProbe(fresh, names, train_into) if backend.joinable else None
             batch = backend.arrays(inputs)
+            first = batch if index == 0 else None
             paired.add(index, batch, inferred, trained)
             if probe is not None:
                 probe.add(index, batch, inferred, trained, found)
+        if first is not None and backend.joinable and (leading_size(first) or 0) >= 4:
+            # One batch shows no spread of its statistics; its two halves, each in train mode, do.
+            spreads = {layer.name: BatchSpread() for layer in layers}
+            for half in split_batch(first):
+                for name, m in backend.train(half, 0)[1].items():
+                    spreads[name].add(m.mean, m.variance, m.count)
     checks, skipped = [], list(backend.skipped)
     for layer in layers:
         m = moments[layer.name]

@@ -23,21 +23,24 @@ updated since no update op runs. ``mode="eval"`` feeds ``training=False`` and it
 statistics to the fixed point where each BN's are those of its input when every earlier BN
 uses its new ones, i.e. one forward of all the data as one batch
 (:func:`bncal.stats.fixed_point_passes`, exact after one pass per BN depth). The population
-(biased) variance is stored, as everywhere in bncal. Needs TensorFlow (``pip install
+(biased) variance is stored, as everywhere in bncal. The passes and the report are every path's
+(:func:`bncal.driver.run_recalibration`); :class:`TF1Recalibration` is the TF1 backend. Needs TensorFlow (``pip install
 'bncal[tf]'``); nothing else in bncal does.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from .calibration import NEVER_REACHED, LayerResult, build_report, check_mode, data_source, require_finite
+from .calibration import NONFINITE_DATA, check_mode, one_value_error
+from .driver import BNLayer, RecalibrationBackend, run_recalibration
 from .errors import BncalError, one_line
 from .extras import require
-from .report import LayerStats, RecalibrationReport, SkippedLayer
-from .stats import ChannelMoments, batch_moments, fixed_point_passes
+from .report import LayerStats, RecalibrationReport
+from .stats import ChannelMoments, batch_moments
 
 __all__ = ["recalibrate", "batchnorm_variables"]
 
@@ -131,77 +134,83 @@ def recalibrate(
             ``training``, empty or non-finite data, a run that fails.
     """
     check_mode(mode)
-    graph = session.graph
-    variables = batchnorm_variables(graph)
-    if not variables:
-        raise BncalError("the graph has no BatchNorm variables (<scope>/moving_mean and <scope>/moving_variance)")
     if mode == "train" and training is None:
         raise BncalError("mode 'train' feeds training=True to the BNs: pass the graph's training placeholder as "
                          "training=, or use mode 'eval'")
-    placeholders = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
-    tensors = {scope: (bn_inputs or {}).get(scope) or _layer_input(graph, scope) for scope in variables}
-    before = {scope: LayerStats(*(np.asarray(session.run(v), np.float64).reshape(-1) for v in pair))
-              for scope, pair in variables.items()}
-    source = data_source(data, reread=(mode == "eval"))
-    counts = {"batches": 0, "samples": 0}
+    backend = TF1Recalibration(session, inputs, training=training, bn_inputs=bn_inputs, feed=feed,
+                               one_value_ok=(mode == "eval"))
+    return run_recalibration(backend, data, mode=mode, tol=tol, max_passes=max_passes, max_samples=max_samples)
 
-    def run_pass(is_training: bool) -> dict[str, ChannelMoments]:
-        moments: dict[str, ChannelMoments] = {}
-        counts["batches"] = counts["samples"] = 0
-        for index, batch in enumerate(source()):
-            if max_samples is not None and counts["samples"] >= max_samples:
-                break
-            values = _batch_values(batch, len(placeholders))
-            if max_samples is not None:
-                values = [v[: max_samples - counts["samples"]] for v in values]
-            feed_dict = dict(feed or {})
-            feed_dict.update(zip(placeholders, values))
-            if training is not None:
-                feed_dict[training] = is_training
-            try:
-                fetched = session.run(tensors, feed_dict=feed_dict)
-            except Exception as exc:  # noqa: BLE001 -- TensorFlow's OpErrors are none of Python's own kinds
-                raise BncalError(f"the graph failed on calibration batch {index} (input shapes "
-                                 f"{', '.join(str(np.shape(v)) for v in values)}): {one_line(exc)}") from exc
-            for scope, x in fetched.items():
-                channels = before[scope].mean.shape[0]
-                axis = x.ndim - 1 if x.shape[-1] == channels else 1
-                count, mean, var = batch_moments(x, axis)
-                if is_training and count < 2:
-                    raise BncalError(f"a batch gives BatchNorm {scope} only {count} value per channel, so its batch "
-                                     "statistics are undefined in mode 'train'; use batches of 2 or more, or mode 'eval'")
-                moments.setdefault(scope, ChannelMoments.empty(channels)).add_batch(count, mean, var)
-            counts["batches"] += 1
-            counts["samples"] += len(values[0])
-        if counts["batches"] == 0:
-            raise BncalError("the calibration data is empty; give at least one batch")
-        return moments
 
-    def eval_pass(stats: dict[str, ChannelMoments]) -> dict[str, ChannelMoments]:
-        _write(session, variables, stats)
-        return run_pass(False)
+class TF1Recalibration(RecalibrationBackend):
+    """The TF1 part of a recalibration (:func:`bncal.driver.run_recalibration`): every pass runs the
+    graph on each batch, fetching every BN's input; a train pass feeds ``training=True`` (every BN
+    on its batch statistics, no update op runs), an eval pass writes the statistics to normalise
+    with into the moving variables and feeds ``training=False``. One ``session.run`` sees no
+    statistics of the same pass, so eval passes are never anchored (plain fixed-point passes)."""
 
-    try:
-        moments, passes, converged, change = fixed_point_passes(
-            lambda: run_pass(training is not None), eval_pass, mode=mode, tol=tol, max_passes=max_passes)
-        for scope, m in moments.items():
-            require_finite(scope, m)
-    except BaseException:
-        for scope, (mean_var, var_var) in variables.items():  # put the statistics back
-            mean_var.load(before[scope].mean.astype(mean_var.dtype.base_dtype.as_numpy_dtype), session)
-            var_var.load(before[scope].var.astype(var_var.dtype.base_dtype.as_numpy_dtype), session)
-        raise
-    _write(session, variables, moments)
-    results, skipped = [], []
-    for scope in variables:
-        m = moments.get(scope)
-        if m is None or m.count == 0:
-            skipped.append(SkippedLayer(scope, NEVER_REACHED))
-            continue
-        results.append(LayerResult(scope, before[scope], m, _epsilon(graph, scope)))
-    return build_report(mode=mode, layers=results, skipped=skipped, batches=counts["batches"],
-                        samples=counts["samples"], passes=passes, converged=converged, max_rel_change=change,
-                        notes=[])
+    channel_axis = -1  # TensorFlow lays channels last
+    anchors = False
+
+    def __init__(self, session, inputs, *, training, bn_inputs, feed, one_value_ok: bool):
+        graph = session.graph
+        self.session, self.training, self.feed, self.one_value_ok = session, training, feed or {}, one_value_ok
+        self.variables = batchnorm_variables(graph)
+        if not self.variables:
+            raise BncalError("the graph has no BatchNorm variables (<scope>/moving_mean and <scope>/moving_variance)")
+        self.placeholders = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        self.tensors = {scope: (bn_inputs or {}).get(scope) or _layer_input(graph, scope) for scope in self.variables}
+        self.layers = [BNLayer(scope, _epsilon(graph, scope), LayerStats(
+            *(np.asarray(session.run(v), np.float64).reshape(-1) for v in pair))) for scope, pair in self.variables.items()]
+        self.skipped, self.notes, self.calls_per_forward = [], [], {}
+        self.moments: dict[str, ChannelMoments] = {}
+        self.train_pass = True
+
+    def prepare(self, batch, index, remaining):
+        values = _batch_values(batch, len(self.placeholders))
+        if remaining is not None:
+            values = [v[:remaining] for v in values]
+        first = next((v for v in values if np.issubdtype(v.dtype, np.floating)), values[0])
+        return (values, first), len(values[0])
+
+    @contextlib.contextmanager
+    def prepared(self):
+        try:
+            yield self
+        except BaseException:
+            _write(self.session, self.variables, {layer.name: layer.moving for layer in self.layers})
+            raise
+
+    def start_pass(self, statistics, may_anchor=False) -> None:
+        self.train_pass, self.moments = statistics is None, {}
+        if statistics is not None:
+            _write(self.session, self.variables, {name: LayerStats(m.mean, m.variance)
+                                                  for name, m in statistics.items() if m.count})
+
+    def run_batch(self, values, index, anchored) -> None:
+        feed_dict = dict(self.feed)
+        feed_dict.update(zip(self.placeholders, values))
+        if self.training is not None:
+            feed_dict[self.training] = self.train_pass
+        try:
+            fetched = self.session.run(self.tensors, feed_dict=feed_dict)
+        except Exception as exc:  # noqa: BLE001 -- TensorFlow's OpErrors are none of Python's own kinds
+            raise BncalError(f"the graph failed on calibration batch {index} (input shapes "
+                             f"{', '.join(str(np.shape(v)) for v in values)}): {one_line(exc)}") from exc
+        for layer in self.layers:
+            x = fetched[layer.name]
+            channels = layer.moving.mean.shape[0]
+            count, mean, var = batch_moments(x, x.ndim - 1 if x.shape[-1] == channels else 1)
+            if self.train_pass and self.training is not None and count < 2 and not self.one_value_ok:
+                raise one_value_error(index, "use batches of 2 or more samples, or mode 'eval'", layer.name, count)
+            self.moments.setdefault(layer.name, ChannelMoments.empty(channels)).add_batch(count, mean, var)
+            self.calls_per_forward[layer.name] = 1
+
+    def end_pass(self):
+        return self.moments
+
+    def write(self, statistics, batches) -> None:
+        _write(self.session, self.variables, {name: LayerStats(m.mean, m.variance) for name, m in statistics.items()})
 
 
 def _batch_values(batch, n_inputs: int) -> list[np.ndarray]:
@@ -216,14 +225,12 @@ def _batch_values(batch, n_inputs: int) -> list[np.ndarray]:
     values = [np.asarray(v) for v in values[:n_inputs]]
     for v in values:
         if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all():
-            raise BncalError("the calibration data contains NaN or Inf values; clean or filter it first")
+            raise BncalError(NONFINITE_DATA)
     return values
 
 
-def _write(session, variables, moments) -> None:
-    for scope, m in moments.items():
-        if m.count == 0:
-            continue
+def _write(session, variables, statistics: dict[str, LayerStats]) -> None:
+    for scope, stats in statistics.items():
         mean_var, var_var = variables[scope]
-        mean_var.load(m.mean.astype(mean_var.dtype.base_dtype.as_numpy_dtype), session)
-        var_var.load(m.variance.astype(var_var.dtype.base_dtype.as_numpy_dtype), session)
+        mean_var.load(np.asarray(stats.mean).astype(mean_var.dtype.base_dtype.as_numpy_dtype), session)
+        var_var.load(np.asarray(stats.var).astype(var_var.dtype.base_dtype.as_numpy_dtype), session)
