@@ -1,9 +1,8 @@
-"""The recalibration policy shared by the PyTorch and ONNX paths (no torch, no onnxruntime here).
+"""The recalibration policy every path shares (no torch, onnxruntime or Keras here).
 
-Both :func:`bncal.torch.recalibration.recalibrate` and :func:`bncal.onnx.recalibration.recalibrate_onnx`
-reduce their passes to per-BN :class:`~bncal.stats.ChannelMoments` and drive them with
-:func:`bncal.stats.fixed_point_passes`. Everything around that which is the same whatever runs
-the model lives here, once:
+Every path reduces its passes to per-BN :class:`~bncal.stats.ChannelMoments`, and the one driver
+(:mod:`bncal.driver`) drives them with :func:`bncal.stats.fixed_point_passes`. The rules it and
+the backends apply, the same whatever runs the model, live here, once:
 
 - :func:`check_mode` and :func:`data_source`: the mode, and data that can be read as often as
   the mode needs (``eval`` reads it several times, so a one-shot iterator is refused);
@@ -17,9 +16,9 @@ the model lives here, once:
 - :class:`SourcePrior`: ``prior=N`` mixes the model's current (source) statistics into the new
   ones with weight ``N / (N + n)``, ``n`` the number of calibration samples;
 - :func:`build_report`: the :class:`~bncal.report.RecalibrationReport` from each layer's
-  statistics before, its new moments and its eps.
-
-The Keras path (:mod:`bncal.keras.recalibration`) uses the same policy.
+  statistics before, its new moments and its eps;
+- :func:`batch_fingerprint`, :func:`one_value_error`, :func:`require_layers` and
+  :data:`NONFINITE_DATA`: how a batch is recognised, and the refusals every path words alike.
 """
 
 from __future__ import annotations

@@ -9,9 +9,10 @@ written here once, in :func:`run_recalibration` and :func:`run_check`. What depe
 framework (how a BN's input is seen and its statistics replaced, how batches are validated and
 moved, how statistics are written) is a backend's:
 
-- :class:`RecalibrationBackend`: ``bncal.torch.recalibration`` (PyTorch), ``bncal.onnx.recalibration``
-  (onnxruntime), ``bncal.keras.recalibration`` (Keras);
-- :class:`CheckBackend`: ``bncal.torch.check``, ``bncal.checking.check_onnx``, ``bncal.keras.checking``.
+- :class:`RecalibrationBackend`: :mod:`bncal.torch.recalibration` (PyTorch),
+  :mod:`bncal.onnx.recalibration` (onnxruntime), :mod:`bncal.keras.recalibration` (Keras),
+  :mod:`bncal.tf1` (TensorFlow 1 graphs);
+- :class:`CheckBackend`: :mod:`bncal.torch.check`, :mod:`bncal.onnx.check`, :mod:`bncal.keras.checking`.
 """
 
 from __future__ import annotations
@@ -67,23 +68,26 @@ def require_sample_limit(max_samples: int | None) -> None:
 
 @dataclasses.dataclass
 class EvalSolution:
-    """What a backend's direct eval-mode solver (the depth-by-depth sweep) found: the moments of
-    every BN input, with the data's batches and samples, the work in forward-equivalents and the
-    peak bytes it cached; or ``moments`` None and the ``refusal`` saying why it did not apply."""
+    """What a backend's direct eval-mode solver (a depth-by-depth sweep) found: the moments of
+    every BN input (before any prior mixing), with the data's batches and samples, the work in
+    forward-equivalents (units of one plain forward over the same data), the BN depths and the
+    peak bytes it cached; or ``moments`` None and the ``refusal`` saying why it did not apply.
+    Each framework's sweep returns a subclass with its own details."""
 
-    moments: dict | None
-    refusal: str = ""
+    moments: dict | None = None
+    refusal: str | None = None
     batches: int = 0
     samples: int = 0
     forward_equivalents: float = 0.0
-    cached_bytes: int = 0
+    depths: int = 0
+    cached_bytes_peak: int = 0
 
     def note(self) -> str:
         """The report's note on how eval mode was solved."""
         if self.moments is None:
             return f"eval mode ran repeated passes: the depth-by-depth sweep does not apply ({self.refusal})"
         return (f"eval mode: exact depth-by-depth sweep ({self.forward_equivalents:.2f} forward-equivalents, "
-                f"{self.cached_bytes / 2**20:.0f} MiB cached), then one eval pass to confirm")
+                f"{self.cached_bytes_peak / 2**20:.0f} MiB cached), then one eval pass to confirm")
 
 
 class RecalibrationBackend:

@@ -32,11 +32,10 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from ..stats import ChannelMoments
 from .backend import import_keras, inference_context
 from .layers import channel_axis, statistics_variables
 
-__all__ = ["CompiledRefused", "compiled_refusal", "CompiledForward", "compiled_forward", "channel_moments", "merge_calls",
+__all__ = ["CompiledRefused", "compiled_refusal", "CompiledForward", "compiled_forward", "channel_moments",
            "statistics_put_back"]
 
 NORMALISATIONS = ("batch", "moving")
@@ -185,18 +184,6 @@ def compiled_forward(model, layers, normalisation: str) -> CompiledForward:
     if key not in kept:
         kept[key] = CompiledForward(model, layers, normalisation)
     return kept[key]
-
-
-def merge_calls(records: dict[str, list]) -> dict[str, ChannelMoments]:
-    """Every recorded ``(count, mean, var)`` call of each layer merged (layers never called left out)."""
-    out = {}
-    for name, calls in records.items():
-        if calls:
-            moments = ChannelMoments.empty(calls[0][1].shape[0])
-            for count, mean, var in calls:
-                moments.add_batch(count, mean, var)
-            out[name] = moments
-    return out
 
 
 @contextlib.contextmanager

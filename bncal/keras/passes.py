@@ -29,7 +29,7 @@ from ..stats import ChannelMoments, batch_moments
 from .backend import import_keras, inference_context
 from .layers import channel_axis, statistics_variables
 
-__all__ = ["BatchNormTap", "calibration_data", "default_forward", "run_forward", "prepare_batch"]
+__all__ = ["BatchNormTap", "calibration_data", "default_forward", "run_forward", "prepare_batch", "merge_calls"]
 
 _MISSING = object()
 
@@ -75,15 +75,7 @@ class BatchNormTap:
 
     def moments(self) -> dict[str, ChannelMoments]:
         """The recorded calls of each layer merged (layers never called are left out)."""
-        out = {}
-        for name, bn in self.layers:
-            calls = self.records[name]
-            if calls:
-                moments = ChannelMoments.empty(calls[0][1].shape[0])
-                for count, mean, var in calls:
-                    moments.add_batch(count, mean, var)
-                out[name] = moments
-        return out
+        return merge_calls(self.records)
 
     def _wrap(self, name, bn, original):
         keras = import_keras()
@@ -114,6 +106,18 @@ class BatchNormTap:
             return original(*bound.args, **bound.kwargs)
 
         return call
+
+
+def merge_calls(records: dict[str, list]) -> dict[str, ChannelMoments]:
+    """Every recorded ``(count, mean, var)`` call of each layer merged (layers never called left out)."""
+    out = {}
+    for name, calls in records.items():
+        if calls:
+            moments = ChannelMoments.empty(calls[0][1].shape[0])
+            for count, mean, var in calls:
+                moments.add_batch(count, mean, var)
+            out[name] = moments
+    return out
 
 
 class _ArrayBatches:

@@ -44,8 +44,8 @@ from ..driver import EvalSolution, RecalibrationBackend, run_recalibration
 from ..report import RecalibrationReport
 from ..stats import anchored_statistics
 from .backend import import_keras
-from .compiled import (CompiledRefused, compiled_forward, compiled_refusal, merge_calls, statistics_put_back)
-from .passes import BatchNormTap, calibration_data, default_forward, prepare_batch, run_forward
+from .compiled import CompiledRefused, compiled_forward, compiled_refusal, statistics_put_back
+from .passes import BatchNormTap, calibration_data, default_forward, merge_calls, prepare_batch, run_forward
 from .layers import require_model, trainable_batchnorms
 
 __all__ = ["recalibrate"]
@@ -259,11 +259,8 @@ class KerasRecalibration(RecalibrationBackend):
 
         sweep = solve_eval_statistics(self.model, self.modules, source, max_samples=max_samples, progress=progress,
                                       mix=prior and prior.mix)
-        if sweep.moments is None:
-            return EvalSolution(None, sweep.refusal)
         self.eval_forward = sweep.forward  # the confirming pass runs the sweep's own traced steps
-        return EvalSolution(sweep.moments, batches=sweep.batches, samples=sweep.samples,
-                            forward_equivalents=sweep.forward_equivalents, cached_bytes=sweep.cached_bytes_peak)
+        return sweep
 
     def write(self, statistics, batches) -> None:
         for name, bn in self.modules:

@@ -39,6 +39,7 @@ import numpy as np
 
 from ..stats import ChannelMoments
 from ..calibration import batch_fingerprint
+from ..driver import EvalSolution
 from ..progress import DataPass
 from .backend import import_keras, inference_context
 from .passes import prepare_batch, run_forward
@@ -51,17 +52,10 @@ DEFAULT_CACHE_MB = 1024
 
 
 @dataclass
-class SweepResult:
-    """``moments``: every BN input's population moments at the eval-mode fixed point (before any
-    prior mixing), None with ``refusal`` saying why when the sweep does not apply."""
+class SweepResult(EvalSolution):
+    """What the sweep found, or why it did not run (:class:`bncal.driver.EvalSolution`);
+    ``forward``: its steps chained, for the confirming eval pass."""
 
-    moments: dict[str, ChannelMoments] | None = None
-    refusal: str | None = None
-    forward_equivalents: float = 0.0
-    depths: int = 0
-    batches: int = 0
-    samples: int = 0
-    cached_bytes_peak: int = 0
     forward: "SweepForward | None" = None
 
 

@@ -54,6 +54,7 @@ from ..progress import DataPass, batch_count, progress_reporter
 from .sweep_cache import Checkpoints
 from .sweep_plan import SweepPlan, SweepRefused, build_plan, node_cost, tensor_bytes
 from ..calibration import batch_fingerprint
+from ..driver import EvalSolution
 from ..errors import BncalError, first_line
 from .passes import LayerMoments, channel_moments, default_forward, prepare_batch
 from ..stats import ChannelMoments
@@ -67,25 +68,16 @@ _RUN_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, KeyError, Attrib
 
 
 @dataclass
-class SweepResult:
-    """What the sweep found, or why it did not run.
+class SweepResult(EvalSolution):
+    """What the sweep found, or why it did not run (:class:`bncal.driver.EvalSolution`).
 
-    ``moments``: ``{layer name: ChannelMoments}`` of every BN the data reaches (None when
-    refused, see ``refusal``). ``forward_equivalents``: node-level compute executed (a probe of
-    two samples, every segment, the moment reductions), in units of one plain forward of the
-    whole model over the same data. ``data_passes``: times the data was read. ``depths``: BN
-    depths (sequential stages). ``cached_bytes_peak`` / ``spilled_bytes_peak``: the most
-    frontier bytes held in memory / on disk between batches.
+    ``moments``: ``{layer name: ChannelMoments}`` of every BN the data reaches.
+    ``forward_equivalents`` counts node-level compute executed (a probe of two samples, every
+    segment, the moment reductions). ``data_passes``: times the data was read.
+    ``spilled_bytes_peak``: the most frontier bytes held on disk between batches.
     """
 
-    moments: dict[str, ChannelMoments] | None
-    refusal: str | None = None
-    forward_equivalents: float = 0.0
     data_passes: int = 0
-    depths: int = 0
-    batches: int = 0
-    samples: int = 0
-    cached_bytes_peak: int = 0
     spilled_bytes_peak: int = 0
     recomputed_batch_steps: int = 0
     notes: list[str] = field(default_factory=list)

@@ -386,10 +386,7 @@ class TorchRecalibration(RecalibrationBackend):
                                       device=self.device, forward_fn=self.custom_forward, max_samples=max_samples,
                                       cache_mb=self.cache_mb, spill_dir=self.spill_dir, progress=progress,
                                       prior=prior)
-        if sweep.moments is None:
-            return EvalSolution(None, sweep.refusal)
-        return EvalSolution(sweep.moments, batches=sweep.batches, samples=sweep.samples,
-                            forward_equivalents=sweep.forward_equivalents, cached_bytes=sweep.cached_bytes_peak)
+        return sweep
 
     def write(self, statistics, batches) -> None:
         for name, bn in self.modules:
