@@ -20,8 +20,6 @@ with :func:`register_model_kind`.
 from __future__ import annotations
 
 import dataclasses
-import json
-import re
 from collections.abc import Callable
 from pathlib import Path
 

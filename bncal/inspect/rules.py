@@ -11,8 +11,7 @@ import re
 
 from ..momentum import InverseDecayMomentum, format_momentum, suggest_momentum
 from ..report import FoldDecision
-from .model import (DEGENERATE, NEVER_UPDATED, NOT_CONSTANT, NOT_TRACKED, RECALIBRATE_COMMAND, SEVERITIES, BNLayer,
-                    Finding, Graph, InspectReport)
+from .model import DEGENERATE, NEVER_UPDATED, RECALIBRATE_COMMAND, SEVERITIES, BNLayer, Finding, Graph, InspectReport
 
 __all__ = ["inspect_graph", "Dialect", "DIALECTS", "SMALL_BATCH"]
 

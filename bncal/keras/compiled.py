@@ -26,20 +26,16 @@ their own ``call``, and (found while tracing, :class:`CompiledRefused`) a BN giv
 
 from __future__ import annotations
 
-import contextlib
 import weakref
-from collections.abc import Callable, Iterable
 
 import numpy as np
 
 from .backend import import_keras, inference_context
-from .layers import channel_axis, statistics_variables
+from .layers import channel_axis, replaced_calls
 
-__all__ = ["CompiledRefused", "compiled_refusal", "CompiledForward", "compiled_forward", "channel_moments",
-           "statistics_put_back"]
+__all__ = ["CompiledRefused", "compiled_refusal", "CompiledForward", "compiled_forward", "channel_moments"]
 
 NORMALISATIONS = ("batch", "moving")
-_MISSING = object()
 
 
 class CompiledRefused(Exception):
@@ -97,19 +93,8 @@ class CompiledForward:
         if keras.backend.backend() == "tensorflow":
             self.traces += 1
         collected: dict[str, list] = {name: [] for name, _ in self.layers}
-        model = self.model_ref()
-        patched = []
-        try:
-            for name, bn in self.layers:
-                patched.append((bn, bn.__dict__.get("call", _MISSING)))
-                bn.call = self._call(name, bn, collected[name])
-            model(inputs, training=False)
-        finally:
-            for bn, call in reversed(patched):
-                if call is _MISSING:
-                    del bn.call
-                else:
-                    bn.call = call
+        with replaced_calls((bn, self._call(name, bn, collected[name])) for name, bn in self.layers):
+            self.model_ref()(inputs, training=False)
         return collected
 
     def _call(self, name, bn, calls):
@@ -184,17 +169,3 @@ def compiled_forward(model, layers, normalisation: str) -> CompiledForward:
     if key not in kept:
         kept[key] = CompiledForward(model, layers, normalisation)
     return kept[key]
-
-
-@contextlib.contextmanager
-def statistics_put_back(layers):
-    """Within the block the statistics variables of the BN ``layers`` may be written; on exit
-    (also on error) they hold their values from before again."""
-    keras = import_keras()
-    saved = [(variable, keras.ops.convert_to_numpy(variable).copy())
-             for bn in layers for variable in statistics_variables(bn)]
-    try:
-        yield
-    finally:
-        for variable, value in saved:
-            variable.assign(value)

@@ -32,11 +32,11 @@ from ..inspect.model import DEGENERATE, NEVER_UPDATED, BNLayer, Graph, InspectRe
 from ..inspect.rules import inspect_graph
 from ..names import fresh_name
 from .backend import import_keras, inference_context
-from .layers import batchnorm_layers, is_batchnorm, moving_statistics, named_layers, renorm_reference, sublayers
+from .layers import (batchnorm_layers, is_batchnorm, moving_statistics, named_layers, renorm_reference, replaced_calls,
+                     sublayers)
 
 __all__ = ["inspect"]
 
-_MISSING = object()
 
 # keras.ops operations in functional graphs, by class name.
 _ACT_OPS = {"Relu", "Relu6", "Sigmoid", "Softplus", "Softsign", "Silu", "Swish", "LeakyRelu", "HardSigmoid",
@@ -283,19 +283,9 @@ def _leaf_layers(model) -> list[tuple[str, object]]:
 
 def _execution_order(model, leaves, example_inputs) -> list:
     """The leaf layers in the order one inference forward (no gradients) calls them."""
-    order, restore = [], []
-    try:
-        for _, layer in leaves:
-            restore.append((layer, layer.__dict__.get("call", _MISSING)))
-            layer.call = _recording(layer, layer.call, order)
-        with inference_context():
-            model(example_inputs, training=False)
-    finally:
-        for layer, call in reversed(restore):
-            if call is _MISSING:
-                del layer.call
-            else:
-                layer.call = call
+    order = []
+    with replaced_calls((layer, _recording(layer, layer.call, order)) for _, layer in leaves), inference_context():
+        model(example_inputs, training=False)
     return order
 
 

@@ -8,6 +8,8 @@ one name get ``#2``, ``#3``, ... (:func:`bncal.names.fresh_name`).
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from ..errors import BncalError
@@ -16,7 +18,8 @@ from ..report import LayerStats
 from .backend import import_keras, keras_classes
 
 __all__ = ["sublayers", "named_layers", "batchnorm_layers", "is_batchnorm", "channel_axis", "moving_statistics",
-           "statistics_variables", "require_model", "renorm_reference", "trainable_batchnorms", "FROZEN_REASON"]
+           "statistics_variables", "require_model", "renorm_reference", "trainable_batchnorms", "replaced_calls",
+           "statistics_put_back", "FROZEN_REASON"]
 
 FROZEN_REASON = ("trainable=False: Keras ran it in inference mode during training, so the network was trained "
                  "against its moving statistics; left as they were")
@@ -83,6 +86,42 @@ def trainable_batchnorms(model, what: str):
     require_layers(modules, skipped, what)
     layers = [BNLayer(name, float(bn.epsilon), moving_statistics(bn), renorm_reference(bn)) for name, bn in modules]
     return modules, layers, skipped
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def replaced_calls(replacements):
+    """Within the block each layer's ``call`` is the function given with it (``replacements``:
+    ``(layer, call)`` pairs, an iterable read one pair at a time, so a replacement may wrap the
+    layer's ``call`` as it was); put back afterwards, also on error."""
+    restore = []
+    try:
+        for layer, call in replacements:
+            restore.append((layer, layer.__dict__.get("call", _MISSING)))
+            layer.call = call
+        yield
+    finally:
+        for layer, call in reversed(restore):
+            if call is _MISSING:
+                del layer.call
+            else:
+                layer.call = call
+
+
+@contextlib.contextmanager
+def statistics_put_back(layers):
+    """Within the block the statistics variables of the BN ``layers`` may be written; on exit
+    (also on error) they hold their values from before again."""
+    keras = import_keras()
+    saved = [(variable, keras.ops.convert_to_numpy(variable).copy())
+             for bn in layers for variable in statistics_variables(bn)]
+    try:
+        yield
+    finally:
+        for variable, value in saved:
+            variable.assign(value)
 
 
 def statistics_variables(bn) -> list:

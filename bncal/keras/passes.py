@@ -18,6 +18,7 @@ are restored when the block ends; callers write the final ones explicitly.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 
@@ -27,12 +28,9 @@ from ..calibration import NONFINITE_DATA, data_source
 from ..errors import BncalError
 from ..stats import ChannelMoments, batch_moments
 from .backend import import_keras, inference_context
-from .layers import channel_axis, statistics_variables
+from .layers import channel_axis, replaced_calls, statistics_put_back
 
 __all__ = ["BatchNormTap", "calibration_data", "default_forward", "run_forward", "prepare_batch", "merge_calls"]
-
-_MISSING = object()
-
 
 def default_forward(model, inputs):
     """``model(inputs, training=False)``: every layer in inference mode."""
@@ -49,29 +47,23 @@ class BatchNormTap:
         self.layers = list(layers)
         self.statistics = statistics
         self.records: dict[str, list] = {name: [] for name, _ in self.layers}
-        self._restore: list = []
+        self._stack: contextlib.ExitStack | None = None
 
     def __enter__(self) -> "BatchNormTap":
-        keras = import_keras()
+        stack = contextlib.ExitStack()
         try:
-            for name, bn in self.layers:
-                values = [keras.ops.convert_to_numpy(v).copy() for v in statistics_variables(bn)]
-                self._restore.append((bn, bn.__dict__.get("call", _MISSING), values))
-                bn.call = self._wrap(name, bn, bn.call)
+            stack.enter_context(statistics_put_back([bn for _, bn in self.layers]))
+            stack.enter_context(replaced_calls((bn, self._wrap(name, bn, bn.call)) for name, bn in self.layers))
         except BaseException:
-            self.__exit__(None, None, None)
+            stack.close()
             raise
+        self._stack = stack
         return self
 
     def __exit__(self, *exc) -> None:
-        for bn, call, values in reversed(self._restore):
-            if call is _MISSING:
-                del bn.call
-            else:
-                bn.call = call
-            for variable, value in zip(statistics_variables(bn), values):
-                variable.assign(value)
-        self._restore = []
+        if self._stack is not None:
+            self._stack.close()  # the calls first, then the statistics
+            self._stack = None
 
     def moments(self) -> dict[str, ChannelMoments]:
         """The recorded calls of each layer merged (layers never called are left out)."""

@@ -44,9 +44,9 @@ from ..driver import EvalSolution, RecalibrationBackend, run_recalibration
 from ..report import RecalibrationReport
 from ..stats import anchored_statistics
 from .backend import import_keras
-from .compiled import CompiledRefused, compiled_forward, compiled_refusal, statistics_put_back
+from .compiled import CompiledRefused, compiled_forward, compiled_refusal
 from .passes import BatchNormTap, calibration_data, default_forward, merge_calls, prepare_batch, run_forward
-from .layers import require_model, trainable_batchnorms
+from .layers import require_model, statistics_put_back, trainable_batchnorms
 
 __all__ = ["recalibrate"]
 

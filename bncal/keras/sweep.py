@@ -43,8 +43,8 @@ from ..driver import EvalSolution
 from ..progress import DataPass
 from .backend import import_keras, inference_context
 from .passes import prepare_batch, run_forward
-from .compiled import channel_moments, statistics_put_back
-from .layers import is_batchnorm, sublayers
+from .compiled import channel_moments
+from .layers import is_batchnorm, statistics_put_back, sublayers
 
 __all__ = ["DEFAULT_CACHE_MB", "SweepResult", "solve_eval_statistics"]
 
