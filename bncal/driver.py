@@ -62,6 +62,7 @@ class BNLayer:
 
 
 def require_sample_limit(max_samples: int | None) -> None:
+    """Refuse a ``max_samples`` below 1 (None: no limit)."""
     if max_samples is not None and max_samples < 1:
         raise BncalError(f"max_samples must be at least 1, not {max_samples}")
 
