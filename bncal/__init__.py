@@ -36,7 +36,7 @@ _EXPORTS = {
     "ComparisonReport": "verify",
     "MissingExtra": "extras",
     "fit_state_dict": "torch.loading",
-    "load_model": "torch.loading",
+    "load_model": "loading",
     "load_state_dict": "torch.loading",
     "save_state_dict": "torch.loading",
     "load_data": "data",

@@ -22,11 +22,10 @@ def recalibrate(model, data, **options):
 
     A PyTorch module: :func:`bncal.torch.recalibration.recalibrate`, where every option is
     documented. A ``keras.Model`` (on Keras's torch backend an ``nn.Module`` too, so it is asked
-    first): :func:`bncal.keras.recalibrate`, with ``mode``, ``prior``, ``forward_fn``,
-    ``max_samples``, ``tol``, ``max_passes`` and ``progress`` (arrays in ``data`` are cut into
-    batches of 32 rows there); ``device``, ``process_group``, ``inputs`` and ``guard`` do not
-    apply to it and are refused, the torch eval sweep's ``cache_mb`` and ``spill_dir`` are
-    ignored. An ONNX model: :func:`bncal.recalibrate_onnx`, which returns a new model.
+    first): :func:`bncal.keras.recalibrate`, with its options (``batch_size`` among them: arrays
+    in ``data`` are cut into batches of 32 rows by default); ``device``, ``process_group``,
+    ``inputs`` and ``guard`` do not apply to it and are refused, the torch eval sweep's
+    ``cache_mb`` and ``spill_dir`` are ignored, and an option neither path knows is a TypeError. An ONNX model: :func:`bncal.recalibrate_onnx`, which returns a new model.
 
     Returns the :class:`~bncal.report.RecalibrationReport`.
     """
@@ -43,8 +42,8 @@ def recalibrate(model, data, **options):
                              "data yourself")
         from .keras import recalibrate as recalibrate_keras
 
-        keras_options = ("mode", "prior", "forward_fn", "max_samples", "tol", "max_passes", "progress")
-        return recalibrate_keras(model, data, **{k: v for k, v in options.items() if k in keras_options})
+        unused = {"cache_mb", "spill_dir", "metric", "guard_tol", "device", "process_group", "inputs", "guard"}
+        return recalibrate_keras(model, data, **{k: v for k, v in options.items() if k not in unused})
     if type(model).__name__ == "ModelProto":
         raise BncalError("an ONNX model is recalibrated into a new model: use bncal.recalibrate_onnx(model, data), "
                          "which returns (new_model, report)")

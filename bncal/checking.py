@@ -725,22 +725,20 @@ class PairedOutputs:
     :meth:`add` each batch with its inference and train-mode outputs (lists in ``names``
     order); consecutive batches are paired, and ``train_outputs(batch, index)`` (train mode,
     moving statistics untouched, the same output list) runs on their re-paired batches
-    (:func:`rebatch_pair`) to give the second batching the outputs are judged against. The data
-    of a single batch (4 samples or more) is judged against train mode on its two halves
-    (:func:`split_batch`): a half's statistics differ from the whole batch's by as much as the
-    whole batch's differ from the population's (variance ``s^2 / n`` both), as a re-paired batch's
-    do. A batch left without a pair otherwise, or a pair with a batch of one sample, is compared
-    without a second batching.
+    (:func:`rebatch_pair`) to give the second batching the outputs are judged against. Data of a
+    single batch is judged against train mode on its two halves where the caller gives their
+    outputs (:meth:`add_halves`): a half's statistics differ from the whole batch's by as much as
+    the whole batch's differ from the population's (variance ``s^2 / n`` both), as a re-paired
+    batch's do. A batch left without a pair otherwise, or a pair with a batch of one sample, is
+    compared without a second batching.
     """
 
     def __init__(self, names: list[str], train_outputs: Callable):
         self.names, self.train_outputs = list(names), train_outputs
         self.agreement = {name: OutputAgreement() for name in self.names}
         self.held = None  # (index, batch, inferred, trained) waiting for its pair
-        self.batches = 0
 
     def add(self, index: int, batch, inferred, trained) -> None:
-        self.batches += 1
         if self.held is None:
             self.held = (index, batch, inferred, trained)
             return
@@ -762,16 +760,17 @@ class PairedOutputs:
             self.agreement[name].add(inf_a[k], train_a[k], again_a)
             self.agreement[name].add(inferred[k], trained[k], again_b)
 
-    def _add_halved(self, index: int, batch, inferred, trained) -> None:
-        """The only batch, judged against train mode on its two halves."""
-        first, second = split_batch(batch)
-        out_1, out_2 = self.train_outputs(first, index), self.train_outputs(second, index)
+    def add_halves(self, half_outputs) -> None:
+        """Judge the batch waiting for its pair (the only one) against ``half_outputs``: train
+        mode's outputs on its two halves (:func:`split_batch`), in order."""
+        _, batch, inferred, trained = self.held
+        self.held = None
         size = leading_size(batch)
         for k, name in enumerate(self.names):
             if np.shape(trained[k])[:1] != (size,):  # not one row per sample: no second batching
                 self.agreement[name].add(inferred[k], trained[k])
                 continue
-            again = np.concatenate([np.asarray(out_1[k]), np.asarray(out_2[k])])
+            again = np.concatenate([np.asarray(outputs[k]) for outputs in half_outputs])
             self.agreement[name].add(inferred[k], trained[k], again)
 
     def _add_unpaired(self, inferred, trained) -> None:
@@ -781,11 +780,7 @@ class PairedOutputs:
     def checks(self, thresholds: CheckThresholds) -> list[OutputCheck]:
         """Each output's :class:`OutputCheck`, after adding a batch still waiting for its pair."""
         if self.held is not None:
-            index, batch, inferred, trained = self.held
-            if self.batches == 1 and (leading_size(batch) or 0) >= 4:
-                self._add_halved(index, batch, inferred, trained)
-            else:
-                self._add_unpaired(inferred, trained)
+            self._add_unpaired(*self.held[2:])
             self.held = None
         return [self.agreement[name].check(name, thresholds) for name in self.names]
 

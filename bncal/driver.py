@@ -322,7 +322,8 @@ def run_check(backend: CheckBackend, data, *, thresholds: CheckThresholds = Chec
     mode at twice the batch size (:class:`bncal.checking.BatchSizeProbe`), which tells a batch
     too small from wrong statistics. The standard errors of each layer's population statistics
     come from the spread of its batch statistics (:class:`bncal.checking.BatchSpread`); data of a
-    single batch is run once more as its two halves for that. Batches far from random draws are
+    single batch (4 samples or more, a graph that takes any batch size) is run once more as its
+    two halves, which give both that spread and the outputs' second batching. Batches far from random draws are
     named in the warnings.
     """
     layers = backend.layers
@@ -342,11 +343,11 @@ def run_check(backend: CheckBackend, data, *, thresholds: CheckThresholds = Chec
             into[name].merge(m)
         return outputs
 
-    paired = probe = first = None
+    paired = probe = only_batch = None
     current = DataPass(source(), backend.prepare, max_samples=max_samples, progress=progress)
     with backend.checking():
-        for index, (inputs, first) in current:
-            composition.add(first, channel_axis=backend.channel_axis)
+        for index, (inputs, first_input) in current:
+            composition.add(first_input, channel_axis=backend.channel_axis)
             inferred = backend.infer(inputs, index)
             trained, found = backend.train(inputs, index)
             for name, m in found.items():
@@ -357,16 +358,19 @@ def run_check(backend: CheckBackend, data, *, thresholds: CheckThresholds = Chec
                 paired = PairedOutputs(names, train_outputs)
                 probe = BatchSizeProbe(fresh, names, train_into) if backend.joinable else None
             batch = backend.arrays(inputs)
-            first = batch if index == 0 else None
+            only_batch = batch if index == 0 else None
             paired.add(index, batch, inferred, trained)
             if probe is not None:
                 probe.add(index, batch, inferred, trained, found)
-        if first is not None and backend.joinable and (leading_size(first) or 0) >= 4:
-            # One batch shows no spread of its statistics; its two halves, each in train mode, do.
+        if only_batch is not None and backend.joinable and (leading_size(only_batch) or 0) >= 4:
+            # One batch shows neither a spread of its statistics nor a second batching of its outputs;
+            # its two halves, each run once in train mode, give both.
+            halves = [backend.train(half, 0) for half in split_batch(only_batch)]
             spreads = {layer.name: BatchSpread() for layer in layers}
-            for half in split_batch(first):
-                for name, m in backend.train(half, 0)[1].items():
+            for _, found in halves:
+                for name, m in found.items():
                     spreads[name].add(m.mean, m.variance, m.count)
+            paired.add_halves([outputs for outputs, _ in halves])
     checks, skipped = [], list(backend.skipped)
     for layer in layers:
         m = moments[layer.name]

@@ -27,8 +27,8 @@ from .errors import BncalError
 from .specs import (KERAS_MODEL_SUFFIXES, KERAS_SAVE_SUFFIXES, WEIGHT_SUFFIXES, is_onnx_path, is_tensorflow_export,
                     spec_files, split_spec)
 
-__all__ = ["ModelKind", "LoadedModel", "model_kind", "register_model_kind", "load_any", "output_suffixes",
-           "kind_named"]
+__all__ = ["ModelKind", "LoadedModel", "model_kind", "register_model_kind", "load_any", "load_model",
+           "output_suffixes", "kind_named"]
 
 
 
@@ -104,10 +104,13 @@ def _adopt_keras(model, spec, *, weights=None, allow_pickle=False):
     return adopt_factory_model(model, spec, weights=weights, allow_pickle=allow_pickle)
 
 
-def _load_torch_kind(spec, *, weights=None, model_kwargs=None, allow_pickle=False, strip_prefix=None):
-    """A PyTorch model file or factory; a factory returning another kind's model (a ``keras.Model``,
-    on Keras's torch backend an ``nn.Module`` too) is handed to that kind (:attr:`ModelKind.adopt`)."""
-    from .torch.loading import build_model, load_model
+def load_model(spec: str, *, weights=None, model_kwargs: str | dict | None = None, allow_pickle: bool = False,
+               strip_prefix: str | None = None):
+    """The model a factory spec (or a whole PyTorch model file) names, with ``weights``: a PyTorch
+    model through :func:`bncal.torch.loading.load_model` (in eval mode, weights loaded strictly);
+    a factory returning another kind's model (a ``keras.Model``, on Keras's torch backend an
+    ``nn.Module`` too) is handed to that kind (:attr:`ModelKind.adopt`), which loads its weights."""
+    from .torch.loading import build_model, load_model as load_torch_model
 
     built = build_model(spec, model_kwargs=model_kwargs, allow_pickle=allow_pickle)
     adopter = _adopting_kind(built)
@@ -115,7 +118,7 @@ def _load_torch_kind(spec, *, weights=None, model_kwargs=None, allow_pickle=Fals
         if strip_prefix is not None:
             raise BncalError(f"{spec} returns a {adopter.name} model; --strip-prefix applies to a PyTorch state dict")
         return adopter.adopt(built, spec, weights=weights, allow_pickle=allow_pickle)
-    return load_model(spec, weights=weights, strip_prefix=strip_prefix, allow_pickle=allow_pickle, built=built)
+    return load_torch_model(spec, weights=weights, strip_prefix=strip_prefix, allow_pickle=allow_pickle, built=built)
 
 
 def _is_keras_model(obj) -> bool:
@@ -128,7 +131,7 @@ _KINDS: list[ModelKind] = [
     ModelKind("onnx", is_onnx_path, _onnx_files, _load_onnx_kind, (".onnx",)),
     ModelKind("keras", _is_keras_path, _spec_and_weights, _load_keras_kind, KERAS_SAVE_SUFFIXES,
               adopts=_is_keras_model, adopt=_adopt_keras),
-    ModelKind("torch", lambda spec: True, _spec_and_weights, lambda spec, **kw: _load_torch_kind(spec, **kw),
+    ModelKind("torch", lambda spec: True, _spec_and_weights, lambda spec, **kw: load_model(spec, **kw),
               WEIGHT_SUFFIXES),
 ]
 

@@ -220,6 +220,7 @@ def test_factory_spec_returning_a_keras_model_is_handed_over(project):
     assert set(loaded.files) == {path / "nets.py", path / "stale.weights.h5"}
     _assert_stats_equal(_stats(loaded.model), _stats(bk.load_model(path / "stale.keras")))
     assert isinstance(bncal.load_model(spec), keras.Model)
+    _assert_stats_equal(_stats(bncal.load_model(spec, weights=path / "stale.weights.h5")), _stats(loaded.model))
 
     out = path / "from_factory.keras"
     code, output = run("recalibrate", spec, "--weights", path / "stale.weights.h5", "--data", path / "data.npy",
