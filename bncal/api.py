@@ -1,5 +1,6 @@
-"""The front doors that take any model kind: :func:`check` routes a model to its framework's check
-(PyTorch, ONNX or Keras); :func:`assert_deployable` runs inspect, check and the accuracy guard.
+"""The front doors that take any model kind: :func:`recalibrate` and :func:`check` route a model to
+its framework's path (PyTorch, ONNX or Keras); :func:`assert_deployable` runs inspect, check and the
+accuracy guard.
 
 Routing by kind lives here, above the per-framework packages, so that none of them needs to
 know the others.
@@ -12,8 +13,9 @@ from pathlib import Path
 
 from .checking import CheckReport, CheckThresholds
 from .errors import BncalError, DeploymentError
-from .gate import DeploymentReport, allowed_notes, allowed_rules, refusal, refused_findings
 from .extras import MissingExtra, is_available, is_torch_module
+from .gate import DeploymentReport, allowed_notes, allowed_rules, refusal, refused_findings
+
 __all__ = ["recalibrate", "check", "assert_deployable"]
 
 
@@ -25,7 +27,8 @@ def recalibrate(model, data, **options):
     first): :func:`bncal.keras.recalibrate`, with its options (``batch_size`` among them: arrays
     in ``data`` are cut into batches of 32 rows by default); ``device``, ``process_group``,
     ``inputs`` and ``guard`` do not apply to it and are refused, the torch eval sweep's
-    ``cache_mb`` and ``spill_dir`` are ignored, and an option neither path knows is a TypeError. An ONNX model: :func:`bncal.recalibrate_onnx`, which returns a new model.
+    ``cache_mb`` and ``spill_dir`` are ignored, and an option neither path knows is a TypeError.
+    An ONNX model: :func:`bncal.recalibrate_onnx`, which returns a new model.
 
     Returns the :class:`~bncal.report.RecalibrationReport`.
     """
