@@ -207,11 +207,15 @@ class BatchComposition:
         floating = x.is_floating_point() if hasattr(x, "is_floating_point") else np.issubdtype(x.dtype, np.floating)
         if not floating:
             return
-        if x.ndim > 2 and channel_axis % x.ndim != 1:
-            x = x.movedim(channel_axis, 1) if hasattr(x, "movedim") else np.moveaxis(x, channel_axis, 1)
         n = int(x.shape[0])
-        channels = int(x.shape[1]) if x.ndim > 1 else 1
-        means = x.reshape(n, channels, -1).mean(-1)  # per sample and channel; numpy and torch alike
+        if x.ndim > 2 and channel_axis % x.ndim == x.ndim - 1:  # channels last: no transposed copy
+            channels = int(x.shape[-1])
+            means = x.reshape(n, -1, channels).mean(1)  # per sample and channel; numpy and torch alike
+        else:
+            if x.ndim > 2 and channel_axis % x.ndim != 1:
+                x = x.movedim(channel_axis, 1) if hasattr(x, "movedim") else np.moveaxis(x, channel_axis, 1)
+            channels = int(x.shape[1]) if x.ndim > 1 else 1
+            means = x.reshape(n, channels, -1).mean(-1)
         if hasattr(means, "detach"):
             means = means.detach().cpu().numpy()
         means = np.asarray(means, np.float64)

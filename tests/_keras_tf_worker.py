@@ -111,6 +111,7 @@ def main_(folder: Path) -> dict:
         out["not_keras"] = str(exc)
     out["callbacks"] = callbacks()
     out["compiled"] = compiled()
+    out["kernels"] = kernels()
     out["torch_imported"] = "torch" in sys.modules
     return out
 
@@ -190,6 +191,77 @@ def compiled() -> dict:
                      "passes": report.passes, "converged": report.converged, "notes": report.notes,
                      "reference": [h.mean(0).tolist(), h.var(0).tolist()]}
     return out
+
+
+def kernels() -> dict:
+    """TensorFlow's kernels in the traced forward against float64, on inputs of awkward shapes
+    and far-off means: the pooled moments (through the packing the forward returns), the fused
+    normalisation, and the bulk reads and assigns of a model's statistics variables."""
+    import gc
+    import weakref
+
+    import keras
+    import tensorflow as tf
+
+    from bncal.keras import compiled as engine, layers as bn_layers
+
+    rng = np.random.default_rng(5)
+    moments = []
+    for shape in [(32, 32, 32, 16), (32, 7, 7, 8), (16, 13, 11, 4), (8, 300, 3), (4, 6, 6, 6, 4), (1, 4, 4, 8),
+                  (2, 2, 2, 8), (64, 12)]:
+        bn = keras.layers.BatchNormalization()
+        bn.build(shape)
+        channels = shape[-1]
+        for offset in (0.0, 3.0, 100.0, 1000.0):
+            sd = np.exp(rng.uniform(-3, 3, channels))
+            x = (rng.standard_normal(shape) * sd + offset * sd * rng.choice([-1, 1], channels)).astype("float32")
+            traced = {}
+
+            def packed(t):
+                flat, traced["layout"] = engine.pack_moments([("bn", engine.channel_moments(bn, t))])
+                return flat
+
+            function = tf.function(packed)
+            flat = function(tf.constant(x)).numpy()
+            graph = function.get_concrete_function(tf.constant(x)).graph
+            [(count, mean, var)] = engine.unpack_moments(flat, traced["layout"])["bn"]
+            wide = x.astype(np.float64).reshape(-1, channels)
+            moments.append({"shape": list(shape), "offset": offset, "count": count, "rows": len(wide),
+                            "pools": sum(op.type in ("AvgPool", "AvgPool3D") for op in graph.get_operations()),
+                            "mean_error": np.abs(mean - wide.mean(0)).tolist(), "sd": np.sqrt(wide.var(0)).tolist(),
+                            "abs_mean": np.abs(wide.mean(0)).tolist(),
+                            "var_error": (np.abs(var - wide.var(0)) / wide.var(0)).max()})
+    normalised = []
+    for shape, center, scale, epsilon in [((8, 5, 5, 6), True, True, 1e-3), ((8, 5, 5, 6), False, False, 1e-5),
+                                          ((8, 9, 6), True, True, 1e-5), ((4, 3, 3, 3, 6), True, False, 1e-3),
+                                          ((16, 6), False, True, 1e-3)]:
+        bn = keras.layers.BatchNormalization(center=center, scale=scale, epsilon=epsilon)
+        bn.build(shape)
+        if scale:
+            bn.gamma.assign(rng.uniform(0.5, 2, 6).astype("float32"))
+        if center:
+            bn.beta.assign(rng.uniform(-1, 1, 6).astype("float32"))
+        x = rng.standard_normal(shape).astype("float32") * 3 + 2
+        mean, var = rng.uniform(1, 3, 6).astype("float32"), rng.uniform(4, 16, 6).astype("float32")
+        y = tf.function(lambda t: engine.normalise(bn, t, mean, var))(tf.constant(x)).numpy()
+        gamma = np.asarray(bn.gamma, np.float64) if scale else 1.0
+        beta = np.asarray(bn.beta, np.float64) if center else 0.0
+        reference = (x.astype(np.float64) - mean) / np.sqrt(var.astype(np.float64) + epsilon) * gamma + beta
+        normalised.append({"shape": list(shape), "error": float(np.abs(y - reference).max()),
+                           "scale": float(np.abs(reference).max())})
+    model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=4)
+    variables = [v for _, bn in bk.batchnorm_layers(model) for v in (bn.moving_mean, bn.moving_variance)]
+    values = [rng.standard_normal(v.shape).astype("float32") for v in variables]
+    bn_layers.assign_values(variables, values)
+    read = bn_layers.variable_values(variables)
+    bulk = {"variables": len(variables), "traced": bn_layers._bulk_io(variables) is not None,
+            "assigned": all(np.array_equal(np.asarray(v), value) for v, value in zip(variables, values)),
+            "read": all(np.array_equal(a, value) for a, value in zip(read, values))}
+    held = weakref.ref(variables[0].value)
+    del model, variables, read
+    gc.collect()
+    bulk["freed"] = held() is None
+    return {"moments": moments, "normalised": normalised, "bulk": bulk}
 
 
 if __name__ == "__main__":

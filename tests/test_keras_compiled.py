@@ -181,3 +181,32 @@ def test_models_the_sweep_cannot_take_fall_back_with_the_reason(monkeypatch):
         report = bk.recalibrate(model, x, batch_size=8, mode="eval")
         assert report.notes[0].startswith("eval mode ran repeated passes: the depth-by-depth sweep does not apply")
         assert reason in report.notes[0]
+
+
+@pytest.mark.parametrize("spatial, window", [([32, 32], [4, 32]), ([7, 7], [7, 7]), ([13, 11], [1, 11]),
+                                             ([300], [100]), ([6, 6, 6], [3, 6, 6]), ([1, 1], None),
+                                             ([131], None)])
+def test_the_pooling_window_tiles_the_spatial_axes_in_blocks_of_at_most_128(spatial, window):
+    from bncal.keras.compiled import pool_window
+
+    assert pool_window(spatial) == window
+
+
+def test_unpacking_takes_out_what_rounding_the_mean_to_the_centre_left():
+    """A float16 centre 0.25 off a mean of 1000.3: the spread around it is the variance plus
+    0.25**2 more, which the host takes out; counts are values per channel."""
+    from bncal.keras.compiled import unpack_moments
+
+    mean, variance = np.array([1000.3, -2.0]), np.array([4.0, 0.5])
+    centre = mean.astype(np.float16).astype(np.float64)
+    assert centre[0] == 1000.5  # float16 holds 1000.5, not 1000.3
+    spread = variance + (mean - centre) ** 2
+    second_mean = np.array([7.0, 8.0, 9.0])
+    packed = np.concatenate([[40.0, 24.0], mean, second_mean, spread, np.ones(3)])
+    found = unpack_moments(packed, [("a", 2, "float16"), ("b", 3, "float32")])
+    (count, got_mean, got_variance), = found["a"]
+    assert count == 20 and np.array_equal(got_mean, mean)
+    np.testing.assert_allclose(got_variance, variance, rtol=1e-12)
+    (count, got_mean, got_variance), = found["b"]
+    rounding = second_mean - second_mean.astype(np.float32)
+    assert count == 8 and np.array_equal(got_mean, second_mean) and np.array_equal(got_variance, 1 - rounding ** 2)

@@ -142,3 +142,28 @@ def test_the_seeds_tf1_graph_is_repaired_to_its_float64_exact_accuracy():
     assert max(result["train_bn1_errors"]) < 1e-5
     assert "only one value per channel" in result["one_sample_train"]
     assert result["torch_imported"] is False
+
+
+def test_the_pooled_moments_hold_float32s_floor(without_torch):
+    """Block sums by average pooling (at most 128 values each in float32, float64 beyond), the
+    variance around the mean rounded to float32 and corrected on the host: the mean within about
+    one float32 rounding of itself plus 1e-7 sd, the variance within 3e-7, even 1000 sd off zero."""
+    cases = without_torch["kernels"]["moments"]
+    assert [case["pools"] for case in cases[::4]] == [2] * 7 + [0]  # one per pass where there is space to pool
+    for case in cases:
+        assert case["count"] == case["rows"], case["shape"]
+        allowed = 1e-7 * np.asarray(case["sd"]) + 2.5e-7 * np.asarray(case["abs_mean"])
+        assert np.all(np.asarray(case["mean_error"]) <= allowed), (case["shape"], case["offset"])
+        assert case["var_error"] < 3e-7, (case["shape"], case["offset"], case["var_error"])
+
+
+def test_the_fused_normalisation_is_kerass_formula(without_torch):
+    """One FusedBatchNormV3 in inference mode for ranks 2 to 5, without centre or scale, at epsilon
+    1e-5 (which tf.nn.fused_batch_norm would raise to 1.001e-5)."""
+    for case in without_torch["kernels"]["normalised"]:
+        assert case["error"] < 1e-6 * case["scale"], case
+
+
+def test_a_models_statistics_are_read_and_assigned_in_one_call_and_then_freed(without_torch):
+    bulk = without_torch["kernels"]["bulk"]
+    assert bulk == {"variables": 104, "traced": True, "assigned": True, "read": True, "freed": True}

@@ -6,13 +6,13 @@ the other backends call the same function eagerly) with every BatchNormalization
 replaced, for the trace only, by one that
 
 1. reduces its input to ``(count, mean, biased variance)`` per channel in float64 inside the
-   graph (every axis but the layer's ``axis`` counts as samples; two passes, the variance taken
-   around the float64 mean), so the batches merge in :class:`bncal.stats.ChannelMoments` as
-   exactly as the eager path's numpy reduction;
+   graph (every axis but the layer's ``axis`` counts as samples; two passes, float32 partial sums
+   of at most 128 values, float64 beyond; :func:`channel_moments`), so the batches merge in
+   :class:`bncal.stats.ChannelMoments` as exactly as the eager path's numpy reduction;
 2. normalises with those batch statistics (``"batch"``: a train-mode pass, PreciseBN) or with the
    layer's moving variables (``"moving"``: an eval pass, the caller writing the statistics to
-   test into them first), through Keras's own ``ops.batch_normalization``, and
-3. hands the moments out as extra outputs of the traced function.
+   test into them first), as Keras's inference forward does (:func:`normalise`), and
+3. hands the moments out, packed into one float64 output of the traced function.
 
 Every other layer runs in inference mode (``training=False``), no variable is written, and the
 trace is kept per model, BN set and normalisation (a second call, and the next recalibration of
@@ -27,13 +27,15 @@ their own ``call``, and (found while tracing, :class:`CompiledRefused`) a BN giv
 from __future__ import annotations
 
 import weakref
+from typing import NamedTuple
 
 import numpy as np
 
 from .backend import import_keras, inference_context
 from .layers import channel_axis, replaced_calls
 
-__all__ = ["CompiledRefused", "compiled_refusal", "CompiledForward", "compiled_forward", "channel_moments"]
+__all__ = ["CompiledRefused", "compiled_refusal", "CompiledForward", "compiled_forward", "channel_moments",
+           "Moments", "pool_window", "normalise", "pack_moments", "unpack_moments"]
 
 NORMALISATIONS = ("batch", "moving")
 
@@ -73,6 +75,7 @@ class CompiledForward:
         self.model_ref = weakref.ref(model)
         self.layers, self.normalisation = list(layers), normalisation
         self.traces = 0  # how many times the forward was traced (TensorFlow) or 0 (eager backends)
+        self.layout: list[tuple] = []  # the packing's layout, set when traced (pack_moments)
         self._function = self._traced
         if keras.backend.backend() == "tensorflow":
             import tensorflow as tf
@@ -82,22 +85,20 @@ class CompiledForward:
     def __call__(self, inputs) -> dict[str, list]:
         keras = import_keras()
         with inference_context():
-            found = self._function(inputs)
-        return {name: [(int(round(float(keras.ops.convert_to_numpy(count)))),
-                        np.asarray(keras.ops.convert_to_numpy(mean), np.float64),
-                        np.asarray(keras.ops.convert_to_numpy(var), np.float64)) for count, mean, var in calls]
-                for name, calls in found.items()}
+            packed = self._function(inputs)
+        return unpack_moments(keras.ops.convert_to_numpy(packed), self.layout)
 
     def _traced(self, inputs):
         keras = import_keras()
         if keras.backend.backend() == "tensorflow":
             self.traces += 1
-        collected: dict[str, list] = {name: [] for name, _ in self.layers}
-        with replaced_calls((bn, self._call(name, bn, collected[name])) for name, bn in self.layers):
+        collected: list[tuple[str, Moments]] = []
+        with replaced_calls((bn, self._call(name, bn, collected)) for name, bn in self.layers):
             self.model_ref()(inputs, training=False)
-        return collected
+        packed, self.layout = pack_moments(collected)
+        return packed
 
-    def _call(self, name, bn, calls):
+    def _call(self, name, bn, collected):
         keras = import_keras()
         ops, standardize_dtype = keras.ops, keras.backend.standardize_dtype
         moving = self.normalisation == "moving"
@@ -106,16 +107,12 @@ class CompiledForward:
             if mask is not None:
                 raise CompiledRefused(f"{name} is given a mask")
             x = ops.cast(inputs, "float32") if standardize_dtype(inputs.dtype) in ("float16", "bfloat16") else inputs
-            count, mean, var = channel_moments(bn, x)
-            calls.append((count, mean, var))
+            moments = channel_moments(bn, x)
+            collected.append((name, moments))
             if moving:
-                use_mean, use_var = bn.moving_mean, bn.moving_variance
-            else:
-                use_mean, use_var = mean, var
-            outputs = ops.batch_normalization(
-                x, ops.cast(use_mean, x.dtype), ops.cast(use_var, x.dtype), axis=channel_axis(bn, len(x.shape)),
-                offset=ops.cast(bn.beta, x.dtype) if bn.center else None,
-                scale=ops.cast(bn.gamma, x.dtype) if bn.scale else None, epsilon=bn.epsilon)
+                outputs = normalise(bn, x, bn.moving_mean, bn.moving_variance)
+            else:  # around the centre: the float32 statistics, short of what float32 cannot hold
+                outputs = normalise(bn, x, moments.centre, moments.spread)
             return ops.cast(outputs, bn.compute_dtype)
 
         return call
@@ -124,18 +121,40 @@ class CompiledForward:
 PARTIAL_SUM_LIMIT = 128  # float32 partial sums over at most this many values (error ~ sqrt(n) * 6e-8)
 
 
-def channel_moments(bn, x):
-    """``(count, mean, biased variance)`` per channel of BN ``bn``'s input ``x`` as backend
-    tensors, float64, ``count`` the values per channel as a float64 scalar. Two passes (the
-    variance taken around the mean rounded to ``x``'s dtype, the rounding then taken out) of sums
-    over every axis but the channel's: the values along
-    one short spatial axis (at most :data:`PARTIAL_SUM_LIMIT`) are summed in ``x``'s own dtype,
-    those partial sums in float64, so the float64 copy is that axis's length times smaller
-    than ``x`` (without such an axis, as for a Dense BN, everything is summed in float64)."""
+class Moments(NamedTuple):
+    """A BN input's moments per channel as backend tensors (see :func:`channel_moments`)."""
+
+    size: object  # values in the input (an integer scalar); per channel: size / channels
+    mean: object  # float64
+    spread: object  # float64: the mean square deviation from ``centre``
+    centre: object  # ``mean`` rounded to the input's dtype
+
+
+def channel_moments(bn, x) -> Moments:
+    """The moments of BN ``bn``'s input ``x`` per channel (every axis but the layer's ``axis``
+    counts as samples). Two passes of sums, each in two stages: blocks of at most
+    :data:`PARTIAL_SUM_LIMIT` values summed in ``x``'s own dtype, the block sums in float64 (the
+    float64 copy is the block size times smaller than ``x``). The variance is
+    ``spread - (mean - centre) ** 2``, which :func:`unpack_moments` takes on the host.
+
+    The blocks are average-pooling windows over the spatial axes on TensorFlow with channels last
+    (one pooling kernel per pass, :func:`pool_window`), else one short spatial axis (without
+    one, as for a Dense BN, everything is summed in float64). Few graph operations per BN on
+    purpose: on networks of many small BN inputs (DenseNet121) each operation's dispatch costs
+    about as much as its arithmetic."""
     ops = import_keras().ops
     ndim = len(x.shape)
     axis = channel_axis(bn, ndim)
-    count = ops.cast(ops.size(x), "float64") / int(x.shape[axis])
+    size = ops.size(x)
+    window = pool_window(list(x.shape[1:-1])) if _poolable(x, axis) else None
+    if window is not None:
+        import tensorflow as tf
+
+        samples = list(range(ndim - 1))
+        pooled_mean = lambda t: ops.mean(ops.cast(tf.nn.avg_pool(t, window, window, "VALID"), "float64"), axis=samples)
+        mean = pooled_mean(x)
+        centre = ops.cast(mean, x.dtype)
+        return Moments(size, mean, pooled_mean(tf.math.squared_difference(x, centre)), centre)
     short = [a for a in range(1, ndim) if a != axis and x.shape[a] is not None and x.shape[a] <= PARTIAL_SUM_LIMIT]
     inner = min(short, key=lambda a: -x.shape[a]) if short else None  # the longest short axis
 
@@ -151,11 +170,97 @@ def channel_moments(bn, x):
 
     shape = [1] * ndim
     shape[axis] = -1
+    count = ops.cast(size, "float64") / int(x.shape[axis])
     mean = total(x) / count
-    rounded = ops.cast(mean, x.dtype)  # the centre, in x's dtype; off the mean by what rounding left
-    centred = x - ops.reshape(rounded, shape)
-    var = ops.maximum(total(ops.square(centred)) / count - ops.square(mean - ops.cast(rounded, "float64")), 0.0)
-    return count, mean, var
+    centre = ops.cast(mean, x.dtype)
+    return Moments(size, mean, total(ops.square(x - ops.reshape(centre, shape))) / count, centre)
+
+
+def pool_window(spatial) -> list[int] | None:
+    """The average-pooling window whose block sums :func:`channel_moments` takes on TensorFlow,
+    for spatial axes of these lengths: per axis a divisor of its length, innermost axis first, at
+    most :data:`PARTIAL_SUM_LIMIT` values in all (an exact tiling, so every block holds as many
+    values and the block means average to the mean); None for a window of 1."""
+    window, room = [1] * len(spatial), PARTIAL_SUM_LIMIT
+    for index in reversed(range(len(spatial))):
+        window[index] = max(d for d in range(1, min(spatial[index], room) + 1) if spatial[index] % d == 0)
+        room //= window[index]
+    return window if int(np.prod(window)) > 1 else None
+
+
+def _poolable(x, axis: int) -> bool:
+    """Whether TensorFlow's pooling kernels can take ``x``'s block sums: channels last, rank 3 to
+    5 (1 to 3 spatial axes), float32 or float64, every spatial length known when tracing."""
+    keras = import_keras()
+    ndim = len(x.shape)
+    return (keras.backend.backend() == "tensorflow" and 3 <= ndim <= 5 and axis == ndim - 1
+            and keras.backend.standardize_dtype(x.dtype) in ("float32", "float64")
+            and all(length is not None for length in x.shape[1:-1]))
+
+
+def pack_moments(moments: "list[tuple[str, Moments]]"):
+    """``(packed, layout)``: the ``(name, Moments)`` of a forward's BN calls as one float64 tensor
+    (the sizes, then every mean, then every spread; one transfer per batch instead of three per
+    BN call, in few graph operations) and what :func:`unpack_moments` needs to read it back."""
+    keras = import_keras()
+    ops = keras.ops
+    if not moments:
+        return ops.zeros((0,), "float64"), []
+    sizes = ops.cast(ops.stack([ops.cast(m.size, "int64") for _, m in moments]), "float64")
+    packed = ops.concatenate([sizes] + [m.mean for _, m in moments] + [m.spread for _, m in moments])
+    layout = [(name, int(m.mean.shape[0]), keras.backend.standardize_dtype(m.centre.dtype)) for name, m in moments]
+    return packed, layout
+
+
+def unpack_moments(packed, layout) -> dict[str, list]:
+    """:func:`pack_moments`'s array back as ``{name: [(count, mean, biased variance)]}`` in
+    float64 numpy (names repeat in ``layout`` for a BN called twice); the variance is the spread
+    less the square of what rounding the mean to the centre's dtype left."""
+    packed = np.asarray(packed, np.float64)
+    found: dict[str, list] = {}
+    means = len(layout)
+    spreads = means + sum(channels for _, channels, _ in layout)
+    for index, (name, channels, dtype) in enumerate(layout):
+        mean, spread = packed[means:means + channels], packed[spreads:spreads + channels]
+        rounding = mean - mean.astype(_numpy_dtype(dtype)).astype(np.float64)
+        found.setdefault(name, []).append((int(round(packed[index])) // channels, mean,
+                                           np.maximum(spread - np.square(rounding), 0.0)))
+        means, spreads = means + channels, spreads + channels
+    return found
+
+
+def _numpy_dtype(dtype: str):
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(dtype)
+
+
+def normalise(bn, x, mean, variance):
+    """BN ``bn`` applied to ``x`` with the given statistics, as Keras's inference forward does.
+    On TensorFlow with channels last, one ``FusedBatchNormV3`` kernel in inference mode (a single
+    pass over ``x``; ``ops.batch_normalization`` takes two there)."""
+    keras = import_keras()
+    ops = keras.ops
+    ndim = len(x.shape)
+    cast = lambda v: ops.cast(v, x.dtype)
+    scale = cast(bn.gamma) if bn.scale else None
+    offset = cast(bn.beta) if bn.center else None
+    axis = channel_axis(bn, ndim)
+    if (keras.backend.backend() != "tensorflow" or axis != ndim - 1
+            or keras.backend.standardize_dtype(x.dtype) != "float32"):
+        return ops.batch_normalization(x, cast(mean), cast(variance), axis=axis, offset=offset, scale=scale,
+                                       epsilon=bn.epsilon)
+    import tensorflow as tf
+
+    channels = int(x.shape[-1])
+    flat = x if ndim == 4 else tf.reshape(x, [-1, 1, 1, channels])
+    y = tf.raw_ops.FusedBatchNormV3(
+        x=flat, scale=tf.ones([channels]) if scale is None else scale,
+        offset=tf.zeros([channels]) if offset is None else offset, mean=cast(mean), variance=cast(variance),
+        epsilon=float(bn.epsilon), is_training=False)[0]
+    return y if ndim == 4 else tf.reshape(y, tf.shape(x))
 
 
 _FORWARDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

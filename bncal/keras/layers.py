@@ -9,6 +9,7 @@ one name get ``#2``, ``#3``, ... (:func:`bncal.names.fresh_name`).
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from .backend import import_keras, keras_classes
 
 __all__ = ["sublayers", "named_layers", "batchnorm_layers", "is_batchnorm", "channel_axis", "moving_statistics",
            "statistics_variables", "require_model", "renorm_reference", "trainable_batchnorms", "replaced_calls",
-           "statistics_put_back", "FROZEN_REASON"]
+           "statistics_put_back", "variable_values", "assign_values", "every_moving_statistics", "FROZEN_REASON"]
 
 FROZEN_REASON = ("trainable=False: Keras ran it in inference mode during training, so the network was trained "
                  "against its moving statistics; left as they were")
@@ -84,7 +85,8 @@ def trainable_batchnorms(model, what: str):
         (modules if bn.trainable else skipped).append((name, bn))
     skipped = [SkippedLayer(name, FROZEN_REASON) for name, _ in skipped]
     require_layers(modules, skipped, what)
-    layers = [BNLayer(name, float(bn.epsilon), moving_statistics(bn), renorm_reference(bn)) for name, bn in modules]
+    moving = every_moving_statistics([bn for _, bn in modules])
+    layers = [BNLayer(name, float(bn.epsilon), stats, renorm_reference(bn)) for (name, bn), stats in zip(modules, moving)]
     return modules, layers, skipped
 
 
@@ -114,14 +116,101 @@ def replaced_calls(replacements):
 def statistics_put_back(layers):
     """Within the block the statistics variables of the BN ``layers`` may be written; on exit
     (also on error) they hold their values from before again."""
-    keras = import_keras()
-    saved = [(variable, keras.ops.convert_to_numpy(variable).copy())
-             for bn in layers for variable in statistics_variables(bn)]
+    variables = [variable for bn in layers for variable in statistics_variables(bn)]
+    saved = variable_values(variables)
     try:
         yield
     finally:
-        for variable, value in saved:
+        assign_values(variables, saved)
+
+
+def variable_values(variables) -> list[np.ndarray]:
+    """The values of Keras (or tf_keras) ``variables`` as numpy arrays, copies. On TensorFlow a
+    long list is read by one traced call (a model's BN statistics are a hundred or more small
+    variables, and each eager read is a dispatch: about 4 ms against 0.5 ms for 104 of them)."""
+    variables = list(variables)
+    keras = import_keras()
+    io = _bulk_io(variables)
+    if io is None:
+        return [np.array(keras.ops.convert_to_numpy(variable)) for variable in variables]
+    flat = io.read().numpy()
+    values, start = [], 0
+    for variable in variables:
+        size = int(np.prod(variable.shape))
+        dtype = np.dtype(keras.backend.standardize_dtype(variable.dtype))
+        values.append(flat[start:start + size].astype(dtype).reshape(tuple(variable.shape)))
+        start += size
+    return values
+
+
+def assign_values(variables, values) -> None:
+    """Assign each of ``values`` (arrays, shaped like the variables or flat) to its variable of
+    ``variables``, cast to the variable's dtype (a long list on TensorFlow by one traced call, see
+    :func:`variable_values`)."""
+    variables = list(variables)
+    keras = import_keras()
+    dtype = lambda variable: np.dtype(keras.backend.standardize_dtype(variable.dtype))
+    values = [np.asarray(value, dtype(variable)).reshape(tuple(variable.shape))
+              for variable, value in zip(variables, values, strict=True)]
+    io = _bulk_io(variables)
+    if io is None:
+        for variable, value in zip(variables, values):
             variable.assign(value)
+        return
+    io.assign(np.concatenate([value.astype(np.float64).reshape(-1) for value in values]))
+
+
+BULK_IO_MIN_VARIABLES = 16  # below this, eager reads and assigns cost less than tracing a function
+
+
+class _BulkIO:
+    """A read and an assign of one list of ``tf.Variable``s, each one ``tf.function`` (the values
+    as one float64 vector, which holds every float32, float16 and bfloat16 value exactly). The
+    functions hold the variables weakly (TensorFlow's own captures do too): a dead model's
+    variables are freed, and :meth:`serves` then says no."""
+
+    def __init__(self, variables):
+        import tensorflow as tf
+
+        self.refs = [weakref.ref(variable) for variable in variables]
+        sizes = [int(np.prod(variable.shape)) for variable in variables]
+
+        def read():
+            return tf.concat([tf.reshape(tf.cast(ref().read_value(), tf.float64), [-1]) for ref in self.refs], 0)
+
+        def assign(flat):
+            for ref, piece in zip(self.refs, tf.split(flat, sizes)):
+                variable = ref()
+                variable.assign(tf.reshape(tf.cast(piece, variable.dtype), variable.shape))
+
+        self.read = tf.function(read, autograph=False)
+        self.assign = tf.function(assign, autograph=False)
+
+    def serves(self, variables) -> bool:
+        return len(variables) == len(self.refs) and all(ref() is v for ref, v in zip(self.refs, variables))
+
+
+_BULK: dict[tuple, _BulkIO] = {}
+
+
+def _bulk_io(variables) -> "_BulkIO | None":
+    """The :class:`_BulkIO` of ``variables`` (kept for the next call on the same list), or None
+    where eager reads and assigns serve: another backend, a short list."""
+    if len(variables) < BULK_IO_MIN_VARIABLES or import_keras().backend.backend() != "tensorflow":
+        return None
+    from tensorflow.python.ops.resource_variable_ops import BaseResourceVariable
+
+    held = [getattr(variable, "value", None) if not isinstance(variable, BaseResourceVariable) else variable
+            for variable in variables]  # a Keras 3 variable holds one; a tf_keras variable is one
+    if not all(isinstance(variable, BaseResourceVariable) for variable in held):
+        return None  # distributed or auto-cast variables: assigned one by one, as Keras does
+    key = tuple(id(variable) for variable in held)
+    io = _BULK.get(key)
+    if io is None or not io.serves(held):
+        for stale in [k for k, kept in _BULK.items() if kept.refs[0]() is None]:
+            del _BULK[stale]
+        io = _BULK[key] = _BulkIO(held)
+    return io
 
 
 def statistics_variables(bn) -> list:
@@ -152,9 +241,14 @@ def renorm_reference(bn):
 
 def moving_statistics(bn) -> LayerStats:
     """A built layer's moving mean and variance in float64."""
-    keras = import_keras()
-    return LayerStats(np.asarray(keras.ops.convert_to_numpy(bn.moving_mean), np.float64).reshape(-1),
-                      np.asarray(keras.ops.convert_to_numpy(bn.moving_variance), np.float64).reshape(-1))
+    return every_moving_statistics([bn])[0]
+
+
+def every_moving_statistics(layers) -> list[LayerStats]:
+    """:func:`moving_statistics` of each of the built BN ``layers``, read in one go."""
+    values = variable_values([variable for bn in layers for variable in (bn.moving_mean, bn.moving_variance)])
+    as_float64 = lambda value: np.asarray(value, np.float64).reshape(-1)
+    return [LayerStats(as_float64(mean), as_float64(variance)) for mean, variance in zip(values[::2], values[1::2])]
 
 
 def require_model(model) -> None:

@@ -46,7 +46,7 @@ from ..stats import anchored_statistics
 from .backend import import_keras
 from .compiled import CompiledRefused, compiled_forward, compiled_refusal
 from .passes import BatchNormTap, calibration_data, default_forward, merge_calls, prepare_batch, run_forward
-from .layers import require_model, statistics_put_back, trainable_batchnorms
+from .layers import assign_values, require_model, statistics_put_back, statistics_variables, trainable_batchnorms
 
 __all__ = ["recalibrate"]
 
@@ -112,13 +112,15 @@ def recalibrate(
                              prior=prior, tol=tol, max_passes=max_passes, max_samples=max_samples, progress=progress)
 
 
-def _write(bn, mean, variance) -> None:
-    keras = import_keras()
-    dtype = lambda variable: keras.backend.standardize_dtype(variable.dtype)  # cast in numpy: one op less
-    bn.moving_mean.assign(np.asarray(mean, dtype(bn.moving_mean)))
-    bn.moving_variance.assign(np.asarray(variance, dtype(bn.moving_variance)))
-    if getattr(bn, "renorm", False):
-        bn.moving_stddev.assign(keras.ops.cast(np.sqrt(variance + bn.epsilon), bn.moving_stddev.dtype))
+def _write(statistics) -> None:
+    """Each ``(bn, mean, variance)`` of ``statistics`` into the BN's variables, all in one go (a
+    renorm layer's moving stddev too)."""
+    variables, values = [], []
+    for bn, mean, variance in statistics:
+        targets = statistics_variables(bn)
+        variables += targets
+        values += [mean, variance, np.sqrt(variance + bn.epsilon)][:len(targets)]
+    assign_values(variables, values)
 
 
 class KerasRecalibration(RecalibrationBackend):
@@ -205,9 +207,7 @@ class KerasRecalibration(RecalibrationBackend):
             self.compiled = self.eval_forward or compiled_forward(self.model, self.modules, "moving")
             self.put_back = statistics_put_back([bn for name, bn in self.modules if name in self.base])
             self.put_back.__enter__()
-            for name, bn in self.modules:
-                if name in self.base:
-                    _write(bn, *self.base[name])
+            _write((bn, *self.base[name]) for name, bn in self.modules if name in self.base)
         else:
             self.compiled = compiled_forward(self.model, self.modules, "batch")
 
@@ -263,6 +263,4 @@ class KerasRecalibration(RecalibrationBackend):
         return sweep
 
     def write(self, statistics, batches) -> None:
-        for name, bn in self.modules:
-            if name in statistics:
-                _write(bn, statistics[name].mean, statistics[name].variance)
+        _write((bn, statistics[name].mean, statistics[name].variance) for name, bn in self.modules if name in statistics)

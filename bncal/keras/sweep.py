@@ -43,8 +43,8 @@ from ..driver import EvalSolution
 from ..progress import DataPass
 from .backend import import_keras, inference_context
 from .passes import prepare_batch, run_forward
-from .compiled import channel_moments
-from .layers import is_batchnorm, statistics_put_back, sublayers
+from .compiled import channel_moments, pack_moments, unpack_moments
+from .layers import assign_values, is_batchnorm, statistics_put_back, sublayers
 
 __all__ = ["DEFAULT_CACHE_MB", "SweepResult", "solve_eval_statistics"]
 
@@ -176,13 +176,15 @@ def _all_sublayers(layer):
 
 class _Step:
     """Step ``k`` as one function of the frontier after step ``k - 1``: ``(frontier after k,
-    [(count, mean, var) of each target BN's input])``."""
+    the moments of each target BN's input packed by :func:`bncal.keras.compiled.pack_moments`)``;
+    :meth:`moments` unpacks them."""
 
     def __init__(self, plan: _Plan, k: int):
         keras = import_keras()
         self.plan, self.k = plan, k
         self.nodes, self.before, self.after = plan.step_nodes(k), plan.frontier[k - 1], plan.frontier[k]
         self.targets = [plan.bn_nodes[name] for name in plan.targets[k]]
+        self.layout: list[tuple] = []  # the packing's layout, set when traced
         self.function = self._run
         if keras.backend.backend() == "tensorflow":
             import tensorflow as tf
@@ -198,11 +200,15 @@ class _Step:
             outputs = node.operation(*args, **kwargs)
             for t, v in zip(node.outputs, import_keras().tree.flatten(outputs)):
                 values_of[id(t)] = v
-        moments = []
-        for bn_node in self.targets:
-            x = values_of[id(bn_node.input_tensors[0])]
-            moments.append(channel_moments(bn_node.operation, x))
-        return [values_of[id(t)] for t in self.after], moments
+        packed, self.layout = pack_moments([
+            (name, channel_moments(bn_node.operation, values_of[id(bn_node.input_tensors[0])]))
+            for name, bn_node in zip(self.plan.targets[self.k], self.targets)])
+        return [values_of[id(t)] for t in self.after], packed
+
+    def moments(self, packed) -> dict[str, tuple]:
+        """The packed moments a call returned, as ``{name: (count, mean, var)}`` in numpy."""
+        found = unpack_moments(import_keras().ops.convert_to_numpy(packed), self.layout)
+        return {name: calls[0] for name, calls in found.items()}
 
     def __call__(self, values):
         with inference_context():
@@ -225,11 +231,8 @@ class SweepForward:
         values = keras.tree.flatten(self.plan.graph._standardize_inputs(inputs))
         found = {}
         for k in range(1, self.plan.depths + 1):
-            values, moments = self.steps[k](values)
-            for name, (count, mean, var) in zip(self.plan.targets[k], moments):
-                found[name] = [(int(round(float(keras.ops.convert_to_numpy(count)))),
-                                np.asarray(keras.ops.convert_to_numpy(mean), np.float64),
-                                np.asarray(keras.ops.convert_to_numpy(var), np.float64))]
+            values, packed = self.steps[k](values)
+            found.update({name: [moments] for name, moments in self.steps[k].moments(packed).items()})
         return found
 
 
@@ -301,12 +304,10 @@ def solve_eval_statistics(model, layers, source, *, max_samples=None, progress=F
                     else:
                         flat = keras.tree.flatten(plan.graph._standardize_inputs(inputs))
                         values, moments = run_from(flat, 1, k, index)
-                    for name, (count, mean, var) in zip(plan.targets[k], moments):
+                    for name, (count, mean, var) in steps[k].moments(moments).items():
                         if level[name] is None:
                             level[name] = ChannelMoments.empty(int(mean.shape[0]))
-                        level[name].add_batch(int(round(float(keras.ops.convert_to_numpy(count)))),
-                                              np.asarray(keras.ops.convert_to_numpy(mean), np.float64),
-                                              np.asarray(keras.ops.convert_to_numpy(var), np.float64))
+                        level[name].add_batch(count, mean, var)
                     size = sum(int(np.prod(v.shape)) * np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize
                                for v in values)
                     keep = k < plan.depths and held + size <= budget
@@ -321,10 +322,8 @@ def solve_eval_statistics(model, layers, source, *, max_samples=None, progress=F
                 level = {name: m for name, m in level.items() if m is not None}
                 found.update(level)
                 use = mix(level, result.samples) if mix is not None else level
-                for name, m in use.items():
-                    bn = bns[name]
-                    bn.moving_mean.assign(keras.ops.cast(m.mean, bn.moving_mean.dtype))
-                    bn.moving_variance.assign(keras.ops.cast(m.variance, bn.moving_variance.dtype))
+                assign_values([v for name in use for v in (bns[name].moving_mean, bns[name].moving_variance)],
+                              [v for m in use.values() for v in (m.mean, m.variance)])
     except _OrderChanged:
         return SweepResult(refusal="the data came back in another order when a batch had to be read again")
     result.moments, result.forward = found, SweepForward(plan, steps)
