@@ -53,7 +53,8 @@ def test_compiled_passes_give_the_eager_taps_statistics(mode, monkeypatch, tap_e
     assert len(tap_entries) == (0 if mode == "train" else report.passes - 2)  # eval: anchored passes stay eager
     monkeypatch.setattr(recalibration, "compiled_refusal", lambda *a, **k: "asked for the eager tap")
     eager_report = bk.recalibrate(eager, x, batch_size=16, mode=mode, tol=1e-7)
-    assert (report.batches, report.samples) == (eager_report.batches, eager_report.samples) == (3, 42)
+    batches = 3 if mode == "train" else 1  # eval mode reads arrays in chunks of up to 16 MiB
+    assert (report.batches, report.samples) == (eager_report.batches, eager_report.samples) == (batches, 42)
     assert [l.values_per_channel for l in report.layers] == [l.values_per_channel for l in eager_report.layers]
     for (mean_a, var_a), (mean_b, var_b) in zip(_statistics(compiled), _statistics(eager)):
         np.testing.assert_allclose(mean_a, mean_b, rtol=1e-5, atol=1e-6 * np.sqrt(var_b).max())
@@ -123,7 +124,8 @@ def test_the_sweep_reaches_the_repeated_passes_fixed_point_in_one_confirmed_pass
     assert (report.passes, report.converged, report.samples) == (2, True, 42)
     assert report.notes[0].startswith("eval mode: exact depth-by-depth sweep (")
     assert report.max_rel_change < 1e-6  # the confirming pass runs the sweep's own steps
-    reference = _repeated_passes(monkeypatch, iterated, x, batch_size=16, prior=prior)
+    batches = [x[i:i + 16] for i in range(0, 42, 16)]  # as batches: eval mode would take the array whole
+    reference = _repeated_passes(monkeypatch, iterated, batches, prior=prior)
     assert reference.converged and reference.passes > 2
     _assert_same_statistics(swept, iterated)
 
@@ -210,3 +212,19 @@ def test_unpacking_takes_out_what_rounding_the_mean_to_the_centre_left():
     (count, got_mean, got_variance), = found["b"]
     rounding = second_mean - second_mean.astype(np.float32)
     assert count == 8 and np.array_equal(got_mean, second_mean) and np.array_equal(got_variance, 1 - rounding ** 2)
+
+
+def test_eval_mode_reads_arrays_in_equal_chunks_with_the_statistics_of_any_batching(monkeypatch):
+    """Eval-mode statistics do not depend on the batching: arrays go in as few equal batches of at
+    most EVAL_CHUNK_BYTES of input as cover them (never fewer rows than batch_size), and give the
+    statistics of the same data in batches of 16."""
+    x = (np.random.default_rng(4).standard_normal((42, 6, 6, 3)) * 2 + 1).astype("float32")
+    monkeypatch.setattr(recalibration, "EVAL_CHUNK_BYTES", 20 * x[0].nbytes)  # 20 rows of input
+    chunked, batched = _branchy(), _branchy()
+    report = bk.recalibrate(chunked, x, batch_size=4, mode="eval", tol=1e-7)
+    assert (report.batches, report.samples) == (3, 42)  # 14 + 14 + 14, not 20 + 20 + 2
+    assert bk.recalibrate(_branchy(), x, batch_size=32, mode="eval").batches == 2  # 32 + 10: batch_size wins
+    bk.recalibrate(batched, [x[i:i + 16] for i in range(0, 42, 16)], mode="eval", tol=1e-7)
+    for (mean_a, var_a), (mean_b, var_b) in zip(_statistics(chunked), _statistics(batched)):
+        np.testing.assert_allclose(mean_a, mean_b, rtol=1e-5, atol=1e-6 * np.sqrt(var_b).max())
+        np.testing.assert_allclose(var_a, var_b, rtol=1e-5)

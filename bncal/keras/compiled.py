@@ -110,10 +110,8 @@ class CompiledForward:
             moments = channel_moments(bn, x)
             collected.append((name, moments))
             if moving:
-                outputs = normalise(bn, x, bn.moving_mean, bn.moving_variance)
-            else:  # around the centre: the float32 statistics, short of what float32 cannot hold
-                outputs = normalise(bn, x, moments.centre, moments.spread)
-            return ops.cast(outputs, bn.compute_dtype)
+                return normalise(bn, x, bn.moving_mean, bn.moving_variance)
+            return normalise(bn, x, moments.centre, moments.spread)  # float32's statistics, short of what it cannot hold
 
         return call
 
@@ -238,10 +236,18 @@ def _numpy_dtype(dtype: str):
 
 
 def normalise(bn, x, mean, variance):
-    """BN ``bn`` applied to ``x`` with the given statistics, as Keras's inference forward does.
+    """BN ``bn`` applied to ``x`` with the given statistics, as Keras's inference forward does
+    (float16 and bfloat16 inputs normalised in float32; the output in the layer's compute dtype).
     On TensorFlow with channels last, one ``FusedBatchNormV3`` kernel in inference mode (a single
     pass over ``x``; ``ops.batch_normalization`` takes two there)."""
     keras = import_keras()
+    ops = keras.ops
+    if keras.backend.standardize_dtype(x.dtype) in ("float16", "bfloat16"):
+        x = ops.cast(x, "float32")
+    return ops.cast(_normalised(keras, bn, x, mean, variance), bn.compute_dtype)
+
+
+def _normalised(keras, bn, x, mean, variance):
     ops = keras.ops
     ndim = len(x.shape)
     cast = lambda v: ops.cast(v, x.dtype)

@@ -126,11 +126,16 @@ class _ArrayBatches:
             yield keras.tree.map_structure(lambda a: a[start:start + self.batch_size], self.data)
 
 
-def calibration_data(data, batch_size: int | None, *, reiterable: bool):
+def calibration_data(data, batch_size: int | None, *, reiterable: bool, chunk_bytes: int | None = None):
     """``data`` as a zero-argument callable returning one fresh pass of batches
     (:func:`bncal.calibration.data_source`, the policy of every path): an array, or a dict of
     arrays (one per named model input), is cut into batches of ``batch_size`` rows; an iterable
     is taken as batches already; a zero-argument function returning one is called per pass.
+
+    ``chunk_bytes``: for passes whose statistics do not depend on the batching (eval mode), cut
+    arrays into as few equal batches of at most this many bytes of input as cover them, where
+    those hold more than ``batch_size`` rows: fewer, larger calls (on TensorFlow each depth
+    step of the sweep is a dispatch per batch).
 
     Raises BncalError for a bad batch size, or a one-shot iterator when ``reiterable``.
     """
@@ -139,8 +144,19 @@ def calibration_data(data, batch_size: int | None, *, reiterable: bool):
     if isinstance(data, np.ndarray) or isinstance(data, dict) and all(isinstance(v, np.ndarray) for v in data.values()):
         if batch_size is None:
             raise BncalError("data given as arrays needs a batch_size")
-        data = _ArrayBatches(data, batch_size)
+        data = _ArrayBatches(data, _chunk_rows(data, batch_size, chunk_bytes))
     return data_source(data, reread=reiterable)
+
+
+def _chunk_rows(data, batch_size: int, chunk_bytes: int | None) -> int:
+    leaves = import_keras().tree.flatten(data)
+    rows = len(leaves[0])
+    row_bytes = sum(leaf[:1].nbytes for leaf in leaves)
+    if chunk_bytes is None or rows == 0 or row_bytes == 0:
+        return int(batch_size)
+    fitting = max(1, chunk_bytes // row_bytes)
+    chunks = -(-rows // fitting)
+    return max(int(batch_size), -(-rows // chunks))
 
 
 def prepare_batch(batch, remaining):

@@ -43,7 +43,7 @@ from ..driver import EvalSolution
 from ..progress import DataPass
 from .backend import import_keras, inference_context
 from .passes import prepare_batch, run_forward
-from .compiled import channel_moments, pack_moments, unpack_moments
+from .compiled import channel_moments, normalise, pack_moments, unpack_moments
 from .layers import assign_values, is_batchnorm, statistics_put_back, sublayers
 
 __all__ = ["DEFAULT_CACHE_MB", "SweepResult", "solve_eval_statistics"]
@@ -130,6 +130,8 @@ class _Plan:
                 needed.add(id(node))
                 wanted.extend(node.input_tensors)
         self.nodes = [n for n in nodes if id(n) in needed]
+        own_call = import_keras().layers.BatchNormalization.call
+        self.bn_node_ids = {id(n) for n in self.bn_nodes.values() if type(n.operation).call is own_call}
         self.depths = max((level[id(n)] for n in self.bn_nodes.values()), default=0)
         # A node whose outputs have depth k - 1 runs in step k: a recalibrated BN of depth k (its
         # statistics found in step k) in step k + 1, in inference mode.
@@ -194,6 +196,11 @@ class _Step:
     def _run(self, values):
         values_of = {id(t): v for t, v in zip(self.before, values)}
         for node in self.nodes:
+            if id(node) in self.plan.bn_node_ids:  # the inference forward, in one kernel where it can
+                bn = node.operation
+                outputs = normalise(bn, values_of[id(node.input_tensors[0])], bn.moving_mean, bn.moving_variance)
+                values_of[id(node.outputs[0])] = outputs
+                continue
             args, kwargs = node.arguments.fill_in(values_of)
             if "training" in getattr(node.operation, "_call_context_args", {}):
                 kwargs["training"] = False
