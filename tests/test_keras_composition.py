@@ -25,7 +25,8 @@ def test_channels_last_inputs_give_the_statistic_of_channels_first_ones():
     for b in batches:
         last.add(b, channel_axis=-1)
         first.add(np.moveaxis(b, -1, 1))
-    assert last.result().statistic == pytest.approx(first.result().statistic, rel=1e-12)
+    # The per-sample means are float32 sums taken in another order (a matrix product channels last).
+    assert last.result().statistic == pytest.approx(first.result().statistic, rel=1e-6)
 
 
 @pytest.fixture(scope="module")
