@@ -215,15 +215,20 @@ def unpack_moments(packed, layout) -> dict[str, list]:
     float64 numpy (names repeat in ``layout`` for a BN called twice); the variance is the spread
     less the square of what rounding the mean to the centre's dtype left."""
     packed = np.asarray(packed, np.float64)
+    calls = len(layout)
+    channels = [width for _, width, _ in layout]
+    starts = np.cumsum([0] + channels)
+    means = packed[calls:calls + starts[-1]]
+    centres = np.empty_like(means)
+    for dtype in {dtype for _, _, dtype in layout}:  # one vector operation per dtype (usually one)
+        rows = np.concatenate([np.arange(starts[i], starts[i + 1]) for i, (_, _, d) in enumerate(layout) if d == dtype])
+        centres[rows] = means[rows].astype(_numpy_dtype(dtype))
+    variances = np.maximum(packed[calls + starts[-1]:] - np.square(means - centres), 0.0)
     found: dict[str, list] = {}
-    means = len(layout)
-    spreads = means + sum(channels for _, channels, _ in layout)
-    for index, (name, channels, dtype) in enumerate(layout):
-        mean, spread = packed[means:means + channels], packed[spreads:spreads + channels]
-        rounding = mean - mean.astype(_numpy_dtype(dtype)).astype(np.float64)
-        found.setdefault(name, []).append((int(round(packed[index])) // channels, mean,
-                                           np.maximum(spread - np.square(rounding), 0.0)))
-        means, spreads = means + channels, spreads + channels
+    for index, (name, width, _) in enumerate(layout):
+        start, stop = starts[index], starts[index + 1]
+        found.setdefault(name, []).append((int(round(packed[index])) // width, means[start:stop],
+                                           variances[start:stop]))
     return found
 
 
