@@ -4,6 +4,8 @@ For each keras.applications family (``weights=None``, BN statistics left at Kera
 0/1, ``--classes`` outputs) and the same random calibration images:
 
 - predict:  ``model.predict(x, batch_size=B)`` (Keras's compiled inference forward), the unit;
+- keras train: Keras's own train-mode forward over the same batches (``model(x, training=True)``,
+  traced once), what any train-mode pass costs at least;
 - train:    ``bncal.keras.recalibrate(model, x, mode="train", batch_size=B)``;
 - eval:     ``bncal.keras.recalibrate(model, x, mode="eval", batch_size=B)``, with its passes and
   forward-equivalents (the sweep's, from its report note, plus one per further pass).
@@ -63,6 +65,19 @@ def _forward_equivalents(report) -> float:
     return float(report.passes)
 
 
+def _keras_train_forward(keras, model, x, batch: int):
+    """Keras's own train-mode forward over the batches: ``model(x, training=True)``, traced once
+    (``tf.function`` on TensorFlow) like predict's forward; every BN normalises with its batch
+    statistics and updates its moving averages. What any train-mode pass costs at least."""
+    forward = lambda inputs: model(inputs, training=True)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        forward = tf.function(forward)
+    return lambda: [keras.ops.convert_to_numpy(forward(x[start:start + batch]))
+                    for start in range(0, len(x), batch)]
+
+
 def bench(family: str, *, size: int, samples: int, batch: int, classes: int, rounds: int) -> dict:
     import keras
     import numpy as np
@@ -73,16 +88,18 @@ def bench(family: str, *, size: int, samples: int, batch: int, classes: int, rou
     x = np.random.default_rng(0).uniform(0, 255, (samples, size, size, 3)).astype("float32")
     row = {"family": family, "backend": keras.backend.backend()}
     calls, reports = {}, {}
-    for mode in ("predict", "train", "eval"):  # a fresh model for each first call
+    for mode in ("predict", "keras_train", "train", "eval"):  # a fresh model for each first call
         model = getattr(keras.applications, family)(weights=None, input_shape=(size, size, 3), classes=classes)
         if mode == "predict":
             calls[mode] = lambda model=model: model.predict(x, batch_size=batch, verbose=0)
+        elif mode == "keras_train":
+            calls[mode] = _keras_train_forward(keras, model, x, batch)
         else:
             calls[mode] = lambda model=model, mode=mode: bk.recalibrate(model, x, mode=mode, batch_size=batch)
         row[f"{mode}_first_s"], reports[mode] = _timed(calls[mode])
         row["bn_layers"] = len(bk.batchnorm_layers(model))
     times = {mode: [] for mode in calls}
-    for _ in range(rounds):  # interleaved, so a busy spell of the machine touches all three alike
+    for _ in range(rounds):  # interleaved, so a busy spell of the machine touches all of them alike
         for mode, call in calls.items():
             seconds, reports[mode] = _timed(call)
             times[mode].append(seconds)
@@ -92,7 +109,7 @@ def bench(family: str, *, size: int, samples: int, batch: int, classes: int, rou
     report = reports["eval"]
     row.update(eval_passes=report.passes, eval_forward_equivalents=_forward_equivalents(report),
                eval_notes=report.notes)
-    for mode in ("train", "eval"):
+    for mode in ("keras_train", "train", "eval"):
         row[f"{mode}_x_predict"] = row[f"{mode}_s"] / row["predict_s"]
         row[f"{mode}_min_x_predict"] = row[f"{mode}_min_s"] / row["predict_min_s"]
         row[f"{mode}_first_x_predict"] = row[f"{mode}_first_s"] / row["predict_first_s"]
@@ -110,18 +127,19 @@ def main(argv=None) -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     rows = []
-    print(f"{'family':<15} {'BNs':>4} {'predict s':>10} {'train s':>8} {'train/pred':>10} {'eval s':>7} "
-          f"{'eval/pred':>9} {'passes':>6} {'fwd-eq':>6} | fastest rounds: {'train/pred':>10} {'eval/pred':>9} "
-          f"| first calls: {'predict':>7} {'train':>6} {'eval':>6}")
+    print(f"{'family':<15} {'BNs':>4} {'predict s':>10} {'keras train/pred':>16} {'train s':>8} {'train/pred':>10} "
+          f"{'eval s':>7} {'eval/pred':>9} {'passes':>6} {'fwd-eq':>6} | fastest rounds: {'keras train':>11} "
+          f"{'train':>6} {'eval':>6} | first calls: {'predict':>7} {'train':>6} {'eval':>6}")
     for family in args.families:
         row = bench(family, size=args.size, samples=args.samples, batch=args.batch, classes=args.classes,
                     rounds=args.rounds)
         rows.append(row)
-        print(f"{family:<15} {row['bn_layers']:>4} {row['predict_s']:>10.2f} {row['train_s']:>8.2f} "
-              f"{row['train_x_predict']:>10.2f} {row['eval_s']:>7.2f} {row['eval_x_predict']:>9.2f} "
-              f"{row['eval_passes']:>6} {row['eval_forward_equivalents']:>6.2f} | {'':15} "
-              f"{row['train_min_x_predict']:>10.2f} {row['eval_min_x_predict']:>9.2f} | {'':13}"
-              f"{row['predict_first_s']:>7.2f} {row['train_first_s']:>6.2f} {row['eval_first_s']:>6.2f}", flush=True)
+        print(f"{family:<15} {row['bn_layers']:>4} {row['predict_s']:>10.2f} {row['keras_train_x_predict']:>16.2f} "
+              f"{row['train_s']:>8.2f} {row['train_x_predict']:>10.2f} {row['eval_s']:>7.2f} "
+              f"{row['eval_x_predict']:>9.2f} {row['eval_passes']:>6} {row['eval_forward_equivalents']:>6.2f} | "
+              f"{'':15} {row['keras_train_min_x_predict']:>11.2f} {row['train_min_x_predict']:>6.2f} "
+              f"{row['eval_min_x_predict']:>6.2f} | {'':13}{row['predict_first_s']:>7.2f} {row['train_first_s']:>6.2f} "
+              f"{row['eval_first_s']:>6.2f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=1))
 
