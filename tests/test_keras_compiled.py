@@ -228,3 +228,25 @@ def test_eval_mode_reads_arrays_in_equal_chunks_with_the_statistics_of_any_batch
     for (mean_a, var_a), (mean_b, var_b) in zip(_statistics(chunked), _statistics(batched)):
         np.testing.assert_allclose(mean_a, mean_b, rtol=1e-5, atol=1e-6 * np.sqrt(var_b).max())
         np.testing.assert_allclose(var_a, var_b, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_bfloat16_inputs_are_reduced_in_float32(mode):
+    """Under mixed_bfloat16 the BNs see bfloat16 inputs: their moments are taken in float32 (as
+    Keras normalises them), in the traced forward and in the sweep alike, so the first BN's
+    statistics are its input's float64 ones, not a bfloat16 sum's."""
+    keras.utils.set_random_seed(2)
+    x = keras.Input((8, 8, 3))
+    h = layers.Conv2D(6, 3, padding="same", dtype="mixed_bfloat16")(x)
+    h = layers.BatchNormalization(dtype="mixed_bfloat16")(h)
+    h = layers.Conv2D(4, 3, dtype="mixed_bfloat16")(layers.ReLU(dtype="mixed_bfloat16")(h))
+    model = keras.Model(x, layers.BatchNormalization(dtype="mixed_bfloat16")(h))
+    data = (np.random.default_rng(6).standard_normal((40, 8, 8, 3)) * 3 + 20).astype("float32")
+    report = bk.recalibrate(model, data, mode=mode, batch_size=8)
+    if mode == "eval":
+        assert report.notes[0].startswith("eval mode: exact depth-by-depth sweep (")
+    first = _np(model.layers[1](data)).reshape(-1, 6)  # the conv's bfloat16 output, widened
+    assert keras.backend.standardize_dtype(model.layers[1](data[:1]).dtype) == "bfloat16"
+    (mean, var), _ = _statistics(model)
+    np.testing.assert_allclose(mean, first.mean(0), rtol=1e-6, atol=1e-7 * np.sqrt(first.var(0)).max())
+    np.testing.assert_allclose(var, first.var(0), rtol=1e-6)

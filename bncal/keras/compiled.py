@@ -99,19 +99,16 @@ class CompiledForward:
         return packed
 
     def _call(self, name, bn, collected):
-        keras = import_keras()
-        ops, standardize_dtype = keras.ops, keras.backend.standardize_dtype
         moving = self.normalisation == "moving"
 
         def call(inputs, training=None, mask=None):
             if mask is not None:
                 raise CompiledRefused(f"{name} is given a mask")
-            x = ops.cast(inputs, "float32") if standardize_dtype(inputs.dtype) in ("float16", "bfloat16") else inputs
-            moments = channel_moments(bn, x)
+            moments = channel_moments(bn, inputs)
             collected.append((name, moments))
             if moving:
-                return normalise(bn, x, bn.moving_mean, bn.moving_variance)
-            return normalise(bn, x, moments.centre, moments.spread)  # float32's statistics, short of what it cannot hold
+                return normalise(bn, inputs, bn.moving_mean, bn.moving_variance)
+            return normalise(bn, inputs, moments.centre, moments.spread)  # float32's statistics, short of what it cannot hold
 
         return call
 
@@ -125,7 +122,7 @@ class Moments(NamedTuple):
     size: object  # values in the input (an integer scalar); per channel: size / channels
     mean: object  # float64
     spread: object  # float64: the mean square deviation from ``centre``
-    centre: object  # ``mean`` rounded to the input's dtype
+    centre: object  # ``mean`` rounded to the dtype the input is reduced in (float32 or float64)
 
 
 def channel_moments(bn, x) -> Moments:
@@ -139,8 +136,12 @@ def channel_moments(bn, x) -> Moments:
     (one pooling kernel per pass, :func:`pool_window`), else one short spatial axis (without
     one, as for a Dense BN, everything is summed in float64). Few graph operations per BN on
     purpose: on networks of many small BN inputs (DenseNet121) each operation's dispatch costs
-    about as much as its arithmetic."""
-    ops = import_keras().ops
+    about as much as its arithmetic. Float16 and bfloat16 inputs are taken in float32, as Keras
+    normalises them."""
+    keras = import_keras()
+    ops = keras.ops
+    if keras.backend.standardize_dtype(x.dtype) in ("float16", "bfloat16"):
+        x = ops.cast(x, "float32")
     ndim = len(x.shape)
     axis = channel_axis(bn, ndim)
     size = ops.size(x)
@@ -222,7 +223,7 @@ def unpack_moments(packed, layout) -> dict[str, list]:
     centres = np.empty_like(means)
     for dtype in {dtype for _, _, dtype in layout}:  # one vector operation per dtype (usually one)
         rows = np.concatenate([np.arange(starts[i], starts[i + 1]) for i, (_, _, d) in enumerate(layout) if d == dtype])
-        centres[rows] = means[rows].astype(_numpy_dtype(dtype))
+        centres[rows] = means[rows].astype(dtype)
     variances = np.maximum(packed[calls + starts[-1]:] - np.square(means - centres), 0.0)
     found: dict[str, list] = {}
     for index, (name, width, _) in enumerate(layout):
@@ -230,14 +231,6 @@ def unpack_moments(packed, layout) -> dict[str, list]:
         found.setdefault(name, []).append((int(round(packed[index])) // width, means[start:stop],
                                            variances[start:stop]))
     return found
-
-
-def _numpy_dtype(dtype: str):
-    if dtype == "bfloat16":
-        import ml_dtypes
-
-        return ml_dtypes.bfloat16
-    return np.dtype(dtype)
 
 
 def normalise(bn, x, mean, variance):
