@@ -73,7 +73,7 @@ def _keras_train_forward(keras, model, x, batch: int):
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-        forward = tf.function(forward)
+        forward = tf.function(forward, autograph=False)
     return lambda: [keras.ops.convert_to_numpy(forward(x[start:start + batch]))
                     for start in range(0, len(x), batch)]
 
