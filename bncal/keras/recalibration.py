@@ -50,10 +50,8 @@ from .layers import assign_values, require_model, statistics_put_back, statistic
 
 __all__ = ["recalibrate", "EVAL_CHUNK_BYTES"]
 
-# Eval-mode batches of array data: 16 MiB of input (341 images of 64x64x3 in float32, 27 of 224x224x3).
-# On keras.applications at 64x64 (tools/bench_keras.py) batches of 128-256 instead of 32 take eval
-# mode from 5.2x to 3.2x predict (MobileNetV2) and from 3.3x to 2.2x (ResNet50): the sweep dispatches
-# one call per depth step and batch.
+# Eval-mode batches of array data: up to 16 MiB of input (341 images of 64x64x3 in float32, 27 of
+# 224x224x3); why: README, "Measured figures behind the defaults".
 EVAL_CHUNK_BYTES = 16 * 2**20
 
 
