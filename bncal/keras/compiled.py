@@ -108,7 +108,8 @@ class CompiledForward:
             collected.append((name, moments))
             if moving:
                 return normalise(bn, inputs, bn.moving_mean, bn.moving_variance)
-            return normalise(bn, inputs, moments.centre, moments.spread)  # float32's statistics, short of what it cannot hold
+            # The batch statistics as float32 holds them (the centre is the mean rounded to it).
+            return normalise(bn, inputs, moments.centre, moments.spread)
 
         return call
 
@@ -138,10 +139,8 @@ def channel_moments(bn, x) -> Moments:
     purpose: on networks of many small BN inputs (DenseNet121) each operation's dispatch costs
     about as much as its arithmetic. Float16 and bfloat16 inputs are taken in float32, as Keras
     normalises them."""
-    keras = import_keras()
-    ops = keras.ops
-    if keras.backend.standardize_dtype(x.dtype) in ("float16", "bfloat16"):
-        x = ops.cast(x, "float32")
+    ops = import_keras().ops
+    x = _widened(x)
     ndim = len(x.shape)
     axis = channel_axis(bn, ndim)
     size = ops.size(x)
@@ -239,10 +238,15 @@ def normalise(bn, x, mean, variance):
     On TensorFlow with channels last, one ``FusedBatchNormV3`` kernel in inference mode (a single
     pass over ``x``; ``ops.batch_normalization`` takes two there)."""
     keras = import_keras()
-    ops = keras.ops
+    return keras.ops.cast(_normalised(keras, bn, _widened(x), mean, variance), bn.compute_dtype)
+
+
+def _widened(x):
+    """``x`` in float32 where it is float16 or bfloat16 (as Keras's BatchNormalization takes it)."""
+    keras = import_keras()
     if keras.backend.standardize_dtype(x.dtype) in ("float16", "bfloat16"):
-        x = ops.cast(x, "float32")
-    return ops.cast(_normalised(keras, bn, x, mean, variance), bn.compute_dtype)
+        return keras.ops.cast(x, "float32")
+    return x
 
 
 def _normalised(keras, bn, x, mean, variance):

@@ -86,7 +86,8 @@ def trainable_batchnorms(model, what: str):
     skipped = [SkippedLayer(name, FROZEN_REASON) for name, _ in skipped]
     require_layers(modules, skipped, what)
     moving = every_moving_statistics([bn for _, bn in modules])
-    layers = [BNLayer(name, float(bn.epsilon), stats, renorm_reference(bn)) for (name, bn), stats in zip(modules, moving)]
+    layers = [BNLayer(name, float(bn.epsilon), stats, renorm_reference(bn))
+              for (name, bn), stats in zip(modules, moving)]
     return modules, layers, skipped
 
 

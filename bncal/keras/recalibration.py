@@ -114,8 +114,9 @@ def recalibrate(
     check_mode(mode)
     require_model(model)
     eval_mode = mode == "eval"
-    source = calibration_data(data, batch_size, reiterable=eval_mode, chunk_bytes=EVAL_CHUNK_BYTES if eval_mode else None)
-    return run_recalibration(KerasRecalibration(model, forward_fn, one_value_ok=(mode == "eval")), source, mode=mode,
+    source = calibration_data(data, batch_size, reiterable=eval_mode,
+                              chunk_bytes=EVAL_CHUNK_BYTES if eval_mode else None)
+    return run_recalibration(KerasRecalibration(model, forward_fn, one_value_ok=eval_mode), source, mode=mode,
                              prior=prior, tol=tol, max_passes=max_passes, max_samples=max_samples, progress=progress)
 
 
@@ -270,4 +271,5 @@ class KerasRecalibration(RecalibrationBackend):
         return sweep
 
     def write(self, statistics, batches) -> None:
-        _write((bn, statistics[name].mean, statistics[name].variance) for name, bn in self.modules if name in statistics)
+        _write((bn, statistics[name].mean, statistics[name].variance)
+               for name, bn in self.modules if name in statistics)
